@@ -1,0 +1,33 @@
+# make install   install lotus-cli and everything its tests need into the current Python
+# make test      run the test suite (tiny random checkpoints; no network, no GPU)
+# make bench     speed and memory benchmark of the full-size architecture (minutes, CPU)
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install system-deps test bench clean
+
+install: system-deps
+	# the pinned CPU build first, so the loose torch>= range in pyproject is already met
+	# (a bare `torch` requirement would pull a multi-GB CUDA build)
+	$(PIP) install --disable-pip-version-check "torch==$(TORCH_VERSION)" || $(PIP) install --disable-pip-version-check "torch>=2.4"
+	$(PIP) install --disable-pip-version-check -e ".[all]"
+
+# Open3D (point clouds) loads libusb at import; install it when apt is there and we may use it.
+system-deps:
+	@if $(PYTHON) -c "import ctypes.util,sys; sys.exit(0 if ctypes.util.find_library('usb-1.0') else 1)"; then \
+		echo "libusb-1.0 present"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq libusb-1.0-0 || (apt-get update -qq && apt-get install -y -qq libusb-1.0-0)); \
+	else \
+		echo "note: install libusb-1.0 (Debian/Ubuntu: apt-get install libusb-1.0-0) for lotus pointcloud"; \
+	fi
+
+test:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+bench:
+	$(PYTHON) benchmarks/bench_predictor.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache

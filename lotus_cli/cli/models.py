@@ -1,0 +1,62 @@
+"""`lotus models list|pull|path`: the registry and the local cache."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import LotusError, UsageError
+from . import app, console, fail, say
+
+models_app = typer.Typer(help="List, download and locate Lotus checkpoints.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list():
+    """Show the registry: task, family, output kind, size, licence and whether it is cached."""
+    from rich.table import Table
+
+    from .. import models
+
+    table = Table(title="Lotus checkpoints", title_justify="left")
+    for col in ("name", "aliases", "hub id", "task", "family", "output", "size", "licence", "cached"):
+        table.add_column(col)
+    for e in models.REGISTRY:
+        cached = models.cached_folder(e.repo_id)
+        table.add_row(e.name, ", ".join(e.aliases), e.repo_id, e.task, (e.family or "?").upper(), e.kind,
+                      f"{e.size_gb:.1f} GB" if e.size_gb else "?", e.licence, "yes" if cached else "no")
+    console().print(table)
+    say("defaults: depth -> depth-d, normal -> normal-d; uncertainty needs a G model (depth-g, normal-g)", "dim")
+
+
+@models_app.command("pull")
+def models_pull(names: Annotated[list[str], typer.Argument(help="Registry names or hub ids.")]):
+    """Download checkpoints into the Hugging Face cache (needs network)."""
+    from .. import models
+
+    code = 0
+    for name in names:
+        try:
+            ref = models.fetch(models.resolve(name))
+            say(f"{ref.label}: {ref.folder}", "green")
+        except LotusError as e:
+            say(f"error: {e}", "red")
+            code = max(code, e.exit_code)
+    raise typer.Exit(code)
+
+
+@models_app.command("path")
+def models_path(name: Annotated[str, typer.Argument(help="Registry name or hub id.")]):
+    """Print the local folder of a cached checkpoint (stdout), for scripts and `--model PATH`."""
+    from .. import models
+
+    try:
+        ref = models.resolve(name)
+    except LotusError as e:
+        fail(e)
+    folder = ref.folder or models.cached_folder(ref.repo_id)
+    if folder is None:
+        fail(UsageError(f"model {ref.label} is not in the local cache", f"run `lotus models pull {name}`"))
+    print(folder)

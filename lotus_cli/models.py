@@ -1,0 +1,344 @@
+"""Named Lotus checkpoints, where to find them, and loading them.
+
+A model spec is a short registry name (``depth-d``), a Hugging Face hub id (``jingheya/lotus-normal-g-v1-1``)
+or a local folder in the hub layout (``unet/ vae/ text_encoder/ tokenizer/``). ``resolve`` turns a spec
+into a ``ModelRef`` without touching the network; ``fetch`` makes the files local (cache first, then the
+hub); ``load_components`` builds the UNet and VAE and the empty-prompt embedding.
+
+What a checkpoint predicts (task, output kind) travels with its registry entry, or with the
+``lotus.json`` a trained folder carries, never on the command line. G vs D is decided from
+``unet.config.in_channels`` (8 = image latent + noise, 4 = image latent), not from names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import ModelError
+
+HUB_OWNER = "jingheya"
+# Files a predictor needs; anything else in a repo (pickles, the scheduler, fp16 duplicates) is skipped.
+ALLOW_PATTERNS = [
+    "model_index.json",
+    "lotus.json",
+    "README.md",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/*",
+    "lotus_empty_prompt.safetensors",
+]
+EMBEDDING_FILE = "lotus_empty_prompt.safetensors"
+METADATA_FILE = "lotus.json"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """Metadata of a checkpoint: what it predicts and how its output reads.
+
+    ``kind``: "disparity" (affine-invariant inverse depth, 1 = near, 0 = far), "depth" (affine-invariant
+    depth, 0 = near) or "normal" (camera-space normals, x left, y up, z toward the camera).
+    """
+
+    name: str
+    repo_id: str
+    task: str
+    family: str | None = None  # "g" / "d"; confirmed from the weights at load time
+    kind: str = "depth"
+    licence: str = "unknown"
+    size_gb: float | None = None
+    note: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+# Licence as the model cards state it; sizes of the whole hub repos (G repo ~4.3 GB: UNet fp32
+# 3.47 GB, VAE and text encoder fp16).
+REGISTRY: tuple[ModelEntry, ...] = (
+    ModelEntry("depth-g-v2-1-disparity", f"{HUB_OWNER}/lotus-depth-g-v2-1-disparity", "depth", "g",
+               "disparity", "apache-2.0", 4.3, "generative; uncertainty maps", ("depth-g",)),
+    ModelEntry("depth-d-v2-0-disparity", f"{HUB_OWNER}/lotus-depth-d-v2-0-disparity", "depth", "d",
+               "disparity", "apache-2.0", 4.3, "deterministic; default for depth", ("depth-d",)),
+    ModelEntry("normal-g-v1-1", f"{HUB_OWNER}/lotus-normal-g-v1-1", "normal", "g", "normal",
+               "apache-2.0", 4.3, "generative; uncertainty maps", ("normal-g",)),
+    ModelEntry("normal-d-v1-1", f"{HUB_OWNER}/lotus-normal-d-v1-1", "normal", "d", "normal",
+               "apache-2.0", 4.3, "deterministic; default for normals", ("normal-d",)),
+    ModelEntry("depth-g-v1-0", f"{HUB_OWNER}/lotus-depth-g-v1-0", "depth", "g", "depth",
+               "apache-2.0", 4.3, "older; affine-invariant depth"),
+    ModelEntry("depth-d-v1-0", f"{HUB_OWNER}/lotus-depth-d-v1-0", "depth", "d", "depth",
+               "apache-2.0", 4.3, "older; affine-invariant depth"),
+)
+DEFAULT_MODEL = {"depth": "depth-d", "normal": "normal-d"}
+DEFAULT_G_MODEL = {"depth": "depth-g", "normal": "normal-g"}
+
+
+def _lookup() -> dict[str, ModelEntry]:
+    table = {}
+    for e in REGISTRY:
+        for key in (e.name, e.repo_id, e.repo_id.split("/")[1], *e.aliases):
+            table[key.lower()] = e
+    return table
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model spec: the entry describing it and where its files are (or will be)."""
+
+    entry: ModelEntry
+    repo_id: str | None = None  # set for hub models
+    folder: Path | None = None  # set for local folders (and after fetch)
+
+    @property
+    def label(self) -> str:
+        return self.repo_id or str(self.folder)
+
+
+def resolve(spec: str | os.PathLike | None, task: str | None = None) -> ModelRef:
+    """Turn ``spec`` (registry name, hub id or folder) into a ModelRef; never touches the network.
+
+    ``task`` ("depth" / "normal") picks the default model when ``spec`` is None and checks that a named
+    model suits the command.
+    """
+    if spec is None or str(spec) == "":
+        if task is None:
+            raise ModelError("no model given", "pass --model NAME (see `lotus models list`)")
+        spec = DEFAULT_MODEL[task]
+    spec_s = str(spec)
+    path = Path(spec_s).expanduser()
+    if path.is_dir():
+        ref = ModelRef(_folder_entry(path, task), folder=path.resolve())
+    elif spec_s.lower() in _lookup():
+        entry = _lookup()[spec_s.lower()]
+        ref = ModelRef(entry, repo_id=entry.repo_id)
+    elif spec_s.count("/") == 1 and not spec_s.startswith((".", "/", "~")) and not path.exists():
+        ref = ModelRef(_guess_entry(spec_s, spec_s, task), repo_id=spec_s)
+    else:
+        names = sorted({e.name for e in REGISTRY} | {a for e in REGISTRY for a in e.aliases})
+        close = difflib.get_close_matches(spec_s, names, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ModelError(
+            f"unknown model {spec_s!r}: not a registry name, a hub id (owner/name) or a folder",
+            f"{hint}see `lotus models list`, or pass --model /path/to/checkpoint",
+        )
+    if task is not None and ref.entry.task != task:
+        raise ModelError(
+            f"model {ref.label} predicts {ref.entry.task}, not {task}",
+            f"use a {task} model such as {DEFAULT_MODEL[task]}",
+        )
+    return ref
+
+
+def _guess_entry(name: str, repo_id: str, task: str | None) -> ModelEntry:
+    """Metadata for a checkpoint outside the registry, from its name; ``lotus.json`` overrides this."""
+    low = name.lower()
+    guessed = "normal" if "normal" in low else "depth" if "depth" in low else None
+    t = guessed or task or "depth"
+    kind = "normal" if t == "normal" else "disparity" if "disparity" in low else "depth"
+    return ModelEntry(name=name, repo_id=repo_id, task=t, kind=kind)
+
+
+def _folder_entry(path: Path, task: str | None) -> ModelEntry:
+    meta_file = path / METADATA_FILE
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+            t = meta["task"]
+            return ModelEntry(name=meta.get("name", path.name), repo_id=str(path), task=t,
+                              family=meta.get("family"), kind=meta.get("kind", "normal" if t == "normal" else "depth"),
+                              licence=meta.get("licence", "unknown"), note=meta.get("note", ""))
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"{meta_file}: unreadable model metadata ({e})",
+                             'fix or delete the file; it holds {"task": "depth"|"normal", "kind": ...}') from e
+    table = _lookup()
+    if path.name.lower() in table:  # e.g. a git clone of a released repo
+        return replace(table[path.name.lower()], repo_id=str(path))
+    index = path / "model_index.json"
+    hint_task = None
+    if index.is_file():
+        try:
+            hint_task = json.loads(index.read_text()).get("lotus_task")
+        except ValueError:
+            pass
+    return _guess_entry(path.name, str(path), hint_task or task)
+
+
+# ----------------------------------------------------------------------------------------- fetching
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cached_folder(repo_id: str) -> Path | None:
+    """The cached snapshot of ``repo_id`` if every file we need is there, else None. No network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    return folder if (folder / "unet" / "config.json").is_file() else None
+
+
+def fetch(ref: ModelRef) -> ModelRef:
+    """Make ``ref``'s files local: the folder itself, the hub cache, or a download (with progress bar).
+
+    Raises ModelError naming the repo and the fix when the files cannot be had (offline, no network,
+    unknown or gated repo).
+    """
+    if ref.folder is not None:
+        return ref
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    repo = ref.repo_id
+    folder = cached_folder(repo)
+    if folder is None:
+        pull_hint = (f"run `lotus models pull {ref.entry.name}` on a machine with network "
+                     f"(or with HF_HUB_OFFLINE unset), or pass --model /path/to/a/downloaded/folder")
+        if hub_offline():
+            raise ModelError(f"model {repo} is not in the local cache and HF_HUB_OFFLINE is set", pull_hint)
+        try:
+            folder = Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS))
+        except (RepositoryNotFoundError, GatedRepoError) as e:
+            raise ModelError(f"model {repo} was not found on the hub or is gated ({type(e).__name__})",
+                             "check the id with `lotus models list`, or log in with `hf auth login`") from e
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise ModelError(f"cannot download model {repo}: {str(e).splitlines()[0]}", pull_hint) from e
+    return replace(ref, folder=folder)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def check_layout(folder: Path) -> None:
+    need = ["unet/config.json", "vae/config.json"]
+    missing = [n for n in need if not (folder / n).is_file()]
+    for sub, weights in (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
+        if (folder / sub).is_dir() and not (folder / sub / weights).is_file():
+            missing.append(f"{sub}/{weights} (only safetensors weights are loaded, never pickles)")
+    if missing:
+        raise ModelError(
+            f"{folder} is not a Lotus checkpoint: missing {', '.join(missing)}",
+            "pass a folder in the hub layout (unet/, vae/, text_encoder/, tokenizer/, model_index.json)",
+        )
+
+
+def cache_dir() -> Path:
+    """lotus-cli's own cache (empty-prompt embeddings): $LOTUS_CACHE, else $XDG_CACHE_HOME/lotus."""
+    if os.environ.get("LOTUS_CACHE"):
+        return Path(os.environ["LOTUS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lotus"
+
+
+def _embedding_key(folder: Path) -> str:
+    """Identity of the text encoder + tokenizer files; hub blobs are content-addressed, so their real
+    paths already change with their contents, and local edits change size or mtime."""
+    h = hashlib.sha256()
+    for name in ("text_encoder/model.safetensors", "text_encoder/config.json", "tokenizer/vocab.json",
+                 "tokenizer/tokenizer_config.json"):
+        f = folder / name
+        if f.exists():
+            st = f.stat()
+            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:32]
+
+
+def empty_prompt_embedding(folder: Path):
+    """The text encoder's last hidden state for the EMPTY prompt, tokenised without padding.
+
+    Returns a float32 CPU tensor [1, 2, D] (tokens BOS, EOS). A 77-token padded prompt gives different
+    results, so this is the reference's exact conditioning. It is constant per checkpoint: read from the
+    checkpoint's own ``lotus_empty_prompt.safetensors`` or lotus-cli's cache; otherwise computed once with
+    the text encoder, which is then freed, and cached.
+    """
+    from safetensors.torch import load_file, save_file
+
+    own = folder / EMBEDDING_FILE
+    if own.is_file():
+        return load_file(own)["embedding"].float()
+    cached = cache_dir() / "embeddings" / f"{_embedding_key(folder)}.safetensors"
+    if cached.is_file():
+        try:
+            return load_file(cached)["embedding"].float()
+        except Exception:  # a damaged cache entry is recomputed, never fatal
+            pass
+    emb = compute_empty_prompt_embedding(folder)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        save_file({"embedding": emb.contiguous()}, str(tmp))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only cache only costs recomputation next time
+    return emb
+
+
+def compute_empty_prompt_embedding(folder: Path):
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    for sub in ("text_encoder", "tokenizer"):
+        if not (folder / sub).is_dir():
+            raise ModelError(f"{folder} has no {sub}/ and no cached empty-prompt embedding",
+                             "use a complete checkpoint folder (hub layout)")
+    _quiet_transformers()
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32, use_safetensors=True)
+    ids = tokenizer("", padding="do_not_pad", truncation=True, return_tensors="pt").input_ids  # [1, 2]
+    with torch.inference_mode():
+        emb = encoder(ids)[0].float().clone()  # [1, 2, D]
+    del encoder
+    return emb
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def load_unet_vae(folder: Path, dtype, device):
+    """The UNet and VAE of a Lotus checkpoint, in eval mode on ``device`` in ``dtype``."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    check_layout(folder)
+    _quiet_transformers()
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelError(f"cannot load {folder}: {str(e).splitlines()[0]}",
+                         "re-download with `lotus models pull NAME` or check the folder") from e
+    cfg = unet.config
+    if cfg.class_embed_type != "projection" or cfg.projection_class_embeddings_input_dim != 4:
+        raise ModelError(f"{folder}/unet is not a Lotus UNet (no 4-input projection class embedding)",
+                         "pass a Lotus checkpoint; plain Stable Diffusion weights go through `lotus train`")
+    if cfg.in_channels not in (4, 8):
+        raise ModelError(f"{folder}/unet has {cfg.in_channels} input channels; Lotus uses 8 (G) or 4 (D)")
+    unet.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        unet.to(device)
+        vae.to(device)
+    return unet, vae

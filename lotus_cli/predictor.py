@@ -1,0 +1,299 @@
+"""The one shared Lotus predictor: a single x0-prediction step of a Stable Diffusion 2 UNet.
+
+Inference, as in the paper's reference code (see LOTUS_FACTS.md), for an RGB image of H x W:
+
+1. scale to [-1, 1]; resize so the long side is ``processing_res`` (bilinear, antialias, truncating
+   the short side); no padding;
+2. encode with the VAE: posterior mean (ours, deterministic) or a posterior sample (reference);
+3. G only: concatenate per-image noise AFTER the image latent (8 channels); D: the latent alone;
+4. one UNet call at t = 999 with the cached empty-prompt embedding and the task switch [1, 0];
+5. the output is the clean annotation latent: decode, clamp(y/2 + 1/2, 0, 1);
+6. resize back to H x W (bilinear, or the reference's nearest-exact); depth = channel mean,
+   normal = 2 * rgb - 1 normalised to unit length.
+
+The predictor takes and returns arrays; it never sees a path. Noise is drawn per image from
+``torch.Generator("cpu").manual_seed(seed)`` in the latent size, so an image's result never depends on
+the batch it shares or the images before it, and for a batch of one it is the reference's first draw.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import models
+from .errors import UsageError
+
+TIMESTEP = 999
+ANNOTATION = (1.0, 0.0)  # task switch: predict the annotation
+RECONSTRUCTION = (0.0, 1.0)  # task switch: reconstruct the input (detail preserver, training only)
+# The posterior sample (``latent="sample"``) draws from its own generator, seeded seed + this offset, so
+# that it is reproducible and independent of the G noise stream.
+POSTERIOR_SEED_OFFSET = 7919
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to run the predictor; validated once, before any work."""
+
+    processing_res: int = 768  # long side fed to the model; 0 = native size
+    resample: str = "bilinear"  # back to the input size: "bilinear" (ours) or "nearest" (reference)
+    latent: str = "mean"  # image latent: "mean" of the VAE posterior (ours) or "sample" (reference)
+    seed: int = 0  # G noise seed; the same field for every image of a given size
+    batch_size: int = 1
+
+    def __post_init__(self):
+        if self.processing_res < 0:
+            raise UsageError(f"--processing-res must be >= 0, not {self.processing_res}", "0 keeps the native size")
+        if self.resample not in ("bilinear", "nearest"):
+            raise UsageError(f"--resample must be bilinear or nearest, not {self.resample!r}")
+        if self.latent not in ("mean", "sample"):
+            raise UsageError(f"--latent must be mean or sample, not {self.latent!r}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, not {self.batch_size}")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must be in 0 .. 2**63-1, not {self.seed}")
+
+
+@dataclass
+class Prediction:
+    """One image's result. ``map``: depth [H, W] float32 in [0, 1], or normal [H, W, 3] float32 unit
+    vectors (x left, y up, z toward the camera)."""
+
+    map: np.ndarray
+    processing_size: tuple[int, int]  # (h, w) fed to the VAE
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ device, dtype
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: cuda, then mps, then cpu."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"unknown --device {name!r}", "use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here", "use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {name}: MPS is not available here", "use --device cpu or auto")
+    return dev
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """auto: fp16 on CUDA and MPS, fp32 on CPUs. Never autocast: on a CPU without native bf16, bf16
+    convolutions run many times slower than fp32. Returns (dtype, warning or None)."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return (torch.float16 if device.type in ("cuda", "mps") else torch.float32), None
+    if name not in _DTYPES:
+        raise UsageError(f"unknown --dtype {name!r}", "use auto, fp32, fp16 or bf16")
+    dtype = _DTYPES[name]
+    warning = None
+    if device.type == "cpu" and dtype == torch.float16:
+        warning = "fp16 on a CPU is very slow and no more exact; fp32 is the CPU default"
+    elif device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        warning = "this CPU has no native bf16: bf16 will be far slower than fp32"
+    return dtype, warning
+
+
+def task_embedding(switch: Sequence[float] = ANNOTATION, batch: int = 1, device=None, dtype=torch.float32):
+    """The task switch s as class_labels: [sin s0, sin s1, cos s0, cos s1], shape [batch, 4]."""
+    s = torch.tensor([list(switch)], dtype=torch.float32)  # [1, 2]
+    emb = torch.cat([torch.sin(s), torch.cos(s)], dim=-1)  # [1, 4]
+    return emb.repeat(batch, 1).to(device=device, dtype=dtype)
+
+
+def processing_size(height: int, width: int, processing_res: int) -> tuple[int, int]:
+    """(h, w) with the longer side = processing_res, by truncation as the reference does; 0 = native."""
+    if processing_res == 0:
+        return height, width
+    f = min(processing_res / width, processing_res / height)
+    return max(1, int(height * f)), max(1, int(width * f))
+
+
+def noise_for(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """The G noise for one image: the first draw of a CPU generator seeded with ``seed``. [1, C, h, w]."""
+    return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(seed)))
+
+
+# --------------------------------------------------------------------------------------- predictor
+
+
+class LotusPredictor:
+    """A loaded Lotus checkpoint ready to predict; load once per process and share it.
+
+    Attributes: ``task`` ("depth"/"normal"), ``kind`` ("disparity"/"depth"/"normal"), ``family``
+    ("g"/"d", from unet.config.in_channels), ``device``, ``dtype``, ``latent_factor`` (pixels per latent
+    cell, read from the VAE config), ``entry`` (registry metadata), ``warnings`` (for the caller to show).
+    """
+
+    def __init__(self, unet, vae, prompt_embedding: torch.Tensor, entry: models.ModelEntry,
+                 device: torch.device, dtype: torch.dtype, *, channels_last: bool | None = None,
+                 source: str = ""):
+        self.unet, self.vae, self.entry = unet, vae, entry
+        self.device, self.dtype, self.source = device, dtype, source
+        self.family = "g" if unet.config.in_channels == 8 else "d"
+        self.task, self.kind = entry.task, entry.kind
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(vae.config.latent_channels)
+        self.prompt_embedding = prompt_embedding.to(device=device, dtype=dtype)  # [1, T, D]
+        self.warnings: list[str] = []
+        # oneDNN runs NHWC convolutions about twice as fast as NCHW on x86 CPUs.
+        self.channels_last = device.type == "cpu" if channels_last is None else channels_last
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_pretrained(cls, spec: str | Path | None = None, *, task: str | None = None, device: str = "auto",
+                        dtype: str = "auto", channels_last: bool | None = None) -> "LotusPredictor":
+        """Resolve ``spec`` (registry name, hub id or folder), fetch it if needed and load it."""
+        ref = models.fetch(models.resolve(spec, task))
+        dev = resolve_device(device)
+        dt, warning = resolve_dtype(dtype, dev)
+        unet, vae = models.load_unet_vae(ref.folder, dt, dev)
+        emb = models.empty_prompt_embedding(ref.folder)
+        pred = cls(unet, vae, emb, ref.entry, dev, dt, channels_last=channels_last, source=ref.label)
+        if warning:
+            pred.warnings.append(warning)
+        if ref.entry.family and ref.entry.family != pred.family:
+            pred.warnings.append(f"{ref.label}: registry says family {ref.entry.family.upper()}, weights say "
+                                 f"{pred.family.upper()} (in_channels {unet.config.in_channels}); using the weights")
+        return pred
+
+    # -- the steps, each usable on its own (uncertainty, tiling and training reuse them) -------------
+
+    def _fmt(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @staticmethod
+    def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+        """uint8 RGB [H, W, 3] -> float32 [1, 3, H, W] in [-1, 1] (x / 127.5 - 1)."""
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"expected uint8 RGB [H, W, 3], got {rgb.dtype} {rgb.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).float()
+        return x / 127.5 - 1.0
+
+    @staticmethod
+    def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+        """[B, C, H, W] -> [B, C, *size]; bilinear with antialias (as torchvision's resize), or nearest-exact."""
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        if mode == "nearest":
+            return F.interpolate(x, size=size, mode="nearest-exact")
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    def encode(self, x: torch.Tensor, latent: str = "mean", seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """[B, 3, h, w] in [-1, 1] -> scaled image latent [B, 4, h//f, w//f] (f = latent_factor)."""
+        dist = self.vae.encode(self._fmt(x.to(self.device, self.dtype))).latent_dist
+        if latent == "sample":
+            eps = torch.cat([noise_for(s + POSTERIOR_SEED_OFFSET, (1, *dist.mean.shape[1:])) for s in seeds])
+            z = dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)  # as DiagonalGaussianDistribution.sample
+        else:
+            z = dist.mean
+        return z * self.scaling_factor
+
+    def denoise(self, image_latent: torch.Tensor, noise: torch.Tensor | None = None,
+                switch: Sequence[float] = ANNOTATION) -> torch.Tensor:
+        """One x0-prediction step. image_latent [B, 4, h, w]; noise [B, 4, h, w] for G, None for D.
+        Returns the predicted clean latent [B, 4, h, w]."""
+        b = image_latent.shape[0]
+        if self.family == "g":
+            if noise is None:
+                raise ValueError("a G model needs noise")
+            unet_in = torch.cat([image_latent, noise.to(image_latent)], dim=1)  # [B, 8, h, w], image first
+        else:
+            unet_in = image_latent  # [B, 4, h, w]
+        out = self.unet(
+            self._fmt(unet_in),
+            torch.tensor(TIMESTEP, device=self.device),
+            encoder_hidden_states=self.prompt_embedding.expand(b, -1, -1),  # [B, 2, D]
+            class_labels=task_embedding(switch, b, self.device, self.dtype),  # [B, 4]
+        ).sample
+        return out  # [B, 4, h, w]
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Predicted latent [B, 4, h, w] -> float32 [B, 3, h*f, w*f] in [0, 1]."""
+        y = self.vae.decode(self._fmt(latent / self.scaling_factor)).sample
+        return (y.float() / 2 + 0.5).clamp(0, 1)
+
+    def noise(self, seeds: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Per-image G noise [B, 4, h, w]: image i gets the first draw of Generator(seeds[i])."""
+        return torch.cat([noise_for(s, (1, self.latent_channels, *latent_hw)) for s in seeds])
+
+    def finish(self, decoded: torch.Tensor, size: tuple[int, int], resample: str = "bilinear") -> np.ndarray:
+        """Decoded [1, 3, h, w] in [0, 1] -> the task's map at ``size`` (depth [H, W] / normal [H, W, 3])."""
+        y = self.resize(decoded, size, resample)[0]  # [3, H, W]
+        if self.task == "normal":
+            n = y * 2 - 1
+            n = n / n.norm(dim=0, keepdim=True).clamp_min(1e-6)  # unit vectors; x left, y up, z to camera
+            return n.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+        return y.mean(dim=0).cpu().numpy().astype(np.float32)
+
+    # -- the whole prediction ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict_batch(self, images: Sequence[np.ndarray], opts: PredictOptions = PredictOptions()) -> list[Prediction]:
+        """Predict for uint8 RGB images [H, W, 3] that share one processing size (see ``processing_size``).
+
+        Each image gets seed ``opts.seed``: noise depends on the seed and the latent size only.
+        """
+        t0 = time.perf_counter()
+        sizes = [im.shape[:2] for im in images]
+        proc = {processing_size(h, w, opts.processing_res) for h, w in sizes}
+        if len(proc) != 1:
+            raise ValueError(f"predict_batch needs images of one processing size, got {sorted(proc)}")
+        proc_hw = proc.pop()
+        x = torch.cat([self.resize(self.to_tensor(im), proc_hw) for im in images])  # [B, 3, h, w]
+        seeds = [opts.seed] * len(images)
+        z = self.encode(x, opts.latent, seeds)  # [B, 4, h/f, w/f]
+        noise = self.noise(seeds, tuple(z.shape[-2:])) if self.family == "g" else None
+        decoded = self.decode(self.denoise(z, noise))  # [B, 3, f*(h//f), f*(w//f)]
+        maps = [self.finish(decoded[i:i + 1], sizes[i], opts.resample) for i in range(len(images))]
+        per_image = (time.perf_counter() - t0) / len(images)
+        return [Prediction(m, proc_hw, per_image) for m in maps]
+
+    def predict(self, image: np.ndarray, opts: PredictOptions = PredictOptions()) -> Prediction:
+        return self.predict_batch([image], opts)[0]
+
+    def describe(self) -> dict:
+        """Metadata for sidecars."""
+        return {
+            "model": self.source,
+            "model_name": self.entry.name,
+            "task": self.task,
+            "kind": self.kind,
+            "family": self.family,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+

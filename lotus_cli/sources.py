@@ -1,0 +1,205 @@
+"""Inputs: files, folders, globs and stdin lists -> items with stable output keys; reading images.
+
+No torch here (``lotus --help`` stays fast). An ``Item`` carries the input path and ``key``, the
+relative path (without extension) its outputs are named by under ``--out``:
+
+* a file given by name: its name (``x.jpg`` -> ``x``);
+* a folder: the path inside the folder (``photos/a/x.jpg`` -> ``a/x``), so outputs mirror the tree;
+* a glob: the path below the glob's fixed prefix (``shots/*/x.png`` -> ``<dir>/x``);
+* ``-``: paths read from stdin, one per line, each treated as a file given by name.
+
+Keys never chop characters. Two inputs that would share a key (``a/x.jpg`` and ``b/x.jpg`` given as
+files, or ``x.jpg`` beside ``x.png``) get keys that keep their parent folders, then their extensions.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable, TextIO
+
+import numpy as np
+
+from .errors import InputError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    key: str  # posix relative path without extension, e.g. "a/x"
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTS
+
+
+def _hidden(parts: Iterable[str]) -> bool:
+    return any(p.startswith(".") and p not in (".", "..") for p in parts)
+
+
+def _walk(folder: Path, accept) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            p = Path(root) / f
+            if not f.startswith(".") and accept(p):
+                found.append(p)
+    return found
+
+
+def _glob_base(pattern: str) -> Path:
+    parts = []
+    for part in Path(pattern).parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def expand(inputs: Iterable[str], stdin: TextIO | None = None, accept=is_image) -> tuple[list[Item], list[InputError]]:
+    """Expand command-line inputs into items (in order, without duplicates) and problems.
+
+    A problem (missing path, glob matching nothing, unsupported file) is reported, never fatal.
+    """
+    raw: list[tuple[Path, str, bool]] = []  # (path, relative name, given-by-name)
+    problems: list[InputError] = []
+    for arg in inputs:
+        if arg == "-":
+            stream = stdin if stdin is not None else sys.stdin
+            for line in stream:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    raw.extend(_one_file(Path(line), problems, accept))
+            continue
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            files = _walk(path, accept)
+            if not files:
+                problems.append(InputError(f"{arg}: folder holds no supported files",
+                                           f"supported: {', '.join(IMAGE_EXTS)} (any case)"))
+            raw.extend((p, p.relative_to(path).as_posix(), False) for p in files)
+        elif glob.has_magic(arg) and not path.exists():
+            base = _glob_base(arg)
+            hits = sorted(Path(p) for p in glob.glob(arg, recursive=True))
+            files = [p for p in hits if p.is_file() and accept(p) and not _hidden(p.relative_to(base).parts)]
+            for d in (p for p in hits if p.is_dir()):
+                files.extend(_walk(d, accept))
+            if not files:
+                problems.append(InputError(f"{arg}: pattern matches no supported files", "check the pattern and quoting"))
+            raw.extend((p, p.relative_to(base).as_posix() if p.is_relative_to(base) else p.name, False) for p in files)
+        else:
+            raw.extend(_one_file(path, problems, accept))
+    return _assign_keys(raw), problems
+
+
+def _one_file(path: Path, problems: list, accept) -> list[tuple[Path, str, bool]]:
+    if not path.exists():
+        problems.append(InputError(f"{path}: no such file or folder", "check the path"))
+        return []
+    if not path.is_file():
+        problems.append(InputError(f"{path}: not a regular file", "pass image files or folders"))
+        return []
+    if not accept(path):
+        problems.append(InputError(f"{path}: unsupported file type {path.suffix or '(none)'}",
+                                   f"supported: {', '.join(IMAGE_EXTS)} (any case)"))
+        return []
+    return [(path, path.name, True)]
+
+
+def _assign_keys(raw: list[tuple[Path, str, bool]]) -> list[Item]:
+    seen: set[Path] = set()
+    entries = []
+    for path, rel, by_name in raw:
+        real = path.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        entries.append([path, rel, by_name])
+
+    def stem(rel: str) -> str:
+        p = PurePosixPath(rel)
+        return str(p.with_suffix("")) if p.suffix else rel
+
+    # Files named on their own that collide by name take their parent folders, one level at a time.
+    for level in range(1, 64):
+        keys = _counts(stem(e[1]) for e in entries)
+        clashing = [e for e in entries if keys[stem(e[1])] > 1 and e[2]]
+        if not clashing:
+            break
+        grew = False
+        for e in clashing:
+            parts = e[0].resolve().parts
+            if len(parts) > level:
+                e[1] = PurePosixPath(*parts[-(level + 1):]).as_posix().lstrip("/")
+                grew = True
+        if not grew:
+            break
+    keys = _counts(stem(e[1]) for e in entries)
+    # Same folder, same stem, different extension: keep the extension in the key.
+    return [Item(e[0], e[1] if keys[stem(e[1])] > 1 else stem(e[1])) for e in entries]
+
+
+def _counts(keys: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k in keys:
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image as uint8 RGB [H, W, 3]: EXIF orientation applied, alpha dropped, grey expanded.
+
+    16-bit and float greyscale are scaled to 8 bits rather than clipped. Raises InputError naming the
+    file and the fix for empty, unreadable, truncated and oversized files.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below names the option that lifts it
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})", "check the path and permissions") from e
+    if size == 0:
+        raise InputError(f"{path}: empty file (0 bytes)", "re-export or remove it")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if max_pixels and w * h > max_pixels:
+                raise InputError(f"{path}: {w}x{h} is {w * h / 1e6:.1f} MP, above the {max_pixels / 1e6:.0f} MP limit",
+                                 "raise --max-pixels (0 = no limit) or downscale the image")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb8(img)
+    except InputError:
+        raise
+    except UnidentifiedImageError as e:
+        raise InputError(f"{path}: not a readable image", "check that the file is a jpg/png/webp/bmp/tiff image") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{path}: truncated or corrupt image ({e})", "re-export or remove it") from e
+
+
+def _to_rgb8(img) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        if img.mode == "F":
+            lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+            a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        else:
+            a = a / 257.0 if a.max() > 255 else a
+        g = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()

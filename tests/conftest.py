@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random Lotus checkpoints saved in the real hub layout, and test images.
+
+The environment is made hermetic before anything imports huggingface_hub: no network
+(HF_HUB_OFFLINE=1), an empty hub cache and an empty lotus-cli cache per test session.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+_HERMETIC = Path(tempfile.mkdtemp(prefix="lotus-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = str(_HERMETIC / "hf")
+os.environ["LOTUS_CACHE"] = str(_HERMETIC / "lotus-cache")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Folder names are those of the released repos, so registry metadata (task, output kind) applies as it
+# would to a downloaded checkpoint.
+CHECKPOINTS = {
+    ("depth", "g"): "lotus-depth-g-v2-1-disparity",
+    ("depth", "d"): "lotus-depth-d-v2-0-disparity",
+    ("normal", "g"): "lotus-normal-g-v1-1",
+    ("normal", "d"): "lotus-normal-d-v1-1",
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict:
+    """{(task, family): folder} of tiny random checkpoints in the hub layout."""
+    from lotus_cli.synthetic import build_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for (task, family), name in CHECKPOINTS.items():
+        seed = {"g": 1, "d": 2}[family] + (10 if task == "normal" else 0)
+        out[(task, family)] = build_checkpoint(root / name, family=family, task=task, seed=seed)
+    return out
+
+
+@pytest.fixture(scope="session")
+def depth_g(checkpoints):
+    return checkpoints[("depth", "g")]
+
+
+@pytest.fixture(scope="session")
+def depth_d(checkpoints):
+    return checkpoints[("depth", "d")]
+
+
+def make_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth-plus-texture uint8 RGB test image [h, w, 3]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([xx, yy, 1 - xx * yy], axis=-1) * 200
+    return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def image():
+    return make_image(40, 56)
