@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__, sinks
 from .errors import LotusError
-from .predictor import LotusPredictor, PredictOptions, processing_size
+from .predictor import LotusPredictor, PredictOptions, Prediction, processing_size
 from .sources import DEFAULT_MAX_PIXELS, Item, read_image
 
 
@@ -66,8 +66,12 @@ class OutputSpec:
 
 def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputSpec,
                opts: PredictOptions = PredictOptions(), *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               on_result: Callable[[ItemResult], None] = lambda r: None, readers: int = 2) -> Summary:
+               on_result: Callable[[ItemResult], None] = lambda r: None, readers: int = 2,
+               predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None) -> Summary:
+    """Predict every item and write its outputs; returns the counts. ``predict`` replaces
+    ``predictor.predict_batch`` (e.g. tiled prediction); a Prediction's ``extra`` goes into the sidecar."""
     summary = Summary()
+    predict = predict or predictor.predict_batch
     t_start = time.perf_counter()
 
     def report(r: ItemResult) -> None:
@@ -112,7 +116,7 @@ def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputS
             waiting -= len(batch)
             t0 = time.perf_counter()
             try:
-                preds = predictor.predict_batch([b[2] for b in batch], opts)
+                preds = predict([b[2] for b in batch], opts)
             except Exception as e:  # e.g. out of memory: the batch fails, the run goes on
                 for item, _, _ in batch:
                     report(ItemResult(item, "failed", error=f"{item.path}: prediction failed ({_brief(e)})"))
@@ -122,7 +126,7 @@ def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputS
                 record = {**base_record, "input": str(item.path), "key": item.key,
                           "input_size": [int(rgb.shape[1]), int(rgb.shape[0])],
                           "processing_size": [pred.processing_size[1], pred.processing_size[0]],
-                          "seconds": round(model_s, 4)}
+                          "seconds": round(model_s, 4), **pred.extra}
                 writes.append(write_pool.submit(_write, item, paths, pred.map, predictor.kind, record,
                                                 output.style, model_s))
 
