@@ -55,7 +55,7 @@ def _walk(folder: Path, accept) -> list[Path]:
             p = Path(root) / f
             if not f.startswith(".") and accept(p):
                 found.append(p)
-    return found
+    return sorted(found)
 
 
 def _glob_base(pattern: str) -> Path:

@@ -1,0 +1,112 @@
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lotus_cli import models
+from lotus_cli.errors import ModelError
+from lotus_cli.predictor import LotusPredictor
+
+
+def test_registry_names_aliases_and_defaults():
+    assert models.resolve("depth-d").repo_id == "jingheya/lotus-depth-d-v2-0-disparity"
+    assert models.resolve(None, "depth").entry.name == "depth-d-v2-0-disparity"
+    assert models.resolve(None, "normal").repo_id == "jingheya/lotus-normal-d-v1-1"
+    assert models.resolve("NORMAL-G").entry.kind == "normal"
+    assert models.resolve("lotus-depth-g-v1-0").entry.kind == "depth"  # repo name works too
+    assert models.resolve("jingheya/lotus-depth-g-v2-1-disparity").entry.family == "g"
+    for e in models.REGISTRY:
+        assert models.resolve(e.name).entry == e and e.licence and e.task in ("depth", "normal")
+
+
+def test_unknown_hub_id_and_name():
+    ref = models.resolve("someone/my-lotus-normal-finetune")
+    assert ref.repo_id == "someone/my-lotus-normal-finetune" and ref.entry.task == "normal"
+    with pytest.raises(ModelError) as e:
+        models.resolve("depht-d")
+    assert "depth-d" in str(e.value) and "lotus models list" in str(e.value)
+
+
+def test_wrong_task_is_a_usage_error():
+    with pytest.raises(ModelError) as e:
+        models.resolve("normal-d", "depth")
+    assert e.value.exit_code == 2 and "predicts normal" in str(e.value)
+
+
+def test_folder_metadata_from_name_and_lotus_json(checkpoints, tmp_path):
+    ref = models.resolve(checkpoints[("depth", "g")])
+    assert ref.folder is not None and ref.entry.kind == "disparity" and ref.entry.task == "depth"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "lotus.json").write_text(json.dumps({"task": "depth", "kind": "depth", "name": "mine"}))
+    assert models.resolve(tmp_path / "mine").entry.kind == "depth"
+
+
+def test_offline_without_cache_fails_fast_with_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    with pytest.raises(ModelError) as e:
+        models.fetch(models.resolve("depth-g"))
+    msg = str(e.value)
+    assert "jingheya/lotus-depth-g-v2-1-disparity" in msg and "lotus models pull depth-g" in msg
+    assert "--model /path" in msg
+    assert time.monotonic() - t0 < 10  # no network retries (a dead network retries for ~24 s)
+
+
+def test_hub_cache_path_is_used(depth_d, tmp_path, monkeypatch):
+    """A checkpoint in the Hugging Face cache layout loads by its hub id, with no network."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    repo = "jingheya/lotus-depth-d-v2-0-disparity"
+    root = os.path.join(HF_HUB_CACHE, "models--" + repo.replace("/", "--"))
+    commit = "0" * 40
+    snap = os.path.join(root, "snapshots", commit)
+    import shutil
+
+    shutil.copytree(depth_d, snap, dirs_exist_ok=True)
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    with open(os.path.join(root, "refs", "main"), "w") as f:
+        f.write(commit)
+    try:
+        assert models.cached_folder(repo) is not None
+        pred = LotusPredictor.from_pretrained("depth-d", device="cpu")
+        assert pred.family == "d" and pred.kind == "disparity"
+    finally:
+        shutil.rmtree(root)
+
+
+def test_not_a_checkpoint_and_pickles_refused(tmp_path, depth_d):
+    with pytest.raises(ModelError) as e:
+        models.load_unet_vae(tmp_path, None, "cpu")
+    assert "not a Lotus checkpoint" in str(e.value) and "hub layout" in str(e.value)
+    import shutil
+
+    fake = tmp_path / "pickled"
+    shutil.copytree(depth_d, fake)
+    (fake / "unet" / "diffusion_pytorch_model.safetensors").rename(fake / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelError) as e:
+        models.load_unet_vae(fake, None, "cpu")
+    assert "safetensors" in str(e.value)
+
+
+def test_family_from_in_channels_not_name(checkpoints, tmp_path):
+    import shutil
+
+    misnamed = tmp_path / "lotus-depth-d-v2-0-disparity"  # a G checkpoint under a D repo's name
+    shutil.copytree(checkpoints[("depth", "g")], misnamed)
+    pred = LotusPredictor.from_pretrained(misnamed, device="cpu")
+    assert pred.family == "g" and any("weights say G" in w for w in pred.warnings)
+
+
+def test_cli_models_list_and_path():
+    out = subprocess.run([sys.executable, "-m", "lotus_cli", "models", "list"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0
+    for e in models.REGISTRY:
+        assert e.name in out.stderr
+    assert "apache-2.0" in out.stderr
+    missing = subprocess.run([sys.executable, "-m", "lotus_cli", "models", "path", "depth-g"], capture_output=True,
+                             text=True)
+    assert missing.returncode == 2 and "lotus models pull depth-g" in missing.stderr and missing.stdout == ""
