@@ -11,10 +11,11 @@ from __future__ import annotations
 class LotusError(Exception):
     exit_code = 1
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, *, subject: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.subject = subject  # the input or option at fault, for machine-readable reports
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message

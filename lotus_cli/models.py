@@ -317,6 +317,61 @@ def _quiet_transformers() -> None:
         pass
 
 
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_safetensors(path: Path, dtype=None) -> dict:
+    """A .safetensors file as {name: CPU tensor}, read tensor by tensor with plain reads, no mmap.
+
+    safetensors' own loader maps the file; the mapped pages then count in the process's memory beside
+    any converted copy (fp16 -> fp32, channels-last), up to twice the weights at the peak. Plain reads
+    keep the peak at the weights plus one tensor. Floating tensors are cast to ``dtype`` when given.
+    """
+    import struct
+
+    import torch
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        base = 8 + n
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=getattr(torch, _ST_DTYPES[info["dtype"]]))
+            view = t.reshape(-1).view(torch.uint8).numpy()
+            if view.nbytes != end - start:
+                raise ValueError(f"{path}: tensor {name} has {end - start} bytes, expected {view.nbytes}")
+            f.seek(base + start)
+            if f.readinto(memoryview(view)) != view.nbytes:
+                raise ValueError(f"{path}: truncated at tensor {name}")
+            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                t = t.to(dtype)
+            out[name] = t
+    return out
+
+
+def _load_component(cls, folder: Path, sub: str, dtype):
+    """Build a diffusers model from its config on the meta device and assign the weights read by
+    ``read_safetensors``; fall back to diffusers' own loader for layouts this does not cover (old key
+    names, sharded files)."""
+    import torch
+
+    weights = folder / sub / "diffusion_pytorch_model.safetensors"
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(folder / sub))
+        model.load_state_dict(read_safetensors(weights, dtype), strict=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise ValueError("tensors left on the meta device")
+        return model.to(dtype)
+    except (RuntimeError, ValueError, KeyError):
+        return cls.from_pretrained(folder, subfolder=sub, torch_dtype=dtype, use_safetensors=True)
+
+
 def load_unet_vae(folder: Path, dtype, device):
     """The UNet and VAE of a Lotus checkpoint, in eval mode on ``device`` in ``dtype``."""
     import torch
@@ -324,9 +379,10 @@ def load_unet_vae(folder: Path, dtype, device):
 
     check_layout(folder)
     _quiet_transformers()
+    dtype = dtype or torch.float32
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
+        unet = _load_component(UNet2DConditionModel, folder, "unet", dtype)
+        vae = _load_component(AutoencoderKL, folder, "vae", dtype)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelError(f"cannot load {folder}: {str(e).splitlines()[0]}",
                          "re-download with `lotus models pull NAME` or check the folder") from e

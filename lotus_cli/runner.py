@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import __version__, sinks
+from . import __version__, sinks, visualize
 from .errors import LotusError
 from .predictor import LotusPredictor, PredictOptions, Prediction, processing_size
 from .sources import DEFAULT_MAX_PIXELS, Item, read_image
@@ -31,11 +31,13 @@ class ItemResult:
     outputs: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    frames: int = 1
 
-    def record(self) -> dict:
+    def record(self, kind: str | None = None) -> dict:
         """A JSON-able summary (one NDJSON line in --json mode)."""
-        return {"input": str(self.item.path), "key": self.item.key, "status": self.status,
-                "outputs": self.outputs, "seconds": round(self.seconds, 4), "error": self.error}
+        return {"input": str(self.item.path), "key": self.item.key, "status": self.status, "kind": kind,
+                "outputs": self.outputs, "frames": self.frames if self.status != "skipped" else 0,
+                "seconds": round(self.seconds, 4), "error": self.error}
 
 
 @dataclass
@@ -171,3 +173,197 @@ def _write(item: Item, paths: dict, value: np.ndarray, kind: str, record: dict, 
 def _brief(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------- videos
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """How to treat a clip: which frames, and temporal alignment of affine-invariant depth."""
+
+    select: object = None  # video.FrameSelect; None = every frame
+    stabilize: bool = True
+    queue: int = 4  # frames buffered between decoder, model and encoder
+
+
+def frame_name(index: int, time_s: float) -> str:
+    """Per-frame file stem: zero-padded index (sorts in order) and the timestamp in seconds."""
+    return f"{index:06d}_{time_s:010.3f}s"
+
+
+def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: PredictOptions = PredictOptions(),
+              spec: VideoSpec = VideoSpec(), *, on_frame: Callable[[int, int | None], None] = lambda i, n: None
+              ) -> ItemResult:
+    """Stream one clip: decode (thread) -> predict in batches (this thread) -> encode (thread).
+
+    Writes ``<key>.mp4`` (colour map, H.264, the sampled frame rate, original size), per-frame maps in
+    ``<key>/`` for png16/npy, and ``<key>.json``. Frames decoded before damage are processed and written;
+    the error names the frame index. On KeyboardInterrupt the current frames are finished and the video
+    is closed so that it plays, then the interrupt propagates.
+    """
+    import queue
+    import threading
+
+    from .video import ClipRange, FrameSelect, Stabilizer, open_video
+
+    t_start = time.perf_counter()
+    select = spec.select or FrameSelect()
+    base = output.out_dir / item.key
+    paths = {"mp4": base.with_name(base.name + ".mp4"), "json": base.with_name(base.name + ".json")}
+    frame_formats = [f for f in output.formats if f in ("png16", "npy")]
+    if output.skip_existing and all(p.is_file() for p in paths.values()):
+        return ItemResult(item, "skipped", {k: str(v) for k, v in paths.items()})
+    try:
+        info, frames = open_video(item.path, select)
+    except LotusError as e:
+        return ItemResult(item, "failed", error=str(e))
+    expected = info.expected_frames(select)
+    depth_like = predictor.task != "normal"
+    stabilizer = Stabilizer() if (spec.stabilize and depth_like) else None
+    clip_range = ClipRange()
+    q_in: queue.Queue = queue.Queue(spec.queue)
+    q_out: queue.Queue = queue.Queue(spec.queue)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def decode():
+        try:
+            for fr in frames:
+                while not stop.is_set():
+                    try:
+                        q_in.put(fr, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except LotusError as e:
+            errors.append(str(e))
+        except Exception as e:  # pragma: no cover - decoder bugs
+            errors.append(f"{item.path}: decoding failed ({_brief(e)})")
+        finally:
+            q_in.put(_END)
+
+    stats = {"frames": 0, "change_raw": [], "change_out": [], "fits": []}
+    writer_box: dict = {}
+
+    def encode():
+        from .video import VideoWriter
+
+        prev_raw = prev_out = None
+        try:
+            while True:
+                got = q_out.get()
+                if got is _END:
+                    return
+                fr, raw, value, vrange = got
+                if "video" not in writer_box:
+                    writer_box["video"] = VideoWriter(paths["mp4"], info.width, info.height, info.fps)
+                if depth_like:
+                    rgb = visualize.colorize_depth(value, predictor.kind, output.style.cmap, vrange)
+                    if prev_raw is not None:
+                        stats["change_raw"].append(float(np.abs(raw - prev_raw).mean()))
+                        stats["change_out"].append(float(np.abs(value - prev_out).mean()))
+                    prev_raw, prev_out = raw, value
+                else:
+                    rgb = visualize.normal_to_rgb(value)
+                writer_box["video"].write(rgb)
+                for fmt in frame_formats:
+                    _write_frame(base / (frame_name(fr.index, fr.time) + sinks.SUFFIXES[fmt]), fmt, value, predictor.kind)
+                stats["frames"] += 1
+        except Exception as e:
+            errors.append(f"{item.path}: writing outputs failed ({_brief(e)})")
+            stop.set()
+            while q_out.get() is not _END:  # keep the producer unblocked
+                pass
+        finally:
+            if "video" in writer_box:
+                writer_box["video"].close()
+
+    dec = threading.Thread(target=decode, name="lotus-decode", daemon=True)
+    enc = threading.Thread(target=encode, name="lotus-encode", daemon=True)
+    dec.start()
+    enc.start()
+    interrupted = False
+    seen = 0
+    try:
+        done = False
+        while not done and not stop.is_set():
+            batch = []
+            while len(batch) < opts.batch_size:
+                fr = q_in.get()
+                if fr is _END:
+                    done = True
+                    break
+                batch.append(fr)
+            if not batch:
+                break
+            preds = predictor.predict_batch([f.rgb for f in batch], opts)
+            for fr, pred in zip(batch, preds):
+                raw = pred.map
+                value, fit = stabilizer(raw) if stabilizer is not None else (raw, None)
+                if fit is not None:
+                    stats["fits"].append([round(fit[0], 6), round(fit[1], 6)])
+                vrange = clip_range.update(value) if depth_like else None
+                q_out.put((fr, raw, value, vrange))
+                seen += 1
+                on_frame(seen, expected)
+    except KeyboardInterrupt:
+        interrupted = True
+    except Exception as e:
+        errors.append(f"{item.path}: prediction failed at frame {seen} ({_brief(e)})")
+    finally:
+        stop.set()
+        q_out.put(_END)
+        enc.join()
+        while dec.is_alive():  # unblock a decoder waiting on a full queue
+            try:
+                q_in.get_nowait()
+            except queue.Empty:
+                pass
+            dec.join(0.05)
+    seconds = time.perf_counter() - t_start
+    record = {**predictor.describe(), "lotus_cli": __version__, "input": str(item.path), "key": item.key,
+              "kind": predictor.kind, "meaning": sinks._meaning(predictor.kind),
+              "video": {"frames": stats["frames"], "fps": info.fps, "source_fps": info.source_fps,
+                        "time_range": [info.start, info.start + stats["frames"] / info.fps], "size": [info.width,
+                        info.height], "codec_in": info.codec, "file": paths["mp4"].name},
+              "options": {"processing_res": opts.processing_res, "resample": opts.resample, "latent": opts.latent,
+                          "seed": opts.seed if predictor.family == "g" else None, "stabilize": stabilizer is not None},
+              "seconds": round(seconds, 3), "error": errors[0] if errors else None, "interrupted": interrupted}
+    if depth_like:
+        record["colour_range"] = {"first": clip_range.first, "last": (clip_range.lo, clip_range.hi),
+                                  "method": "robust 1-99 percentiles, adapting 2% per frame", "colormap": output.style.cmap}
+        record["temporal_change"] = {
+            "raw": float(np.mean(stats["change_raw"])) if stats["change_raw"] else None,
+            "output": float(np.mean(stats["change_out"])) if stats["change_out"] else None,
+            "measure": "mean absolute frame-to-frame change of the map",
+        }
+        if stabilizer is not None:
+            record["stabilize_fits"] = stats["fits"]
+    if frame_formats:
+        record["frames_folder"] = item.key
+        record["frame_maps"] = {f: ("value = png / 65535 (clipped to [0, 1])" if f == "png16" and depth_like else
+                                    "n = png / 65535 * 2 - 1" if f == "png16" else "raw float32") for f in frame_formats}
+    outputs = {}
+    if stats["frames"]:
+        sinks.write_json(paths["json"], record)
+        outputs = {"mp4": str(paths["mp4"]), "json": str(paths["json"])}
+        if frame_formats:
+            outputs["frames"] = str(base)
+    if interrupted:
+        raise KeyboardInterrupt
+    status = "failed" if errors else "done"
+    return ItemResult(item, status, outputs, errors[0] if errors else None, seconds, stats["frames"])
+
+
+def _write_frame(path: Path, fmt: str, value: np.ndarray, kind: str) -> None:
+    if fmt == "npy":
+        sinks.write_npy(path, value.astype(np.float32, copy=False))
+    elif kind == "normal":
+        sinks.write_bytes(path, sinks.encode_png(visualize.normal_to_uint16(value)))
+    else:
+        sinks.write_bytes(path, sinks.encode_png(visualize.encode16(value, 0.0, 1.0)))

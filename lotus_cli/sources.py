@@ -26,6 +26,8 @@ import numpy as np
 from .errors import InputError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+MEDIA_EXTS = IMAGE_EXTS + VIDEO_EXTS
 DEFAULT_MAX_PIXELS = 100_000_000
 
 
@@ -41,6 +43,10 @@ class Item:
 
 def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTS
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTS
 
 
 def _hidden(parts: Iterable[str]) -> bool:
@@ -67,11 +73,17 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-def expand(inputs: Iterable[str], stdin: TextIO | None = None, accept=is_image) -> tuple[list[Item], list[InputError]]:
+def expand(inputs: Iterable[str], stdin: TextIO | None = None,
+           exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[Item], list[InputError]]:
     """Expand command-line inputs into items (in order, without duplicates) and problems.
 
+    ``exts``: the accepted file extensions (any case), e.g. IMAGE_EXTS or MEDIA_EXTS.
     A problem (missing path, glob matching nothing, unsupported file) is reported, never fatal.
     """
+    def accept(p: Path) -> bool:
+        return p.suffix.lower() in exts
+
+    supported = f"supported: {', '.join(exts)} (any case)"
     raw: list[tuple[Path, str, bool]] = []  # (path, relative name, given-by-name)
     problems: list[InputError] = []
     for arg in inputs:
@@ -80,14 +92,13 @@ def expand(inputs: Iterable[str], stdin: TextIO | None = None, accept=is_image) 
             for line in stream:
                 line = line.rstrip("\r\n")
                 if line.strip():
-                    raw.extend(_one_file(Path(line), problems, accept))
+                    raw.extend(_one_file(Path(line), problems, accept, supported))
             continue
         path = Path(arg).expanduser()
         if path.is_dir():
             files = _walk(path, accept)
             if not files:
-                problems.append(InputError(f"{arg}: folder holds no supported files",
-                                           f"supported: {', '.join(IMAGE_EXTS)} (any case)"))
+                problems.append(InputError(f"{arg}: folder holds no supported files", supported, subject=arg))
             raw.extend((p, p.relative_to(path).as_posix(), False) for p in files)
         elif glob.has_magic(arg) and not path.exists():
             base = _glob_base(arg)
@@ -96,23 +107,24 @@ def expand(inputs: Iterable[str], stdin: TextIO | None = None, accept=is_image) 
             for d in (p for p in hits if p.is_dir()):
                 files.extend(_walk(d, accept))
             if not files:
-                problems.append(InputError(f"{arg}: pattern matches no supported files", "check the pattern and quoting"))
+                problems.append(InputError(f"{arg}: pattern matches no supported files", "check the pattern and quoting",
+                                           subject=arg))
             raw.extend((p, p.relative_to(base).as_posix() if p.is_relative_to(base) else p.name, False) for p in files)
         else:
-            raw.extend(_one_file(path, problems, accept))
+            raw.extend(_one_file(path, problems, accept, supported))
     return _assign_keys(raw), problems
 
 
-def _one_file(path: Path, problems: list, accept) -> list[tuple[Path, str, bool]]:
+def _one_file(path: Path, problems: list, accept, supported: str) -> list[tuple[Path, str, bool]]:
     if not path.exists():
-        problems.append(InputError(f"{path}: no such file or folder", "check the path"))
+        problems.append(InputError(f"{path}: no such file or folder", "check the path", subject=str(path)))
         return []
     if not path.is_file():
-        problems.append(InputError(f"{path}: not a regular file", "pass image files or folders"))
+        problems.append(InputError(f"{path}: not a regular file", "pass files, folders or globs", subject=str(path)))
         return []
     if not accept(path):
-        problems.append(InputError(f"{path}: unsupported file type {path.suffix or '(none)'}",
-                                   f"supported: {', '.join(IMAGE_EXTS)} (any case)"))
+        problems.append(InputError(f"{path}: unsupported file type {path.suffix or '(none)'}", supported,
+                                   subject=str(path)))
         return []
     return [(path, path.name, True)]
 

@@ -1,7 +1,10 @@
-"""`lotus depth` and `lotus normal`: images -> maps, through the shared predictor."""
+"""`lotus depth` and `lotus normal`: images and videos -> maps, through the shared predictor."""
 
 from __future__ import annotations
 
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,7 +16,8 @@ from . import app, console, escape, fail, say
 # ------------------------------------------------------------------------------- shared options
 
 Inputs = Annotated[list[str], typer.Argument(
-    help="Image files, folders (searched recursively), globs, or - to read paths from stdin (one per line).",
+    help="Image or video files, folders (searched recursively), globs, or - to read paths from stdin "
+         "(one per line).",
     show_default=False)]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder; the input tree is mirrored "
                                              "under it. Default: ./lotus-<task>.", show_default=False)]
@@ -39,47 +43,101 @@ Skip = Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose o
                                     "(resume an interrupted run).")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse images above this many pixels "
                                         "(0 = no limit).")]
+Json = Annotated[bool, typer.Option("--json", help="Write one JSON record per finished input on stdout "
+                                    "(input, outputs, kind, frames, seconds, status, error); nothing else goes "
+                                    "to stdout.")]
+Fps = Annotated[Optional[float], typer.Option("--fps", help="Videos: resample to this many frames per second, "
+                                              "by timestamp (default: the source rate).", show_default=False)]
+Start = Annotated[Optional[float], typer.Option("--start", help="Videos: first second to process.",
+                                                show_default=False)]
+End = Annotated[Optional[float], typer.Option("--end", help="Videos: last second to process.", show_default=False)]
+MaxFrames = Annotated[Optional[int], typer.Option("--max-frames", help="Videos: stop after this many frames.",
+                                                  show_default=False)]
+Stabilize = Annotated[bool, typer.Option("--stabilize/--no-stabilize", help="Videos, depth: fit each frame's "
+                                         "scale and shift to a running reference on stable pixels, so a surface "
+                                         "keeps its value across frames.")]
 
 
-def _predict(task: str, inputs, out, model, fmt, processing_res, resample, latent, seed, batch_size, device,
-             dtype, cmap, skip_existing, max_pixels) -> None:
+@dataclass(frozen=True)
+class Args:
+    """The options of one `lotus depth|normal` call, as given."""
+
+    task: str
+    inputs: list
+    out: Optional[Path]
+    model: Optional[str]
+    fmt: str
+    processing_res: int
+    resample: str
+    latent: str
+    seed: int
+    batch_size: int
+    device: str
+    dtype: str
+    cmap: str
+    skip_existing: bool
+    max_pixels: int
+    json: bool
+    fps: Optional[float]
+    start: Optional[float]
+    end: Optional[float]
+    max_frames: Optional[int]
+    stabilize: bool
+
+
+def _predict(a: Args) -> None:
+    """Validate everything once, before any model loads; then load, run and report."""
     try:
         from .. import sinks, sources
-        from ..predictor import PredictOptions
-
-        formats = sinks.parse_formats(fmt)
-        opts = PredictOptions(processing_res=processing_res, resample=resample, latent=latent, seed=seed,
-                              batch_size=batch_size)
-        if max_pixels < 0:
-            raise UsageError(f"--max-pixels must be >= 0, not {max_pixels}", "0 means no limit")
-        out_dir = out if out is not None else Path(f"lotus-{task}")
-        sinks.check_out_dir(out_dir)
         from ..models import resolve
-
-        resolve(model, task)  # an unknown or wrong-task model fails before inputs are read
-        items, problems = sources.expand(inputs)
+        from ..predictor import PredictOptions
+        from ..runner import OutputSpec, VideoSpec
+        from ..video import FrameSelect
         from ..visualize import colormap_lut
 
-        colormap_lut(cmap)
+        opts = PredictOptions(processing_res=a.processing_res, resample=a.resample, latent=a.latent, seed=a.seed,
+                              batch_size=a.batch_size)
+        if a.max_pixels < 0:
+            raise UsageError(f"--max-pixels must be >= 0, not {a.max_pixels}", "0 means no limit")
+        video = VideoSpec(FrameSelect(a.fps, a.start, a.end, a.max_frames), a.stabilize)
+        colormap_lut(a.cmap)
+        out_dir = a.out if a.out is not None else Path(f"lotus-{a.task}")
+        output = OutputSpec(out_dir, sinks.parse_formats(a.fmt), sinks.Style(cmap=a.cmap), a.skip_existing)
+        resolve(a.model, a.task)  # an unknown or wrong-task model fails before inputs are read
+        sinks.check_out_dir(out_dir)
+        items, problems = sources.expand(a.inputs, exts=sources.MEDIA_EXTS)
     except LotusError as e:
         fail(e)
     for p in problems:
-        say(f"skipped: {p}", "yellow")
+        say(f"failed: {p}", "red")
+        _emit(a, {"input": p.subject, "status": "failed", "error": str(p), "outputs": {},
+                  "kind": None, "frames": 0, "seconds": 0.0})
     if not items:
         say("error: no usable inputs", "red")
         raise typer.Exit(1 if problems else 2)
-    predictor = _load(model, task, device, dtype)
-    _run(predictor, items, sinks, out_dir, formats, opts, cmap, skip_existing, max_pixels, len(problems))
+    predictor = _load(a.model, a.task, a.device, a.dtype)
+    _run(a, predictor, items, output, opts, video, len(problems))
+
+
+def _emit(a: Args, record: dict) -> None:
+    """One NDJSON line on stdout in --json mode (flushed, so pipelines see it at once)."""
+    if a.json:
+        import json
+
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
 
 
 def _load(model, task, device, dtype):
+    from .. import models
     from ..predictor import LotusPredictor
 
-    with console().status(f"loading {model or 'default ' + task + ' model'} ...", spinner="dots"):
-        try:
-            predictor = LotusPredictor.from_pretrained(model, task=task, device=device, dtype=dtype)
-        except LotusError as e:
-            fail(e)
+    try:
+        ref = models.fetch(models.resolve(model, task))  # a first download shows its own progress bars
+        with console().status(f"loading {ref.label} ...", spinner="dots"):
+            predictor = LotusPredictor.from_pretrained(ref, device=device, dtype=dtype)
+    except LotusError as e:
+        fail(e)
     for w in predictor.warnings:
         say(f"warning: {w}", "yellow")
     say(f"model {predictor.source} ({predictor.task}, {predictor.kind}, Lotus-{predictor.family.upper()}) "
@@ -87,24 +145,42 @@ def _load(model, task, device, dtype):
     return predictor
 
 
-def _run(predictor, items, sinks, out_dir, formats, opts, cmap, skip_existing, max_pixels, n_problems) -> None:
+def _run(a: Args, predictor, items, output, opts, video, n_problems) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..runner import OutputSpec, run_images
+    from ..runner import Summary, run_images, run_video
+    from ..sources import is_video
 
-    output = OutputSpec(out_dir, formats, sinks.Style(cmap=cmap), skip_existing)
+    t0 = time.perf_counter()
+    images = [i for i in items if not is_video(i.path)]
+    videos = [i for i in items if is_video(i.path)]
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console(), disable=not console().is_terminal, transient=True)
+    summary = Summary()
 
     def on_result(r):
-        progress.advance(bar)
         if r.status == "failed":
             progress.console.print(f"[red]failed:[/] {escape(r.error)}")
+        _emit(a, r.record(predictor.kind))
 
     try:
         with progress:
-            bar = progress.add_task(predictor.task, total=len(items))
-            summary = run_images(predictor, items, output, opts, max_pixels=max_pixels, on_result=on_result)
+            if images:
+                bar = progress.add_task(f"{predictor.task} images", total=len(images))
+
+                def on_image(r):
+                    progress.advance(bar)
+                    on_result(r)
+
+                s = run_images(predictor, images, output, opts, max_pixels=a.max_pixels, on_result=on_image)
+                summary.done, summary.skipped, summary.failed = s.done, s.skipped, s.failed
+            for item in videos:
+                vbar = progress.add_task(item.path.name, total=None)
+                r = run_video(predictor, item, output, opts, video,
+                              on_frame=lambda i, n, vbar=vbar: progress.update(vbar, completed=i, total=n))
+                progress.remove_task(vbar)
+                summary.add(r)
+                on_result(r)
     except KeyboardInterrupt:
         say("interrupted: finished outputs are complete; rerun with --skip-existing to resume", "yellow")
         raise typer.Exit(130)
@@ -112,8 +188,8 @@ def _run(predictor, items, sinks, out_dir, formats, opts, cmap, skip_existing, m
         fail(e)
     failed = summary.failed + n_problems
     colour = "red" if failed else "green"
-    say(f"{summary.done} done, {summary.skipped} skipped, {failed} failed in {summary.seconds:.1f} s -> {out_dir}",
-        colour)
+    say(f"{summary.done} done, {summary.skipped} skipped, {failed} failed in {time.perf_counter() - t0:.1f} s "
+        f"-> {output.out_dir}", colour)
     raise typer.Exit(1 if failed else 0)
 
 
@@ -121,19 +197,19 @@ def _run(predictor, items, sinks, out_dir, formats, opts, cmap, skip_existing, m
 def depth(inputs: Inputs, out: Out = None, model: Model = None, fmt: Format = "png,png16",
           processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean", seed: Seed = 0,
           batch_size: Batch = 1, device: Device = "auto", dtype: Dtype = "auto", cmap: Cmap = "Spectral",
-          skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000):
-    """Predict depth. Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity, deterministic,
-    best AbsRel in the paper), which predicts affine-invariant disparity (1 = near)."""
-    _predict("depth", inputs, out, model, fmt, processing_res, resample, latent, seed, batch_size, device, dtype,
-             cmap, skip_existing, max_pixels)
+          skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
+          start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True):
+    """Predict depth for images and videos. Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity,
+    deterministic, best AbsRel in the paper), which predicts affine-invariant disparity (1 = near)."""
+    _predict(Args("depth", **{k: v for k, v in locals().items()}))
 
 
 @app.command()
 def normal(inputs: Inputs, out: Out = None, model: Model = None, fmt: Format = "png,png16",
            processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean", seed: Seed = 0,
            batch_size: Batch = 1, device: Device = "auto", dtype: Dtype = "auto", cmap: Cmap = "Spectral",
-           skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000):
-    """Predict surface normals. Default model: normal-d (jingheya/lotus-normal-d-v1-1, deterministic).
-    Normals are unit vectors with x left, y up, z toward the camera."""
-    _predict("normal", inputs, out, model, fmt, processing_res, resample, latent, seed, batch_size, device, dtype,
-             cmap, skip_existing, max_pixels)
+           skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
+           start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True):
+    """Predict surface normals for images and videos. Default model: normal-d (jingheya/lotus-normal-d-v1-1,
+    deterministic). Normals are unit vectors with x left, y up, z toward the camera."""
+    _predict(Args("normal", **{k: v for k, v in locals().items()}))

@@ -1,0 +1,198 @@
+"""Speed and memory of the shared predictor against the reference sequence, in one run.
+
+    python benchmarks/bench_predictor.py                # full-size Lotus-G architecture, 512 px (minutes)
+    python benchmarks/bench_predictor.py --size tiny    # a quick smoke run of this script
+
+Builds the full-size architecture (868M-parameter UNet, 84M VAE, SD2 text encoder) with random weights
+in the hub layout, then, each in a fresh process so that peak RSS is its own:
+  (a) ours: LotusPredictor.from_pretrained (cached empty-prompt embedding, posterior mean,
+      channels-last convolutions, fp32, no autocast);
+  (b) the reference sequence in fp32 without autocast: text encoder run on every call, posterior
+      sample, NCHW (tests/reference.py, the sequence the fidelity tests compare against).
+It also measures, in this run, the fp32 GEMM rate (the machine's matrix-multiply ceiling), the FLOPs of
+one image and, on one SD-sized conv layer, what the reference's CPU autocast (bf16) does to speed.
+Targets (issue 2): (a)/(b) <= 0.9; achieved >= 0.8 of the GEMM rate; peak RSS <= 1.3x weights held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def image(res: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:res, 0:res] / res
+    base = np.stack([xx, yy, 1 - xx * yy], -1) * 200 + rng.normal(0, 20, (res, res, 3))
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def child(args) -> dict:
+    """Runs in its own process: load one side, time ``repeats`` predictions after a warm-up."""
+    import torch
+
+    torch.manual_seed(0)
+    img = image(args.res)
+    if args.side == "ours":
+        from lotus_cli.predictor import LotusPredictor, PredictOptions
+
+        pred = LotusPredictor.from_pretrained(args.folder, task="depth", device="cpu", dtype="fp32")
+        weights = sum(p.numel() * p.element_size() for m in (pred.unet, pred.vae) for p in m.parameters())
+        opts = PredictOptions(processing_res=args.res)
+        run = lambda: pred.predict(img, opts)  # noqa: E731
+    else:
+        from tests.reference import load, reference_predict
+
+        comps = load(args.folder)
+        weights = sum(p.numel() * p.element_size() for m in (comps[0], comps[1], comps[3]) for p in m.parameters())
+        run = lambda: reference_predict(comps, img, processing_res=args.res, seed=0, posterior_seed=1)  # noqa: E731
+    run()  # warm-up: first-call allocations and oneDNN kernel selection
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return {"side": args.side, "seconds": min(times), "all_seconds": times, "peak_rss": peak_rss_bytes(),
+            "weights": weights}
+
+
+def gemm_rate(n: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def conv_autocast_slowdown() -> dict:
+    """One SD-sized 3x3 conv (512 -> 512 channels, 64 x 64): fp32 vs under CPU autocast (bf16)."""
+    import torch
+
+    conv = torch.nn.Conv2d(512, 512, 3, padding=1).eval()
+    x = torch.randn(1, 512, 64, 64)
+
+    def timed(fn, n=5):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    with torch.inference_mode():
+        fp32 = timed(lambda: conv(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = timed(lambda: conv(x))
+    from lotus_cli.predictor import cpu_has_native_bf16
+
+    return {"fp32_s": fp32, "autocast_bf16_s": auto, "slowdown": auto / fp32, "native_bf16": cpu_has_native_bf16()}
+
+
+def flops_per_image(folder: str, res: int) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lotus_cli.predictor import LotusPredictor
+
+    pred = LotusPredictor.from_pretrained(folder, task="depth", device="cpu", dtype="fp32")
+    x = pred.to_tensor(image(res))
+    out = {}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            z = pred.encode(x)
+        out["vae_encode"] = fc.get_total_flops()
+        noise = pred.noise([0], tuple(z.shape[-2:]))
+        with FlopCounterMode(display=False) as fc:
+            y = pred.denoise(z, noise)
+        out["unet"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            pred.decode(y)
+        out["vae_decode"] = fc.get_total_flops()
+    out["total"] = sum(out.values())
+    return out
+
+
+def run_child(side: str, folder: str, res: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--folder", folder, "--res", str(res), "--repeats", str(repeats)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LOTUS_CACHE": str(Path(folder) / ".lotus-cache")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{side} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=("full", "tiny"), default="full")
+    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--folder", help="reuse a checkpoint folder built by an earlier run")
+    ap.add_argument("--child", choices=("ours", "reference"), dest="side")
+    args = ap.parse_args()
+    if args.side:
+        print(json.dumps(child(args)))
+        return
+
+    from lotus_cli.synthetic import build_checkpoint
+
+    tmp = None
+    folder = args.folder
+    if folder is None:
+        tmp = tempfile.TemporaryDirectory(prefix="lotus-bench-")
+        folder = str(Path(tmp.name) / "lotus-depth-g-v2-1-disparity")
+        t0 = time.perf_counter()
+        build_checkpoint(folder, family="g", task="depth", size=args.size)
+        print(f"built random {args.size} Lotus-G checkpoint in {time.perf_counter() - t0:.0f} s")
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.res} px, "
+          f"best of {args.repeats} after a warm-up")
+    run_child("ours", folder, 64, 1)  # computes and caches the empty-prompt embedding once
+    ref = run_child("reference", folder, args.res, args.repeats)
+    ours = run_child("ours", folder, args.res, args.repeats)
+    gemm = gemm_rate()
+    flops = flops_per_image(folder, args.res)
+    conv = conv_autocast_slowdown()
+
+    gb = 1e9
+    print()
+    print(f"{'':28}{'s/image':>10}{'peak RSS GB':>13}{'weights GB':>12}{'RSS/weights':>13}")
+    for r in (ours, ref):
+        name = "(a) ours" if r["side"] == "ours" else "(b) reference fp32"
+        print(f"{name:28}{r['seconds']:>10.2f}{r['peak_rss'] / gb:>13.2f}{r['weights'] / gb:>12.2f}"
+              f"{r['peak_rss'] / r['weights']:>13.2f}")
+    ratio = ours["seconds"] / ref["seconds"]
+    print(f"\ntime ratio (a)/(b): {ratio:.3f}   (target <= 0.9)")
+    print(f"FLOPs per image: {flops['total'] / 1e12:.3f} TFLOP (VAE encode {flops['vae_encode'] / 1e12:.3f}, "
+          f"UNet {flops['unet'] / 1e12:.3f}, VAE decode {flops['vae_decode'] / 1e12:.3f})")
+    achieved = flops["total"] / ours["seconds"]
+    print(f"fp32 GEMM rate (2048^3 matmul): {gemm / 1e9:.1f} GFLOP/s; ours achieves {achieved / 1e9:.1f} GFLOP/s "
+          f"= {achieved / gemm:.2f} of it (target >= 0.8); reference {flops['total'] / ref['seconds'] / 1e9:.1f} GFLOP/s")
+    print(f"peak RSS / weights held (ours): {ours['peak_rss'] / ours['weights']:.2f} (target <= 1.3)")
+    print(f"one conv layer under the reference's CPU autocast (bf16): {conv['slowdown']:.2f}x the fp32 time "
+          f"(fp32 {conv['fp32_s'] * 1e3:.1f} ms, autocast {conv['autocast_bf16_s'] * 1e3:.1f} ms; "
+          f"native bf16 on this CPU: {conv['native_bf16']})")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
