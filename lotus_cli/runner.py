@@ -367,3 +367,67 @@ def _write_frame(path: Path, fmt: str, value: np.ndarray, kind: str) -> None:
         sinks.write_bytes(path, sinks.encode_png(visualize.normal_to_uint16(value)))
     else:
         sinks.write_bytes(path, sinks.encode_png(visualize.encode16(value, 0.0, 1.0)))
+
+
+# ---------------------------------------------------------------------------------- raw frame pipes
+
+RAW_OUTPUTS = ("f32", "u16", "rgb")
+
+
+def parse_size(spec: str) -> tuple[int, int]:
+    """'640x360' -> (640, 360)."""
+    from .errors import UsageError
+
+    try:
+        w, h = (int(v) for v in spec.lower().split("x"))
+        if w > 0 and h > 0:
+            return w, h
+    except ValueError:
+        pass
+    raise UsageError(f"--raw {spec!r}: expected WIDTHxHEIGHT, e.g. 640x360")
+
+
+def run_raw(predictor: LotusPredictor, stdin, stdout, size: tuple[int, int], opts: PredictOptions = PredictOptions(),
+            out: str = "f32", *, stabilize: bool = True, cmap: str = "Spectral") -> int:
+    """Raw RGB24 frames of ``size`` (W, H) on ``stdin`` -> raw maps on ``stdout``, frame by frame.
+
+    Output per frame: ``f32`` float32 little-endian [H, W] depth or [H, W, 3] normals; ``u16``
+    uint16 little-endian of the [0, 1] depth (or (n + 1) / 2) times 65535; ``rgb`` uint8 colour map /
+    normal RGB [H, W, 3] (one colour range for the stream). Depth is stabilised across frames unless
+    ``stabilize`` is False. Returns the number of frames; a short last frame raises InputError.
+    """
+    from .errors import InputError
+    from .video import ClipRange, Stabilizer
+
+    w, h = size
+    nbytes = w * h * 3
+    depth_like = predictor.task != "normal"
+    stabilizer = Stabilizer() if stabilize and depth_like else None
+    clip_range = ClipRange()
+    count = 0
+    while True:
+        batch = []
+        while len(batch) < opts.batch_size:
+            buf = stdin.read(nbytes)
+            if not buf:
+                break
+            if len(buf) != nbytes:
+                raise InputError(f"stdin: frame {count + len(batch)} has {len(buf)} of {nbytes} bytes",
+                                 f"send whole rgb24 frames of {w}x{h}")
+            batch.append(np.frombuffer(buf, np.uint8).reshape(h, w, 3).copy())
+        if not batch:
+            return count
+        for pred in predictor.predict_batch(batch, opts):
+            value = stabilizer(pred.map)[0] if stabilizer is not None else pred.map
+            if out == "f32":
+                data = value.astype("<f4")
+            elif out == "u16":
+                data = (visualize.normal_to_uint16(value) if not depth_like
+                        else visualize.encode16(value, 0.0, 1.0)).astype("<u2")
+            elif depth_like:
+                data = visualize.colorize_depth(value, predictor.kind, cmap, clip_range.update(value))
+            else:
+                data = visualize.normal_to_rgb(value)
+            stdout.write(np.ascontiguousarray(data).tobytes())
+            count += 1
+        stdout.flush()

@@ -15,7 +15,7 @@ from . import app, console, escape, fail, say
 
 # ------------------------------------------------------------------------------- shared options
 
-Inputs = Annotated[list[str], typer.Argument(
+Inputs = Annotated[Optional[list[str]], typer.Argument(
     help="Image or video files, folders (searched recursively), globs, or - to read paths from stdin "
          "(one per line).",
     show_default=False)]
@@ -53,6 +53,11 @@ Start = Annotated[Optional[float], typer.Option("--start", help="Videos: first s
 End = Annotated[Optional[float], typer.Option("--end", help="Videos: last second to process.", show_default=False)]
 MaxFrames = Annotated[Optional[int], typer.Option("--max-frames", help="Videos: stop after this many frames.",
                                                   show_default=False)]
+Raw = Annotated[Optional[str], typer.Option("--raw", help="Pipe mode: read raw RGB24 frames of WIDTHxHEIGHT "
+                                           "from stdin and write raw maps to stdout (see --raw-out); no files.",
+                                           show_default=False)]
+RawOut = Annotated[str, typer.Option("--raw-out", help="Pipe mode output per frame: f32 (float32 map), u16 "
+                                     "(uint16, [0,1] x 65535) or rgb (colour map, rgb24).")]
 Stabilize = Annotated[bool, typer.Option("--stabilize/--no-stabilize", help="Videos, depth: fit each frame's "
                                          "scale and shift to a running reference on stable pixels, so a surface "
                                          "keeps its value across frames.")]
@@ -83,6 +88,8 @@ class Args:
     end: Optional[float]
     max_frames: Optional[int]
     stabilize: bool
+    raw: Optional[str] = None
+    raw_out: str = "f32"
 
 
 def _predict(a: Args) -> None:
@@ -104,7 +111,11 @@ def _predict(a: Args) -> None:
         out_dir = a.out if a.out is not None else Path(f"lotus-{a.task}")
         output = OutputSpec(out_dir, sinks.parse_formats(a.fmt), sinks.Style(cmap=a.cmap), a.skip_existing)
         resolve(a.model, a.task)  # an unknown or wrong-task model fails before inputs are read
+        if a.raw is not None:
+            return _raw(a, opts)
         sinks.check_out_dir(out_dir)
+        if not a.inputs:
+            raise UsageError("no inputs given", "pass files, folders, globs, or - to read paths from stdin")
         items, problems = sources.expand(a.inputs, exts=sources.MEDIA_EXTS)
     except LotusError as e:
         fail(e)
@@ -117,6 +128,26 @@ def _predict(a: Args) -> None:
         raise typer.Exit(1 if problems else 2)
     predictor = _load(a.model, a.task, a.device, a.dtype)
     _run(a, predictor, items, output, opts, video, len(problems))
+
+
+def _raw(a: Args, opts) -> None:
+    from ..runner import RAW_OUTPUTS, parse_size, run_raw
+
+    size = parse_size(a.raw)
+    if a.raw_out not in RAW_OUTPUTS:
+        fail(UsageError(f"--raw-out must be one of {', '.join(RAW_OUTPUTS)}, not {a.raw_out!r}"))
+    if [i for i in (a.inputs or []) if i != "-"]:
+        fail(UsageError("--raw reads frames from stdin; give no input paths (or just -)"))
+    predictor = _load(a.model, a.task, a.device, a.dtype)
+    try:
+        n = run_raw(predictor, sys.stdin.buffer, sys.stdout.buffer, size, opts, a.raw_out,
+                    stabilize=a.stabilize, cmap=a.cmap)
+    except LotusError as e:
+        fail(e)
+    except BrokenPipeError:
+        raise typer.Exit(0)
+    say(f"{n} frames", "green")
+    raise typer.Exit(0)
 
 
 def _emit(a: Args, record: dict) -> None:
@@ -194,22 +225,24 @@ def _run(a: Args, predictor, items, output, opts, video, n_problems) -> None:
 
 
 @app.command()
-def depth(inputs: Inputs, out: Out = None, model: Model = None, fmt: Format = "png,png16",
+def depth(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: Format = "png,png16",
           processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean", seed: Seed = 0,
           batch_size: Batch = 1, device: Device = "auto", dtype: Dtype = "auto", cmap: Cmap = "Spectral",
           skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
-          start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True):
+          start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
+          raw: Raw = None, raw_out: RawOut = "f32"):
     """Predict depth for images and videos. Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity,
     deterministic, best AbsRel in the paper), which predicts affine-invariant disparity (1 = near)."""
-    _predict(Args("depth", **{k: v for k, v in locals().items()}))
+    _predict(Args("depth", **locals()))
 
 
 @app.command()
-def normal(inputs: Inputs, out: Out = None, model: Model = None, fmt: Format = "png,png16",
+def normal(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: Format = "png,png16",
            processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean", seed: Seed = 0,
            batch_size: Batch = 1, device: Device = "auto", dtype: Dtype = "auto", cmap: Cmap = "Spectral",
            skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
-           start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True):
+           start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
+           raw: Raw = None, raw_out: RawOut = "f32"):
     """Predict surface normals for images and videos. Default model: normal-d (jingheya/lotus-normal-d-v1-1,
     deterministic). Normals are unit vectors with x left, y up, z toward the camera."""
-    _predict(Args("normal", **{k: v for k, v in locals().items()}))
+    _predict(Args("normal", **locals()))
