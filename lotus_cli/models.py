@@ -59,21 +59,25 @@ class ModelEntry:
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
-# Licence as the model cards state it; sizes of the whole hub repos (G repo ~4.3 GB: UNet fp32
-# 3.47 GB, VAE and text encoder fp16).
+# Licence as the model cards state it: the Lotus cards state none (the Lotus code is Apache-2.0; the
+# weights are fine-tuned from Stable Diffusion 2, released under CreativeML Open RAIL++-M). Sizes are
+# those of the whole hub repos (G repo ~4.3 GB: UNet fp32 3.47 GB, VAE and text encoder fp16).
+CARD_LICENCE = "not stated"
+LICENCE_NOTE = ("The Lotus model cards state no licence; the Lotus code is Apache-2.0 and the weights are "
+                "fine-tuned from Stable Diffusion 2 (CreativeML Open RAIL++-M): check both before commercial use.")
 REGISTRY: tuple[ModelEntry, ...] = (
     ModelEntry("depth-g-v2-1-disparity", f"{HUB_OWNER}/lotus-depth-g-v2-1-disparity", "depth", "g",
-               "disparity", "apache-2.0", 4.3, "generative; uncertainty maps", ("depth-g",)),
+               "disparity", CARD_LICENCE, 4.3, "generative; uncertainty maps", ("depth-g",)),
     ModelEntry("depth-d-v2-0-disparity", f"{HUB_OWNER}/lotus-depth-d-v2-0-disparity", "depth", "d",
-               "disparity", "apache-2.0", 4.3, "deterministic; default for depth", ("depth-d",)),
+               "disparity", CARD_LICENCE, 4.3, "deterministic; default for depth", ("depth-d",)),
     ModelEntry("normal-g-v1-1", f"{HUB_OWNER}/lotus-normal-g-v1-1", "normal", "g", "normal",
-               "apache-2.0", 4.3, "generative; uncertainty maps", ("normal-g",)),
+               CARD_LICENCE, 4.3, "generative; uncertainty maps", ("normal-g",)),
     ModelEntry("normal-d-v1-1", f"{HUB_OWNER}/lotus-normal-d-v1-1", "normal", "d", "normal",
-               "apache-2.0", 4.3, "deterministic; default for normals", ("normal-d",)),
+               CARD_LICENCE, 4.3, "deterministic; default for normals", ("normal-d",)),
     ModelEntry("depth-g-v1-0", f"{HUB_OWNER}/lotus-depth-g-v1-0", "depth", "g", "depth",
-               "apache-2.0", 4.3, "older; affine-invariant depth"),
+               CARD_LICENCE, 4.3, "older; affine-invariant depth"),
     ModelEntry("depth-d-v1-0", f"{HUB_OWNER}/lotus-depth-d-v1-0", "depth", "d", "depth",
-               "apache-2.0", 4.3, "older; affine-invariant depth"),
+               CARD_LICENCE, 4.3, "older; affine-invariant depth"),
 )
 DEFAULT_MODEL = {"depth": "depth-d", "normal": "normal-d"}
 DEFAULT_G_MODEL = {"depth": "depth-g", "normal": "normal-g"}

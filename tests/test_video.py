@@ -210,3 +210,25 @@ def test_memory_flat_over_a_long_clip(tmp_path):
         growth[n] = int(out.stdout.strip().splitlines()[-1]) * 1024
     # 20x more frames (each 320x240): peak memory grows by less than 10 frames' worth of maps
     assert growth[600] - growth[30] < 10 * 320 * 240 * 4 * 3
+
+
+def test_ctrl_c_on_the_command_line_leaves_a_playable_video(tmp_path, depth_d):
+    import os
+    import signal
+    import time
+
+    clip = make_clip(tmp_path / "long.mp4", n=300, fps=30)
+    out = tmp_path / "o"
+    proc = subprocess.Popen(["lotus", "depth", str(clip), "-o", str(out), "-m", str(depth_d), "--processing-res", "32",
+                             "-f", "npy"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list((out / "long").glob("*.npy"))) < 5:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    frames = len(list((out / "long").glob("*.npy")))
+    assert 5 <= frames < 300
+    assert len(decode_all(out / "long.mp4")[1]) == frames  # closed properly: every written frame plays
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]

@@ -29,6 +29,7 @@ def models_list():
                       f"{e.size_gb:.1f} GB" if e.size_gb else "?", e.licence, "yes" if cached else "no")
     console().print(table)
     say("defaults: depth -> depth-d, normal -> normal-d; uncertainty needs a G model (depth-g, normal-g)", "dim")
+    say(models.LICENCE_NOTE, "dim")
 
 
 @models_app.command("pull")
