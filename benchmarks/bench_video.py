@@ -44,14 +44,16 @@ def measure(predictor, clip: Path, out: Path, opts, n: int) -> tuple[float, floa
     _, frames = open_video(clip)
     rgbs = [f.rgb for f in frames]
     predictor.predict_batch(rgbs[:1], opts)  # warm-up
-    t0 = time.perf_counter()
-    for rgb in rgbs:
-        predictor.predict_batch([rgb], opts)
-    model_fps = len(rgbs) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    r = run_video(predictor, Item(clip, clip.stem), OutputSpec(out, ("npy",)), opts, VideoSpec())
-    e2e_fps = r.frames / (time.perf_counter() - t0)
-    assert r.frames == n, r
+    model_fps, e2e_fps = 0.0, 0.0
+    for _ in range(2):  # alternate the two, best of two each: this machine's noise is a few percent
+        t0 = time.perf_counter()
+        for rgb in rgbs:
+            predictor.predict_batch([rgb], opts)
+        model_fps = max(model_fps, len(rgbs) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        r = run_video(predictor, Item(clip, clip.stem), OutputSpec(out, ("npy",)), opts, VideoSpec())
+        e2e_fps = max(e2e_fps, r.frames / (time.perf_counter() - t0))
+        assert r.frames == n, r
     return model_fps, e2e_fps
 
 
@@ -71,15 +73,15 @@ def main() -> None:
         rows = []
         tiny = build_checkpoint(tmp / "lotus-depth-d-v2-0-disparity", family="d", size="tiny")
         pred = LotusPredictor.from_pretrained(tiny, device="cpu")
-        clip = make_clip(tmp / "clip640.mp4", 48, (640, 360))
-        # 768 px processing makes the tiny model take ~0.1-0.2 s a frame: the model dominates, as with real weights
-        rows.append(("tiny model, 640x360 clip, 768 px", *measure(pred, clip, tmp / "o1", PredictOptions(), 48)))
+        clip = make_clip(tmp / "clip640.mp4", 24, (640, 360))
+        # at 768 px the tiny model takes ~2 s a frame on 2 CPU cores: the model dominates, as with real weights
+        rows.append(("tiny model, 640x360 clip, 768 px", *measure(pred, clip, tmp / "o1", PredictOptions(), 24)))
         if not args.skip_full:
             full = build_checkpoint(tmp / "lotus-depth-g-v2-1-disparity", family="g", size="full")
             pred = LotusPredictor.from_pretrained(full, device="cpu")
-            clip = make_clip(tmp / "clip320.mp4", 8, (320, 180))
+            clip = make_clip(tmp / "clip320.mp4", 24, (320, 180))
             rows.append(("full-size G, 320x180 clip, 128 px",
-                         *measure(pred, clip, tmp / "o2", PredictOptions(processing_res=128), 8)))
+                         *measure(pred, clip, tmp / "o2", PredictOptions(processing_res=128), 24)))
     print(f"\n{'':40}{'model-only fps':>16}{'end-to-end fps':>16}{'ratio':>8}")
     for name, m, e in rows:
         print(f"{name:40}{m:>16.3f}{e:>16.3f}{e / m:>8.3f}")

@@ -259,7 +259,12 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
                 got = q_out.get()
                 if got is _END:
                     return
-                fr, raw, value, vrange = got
+                fr, raw = got
+                # alignment and colouring run here, beside the model, not in its thread
+                value, fit = stabilizer(raw) if stabilizer is not None else (raw, None)
+                if fit is not None:
+                    stats["fits"].append([round(fit[0], 6), round(fit[1], 6)])
+                vrange = clip_range.update(value) if depth_like else None
                 if "video" not in writer_box:
                     writer_box["video"] = VideoWriter(paths["mp4"], info.width, info.height, info.fps)
                 if depth_like:
@@ -303,12 +308,7 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
                 break
             preds = predictor.predict_batch([f.rgb for f in batch], opts)
             for fr, pred in zip(batch, preds):
-                raw = pred.map
-                value, fit = stabilizer(raw) if stabilizer is not None else (raw, None)
-                if fit is not None:
-                    stats["fits"].append([round(fit[0], 6), round(fit[1], 6)])
-                vrange = clip_range.update(value) if depth_like else None
-                q_out.put((fr, raw, value, vrange))
+                q_out.put((fr, pred.map))
                 seen += 1
                 on_frame(seen, expected)
     except KeyboardInterrupt:
