@@ -69,7 +69,23 @@ class Prediction:
     map: np.ndarray
     processing_size: tuple[int, int]  # (h, w) fed to the VAE
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # goes into the sidecar
+    layers: dict = field(default_factory=dict)  # further maps to write: {name: (array, kind)}
+
+
+@dataclass(frozen=True)
+class EnsembleOptions:
+    """Several predictions of one image: ``samples`` noise draws (G; seeds seed, seed+1, ...) and, with
+    ``tta="flip"``, the same again on the mirrored image (the only ensemble a D model has)."""
+
+    samples: int = 8
+    tta: str = "none"  # "none" | "flip"
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise UsageError(f"--samples must be >= 1, not {self.samples}")
+        if self.tta not in ("none", "flip"):
+            raise UsageError(f"--tta must be none or flip, not {self.tta!r}")
 
 
 # ------------------------------------------------------------------------------------ device, dtype
@@ -291,6 +307,56 @@ class LotusPredictor:
 
     def predict(self, image: np.ndarray, opts: PredictOptions = PredictOptions()) -> Prediction:
         return self.predict_batch([image], opts)[0]
+
+    @torch.inference_mode()
+    def predict_ensemble(self, image: np.ndarray, opts: PredictOptions = PredictOptions(),
+                         eopts: EnsembleOptions = EnsembleOptions()) -> Prediction:
+        """Uncertainty (paper Sec. 4.4): the per-pixel spread of several predictions of one image.
+
+        The image latent is encoded once per view and shared by all noise samples, which run through
+        the UNet and decoder in batches of ``opts.batch_size``. Sample k uses seed ``opts.seed + k``.
+        Returns map = spread ([H, W] float32: depth, the standard deviation of the [0, 1] maps; normals,
+        the RMS angle in degrees between each sample and the mean direction) and layers["mean"] = the
+        mean prediction (normals: the normalised mean), in the model's kind.
+        """
+        if self.family == "d" and eopts.tta == "none":
+            raise UsageError(f"{self.source} is a Lotus-D model: it takes no noise, so its samples would all agree",
+                             "use a G model (depth-g, normal-g) or add --tta flip")
+        t0 = time.perf_counter()
+        size = image.shape[:2]
+        proc_hw = processing_size(*size, opts.processing_res)
+        x = self.resize(self.to_tensor(image), proc_hw)  # [1, 3, h, w]
+        views = [x, x.flip(-1)] if eopts.tta == "flip" else [x]
+        seeds = [opts.seed + k for k in range(eopts.samples)] if self.family == "g" else [opts.seed]
+        maps = []
+        for flipped, view in enumerate(views):
+            z = self.encode(view, opts.latent, [opts.seed])  # [1, 4, h/f, w/f], shared by the samples
+            for i in range(0, len(seeds), opts.batch_size):
+                chunk = seeds[i:i + opts.batch_size]
+                zb = z.expand(len(chunk), -1, -1, -1)  # [n, 4, h/f, w/f]
+                noise = self.noise(chunk, tuple(z.shape[-2:])) if self.family == "g" else None
+                decoded = self.decode(self.denoise(zb, noise))  # [n, 3, h', w']
+                for j in range(len(chunk)):
+                    m = self.finish(decoded[j:j + 1], size, opts.resample)
+                    if flipped:
+                        m = m[:, ::-1].copy()
+                        if self.task == "normal":
+                            m[..., 0] *= -1  # mirrored normals point the other way in x
+                    maps.append(m)
+        stack = np.stack(maps)  # [N, H, W] or [N, H, W, 3]
+        if self.task == "normal":
+            mean = stack.mean(0)
+            mean /= np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-6)
+            cos = np.clip((stack * mean).sum(-1), -1.0, 1.0)
+            spread = np.sqrt((np.degrees(np.arccos(cos)) ** 2).mean(0))
+            statistic = "RMS angle in degrees between each sample's normal and the mean direction"
+        else:
+            mean, spread = stack.mean(0), stack.std(0)
+            statistic = "standard deviation of the [0, 1] maps"
+        extra = {"uncertainty": {"statistic": statistic, "samples": len(maps), "noise_samples": len(seeds),
+                                 "tta": eopts.tta, "seeds": seeds if self.family == "g" else None}}
+        return Prediction(spread.astype(np.float32), proc_hw, time.perf_counter() - t0, extra,
+                          {"mean": (mean.astype(np.float32), self.kind)})
 
     def describe(self) -> dict:
         """Metadata for sidecars."""

@@ -69,11 +69,14 @@ class OutputSpec:
 def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputSpec,
                opts: PredictOptions = PredictOptions(), *, max_pixels: int = DEFAULT_MAX_PIXELS,
                on_result: Callable[[ItemResult], None] = lambda r: None, readers: int = 2,
-               predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None) -> Summary:
+               predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None,
+               kind: str | None = None) -> Summary:
     """Predict every item and write its outputs; returns the counts. ``predict`` replaces
-    ``predictor.predict_batch`` (e.g. tiled prediction); a Prediction's ``extra`` goes into the sidecar."""
+    ``predictor.predict_batch`` (e.g. ensembles, tiling) and ``kind`` the kind of map it returns; a
+    Prediction's ``extra`` goes into the sidecar and its ``layers`` are written beside the map."""
     summary = Summary()
     predict = predict or predictor.predict_batch
+    kind = kind or predictor.kind
     t_start = time.perf_counter()
 
     def report(r: ItemResult) -> None:
@@ -129,8 +132,7 @@ def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputS
                           "input_size": [int(rgb.shape[1]), int(rgb.shape[0])],
                           "processing_size": [pred.processing_size[1], pred.processing_size[0]],
                           "seconds": round(model_s, 4), **pred.extra}
-                writes.append(write_pool.submit(_write, item, paths, pred.map, predictor.kind, record,
-                                                output.style, model_s))
+                writes.append(write_pool.submit(_write, item, paths, pred, kind, record, output.style, model_s))
 
         refill()
         while reads:
@@ -159,10 +161,10 @@ def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputS
     return summary
 
 
-def _write(item: Item, paths: dict, value: np.ndarray, kind: str, record: dict, style: sinks.Style,
+def _write(item: Item, paths: dict, pred: Prediction, kind: str, record: dict, style: sinks.Style,
            seconds: float) -> ItemResult:
     try:
-        sinks.write_outputs(paths, value, kind, record, style)
+        sinks.write_outputs(paths, pred.map, kind, record, style, pred.layers)
     except LotusError as e:
         return ItemResult(item, "failed", error=f"{item.path}: {e}", seconds=seconds)
     except OSError as e:
@@ -195,8 +197,9 @@ def frame_name(index: int, time_s: float) -> str:
 
 
 def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: PredictOptions = PredictOptions(),
-              spec: VideoSpec = VideoSpec(), *, on_frame: Callable[[int, int | None], None] = lambda i, n: None
-              ) -> ItemResult:
+              spec: VideoSpec = VideoSpec(), *, on_frame: Callable[[int, int | None], None] = lambda i, n: None,
+              predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None,
+              kind: str | None = None) -> ItemResult:
     """Stream one clip: decode (thread) -> predict in batches (this thread) -> encode (thread).
 
     Writes ``<key>.mp4`` (colour map, H.264, the sampled frame rate, original size), per-frame maps in
@@ -221,8 +224,12 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
     except LotusError as e:
         return ItemResult(item, "failed", error=str(e))
     expected = info.expected_frames(select)
-    depth_like = predictor.task != "normal"
-    stabilizer = Stabilizer() if (spec.stabilize and depth_like) else None
+    predict = predict or predictor.predict_batch
+    kind = kind or predictor.kind
+    depth_like = kind != "normal"
+    # 16-bit frames: [0, 1] maps as they are; an angular spread (degrees) over 0..90
+    top = 90.0 if (kind == "uncertainty" and predictor.task == "normal") else 1.0
+    stabilizer = Stabilizer() if (spec.stabilize and kind in ("disparity", "depth")) else None
     clip_range = ClipRange()
     q_in: queue.Queue = queue.Queue(spec.queue)
     q_out: queue.Queue = queue.Queue(spec.queue)
@@ -268,7 +275,7 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
                 if "video" not in writer_box:
                     writer_box["video"] = VideoWriter(paths["mp4"], info.width, info.height, info.fps)
                 if depth_like:
-                    rgb = visualize.colorize_depth(value, predictor.kind, output.style.cmap, vrange)
+                    rgb = visualize.colorize_depth(value, kind, output.style.cmap, vrange)
                     if prev_raw is not None:
                         stats["change_raw"].append(float(np.abs(raw - prev_raw).mean()))
                         stats["change_out"].append(float(np.abs(value - prev_out).mean()))
@@ -277,7 +284,7 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
                     rgb = visualize.normal_to_rgb(value)
                 writer_box["video"].write(rgb)
                 for fmt in frame_formats:
-                    _write_frame(base / (frame_name(fr.index, fr.time) + sinks.SUFFIXES[fmt]), fmt, value, predictor.kind)
+                    _write_frame(base / (frame_name(fr.index, fr.time) + sinks.SUFFIXES[fmt]), fmt, value, kind, top)
                 stats["frames"] += 1
         except Exception as e:
             errors.append(f"{item.path}: writing outputs failed ({_brief(e)})")
@@ -306,7 +313,7 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
                 batch.append(fr)
             if not batch:
                 break
-            preds = predictor.predict_batch([f.rgb for f in batch], opts)
+            preds = predict([f.rgb for f in batch], opts)
             for fr, pred in zip(batch, preds):
                 q_out.put((fr, pred.map))
                 seen += 1
@@ -327,7 +334,7 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
             dec.join(0.05)
     seconds = time.perf_counter() - t_start
     record = {**predictor.describe(), "lotus_cli": __version__, "input": str(item.path), "key": item.key,
-              "kind": predictor.kind, "meaning": sinks._meaning(predictor.kind),
+              "kind": kind, "meaning": sinks._meaning(kind),
               "video": {"frames": stats["frames"], "fps": info.fps, "source_fps": info.source_fps,
                         "time_range": [info.start, info.start + stats["frames"] / info.fps], "size": [info.width,
                         info.height], "codec_in": info.codec, "file": paths["mp4"].name},
@@ -346,7 +353,7 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
             record["stabilize_fits"] = stats["fits"]
     if frame_formats:
         record["frames_folder"] = item.key
-        record["frame_maps"] = {f: ("value = png / 65535 (clipped to [0, 1])" if f == "png16" and depth_like else
+        record["frame_maps"] = {f: (f"value = png / 65535 * {top:g} (clipped)" if f == "png16" and depth_like else
                                     "n = png / 65535 * 2 - 1" if f == "png16" else "raw float32") for f in frame_formats}
     outputs = {}
     if stats["frames"]:
@@ -360,13 +367,14 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
     return ItemResult(item, status, outputs, errors[0] if errors else None, seconds, stats["frames"])
 
 
-def _write_frame(path: Path, fmt: str, value: np.ndarray, kind: str) -> None:
+def _write_frame(path: Path, fmt: str, value: np.ndarray, kind: str, top: float = 1.0) -> None:
+    """One frame's map: npy raw; png16 normals as (n + 1) / 2, other maps as value / top (clipped)."""
     if fmt == "npy":
         sinks.write_npy(path, value.astype(np.float32, copy=False))
     elif kind == "normal":
         sinks.write_bytes(path, sinks.encode_png(visualize.normal_to_uint16(value)))
     else:
-        sinks.write_bytes(path, sinks.encode_png(visualize.encode16(value, 0.0, 1.0)))
+        sinks.write_bytes(path, sinks.encode_png(visualize.encode16(value, 0.0, top)))
 
 
 # ---------------------------------------------------------------------------------- raw frame pipes

@@ -119,7 +119,15 @@ class Style:
 
 def render(fmt: str, value: np.ndarray, kind: str, style: Style = Style()) -> tuple[Callable[[Path], None], dict]:
     """A writer for one format of one map, and what the sidecar should say about it."""
-    if kind == "normal":
+    if kind == "uncertainty":
+        hi = style.vrange[1] if style.vrange is not None else visualize.value_range(value)[1]
+        if fmt == "png":
+            info = {"colormap": style.cmap, "range": [0.0, hi], "high": "bright = uncertain"}
+            return _png_writer(visualize.colorize(visualize.normalize(value, 0.0, hi), style.cmap)), info
+        if fmt == "png16":
+            info = {"min": 0.0, "max": hi, "decode": "value = min + png / 65535 * (max - min)"}
+            return _png_writer(visualize.encode16(value, 0.0, hi)), info
+    elif kind == "normal":
         if fmt == "png":
             return _png_writer(visualize.normal_to_rgb(value)), {"encoding": "rgb = (n + 1) / 2 * 255 (truncated)"}
         if fmt == "png16":
@@ -143,11 +151,13 @@ def _png_writer(image: np.ndarray) -> Callable[[Path], None]:
     return lambda p: write_bytes(p, encode_png(image))
 
 
-def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar: dict, style: Style = Style()) -> dict:
-    """Write every requested format, then the sidecar (last, so its presence marks a finished item).
+def layer_paths(paths: dict[str, Path], name: str) -> dict[str, Path]:
+    """Paths of a further map written beside an item's own: x.png -> x.<name>.png (no sidecar)."""
+    return {fmt: p.with_name(p.name[: -len(SUFFIXES[fmt])] + f".{name}" + SUFFIXES[fmt])
+            for fmt, p in paths.items() if fmt != "json"}
 
-    Returns the sidecar record as written.
-    """
+
+def _write_formats(paths: dict[str, Path], value: np.ndarray, kind: str, style: Style) -> dict:
     formats = {}
     for fmt, path in paths.items():
         if fmt == "json":
@@ -155,6 +165,21 @@ def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar:
         writer, info = render(fmt, value, kind, style)
         writer(path)
         formats[fmt] = {"file": path.name, **info}
+    return formats
+
+
+def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar: dict, style: Style = Style(),
+                  layers: dict | None = None) -> dict:
+    """Write every requested format, then the sidecar (last, so its presence marks a finished item).
+
+    ``layers``: further maps of the same item, {name: (array, kind)}, written as x.<name>.<format>
+    with the default style of their kind. Returns the sidecar record as written.
+    """
+    formats = _write_formats(paths, value, kind, style)
+    layer_records = {}
+    for name, (array, layer_kind) in (layers or {}).items():
+        layer_records[name] = {"kind": layer_kind, "meaning": _meaning(layer_kind),
+                               "outputs": _write_formats(layer_paths(paths, name), array, layer_kind, Style())}
     finite = value[np.isfinite(value)]
     record = {
         **sidecar,
@@ -163,6 +188,8 @@ def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar:
         "meaning": _meaning(kind),
         "outputs": formats,
     }
+    if layer_records:
+        record["layers"] = layer_records
     write_json(paths["json"], record)
     return record
 
@@ -172,6 +199,7 @@ def _meaning(kind: str) -> str:
         "disparity": "affine-invariant disparity (inverse depth up to scale and shift): 1 = near, 0 = far",
         "depth": "affine-invariant depth (up to scale and shift): 0 = near, 1 = far",
         "normal": f"unit surface normals, {NORMAL_AXES}",
+        "uncertainty": "per-pixel spread of several predictions (the statistic is in 'uncertainty')",
     }.get(kind, kind)
 
 

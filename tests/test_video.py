@@ -232,3 +232,14 @@ def test_ctrl_c_on_the_command_line_leaves_a_playable_video(tmp_path, depth_d):
     assert 5 <= frames < 300
     assert len(decode_all(out / "long.mp4")[1]) == frames  # closed properly: every written frame plays
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+def test_uncertainty_takes_videos(tmp_path, depth_g):
+    clip = make_clip(tmp_path / "u.mp4", n=6, fps=6)
+    r = runner.invoke(app, ["uncertainty", str(clip), "-o", str(tmp_path / "o"), "-m", str(depth_g), "-n", "2",
+                            "--processing-res", "32", "-f", "png,npy"])
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "o" / "u.json").read_text())
+    assert side["kind"] == "uncertainty" and side["video"]["frames"] == 6
+    assert len(decode_all(tmp_path / "o" / "u.mp4")[1]) == 6
+    assert len(list((tmp_path / "o" / "u").glob("*.npy"))) == 6

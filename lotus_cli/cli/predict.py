@@ -90,27 +90,31 @@ class Args:
     stabilize: bool
     raw: Optional[str] = None
     raw_out: str = "f32"
+    samples: int = 0  # > 0: `lotus uncertainty`
+    tta: str = "none"
 
 
 def _predict(a: Args) -> None:
     """Validate everything once, before any model loads; then load, run and report."""
     try:
         from .. import sinks, sources
-        from ..models import resolve
-        from ..predictor import PredictOptions
+        from ..models import DEFAULT_G_MODEL, resolve
+        from ..predictor import EnsembleOptions, PredictOptions
         from ..runner import OutputSpec, VideoSpec
         from ..video import FrameSelect
         from ..visualize import colormap_lut
 
         opts = PredictOptions(processing_res=a.processing_res, resample=a.resample, latent=a.latent, seed=a.seed,
                               batch_size=a.batch_size)
+        ensemble = EnsembleOptions(a.samples, a.tta) if a.samples else None
         if a.max_pixels < 0:
             raise UsageError(f"--max-pixels must be >= 0, not {a.max_pixels}", "0 means no limit")
         video = VideoSpec(FrameSelect(a.fps, a.start, a.end, a.max_frames), a.stabilize)
         colormap_lut(a.cmap)
-        out_dir = a.out if a.out is not None else Path(f"lotus-{a.task}")
+        out_dir = a.out if a.out is not None else Path("lotus-uncertainty" if ensemble else f"lotus-{a.task}")
         output = OutputSpec(out_dir, sinks.parse_formats(a.fmt), sinks.Style(cmap=a.cmap), a.skip_existing)
-        resolve(a.model, a.task)  # an unknown or wrong-task model fails before inputs are read
+        model = a.model or (DEFAULT_G_MODEL[a.task] if ensemble else None)
+        resolve(model, a.task)  # an unknown or wrong-task model fails before inputs are read
         if a.raw is not None:
             return _raw(a, opts)
         sinks.check_out_dir(out_dir)
@@ -126,8 +130,18 @@ def _predict(a: Args) -> None:
     if not items:
         say("error: no usable inputs", "red")
         raise typer.Exit(1 if problems else 2)
-    predictor = _load(a.model, a.task, a.device, a.dtype)
-    _run(a, predictor, items, output, opts, video, len(problems))
+    predictor = _load(model, a.task, a.device, a.dtype)
+    predict, kind = None, None
+    if ensemble:
+        if predictor.family == "d" and ensemble.tta == "none":
+            fail(UsageError(f"{predictor.source} is a Lotus-D model: it takes no noise, so its samples would all "
+                            "agree", "use a G model (depth-g, normal-g) or add --tta flip"))
+
+        def predict(images, o):
+            return [predictor.predict_ensemble(im, o, ensemble) for im in images]
+
+        kind = "uncertainty"
+    _run(a, predictor, items, output, opts, video, len(problems), predict, kind)
 
 
 def _raw(a: Args, opts) -> None:
@@ -176,7 +190,7 @@ def _load(model, task, device, dtype):
     return predictor
 
 
-def _run(a: Args, predictor, items, output, opts, video, n_problems) -> None:
+def _run(a: Args, predictor, items, output, opts, video, n_problems, predict=None, kind=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..runner import Summary, run_images, run_video
@@ -192,7 +206,7 @@ def _run(a: Args, predictor, items, output, opts, video, n_problems) -> None:
     def on_result(r):
         if r.status == "failed":
             progress.console.print(f"[red]failed:[/] {escape(r.error)}")
-        _emit(a, r.record(predictor.kind))
+        _emit(a, r.record(kind or predictor.kind))
 
     try:
         with progress:
@@ -203,11 +217,12 @@ def _run(a: Args, predictor, items, output, opts, video, n_problems) -> None:
                     progress.advance(bar)
                     on_result(r)
 
-                s = run_images(predictor, images, output, opts, max_pixels=a.max_pixels, on_result=on_image)
+                s = run_images(predictor, images, output, opts, max_pixels=a.max_pixels, on_result=on_image,
+                               predict=predict, kind=kind)
                 summary.done, summary.skipped, summary.failed = s.done, s.skipped, s.failed
             for item in videos:
                 vbar = progress.add_task(item.path.name, total=None)
-                r = run_video(predictor, item, output, opts, video,
+                r = run_video(predictor, item, output, opts, video, predict=predict, kind=kind,
                               on_frame=lambda i, n, vbar=vbar: progress.update(vbar, completed=i, total=n))
                 progress.remove_task(vbar)
                 summary.add(r)
@@ -246,3 +261,28 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: For
     """Predict surface normals for images and videos. Default model: normal-d (jingheya/lotus-normal-d-v1-1,
     deterministic). Normals are unit vectors with x left, y up, z toward the camera."""
     _predict(Args("normal", **locals()))
+
+
+Samples = Annotated[int, typer.Option("--samples", "-n", help="Noise samples of the G model (seeds seed, seed+1, ...);"
+                                      " they run as batches of --batch-size.")]
+Tta = Annotated[str, typer.Option("--tta", help="Test-time augmentation: none, or flip (also the mirrored image; "
+                                  "the only ensemble a D model has).")]
+Task = Annotated[str, typer.Option("--task", "-t", help="depth or normal.")]
+
+
+@app.command()
+def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 8, tta: Tta = "none",
+                out: Out = None, model: Model = None, fmt: Format = "png,png16",
+                processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean",
+                seed: Seed = 0, batch_size: Batch = 4, device: Device = "auto", dtype: Dtype = "auto",
+                cmap: Annotated[str, typer.Option("--cmap", help="Colour map of the spread (bright = uncertain).")]
+                = "inferno", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False,
+                fps: Fps = None, start: Start = None, end: End = None, max_frames: MaxFrames = None):
+    """Per-pixel uncertainty (paper Sec. 4.4): run a Lotus-G model several times with different noise and
+    write the spread (depth: std of the [0,1] maps; normals: RMS angle in degrees) as x.png / x.16bit.png /
+    x.npy, and the mean prediction as x.mean.*. Default model: depth-g, or normal-g with --task normal."""
+    if task not in ("depth", "normal"):
+        fail(UsageError(f"--task must be depth or normal, not {task!r}"))
+    args = dict(locals())
+    del args["task"]
+    _predict(Args(task, **args, stabilize=False))
