@@ -152,7 +152,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=("full", "tiny"), default="full")
     ap.add_argument("--res", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per process, after a warm-up")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of reference and ours")
     ap.add_argument("--folder", help="reuse a checkpoint folder built by an earlier run")
     ap.add_argument("--child", choices=("ours", "reference"), dest="side")
     args = ap.parse_args()
@@ -172,11 +173,17 @@ def main() -> None:
         print(f"built random {args.size} Lotus-G checkpoint in {time.perf_counter() - t0:.0f} s")
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.res} px, "
-          f"best of {args.repeats} after a warm-up")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.res} px, best of "
+          f"{args.rounds} alternating rounds x {args.repeats} run(s), each after a warm-up")
     run_child("ours", folder, 64, 1)  # computes and caches the empty-prompt embedding once
-    ref = run_child("reference", folder, args.res, args.repeats)
-    ours = run_child("ours", folder, args.res, args.repeats)
+    # Alternate the two sides, each in a fresh process, and keep each side's best time (and its worst
+    # peak RSS): a burst of load from elsewhere on the machine then hurts one round, not one side.
+    runs = {"reference": [], "ours": []}
+    for _ in range(args.rounds):
+        for side in runs:
+            runs[side].append(run_child(side, folder, args.res, args.repeats))
+    ref, ours = (min(runs[s], key=lambda r: r["seconds"]) | {"peak_rss": max(r["peak_rss"] for r in runs[s])}
+                 for s in ("reference", "ours"))
     gemm = gemm_rate()
     flops = flops_per_image(folder, args.res)
     conv = conv_autocast_slowdown()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import models
 from .errors import UsageError
+from .geometry import NORMAL_FRAMES, convert_normals
 
 TIMESTEP = 999
 ANNOTATION = (1.0, 0.0)  # task switch: predict the annotation
@@ -47,6 +48,7 @@ class PredictOptions:
     latent: str = "mean"  # image latent: "mean" of the VAE posterior (ours) or "sample" (reference)
     seed: int = 0  # G noise seed; the same field for every image of a given size
     batch_size: int = 1
+    frame: str = "lotus"  # normals' camera frame (geometry.NORMAL_FRAMES)
 
     def __post_init__(self):
         if self.processing_res < 0:
@@ -59,6 +61,8 @@ class PredictOptions:
             raise UsageError(f"--batch-size must be >= 1, not {self.batch_size}")
         if not 0 <= self.seed < 2**63:
             raise UsageError(f"--seed must be in 0 .. 2**63-1, not {self.seed}")
+        if self.frame not in NORMAL_FRAMES:
+            raise UsageError(f"--frame must be one of {', '.join(NORMAL_FRAMES)}, not {self.frame!r}")
 
 
 @dataclass
@@ -273,13 +277,16 @@ class LotusPredictor:
         """Per-image G noise [B, 4, h, w]: image i gets the first draw of Generator(seeds[i])."""
         return torch.cat([noise_for(s, (1, self.latent_channels, *latent_hw)) for s in seeds])
 
-    def finish(self, decoded: torch.Tensor, size: tuple[int, int], resample: str = "bilinear") -> np.ndarray:
-        """Decoded [1, 3, h, w] in [0, 1] -> the task's map at ``size`` (depth [H, W] / normal [H, W, 3])."""
+    def finish(self, decoded: torch.Tensor, size: tuple[int, int], resample: str = "bilinear",
+               frame: str = "lotus") -> np.ndarray:
+        """Decoded [1, 3, h, w] in [0, 1] -> the task's map at ``size`` (depth [H, W] / normal [H, W, 3],
+        normals in camera frame ``frame``, Lotus's own by default)."""
         y = self.resize(decoded, size, resample)[0]  # [3, H, W]
         if self.task == "normal":
             n = y * 2 - 1
             n = n / n.norm(dim=0, keepdim=True).clamp_min(1e-6)  # unit vectors; x left, y up, z to camera
-            return n.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+            n = n.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+            return n if frame == "lotus" else convert_normals(n, frame)
         return y.mean(dim=0).cpu().numpy().astype(np.float32)
 
     # -- the whole prediction ----------------------------------------------------------------------------
@@ -301,7 +308,7 @@ class LotusPredictor:
         z = self.encode(x, opts.latent, seeds)  # [B, 4, h/f, w/f]
         noise = self.noise(seeds, tuple(z.shape[-2:])) if self.family == "g" else None
         decoded = self.decode(self.denoise(z, noise))  # [B, 3, f*(h//f), f*(w//f)]
-        maps = [self.finish(decoded[i:i + 1], sizes[i], opts.resample) for i in range(len(images))]
+        maps = [self.finish(decoded[i:i + 1], sizes[i], opts.resample, opts.frame) for i in range(len(images))]
         per_image = (time.perf_counter() - t0) / len(images)
         return [Prediction(m, proc_hw, per_image) for m in maps]
 
@@ -337,11 +344,11 @@ class LotusPredictor:
                 noise = self.noise(chunk, tuple(z.shape[-2:])) if self.family == "g" else None
                 decoded = self.decode(self.denoise(zb, noise))  # [n, 3, h', w']
                 for j in range(len(chunk)):
-                    m = self.finish(decoded[j:j + 1], size, opts.resample)
+                    m = self.finish(decoded[j:j + 1], size, opts.resample, opts.frame)
                     if flipped:
                         m = m[:, ::-1].copy()
                         if self.task == "normal":
-                            m[..., 0] *= -1  # mirrored normals point the other way in x
+                            m[..., 0] *= -1  # mirrored normals point the other way in x (in every frame)
                     maps.append(m)
         stack = np.stack(maps)  # [N, H, W] or [N, H, W, 3]
         if self.task == "normal":

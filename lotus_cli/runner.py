@@ -20,6 +20,7 @@ import numpy as np
 
 from . import __version__, sinks, visualize
 from .errors import LotusError
+from .geometry import NORMAL_FRAMES
 from .predictor import LotusPredictor, PredictOptions, Prediction, processing_size
 from .sources import DEFAULT_MAX_PIXELS, Item, read_image
 
@@ -58,6 +59,13 @@ class Summary:
         return 1 if self.failed else 0
 
 
+def axes_record(predictor: LotusPredictor, opts: PredictOptions) -> dict:
+    """The sidecar's statement of the normals' camera frame (empty for depth)."""
+    if predictor.task != "normal":
+        return {}
+    return {"normal_frame": opts.frame, "axes": NORMAL_FRAMES[opts.frame][1]}
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     out_dir: Path
@@ -91,7 +99,7 @@ def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputS
         else:
             todo.append((item, paths))
 
-    base_record = {**predictor.describe(), "lotus_cli": __version__,
+    base_record = {**predictor.describe(), "lotus_cli": __version__, **axes_record(predictor, opts),
                    "options": {"processing_res": opts.processing_res, "resample": opts.resample,
                                "latent": opts.latent, "seed": opts.seed if predictor.family == "g" else None}}
     with ThreadPoolExecutor(readers, thread_name_prefix="lotus-read") as read_pool, \
@@ -333,7 +341,8 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
                 pass
             dec.join(0.05)
     seconds = time.perf_counter() - t_start
-    record = {**predictor.describe(), "lotus_cli": __version__, "input": str(item.path), "key": item.key,
+    record = {**predictor.describe(), "lotus_cli": __version__, **axes_record(predictor, opts),
+              "input": str(item.path), "key": item.key,
               "kind": kind, "meaning": sinks._meaning(kind),
               "video": {"frames": stats["frames"], "fps": info.fps, "source_fps": info.source_fps,
                         "time_range": [info.start, info.start + stats["frames"] / info.fps], "size": [info.width,

@@ -29,7 +29,6 @@ from .errors import OutputError, UsageError
 
 SUFFIXES = {"png": ".png", "png16": ".16bit.png", "npy": ".npy", "json": ".json"}
 DEFAULT_FORMATS = ("png", "png16")
-NORMAL_AXES = "x left, y up, z toward the camera (Lotus camera frame)"
 
 
 def parse_formats(spec: str) -> tuple[str, ...]:
@@ -198,7 +197,7 @@ def _meaning(kind: str) -> str:
     return {
         "disparity": "affine-invariant disparity (inverse depth up to scale and shift): 1 = near, 0 = far",
         "depth": "affine-invariant depth (up to scale and shift): 0 = near, 1 = far",
-        "normal": f"unit surface normals, {NORMAL_AXES}",
+        "normal": "unit surface normals in the camera frame that 'axes' states",
         "uncertainty": "per-pixel spread of several predictions (the statistic is in 'uncertainty')",
     }.get(kind, kind)
 

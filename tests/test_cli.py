@@ -68,7 +68,15 @@ def test_normal_outputs_unit_vectors(photos, tmp_path, checkpoints):
     assert n.shape == (30, 40, 3)
     np.testing.assert_allclose(np.linalg.norm(n, axis=-1), 1, atol=1e-5)
     side = json.loads((out / "x.json").read_text())
-    assert side["kind"] == "normal" and "x left, y up, z toward the camera" in side["meaning"]
+    assert side["kind"] == "normal" and side["axes"].startswith("x left, y up, z toward the camera")
+    # another frame on request: the same vectors with axes reversed, and the sidecar says which
+    for frame, signs in (("opencv", (-1, -1, -1)), ("opengl", (-1, 1, 1))):
+        o = tmp_path / frame
+        r = lotus("normal", photos / "a", "-o", o, "-m", checkpoints[("normal", "g")], "-f", "npy", "--frame", frame,
+                  *FAST)
+        assert r.exit_code == 0, r.output
+        np.testing.assert_allclose(np.load(o / "x.npy"), n * np.array(signs, np.float32), atol=1e-6)
+        assert json.loads((o / "x.json").read_text())["normal_frame"] == frame
 
 
 def test_seed_reproducible_across_batch_sizes(tmp_path, depth_g):

@@ -53,6 +53,9 @@ Start = Annotated[Optional[float], typer.Option("--start", help="Videos: first s
 End = Annotated[Optional[float], typer.Option("--end", help="Videos: last second to process.", show_default=False)]
 MaxFrames = Annotated[Optional[int], typer.Option("--max-frames", help="Videos: stop after this many frames.",
                                                   show_default=False)]
+Frame = Annotated[str, typer.Option("--frame", help="Camera frame of the normals written: lotus (x left, y up, "
+                                    "z toward the camera), opengl (x right, y up, z toward the camera; Blender) or "
+                                    "opencv (x right, y down, z forward).")]
 Raw = Annotated[Optional[str], typer.Option("--raw", help="Pipe mode: read raw RGB24 frames of WIDTHxHEIGHT "
                                            "from stdin and write raw maps to stdout (see --raw-out); no files.",
                                            show_default=False)]
@@ -92,6 +95,7 @@ class Args:
     raw_out: str = "f32"
     samples: int = 0  # > 0: `lotus uncertainty`
     tta: str = "none"
+    frame: str = "lotus"
 
 
 def _predict(a: Args) -> None:
@@ -105,7 +109,7 @@ def _predict(a: Args) -> None:
         from ..visualize import colormap_lut
 
         opts = PredictOptions(processing_res=a.processing_res, resample=a.resample, latent=a.latent, seed=a.seed,
-                              batch_size=a.batch_size)
+                              batch_size=a.batch_size, frame=a.frame)
         ensemble = EnsembleOptions(a.samples, a.tta) if a.samples else None
         if a.max_pixels < 0:
             raise UsageError(f"--max-pixels must be >= 0, not {a.max_pixels}", "0 means no limit")
@@ -257,9 +261,10 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: For
            batch_size: Batch = 1, device: Device = "auto", dtype: Dtype = "auto", cmap: Cmap = "Spectral",
            skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
            start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
-           raw: Raw = None, raw_out: RawOut = "f32"):
+           raw: Raw = None, raw_out: RawOut = "f32", frame: Frame = "lotus"):
     """Predict surface normals for images and videos. Default model: normal-d (jingheya/lotus-normal-d-v1-1,
-    deterministic). Normals are unit vectors with x left, y up, z toward the camera."""
+    deterministic). Normals are unit vectors, by default in Lotus's frame: x left, y up, z toward the camera
+    (--frame for others)."""
     _predict(Args("normal", **locals()))
 
 
@@ -277,7 +282,8 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
                 seed: Seed = 0, batch_size: Batch = 4, device: Device = "auto", dtype: Dtype = "auto",
                 cmap: Annotated[str, typer.Option("--cmap", help="Colour map of the spread (bright = uncertain).")]
                 = "inferno", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False,
-                fps: Fps = None, start: Start = None, end: End = None, max_frames: MaxFrames = None):
+                fps: Fps = None, start: Start = None, end: End = None, max_frames: MaxFrames = None,
+                frame: Frame = "lotus"):
     """Per-pixel uncertainty (paper Sec. 4.4): run a Lotus-G model several times with different noise and
     write the spread (depth: std of the [0,1] maps; normals: RMS angle in degrees) as x.png / x.16bit.png /
     x.npy, and the mean prediction as x.mean.*. Default model: depth-g, or normal-g with --task normal."""
