@@ -138,11 +138,14 @@ def test_corrupt_video_keeps_frames_before_damage_and_batch_goes_on(tmp_path, de
     make_clip(tmp_path / "in" / "fine.mp4", n=6, fps=6)
     (tmp_path / "in" / "text.mp4").write_text("not a video")
     (tmp_path / "in" / "zero.mov").write_bytes(b"")
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=d=1",
+                    str(tmp_path / "in" / "sound.mp4")], check=True)
     r = runner.invoke(app, ["depth", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "-m", str(depth_d),
                             "--processing-res", "32", "-f", "npy"])
     assert r.exit_code == 1
     assert "text.mp4: not a readable video" in r.stderr and "zero.mov: empty file" in r.stderr
-    assert "1 done, 0 skipped, 3 failed" in r.stderr
+    assert "sound.mp4: not a readable video (it has no video stream)" in r.stderr
+    assert "1 done, 0 skipped, 4 failed" in r.stderr
     written = list((tmp_path / "o" / "broken").glob("*.npy"))
     assert 0 < len(written) < 60
     side = json.loads((tmp_path / "o" / "broken.json").read_text())
