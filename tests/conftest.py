@@ -60,3 +60,19 @@ def make_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def image():
     return make_image(40, 56)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`weights` tests need the released checkpoints (set LOTUS_TEST_WEIGHTS=1 where the network or a
+    filled Hugging Face cache has them); `gpu` tests need CUDA; `slow` tests run with LOTUS_TEST_SLOW=1."""
+    import torch
+
+    reasons = {
+        "weights": None if os.environ.get("LOTUS_TEST_WEIGHTS") == "1" else "needs released weights: LOTUS_TEST_WEIGHTS=1",
+        "gpu": None if torch.cuda.is_available() else "needs a CUDA device",
+        "slow": None if os.environ.get("LOTUS_TEST_SLOW") == "1" else "slow: LOTUS_TEST_SLOW=1",
+    }
+    for item in items:
+        for mark, reason in reasons.items():
+            if reason and mark in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
