@@ -343,7 +343,7 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
     seconds = time.perf_counter() - t_start
     record = {**predictor.describe(), "lotus_cli": __version__, **axes_record(predictor, opts),
               "input": str(item.path), "key": item.key,
-              "kind": kind, "meaning": sinks._meaning(kind),
+              "kind": kind, "meaning": sinks.meaning(kind),
               "video": {"frames": stats["frames"], "fps": info.fps, "source_fps": info.source_fps,
                         "time_range": [info.start, info.start + stats["frames"] / info.fps], "size": [info.width,
                         info.height], "codec_in": info.codec, "file": paths["mp4"].name},

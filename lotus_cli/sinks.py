@@ -13,7 +13,6 @@ so an interrupted run never leaves a half-written output. For an item keyed ``a/
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -177,14 +176,14 @@ def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar:
     formats = _write_formats(paths, value, kind, style)
     layer_records = {}
     for name, (array, layer_kind) in (layers or {}).items():
-        layer_records[name] = {"kind": layer_kind, "meaning": _meaning(layer_kind),
+        layer_records[name] = {"kind": layer_kind, "meaning": meaning(layer_kind),
                                "outputs": _write_formats(layer_paths(paths, name), array, layer_kind, Style())}
     finite = value[np.isfinite(value)]
     record = {
         **sidecar,
         "kind": kind,
         "value_range": [float(finite.min()), float(finite.max())] if finite.size else None,
-        "meaning": _meaning(kind),
+        "meaning": meaning(kind),
         "outputs": formats,
     }
     if layer_records:
@@ -193,7 +192,7 @@ def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar:
     return record
 
 
-def _meaning(kind: str) -> str:
+def meaning(kind: str) -> str:
     return {
         "disparity": "affine-invariant disparity (inverse depth up to scale and shift): 1 = near, 0 = far",
         "depth": "affine-invariant depth (up to scale and shift): 0 = near, 1 = far",
@@ -211,9 +210,3 @@ def check_out_dir(out_dir: Path) -> None:
         os.unlink(tmp)
     except OSError as e:
         raise OutputError(f"--out {out_dir}: not writable ({e.strerror})", "choose a folder you can write to") from e
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
