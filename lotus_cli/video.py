@@ -5,13 +5,14 @@ codec that ffmpeg decodes is read (H.264, HEVC, VP9, old MPEG-4 Part 2 ...), and
 time: memory does not grow with the clip's length.
 
 Frame selection: ``fps`` resamples by timestamp (ffmpeg's fps filter: frame i of the output is the
-source frame shown at ``start + i / fps``); ``start``/``end`` in seconds; ``max_frames`` caps the count.
+source frame shown at ``start + i / fps``), never above the source rate (that would only repeat
+frames); ``start``/``end`` in seconds; ``max_frames`` caps the count.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -104,6 +105,10 @@ def open_video(path: Path, select: FrameSelect = FrameSelect()) -> tuple[VideoIn
                          "check that it is a video file with a video stream (mp4, mov, mkv, avi, webm)") from e
     w, h = (int(v) for v in meta["size"])
     src_fps = float(meta.get("fps") or 0.0)
+    if select.fps and src_fps and select.fps > src_fps * 1.001:
+        # more frames than the source has would only repeat frames: keep the source rate
+        gen.close()
+        return open_video(path, replace(select, fps=None))
     info = VideoInfo(w, h, float(select.fps or src_fps or 25.0), src_fps, float(meta.get("duration") or 0.0),
                      str(meta.get("codec", "?")), float(select.start or 0.0))
     return info, _frames(path, gen, info, info.expected_frames(select))

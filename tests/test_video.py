@@ -94,6 +94,8 @@ def test_range_selection_and_odd_size(tmp_path):
     assert np.argmax(got[0].rgb[47 // 4 + 4, :, 0] > 200) == 10
     _, frames = open_video(clip, FrameSelect(max_frames=7))
     assert len(list(frames)) == 7
+    info, frames = open_video(clip, FrameSelect(fps=60))  # above the source's 25 fps: no repeated frames
+    assert info.fps == pytest.approx(25) and len(list(frames)) == 50
     old = make_clip(tmp_path / "old.avi", n=12, fps=12, codec="mpeg4")  # MPEG-4 Part 2, as old cameras write
     info, frames = open_video(old)
     assert info.codec.startswith("mpeg4") and len(list(frames)) == 12

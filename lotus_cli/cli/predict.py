@@ -47,7 +47,8 @@ Json = Annotated[bool, typer.Option("--json", help="Write one JSON record per fi
                                     "(input, outputs, kind, frames, seconds, status, error); nothing else goes "
                                     "to stdout.")]
 Fps = Annotated[Optional[float], typer.Option("--fps", help="Videos: resample to this many frames per second, "
-                                              "by timestamp (default: the source rate).", show_default=False)]
+                                              "by timestamp, never above the source rate (default: the source "
+                                              "rate).", show_default=False)]
 Start = Annotated[Optional[float], typer.Option("--start", help="Videos: first second to process.",
                                                 show_default=False)]
 End = Annotated[Optional[float], typer.Option("--end", help="Videos: last second to process.", show_default=False)]
