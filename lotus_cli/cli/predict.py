@@ -69,7 +69,7 @@ Stabilize = Annotated[bool, typer.Option("--stabilize/--no-stabilize", help="Vid
 
 @dataclass(frozen=True)
 class Args:
-    """The options of one `lotus depth|normal` call, as given."""
+    """The options of one `lotus depth|normal|uncertainty` call, as given."""
 
     task: str
     inputs: list
