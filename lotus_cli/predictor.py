@@ -167,6 +167,32 @@ def noise_for(seed: int, shape: Sequence[int]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------- predictor
 
 
+def unflip(m: np.ndarray, task: str) -> np.ndarray:
+    """The map of a horizontally mirrored image, mirrored back: [H, W] or [H, W, 3] (normals, any frame)."""
+    m = m[:, ::-1].copy()
+    if task == "normal":
+        m[..., 0] *= -1  # mirrored normals point the other way in x (in every frame)
+    return m
+
+
+def ensemble_stats(task: str, maps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, str]:
+    """(mean, spread, statistic) of N predictions of one image, each [H, W] (depth) or [H, W, 3] (normals).
+
+    Depth: the mean and the standard deviation of the [0, 1] maps. Normals: the normalised mean direction and
+    the RMS angle in degrees between each sample and it. Both float32 [H, W(, 3)] and [H, W]."""
+    stack = np.stack(maps)  # [N, H, W] or [N, H, W, 3]
+    if task == "normal":
+        mean = stack.mean(0)
+        mean /= np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-6)
+        cos = np.clip((stack * mean).sum(-1), -1.0, 1.0)
+        spread = np.sqrt((np.degrees(np.arccos(cos)) ** 2).mean(0))
+        statistic = "RMS angle in degrees between each sample's normal and the mean direction"
+    else:
+        mean, spread = stack.mean(0), stack.std(0)
+        statistic = "standard deviation of the [0, 1] maps"
+    return mean.astype(np.float32), spread.astype(np.float32), statistic
+
+
 class LotusPredictor:
     """A loaded Lotus checkpoint ready to predict; load once per process and share it.
 
@@ -345,21 +371,8 @@ class LotusPredictor:
                 decoded = self.decode(self.denoise(zb, noise))  # [n, 3, h', w']
                 for j in range(len(chunk)):
                     m = self.finish(decoded[j:j + 1], size, opts.resample, opts.frame)
-                    if flipped:
-                        m = m[:, ::-1].copy()
-                        if self.task == "normal":
-                            m[..., 0] *= -1  # mirrored normals point the other way in x (in every frame)
-                    maps.append(m)
-        stack = np.stack(maps)  # [N, H, W] or [N, H, W, 3]
-        if self.task == "normal":
-            mean = stack.mean(0)
-            mean /= np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-6)
-            cos = np.clip((stack * mean).sum(-1), -1.0, 1.0)
-            spread = np.sqrt((np.degrees(np.arccos(cos)) ** 2).mean(0))
-            statistic = "RMS angle in degrees between each sample's normal and the mean direction"
-        else:
-            mean, spread = stack.mean(0), stack.std(0)
-            statistic = "standard deviation of the [0, 1] maps"
+                    maps.append(unflip(m, self.task) if flipped else m)
+        mean, spread, statistic = ensemble_stats(self.task, maps)
         extra = {"uncertainty": {"statistic": statistic, "samples": len(maps), "noise_samples": len(seeds),
                                  "tta": eopts.tta, "seeds": seeds if self.family == "g" else None}}
         return Prediction(spread.astype(np.float32), proc_hw, time.perf_counter() - t0, extra,

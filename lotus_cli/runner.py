@@ -405,13 +405,14 @@ def parse_size(spec: str) -> tuple[int, int]:
 
 
 def run_raw(predictor: LotusPredictor, stdin, stdout, size: tuple[int, int], opts: PredictOptions = PredictOptions(),
-            out: str = "f32", *, stabilize: bool = True, cmap: str = "Spectral") -> int:
+            out: str = "f32", *, stabilize: bool = True, cmap: str = "Spectral",
+            predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None) -> int:
     """Raw RGB24 frames of ``size`` (W, H) on ``stdin`` -> raw maps on ``stdout``, frame by frame.
 
     Output per frame: ``f32`` float32 little-endian [H, W] depth or [H, W, 3] normals; ``u16``
     uint16 little-endian of the [0, 1] depth (or (n + 1) / 2) times 65535; ``rgb`` uint8 colour map /
     normal RGB [H, W, 3] (one colour range for the stream). Depth is stabilised across frames unless
-    ``stabilize`` is False. Returns the number of frames; a short last frame raises InputError.
+    ``stabilize`` is False. ``predict`` replaces ``predictor.predict_batch`` (tiling). Returns the number of frames; a short last frame raises InputError.
     """
     from .errors import InputError
     from .video import ClipRange, Stabilizer
@@ -434,7 +435,7 @@ def run_raw(predictor: LotusPredictor, stdin, stdout, size: tuple[int, int], opt
             batch.append(np.frombuffer(buf, np.uint8).reshape(h, w, 3).copy())
         if not batch:
             return count
-        for pred in predictor.predict_batch(batch, opts):
+        for pred in (predict or predictor.predict_batch)(batch, opts):
             value = stabilizer(pred.map)[0] if stabilizer is not None else pred.map
             if out == "f32":
                 data = value.astype("<f4")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .predictor import PredictOptions, Prediction, noise_for, processing_size
+from .predictor import EnsembleOptions, PredictOptions, Prediction, ensemble_stats, noise_for, processing_size, unflip
 from .video import robust_scale_shift
 
 DEFAULT_TILE_RES = 768  # Lotus's training resolution, used when processing_res is 0 (native)
@@ -289,6 +289,38 @@ def predict_tiled(predictor, images: list[np.ndarray], opts: PredictOptions = Pr
 
     with torch.inference_mode():
         return [_predict_one(predictor, im, opts, topts) for im in images]
+
+
+def predict_tiled_ensemble(predictor, images: list[np.ndarray], opts: PredictOptions = PredictOptions(),
+                           topts: TileOptions = TileOptions(),
+                           eopts: EnsembleOptions = EnsembleOptions()) -> list[Prediction]:
+    """Uncertainty with tiling: the contract of ``LotusPredictor.predict_ensemble`` (map = spread, layers["mean"]),
+    each sample a whole tiled prediction with seed ``opts.seed + k`` (and, with ``tta="flip"``, of the mirrored
+    image too). Unlike the untiled ensemble the image latent is not shared across samples: every tile's
+    latent is encoded again, so N samples cost about N tiled predictions."""
+    from dataclasses import replace
+
+    import torch
+
+    if predictor.family == "d" and eopts.tta == "none":
+        raise UsageError(f"{predictor.source} is a Lotus-D model: it takes no noise, so its samples would all agree",
+                         "use a G model (depth-g, normal-g) or add --tta flip")
+    seeds = [opts.seed + k for k in range(eopts.samples)] if predictor.family == "g" else [opts.seed]
+    out = []
+    with torch.inference_mode():
+        for rgb in images:
+            t0, maps, plan = time.perf_counter(), [], None
+            for flipped, view in enumerate([rgb, rgb[:, ::-1]] if eopts.tta == "flip" else [rgb]):
+                for s in seeds:
+                    p = _predict_one(predictor, np.ascontiguousarray(view), replace(opts, seed=s), topts)
+                    maps.append(unflip(p.map, predictor.task) if flipped else p.map)
+                    plan = plan or p.extra["tiling"]
+            mean, spread, statistic = ensemble_stats(predictor.task, maps)
+            extra = {"tiling": plan, "uncertainty": {"statistic": statistic, "samples": len(maps),
+                     "noise_samples": len(seeds), "tta": eopts.tta, "seeds": seeds if predictor.family == "g" else None}}
+            out.append(Prediction(spread, p.processing_size, time.perf_counter() - t0, extra,
+                                  {"mean": (mean, predictor.kind)}))
+    return out
 
 
 def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOptions) -> Prediction:

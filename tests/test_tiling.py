@@ -277,3 +277,62 @@ def test_normals_blend_to_unit_vectors(checkpoints):
     np.testing.assert_allclose(np.linalg.norm(n.map, axis=-1), 1.0, atol=1e-5)
     cv = predict_tiled(pred, [img], PredictOptions(processing_res=32, batch_size=3, frame="opencv"), SMALL_TILES)[0]
     np.testing.assert_allclose(cv.map, convert_normals(n.map, "opencv"), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from lotus_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+TILE_ARGS = ["--processing-res", "32", "--tile", "48", "--tile-res", "32", "--overlap", "0.25", "-b", "3"]
+
+
+def test_cli_depth_and_normal_with_tiles(checkpoints, tmp_path):
+    from PIL import Image
+
+    img = make_image(96, 128, 7)
+    Image.fromarray(img).save(tmp_path / "big.png")
+    for task, shape in (("depth", (96, 128)), ("normal", (96, 128, 3))):
+        out = tmp_path / task
+        r = _cli(task, tmp_path / "big.png", "--out", out, "--model", checkpoints[(task, "d")], "--format", "npy",
+                 *TILE_ARGS)
+        assert r.exit_code == 0, r.output
+        side = json.loads((out / "big.json").read_text())
+        assert side["tiling"]["grid"] == [4, 3] and side["tiling"]["tile_size"] == [48, 48]
+        got = np.load(out / "big.npy")
+        assert got.shape == shape
+        pred = LotusPredictor.from_pretrained(checkpoints[(task, "d")], device="cpu")
+        want = predict_tiled(pred, [img], SMALL, SMALL_TILES)[0].map  # the CLI runs exactly the library call
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_cli_uncertainty_with_tiles(depth_g, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(make_image(96, 128, 8)).save(tmp_path / "big.png")
+    r = _cli("uncertainty", tmp_path / "big.png", "--out", tmp_path / "u", "--model", depth_g, "-n", "3",
+             "--format", "npy", *TILE_ARGS)
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "u" / "big.json").read_text())
+    assert side["tiling"]["tiles"] == 12 and side["uncertainty"]["samples"] == 3
+    spread, mean = np.load(tmp_path / "u" / "big.npy"), np.load(tmp_path / "u" / "big.mean.npy")
+    assert spread.shape == mean.shape == (96, 128) and spread.max() > 0 and (spread >= 0).all()
+
+
+def test_tiling_options_need_tile_and_are_checked_before_loading(depth_d, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(make_image(40, 40)).save(tmp_path / "x.png")
+    r = _cli("depth", tmp_path / "x.png", "--out", tmp_path / "o", "--tile-res", "256")
+    assert r.exit_code == 2 and "--tile-res applies only with --tile" in r.output
+    r = _cli("depth", tmp_path / "x.png", "--out", tmp_path / "o", "--tile", "10")
+    assert r.exit_code == 2 and "--tile must be auto or a size" in r.output
+    r = _cli("depth", tmp_path / "x.png", "--out", tmp_path / "o", "--tile", "auto", "--max-memory", "lots")
+    assert r.exit_code == 2 and "--max-memory 'lots' is not a size" in r.output
+    assert not (tmp_path / "o").exists()

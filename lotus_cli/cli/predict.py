@@ -65,6 +65,19 @@ RawOut = Annotated[str, typer.Option("--raw-out", help="Pipe mode output per fra
 Stabilize = Annotated[bool, typer.Option("--stabilize/--no-stabilize", help="Videos, depth: fit each frame's "
                                          "scale and shift to a running reference on stable pixels, so a surface "
                                          "keeps its value across frames.")]
+Tile = Annotated[Optional[str], typer.Option("--tile", help="High-resolution inputs: a global pass at "
+                                           "--processing-res for the layout plus overlapping tiles for detail, "
+                                           "blended seam-free at full resolution. auto (tile size from the image and "
+                                           "--max-memory) or the tile side in input pixels. Off by default.",
+                                           show_default=False)]
+Overlap = Annotated[float, typer.Option("--overlap", help="With --tile: fraction of a tile shared with each "
+                                        "neighbour (0 .. 0.5).")]
+TileRes = Annotated[Optional[int], typer.Option("--tile-res", help="With --tile: long side of a tile as fed to "
+                                                "the model (default: --processing-res, or 768 when that is 0).",
+                                                show_default=False)]
+MaxMemory = Annotated[str, typer.Option("--max-memory", help="With --tile: memory budget for the weights plus "
+                                        "one batch of tiles, e.g. 6G; auto = the weights plus half the free "
+                                        "device memory.")]
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,10 @@ class Args:
     samples: int = 0  # > 0: `lotus uncertainty`
     tta: str = "none"
     frame: str = "lotus"
+    tile: Optional[str] = None
+    overlap: float = 0.25
+    tile_res: Optional[int] = None
+    max_memory: str = "auto"
 
 
 def _predict(a: Args) -> None:
@@ -112,6 +129,7 @@ def _predict(a: Args) -> None:
         opts = PredictOptions(processing_res=a.processing_res, resample=a.resample, latent=a.latent, seed=a.seed,
                               batch_size=a.batch_size, frame=a.frame)
         ensemble = EnsembleOptions(a.samples, a.tta) if a.samples else None
+        tiles = _tile_options(a)
         if a.max_pixels < 0:
             raise UsageError(f"--max-pixels must be >= 0, not {a.max_pixels}", "0 means no limit")
         video = VideoSpec(FrameSelect(a.fps, a.start, a.end, a.max_frames), a.stabilize)
@@ -121,7 +139,7 @@ def _predict(a: Args) -> None:
         model = a.model or (DEFAULT_G_MODEL[a.task] if ensemble else None)
         resolve(model, a.task)  # an unknown or wrong-task model fails before inputs are read
         if a.raw is not None:
-            return _raw(a, opts)
+            return _raw(a, opts, tiles)
         sinks.check_out_dir(out_dir)
         if not a.inputs:
             raise UsageError("no inputs given", "pass files, folders, globs, or - to read paths from stdin")
@@ -136,20 +154,39 @@ def _predict(a: Args) -> None:
         say("error: no usable inputs", "red")
         raise typer.Exit(1 if problems else 2)
     predictor = _load(model, a.task, a.device, a.dtype)
-    predict, kind = None, None
+    if ensemble and predictor.family == "d" and ensemble.tta == "none":
+        fail(UsageError(f"{predictor.source} is a Lotus-D model: it takes no noise, so its samples would all "
+                        "agree", "use a G model (depth-g, normal-g) or add --tta flip"))
+    predict = _predict_fn(predictor, tiles, ensemble)
+    _run(a, predictor, items, output, opts, video, len(problems), predict, "uncertainty" if ensemble else None)
+
+
+def _tile_options(a: Args):
+    """TileOptions from --tile/--overlap/--tile-res/--max-memory (validated), or None without --tile."""
+    from ..tiling import TileOptions
+
+    if a.tile is None:
+        for name, value, default in (("--tile-res", a.tile_res, None), ("--max-memory", a.max_memory, "auto")):
+            if value != default:
+                raise UsageError(f"{name} applies only with --tile", "add --tile auto (or --tile SIZE)")
+        return None
+    return TileOptions(a.tile, a.overlap, a.tile_res, a.max_memory)
+
+
+def _predict_fn(predictor, tiles, ensemble):
+    """The batch function the runner calls in place of predictor.predict_batch (None: that one)."""
+    from ..tiling import predict_tiled, predict_tiled_ensemble
+
+    if tiles and ensemble:
+        return lambda images, o: predict_tiled_ensemble(predictor, images, o, tiles, ensemble)
+    if tiles:
+        return lambda images, o: predict_tiled(predictor, images, o, tiles)
     if ensemble:
-        if predictor.family == "d" and ensemble.tta == "none":
-            fail(UsageError(f"{predictor.source} is a Lotus-D model: it takes no noise, so its samples would all "
-                            "agree", "use a G model (depth-g, normal-g) or add --tta flip"))
-
-        def predict(images, o):
-            return [predictor.predict_ensemble(im, o, ensemble) for im in images]
-
-        kind = "uncertainty"
-    _run(a, predictor, items, output, opts, video, len(problems), predict, kind)
+        return lambda images, o: [predictor.predict_ensemble(im, o, ensemble) for im in images]
+    return None
 
 
-def _raw(a: Args, opts) -> None:
+def _raw(a: Args, opts, tiles=None) -> None:
     from ..runner import RAW_OUTPUTS, parse_size, run_raw
 
     size = parse_size(a.raw)
@@ -160,7 +197,7 @@ def _raw(a: Args, opts) -> None:
     predictor = _load(a.model, a.task, a.device, a.dtype)
     try:
         n = run_raw(predictor, sys.stdin.buffer, sys.stdout.buffer, size, opts, a.raw_out,
-                    stabilize=a.stabilize, cmap=a.cmap)
+                    stabilize=a.stabilize, cmap=a.cmap, predict=_predict_fn(predictor, tiles, None))
     except LotusError as e:
         fail(e)
     except BrokenPipeError:
@@ -250,7 +287,8 @@ def depth(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: Form
           batch_size: Batch = 1, device: Device = "auto", dtype: Dtype = "auto", cmap: Cmap = "Spectral",
           skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
           start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
-          raw: Raw = None, raw_out: RawOut = "f32"):
+          raw: Raw = None, raw_out: RawOut = "f32", tile: Tile = None, overlap: Overlap = 0.25,
+          tile_res: TileRes = None, max_memory: MaxMemory = "auto"):
     """Predict depth for images and videos. Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity,
     deterministic, best AbsRel in the paper), which predicts affine-invariant disparity (1 = near)."""
     _predict(Args("depth", **locals()))
@@ -262,7 +300,8 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: For
            batch_size: Batch = 1, device: Device = "auto", dtype: Dtype = "auto", cmap: Cmap = "Spectral",
            skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
            start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
-           raw: Raw = None, raw_out: RawOut = "f32", frame: Frame = "lotus"):
+           raw: Raw = None, raw_out: RawOut = "f32", frame: Frame = "lotus", tile: Tile = None,
+           overlap: Overlap = 0.25, tile_res: TileRes = None, max_memory: MaxMemory = "auto"):
     """Predict surface normals for images and videos. Default model: normal-d (jingheya/lotus-normal-d-v1-1,
     deterministic). Normals are unit vectors, by default in Lotus's frame: x left, y up, z toward the camera
     (--frame for others)."""
@@ -284,7 +323,8 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
                 cmap: Annotated[str, typer.Option("--cmap", help="Colour map of the spread (bright = uncertain).")]
                 = "inferno", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False,
                 fps: Fps = None, start: Start = None, end: End = None, max_frames: MaxFrames = None,
-                frame: Frame = "lotus"):
+                frame: Frame = "lotus", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
+                max_memory: MaxMemory = "auto"):
     """Per-pixel uncertainty (paper Sec. 4.4): run a Lotus-G model several times with different noise and
     write the spread (depth: std of the [0,1] maps; normals: RMS angle in degrees) as x.png / x.16bit.png /
     x.npy, and the mean prediction as x.mean.*. Default model: depth-g, or normal-g with --task normal."""
