@@ -9,6 +9,8 @@ so an interrupted run never leaves a half-written output. For an item keyed ``a/
 | png16  | o/a/x.16bit.png | 16-bit: depth stretched over 0..65535 (mapping in the sidecar); normals RGB |
 | npy    | o/a/x.npy       | raw float32 as the model produces it: depth [H, W], normals [H, W, 3]      |
 | (json) | o/a/x.json      | sidecar, always written, last: model, kind, ranges, mappings, sizes, timing |
+
+Point clouds (`lotus pointcloud`) are binary PLY files written by Open3D (``write_ply``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import numpy as np
 from . import visualize
 from .errors import OutputError, UsageError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: the process's umask, for files created through mkstemp
 SUFFIXES = {"png": ".png", "png16": ".16bit.png", "npy": ".npy", "json": ".json"}
 DEFAULT_FORMATS = ("png", "png16")
 
@@ -60,6 +64,7 @@ def atomic_open(path: Path):
     except OSError as e:
         raise OutputError(f"{path.parent}: cannot write here ({e.strerror})", "choose a writable --out folder") from e
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             yield f
         os.replace(tmp, path)
@@ -74,6 +79,38 @@ def atomic_open(path: Path):
 def write_bytes(path: Path, data: bytes) -> None:
     with atomic_open(path) as f:
         f.write(data)
+
+
+def encode_ply(points: np.ndarray, colors: np.ndarray, normals: np.ndarray | None = None,
+               comments: list[str] = ()) -> bytes:
+    """Binary little-endian PLY bytes, written by Open3D (float32 x y z [nx ny nz], uchar red green blue),
+    with ``comments`` added to the header as ``comment`` lines (Open3D's writer has no option for them).
+    points/normals [N, 3] float32, colors [N, 3] uint8."""
+    try:
+        import open3d as o3d
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise UsageError(f"point clouds need Open3D ({e})",
+                         "pip install 'lotus-cli[pointcloud]' (Linux also needs libusb-1.0: apt-get install libusb-1.0-0)")
+    pc = o3d.t.geometry.PointCloud()
+    pc.point.positions = o3d.core.Tensor(np.ascontiguousarray(points, np.float32))
+    pc.point.colors = o3d.core.Tensor(np.ascontiguousarray(colors, np.uint8))
+    if normals is not None:
+        pc.point.normals = o3d.core.Tensor(np.ascontiguousarray(normals, np.float32))
+    with tempfile.TemporaryDirectory(prefix="lotus-ply-") as tmp:
+        path = os.path.join(tmp, "cloud.ply")
+        if not o3d.t.io.write_point_cloud(path, pc, write_ascii=False):
+            raise OutputError("Open3D could not write the point cloud", "check the free disk space")
+        data = Path(path).read_bytes()
+    head, sep, body = data.partition(b"end_header\n")
+    lines = head.split(b"\n")
+    extra = [("comment " + " ".join(c.split())).encode("ascii", "replace") for c in comments]
+    return b"\n".join(lines[:2] + extra + lines[2:]) + sep + body  # after "ply" and "format ..."
+
+
+def write_ply(path: Path, points: np.ndarray, colors: np.ndarray, normals: np.ndarray | None = None,
+              comments: list[str] = ()) -> None:
+    """``encode_ply`` written atomically to ``path``."""
+    write_bytes(path, encode_ply(points, colors, normals, comments))
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -215,3 +215,95 @@ def _to_rgb8(img) -> np.ndarray:
         g = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
         return np.repeat(g[:, :, None], 3, axis=2)
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def exif_focal_35mm(path: Path) -> float | None:
+    """EXIF FocalLengthIn35mmFilm (tag 41989) in mm, or None when the file has none (or is no image)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            f = img.getexif().get_ifd(0x8769).get(41989)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return float(f) if f else None
+
+
+DEPTH_UNITS = {"m": 1.0, "mm": 1000.0}
+
+
+def parse_units(spec: str | None) -> float | None:
+    """--depth-units: 'm' -> 1, 'mm' -> 1000, a number -> stored values per metre (e.g. 5000 for TUM),
+    'relative' -> None (affine-invariant, no unit)."""
+    if spec is None or spec == "relative":
+        return None
+    if spec in DEPTH_UNITS:
+        return DEPTH_UNITS[spec]
+    try:
+        v = float(spec)
+    except ValueError:
+        v = 0.0
+    if not v > 0:
+        raise InputError(f"--depth-units {spec!r} is not a unit", "use m, mm, relative, or values per metre (5000)")
+    return v
+
+
+def sidecar_of(path: Path) -> Path:
+    """The JSON sidecar `lotus depth` writes beside a map: d/x.npy, d/x.16bit.png, d/x.png -> d/x.json."""
+    name = path.name
+    for suffix in (".16bit.png", ".npy", ".png"):
+        if name.lower().endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".json")
+    return path.with_suffix(".json")
+
+
+def read_depth_map(path: Path, kind: str | None = None, units: str | None = None) -> tuple[np.ndarray, dict]:
+    """A depth or disparity map from .npy (float [H, W]) or a 16-bit PNG -> (float32 [H, W], info).
+
+    With the sidecar `lotus depth` wrote beside it (x.json), the kind (disparity / depth) comes from it and the
+    16-bit PNG is decoded by its stated range; the values are then affine-invariant (units "relative").
+    Otherwise the map is taken as ``kind`` (default depth) in ``units`` (default: m for npy, mm for PNG;
+    'relative' for an affine-invariant map). Non-finite values, and in metric maps 0 and negative values,
+    mean "no measurement" (NaN).
+    info: {"kind", "per_metre" (None = relative), "sidecar" (path or None)}.
+    """
+    import json
+
+    if not path.is_file():
+        raise InputError(f"--depth {path}: no such file", "give a .npy or 16-bit .png depth map")
+    side = sidecar_of(path)
+    meta = None
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError):
+            meta = None
+    try:
+        if path.suffix.lower() == ".npy":
+            a = np.load(path, allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                a = np.asarray(img)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--depth {path}: unreadable ({e})", "give a .npy or 16-bit .png depth map") from e
+    a = np.squeeze(a)
+    if a.ndim != 2:
+        raise InputError(f"--depth {path}: shape {list(a.shape)} is not a single-channel map",
+                         "give an H x W depth map (normals and colour images do not back-project)")
+    if meta is not None and meta.get("kind") in ("disparity", "depth") and units in (None, "relative"):
+        png16 = meta.get("outputs", {}).get("png16", {})
+        if a.dtype == np.uint16 and "min" in png16:
+            a = png16["min"] + a.astype(np.float64) / 65535 * (png16["max"] - png16["min"])
+        info = {"kind": meta["kind"], "per_metre": None, "sidecar": str(side)}
+        return a.astype(np.float32), info
+    if a.dtype.kind not in "fui":
+        raise InputError(f"--depth {path}: {a.dtype} values are not depths", "give a float .npy or a 16-bit PNG")
+    per_metre = parse_units(units) if units is not None else (1000.0 if a.dtype.kind in "ui" else 1.0)
+    values = a.astype(np.float64)
+    if per_metre is not None:  # depth in units -> metres; disparity in 1/units -> 1/metres
+        values = values / per_metre if (kind or "depth") == "depth" else values * per_metre
+    missing = ~np.isfinite(values) | ((values <= 0) if per_metre is not None else False)  # 0 is a relative value
+    values[missing] = np.nan
+    return values.astype(np.float32), {"kind": kind or "depth", "per_metre": per_metre, "sidecar": None}

@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import UsageError
 from .predictor import EnsembleOptions, PredictOptions, Prediction, ensemble_stats, noise_for, processing_size, unflip
-from .video import robust_scale_shift
+from .geometry import robust_scale_shift
 
 DEFAULT_TILE_RES = 768  # Lotus's training resolution, used when processing_res is 0 (native)
 MIN_TILE = 32  # input pixels; below this a tile holds too few latent cells to mean anything

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import InputError, UsageError
+from .geometry import robust_scale_shift
 
 
 @dataclass(frozen=True)
@@ -194,42 +195,6 @@ class VideoWriter:
 
 
 # ------------------------------------------------------------------------------ per-clip consistency
-
-
-def fit_scale_shift(src: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float]:
-    """Least squares (s, b) minimising |s * src + b - ref|^2 over ``mask``; (1, 0) if degenerate."""
-    x = src[mask] if mask is not None else src.ravel()
-    y = ref[mask] if mask is not None else ref.ravel()
-    if x.size < 2:
-        return 1.0, 0.0
-    x = x.astype(np.float64)
-    y = y.astype(np.float64)
-    xm, ym = x.mean(), y.mean()
-    var = ((x - xm) ** 2).mean()
-    if var < 1e-12:
-        return 1.0, float(ym - xm)
-    s = ((x - xm) * (y - ym)).mean() / var
-    return float(s), float(ym - s * xm)
-
-
-def robust_scale_shift(src: np.ndarray, ref: np.ndarray, iters: int = 3, k: float = 2.5) -> tuple[float, float, np.ndarray]:
-    """(s, b, inliers) for s * src + b ~ ref, robust to outlying pixels (moving objects, occlusions).
-
-    Starts from medians and median absolute deviations (unmoved by a minority of outliers), then refits by
-    least squares on the pixels whose residual lies within ``k`` robust sigmas, ``iters`` times.
-    """
-    x, y = src.astype(np.float64), ref.astype(np.float64)
-    mx, my = np.median(x), np.median(y)
-    sx = np.median(np.abs(x - mx))
-    s = float(np.median(np.abs(y - my)) / sx) if sx > 1e-12 else 1.0
-    b = float(my - s * mx)
-    inliers = np.ones(x.shape, bool)
-    for _ in range(iters):
-        r = np.abs(s * x + b - y)
-        med = np.median(r)
-        inliers = r <= med + k * 1.4826 * np.median(np.abs(r - med)) + 1e-9
-        s, b = fit_scale_shift(x, y, inliers)
-    return s, b, inliers
 
 
 class Stabilizer:

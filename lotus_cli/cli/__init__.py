@@ -67,7 +67,9 @@ def escape(text) -> str:
 
 # Commands live in submodules (imported for registration; each keeps heavy imports inside functions).
 from . import models as _models  # noqa: E402,F401
+from . import pointcloud as _pointcloud  # noqa: E402,F401
 from . import predict as _predict  # noqa: E402,F401
+from . import evaluate as _evaluate  # noqa: E402,F401
 
 
 def run() -> None:

@@ -1,0 +1,276 @@
+"""`lotus pointcloud`: images, videos or existing depth maps -> metric PLY point clouds with their assumptions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import InputError, LotusError, UsageError
+from . import app, fail, say
+from .predict import (Device, Dtype, End, Fps, Inputs, Json, MaxFrames, Model, Out, ProcRes, Seed, Skip, Start,
+                      _load)
+
+
+def _opt(name: str, help: str, **kw):
+    return typer.Option(name, help=help, show_default=kw.pop("show_default", False), **kw)
+
+
+Normals = Annotated[str, _opt("--normals", "Per-point normals: predict (the normal model), depth (from the depth "
+                              "map), none, or auto (predict when the normal model is at hand, else depth).",
+                              show_default=True)]
+NormalModel = Annotated[Optional[str], _opt("--normal-model", "Normal model for --normals predict (default normal-d).")]
+Fov = Annotated[Optional[float], _opt("--fov", "Horizontal field of view in degrees.")]
+FocalPx = Annotated[Optional[float], _opt("--focal-px", "Focal length in pixels of the input image.")]
+IntrinsicsOpt = Annotated[Optional[str], _opt("--intrinsics", "fx,fy,cx,cy in pixels of the input image. Without "
+                                              "--fov/--focal-px/--intrinsics: EXIF's 35 mm focal length, else 60 "
+                                              "degrees (stated as assumed).")]
+Up = Annotated[Optional[str], _opt("--up", "y: write the OpenGL frame (x right, y up, z toward the viewer) for "
+                                   "viewers; default: the OpenCV frame (x right, y down, z forward).")]
+Near = Annotated[Optional[float], _opt("--near", "Metres of the nearest predicted point (default 1, assumed).")]
+Far = Annotated[Optional[float], _opt("--far", "Metres of the farthest predicted point (default 10, assumed; inf "
+                                      "for disparity puts it at infinity).")]
+DepthScale = Annotated[Optional[float], _opt("--depth-scale", "Affine depth maps: metres = scale * value + shift.")]
+DepthShift = Annotated[Optional[float], _opt("--depth-shift", "See --depth-scale.")]
+AlignTo = Annotated[Optional[Path], _opt("--align-to", "Metric depth map (npy, or 16-bit png) of the same view, "
+                                         "dense or sparse (0 = none): fit scale and shift to it; one input only.")]
+AlignUnits = Annotated[Optional[str], _opt("--align-units", "Units of --align-to: m, mm, or values per metre "
+                                           "(default: m for npy, mm for png).")]
+ShapeFromNormals = Annotated[bool, _opt("--shape-from-normals", "Fit the depth's unknown shift so the surface's "
+                                        "normals agree with the normal model's; the scale still comes from --near.")]
+DepthIn = Annotated[Optional[Path], _opt("--depth", "Back-project this map instead of running the depth model: a "
+                                         "`lotus depth` .npy or .16bit.png (with its sidecar), or your own map.")]
+DepthKind = Annotated[Optional[str], _opt("--depth-kind", "Kind of a --depth map without a sidecar: depth or "
+                                          "disparity (default depth).")]
+DepthUnits = Annotated[Optional[str], _opt("--depth-units", "Units of a --depth map without a sidecar: m, mm, "
+                                           "values per metre (e.g. 5000), or relative (affine-invariant).")]
+Edge = Annotated[float, _opt("--edge-threshold", "Drop flying pixels whose depth jumps by more than this fraction "
+                             "to a neighbour (0 = keep all).", show_default=True)]
+Stride = Annotated[int, _opt("--stride", "Keep every N-th row and column.", show_default=True)]
+MaxPoints = Annotated[int, _opt("--max-points", "At most this many points, chosen at random with --seed "
+                                "(0 = no limit).", show_default=True)]
+
+
+@app.command()
+def pointcloud(inputs: Inputs = None, out: Out = None, model: Model = None, normals: Normals = "auto",
+               normal_model: NormalModel = None, fov: Fov = None, focal_px: FocalPx = None,
+               intrinsics: IntrinsicsOpt = None, up: Up = None, near: Near = None, far: Far = None,
+               depth_scale: DepthScale = None, depth_shift: DepthShift = None, align_to: AlignTo = None,
+               align_units: AlignUnits = None, shape_from_normals: ShapeFromNormals = False, depth: DepthIn = None,
+               depth_kind: DepthKind = None, depth_units: DepthUnits = None, edge_threshold: Edge = 0.05,
+               stride: Stride = 1, max_points: MaxPoints = 0, processing_res: ProcRes = 768, seed: Seed = 0,
+               device: Device = "auto", dtype: Dtype = "auto", fps: Fps = None, start: Start = None, end: End = None,
+               max_frames: MaxFrames = None, skip_existing: Skip = False, json: Json = False):
+    """Metric point clouds (binary PLY via Open3D: positions in metres, colours, normals) from images, videos
+    (one PLY per sampled frame) or depth maps. Lotus predicts affine-invariant disparity, so the scale and
+    shift come from --near/--far (defaults assumed), --align-to, --depth-scale/--depth-shift or
+    --shape-from-normals; every assumption is written into the sidecar and the PLY header."""
+    try:
+        job = _Job.validate(locals())
+    except LotusError as e:
+        fail(e)
+    job.run()
+
+
+class _Job:
+    """One validated `lotus pointcloud` call."""
+
+    @classmethod
+    def validate(cls, a: dict) -> "_Job":
+        from .. import sinks, sources
+        from ..pointcloud import CameraOptions, CloudOptions, ScaleOptions, parse_intrinsics
+        from ..predictor import PredictOptions
+        from ..video import FrameSelect
+
+        self = cls()
+        self.a = a
+        self.camera = CameraOptions(a["fov"], a["focal_px"], parse_intrinsics(a["intrinsics"]))
+        self.scale = ScaleOptions(a["near"], a["far"], a["depth_scale"], a["depth_shift"], a["shape_from_normals"],
+                                  a["align_to"] is not None)
+        self.cloud = CloudOptions(a["edge_threshold"], a["stride"], a["max_points"], a["seed"], a["up"] or "opencv")
+        if a["normals"] not in ("auto", "predict", "depth", "none"):
+            raise UsageError(f"--normals {a['normals']!r}: expected auto, predict, depth or none")
+        if a["shape_from_normals"] and a["normals"] in ("depth", "none"):
+            raise UsageError("--shape-from-normals needs the normal model's normals", "use --normals predict or auto")
+        if a["depth_kind"] not in (None, "depth", "disparity"):
+            raise UsageError(f"--depth-kind {a['depth_kind']!r}: expected depth or disparity")
+        sources.parse_units(a["depth_units"])
+        sources.parse_units(a["align_units"])
+        self.opts = PredictOptions(processing_res=a["processing_res"], seed=a["seed"])
+        self.select = FrameSelect(a["fps"], a["start"], a["end"], a["max_frames"])
+        self.out = a["out"] if a["out"] is not None else Path("lotus-pointcloud")
+        inputs = a["inputs"] or []
+        if a["depth"] is not None:
+            if len(inputs) > 1:
+                raise UsageError("--depth back-projects one map: give at most one image (for the colours)")
+            self.items = [sources.Item(Path(inputs[0]), Path(a["depth"]).stem.split(".")[0])] if inputs else []
+        else:
+            if not inputs:
+                raise UsageError("no inputs given", "pass images, videos, folders, or --depth MAP")
+            self.items, self.problems = sources.expand(inputs, exts=sources.MEDIA_EXTS)
+        self.problems = getattr(self, "problems", [])
+        if a["align_to"] is not None and (len(self.items) + len(self.problems) > 1 or
+                                          any(sources.is_video(i.path) for i in self.items)):
+            raise UsageError("--align-to fits one metric map to one view", "give a single image or --depth map")
+        sinks.check_out_dir(self.out)
+        self.failed = len(self.problems)
+        self.done = 0
+        return self
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        for p in self.problems:
+            self._report(p.subject, "failed", {}, str(p))
+        a = self.a
+        self.depth_model = None if a["depth"] is not None else _load(a["model"], "depth", a["device"], a["dtype"])
+        self.normal_model = self._normal_model()
+        try:
+            if a["depth"] is not None:
+                self._one_map()
+            for item in ([] if a["depth"] is not None else self.items):
+                self._one_input(item)
+        except KeyboardInterrupt:
+            say("interrupted: finished clouds are complete; rerun with --skip-existing to resume", "yellow")
+            raise typer.Exit(130)
+        colour = "red" if self.failed else "green"
+        say(f"{self.done} done, {self.failed} failed in {time.perf_counter() - t0:.1f} s -> {self.out}", colour)
+        raise typer.Exit(1 if self.failed else 0)
+
+    def _normal_model(self):
+        from .. import models
+
+        a = self.a
+        wanted = a["normals"] == "predict" or a["shape_from_normals"]
+        if a["normals"] in ("depth", "none") or (a["depth"] is not None and not self.items):
+            if wanted:
+                fail(UsageError("predicted normals need the image", "give the image with --depth, or --normals depth"))
+            return None
+        if a["normals"] == "auto" and not wanted:
+            try:  # auto: the normal model when it is cached (or downloadable), else normals from the depth
+                models.fetch(models.resolve(a["normal_model"], "normal"))
+            except LotusError as e:
+                say(f"note: normals from the depth ({e.message})", "dim")
+                return None
+        return _load(a["normal_model"], "normal", a["device"], a["dtype"])
+
+    def _one_map(self) -> None:
+        """--depth MAP [IMAGE]: back-project a map that exists."""
+        import numpy as np
+
+        from .. import sources, visualize
+
+        a = self.a
+        key = self.items[0].key if self.items else Path(a["depth"]).name.split(".")[0]
+        try:
+            values, info = sources.read_depth_map(Path(a["depth"]), a["depth_kind"], a["depth_units"])
+            if self.items:
+                rgb_full = sources.read_image(self.items[0].path)
+                input_size = (rgb_full.shape[1], rgb_full.shape[0])
+                exif = sources.exif_focal_35mm(self.items[0].path)
+                rgb = _resize(rgb_full, values.shape)
+            else:
+                finite = np.nan_to_num(values, nan=float(np.nanmin(values)))
+                rgb, input_size, exif = visualize.colorize_depth(finite, info["kind"], "Spectral"), None, None
+                rgb_full = None
+            normals = self.normal_model.predict(rgb_full, self.opts).map if self.normal_model and rgb_full is not None \
+                else None
+            if normals is not None:
+                normals = _resize(normals, values.shape, linear=True)
+            record = {"depth_input": str(a["depth"]), "depth_input_info": info}
+            self._write(key, rgb, values, info["kind"], info["per_metre"], normals, exif, input_size, record)
+        except LotusError as e:
+            self._report(str(a["depth"]), "failed", {}, str(e))
+
+    def _one_input(self, item) -> None:
+        from .. import sources
+
+        try:
+            if sources.is_video(item.path):
+                return self._one_video(item)
+            rgb = sources.read_image(item.path)
+            exif = sources.exif_focal_35mm(item.path)
+            self._predict_and_write(item.key, rgb, exif, {"input": str(item.path)})
+        except LotusError as e:
+            self._report(str(item.path), "failed", {}, str(e))
+
+    def _one_video(self, item) -> None:
+        from ..runner import frame_name
+        from ..sinks import write_json
+        from ..video import open_video
+
+        info, frames = open_video(item.path, self.select)
+        written = []
+        for fr in frames:
+            key = f"{item.key}/{frame_name(fr.index, fr.time)}"
+            rec = self._predict_and_write(key, fr.rgb, None, {"input": str(item.path), "frame": fr.index,
+                                                              "time_s": fr.time}, count=False)
+            written.append(rec)
+        write_json(self.out / f"{item.key}.json", {"input": str(item.path), "frames": written,
+                                                    "fps": info.fps, "size": [info.width, info.height]})
+        self._report(str(item.path), "done", {"ply": str(self.out / item.key)}, None, frames=len(written))
+
+    def _predict_and_write(self, key, rgb, exif, record, count=True):
+        if self.a["skip_existing"] and (self.out / f"{key}.ply").is_file() and (self.out / f"{key}.json").is_file():
+            if count:
+                self._report(record["input"], "skipped", {}, None)
+            return {"file": f"{key}.ply", "skipped": True}
+        pred = self.depth_model.predict(rgb, self.opts)
+        normals = self.normal_model.predict(rgb, self.opts).map if self.normal_model else None
+        record = {**record, "model": self.depth_model.source, "normal_model": getattr(self.normal_model, "source", None)}
+        return self._write(key, rgb, pred.map, self.depth_model.kind, None, normals, exif, None, record, count)
+
+    def _write(self, key, rgb, values, kind, per_metre, normals, exif, input_size, record, count=True):
+        from .. import __version__, sinks, sources
+        from ..pointcloud import header_comments, make_cloud
+
+        align = None
+        if self.a["align_to"] is not None:
+            align, _ = sources.read_depth_map(Path(self.a["align_to"]), "depth", self.a["align_units"])
+            if align.shape != values.shape:
+                align = _resize(align, values.shape, nearest=True)
+        try:
+            cloud = make_cloud(rgb, values, kind, self.camera, self.scale, self.cloud, per_metre=per_metre,
+                               normals_lotus=normals, exif_f35=exif, input_size=input_size, align=align)
+        except ValueError as e:
+            raise InputError(f"{record.get('input') or record.get('depth_input')}: {e}", "check the depth map") from e
+        ply, side = self.out / f"{key}.ply", self.out / f"{key}.json"
+        full = {"version": __version__, **record, **cloud.record, "ply": ply.name}
+        sinks.write_ply(ply, cloud.points, cloud.colors, cloud.normals, header_comments(full))
+        sinks.write_json(side, full)
+        if count:
+            self._report(record.get("input") or record.get("depth_input"), "done",
+                         {"ply": str(ply), "json": str(side)}, None)
+        return {"file": ply.name, "points": cloud.record["cloud"]["points"], "depth": cloud.record["depth"]}
+
+    def _report(self, subject, status, outputs, error, frames=1):
+        if status == "failed":
+            self.failed += 1
+            say(f"failed: {error}", "red")
+        elif status == "done":
+            self.done += 1
+        if self.a["json"]:
+            import json
+            import sys
+
+            sys.stdout.write(json.dumps({"input": str(subject), "status": status, "outputs": outputs,
+                                         "error": error, "frames": frames, "kind": "pointcloud"}) + "\n")
+            sys.stdout.flush()
+
+
+def _resize(a, shape, linear=True, nearest=False):
+    """Resize an [H, W(, C)] array to shape[:2] (OpenCV: area for shrinking colours, nearest for sparse maps)."""
+    import cv2
+    import numpy as np
+
+    h, w = shape[:2]
+    if a.shape[:2] == (h, w):
+        return a
+    interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if a.shape[0] > h else cv2.INTER_LINEAR)
+    out = cv2.resize(np.ascontiguousarray(a), (w, h), interpolation=interp)
+    if out.ndim == 3 and out.shape[-1] == 3 and out.dtype != np.uint8:
+        out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-6)  # normals stay unit vectors
+    return out

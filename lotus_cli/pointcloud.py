@@ -1,0 +1,254 @@
+"""Depth maps -> honest metric point clouds: camera, scale and shift, cleaning, and what was assumed.
+
+Pure numpy over geometry.py; the CLI (cli/pointcloud.py) reads files and runs the models. Points are in
+metres in the OpenCV camera frame (x right, y down, z forward) unless ``up="y"`` asks for the OpenGL frame
+(x right, y up, z toward the viewer), which most viewers show upright. Every number that was assumed
+rather than measured is said so in the returned records, which go into the sidecar and the PLY header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import geometry as g
+from .errors import UsageError
+
+DEFAULT_NEAR, DEFAULT_FAR = 1.0, 10.0  # metres: an indoor-to-street guess, stated as assumed in every output
+FRAMES = {"opencv": "OpenCV camera frame: x right, y down, z forward (away from the camera), metres",
+          "y": "OpenGL camera frame: x right, y up, z toward the viewer (the camera looks down -z), metres"}
+
+
+# ------------------------------------------------------------------------------------------- camera
+
+
+@dataclass(frozen=True)
+class CameraOptions:
+    """At most one of: horizontal field of view ``fov`` (degrees), ``focal_px`` (pixels of the input image),
+    ``intrinsics`` (fx, fy, cx, cy in pixels of the input image). None of them: EXIF's 35 mm equivalent
+    focal length when the file has one, else a ``geometry.DEFAULT_FOV`` horizontal field of view."""
+
+    fov: float | None = None
+    focal_px: float | None = None
+    intrinsics: tuple[float, float, float, float] | None = None
+
+    def __post_init__(self):
+        given = [n for n, v in (("--fov", self.fov), ("--focal-px", self.focal_px),
+                                ("--intrinsics", self.intrinsics)) if v is not None]
+        if len(given) > 1:
+            raise UsageError(f"{' and '.join(given)} both describe the camera", "give only one of them")
+        if self.fov is not None and not 0 < self.fov < 180:
+            raise UsageError(f"--fov {self.fov}: must be between 0 and 180 degrees", "e.g. --fov 60")
+        if self.focal_px is not None and not self.focal_px > 0:
+            raise UsageError(f"--focal-px {self.focal_px}: must be positive", "focal length in pixels, e.g. 1000")
+        if self.intrinsics is not None and (len(self.intrinsics) != 4 or min(self.intrinsics[:2]) <= 0):
+            raise UsageError(f"--intrinsics {self.intrinsics}: expected fx,fy,cx,cy with positive fx, fy",
+                             "e.g. --intrinsics 518.9,519.5,325.6,253.7")
+
+
+def parse_intrinsics(text: str | None) -> tuple[float, float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 4:
+        raise UsageError(f"--intrinsics {text!r}: expected four numbers fx,fy,cx,cy", "e.g. 518.9,519.5,325.6,253.7")
+    return vals
+
+
+def camera(width: int, height: int, opts: CameraOptions, exif_f35: float | None = None,
+           input_size: tuple[int, int] | None = None) -> tuple[g.Intrinsics, str]:
+    """The intrinsics of a ``width`` x ``height`` map and where they came from. Intrinsics the user gave are
+    for the input image (``input_size`` (w, h), default the map's own size) and are scaled to the map."""
+    iw, ih = input_size or (width, height)
+    if opts.intrinsics is not None:
+        fx, fy, cx, cy = opts.intrinsics
+        K, source = g.Intrinsics(fx, fy, cx, cy, iw, ih), "--intrinsics"
+    elif opts.focal_px is not None:
+        K, source = g.intrinsics_from_focal(iw, ih, opts.focal_px), "--focal-px"
+    elif opts.fov is not None:
+        K, source = g.intrinsics_from_fov(iw, ih, opts.fov), "--fov"
+    elif exif_f35:
+        K = g.intrinsics_from_focal(iw, ih, g.focal_px_from_35mm(exif_f35, iw, ih))
+        source = f"EXIF FocalLengthIn35mmFilm {exif_f35:g} mm"
+    else:
+        K, source = g.intrinsics_from_fov(iw, ih, g.DEFAULT_FOV), f"assumed: default {g.DEFAULT_FOV:g} degree fov"
+    return (K if (iw, ih) == (width, height) else K.resized(width, height)), source
+
+
+# ------------------------------------------------------------------------------------ scale and shift
+
+
+@dataclass(frozen=True)
+class ScaleOptions:
+    """How an affine-invariant map gets metres. One of: ``align`` (a metric map is given to the call),
+    ``depth_scale``/``depth_shift`` (depth kind: z = scale * v + shift), ``shape_from_normals`` (the shift
+    from the predicted normals, the scale from ``near``), or ``near``/``far`` (the nearest and farthest
+    predicted values, in metres; default DEFAULT_NEAR / DEFAULT_FAR, stated as assumed)."""
+
+    near: float | None = None
+    far: float | None = None
+    depth_scale: float | None = None
+    depth_shift: float | None = None
+    shape_from_normals: bool = False
+    align: bool = False
+
+    def __post_init__(self):
+        near, far = self.near or DEFAULT_NEAR, self.far or DEFAULT_FAR
+        if not 0 < near < far:
+            raise UsageError(f"--near {near} --far {far}: need 0 < near < far", "e.g. --near 0.5 --far 20")
+        affine = self.depth_scale is not None or self.depth_shift is not None
+        chosen = [n for n, on in (("--align-to", self.align), ("--depth-scale/--depth-shift", affine),
+                                  ("--shape-from-normals", self.shape_from_normals),
+                                  ("--far", self.far is not None and (self.shape_from_normals or affine or self.align)))
+                  if on]
+        if len(chosen) > 1:
+            raise UsageError(f"{' and '.join(chosen)} each fix the scale and shift", "give only one of them")
+        if self.depth_scale is not None and not self.depth_scale > 0:
+            raise UsageError(f"--depth-scale {self.depth_scale}: must be positive", "metres per unit of the map")
+
+
+def metric_depth(values: np.ndarray, kind: str, opts: ScaleOptions, *, per_metre: float | None = None,
+                 K: g.Intrinsics | None = None, normals: np.ndarray | None = None,
+                 align: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """values [H, W] of ``kind`` (disparity / depth) -> metric depth [H, W] float32 (NaN = none) and a record.
+
+    ``per_metre`` not None: the map is metric already (depth in metres, or disparity in 1/metres).
+    ``align``: a metric depth map [H, W] to fit against (NaN or 0 = no measurement).
+    ``normals``: [H, W, 3] OpenCV-frame unit normals for ``opts.shape_from_normals`` (with ``K``).
+    """
+    if per_metre is not None:
+        depth = g.to_depth(values, kind)
+        return depth, {"method": "metric input", "kind": kind, "assumed": False}
+    if opts.align:
+        s, b, rmse = g.align_to_metric(values, kind, align)
+        return g.to_depth(values, kind, s, b, 1e-3), {
+            "method": f"least-squares scale and shift fitted in {kind} space to the --align-to map",
+            "kind": kind, "scale": s, "shift": b, "rmse_m": rmse,
+            "aligned_pixels": int((np.isfinite(align) & (align > 0)).sum()), "assumed": False}
+    if opts.depth_scale is not None or opts.depth_shift is not None:
+        if kind != "depth":
+            raise UsageError("--depth-scale/--depth-shift apply to depth maps, and this map is disparity",
+                             "use --near/--far or --align-to for disparity")
+        s, b = opts.depth_scale or 1.0, opts.depth_shift or 0.0
+        return g.to_depth(values, kind, s, b), {"method": "depth = scale * value + shift, as given",
+                                                "kind": kind, "scale": s, "shift": b, "assumed": True}
+    near = opts.near or DEFAULT_NEAR
+    if opts.shape_from_normals:
+        c, rec = g.shape_from_normals(values, kind, normals, K)
+        vmax, vmin = float(np.nanmax(values)), float(np.nanmin(values))
+        if kind == "disparity":  # depth = k / (v + c), nearest (vmax) at near
+            k = near * (vmax + c)
+            s, b = 1 / k, c / k
+        else:  # depth = k (v + c), nearest (vmin) at near
+            k = near / (vmin + c)
+            s, b = k, k * c
+        depth = g.to_depth(values, kind, s, b)
+        return depth, {"method": "shift from the predicted normals (shape from normals); scale from --near",
+                       "kind": kind, "near_m": near, "far_m": float(np.nanmax(depth)), "scale": s, "shift": b,
+                       "assumed": f"--near {near:g} m (the scale); the shift was fitted", **rec}
+    far = opts.far or DEFAULT_FAR
+    s, b = g.near_far_affine(values, kind, near, far)
+    assumed = [f"--{n} {v:g} m" for n, v, given in (("near", near, opts.near), ("far", far, opts.far)) if given is None]
+    return g.to_depth(values, kind, s, b), {
+        "method": "nearest predicted value at --near, farthest at --far", "kind": kind, "near_m": near, "far_m": far,
+        "scale": s, "shift": b, "assumed": ("defaults " + ", ".join(assumed)) if assumed else "--near/--far as given"}
+
+
+# ------------------------------------------------------------------------------------------- cloud
+
+
+@dataclass(frozen=True)
+class CloudOptions:
+    """``edge_threshold``: relative depth jump to a neighbour above which a pixel is a flying pixel and
+    dropped (0 = keep all); ``stride``: keep every stride-th row and column; ``max_points``: then at most this
+    many, chosen at random with ``seed`` (0 = no limit); ``up``: "opencv" or "y" (see FRAMES)."""
+
+    edge_threshold: float = 0.05
+    stride: int = 1
+    max_points: int = 0
+    seed: int = 0
+    up: str = "opencv"
+
+    def __post_init__(self):
+        if self.edge_threshold < 0:
+            raise UsageError(f"--edge-threshold {self.edge_threshold}: must be >= 0", "0 keeps every pixel")
+        if self.stride < 1:
+            raise UsageError(f"--stride {self.stride}: must be >= 1", "1 keeps every pixel")
+        if self.max_points < 0:
+            raise UsageError(f"--max-points {self.max_points}: must be >= 0", "0 means no limit")
+        if self.up not in FRAMES:
+            raise UsageError(f"--up {self.up!r}: expected y (or leave it out for the OpenCV frame)")
+
+
+@dataclass
+class Cloud:
+    points: np.ndarray  # [N, 3] float32, metres
+    colors: np.ndarray  # [N, 3] uint8
+    normals: np.ndarray | None  # [N, 3] float32 unit vectors facing the camera, same frame as points
+    record: dict
+
+
+def build_cloud(rgb: np.ndarray, depth: np.ndarray, K: g.Intrinsics, normals: np.ndarray | None,
+                opts: CloudOptions = CloudOptions()) -> Cloud:
+    """rgb uint8 [H, W, 3], metric depth [H, W] (NaN = none), normals [H, W, 3] (OpenCV frame) or None ->
+    the cloud of the kept pixels, in ``opts.up``'s frame."""
+    finite = np.isfinite(depth) & (depth > 0)
+    smooth = g.edge_mask(depth, opts.edge_threshold)
+    keep = smooth & np.isfinite(normals).all(-1) if normals is not None else smooth
+    chosen = g.subsample(keep, opts.stride, opts.max_points, opts.seed)
+    pts = g.backproject(np.where(finite, depth, 0), K)[chosen]
+    nrm = normals[chosen].astype(np.float32) if normals is not None else None
+    if opts.up == "y":  # OpenCV -> OpenGL: y and z reversed (a rotation by 180 degrees about x)
+        flip = np.array([1, -1, -1], np.float32)
+        pts, nrm = pts * flip, (nrm * flip if nrm is not None else None)
+    record = {"pixels": int(depth.size), "with_depth": int(finite.sum()),
+              "removed_at_edges": int((finite & ~smooth).sum()),
+              "points": int(chosen.sum()), "edge_threshold": opts.edge_threshold, "stride": opts.stride,
+              "max_points": opts.max_points, "frame": FRAMES[opts.up]}
+    return Cloud(pts, rgb[chosen], nrm, record)
+
+
+def header_comments(record: dict) -> list[str]:
+    """The PLY header comments: units, frame, camera and every assumption, one line each."""
+    d, cam = record["depth"], record["camera"]
+    lines = [f"lotus-cli {record.get('version', '')} {record.get('model') or record.get('depth_input', '')}".strip(),
+             f"frame {record['cloud']['frame']}",
+             f"camera fx {cam['fx']:.3f} fy {cam['fy']:.3f} cx {cam['cx']:.3f} cy {cam['cy']:.3f} "
+             f"size {cam['width']}x{cam['height']} from {record['camera_source']}",
+             f"depth {d['method']} ({d['kind']})"]
+    if "scale" in d:
+        lines.append(f"depth scale {d['scale']:.6g} shift {d['shift']:.6g}")
+    if d.get("assumed"):
+        lines.append(f"assumed {d['assumed']}" if isinstance(d["assumed"], str) else "assumed scale and shift")
+    lines.append(f"normals {record.get('normals', 'none')}")
+    return lines
+
+
+
+def make_cloud(rgb: np.ndarray, values: np.ndarray, kind: str, camera_opts: CameraOptions, scale_opts: ScaleOptions,
+               cloud_opts: CloudOptions = CloudOptions(), *, per_metre: float | None = None,
+               normals_lotus: np.ndarray | None = None, exif_f35: float | None = None,
+               input_size: tuple[int, int] | None = None, align: np.ndarray | None = None) -> Cloud:
+    """One frame: a map [H, W] of ``kind`` and the colours rgb [H, W, 3] (same size) -> the cloud, with the
+    camera, the depth's scale/shift and the normals' source in ``record``. ``normals_lotus`` [H, W, 3] are
+    predicted normals in Lotus's frame (None: normals from the depth itself)."""
+    h, w = values.shape
+    K, source = camera(w, h, camera_opts, exif_f35, input_size)
+    normals = g.convert_normals(normals_lotus, "opencv") if normals_lotus is not None else None
+    if scale_opts.shape_from_normals and normals is None:
+        raise UsageError("--shape-from-normals needs predicted normals", "drop --normals depth/none")
+    depth, depth_record = metric_depth(values, kind, scale_opts, per_metre=per_metre, K=K, normals=normals,
+                                       align=align)
+    if normals is None and cloud_opts is not None:
+        normals = g.normals_from_depth(depth, K)
+        normals_source = "from the depth (central differences of the back-projected points)"
+    else:
+        normals_source = "predicted by the normal model, converted from Lotus's frame"
+    cloud = build_cloud(rgb, depth, K, normals, cloud_opts)
+    cloud.record = {"camera": K.to_json(), "camera_source": source, "depth": depth_record,
+                    "normals": normals_source, "cloud": cloud.record, "units": "metres"}
+    return cloud

@@ -1,0 +1,206 @@
+"""`lotus pointcloud`: PLY files read back with Open3D, the assumptions in sidecar and header, maps that exist,
+alignment to metric depth, and real RGB-D frames (skipped when ../shared/data is absent)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lotus_cli import geometry as g
+from lotus_cli.cli import app
+from lotus_cli.pointcloud import CameraOptions, CloudOptions, ScaleOptions, make_cloud
+
+from .conftest import make_image
+from .test_geometry import plane_depth
+
+o3d = pytest.importorskip("open3d")
+RGBD = Path(__file__).resolve().parents[2] / "shared" / "data" / "rgbd"
+NYU_K = (518.8579, 519.46961, 325.58245, 253.73617)
+
+
+def lotus(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ply_header(path: Path) -> str:
+    return path.read_bytes().split(b"end_header")[0].decode("ascii")
+
+
+def read_ply(path: Path):
+    pc = o3d.t.io.read_point_cloud(str(path))
+    return pc.point.positions.numpy(), pc.point.colors.numpy(), pc.point.normals.numpy()
+
+
+def test_ply_round_trip_through_open3d(tmp_path):
+    K = g.intrinsics_from_fov(40, 30, 70.0)
+    z = plane_depth(K, np.array([0.0, 0.0, -1.0]), -3.0)  # a wall 3 m ahead
+    rgb = make_image(30, 40)
+    cloud = make_cloud(rgb, z.astype(np.float32), "depth", CameraOptions(fov=70.0), ScaleOptions(),
+                       CloudOptions(stride=2), per_metre=1.0)
+    from lotus_cli.sinks import write_ply
+
+    write_ply(tmp_path / "c.ply", cloud.points, cloud.colors, cloud.normals, ["units metres"])
+    pts, cols, nrm = read_ply(tmp_path / "c.ply")
+    assert len(pts) == 15 * 20 == cloud.record["cloud"]["points"]
+    np.testing.assert_allclose(pts[:, 2], 3.0, atol=1e-5)
+    np.testing.assert_array_equal(cols, rgb[::2, ::2].reshape(-1, 3))
+    np.testing.assert_allclose(nrm, np.broadcast_to([0, 0, -1], nrm.shape), atol=1e-4)
+    assert "comment units metres" in ply_header(tmp_path / "c.ply")
+    assert (tmp_path / "c.ply").stat().st_mode & 0o044  # readable by others, like any file the user makes
+
+
+def test_up_y_is_the_opengl_frame():
+    z = np.full((6, 8), 2.0, np.float32)
+    rgb = make_image(6, 8)
+    cv = make_cloud(rgb, z, "depth", CameraOptions(fov=60.0), ScaleOptions(), CloudOptions(), per_metre=1.0)
+    gl = make_cloud(rgb, z, "depth", CameraOptions(fov=60.0), ScaleOptions(), CloudOptions(up="y"), per_metre=1.0)
+    np.testing.assert_allclose(gl.points, cv.points * [1, -1, -1])
+    np.testing.assert_allclose(gl.normals[0], [0, 0, 1], atol=1e-5)  # facing the viewer, who looks down -z
+
+
+def test_cli_image_to_cloud_states_what_it_assumed(tmp_path, depth_d):
+    Image.fromarray(make_image(36, 48)).save(tmp_path / "room.png")
+    r = lotus("pointcloud", tmp_path / "room.png", "--model", depth_d, "--normals", "depth", "--processing-res", 32,
+              "--out", tmp_path / "pc", "--edge-threshold", 0)
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "pc" / "room.json").read_text())
+    assert side["camera_source"].startswith("assumed") and abs(side["camera"]["hfov_deg"] - g.DEFAULT_FOV) < 1e-6
+    assert side["depth"]["assumed"] == "defaults --near 1 m, --far 10 m" and side["depth"]["kind"] == "disparity"
+    pts, cols, nrm = read_ply(tmp_path / "pc" / "room.ply")
+    assert len(pts) == 36 * 48
+    assert abs(pts[:, 2].min() - 1.0) < 1e-4 and abs(pts[:, 2].max() - 10.0) < 1e-3  # near and far as stated
+    header = ply_header(tmp_path / "pc" / "room.ply")
+    assert "assumed defaults --near 1 m, --far 10 m" in header and "from assumed: default 60 degree fov" in header
+    assert ((nrm * pts).sum(-1) <= 1e-6).all()  # every normal faces the camera: n . p <= 0
+
+
+def test_cli_backprojects_a_map_lotus_depth_wrote(tmp_path, depth_d):
+    Image.fromarray(make_image(30, 40, 2)).save(tmp_path / "x.png")
+    r = lotus("depth", tmp_path / "x.png", "--model", depth_d, "--out", tmp_path / "d", "--format", "npy,png16",
+              "--processing-res", 32)
+    assert r.exit_code == 0, r.output
+    clouds = {}
+    for name in ("x.npy", "x.16bit.png"):
+        out = tmp_path / name.replace(".", "_")
+        r = lotus("pointcloud", "--depth", tmp_path / "d" / name, "--out", out, "--near", 2, "--far", 5,
+                  "--edge-threshold", 0, "--fov", 50)
+        assert r.exit_code == 0, r.output
+        side = json.loads((out / "x.json").read_text())
+        assert side["depth_input_info"]["kind"] == "disparity" and side["depth"]["near_m"] == 2.0
+        clouds[name] = read_ply(out / "x.ply")[0]
+    assert len(clouds["x.npy"]) == 30 * 40
+    np.testing.assert_allclose(clouds["x.16bit.png"], clouds["x.npy"], rtol=2e-3, atol=2e-3)  # 16-bit quantisation
+
+
+def test_cli_metric_png16_in_mm_gives_metres(tmp_path):
+    K = g.intrinsics_from_fov(40, 30, 90.0)
+    z = plane_depth(K, np.array([0.0, -0.6, -0.8]), -1.6)  # a floor seen from above
+    Image.fromarray(np.round(z * 1000).astype(np.uint16)).save(tmp_path / "floor.png")
+    r = lotus("pointcloud", "--depth", tmp_path / "floor.png", "--fov", 90, "--out", tmp_path / "o",
+              "--edge-threshold", 0)
+    assert r.exit_code == 0, r.output
+    pts, _, nrm = read_ply(tmp_path / "o" / "floor.ply")
+    np.testing.assert_allclose(pts @ np.array([0.0, -0.6, -0.8]), -1.6, atol=2e-3)  # mm quantisation
+    assert np.median(g.angular_error(nrm, np.array([0.0, -0.6, -0.8]))) < 1.0
+
+
+def test_cli_align_to_turns_affine_disparity_into_the_true_geometry(tmp_path):
+    K = g.intrinsics_from_fov(48, 36, 60.0)
+    z = plane_depth(K, np.array([0.3, -0.5, -0.81]) / np.linalg.norm([0.3, -0.5, -0.81]), -2.0)
+    disp = 1 / z
+    np.save(tmp_path / "pred.npy", ((disp - disp.min()) / (disp.max() - disp.min())).astype(np.float32))
+    np.save(tmp_path / "metric.npy", np.where(np.random.default_rng(0).random(z.shape) < 0.1, z, 0).astype(np.float32))
+    r = lotus("pointcloud", "--depth", tmp_path / "pred.npy", "--depth-kind", "disparity", "--depth-units", "relative",
+              "--align-to", tmp_path / "metric.npy", "--fov", 60, "--out", tmp_path / "o", "--edge-threshold", 0)
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "o" / "pred.json").read_text())
+    assert side["depth"]["rmse_m"] < 1e-4 and side["depth"]["assumed"] is False
+    pts = read_ply(tmp_path / "o" / "pred.ply")[0]
+    np.testing.assert_allclose(pts[:, 2], z.ravel(), rtol=1e-4)
+
+
+def test_cli_errors_name_the_fix(tmp_path, depth_d):
+    Image.fromarray(make_image(20, 20)).save(tmp_path / "x.png")
+    r = lotus("pointcloud", tmp_path / "x.png", "--fov", 60, "--focal-px", 500, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--fov and --focal-px both describe the camera" in r.output
+    r = lotus("pointcloud", tmp_path / "x.png", "--near", 5, "--far", 2, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "need 0 < near < far" in r.output
+    r = lotus("pointcloud", "--depth", tmp_path / "nope.npy", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "nope.npy: no such file" in r.output
+    np.save(tmp_path / "rgb.npy", np.zeros((4, 4, 3), np.float32))
+    r = lotus("pointcloud", "--depth", tmp_path / "rgb.npy", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "not a single-channel map" in r.output
+
+
+def test_cli_video_writes_one_cloud_per_frame(tmp_path, depth_d):
+    from .test_video import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", 6, 10.0, size=(32, 24))
+    r = lotus("pointcloud", clip, "--model", depth_d, "--normals", "depth", "--processing-res", 32, "--fps", 5,
+              "--out", tmp_path / "o", "--stride", 2, "--edge-threshold", 0)
+    assert r.exit_code == 0, r.output
+    plys = sorted((tmp_path / "o" / "clip").glob("*.ply"))
+    side = json.loads((tmp_path / "o" / "clip.json").read_text())
+    assert len(plys) == len(side["frames"]) == 3
+    assert [len(read_ply(p)[0]) for p in plys] == [12 * 16] * 3  # every 2nd row and column of 24 x 32
+
+
+# ------------------------------------------------------------------------------------------ real RGB-D
+
+
+def load_rgbd(name):
+    if name == "tum":
+        z = np.asarray(Image.open(RGBD / "tum" / "depth.png")).astype(np.float64) / 5000
+        return z, g.Intrinsics(525.0, 525.0, 319.5, 239.5, 640, 480)
+    z = np.asarray(Image.open(RGBD / "nyu" / f"depth_{name}.png")).astype(np.float64) / 1000
+    return z, g.Intrinsics(*NYU_K, 640, 480)
+
+
+def largest_plane(points: np.ndarray, threshold=0.02):
+    """Open3D RANSAC: (plane [a, b, c, d], inlier indices) of the largest plane in points [N, 3]."""
+    pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
+    o3d.utility.random.seed(0)
+    plane, inliers = pc.segment_plane(distance_threshold=threshold, ransac_n=3, num_iterations=500)
+    return np.asarray(plane), np.asarray(inliers)
+
+
+@pytest.mark.skipif(not RGBD.is_dir(), reason="../shared/data/rgbd is absent")
+@pytest.mark.parametrize("name", ["00000", "00050", "00100", "tum"])
+def test_real_ground_truth_back_projects_to_planar_surfaces(name):
+    """Measured depth with its intrinsics: the largest plane Open3D finds (a wall or the floor) is flat and
+    covers a good part of the frame, and the normals from the depth agree with it. At 1/4 resolution: Kinect
+    depth is quantised, so per-pixel normals of the full-resolution map are noise (median ~22 degrees off)."""
+    z, K = load_rgbd(name)
+    z = np.nanmean(np.where(z > 0, z, np.nan).reshape(120, 4, 160, 4), axis=(1, 3))  # NaN where all 16 missing
+    K = K.resized(160, 120)
+    n = g.normals_from_depth(z, K)
+    ok = g.edge_mask(z, 0.05) & np.isfinite(n).all(-1)
+    pts, n = g.backproject(np.nan_to_num(z), K)[ok], n[ok]
+    plane, inliers = largest_plane(pts)
+    assert len(inliers) > 0.2 * len(pts)
+    normal, rms, planarity = g.plane_fit(pts[inliers])
+    assert rms < 0.012 and planarity < 0.02, (rms, planarity)  # about 1 cm, Kinect noise included
+    normal *= -np.sign(normal @ pts[inliers].mean(0))  # facing the camera
+    assert np.median(g.angular_error(n[inliers], normal)) < 20.0
+
+
+@pytest.mark.skipif(not RGBD.is_dir(), reason="../shared/data/rgbd is absent")
+@pytest.mark.parametrize("name", ["00000", "tum"])
+def test_real_align_to_recovers_the_true_geometry(name):
+    z, K = load_rgbd(name)
+    valid = z > 0
+    disp = np.where(valid, 1 / np.where(valid, z, 1), np.nan)
+    # affinely distorted and normalised as a disparity model would give it; holes filled the way a model would
+    values = (disp - np.nanmin(disp)) / (np.nanmax(disp) - np.nanmin(disp)) * 0.7 + 0.2
+    values = np.where(valid, values, np.nanmedian(values))
+    s, b, rmse = g.align_to_metric(values, "disparity", np.where(valid, z, 0))
+    assert rmse < 1e-4  # metres: exact up to float
+    back = g.to_depth(values, "disparity", s, b)
+    assert np.nanmax(np.abs(back - z)[valid]) < 1e-3
+    noisy = values + np.random.default_rng(0).normal(0, 0.01, values.shape)  # 1% of the range: a realistic model
+    _, _, rmse_noisy = g.align_to_metric(noisy, "disparity", np.where(valid, z, 0))
+    assert rmse_noisy < 0.25 * np.nanmedian(z[valid]), rmse_noisy
