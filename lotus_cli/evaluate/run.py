@@ -1,0 +1,328 @@
+"""The evaluation loop: a dataset, a source of predictions (a Lotus model or a folder of maps), the metrics.
+
+Per sample: load RGB + ground truth (``datasets``), get the prediction (model at the dataset's
+processing resolution, or the file named after the sample's key), align it (depth), measure it
+(``metrics``), and keep a per-sample record. A sample that fails (missing or malformed file) is recorded
+with its error and the run goes on. Depth figures are per-image means; normal figures are pooled over
+every valid pixel of the dataset.
+
+Predictions folder (``--predictions DIR``). For a sample with key ``k`` (its RGB path without extension,
+e.g. ``test/kitchen_0004/rgb_0001``), the first of these that exists, in ``DIR/<dataset>/`` if that
+folder exists, else in ``DIR``:
+``k.npy`` (float [H, W] depth, or [H, W, 3] normals), ``k.16bit.png`` / ``k.png`` (16-bit or 8-bit;
+depth: grey, any affine encoding; normals: RGB, n = png / max * 2 - 1), then the reference tools' names
+(Marigold: ``<dir>/pred_<id>.npy``; Lotus normals: ``<scene>_<id>_norm.png``). Normals must be in the
+Lotus/DSINE frame (x left, y up, z toward the camera). A map of another size is resized (bilinear) to
+the ground truth's, except a KITTI map of the uncropped frame, which is cropped like the image.
+``--save-predictions`` writes ``<out>/predictions/<dataset>/k.npy`` in exactly this layout, so a run can
+be re-scored without the model. The alignment of a folder's maps (``auto``): "disparity" if the JSON
+sidecar beside the first map (written by `lotus depth`) says so, else "depth" (Marigold's outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError, LotusError, UsageError
+from . import metrics as M
+from .datasets import Dataset, Item, Sample, kitti_benchmark_crop
+
+# The paper's Tables 1 and 2 for the released checkpoints it reports (LOTUS_FACTS.md): fractions for
+# AbsRel and the shares, degrees for angles.
+PAPER = {
+    ("depth-d-v2-0-disparity", "nyuv2"): {"abs_rel": 0.051, "delta1": 0.971},
+    ("depth-d-v2-0-disparity", "kitti"): {"abs_rel": 0.081, "delta1": 0.931},
+    ("depth-d-v2-0-disparity", "eth3d"): {"abs_rel": 0.061, "delta1": 0.970},
+    ("depth-d-v2-0-disparity", "scannet"): {"abs_rel": 0.055, "delta1": 0.965},
+    ("normal-g-v1-1", "nyuv2"): {"mean": 16.9, "a11_25": 0.591},
+    ("normal-g-v1-1", "scannet"): {"mean": 15.3, "a11_25": 0.640},
+    ("normal-g-v1-1", "ibims"): {"mean": 17.5, "a11_25": 0.661},
+    ("normal-g-v1-1", "sintel"): {"mean": 35.2, "a11_25": 0.199},
+}
+ALIGNMENT_CHOICES = ("auto", *M.ALIGNMENTS)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to evaluate; validated once, before any work."""
+
+    task: str  # "depth" | "normal"
+    alignment: str = "auto"  # auto | depth | disparity | none (depth only)
+    max_samples: int | None = None  # the first N samples of each split
+    processing_res: int | None = None  # None = each dataset's own (native, 768 for ETH3D, 640 for DIODE)
+    seed: int = 0  # G models' noise seed
+    save_predictions: Path | None = None  # folder: <it>/<dataset>/<key>.npy
+
+    def __post_init__(self):
+        if self.task not in ("depth", "normal"):
+            raise UsageError(f"task must be depth or normal, not {self.task!r}")
+        if self.alignment not in ALIGNMENT_CHOICES:
+            raise UsageError(f"--alignment must be one of {', '.join(ALIGNMENT_CHOICES)}, not {self.alignment!r}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UsageError(f"--max-samples must be >= 1, not {self.max_samples}")
+        if self.processing_res is not None and self.processing_res < 0:
+            raise UsageError(f"--processing-res must be >= 0, not {self.processing_res}", "0 keeps the native size")
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+class ModelSource:
+    """Predictions from a loaded LotusPredictor."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.kind = predictor.kind
+        self.label = predictor.source
+        self.name = predictor.entry.name
+
+    def predict(self, ds: Dataset, item: Item, opts: EvalOptions) -> np.ndarray:
+        from ..predictor import PredictOptions
+
+        res = processing_res(ds, opts)
+        return self.predictor.predict(item.rgb, PredictOptions(processing_res=res, seed=opts.seed)).map
+
+    def alignment(self, ds: Dataset) -> str:
+        return "disparity" if self.kind == "disparity" else "depth"
+
+    def describe(self) -> dict:
+        return {"model": self.predictor.describe()}
+
+
+class FolderSource:
+    """Precomputed maps named after the samples (module doc)."""
+
+    def __init__(self, root: Path, task: str):
+        if not root.is_dir():
+            raise UsageError(f"--predictions {root}: no such folder", "pass the folder holding <key>.npy files")
+        self.root, self.task = root, task
+        self.kind = task if task == "normal" else None
+        self.label = str(root)
+        self.name = None
+
+    def folder(self, ds: Dataset) -> Path:
+        sub = self.root / ds.name
+        return sub if sub.is_dir() else self.root
+
+    def find(self, ds: Dataset, s: Sample) -> Path | None:
+        base = self.folder(ds)
+        names = [f"{s.key}.npy", f"{s.key}.16bit.png", f"{s.key}.png", *legacy_names(ds, s)]
+        for n in names:
+            if (base / n).is_file():
+                return base / n
+        return None
+
+    def predict(self, ds: Dataset, item: Item, opts: EvalOptions) -> np.ndarray:
+        path = self.find(ds, item.sample)
+        if path is None:
+            raise InputError(f"{self.folder(ds)}: no prediction for {item.sample.key}",
+                             f"expected {item.sample.key}.npy (or .png, .16bit.png) there")
+        return read_prediction(path, self.task)
+
+    def alignment(self, ds: Dataset) -> str:
+        for s in ds.samples[:20]:
+            path = self.find(ds, s)
+            if path is not None:
+                sidecar = path.with_name(path.name.split(".")[0] + ".json")
+                try:
+                    kind = json.loads(sidecar.read_text()).get("kind")
+                except (OSError, ValueError, AttributeError):
+                    kind = None
+                return "disparity" if kind == "disparity" else "depth"
+        return "depth"
+
+    def describe(self) -> dict:
+        return {"predictions": str(self.root)}
+
+
+def legacy_names(ds: Dataset, s: Sample) -> list[str]:
+    """The reference tools' own prediction names for a sample (Marigold depth, Lotus normals)."""
+    p = PurePosixPath(s.rgb)
+    if ds.task == "depth":
+        stem = p.stem.split("_")[1] if ds.name == "nyuv2" and "_" in p.stem else p.stem
+        return [(p.parent / f"pred_{stem}.npy").as_posix()]
+    scene = p.parts[0] if len(p.parts) > 1 else ""
+    return [f"{scene}_{p.stem.removesuffix('_img')}_norm.png"]
+
+
+def read_prediction(path: Path, task: str) -> np.ndarray:
+    """A prediction file -> depth [H, W] or normals [H, W, 3] float32 (module doc for the encodings)."""
+    try:
+        if path.suffix == ".npy":
+            a = np.load(path, allow_pickle=False).astype(np.float32)
+        else:
+            import cv2
+
+            a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if a is None:
+                raise InputError(f"{path}: not a readable PNG")
+            scale = 65535.0 if a.dtype == np.uint16 else 255.0
+            if a.ndim == 3:
+                a = a[:, :, 2::-1]  # BGR -> RGB
+            a = a.astype(np.float32) / scale
+            if task == "normal":
+                a = a * 2 - 1
+            elif a.ndim == 3:
+                a = a.mean(-1)  # a grey depth map saved as RGB
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable prediction ({e})", "write float32 .npy or 16-bit PNG maps") from e
+    a = np.squeeze(a)
+    if not np.isfinite(a).all():
+        raise InputError(f"{path}: {int((~np.isfinite(a)).sum())} non-finite values", "write finite maps")
+    want = 2 if task == "depth" else 3
+    if a.ndim != want or (task == "normal" and a.shape[-1] != 3):
+        raise InputError(f"{path}: shape {a.shape}, not {'[H, W]' if want == 2 else '[H, W, 3]'}")
+    return a
+
+
+def fit_to(pred: np.ndarray, shape: tuple[int, int], ds: Dataset) -> tuple[np.ndarray, str | None]:
+    """The prediction at the ground truth's size: KITTI full frames cropped, anything else resized."""
+    if pred.shape[:2] == tuple(shape):
+        return pred, None
+    if ds.task == "depth" and ds.spec.crop == "kitti" and pred.shape[0] >= shape[0] and pred.shape[1] >= shape[1]:
+        return kitti_benchmark_crop(pred), "cropped"
+    import cv2
+
+    out = cv2.resize(pred, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return out, f"resized from {pred.shape[1]}x{pred.shape[0]}"
+
+
+def processing_res(ds: Dataset, opts: EvalOptions) -> int:
+    if opts.processing_res is not None:
+        return opts.processing_res
+    return ds.spec.processing_res if ds.task == "depth" else 0
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class DatasetResult:
+    """One dataset's outcome: ``metrics`` (per-image means for depth, pooled for normals), ``records``
+    (one per sample, failures included with ``error``), the paper's figures when known."""
+
+    dataset: dict
+    task: str
+    alignment: str | None
+    processing_res: int | None
+    records: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    paper: dict | None = None
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.records if r["status"] != "ok"]
+
+    @property
+    def evaluated(self) -> int:
+        return len(self.records) - len(self.failed)
+
+    def to_json(self) -> dict:
+        return {"dataset": self.dataset, "task": self.task, "alignment": self.alignment,
+                "processing_res": self.processing_res, "evaluated": self.evaluated, "failed": len(self.failed),
+                "metrics": self.metrics, "paper": self.paper, "seconds": round(self.seconds, 3),
+                "failures": [{"key": r["key"], "error": r["error"]} for r in self.failed]}
+
+
+def evaluate(ds: Dataset, source, opts: EvalOptions,
+             on_sample: Callable[[int, int, dict], None] | None = None) -> DatasetResult:
+    """Evaluate ``source`` (ModelSource or FolderSource) on ``ds``; ``on_sample(i, n, record)`` after each."""
+    t0 = time.perf_counter()
+    depth = ds.task == "depth"
+    alignment = (source.alignment(ds) if opts.alignment == "auto" else opts.alignment) if depth else None
+    res = processing_res(ds, opts) if isinstance(source, ModelSource) else None
+    result = DatasetResult(ds.describe(), ds.task, alignment, res, paper=PAPER.get((source.name, ds.name)))
+    samples = ds.samples[: opts.max_samples] if opts.max_samples else ds.samples
+    acc = M.NormalAccumulator()
+    for i, s in enumerate(samples):
+        t1 = time.perf_counter()
+        try:
+            item = ds.load(s)
+            pred = source.predict(ds, item, opts)
+            if opts.save_predictions is not None:
+                from ..sinks import write_npy
+
+                write_npy(opts.save_predictions / ds.name / f"{s.key}.npy", pred.astype(np.float32))
+            pred, note = fit_to(pred, item.gt.shape[:2], ds)
+            record = score_depth(ds, item, pred, alignment) if depth else score_normal(item, pred, acc)
+            record.update({"key": s.key, "status": "ok", "error": None, "note": note})
+        except (LotusError, ValueError) as e:
+            if isinstance(e, LotusError) and e.exit_code == 2:  # the run itself is wrong (a missing package,
+                raise  # an unwritable --out): stop
+            record = {"key": s.key, "status": "failed", "error": str(e)}
+        record["seconds"] = round(time.perf_counter() - t1, 4)
+        result.records.append(record)
+        if on_sample:
+            on_sample(i, len(samples), record)
+    ok = [r for r in result.records if r["status"] == "ok"]
+    result.metrics = M.average(ok) if depth else acc.result()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def score_depth(ds: Dataset, item: Item, pred: np.ndarray, alignment: str) -> dict:
+    if not item.valid.any():
+        raise InputError(f"{ds.store.where(item.sample.gt)}: no valid ground-truth pixel")
+    a = M.align_depth(pred, item.gt, item.valid, alignment, ds.spec.depth_range, ds.spec.alignment_max_res)
+    return {**M.depth_metrics(a.depth, item.gt, item.valid), "scale": a.scale, "shift": a.shift,
+            "valid_pixels": int(item.valid.sum())}
+
+
+def score_normal(item: Item, pred: np.ndarray, acc: M.NormalAccumulator) -> dict:
+    if not item.valid.any():
+        raise InputError(f"{item.sample.gt}: no valid ground-truth pixel")
+    errors = M.angular_error(pred, item.gt)[item.valid]
+    acc.add(errors)
+    return {**M.normal_image_metrics(errors), "valid_pixels": int(errors.size)}
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def metric_keys(task: str) -> tuple[str, ...]:
+    return M.DEPTH_METRICS if task == "depth" else M.NORMAL_METRICS
+
+
+def results_record(task: str, source, opts: EvalOptions, results: list[DatasetResult],
+                   dataset_errors: dict[str, str]) -> dict:
+    return {"task": task, **source.describe(), "alignment": opts.alignment, "max_samples": opts.max_samples,
+            "processing_res": opts.processing_res, "seed": opts.seed,
+            "units": {"depth": "abs_rel, delta*: fractions; rmse: metres; silog: 100 x log units",
+                      "normal": "mean, median, rmse: degrees; a*: fractions of pixels below the angle"},
+            "datasets": {r.dataset["name"]: r.to_json() for r in results},
+            "dataset_errors": dataset_errors}
+
+
+def per_sample_csv(task: str, results: list[DatasetResult]) -> bytes:
+    import csv
+    import io
+
+    extra = ("scale", "shift") if task == "depth" else ()
+    cols = ["dataset", "key", "status", *metric_keys(task), *extra, "valid_pixels", "seconds", "note", "error"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in results:
+        for rec in r.records:
+            w.writerow({"dataset": r.dataset["name"], **rec})
+    return buf.getvalue().encode()
+
+
+def write_outputs(out: Path, task: str, source, opts: EvalOptions, results: list[DatasetResult],
+                  dataset_errors: dict[str, str]) -> tuple[Path, Path]:
+    """results.json and per_sample.csv in ``out`` (atomic writes)."""
+    from ..sinks import write_bytes, write_json
+
+    rj, rc = out / "results.json", out / "per_sample.csv"
+    write_bytes(rc, per_sample_csv(task, results))
+    write_json(rj, results_record(task, source, opts, results, dataset_errors))
+    return rj, rc
+
+
