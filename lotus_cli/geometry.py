@@ -171,7 +171,10 @@ def near_far_affine(values: np.ndarray, kind: str, near: float, far: float,
 
 
 def fit_scale_shift(src: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float]:
-    """Least squares (s, b) minimising |s * src + b - ref|^2 over ``mask``; (1, 0) if degenerate."""
+    """Least squares (s, b) minimising sum over ``mask`` of (s * src + b - ref)^2, in float64.
+
+    A constant ``src`` gets (0, mean of ref), the answer least squares itself gives; fewer than 2 pixels
+    give (1, 0), leaving the map as it is."""
     x = src[mask] if mask is not None else src.ravel()
     y = ref[mask] if mask is not None else ref.ravel()
     if x.size < 2:
@@ -180,8 +183,8 @@ def fit_scale_shift(src: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = 
     y = y.astype(np.float64)
     xm, ym = x.mean(), y.mean()
     var = ((x - xm) ** 2).mean()
-    if var < 1e-12:
-        return 1.0, float(ym - xm)
+    if var <= 1e-20 * max(1.0, xm * xm):
+        return 0.0, float(ym)
     s = ((x - xm) * (y - ym)).mean() / var
     return float(s), float(ym - s * xm)
 

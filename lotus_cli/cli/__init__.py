@@ -65,6 +65,26 @@ def escape(text) -> str:
     return _escape(str(text))
 
 
+def load_predictor(model, task: str | None, device: str, dtype: str):
+    """Resolve (name, hub id, folder or a resolved ModelRef), fetch with progress bars, load with a spinner,
+    say what was loaded; a LotusError becomes the usual one-line error and exit code."""
+    from .. import models
+    from ..predictor import LotusPredictor
+
+    try:
+        ref = model if isinstance(model, models.ModelRef) else models.resolve(model, task)
+        ref = models.fetch(ref)  # a first download shows its own progress bars
+        with console().status(f"loading {ref.label} ...", spinner="dots"):
+            predictor = LotusPredictor.from_pretrained(ref, device=device, dtype=dtype)
+    except LotusError as e:
+        fail(e)
+    for w in predictor.warnings:
+        say(f"warning: {w}", "yellow")
+    say(f"model {predictor.source} ({predictor.task}, {predictor.kind}, Lotus-{predictor.family.upper()}) "
+        f"on {predictor.device} in {str(predictor.dtype).replace('torch.', '')}", "dim")
+    return predictor
+
+
 # Commands live in submodules (imported for registration; each keeps heavy imports inside functions).
 from . import models as _models  # noqa: E402,F401
 from . import pointcloud as _pointcloud  # noqa: E402,F401

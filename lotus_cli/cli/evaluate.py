@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import LotusError, UsageError
-from . import app, console, escape, fail, say
+from . import app, console, escape, fail, load_predictor, say
 
 eval_app = typer.Typer(help="Score a model (or anyone's saved predictions) on the paper's benchmarks.",
                        no_args_is_help=True)
@@ -99,7 +99,7 @@ def _eval(task, dataset, model, predictions, split, alignment, max_samples, save
     if not opened:
         raise typer.Exit(1)
     if source is None:
-        source = R.ModelSource(_load(ref, device, dtype))
+        source = R.ModelSource(load_predictor(ref, None, device, dtype))
     results = []
     try:
         for ds in opened:
@@ -135,22 +135,6 @@ def _open(task, pairs, specs, splits):
         say(f"{spec.title}: {len(ds.samples)} samples from {ds.store.label}{extra}", "dim")
         opened.append(ds)
     return opened, errors
-
-
-def _load(ref, device, dtype):
-    from .. import models
-    from ..predictor import LotusPredictor
-
-    try:
-        ref = models.fetch(ref)
-        with console().status(f"loading {ref.label} ...", spinner="dots"):
-            predictor = LotusPredictor.from_pretrained(ref, device=device, dtype=dtype)
-    except LotusError as e:
-        fail(e)
-    for w in predictor.warnings:
-        say(f"warning: {w}", "yellow")
-    say(f"model {predictor.source} ({predictor.kind}, Lotus-{predictor.family.upper()}) on {predictor.device}", "dim")
-    return predictor
 
 
 def _run_one(ds, source, opts):

@@ -9,9 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InputError, LotusError, UsageError
-from . import app, fail, say
-from .predict import (Device, Dtype, End, Fps, Inputs, Json, MaxFrames, Model, Out, ProcRes, Seed, Skip, Start,
-                      _load)
+from . import app, fail, load_predictor, say
+from .predict import Device, Dtype, End, Fps, Inputs, Json, MaxFrames, Model, Out, ProcRes, Seed, Skip, Start
 
 
 def _opt(name: str, help: str, **kw):
@@ -126,7 +125,7 @@ class _Job:
         for p in self.problems:
             self._report(p.subject, "failed", {}, str(p))
         a = self.a
-        self.depth_model = None if a["depth"] is not None else _load(a["model"], "depth", a["device"], a["dtype"])
+        self.depth_model = None if a["depth"] is not None else load_predictor(a["model"], "depth", a["device"], a["dtype"])
         self.normal_model = self._normal_model()
         try:
             if a["depth"] is not None:
@@ -155,7 +154,7 @@ class _Job:
             except LotusError as e:
                 say(f"note: normals from the depth ({e.message})", "dim")
                 return None
-        return _load(a["normal_model"], "normal", a["device"], a["dtype"])
+        return load_predictor(a["normal_model"], "normal", a["device"], a["dtype"])
 
     def _one_map(self) -> None:
         """--depth MAP [IMAGE]: back-project a map that exists."""

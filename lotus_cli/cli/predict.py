@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import LotusError, UsageError
-from . import app, console, escape, fail, say
+from . import app, console, escape, fail, load_predictor, say
 
 # ------------------------------------------------------------------------------- shared options
 
@@ -153,7 +153,7 @@ def _predict(a: Args) -> None:
     if not items:
         say("error: no usable inputs", "red")
         raise typer.Exit(1 if problems else 2)
-    predictor = _load(model, a.task, a.device, a.dtype)
+    predictor = load_predictor(model, a.task, a.device, a.dtype)
     if ensemble and predictor.family == "d" and ensemble.tta == "none":
         fail(UsageError(f"{predictor.source} is a Lotus-D model: it takes no noise, so its samples would all "
                         "agree", "use a G model (depth-g, normal-g) or add --tta flip"))
@@ -194,7 +194,7 @@ def _raw(a: Args, opts, tiles=None) -> None:
         fail(UsageError(f"--raw-out must be one of {', '.join(RAW_OUTPUTS)}, not {a.raw_out!r}"))
     if [i for i in (a.inputs or []) if i != "-"]:
         fail(UsageError("--raw reads frames from stdin; give no input paths (or just -)"))
-    predictor = _load(a.model, a.task, a.device, a.dtype)
+    predictor = load_predictor(a.model, a.task, a.device, a.dtype)
     try:
         n = run_raw(predictor, sys.stdin.buffer, sys.stdout.buffer, size, opts, a.raw_out,
                     stabilize=a.stabilize, cmap=a.cmap, predict=_predict_fn(predictor, tiles, None))
@@ -213,23 +213,6 @@ def _emit(a: Args, record: dict) -> None:
 
         sys.stdout.write(json.dumps(record) + "\n")
         sys.stdout.flush()
-
-
-def _load(model, task, device, dtype):
-    from .. import models
-    from ..predictor import LotusPredictor
-
-    try:
-        ref = models.fetch(models.resolve(model, task))  # a first download shows its own progress bars
-        with console().status(f"loading {ref.label} ...", spinner="dots"):
-            predictor = LotusPredictor.from_pretrained(ref, device=device, dtype=dtype)
-    except LotusError as e:
-        fail(e)
-    for w in predictor.warnings:
-        say(f"warning: {w}", "yellow")
-    say(f"model {predictor.source} ({predictor.task}, {predictor.kind}, Lotus-{predictor.family.upper()}) "
-        f"on {predictor.device} in {str(predictor.dtype).replace('torch.', '')}", "dim")
-    return predictor
 
 
 def _run(a: Args, predictor, items, output, opts, video, n_problems, predict=None, kind=None) -> None:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import geometry
+
 DEPTH_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "i_rmse", "silog")
 NORMAL_METRICS = ("mean", "median", "rmse", "a5", "a7_5", "a11_25", "a22_5", "a30")
 NORMAL_THRESHOLDS = {"a5": 5.0, "a7_5": 7.5, "a11_25": 11.25, "a22_5": 22.5, "a30": 30.0}
@@ -87,24 +89,16 @@ def nearest_downsample(a: np.ndarray, max_res: int) -> np.ndarray:
 
 
 def fit_scale_shift(src: np.ndarray, ref: np.ndarray, mask: np.ndarray, max_res: int | None = None) -> tuple[float, float]:
-    """Least squares (s, b) minimising sum over ``mask`` of (s * src + b - ref)^2, in float64.
-
-    ``max_res``: fit on a nearest-neighbour downsample of the three maps (the reference's alignment_max_res,
-    1024 for ETH3D's 6048 x 4032 maps). A constant ``src`` gets (0, mean of ref): the constant that least
-    squares (numpy's lstsq included) makes of it either way. Raises ValueError with fewer than 2 pixels.
-    """
+    """``geometry.fit_scale_shift`` (least squares in float64; a constant ``src`` gets (0, mean of ref)) on
+    the pixels of ``mask``, optionally on a nearest-neighbour downsample of the three maps to ``max_res`` (the
+    reference's alignment_max_res, 1024 for ETH3D's 6048 x 4032 maps). Raises ValueError with fewer than 2
+    pixels, where no alignment exists."""
     if max_res:
         src, ref, mask = (nearest_downsample(a, max_res) for a in (src, ref, mask))
-    x = src[mask].astype(np.float64)
-    y = ref[mask].astype(np.float64)
-    if x.size < 2:
-        raise ValueError(f"alignment needs at least 2 valid pixels, got {x.size}")
-    xm, ym = x.mean(), y.mean()
-    var = np.mean((x - xm) ** 2)
-    if var <= 1e-20 * max(1.0, xm * xm):
-        return 0.0, float(ym)
-    s = float(np.mean((x - xm) * (y - ym)) / var)
-    return s, float(ym - s * xm)
+    n = int(np.count_nonzero(mask))
+    if n < 2:
+        raise ValueError(f"alignment needs at least 2 valid pixels, got {n}")
+    return geometry.fit_scale_shift(src, ref, mask)
 
 
 @dataclass(frozen=True)
