@@ -109,12 +109,18 @@ def backproject(depth: np.ndarray, K: Intrinsics) -> np.ndarray:
     return np.stack([u[None, :] * z, v[:, None] * z, z], axis=-1).astype(np.float32)
 
 
-def normals_from_depth(depth: np.ndarray, K: Intrinsics) -> np.ndarray:
+def normals_from_depth(depth: np.ndarray, K: Intrinsics, window: int = 1) -> np.ndarray:
     """Surface normals [H, W, 3] float32 of the back-projected depth [H, W], unit vectors in the OpenCV frame
-    facing the camera (n . p < 0), from central differences of the points (one-sided at the borders);
-    NaN where the depth or a neighbour is missing. Independent of a global scale of the depth."""
+    facing the camera (n . p < 0), from differences of the points ``window`` pixels either side (central
+    differences for 1; wider ones average out quantised sensor depth; one-sided differences within
+    ``window`` of the border); NaN where the depth or a neighbour used is missing. Independent of a global
+    scale of the depth; exact for planes."""
     p = backproject(np.where(depth > 0, depth, np.nan), K).astype(np.float64)
     dv, du = np.gradient(p, axis=(0, 1))  # d/dv (down), d/du (right): [H, W, 3] each
+    k = window
+    if k > 1 and min(p.shape[:2]) > 2 * k:
+        dv[k:-k] = p[2 * k:] - p[:-2 * k]  # same directions, longer baselines (normals ignore the length)
+        du[:, k:-k] = p[:, 2 * k:] - p[:, :-2 * k]
     n = np.cross(dv, du)  # for a fronto-parallel plane: (0, 0, -) = toward the camera
     n /= np.linalg.norm(n, axis=-1, keepdims=True)
     flip = (n * p).sum(-1) > 0  # numerically grazing surfaces: keep every normal facing the camera
@@ -213,7 +219,7 @@ def align_to_metric(values: np.ndarray, kind: str, metric: np.ndarray,
                     min_disparity: float = 1e-3) -> tuple[float, float, float]:
     """(scale, shift, rmse_m) fitting an affine-invariant map [H, W] to a metric depth map [H, W] (metres;
     NaN or <= 0 = no measurement, so sparse maps work) by least squares in the map's own space: disparity
-    against 1 / metric (then clipped at ``min_disparity`` and inverted, as in the evaluation protocol),
+    against 1 / metric (aligned disparity below ``min_disparity`` has no finite depth: NaN),
     depth against metric. ``rmse_m`` is the RMS depth error of the result over the measured pixels."""
     valid = np.isfinite(metric) & (metric > 0) & np.isfinite(values)
     if valid.sum() < 2:
@@ -276,7 +282,7 @@ def shape_from_normals(values: np.ndarray, kind: str, normals: np.ndarray, K: In
     t = (a + b) / 2
     c = math.exp(t) * span - lo
     return c, {"shift_over_scale": c, "median_angle_deg": cost(t), "median_angle_deg_flat": costs[-1],
-               "grid_points": len(ts), "working_size": [ws, hs]}
+               "at_grid_edge": i in (0, len(ts) - 1), "grid_points": len(ts), "working_size": [ws, hs]}
 
 
 # ------------------------------------------------------------------------------ cleaning and stats

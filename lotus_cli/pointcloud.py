@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import geometry as g
-from .errors import UsageError
+from .errors import InputError, UsageError
 
 DEFAULT_NEAR, DEFAULT_FAR = 1.0, 10.0  # metres: an indoor-to-street guess, stated as assumed in every output
 FRAMES = {"opencv": "OpenCV camera frame: x right, y down, z forward (away from the camera), metres",
@@ -97,65 +97,121 @@ class ScaleOptions:
     align: bool = False
 
     def __post_init__(self):
-        near, far = self.near or DEFAULT_NEAR, self.far or DEFAULT_FAR
+        near, far = self.near_m, self.far_m
         if not 0 < near < far:
-            raise UsageError(f"--near {near} --far {far}: need 0 < near < far", "e.g. --near 0.5 --far 20")
+            raise UsageError(f"--near {near:g} --far {far:g}: need 0 < near < far", "e.g. --near 0.5 --far 20")
         affine = self.depth_scale is not None or self.depth_shift is not None
-        chosen = [n for n, on in (("--align-to", self.align), ("--depth-scale/--depth-shift", affine),
-                                  ("--shape-from-normals", self.shape_from_normals),
-                                  ("--far", self.far is not None and (self.shape_from_normals or affine or self.align)))
-                  if on]
-        if len(chosen) > 1:
-            raise UsageError(f"{' and '.join(chosen)} each fix the scale and shift", "give only one of them")
+        fixed = [n for n, on in (("--align-to", self.align), ("--depth-scale/--depth-shift", affine),
+                                 ("--shape-from-normals", self.shape_from_normals)) if on]
+        if len(fixed) > 1:
+            raise UsageError(f"{' and '.join(fixed)} each fix the scale and shift", "give only one of them")
+        unused = [n for n, v in (("--near", self.near), ("--far", self.far)) if v is not None]
+        if fixed and unused and not (self.shape_from_normals and unused == ["--near"]):
+            raise UsageError(f"{' and '.join(unused)} would be ignored: {fixed[0]} fixes the scale and shift",
+                             "drop them" + (" (--shape-from-normals takes only --near)" if self.shape_from_normals else ""))
         if self.depth_scale is not None and not self.depth_scale > 0:
             raise UsageError(f"--depth-scale {self.depth_scale}: must be positive", "metres per unit of the map")
 
+    @property
+    def near_m(self) -> float:
+        return DEFAULT_NEAR if self.near is None else self.near
+
+    @property
+    def far_m(self) -> float:
+        return DEFAULT_FAR if self.far is None else self.far
+
+    @property
+    def given(self) -> list[str]:
+        """The options that set scale or shift, as typed (for messages about metric maps)."""
+        return [n for n, on in (("--near", self.near is not None), ("--far", self.far is not None),
+                                ("--depth-scale/--depth-shift", self.depth_scale is not None or self.depth_shift is not None),
+                                ("--align-to", self.align), ("--shape-from-normals", self.shape_from_normals)) if on]
+
+
+MIN_NORMAL_GAIN_DEG = 1.0  # shape from normals must beat a flat scene by this much to be trusted
+
 
 def metric_depth(values: np.ndarray, kind: str, opts: ScaleOptions, *, per_metre: float | None = None,
-                 K: g.Intrinsics | None = None, normals: np.ndarray | None = None,
+                 units_assumed: str | None = None, K: g.Intrinsics | None = None, normals: np.ndarray | None = None,
                  align: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """values [H, W] of ``kind`` (disparity / depth) -> metric depth [H, W] float32 (NaN = none) and a record.
+    """values [H, W] of ``kind`` (disparity / depth) -> metric depth [H, W] float32 (NaN = none) and a record
+    whose "assumed" lists every number that was not measured or given (empty: none).
 
-    ``per_metre`` not None: the map is metric already (depth in metres, or disparity in 1/metres).
-    ``align``: a metric depth map [H, W] to fit against (NaN or 0 = no measurement).
+    ``per_metre`` not None: the map is metric already (depth in metres, or disparity in 1/metres), its units
+    as ``units_assumed`` says when they were not given. ``align``: a metric depth map [H, W] to fit against (NaN or 0 = no measurement).
     ``normals``: [H, W, 3] OpenCV-frame unit normals for ``opts.shape_from_normals`` (with ``K``).
+    Raises InputError for maps without finite values and fits that invert the depth order.
     """
+    if not np.isfinite(values).any():
+        raise InputError("the depth map has no finite values", "check the map and --depth-units/--depth-kind")
     if per_metre is not None:
-        depth = g.to_depth(values, kind)
-        return depth, {"method": "metric input", "kind": kind, "assumed": False}
+        if opts.given:
+            raise UsageError(f"{', '.join(opts.given)}: the map is metric already (--depth-units), so nothing is "
+                             "scaled", "drop them, or give --depth-units relative for an affine-invariant map")
+        return g.to_depth(values, kind), {"method": "metric input", "kind": kind,
+                                          "assumed": [f"units {units_assumed}"] if units_assumed else []}
     if opts.align:
-        s, b, rmse = g.align_to_metric(values, kind, align)
+        fit_values = values if align.shape == values.shape else _resized(values, align.shape)
+        s, b, rmse = g.align_to_metric(fit_values, kind, align)  # at the metric map's own pixels
+        if not s > 0:
+            raise InputError(f"the --align-to map orders depth the other way (fitted scale {s:.3g} <= 0)",
+                             "check that it shows the same view, and --depth-kind / --align-units")
         return g.to_depth(values, kind, s, b, 1e-3), {
             "method": f"least-squares scale and shift fitted in {kind} space to the --align-to map",
             "kind": kind, "scale": s, "shift": b, "rmse_m": rmse,
-            "aligned_pixels": int((np.isfinite(align) & (align > 0)).sum()), "assumed": False}
+            "aligned_pixels": int((np.isfinite(align) & (align > 0)).sum()), "assumed": []}
     if opts.depth_scale is not None or opts.depth_shift is not None:
         if kind != "depth":
             raise UsageError("--depth-scale/--depth-shift apply to depth maps, and this map is disparity",
                              "use --near/--far or --align-to for disparity")
-        s, b = opts.depth_scale or 1.0, opts.depth_shift or 0.0
+        s = 1.0 if opts.depth_scale is None else opts.depth_scale
+        b = 0.0 if opts.depth_shift is None else opts.depth_shift
         return g.to_depth(values, kind, s, b), {"method": "depth = scale * value + shift, as given",
-                                                "kind": kind, "scale": s, "shift": b, "assumed": True}
-    near = opts.near or DEFAULT_NEAR
+                                                "kind": kind, "scale": s, "shift": b, "assumed": []}
+    near = opts.near_m
+    warning = None
     if opts.shape_from_normals:
         c, rec = g.shape_from_normals(values, kind, normals, K)
-        vmax, vmin = float(np.nanmax(values)), float(np.nanmin(values))
-        if kind == "disparity":  # depth = k / (v + c), nearest (vmax) at near
-            k = near * (vmax + c)
-            s, b = 1 / k, c / k
-        else:  # depth = k (v + c), nearest (vmin) at near
-            k = near / (vmin + c)
-            s, b = k, k * c
-        depth = g.to_depth(values, kind, s, b)
-        return depth, {"method": "shift from the predicted normals (shape from normals); scale from --near",
-                       "kind": kind, "near_m": near, "far_m": float(np.nanmax(depth)), "scale": s, "shift": b,
-                       "assumed": f"--near {near:g} m (the scale); the shift was fitted", **rec}
-    far = opts.far or DEFAULT_FAR
+        gain = rec["median_angle_deg_flat"] - rec["median_angle_deg"]
+        if gain >= MIN_NORMAL_GAIN_DEG and not rec["at_grid_edge"]:
+            s, b = _scale_for_near(values, kind, c, near)
+            depth = g.to_depth(values, kind, s, b)
+            return depth, {"method": "shift from the predicted normals (shape from normals); scale from --near",
+                           "kind": kind, "near_m": near, "far_m": _finite_or_none(np.nanmax(depth)), "scale": s,
+                           "shift": b, "assumed": [] if opts.near is not None else [f"--near {near:g} m (the scale)"],
+                           **rec}
+        warning = (f"shape from normals found no shift the normals prefer (median angle {rec['median_angle_deg']:.1f}"
+                   f" vs {rec['median_angle_deg_flat']:.1f} degrees for a flat scene"
+                   f"{', at the edge of the search' if rec['at_grid_edge'] else ''}); used --near/--far instead")
+    far = opts.far_m
     s, b = g.near_far_affine(values, kind, near, far)
     assumed = [f"--{n} {v:g} m" for n, v, given in (("near", near, opts.near), ("far", far, opts.far)) if given is None]
-    return g.to_depth(values, kind, s, b), {
-        "method": "nearest predicted value at --near, farthest at --far", "kind": kind, "near_m": near, "far_m": far,
-        "scale": s, "shift": b, "assumed": ("defaults " + ", ".join(assumed)) if assumed else "--near/--far as given"}
+    record = {"method": "nearest predicted value at --near, farthest at --far", "kind": kind, "near_m": near,
+              "far_m": _finite_or_none(far), "scale": s, "shift": b, "assumed": assumed}
+    if warning:
+        record["warning"] = warning
+    return g.to_depth(values, kind, s, b), record
+
+
+def _resized(a: np.ndarray, shape) -> np.ndarray:
+    """[H, W] float map resized bilinearly to shape (NaN stays NaN around it)."""
+    import cv2
+
+    return cv2.resize(np.ascontiguousarray(a, np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def _scale_for_near(values: np.ndarray, kind: str, c: float, near: float) -> tuple[float, float]:
+    """(scale, shift) with shift / scale = c (disparity) or shift = scale * c (depth) and the nearest at near."""
+    if kind == "disparity":  # depth = k / (v + c), nearest (max v) at near
+        k = near * (float(np.nanmax(values)) + c)
+        return 1 / k, c / k
+    k = near / (float(np.nanmin(values)) + c)  # depth = k (v + c), nearest (min v) at near
+    return k, k * c
+
+
+def _finite_or_none(x: float) -> float | None:
+    """JSON has no infinity: an infinitely far plane is written as null."""
+    return float(x) if np.isfinite(x) else None
 
 
 # ------------------------------------------------------------------------------------------- cloud
@@ -194,12 +250,18 @@ class Cloud:
 
 def build_cloud(rgb: np.ndarray, depth: np.ndarray, K: g.Intrinsics, normals: np.ndarray | None,
                 opts: CloudOptions = CloudOptions()) -> Cloud:
-    """rgb uint8 [H, W, 3], metric depth [H, W] (NaN = none), normals [H, W, 3] (OpenCV frame) or None ->
-    the cloud of the kept pixels, in ``opts.up``'s frame."""
+    """rgb uint8 [H, W, 3], metric depth [H, W] (NaN = none), normals [H, W, 3] (OpenCV frame) or None (a cloud
+    without normals) -> the cloud of the kept pixels, in ``opts.up``'s frame. Raises InputError when no
+    point is left."""
     finite = np.isfinite(depth) & (depth > 0)
     smooth = g.edge_mask(depth, opts.edge_threshold)
-    keep = smooth & np.isfinite(normals).all(-1) if normals is not None else smooth
+    has_normal = np.isfinite(normals).all(-1) if normals is not None else np.ones_like(finite)
+    keep = smooth & has_normal
     chosen = g.subsample(keep, opts.stride, opts.max_points, opts.seed)
+    if not chosen.any():
+        raise InputError(f"no points left ({int(finite.sum())} of {depth.size} pixels have a depth, "
+                         f"{int((finite & smooth).sum())} pass --edge-threshold {opts.edge_threshold:g})",
+                         "check --depth-units/--depth-kind, or lower --edge-threshold (0 keeps all)")
     pts = g.backproject(np.where(finite, depth, 0), K)[chosen]
     nrm = normals[chosen].astype(np.float32) if normals is not None else None
     if opts.up == "y":  # OpenCV -> OpenGL: y and z reversed (a rotation by 180 degrees about x)
@@ -207,6 +269,7 @@ def build_cloud(rgb: np.ndarray, depth: np.ndarray, K: g.Intrinsics, normals: np
         pts, nrm = pts * flip, (nrm * flip if nrm is not None else None)
     record = {"pixels": int(depth.size), "with_depth": int(finite.sum()),
               "removed_at_edges": int((finite & ~smooth).sum()),
+              "removed_without_normal": int((finite & smooth & ~has_normal).sum()),
               "points": int(chosen.sum()), "edge_threshold": opts.edge_threshold, "stride": opts.stride,
               "max_points": opts.max_points, "frame": FRAMES[opts.up]}
     return Cloud(pts, rgb[chosen], nrm, record)
@@ -222,33 +285,46 @@ def header_comments(record: dict) -> list[str]:
              f"depth {d['method']} ({d['kind']})"]
     if "scale" in d:
         lines.append(f"depth scale {d['scale']:.6g} shift {d['shift']:.6g}")
-    if d.get("assumed"):
-        lines.append(f"assumed {d['assumed']}" if isinstance(d["assumed"], str) else "assumed scale and shift")
-    lines.append(f"normals {record.get('normals', 'none')}")
+    lines.append("assumed " + ("; ".join(d["assumed"]) if d["assumed"] else "nothing about the depth"))
+    if d.get("warning"):
+        lines.append(f"warning {d['warning']}")
+    lines.append(f"normals {record['normals']}")
     return lines
 
+
+NORMAL_SOURCES = {"predict": "predicted by the normal model, converted from Lotus's frame",
+                  "depth": "from the depth (differences of the back-projected points over +-{w} pixels)",
+                  "none": "none written"}
 
 
 def make_cloud(rgb: np.ndarray, values: np.ndarray, kind: str, camera_opts: CameraOptions, scale_opts: ScaleOptions,
                cloud_opts: CloudOptions = CloudOptions(), *, per_metre: float | None = None,
-               normals_lotus: np.ndarray | None = None, exif_f35: float | None = None,
-               input_size: tuple[int, int] | None = None, align: np.ndarray | None = None) -> Cloud:
+               normals: str = "depth", normals_lotus: np.ndarray | None = None, exif_f35: float | None = None,
+               input_size: tuple[int, int] | None = None, align: np.ndarray | None = None,
+               scale_shift: tuple[float, float] | None = None, units_assumed: str | None = None) -> Cloud:
     """One frame: a map [H, W] of ``kind`` and the colours rgb [H, W, 3] (same size) -> the cloud, with the
-    camera, the depth's scale/shift and the normals' source in ``record``. ``normals_lotus`` [H, W, 3] are
-    predicted normals in Lotus's frame (None: normals from the depth itself)."""
+    camera, the depth's scale/shift and the normals' source in ``record``.
+
+    ``normals``: "predict" (``normals_lotus`` [H, W, 3], the normal model's output in Lotus's frame),
+    "depth" (from the metric depth) or "none". ``scale_shift``: use these instead of fitting (a video's
+    later frames, after their maps were aligned to the clip's reference)."""
     h, w = values.shape
     K, source = camera(w, h, camera_opts, exif_f35, input_size)
-    normals = g.convert_normals(normals_lotus, "opencv") if normals_lotus is not None else None
-    if scale_opts.shape_from_normals and normals is None:
+    predicted = g.convert_normals(normals_lotus, "opencv") if normals == "predict" else None
+    if scale_opts.shape_from_normals and predicted is None:
         raise UsageError("--shape-from-normals needs predicted normals", "drop --normals depth/none")
-    depth, depth_record = metric_depth(values, kind, scale_opts, per_metre=per_metre, K=K, normals=normals,
-                                       align=align)
-    if normals is None and cloud_opts is not None:
-        normals = g.normals_from_depth(depth, K)
-        normals_source = "from the depth (central differences of the back-projected points)"
+    if scale_shift is not None:
+        depth = g.to_depth(values, kind, *scale_shift, 1e-3)
+        depth_record = {"method": "the clip's first frame's scale and shift, this frame's map aligned to the "
+                        "clip (robust fit on stable pixels)", "kind": kind, "scale": scale_shift[0],
+                        "shift": scale_shift[1], "assumed": []}
     else:
-        normals_source = "predicted by the normal model, converted from Lotus's frame"
-    cloud = build_cloud(rgb, depth, K, normals, cloud_opts)
+        depth, depth_record = metric_depth(values, kind, scale_opts, per_metre=per_metre, K=K, normals=predicted,
+                                           align=align, units_assumed=units_assumed)
+    window = max(1, round(min(h, w) / 120))  # wider differences average out quantised sensor depth (NYU: 22 -> 10 deg)
+    chosen = {"predict": predicted, "none": None}.get(normals) if normals != "depth" else \
+        g.normals_from_depth(depth, K, window)
+    cloud = build_cloud(rgb, depth, K, chosen, cloud_opts)
     cloud.record = {"camera": K.to_json(), "camera_source": source, "depth": depth_record,
-                    "normals": normals_source, "cloud": cloud.record, "units": "metres"}
+                    "normals": NORMAL_SOURCES[normals].format(w=window), "cloud": cloud.record, "units": "metres"}
     return cloud

@@ -257,20 +257,22 @@ def sidecar_of(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def read_depth_map(path: Path, kind: str | None = None, units: str | None = None) -> tuple[np.ndarray, dict]:
-    """A depth or disparity map from .npy (float [H, W]) or a 16-bit PNG -> (float32 [H, W], info).
+def read_depth_map(path: Path, kind: str | None = None, units: str | None = None,
+                   option: str = "--depth") -> tuple[np.ndarray, dict]:
+    """A depth or disparity map from .npy (float or integer [H, W]) or a 16-bit PNG -> (float32 [H, W], info).
 
     With the sidecar `lotus depth` wrote beside it (x.json), the kind (disparity / depth) comes from it and the
-    16-bit PNG is decoded by its stated range; the values are then affine-invariant (units "relative").
-    Otherwise the map is taken as ``kind`` (default depth) in ``units`` (default: m for npy, mm for PNG;
-    'relative' for an affine-invariant map). Non-finite values, and in metric maps 0 and negative values,
-    mean "no measurement" (NaN).
-    info: {"kind", "per_metre" (None = relative), "sidecar" (path or None)}.
+    16-bit PNG is decoded by its stated range; the values are then affine-invariant (units "relative"); a
+    sidecar of another kind (normals, uncertainty) is refused. Otherwise the map is taken as ``kind``
+    (default depth) in ``units`` (default: m for float maps, mm for integer ones, which is how depth cameras
+    store them; the default is recorded as assumed). Non-finite values, and in metric maps 0 and negative
+    values, mean "no measurement" (NaN). ``option`` names the option in messages.
+    info: {"kind", "per_metre" (None = relative), "sidecar" (path or None), "units" (how they were decided)}.
     """
     import json
 
     if not path.is_file():
-        raise InputError(f"--depth {path}: no such file", "give a .npy or 16-bit .png depth map")
+        raise InputError(f"{option} {path}: no such file", "give a .npy or 16-bit .png depth map")
     side = sidecar_of(path)
     meta = None
     if side.is_file():
@@ -287,23 +289,30 @@ def read_depth_map(path: Path, kind: str | None = None, units: str | None = None
             with Image.open(path) as img:
                 a = np.asarray(img)
     except (OSError, ValueError) as e:
-        raise InputError(f"--depth {path}: unreadable ({e})", "give a .npy or 16-bit .png depth map") from e
+        raise InputError(f"{option} {path}: unreadable ({e})", "give a .npy or 16-bit .png depth map") from e
     a = np.squeeze(a)
     if a.ndim != 2:
-        raise InputError(f"--depth {path}: shape {list(a.shape)} is not a single-channel map",
+        raise InputError(f"{option} {path}: shape {list(a.shape)} is not a single-channel map",
                          "give an H x W depth map (normals and colour images do not back-project)")
-    if meta is not None and meta.get("kind") in ("disparity", "depth") and units in (None, "relative"):
+    if meta is not None and units in (None, "relative") and isinstance(meta.get("kind"), str):
+        if meta["kind"] not in ("disparity", "depth"):
+            raise InputError(f"{option} {path}: its sidecar {side.name} says it is a {meta['kind']} map",
+                             "give a depth or disparity map (lotus depth output)")
         png16 = meta.get("outputs", {}).get("png16", {})
         if a.dtype == np.uint16 and "min" in png16:
             a = png16["min"] + a.astype(np.float64) / 65535 * (png16["max"] - png16["min"])
-        info = {"kind": meta["kind"], "per_metre": None, "sidecar": str(side)}
-        return a.astype(np.float32), info
+        return a.astype(np.float32), {"kind": meta["kind"], "per_metre": None, "sidecar": str(side),
+                                      "units": "relative (affine-invariant), from the sidecar"}
     if a.dtype.kind not in "fui":
-        raise InputError(f"--depth {path}: {a.dtype} values are not depths", "give a float .npy or a 16-bit PNG")
-    per_metre = parse_units(units) if units is not None else (1000.0 if a.dtype.kind in "ui" else 1.0)
+        raise InputError(f"{option} {path}: {a.dtype} values are not depths", "give a float .npy or a 16-bit PNG")
+    if units is not None:
+        per_metre, said = parse_units(units), f"{units}, as given"
+    else:
+        per_metre = 1000.0 if a.dtype.kind in "ui" else 1.0
+        said = f"assumed {'mm' if per_metre == 1000 else 'm'} (integer maps: mm, float: m); set the units option"
     values = a.astype(np.float64)
     if per_metre is not None:  # depth in units -> metres; disparity in 1/units -> 1/metres
         values = values / per_metre if (kind or "depth") == "depth" else values * per_metre
     missing = ~np.isfinite(values) | ((values <= 0) if per_metre is not None else False)  # 0 is a relative value
     values[missing] = np.nan
-    return values.astype(np.float32), {"kind": kind or "depth", "per_metre": per_metre, "sidecar": None}
+    return values.astype(np.float32), {"kind": kind or "depth", "per_metre": per_metre, "sidecar": None, "units": said}

@@ -16,9 +16,11 @@ For an RGB image of H x W input pixels (rows y down, columns x right):
    fall to 0 at every inner tile border; normals are blended as vectors and renormalised;
 5. the result has the input's full resolution: depth [H, W] in [0, 1], normals [H, W, 3] unit vectors.
 
-``auto`` maps one input pixel to one model pixel (tile = tile_res) and lowers tile_res and the tiles per
-model call until the estimated peak fits the memory budget, so peak memory is bounded whatever the
-input size; only the input image and the output map grow with it.
+``auto`` skips tiling when the global pass already sees nearly every pixel, maps one input pixel to one
+model pixel up to 4x the global pass's detail (larger tiles beyond that), and lowers tile_res and the tiles
+per model call until the estimated peak fits the memory budget, so peak memory is bounded whatever the
+input size; only the input image and the output map grow with it. A tile too flat to fit (sky, a blank
+wall) keeps its own detail at unit scale, levelled to the global pass.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ MIN_AUTO_TILE_RES = 256  # auto never shrinks tiles below this to meet a budget
 # Calibrated on the full-size SD2 VAE (1.13 GB above the weights at 512 x 512 px, fp32; README).
 ACTIVATION_FACTOR = 9.0
 FIT_SAMPLES = 16384  # enough pixels to fix two numbers; more only costs time
+# A tile's map spans [0, 1] over its own content, which in global units spans at most the whole range: a fitted
+# scale above MAX_TILE_SCALE is noise being blown up. A tile whose contrast is below FLAT_TILE of the
+# global pass's over it is "flat".
+MAX_TILE_SCALE = 4.0
+FLAT_TILE = 0.02
+MAX_DETAIL = 4.0  # auto: tiles at most this many times finer than the global pass (more tiles, less context)
+MIN_DETAIL = 1.3  # auto: below this gain over the global pass, tiling is not worth its cost
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -237,8 +246,11 @@ def plan_tiles(height: int, width: int, topts: TileOptions = TileOptions(), *, p
                batch_size: int = 1, cost: MemoryCost = MemoryCost(), budget: int | None = None) -> TilePlan:
     """The tiling of an H x W image. Pure: ``budget`` (bytes, None = unbounded) comes from the caller.
 
-    auto: tiles of tile_res input pixels (one model pixel per input pixel), none if the global pass already
-    sees every pixel; tile_res shrinks (not below 256) until one tile fits the budget. The tiles per model
+    auto: none when the global pass already sees the image at MIN_DETAIL (1.3) input pixels per model pixel
+    or finer; else tiles of tile_res input pixels (one model pixel per input pixel), made larger for big
+    images so that they are at most MAX_DETAIL (4) times finer than the global pass (each tile keeps enough
+    context, and a 64 MP photo needs tens of tiles, not hundreds); tile_res shrinks (not below 256) until
+    one tile fits the budget. The tiles per model
     call are ``batch_size``, lowered to fit. Raises UsageError when the global pass or an explicitly sized
     tile cannot fit the budget.
     """
@@ -250,13 +262,14 @@ def plan_tiles(height: int, width: int, topts: TileOptions = TileOptions(), *, p
         raise UsageError(f"the global pass at --processing-res {processing_res} needs about "
                          f"{_gb(cost.peak(gsize[0] * gsize[1]))} but --max-memory is {_gb(budget)}",
                          "lower --processing-res or raise --max-memory")
-    global_sees_all = processing_res == 0 or max(height, width) <= processing_res
+    detail = max(height, width) / processing_res if processing_res else 1.0  # input px per global model px
+    global_sees_all = detail < MIN_DETAIL
     while not (auto and global_sees_all) and not fits(res * res):
         if not (auto and topts.tile_res is None) or res - 64 < MIN_AUTO_TILE_RES:
             raise UsageError(f"a tile at --tile-res {res} needs about {_gb(cost.peak(res * res))} but --max-memory "
                              f"is {_gb(budget)}", "lower --tile-res or raise --max-memory")
         res -= 64
-    tile = res if auto else topts.tile
+    tile = round(res * max(1.0, detail / MAX_DETAIL)) if auto else topts.tile
     th, tw = min(tile, height), min(tile, width)
     tproc = processing_size(th, tw, res)
     ys, xs = ((), ()) if (auto and global_sees_all) else \
@@ -272,7 +285,9 @@ def plan_tiles(height: int, width: int, topts: TileOptions = TileOptions(), *, p
 
 
 def _gb(n: int | None) -> str:
-    return "unbounded" if n is None else f"{n / 1024**3:.2f} GiB"
+    if n is None:
+        return "unbounded"
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------------- prediction
@@ -456,7 +471,10 @@ def _fit(m: np.ndarray, layout, box, size) -> tuple[float, float]:
     coarse, ref_c = F.interpolate(both, size=(oh, ow), mode="bilinear", align_corners=False,
                                   antialias=True)[:, 0].numpy()
     s, b, _ = robust_scale_shift(coarse, ref_c)
-    if not (np.isfinite(s) and s > 0):  # a flat or inverted tile: keep its contrast, match its level
-        s = float(np.std(ref_c) / max(np.std(coarse), 1e-6))
+    flat = np.std(coarse) < FLAT_TILE * max(np.std(ref_c), 1e-6)
+    if flat or not (np.isfinite(s) and 0 < s <= MAX_TILE_SCALE):
+        # A tile with (almost) no contrast of its own (sky, a blank wall) or an inverted or wild fit: its
+        # own scale cannot be trusted, so keep its detail at unit scale and match its level to the global pass.
+        s = 1.0 if flat else float(np.clip(np.std(ref_c) / max(np.std(coarse), 1e-6), 0.0, MAX_TILE_SCALE))
         b = float(np.median(ref_c) - s * np.median(coarse))
     return float(s), float(b)

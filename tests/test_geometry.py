@@ -34,7 +34,11 @@ def test_convert_normals_round_trip():
     n = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
     for frame in g.NORMAL_FRAMES:
         np.testing.assert_array_equal(g.convert_normals(g.convert_normals(n, frame), "lotus", frame), n)
-    np.testing.assert_array_equal(g.convert_normals(np.array([0.0, 0, 1]), "opencv"), [0, 0, -1])
+    wall, floor = np.array([0.0, 0, 1]), np.array([0.0, 1, 0])  # in Lotus's frame
+    np.testing.assert_array_equal(g.convert_normals(wall, "opencv"), [0, 0, -1])  # toward the camera: -z
+    np.testing.assert_array_equal(g.convert_normals(floor, "opencv"), [0, -1, 0])  # up: -y when y points down
+    np.testing.assert_array_equal(g.convert_normals(np.array([1.0, 0, 0]), "opengl"), [-1, 0, 0])  # left: -x
+    np.testing.assert_array_equal(g.convert_normals(floor, "opengl"), [0, 1, 0])
 
 
 def test_fronto_parallel_plane_faces_the_camera():

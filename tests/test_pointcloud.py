@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from lotus_cli import geometry as g
 from lotus_cli.cli import app
-from lotus_cli.pointcloud import CameraOptions, CloudOptions, ScaleOptions, make_cloud
+from lotus_cli.pointcloud import CameraOptions, CloudOptions, ScaleOptions, make_cloud, metric_depth
 
 from .conftest import make_image
 from .test_geometry import plane_depth
@@ -69,12 +69,12 @@ def test_cli_image_to_cloud_states_what_it_assumed(tmp_path, depth_d):
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "pc" / "room.json").read_text())
     assert side["camera_source"].startswith("assumed") and abs(side["camera"]["hfov_deg"] - g.DEFAULT_FOV) < 1e-6
-    assert side["depth"]["assumed"] == "defaults --near 1 m, --far 10 m" and side["depth"]["kind"] == "disparity"
+    assert side["depth"]["assumed"] == ["--near 1 m", "--far 10 m"] and side["depth"]["kind"] == "disparity"
     pts, cols, nrm = read_ply(tmp_path / "pc" / "room.ply")
     assert len(pts) == 36 * 48
     assert abs(pts[:, 2].min() - 1.0) < 1e-4 and abs(pts[:, 2].max() - 10.0) < 1e-3  # near and far as stated
     header = ply_header(tmp_path / "pc" / "room.ply")
-    assert "assumed defaults --near 1 m, --far 10 m" in header and "from assumed: default 60 degree fov" in header
+    assert "assumed --near 1 m; --far 10 m" in header and "from assumed: default 60 degree fov" in header
     assert ((nrm * pts).sum(-1) <= 1e-6).all()  # every normal faces the camera: n . p <= 0
 
 
@@ -118,7 +118,7 @@ def test_cli_align_to_turns_affine_disparity_into_the_true_geometry(tmp_path):
               "--align-to", tmp_path / "metric.npy", "--fov", 60, "--out", tmp_path / "o", "--edge-threshold", 0)
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "o" / "pred.json").read_text())
-    assert side["depth"]["rmse_m"] < 1e-4 and side["depth"]["assumed"] is False
+    assert side["depth"]["rmse_m"] < 1e-4 and side["depth"]["assumed"] == []
     pts = read_ply(tmp_path / "o" / "pred.ply")[0]
     np.testing.assert_allclose(pts[:, 2], z.ravel(), rtol=1e-4)
 
@@ -129,6 +129,12 @@ def test_cli_errors_name_the_fix(tmp_path, depth_d):
     assert r.exit_code == 2 and "--fov and --focal-px both describe the camera" in r.output
     r = lotus("pointcloud", tmp_path / "x.png", "--near", 5, "--far", 2, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "need 0 < near < far" in r.output
+    r = lotus("pointcloud", tmp_path / "x.png", "--near", 0, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "need 0 < near < far" in r.output  # 0 is not "unset"
+    r = lotus("pointcloud", tmp_path / "x.png", "--align-to", tmp_path / "gone.png", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--align-to" in r.output and "no such file" in r.output
+    r = lotus("pointcloud", tmp_path / "x.png", "--depth-scale", 2, "--far", 3, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--far would be ignored" in r.output
     r = lotus("pointcloud", "--depth", tmp_path / "nope.npy", "--out", tmp_path / "o")
     assert r.exit_code == 1 and "nope.npy: no such file" in r.output
     np.save(tmp_path / "rgb.npy", np.zeros((4, 4, 3), np.float32))
@@ -147,6 +153,117 @@ def test_cli_video_writes_one_cloud_per_frame(tmp_path, depth_d):
     side = json.loads((tmp_path / "o" / "clip.json").read_text())
     assert len(plys) == len(side["frames"]) == 3
     assert [len(read_ply(p)[0]) for p in plys] == [12 * 16] * 3  # every 2nd row and column of 24 x 32
+
+
+def test_cli_refuses_what_it_would_get_wrong(tmp_path):
+    K = g.intrinsics_from_fov(40, 30, 60.0)
+    z = plane_depth(K, np.array([0.0, 0.0, -1.0]), -2.0).astype(np.float32)
+    np.save(tmp_path / "metric.npy", z)
+    Image.fromarray(make_image(30, 30)).save(tmp_path / "square.png")  # 30 x 30 image for a 40 x 30 map
+    r = lotus("pointcloud", tmp_path / "square.png", "--depth", tmp_path / "metric.npy", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "differ in aspect ratio (30x30 vs 40x30)" in r.output
+    r = lotus("pointcloud", "--depth", tmp_path / "metric.npy", "--near", 0.5, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "the map is metric already" in r.output
+    np.save(tmp_path / "nothing.npy", np.zeros((30, 40), np.float32))  # metric: 0 = no measurement
+    r = lotus("pointcloud", "--depth", tmp_path / "nothing.npy", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "no finite values" in r.output
+    np.save(tmp_path / "u.npy", z)
+    (tmp_path / "u.json").write_text(json.dumps({"kind": "uncertainty"}))
+    r = lotus("pointcloud", "--depth", tmp_path / "u.npy", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "says it is a uncertainty map" in r.output
+    tilted = plane_depth(K, np.array([0.3, -0.5, -0.81]) / np.linalg.norm([0.3, -0.5, -0.81]), -2.0)
+    np.save(tmp_path / "tilted.npy", tilted.astype(np.float32))
+    disp = 1 / tilted  # a disparity map declared as depth: fitting it would turn the scene inside out
+    np.save(tmp_path / "pred.npy", ((disp - disp.min()) / np.ptp(disp)).astype(np.float32))
+    r = lotus("pointcloud", "--depth", tmp_path / "pred.npy", "--depth-units", "relative", "--depth-kind", "depth",
+              "--align-to", tmp_path / "tilted.npy", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "orders depth the other way" in r.output
+    assert not list((tmp_path / "o").glob("*.ply"))
+
+
+def test_cli_normals_none_predicted_and_frames(tmp_path, checkpoints):
+    img = make_image(24, 32, 4)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    common = ["--model", checkpoints[("depth", "d")], "--processing-res", 32, "--edge-threshold", 0]
+    r = lotus("pointcloud", tmp_path / "x.png", "--normals", "none", "--out", tmp_path / "none", *common)
+    assert r.exit_code == 0, r.output
+    assert "property float nx" not in ply_header(tmp_path / "none" / "x.ply")
+    assert json.loads((tmp_path / "none" / "x.json").read_text())["normals"] == "none written"
+    r = lotus("pointcloud", tmp_path / "x.png", "--normal-model", checkpoints[("normal", "d")], "--out", tmp_path / "p",
+              *common)
+    assert r.exit_code == 0, r.output
+    from lotus_cli.predictor import LotusPredictor, PredictOptions
+
+    lotus_frame = LotusPredictor.from_pretrained(checkpoints[("normal", "d")], device="cpu").predict(
+        img, PredictOptions(processing_res=32)).map
+    _, _, nrm = read_ply(tmp_path / "p" / "x.ply")
+    np.testing.assert_allclose(nrm, g.convert_normals(lotus_frame, "opencv").reshape(-1, 3), atol=1e-5)
+    r = lotus("pointcloud", tmp_path / "x.png", "--normal-model", checkpoints[("normal", "d")], "--up", "y",
+              "--out", tmp_path / "y", *common)
+    assert r.exit_code == 0, r.output
+    pts_cv, _, _ = read_ply(tmp_path / "p" / "x.ply")
+    pts_gl, _, nrm_gl = read_ply(tmp_path / "y" / "x.ply")
+    np.testing.assert_allclose(pts_gl, pts_cv * [1, -1, -1], atol=1e-6)
+    np.testing.assert_allclose(nrm_gl, g.convert_normals(lotus_frame, "opengl").reshape(-1, 3), atol=1e-5)
+
+
+def test_shape_from_normals_says_when_it_found_nothing():
+    """Normals that no shift explains (random directions facing the camera): the fit must say so and fall
+    back to --near/--far rather than pass off a guess as fitted."""
+    K = g.intrinsics_from_fov(64, 48, 60.0)
+    values = np.random.default_rng(0).random((48, 64)).astype(np.float32)
+    n = np.random.default_rng(1).normal(size=(48, 64, 3))
+    n[..., 2] = -np.abs(n[..., 2])
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    depth, rec = metric_depth(values, "disparity", ScaleOptions(shape_from_normals=True), K=K, normals=n)
+    assert rec["method"].startswith("nearest predicted value at --near") and "found no shift" in rec["warning"]
+    assert abs(np.nanmin(depth) - 1.0) < 1e-5 and abs(np.nanmax(depth) - 10.0) < 1e-3
+
+
+def test_cli_shape_from_normals_records_its_fit(tmp_path, checkpoints):
+    Image.fromarray(make_image(24, 32, 5)).save(tmp_path / "x.png")
+    r = lotus("pointcloud", tmp_path / "x.png", "--model", checkpoints[("depth", "d")], "--normal-model",
+              checkpoints[("normal", "d")], "--shape-from-normals", "--processing-res", 32, "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    depth = json.loads((tmp_path / "o" / "x.json").read_text())["depth"]
+    header = ply_header(tmp_path / "o" / "x.ply")
+    if "warning" in depth:  # random weights: either the fit found a shift (and says how well) or it says why not
+        assert "warning shape from normals found no shift" in header
+    else:
+        assert depth["median_angle_deg"] + 1.0 <= depth["median_angle_deg_flat"] and "the shift was fitted" not in header
+        assert depth["method"].startswith("shift from the predicted normals")
+
+
+def test_cli_camera_from_exif_and_scaled_intrinsics(tmp_path):
+    K = g.intrinsics_from_fov(40, 30, 60.0)
+    np.save(tmp_path / "m.npy", plane_depth(K, np.array([0.0, 0.0, -1.0]), -2.0).astype(np.float32))
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[41989] = 28  # FocalLengthIn35mmFilm
+    Image.fromarray(make_image(60, 80)).save(tmp_path / "cam.jpg", exif=exif)  # the photo: twice the map's size
+    r = lotus("pointcloud", tmp_path / "cam.jpg", "--depth", tmp_path / "m.npy", "--out", tmp_path / "e", "--normals", "depth")
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "e" / "m.json").read_text())
+    assert side["camera_source"] == "EXIF FocalLengthIn35mmFilm 28 mm"
+    want = g.focal_px_from_35mm(28, 80, 60) / 2  # focal of the 80 x 60 photo, on the 40 x 30 map
+    assert abs(side["camera"]["fx"] - want) < 1e-6
+    r = lotus("pointcloud", tmp_path / "cam.jpg", "--depth", tmp_path / "m.npy", "--intrinsics", "100,90,39.5,29.5",
+              "--out", tmp_path / "i", "--normals", "depth")
+    assert r.exit_code == 0, r.output
+    cam = json.loads((tmp_path / "i" / "m.json").read_text())["camera"]
+    assert (cam["fx"], cam["fy"], cam["cx"], cam["cy"]) == (50.0, 45.0, 19.5, 14.5)  # centre stays the centre
+
+
+def test_cli_video_frames_share_one_metric_frame(tmp_path, depth_d):
+    from .test_video import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", 4, 10.0, size=(32, 24))
+    r = lotus("pointcloud", clip, "--model", depth_d, "--normals", "depth", "--processing-res", 32,
+              "--out", tmp_path / "o", "--far", "inf")
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "o" / "clip.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    scales = {(f["depth"]["scale"], f["depth"]["shift"]) for f in side["frames"]}
+    assert len(side["frames"]) == 4 and len(scales) == 1  # one scale and shift for the clip
+    assert side["frames"][0]["depth"]["far_m"] is None  # infinity, written as JSON null
 
 
 # ------------------------------------------------------------------------------------------ real RGB-D

@@ -174,11 +174,17 @@ def test_weights_fall_to_zero_at_inner_borders():
 
 def test_auto_plan():
     assert plan_tiles(600, 700, processing_res=768).tiles == []  # the global pass already sees every pixel
-    plan = plan_tiles(3024, 4032, processing_res=768)
-    assert plan.tile_size == (768, 768) and plan.tile_processing_size == (768, 768) and len(plan.tiles) == 35
+    assert plan_tiles(600, 800, processing_res=768).tiles == []  # 1.04x finer: not worth tiling
+    two = plan_tiles(1024, 1400, processing_res=768)  # 1.8x finer: tiles at one input pixel per model pixel
+    assert two.tile_size == (768, 768) and two.tile_processing_size == (768, 768) and len(two.tiles) == 6
+    plan = plan_tiles(3024, 4032, processing_res=768)  # 5.25x: tiles grow so they are at most 4x finer
+    assert plan.tile_size == (1008, 1008) and plan.tile_processing_size == (768, 768) and len(plan.tiles) == 20
+    for h, w in ((3024, 4032), (6928, 9238)):  # 12 MP and 64 MP
+        p = plan_tiles(h, w, processing_res=768)
+        assert p.tile_processing_size[1] / p.tile_size[1] <= 4 * 768 / w + 1e-9 and len(p.tiles) <= 25
     cost = tiling.MemoryCost(weights=1000, per_pixel=1.0)
     small = plan_tiles(3024, 4032, processing_res=768, cost=cost, budget=1000 + 450_000, batch_size=4)
-    assert small.tile_res == 640 and small.tile_size == (640, 640) and small.batch == 1
+    assert small.tile_res == 640 and small.tile_size == (840, 840) and small.batch == 1
     assert small.estimated_peak <= small.budget
     batched = plan_tiles(3024, 4032, processing_res=768, cost=cost, budget=1000 + 3 * 768 * 768, batch_size=4)
     assert batched.tile_res == 768 and batched.batch == 3
@@ -336,3 +342,24 @@ def test_tiling_options_need_tile_and_are_checked_before_loading(depth_d, tmp_pa
     r = _cli("depth", tmp_path / "x.png", "--out", tmp_path / "o", "--tile", "auto", "--max-memory", "lots")
     assert r.exit_code == 2 and "--max-memory 'lots' is not a size" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_flat_or_wild_tiles_keep_unit_scale():
+    rng = np.random.default_rng(0)
+    layout = torch.linspace(0, 1, 64)[None, None, None, :].expand(1, 1, 64, 64).contiguous()  # a ramp
+    flat = (0.5 + 1e-4 * rng.normal(size=(128, 128))).astype(np.float32)  # sky: no contrast of its own
+    s, b = tiling._fit(flat, layout, (0, 128, 0, 128), (128, 128))
+    assert s == 1.0 and abs(b + 0.5 - 0.5) < 0.01  # detail kept at unit scale, level of the ramp's middle
+    noisy = rng.random((128, 128)).astype(np.float32)  # no relation to the layout at all
+    s, _ = tiling._fit(noisy, layout, (0, 128, 0, 128), (128, 128))
+    assert 0 < s <= tiling.MAX_TILE_SCALE
+
+
+def test_video_sidecar_has_the_tiling_plan(depth_d, tmp_path):
+    from .test_video import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", 3, 10.0, size=(96, 64))
+    r = _cli("depth", clip, "--out", tmp_path / "o", "--model", depth_d, *TILE_ARGS)
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "o" / "clip.json").read_text())
+    assert side["tiling"]["grid"] == [3, 2] and side["video"]["frames"] == 3

@@ -97,19 +97,20 @@ class _Job:
             raise UsageError(f"--depth-kind {a['depth_kind']!r}: expected depth or disparity")
         sources.parse_units(a["depth_units"])
         sources.parse_units(a["align_units"])
+        if a["align_to"] is not None and not Path(a["align_to"]).is_file():
+            raise UsageError(f"--align-to {a['align_to']}: no such file", "give a metric depth map (.npy or 16-bit .png)")
         self.opts = PredictOptions(processing_res=a["processing_res"], seed=a["seed"])
         self.select = FrameSelect(a["fps"], a["start"], a["end"], a["max_frames"])
         self.out = a["out"] if a["out"] is not None else Path("lotus-pointcloud")
-        inputs = a["inputs"] or []
+        inputs, self.problems = a["inputs"] or [], []
         if a["depth"] is not None:
             if len(inputs) > 1:
                 raise UsageError("--depth back-projects one map: give at most one image (for the colours)")
-            self.items = [sources.Item(Path(inputs[0]), Path(a["depth"]).stem.split(".")[0])] if inputs else []
+            self.items = [sources.Item(Path(inputs[0]), Path(a["depth"]).name.split(".")[0])] if inputs else []
         else:
             if not inputs:
                 raise UsageError("no inputs given", "pass images, videos, folders, or --depth MAP")
             self.items, self.problems = sources.expand(inputs, exts=sources.MEDIA_EXTS)
-        self.problems = getattr(self, "problems", [])
         if a["align_to"] is not None and (len(self.items) + len(self.problems) > 1 or
                                           any(sources.is_video(i.path) for i in self.items)):
             raise UsageError("--align-to fits one metric map to one view", "give a single image or --depth map")
@@ -127,6 +128,7 @@ class _Job:
         a = self.a
         self.depth_model = None if a["depth"] is not None else load_predictor(a["model"], "depth", a["device"], a["dtype"])
         self.normal_model = self._normal_model()
+        self.normals = "predict" if self.normal_model is not None else ("none" if a["normals"] == "none" else "depth")
         try:
             if a["depth"] is not None:
                 self._one_map()
@@ -140,17 +142,21 @@ class _Job:
         raise typer.Exit(1 if self.failed else 0)
 
     def _normal_model(self):
+        """The normal model when normals are to be predicted: --normals predict, --shape-from-normals, a named
+        --normal-model, or auto when the default normal model is cached or can be downloaded."""
         from .. import models
 
         a = self.a
-        wanted = a["normals"] == "predict" or a["shape_from_normals"]
-        if a["normals"] in ("depth", "none") or (a["depth"] is not None and not self.items):
+        if a["normals"] in ("depth", "none"):
+            return None
+        wanted = a["normals"] == "predict" or a["shape_from_normals"] or a["normal_model"] is not None
+        if a["depth"] is not None and not self.items:
             if wanted:
                 fail(UsageError("predicted normals need the image", "give the image with --depth, or --normals depth"))
             return None
-        if a["normals"] == "auto" and not wanted:
-            try:  # auto: the normal model when it is cached (or downloadable), else normals from the depth
-                models.fetch(models.resolve(a["normal_model"], "normal"))
+        if not wanted:
+            try:
+                models.fetch(models.resolve(None, "normal"))
             except LotusError as e:
                 say(f"note: normals from the depth ({e.message})", "dim")
                 return None
@@ -164,23 +170,27 @@ class _Job:
 
         a = self.a
         key = self.items[0].key if self.items else Path(a["depth"]).name.split(".")[0]
+        if self._skip(key, str(a["depth"])):
+            return
         try:
             values, info = sources.read_depth_map(Path(a["depth"]), a["depth_kind"], a["depth_units"])
+            record = {"depth_input": str(a["depth"]), "depth_input_info": info}
             if self.items:
                 rgb_full = sources.read_image(self.items[0].path)
+                _check_aspect(rgb_full.shape, values.shape, f"{self.items[0].path} and --depth {a['depth']}")
                 input_size = (rgb_full.shape[1], rgb_full.shape[0])
                 exif = sources.exif_focal_35mm(self.items[0].path)
                 rgb = _resize(rgb_full, values.shape)
+                record["input"] = str(self.items[0].path)
             else:
-                finite = np.nan_to_num(values, nan=float(np.nanmin(values)))
-                rgb, input_size, exif = visualize.colorize_depth(finite, info["kind"], "Spectral"), None, None
-                rgb_full = None
-            normals = self.normal_model.predict(rgb_full, self.opts).map if self.normal_model and rgb_full is not None \
-                else None
-            if normals is not None:
-                normals = _resize(normals, values.shape, linear=True)
-            record = {"depth_input": str(a["depth"]), "depth_input_info": info}
-            self._write(key, rgb, values, info["kind"], info["per_metre"], normals, exif, input_size, record)
+                finite = np.nan_to_num(values, nan=float(np.nanmin(values)) if np.isfinite(values).any() else 0.0)
+                rgb, input_size, exif, rgb_full = visualize.colorize_depth(finite, info["kind"], "Spectral"), None, None, None
+            normals = None
+            if self.normal_model is not None:
+                normals = _resize(self.normal_model.predict(rgb_full, self.opts).map, values.shape)
+            units = info["units"] if info["units"].startswith("assumed") else None
+            self._write(key, rgb, values, info["kind"], info["per_metre"], normals, exif, input_size, record,
+                        units_assumed=units)
         except LotusError as e:
             self._report(str(a["depth"]), "failed", {}, str(e))
 
@@ -190,56 +200,77 @@ class _Job:
         try:
             if sources.is_video(item.path):
                 return self._one_video(item)
+            if self._skip(item.key, str(item.path)):
+                return
             rgb = sources.read_image(item.path)
-            exif = sources.exif_focal_35mm(item.path)
-            self._predict_and_write(item.key, rgb, exif, {"input": str(item.path)})
+            self._predict_and_write(item.key, rgb, sources.exif_focal_35mm(item.path), {"input": str(item.path)})
         except LotusError as e:
             self._report(str(item.path), "failed", {}, str(e))
 
     def _one_video(self, item) -> None:
+        """One PLY per sampled frame, all in one metric frame: the first frame's scale and shift are fitted as
+        for an image; each later frame's map is first aligned to the clip's running reference (as
+        `lotus depth --stabilize` does), then given the same scale and shift, so static surfaces stay put."""
         from ..runner import frame_name
         from ..sinks import write_json
-        from ..video import open_video
+        from ..video import Stabilizer, open_video
 
+        if self._skip(item.key, str(item.path), clip=True):
+            return
         info, frames = open_video(item.path, self.select)
-        written = []
+        stabilizer, fixed, written = Stabilizer(), None, []
         for fr in frames:
             key = f"{item.key}/{frame_name(fr.index, fr.time)}"
             rec = self._predict_and_write(key, fr.rgb, None, {"input": str(item.path), "frame": fr.index,
-                                                              "time_s": fr.time}, count=False)
+                                                              "time_s": fr.time}, stabilizer=stabilizer, fixed=fixed)
+            fixed = fixed or (rec["depth"]["scale"], rec["depth"]["shift"])
             written.append(rec)
         write_json(self.out / f"{item.key}.json", {"input": str(item.path), "frames": written,
                                                     "fps": info.fps, "size": [info.width, info.height]})
         self._report(str(item.path), "done", {"ply": str(self.out / item.key)}, None, frames=len(written))
 
-    def _predict_and_write(self, key, rgb, exif, record, count=True):
-        if self.a["skip_existing"] and (self.out / f"{key}.ply").is_file() and (self.out / f"{key}.json").is_file():
-            if count:
-                self._report(record["input"], "skipped", {}, None)
-            return {"file": f"{key}.ply", "skipped": True}
-        pred = self.depth_model.predict(rgb, self.opts)
-        normals = self.normal_model.predict(rgb, self.opts).map if self.normal_model else None
-        record = {**record, "model": self.depth_model.source, "normal_model": getattr(self.normal_model, "source", None)}
-        return self._write(key, rgb, pred.map, self.depth_model.kind, None, normals, exif, None, record, count)
+    def _skip(self, key: str, subject: str, clip: bool = False) -> bool:
+        side = self.out / f"{key}.json"
+        done = side.is_file() and (clip or (self.out / f"{key}.ply").is_file())
+        if self.a["skip_existing"] and done:
+            self._report(subject, "skipped", {}, None)
+            return True
+        return False
 
-    def _write(self, key, rgb, values, kind, per_metre, normals, exif, input_size, record, count=True):
+    def _predict_and_write(self, key, rgb, exif, record, stabilizer=None, fixed=None):
+        t0 = time.perf_counter()
+        pred = self.depth_model.predict(rgb, self.opts)
+        values = stabilizer(pred.map)[0] if stabilizer is not None else pred.map
+        normals = self.normal_model.predict(rgb, self.opts).map if self.normal_model else None
+        record = {**record, "model": self.depth_model.source, "normal_model": getattr(self.normal_model, "source", None),
+                  "processing_res": self.opts.processing_res,
+                  "processing_size": [pred.processing_size[1], pred.processing_size[0]],
+                  "model_seconds": round(time.perf_counter() - t0, 4)}
+        return self._write(key, rgb, values, self.depth_model.kind, None, normals, exif, None, record,
+                           count=stabilizer is None, fixed=fixed)
+
+    def _write(self, key, rgb, values, kind, per_metre, normals, exif, input_size, record, count=True, fixed=None,
+               units_assumed=None):
         from .. import __version__, sinks, sources
         from ..pointcloud import header_comments, make_cloud
 
         align = None
         if self.a["align_to"] is not None:
-            align, _ = sources.read_depth_map(Path(self.a["align_to"]), "depth", self.a["align_units"])
-            if align.shape != values.shape:
-                align = _resize(align, values.shape, nearest=True)
+            align, _ = sources.read_depth_map(Path(self.a["align_to"]), "depth", self.a["align_units"], "--align-to")
+            _check_aspect(values.shape, align.shape, f"the depth map and --align-to {self.a['align_to']}")
         try:
             cloud = make_cloud(rgb, values, kind, self.camera, self.scale, self.cloud, per_metre=per_metre,
-                               normals_lotus=normals, exif_f35=exif, input_size=input_size, align=align)
+                               normals=self.normals, normals_lotus=normals, exif_f35=exif, input_size=input_size,
+                               align=align, scale_shift=fixed, units_assumed=units_assumed)
         except ValueError as e:
             raise InputError(f"{record.get('input') or record.get('depth_input')}: {e}", "check the depth map") from e
         ply, side = self.out / f"{key}.ply", self.out / f"{key}.json"
         full = {"version": __version__, **record, **cloud.record, "ply": ply.name}
         sinks.write_ply(ply, cloud.points, cloud.colors, cloud.normals, header_comments(full))
         sinks.write_json(side, full)
+        if cloud.record["depth"].get("warning"):
+            say(f"warning: {record.get('input') or record.get('depth_input')}: {cloud.record['depth']['warning']}",
+                "yellow")
         if count:
             self._report(record.get("input") or record.get("depth_input"), "done",
                          {"ply": str(ply), "json": str(side)}, None)
@@ -260,16 +291,26 @@ class _Job:
             sys.stdout.flush()
 
 
-def _resize(a, shape, linear=True, nearest=False):
-    """Resize an [H, W(, C)] array to shape[:2] (OpenCV: area for shrinking colours, nearest for sparse maps)."""
+def _check_aspect(a_shape, b_shape, what: str) -> None:
+    """Maps of one view may differ in size, never in shape: refuse when b, scaled to a's height, is more
+    than a pixel wider or narrower than a."""
+    (ah, aw), (bh, bw) = a_shape[:2], b_shape[:2]
+    if abs(bw * ah / bh - aw) > 1.0:
+        raise InputError(f"{what} differ in aspect ratio ({aw}x{ah} vs {bw}x{bh})",
+                         "give maps of the same view, uncropped (resizing is fine)")
+
+
+def _resize(a, shape):
+    """An [H, W(, C)] array resized to shape[:2]: area averaging to shrink, bilinear to grow (OpenCV);
+    float [H, W, 3] arrays are taken as normals and stay unit vectors."""
     import cv2
     import numpy as np
 
     h, w = shape[:2]
     if a.shape[:2] == (h, w):
         return a
-    interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if a.shape[0] > h else cv2.INTER_LINEAR)
+    interp = cv2.INTER_AREA if a.shape[0] > h else cv2.INTER_LINEAR
     out = cv2.resize(np.ascontiguousarray(a), (w, h), interpolation=interp)
     if out.ndim == 3 and out.shape[-1] == 3 and out.dtype != np.uint8:
-        out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-6)  # normals stay unit vectors
+        out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-6)
     return out

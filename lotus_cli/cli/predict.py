@@ -67,8 +67,9 @@ Stabilize = Annotated[bool, typer.Option("--stabilize/--no-stabilize", help="Vid
                                          "keeps its value across frames.")]
 Tile = Annotated[Optional[str], typer.Option("--tile", help="High-resolution inputs: a global pass at "
                                            "--processing-res for the layout plus overlapping tiles for detail, "
-                                           "blended seam-free at full resolution. auto (tile size from the image and "
-                                           "--max-memory) or the tile side in input pixels. Off by default.",
+                                           "blended seam-free at full resolution. auto (tile size from the image size "
+                                           "and --max-memory; no tiles when the global pass sees nearly every pixel) "
+                                           "or the tile side in input pixels. Off by default.",
                                            show_default=False)]
 Overlap = Annotated[float, typer.Option("--overlap", help="With --tile: fraction of a tile shared with each "
                                         "neighbour (0 .. 0.5).")]
@@ -166,7 +167,8 @@ def _tile_options(a: Args):
     from ..tiling import TileOptions
 
     if a.tile is None:
-        for name, value, default in (("--tile-res", a.tile_res, None), ("--max-memory", a.max_memory, "auto")):
+        for name, value, default in (("--tile-res", a.tile_res, None), ("--max-memory", a.max_memory, "auto"),
+                                     ("--overlap", a.overlap, 0.25)):
             if value != default:
                 raise UsageError(f"{name} applies only with --tile", "add --tile auto (or --tile SIZE)")
         return None
