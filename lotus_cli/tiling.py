@@ -303,7 +303,7 @@ def predict_tiled(predictor, images: list[np.ndarray], opts: PredictOptions = Pr
     import torch
 
     with torch.inference_mode():
-        return [_predict_one(predictor, im, opts, topts) for im in images]
+        return [_predict_one(predictor, im, opts, topts)[0] for im in images]
 
 
 def predict_tiled_ensemble(predictor, images: list[np.ndarray], opts: PredictOptions = PredictOptions(),
@@ -311,10 +311,8 @@ def predict_tiled_ensemble(predictor, images: list[np.ndarray], opts: PredictOpt
                            eopts: EnsembleOptions = EnsembleOptions()) -> list[Prediction]:
     """Uncertainty with tiling: the contract of ``LotusPredictor.predict_ensemble`` (map = spread, layers["mean"]),
     each sample a whole tiled prediction with seed ``opts.seed + k`` (and, with ``tta="flip"``, of the mirrored
-    image too). Unlike the untiled ensemble the image latent is not shared across samples: every tile's
-    latent is encoded again, so N samples cost about N tiled predictions."""
-    from dataclasses import replace
-
+    image too). As in the untiled ensemble, the latents (the global pass's and every tile's) are encoded
+    once per view and shared by the samples."""
     import torch
 
     if predictor.family == "d" and eopts.tta == "none":
@@ -326,8 +324,7 @@ def predict_tiled_ensemble(predictor, images: list[np.ndarray], opts: PredictOpt
         for rgb in images:
             t0, maps, plan = time.perf_counter(), [], None
             for flipped, view in enumerate([rgb, rgb[:, ::-1]] if eopts.tta == "flip" else [rgb]):
-                for s in seeds:
-                    p = _predict_one(predictor, np.ascontiguousarray(view), replace(opts, seed=s), topts)
+                for p in _predict_one(predictor, np.ascontiguousarray(view), opts, topts, seeds):
                     maps.append(unflip(p.map, predictor.task) if flipped else p.map)
                     plan = plan or p.extra["tiling"]
             mean, spread, statistic = ensemble_stats(predictor.task, maps)
@@ -338,25 +335,44 @@ def predict_tiled_ensemble(predictor, images: list[np.ndarray], opts: PredictOpt
     return out
 
 
-def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOptions) -> Prediction:
-    from .geometry import convert_normals
-
+def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOptions,
+                 seeds: list[int] | None = None) -> list[Prediction]:
+    """One image, one tiled prediction per seed in ``seeds`` (default: ``[opts.seed]``); the global pass's and
+    the tiles' latents are encoded once and shared by the seeds (G noise differs per seed)."""
     t0 = time.perf_counter()
     h, w = rgb.shape[:2]
+    seeds = [opts.seed] if seeds is None else seeds
     cost = memory_cost(predictor)
     budget = topts.max_memory if topts.max_memory is not None else device_budget(predictor.device, cost)
     plan = plan_tiles(h, w, topts, processing_res=opts.processing_res, batch_size=opts.batch_size,
                       cost=cost, budget=budget)
-    decoded = _global_pass(predictor, rgb, plan.global_size, opts)  # [1, 3, h', w'] in [0, 1]
+    z_global = predictor.encode(model_input(predictor, rgb, plan.global_size), opts.latent, [opts.seed])  # [1, 4, ., .]
+    z_tiles = list(_tile_latents(predictor, rgb, plan, opts))  # [(boxes, [b, 4, lh, lw])], encoded once
+    out = []
+    for seed in seeds:
+        noise = predictor.noise([seed], tuple(z_global.shape[-2:])) if predictor.family == "g" else None
+        decoded = predictor.decode(predictor.denoise(z_global, noise))  # [1, 3, h', w'] in [0, 1]
+        m, record = _blend(predictor, decoded, z_tiles, plan, opts, seed)
+        out.append(Prediction(m, plan.global_size, 0.0, {"tiling": record}))
+    for p in out:
+        p.seconds = (time.perf_counter() - t0) / len(out)
+    return out
+
+
+def _blend(predictor, decoded, z_tiles, plan: TilePlan, opts: PredictOptions, seed: int):
+    """The global pass ``decoded`` [1, 3, h', w'] and the tiles (denoised with ``seed``'s noise field) ->
+    (map at the input's full size, the sidecar's tiling record)."""
+    from .geometry import convert_normals
+
+    h, w = plan.height, plan.width
     record = plan.to_json()
     if not plan.tiles:
-        m = predictor.finish(decoded, (h, w), opts.resample, opts.frame)
-        return Prediction(m, plan.global_size, time.perf_counter() - t0, {"tiling": record})
+        return predictor.finish(decoded, (h, w), opts.resample, opts.frame), record
     layout = _layout(predictor, decoded)  # [1, C, h', w']
     depth = predictor.task != "normal"
     out = np.zeros((h, w) if depth else (h, w, 3), np.float32)
     fits = []
-    for m, (y0, y1, x0, x1) in _tile_maps(predictor, rgb, plan, opts):
+    for m, (y0, y1, x0, x1) in _tile_maps(predictor, z_tiles, plan, opts, seed):
         if depth:
             s, b = _fit(m, layout, (y0, y1, x0, x1), (h, w))
             m = s * m + b  # in place of the tile's own scale and shift: the global pass's
@@ -372,7 +388,7 @@ def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOp
         if opts.frame != "lotus":
             out = convert_normals(out, opts.frame)
     record["noise"] = "one field for the image, cropped per tile" if predictor.family == "g" else None
-    return Prediction(out, plan.global_size, time.perf_counter() - t0, {"tiling": record})
+    return out, record
 
 
 def model_input(predictor, rgb: np.ndarray, size: tuple[int, int], rows: int = 512):
@@ -388,31 +404,31 @@ def model_input(predictor, rgb: np.ndarray, size: tuple[int, int], rows: int = 5
     return predictor.resize(torch.cat(strips, dim=2), size)  # [1, C, H, w] -> [1, C, h, w]
 
 
-def _global_pass(predictor, rgb, size, opts):
-    x = model_input(predictor, rgb, size)  # [1, 3, h, w]
-    z = predictor.encode(x, opts.latent, [opts.seed])  # [1, 4, h/f, w/f]
-    noise = predictor.noise([opts.seed], tuple(z.shape[-2:])) if predictor.family == "g" else None
-    return predictor.decode(predictor.denoise(z, noise))  # [1, 3, h', w']
-
-
 def _layout(predictor, decoded):
     """The global pass as the value fitted against: depth [1, 1, h', w'] (channel mean, as finish does), or
     the decoded normals [1, 3, h', w']."""
     return decoded.float().cpu().mean(dim=1, keepdim=True) if predictor.task != "normal" else decoded.float().cpu()
 
 
-def _tile_maps(predictor, rgb, plan: TilePlan, opts):
-    """Yield (map, box) per tile: map in the predictor's kind at the tile's input size, normals in Lotus's
-    frame; G noise cropped from one field for the whole image at the working resolution."""
+def _tile_latents(predictor, rgb, plan: TilePlan, opts):
+    """Yield (boxes, latents [b, 4, lh, lw]) per batch of ``plan.batch`` tiles."""
     import torch
 
-    field = _noise_field(predictor, plan, opts.seed) if predictor.family == "g" else None
     tiles = plan.tiles
     for i in range(0, len(tiles), plan.batch):
         boxes = tiles[i:i + plan.batch]
         x = torch.cat([predictor.resize(predictor.to_tensor(rgb[y0:y1, x0:x1]), plan.tile_processing_size)
                        for y0, y1, x0, x1 in boxes])  # [b, 3, th', tw']
-        z = predictor.encode(x, opts.latent, [opts.seed] * len(boxes))  # [b, 4, lh, lw]
+        yield boxes, predictor.encode(x, opts.latent, [opts.seed] * len(boxes))  # [b, 4, lh, lw]
+
+
+def _tile_maps(predictor, z_tiles, plan: TilePlan, opts, seed: int):
+    """Yield (map, box) per tile: map in the predictor's kind at the tile's input size, normals in Lotus's
+    frame; G noise cropped from one field for the whole image (``seed``) at the working resolution."""
+    import torch
+
+    field = _noise_field(predictor, plan, seed) if predictor.family == "g" else None
+    for boxes, z in z_tiles:
         noise = None if field is None else torch.cat([_crop_noise(field, plan, box, z.shape[-2:]) for box in boxes])
         decoded = predictor.decode(predictor.denoise(z, noise))  # [b, 3, lh*f, lw*f]
         for j, (y0, y1, x0, x1) in enumerate(boxes):

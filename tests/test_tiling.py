@@ -363,3 +363,22 @@ def test_video_sidecar_has_the_tiling_plan(depth_d, tmp_path):
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "o" / "clip.json").read_text())
     assert side["tiling"]["grid"] == [3, 2] and side["video"]["frames"] == 3
+
+
+def test_tiled_uncertainty_encodes_once_and_matches_single_samples(depth_g, monkeypatch):
+    from dataclasses import replace
+
+    from lotus_cli.predictor import EnsembleOptions
+    from lotus_cli.tiling import predict_tiled_ensemble
+
+    pred = LotusPredictor.from_pretrained(depth_g, device="cpu")
+    img = make_image(96, 128, 9)
+    singles = [predict_tiled(pred, [img], replace(SMALL, seed=s), SMALL_TILES)[0].map for s in (0, 1, 2)]
+    calls = []
+    real = pred.encode
+    monkeypatch.setattr(pred, "encode", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    ens = predict_tiled_ensemble(pred, [img], SMALL, SMALL_TILES, EnsembleOptions(samples=3))[0]
+    assert len(calls) == 1 + 4  # the global pass, and 12 tiles in batches of 3: each encoded once for 3 samples
+    stack = np.stack(singles)
+    np.testing.assert_allclose(ens.layers["mean"][0], stack.mean(0), atol=1e-5)  # sample k is seed k's prediction
+    np.testing.assert_allclose(ens.map, stack.std(0), atol=1e-5)
