@@ -89,6 +89,7 @@ def load_predictor(model, task: str | None, device: str, dtype: str):
 from . import models as _models  # noqa: E402,F401
 from . import pointcloud as _pointcloud  # noqa: E402,F401
 from . import predict as _predict  # noqa: E402,F401
+from . import train as _train  # noqa: E402,F401
 from . import evaluate as _evaluate  # noqa: E402,F401
 
 

@@ -1,0 +1,456 @@
+"""Training data: Hypersim, Virtual KITTI 2 and a generic folder format, mixed per batch.
+
+Every dataset yields samples of numpy arrays: ``rgb`` uint8 [H, W, 3]; ``depth`` float32 [H, W] metres (0 =
+no measurement); ``normal`` float32 [H, W, 3] in the Lotus camera frame (x left, y up, z toward the camera)
+or None; ``valid`` bool [H, W]. ``to_tensors`` flips (normal x negated) and converts them.
+
+Generic folder format (``--data folder=ROOT``; what `lotus train --preset debug` writes):
+
+    ROOT/rgb/<key>.png|jpg            colour image (any size; all samples of one folder share one size,
+                                      or pass a training size and they are resized)
+    ROOT/depth/<key>.npy|png|exr      depth: npy/exr float metres; png 16-bit, metres = value / depth_scale;
+                                      0, negative or non-finite = no measurement
+    ROOT/normal/<key>.npy|png|exr     optional normals: npy/exr float [H, W, 3]; png 8- or 16-bit, n = 2 v / max - 1
+    ROOT/mask/<key>.png               optional: nonzero = valid pixel
+    ROOT/lotus_data.json              optional: {"depth_scale": 1000, "normal_frame": "lotus"|"opengl"|"opencv",
+                                      "depth_range": [min_m, max_m]}
+
+Random numbers: which dataset and which samples make up a batch, and each flip, are a function of (seed,
+step, micro-batch) only, so a run resumed from a checkpoint, or split over N processes, sees the same data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, UsageError
+from ..geometry import Intrinsics, convert_normals, normals_from_depth
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg")
+HYPERSIM_FOCAL = 886.81  # px, on the native 1024 x 768 grid
+HYPERSIM_SIZE = (576, 768)  # (H, W) training size (native 768 x 1024 scaled by 3/4)
+VKITTI_SCENES = ("02", "06", "18", "20")
+VKITTI_CROP = (352, 1216)  # (H, W), bottom centre
+VKITTI_RANGE = (1e-5, 80.0)  # metres
+VKITTI_K = (725.0087, 725.0087, 620.5, 187.0)  # fx, fy, cx, cy of the full 1242 x 375 frame
+
+
+# ------------------------------------------------------------------------------------ pure helpers
+
+
+def hypersim_planar_depth(distance: np.ndarray, focal: float = HYPERSIM_FOCAL) -> np.ndarray:
+    """Hypersim's distance from the camera centre [H, W] (metres) -> planar depth z [H, W] float32.
+
+    z = distance * f / |(u - cx, v - cy, f)| with pixel centres u - cx = -W/2 + 1/2 .. W/2 - 1/2 (likewise v);
+    ``focal`` is in pixels of this grid (886.81 for the native 1024 x 768 images)."""
+    h, w = distance.shape
+    u = np.linspace(-0.5 * w + 0.5, 0.5 * w - 0.5, w)
+    v = np.linspace(-0.5 * h + 0.5, 0.5 * h - 0.5, h)
+    ray = np.sqrt(u[None, :] ** 2 + v[:, None] ** 2 + focal ** 2)  # [H, W]
+    return (distance.astype(np.float64) * focal / ray).astype(np.float32)
+
+
+def bottom_centre_crop(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The bottom ``height`` rows and the central ``width`` columns (left offset (W - width) // 2) of [H, W, ...]."""
+    h, w = a.shape[:2]
+    if h < height or w < width:
+        raise ValueError(f"cannot crop {width}x{height} from {w}x{h}")
+    left = (w - width) // 2
+    return a[h - height:, left:left + width]
+
+
+def resize_sample(s: dict, size: tuple[int, int]) -> dict:
+    """Resize a sample to (H, W): rgb bilinear (area when shrinking), depth, normal and valid nearest."""
+    import cv2
+
+    h, w = size
+    if s["rgb"].shape[:2] == (h, w):
+        return s
+    shrink = s["rgb"].shape[0] > h
+    out = dict(s, rgb=cv2.resize(s["rgb"], (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
+    for k in ("depth", "normal"):
+        if s.get(k) is not None:
+            out[k] = cv2.resize(s[k], (w, h), interpolation=cv2.INTER_NEAREST)
+    out["valid"] = cv2.resize(s["valid"].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    return out
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise InputError(f"{path}: unreadable image ({e})", "re-extract the dataset") from e
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """npy / exr float arrays, png as stored (uint8 / uint16)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".exr":
+            try:
+                import OpenEXR
+            except ImportError as e:
+                raise UsageError(f"{path}: reading EXR needs the OpenEXR package", "pip install OpenEXR") from e
+            with OpenEXR.File(str(path)) as f:
+                ch = f.channels()
+                key = "RGB" if "RGB" in ch else next(iter(ch))
+                return np.asarray(ch[key].pixels, dtype=np.float32)
+        import cv2
+
+        a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if a is None:
+            raise OSError("not an image")
+        return a[..., ::-1].copy() if a.ndim == 3 else a  # BGR -> RGB
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable ({e})", "re-extract or re-export the file") from e
+
+
+def _find(folder: Path, key: str, exts=(".npy", ".png", ".exr")) -> Path | None:
+    for ext in exts:
+        if (folder / f"{key}{ext}").is_file():
+            return folder / f"{key}{ext}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------- datasets
+
+
+class FolderData:
+    """The generic folder format (module doc). ``size`` (H, W) resizes every sample; None keeps it."""
+
+    name = "folder"
+
+    def __init__(self, root: str | Path, size: tuple[int, int] | None = None):
+        self.root, self.size = Path(root), size
+        if not (self.root / "rgb").is_dir():
+            raise UsageError(f"--data {self.root}: no rgb/ folder", "see `lotus train --help` for the folder format")
+        meta_file = self.root / "lotus_data.json"
+        self.meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        self.keys = sorted(p.stem for p in (self.root / "rgb").iterdir() if p.suffix.lower() in IMAGE_EXT)
+        self.keys = [k for k in self.keys if _find(self.root / "depth", k) or _find(self.root / "normal", k)]
+        if not self.keys:
+            raise UsageError(f"--data {self.root}: no rgb/<key> image with a depth/<key> or normal/<key> map")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def load(self, i: int) -> dict:
+        key = self.keys[i]
+        rgb = _read_rgb(next(p for p in (self.root / "rgb").glob(f"{key}.*") if p.suffix.lower() in IMAGE_EXT))
+        h, w = rgb.shape[:2]
+        depth = np.zeros((h, w), np.float32)
+        valid = np.ones((h, w), bool)
+        if (p := _find(self.root / "depth", key)) is not None:
+            d = _read_array(p).astype(np.float64)
+            d = d / float(self.meta.get("depth_scale", 1000.0)) if p.suffix.lower() == ".png" else d
+            lo, hi = self.meta.get("depth_range", (0.0, np.inf))
+            ok = np.isfinite(d) & (d > max(lo, 0.0)) & (d <= hi)
+            depth, valid = np.where(ok, d, 0.0).astype(np.float32), ok
+        normal = None
+        if (p := _find(self.root / "normal", key)) is not None:
+            n = _read_array(p)
+            if n.dtype.kind in "ui":
+                n = n.astype(np.float64) / np.iinfo(n.dtype).max * 2 - 1
+            n = convert_normals(n.astype(np.float32), "lotus", self.meta.get("normal_frame", "lotus"))
+            normal = np.nan_to_num(n)
+            valid &= np.linalg.norm(normal, axis=-1) > 0.5
+        if (p := _find(self.root / "mask", key, (".png",))) is not None:
+            valid &= _read_array(p).reshape(h, w, -1)[..., 0] > 0
+        s = dict(rgb=rgb, depth=depth, normal=normal, valid=valid, key=key)
+        return resize_sample(s, self.size) if self.size else s
+
+
+class Hypersim:
+    """Hypersim: tone-mapped jpg, depth_meters (distance -> planar depth) and normal_cam hdf5, the official
+    split csv; frames whose depth has any NaN are dropped (a scan on first use, cached beside the csv or in
+    lotus-cli's cache). Resized to 576 x 768."""
+
+    name = "hypersim"
+
+    def __init__(self, root: str | Path, split_csv: str | Path | None = None, split: str = "train",
+                 size: tuple[int, int] = HYPERSIM_SIZE):
+        self.root, self.size = Path(root), size
+        split_csv = Path(split_csv) if split_csv else self.root / "metadata_images_split_scene_v1.csv"
+        if not split_csv.is_file():
+            raise UsageError(f"--data hypersim={root}: no split file {split_csv.name}",
+                             "put Hypersim's metadata_images_split_scene_v1.csv in the dataset root")
+        with open(split_csv, newline="") as f:
+            rows = [r for r in csv.DictReader(f)
+                    if r.get("included_in_public_release", "True") == "True" and r["split_partition_name"] == split]
+        self.frames = [(r["scene_name"], r["camera_name"], int(r["frame_id"])) for r in rows]
+        self.frames = [fr for fr in self.frames if self._path(fr, "depth").is_file()]
+        self.frames = self._drop_nan_frames(split_csv.with_name(f"lotus_nan_free_{split}.txt"))
+        if not self.frames:
+            raise UsageError(f"--data hypersim={root}: no usable frame of split {split!r}")
+
+    def _path(self, frame, what: str) -> Path:
+        scene, cam, i = frame
+        img = self.root / scene / "images"
+        if what == "rgb":
+            return img / f"scene_{cam}_final_preview" / f"frame.{i:04d}.tonemap.jpg"
+        name = {"depth": "depth_meters", "normal": "normal_cam"}[what]
+        return img / f"scene_{cam}_geometry_hdf5" / f"frame.{i:04d}.{name}.hdf5"
+
+    def _drop_nan_frames(self, cache: Path) -> list:
+        from .. import models
+
+        import hashlib
+
+        fallback = models.cache_dir() / f"hypersim_{hashlib.sha256(str(cache.resolve()).encode()).hexdigest()[:16]}.txt"
+        cached = [c for c in (cache, fallback) if c.is_file()]
+        if cached:
+            keep = set(cached[0].read_text().split())
+            return [fr for fr in self.frames if "/".join(map(str, fr)) in keep]
+        good = [fr for fr in self.frames if np.isfinite(_h5(self._path(fr, "depth"))).all()]
+        text = "\n".join("/".join(map(str, fr)) for fr in good)
+        for target in (cache, fallback):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+                break
+            except OSError:
+                continue
+        return good
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def load(self, i: int) -> dict:
+        fr = self.frames[i]
+        depth = hypersim_planar_depth(np.nan_to_num(_h5(self._path(fr, "depth")), nan=0.0))
+        n = np.nan_to_num(_h5(self._path(fr, "normal")).astype(np.float32))
+        normal = convert_normals(n, "lotus", "opengl")  # Hypersim camera: x right, y up, z toward the viewer
+        valid = (depth > 0) & (np.linalg.norm(normal, axis=-1) > 0.5)
+        s = dict(rgb=_read_rgb(self._path(fr, "rgb")), depth=depth, normal=normal, valid=valid, key="/".join(map(str, fr)))
+        return resize_sample(s, self.size)
+
+
+def _h5(path: Path) -> np.ndarray:
+    try:
+        import h5py
+    except ImportError as e:
+        raise UsageError("reading Hypersim needs h5py", "pip install h5py") from e
+    with h5py.File(path, "r") as f:
+        return np.asarray(f["dataset"])
+
+
+class VKITTI:
+    """Virtual KITTI 2 (scenes 02, 06, 18, 20 by default; all variations, Camera_0): rgb jpg, depth png in
+    cm, bottom-centre crop 1216 x 352, valid 1e-5 .. 80 m; normals derived from the depth (local plane of the
+    back-projected neighbours, geometry.normals_from_depth) since VKITTI has none."""
+
+    name = "vkitti"
+
+    def __init__(self, root: str | Path, scenes: tuple[str, ...] = VKITTI_SCENES):
+        self.root = Path(root)
+        self.items = []
+        for sc in scenes:
+            for rgb in sorted(self.root.glob(f"**/Scene{sc}/*/frames/rgb/Camera_0/rgb_*.jpg")):
+                depth = self._depth_path(rgb)
+                if depth is not None:
+                    self.items.append((rgb, depth))
+        if not self.items:
+            raise UsageError(f"--data vkitti={root}: no SceneXX/<variation>/frames/rgb/Camera_0/rgb_*.jpg with "
+                             "its depth png", "extract vkitti_2.0.3_rgb and vkitti_2.0.3_depth into this folder")
+
+    def _depth_path(self, rgb: Path) -> Path | None:
+        rel = rgb.relative_to(self.root).as_posix().replace("/frames/rgb/", "/frames/depth/")
+        rel = rel.replace("rgb_", "depth_").replace(".jpg", ".png")
+        for cand in (self.root / rel, *(self.root.glob(f"*/{rel.split('/', 1)[1]}") if "/" in rel else [])):
+            if cand.is_file():
+                return cand
+        return None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int) -> dict:
+        rgb_path, depth_path = self.items[i]
+        d = _read_array(depth_path).astype(np.float64) / 100.0  # cm -> m
+        lo, hi = VKITTI_RANGE
+        valid = (d > lo) & (d < hi)
+        depth = np.where(valid, d, 0.0).astype(np.float32)
+        h, w = depth.shape
+        fx, fy, cx, cy = VKITTI_K
+        n = normals_from_depth(depth, Intrinsics(fx, fy, cx, cy, w, h))  # OpenCV frame, NaN at holes
+        normal = np.nan_to_num(convert_normals(n, "lotus", "opencv"))
+        valid &= np.isfinite(n).all(-1)
+        crop = lambda a: np.ascontiguousarray(bottom_centre_crop(a, *VKITTI_CROP))  # noqa: E731
+        return dict(rgb=crop(_read_rgb(rgb_path)), depth=crop(depth), normal=crop(normal), valid=crop(valid),
+                    key=rgb_path.stem)
+
+
+READERS = {"folder": FolderData, "hypersim": Hypersim, "vkitti": VKITTI}
+
+
+def open_data(spec: str, size: tuple[int, int] | None = None):
+    """``NAME=PATH`` (NAME: hypersim, vkitti, folder) or a bare PATH (folder format) -> a dataset."""
+    name, _, path = spec.partition("=") if "=" in spec else ("folder", "", spec)
+    if name not in READERS:
+        raise UsageError(f"--data {spec}: unknown dataset {name!r}", f"use one of {', '.join(READERS)}=PATH")
+    if not Path(path).expanduser().is_dir():
+        raise UsageError(f"--data {spec}: {path} is not a folder")
+    root = Path(path).expanduser()
+    return FolderData(root, size) if name == "folder" else READERS[name](root)
+
+
+# --------------------------------------------------------------------------------- batches, mixing
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples form each micro-batch: the global batch of ``global_batch`` samples for (step, micro)
+    is drawn from one dataset chosen with probabilities ``mix``; process ``rank`` of ``world`` takes its slice."""
+
+    sizes: tuple[int, ...]  # dataset lengths
+    mix: tuple[float, ...]
+    global_batch: int
+    seed: int = 0
+    flip: bool = True
+
+    def pick(self, step: int, micro: int) -> tuple[int, list[int], list[bool]]:
+        """(dataset index, sample indices [global_batch], flips [global_batch])."""
+        rng = np.random.default_rng([self.seed, step, micro])
+        ds = int(rng.choice(len(self.sizes), p=np.asarray(self.mix) / sum(self.mix)))
+        idx = rng.integers(0, self.sizes[ds], self.global_batch).tolist()
+        flips = (rng.random(self.global_batch) < 0.5).tolist() if self.flip else [False] * self.global_batch
+        return ds, idx, flips
+
+
+def to_tensors(s: dict, flip: bool) -> dict:
+    """A sample -> tensors: rgb float32 [3, H, W] in [-1, 1], depth [1, H, W], normal [3, H, W] (zeros when
+    absent), valid bool [1, H, W]. A horizontal flip mirrors every map and negates normal x."""
+    import torch
+
+    rgb, depth, normal, valid = s["rgb"], s["depth"], s.get("normal"), s["valid"]
+    if normal is None:
+        normal = np.zeros((*rgb.shape[:2], 3), np.float32)
+    if flip:
+        rgb, depth, normal, valid = rgb[:, ::-1], depth[:, ::-1], normal[:, ::-1] * np.array([-1, 1, 1], np.float32), valid[:, ::-1]
+    t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731  (a writable contiguous copy)
+    return {"rgb": t(rgb).permute(2, 0, 1).float() / 127.5 - 1, "depth": t(depth.astype(np.float32))[None],
+            "normal": t(normal.astype(np.float32)).permute(2, 0, 1), "valid": t(valid)[None]}
+
+
+class StepBatches:
+    """A map-style dataset over micro-batches: item k is micro-batch (k // accum, k % accum) of this process,
+    collated ({rgb [b, 3, H, W], depth [b, 1, H, W], normal [b, 3, H, W], valid [b, 1, H, W]}). Use with
+    DataLoader(batch_size=None) so workers prefetch whole batches."""
+
+    def __init__(self, datasets: list, plan: BatchPlan, accum: int, rank: int = 0, world: int = 1,
+                 task: str = "depth"):
+        if plan.global_batch % world:
+            raise UsageError(f"the global batch {plan.global_batch} does not split over {world} processes")
+        self.datasets, self.plan, self.accum, self.rank, self.world, self.task = datasets, plan, accum, rank, world, task
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, k: int) -> dict:
+        import torch
+
+        ds, idx, flips = self.plan.pick(k // self.accum, k % self.accum)
+        b = self.plan.global_batch // self.world
+        mine = slice(self.rank * b, (self.rank + 1) * b)
+        samples = [to_tensors(self._load(ds, i), f) for i, f in zip(idx[mine], flips[mine])]
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+    def _load(self, ds: int, i: int) -> dict:
+        s = self.datasets[ds].load(i)
+        if self.task == "normal" and s.get("normal") is None:
+            raise UsageError(f"{self.datasets[ds].name} sample {s.get('key')} has no normals",
+                             "train normals on data with normal maps")
+        return s
+
+
+# ------------------------------------------------------------------------------- synthetic scenes
+
+
+def render_scene(height: int, width: int, seed: int) -> dict:
+    """A ray-cast scene of known geometry: a floor, a back wall, a side wall and two spheres, Lambert-shaded
+    with a checker texture. Returns rgb uint8 [H, W, 3], depth float32 [H, W] (z, metres), normal float32
+    [H, W, 3] (Lotus frame), all exact; nothing is invalid (callers may mask)."""
+    rng = np.random.default_rng(seed)
+    f = 0.9 * width
+    u = (np.arange(width) - (width - 1) / 2) / f
+    v = (np.arange(height) - (height - 1) / 2) / f
+    d = np.stack(np.broadcast_arrays(u[None, :], v[:, None], np.ones((height, width))), -1)  # rays, OpenCV, z = 1
+    best = np.full((height, width), np.inf)
+    normal = np.zeros((height, width, 3))
+    albedo = np.zeros((height, width, 3))
+    planes = [((0.0, -1.0, 0.0), rng.uniform(0.6, 1.4)),  # floor below the camera (OpenCV y points down)
+              ((0.0, 0.0, -1.0), rng.uniform(4.0, 8.0)),  # back wall facing the camera
+              ((rng.choice([-1.0, 1.0]) * np.cos(0.3), 0.0, -np.sin(0.3)), rng.uniform(1.5, 3.0))]  # side wall
+    for n, dist in planes:  # plane n . p = -dist, unit normal n facing the camera at the origin
+        n = np.asarray(n)
+        t = -dist / np.where(np.abs(d @ n) > 1e-9, d @ n, np.nan)
+        _hit(best, normal, albedo, t, np.broadcast_to(n, normal.shape), rng.uniform(0.3, 0.9, 3))
+    for _ in range(2):
+        centre = np.array([rng.uniform(-1, 1), rng.uniform(-0.3, 0.6), rng.uniform(2.5, 4.5)])
+        r = rng.uniform(0.3, 0.8)
+        b = d @ centre
+        disc = b ** 2 - (d * d).sum(-1) * (centre @ centre - r ** 2)
+        t = (b - np.sqrt(np.where(disc >= 0, disc, np.nan))) / (d * d).sum(-1)
+        _hit(best, normal, albedo, t, (t[..., None] * d - centre) / r, rng.uniform(0.3, 0.9, 3))
+    p = best[..., None] * d
+    checker = ((np.floor(p[..., 0] * 2) + np.floor(p[..., 1] * 2) + np.floor(p[..., 2] * 2)) % 2) * 0.25 + 0.75
+    light = np.array([0.4, -0.6, -0.7]) / np.linalg.norm([0.4, -0.6, -0.7])  # toward the light, OpenCV frame
+    shade = 0.25 + 0.75 * np.clip(normal @ light, 0, 1)
+    rgb = np.clip(albedo * (shade * checker)[..., None] * 255, 0, 255).astype(np.uint8)
+    return dict(rgb=rgb, depth=best.astype(np.float32),
+                normal=convert_normals(normal.astype(np.float32), "lotus", "opencv"))
+
+
+def _hit(best, normal, albedo, t, n, colour) -> None:
+    closer = np.isfinite(t) & (t > 1e-3) & (t < best)
+    best[closer] = t[closer]
+    normal[closer] = n[closer]
+    albedo[closer] = colour
+
+
+def write_synthetic_dataset(root: str | Path, count: int, size: tuple[int, int] = (32, 32), seed: int = 0,
+                            holes: bool = True) -> Path:
+    """``count`` rendered scenes in the generic folder format under ``root`` (depth npy metres, normals npy
+    in the Lotus frame, and with ``holes`` a mask png with one invalid rectangle per image)."""
+    from PIL import Image
+
+    root = Path(root)
+    for sub in ("rgb", "depth", "normal", "mask"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        s = render_scene(*size, seed=seed * 100_003 + i)
+        key = f"{i:05d}"
+        Image.fromarray(s["rgb"]).save(root / "rgb" / f"{key}.png")
+        np.save(root / "depth" / f"{key}.npy", s["depth"])
+        np.save(root / "normal" / f"{key}.npy", s["normal"])
+        if holes:
+            rng = np.random.default_rng([seed, i])
+            mask = np.full(size, 255, np.uint8)
+            y, x = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
+            mask[y:y + size[0] // 6 + 1, x:x + size[1] // 6 + 1] = 0
+            Image.fromarray(mask).save(root / "mask" / f"{key}.png")
+    (root / "lotus_data.json").write_text(json.dumps({"normal_frame": "lotus", "note": "synthetic scenes"}))
+    return root
+
+
+def autoencoder_images(ds, norm: str = "trunc_disparity"):
+    """Every sample of ``ds`` as VAE training images: rgb, depth annotation and normal map, float32
+    [3N, 3, H, W] in [-1, 1] (for fitting the debug preset's tiny VAE)."""
+    import torch
+
+    from .step import depth_annotation, normal_annotation
+
+    ts = [to_tensors(ds.load(i), False) for i in range(len(ds))]
+    stack = lambda k: torch.stack([t[k] for t in ts])  # noqa: E731
+    valid = stack("valid")
+    return torch.cat([stack("rgb"), depth_annotation(stack("depth"), valid, norm), normal_annotation(stack("normal"), valid)])

@@ -1,0 +1,447 @@
+"""The training loop on Hugging Face accelerate (the reference's launcher).
+
+``train(opts)`` runs on every process of `accelerate launch` / `torchrun` (or alone): it loads the base
+(SD2 or a Lotus checkpoint), performs the surgery, and optimises the UNet only (VAE and text encoder frozen;
+the empty-prompt embedding is computed once) with AdamW, gradient clipping and, as asked, mixed precision,
+gradient checkpointing and accumulation. Each optimiser step sees ``batch_size x processes x grad_accum``
+samples. A step's data and random numbers depend only on (seed, step), so a resumed run and an N-process run
+follow the same loss curve as an uninterrupted single-process run. It writes:
+
+    OUT/log.jsonl                      one record per logged step: step, loss, loss_anno, loss_rgb, lr, seconds
+    OUT/checkpoints/step-NNNNNNN/      accelerate state (model, optimiser, RNG) + trainer_state.json
+    OUT/validation/step-NNNNNNN.png    rgb | prediction | ground truth of the validation samples
+    OUT/final/                         the trained model in the hub layout, loadable by every `lotus` command
+    OUT/tensorboard/                   when tensorboard is installed
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import models
+from ..errors import UsageError
+from . import data as D
+from .step import StepOptions, annotation, draw, training_loss
+from .surgery import to_lotus
+
+LOG_FILE = "log.jsonl"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """A training run (defaults: the paper's recipe per process); validated once, before any work."""
+
+    base: str  # SD2 hub id / folder, or a Lotus checkpoint to continue from
+    out: Path
+    data: tuple[str, ...]  # NAME=PATH (hypersim, vkitti, folder) or PATH (folder format)
+    step: StepOptions = StepOptions()
+    mix: tuple[float, ...] | None = None  # per-batch probabilities, one per --data (default: equal)
+    steps: int = 20_000
+    batch_size: int = 16  # per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-5
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 2000
+    keep_checkpoints: int = 3
+    resume: str | None = None  # "latest" or a checkpoint folder
+    seed: int = 0
+    size: tuple[int, int] | None = None  # (H, W) for folder data
+    flip: bool = True
+    val_data: str | None = None
+    val_every: int = 0  # steps; 0 = only at the start and the end (validation) / the end (evaluation)
+    val_samples: int = 8
+    eval_data: tuple[str, ...] = ()  # NAME=PATH benchmark sets of `lotus eval` (depth: nyuv2, kitti, ...)
+    eval_max_samples: int | None = None
+    log_every: int = 10
+    num_workers: int = 0
+    name: str = ""
+
+    def __post_init__(self):
+        if not self.data:
+            raise UsageError("no training data", "pass --data NAME=PATH (hypersim, vkitti, folder), repeatable")
+        if self.mix is not None and (len(self.mix) != len(self.data) or min(self.mix) < 0 or sum(self.mix) <= 0):
+            raise UsageError(f"--mix {','.join(map(str, self.mix))}: give one non-negative weight per --data "
+                             f"({len(self.data)})")
+        for name, v in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
+                        ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every)):
+            if v < 1:
+                raise UsageError(f"{name} must be >= 1, not {v}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UsageError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or not self.max_grad_norm > 0:
+            raise UsageError("--lr and --max-grad-norm must be > 0, --weight-decay >= 0")
+        if self.eval_data:
+            from ..evaluate.datasets import parse_pairs, spec_for
+
+            for name, _ in parse_pairs(list(self.eval_data), "--eval-data"):
+                spec_for(self.step.task, name)
+
+
+@dataclass
+class Run:
+    """What a finished run hands back."""
+
+    final: Path
+    steps: int
+    losses: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    evaluation: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def load_base(base: str, task: str, family: str, seed: int):
+    """(folder, UNet in fp32 after surgery, frozen VAE, empty-prompt embedding [1, T, D])."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = models.fetch(models.resolve(base)).folder  # any task: a depth model may start a normal one
+    models._quiet_transformers()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32,
+                                                use_safetensors=True)
+    unet = to_lotus(unet, family, seed)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
+    vae.eval().requires_grad_(False)
+    return folder, unet, vae, models.empty_prompt_embedding(folder)
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_checkpoint(out: Path, resume: str) -> Path:
+    if resume == "latest":
+        found = [p for p in checkpoint_dirs(out) if (p / STATE_FILE).is_file()]
+        if not found:
+            raise UsageError(f"--resume latest: no checkpoint in {out / 'checkpoints'}", "start without --resume")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise UsageError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})", "use --resume latest")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- loop
+
+
+def _local_draws(opts: TrainOptions, step: int, micro: int, world: int, rank: int, latent_shape):
+    """The step's random numbers for the GLOBAL batch, sliced to this process's rows (so N processes draw
+    exactly what one process with the whole batch draws)."""
+    g = torch.Generator("cpu").manual_seed((opts.seed * 1_000_003 + step) * 1009 + micro)
+    b = opts.batch_size
+    big = draw(b * world, latent_shape, opts.step, g)
+    rows = [slice(rank * b, (rank + 1) * b)]
+    if opts.step.detail_preserver:
+        rows.append(slice(world * b + rank * b, world * b + (rank + 1) * b))
+    pick = lambda t: None if t is None else torch.cat([t[r] for r in rows])  # noqa: E731
+    one = lambda t: None if t is None else t[rows[0]]  # noqa: E731
+    return type(big)(one(big.image_eps), one(big.anno_eps), pick(big.noise), pick(big.t))
+
+
+@dataclass
+class _Parts:
+    """Everything a run holds: the accelerator, models, optimiser, data and where it starts."""
+
+    acc: object
+    base_folder: Path
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    prompt: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    weight_dtype: torch.dtype
+    start: int
+    trackers: str | None
+
+
+def _setup(opts: TrainOptions) -> _Parts:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(opts.out)
+    trackers = "tensorboard" if _has_tensorboard() else None
+    # accelerate treats several processes as CPU data parallel (gloo) only when told the run is on the CPU
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    acc = Accelerator(mixed_precision=opts.mixed_precision, log_with=trackers, cpu=multi_cpu,
+                      project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")))
+    datasets = [D.open_data(spec, opts.size) for spec in opts.data]
+    plan = D.BatchPlan(tuple(len(d) for d in datasets), opts.mix or tuple(1.0 for _ in datasets),
+                       opts.batch_size * acc.num_processes, opts.seed, opts.flip)
+    folder, unet, vae, prompt = load_base(opts.base, opts.step.task, opts.step.family, opts.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
+    vae.to(acc.device, weight_dtype)  # frozen: kept in the low precision, as the reference does
+    if opts.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    unet, optimizer = acc.prepare(unet, optimizer)
+    start = 0
+    if opts.resume:
+        ckpt = find_checkpoint(out, opts.resume)
+        acc.load_state(str(ckpt))
+        start = json.loads((ckpt / STATE_FILE).read_text())["step"]
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_options.json").write_text(json.dumps(_jsonable(asdict(opts)), indent=2))
+        if trackers:
+            acc.init_trackers("lotus")
+    source = D.StepBatches(datasets, plan, opts.grad_accum, acc.process_index, acc.num_processes, opts.step.task)
+    loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=opts.num_workers,
+                                         sampler=range(start * opts.grad_accum, opts.steps * opts.grad_accum))
+    return _Parts(acc, folder, unet, vae, prompt.to(acc.device), optimizer, loader, weight_dtype, start, trackers)
+
+
+def _micro_step(p: _Parts, opts: TrainOptions, batch: dict, step: int, micro: int) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns [total, anno, rgb] losses (float32 [3])."""
+    acc, vae = p.acc, p.vae
+    batch = {key: v.to(acc.device) for key, v in batch.items()}
+    anno = annotation(batch, opts.step)  # [b, 3, H, W] in [-1, 1]
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    h, w = batch["rgb"].shape[-2:]
+    draws = _local_draws(opts, step, micro, acc.num_processes, acc.process_index,
+                         (vae.config.latent_channels, h // f, w // f))
+    last = micro == opts.grad_accum - 1
+    with (acc.no_sync(p.unet) if not last else _null()), acc.autocast():  # gradients meet on the last micro-batch
+        losses = training_loss(p.unet, vae, p.prompt, batch["rgb"].to(p.weight_dtype), anno.to(p.weight_dtype),
+                               batch["valid"], opts.step, draws)
+        acc.backward(losses.total / opts.grad_accum)
+    return torch.stack([losses.total.detach(), losses.anno, losses.rgb]).float()
+
+
+def train(opts: TrainOptions, callback: Callable[[str, dict], None] | None = None) -> Run:
+    """Run (or resume) training; ``callback(event, record)`` gets "start", "log", "checkpoint", "validation",
+    "evaluation" and "done" events on the main process (the CLI draws progress from them)."""
+    p = _setup(opts)
+    acc, out = p.acc, Path(opts.out)
+    say = (callback or (lambda event, record: None)) if acc.is_main_process else (lambda event, record: None)
+    run = Run(out / "final", opts.steps)
+    say("start", {"start": p.start, "steps": opts.steps, "processes": acc.num_processes, "device": str(acc.device),
+                  "global_batch": opts.batch_size * acc.num_processes * opts.grad_accum, "family": opts.step.family})
+    val = _validation_set(opts) if acc.is_main_process and opts.val_data else None
+    if val is not None and p.start == 0:
+        run.validation.append(_validate(acc, p.unet, p.vae, p.prompt, val, opts, 0, say))
+    tally, t0 = [], time.perf_counter()
+    for k, batch in enumerate(p.loader, start=p.start * opts.grad_accum):
+        step, micro = divmod(k, opts.grad_accum)
+        tally.append(_micro_step(p, opts, batch, step, micro))
+        if micro < opts.grad_accum - 1:
+            continue
+        acc.clip_grad_norm_(p.unet.parameters(), opts.max_grad_norm)
+        p.optimizer.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        mean = acc.reduce(torch.stack(tally).mean(0), reduction="mean").tolist()  # over micro-batches, processes
+        tally = []
+        record = {"step": done, "loss": mean[0], "loss_anno": mean[1], "loss_rgb": mean[2], "lr": opts.lr,
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        if acc.is_main_process:
+            run.losses.append(record)
+            if done % opts.log_every == 0 or done == opts.steps:
+                _append_jsonl(out / LOG_FILE, record)
+                if p.trackers:
+                    acc.log({key: record[key] for key in ("loss", "loss_anno", "loss_rgb")}, step=done)
+            say("log", record)
+        if done % opts.checkpoint_every == 0 and done < opts.steps:
+            _checkpoint(acc, out, done, opts.keep_checkpoints, say)
+        if opts.val_every and done % opts.val_every == 0 and done < opts.steps and acc.is_main_process:
+            if val is not None:
+                run.validation.append(_validate(acc, p.unet, p.vae, p.prompt, val, opts, done, say))
+            run.evaluation += _benchmark(acc, p.unet, p.vae, p.prompt, opts, done, say)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if val is not None:
+            run.validation.append(_validate(acc, p.unet, p.vae, p.prompt, val, opts, opts.steps, say))
+        run.evaluation += _benchmark(acc, p.unet, p.vae, p.prompt, opts, opts.steps, say)
+        save_final(acc.unwrap_model(p.unet), p.base_folder, p.prompt, opts, run.final)
+        say("done", {"final": str(run.final), "steps": opts.steps})
+    acc.wait_for_everyone()
+    acc.end_training()
+    return run
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    return str(o) if isinstance(o, Path) else o
+
+
+def _checkpoint(acc, out: Path, step: int, keep: int, say) -> None:
+    path = out / "checkpoints" / f"step-{step:07d}"
+    acc.save_state(str(path))
+    if acc.is_main_process:
+        (path / STATE_FILE).write_text(json.dumps({"step": step}))
+        for old in [p for p in checkpoint_dirs(out) if (p / STATE_FILE).is_file()][:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        say("checkpoint", {"step": step, "path": str(path)})
+    acc.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def evaluate_samples(unet, vae, prompt, samples: list[dict], sopts: StepOptions, image: Path | None = None) -> dict:
+    """Predict each sample as inference does (posterior mean, G noise seed = sample index, DDIM when
+    ``timesteps`` > 1) and score it: depth, AbsRel and delta1 after least-squares scale and shift in the
+    model's kind (disparity or depth); normals, the mean angle in degrees. ``error`` is AbsRel or the mean
+    angle. With ``image``, writes rows of rgb | prediction | ground truth there."""
+    import numpy as np
+
+    from ..evaluate import metrics as M
+    from ..predictor import noise_for
+    from ..visualize import colorize_depth, normal_to_rgb
+    from .step import encode, predict_latent
+
+    dev = next(unet.parameters()).device
+    scores, rows = [], []
+    for i, s in enumerate(samples):
+        x = D.to_tensors(s, False)["rgb"][None].to(dev, vae.dtype)  # [1, 3, H, W]
+        z = encode(vae, x, None)  # [1, 4, h, w]
+        noise = noise_for(i, z.shape) if sopts.family == "g" else None
+        x0 = predict_latent(unet, z, prompt, sopts, noise)  # [1, 4, h, w]
+        y = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample
+        y = torch.nn.functional.interpolate((y.float() / 2 + 0.5).clamp(0, 1), size=s["rgb"].shape[:2],
+                                            mode="bilinear", align_corners=False)[0].cpu().numpy()  # [3, H, W]
+        valid = s["valid"]
+        if sopts.task == "normal":
+            n = np.moveaxis(y * 2 - 1, 0, -1)
+            scores.append({"error": float(M.angular_error(n, s["normal"])[valid].mean())})
+            rows.append([s["rgb"], normal_to_rgb(n / np.linalg.norm(n, axis=-1, keepdims=True).clip(1e-6)),
+                         normal_to_rgb(s["normal"])])
+            continue
+        pred, gt = y.mean(0), s["depth"].astype(np.float64)
+        ok = valid & (gt > 0)
+        aligned = M.align_depth(pred, gt, ok, sopts.kind, (float(gt[ok].min()), float(gt[ok].max())))
+        m = M.depth_metrics(aligned.depth, gt, ok)
+        scores.append({"error": m["abs_rel"], "abs_rel": m["abs_rel"], "delta1": m["delta1"]})
+        rows.append([s["rgb"], colorize_depth(pred, sopts.kind), colorize_depth(np.where(ok, gt, np.nan), "depth")])
+    if image is not None and rows:
+        from PIL import Image
+
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)).save(image)
+    return {k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]}
+
+
+def _validation_set(opts: TrainOptions) -> list[dict]:
+    ds = D.open_data(opts.val_data, opts.size)
+    return [ds.load(i) for i in range(min(opts.val_samples, len(ds)))]
+
+
+def _validate(acc, unet, vae, prompt, samples: list[dict], opts: TrainOptions, step: int, say) -> dict:
+    model = acc.unwrap_model(unet)
+    model.eval()
+    with acc.autocast():  # under mixed precision the VAE holds fp16/bf16 weights, the UNet fp32 ones
+        record = evaluate_samples(model, vae, prompt, samples, opts.step,
+                                  Path(opts.out) / "validation" / f"step-{step:07d}.png")
+    model.train()
+    record["step"] = step
+    if acc.trackers:
+        acc.log({f"val_{k}": v for k, v in record.items() if k != "step"}, step=step)
+    say("validation", record)
+    _append_jsonl(Path(opts.out) / "validation.jsonl", record)
+    return record
+
+
+def _benchmark(acc, unet, vae, prompt, opts: TrainOptions, step: int, say) -> list[dict]:
+    """The evaluation protocol (`lotus eval`) on ``opts.eval_data`` with the model as it is now; one record
+    per dataset, appended to OUT/eval.jsonl. Single-step x0 models only (what the predictor runs)."""
+    if not opts.eval_data:
+        return []
+    if opts.step.prediction != "x0" or opts.step.timesteps != 1:
+        say("evaluation", {"step": step, "skipped": "benchmarks run single-step x0 models only"})
+        return []
+    from ..evaluate import datasets as ED
+    from ..evaluate import run as R
+    from ..predictor import LotusPredictor
+
+    model = acc.unwrap_model(unet)
+    entry = models.ModelEntry(name=f"{opts.name or Path(opts.out).name}@{step}", repo_id=str(opts.out),
+                              task=opts.step.task, family=opts.step.family, kind=opts.step.kind)
+    predictor = LotusPredictor(model, vae, prompt, entry, acc.device, vae.dtype, channels_last=False,
+                               source=f"{opts.out} step {step}")
+    eopts = R.EvalOptions(task=opts.step.task, max_samples=opts.eval_max_samples)
+    records = []
+    model.eval()
+    try:
+        for name, path in ED.parse_pairs(list(opts.eval_data), "--eval-data"):
+            with acc.autocast():
+                result = R.evaluate(ED.open_dataset(opts.step.task, name, path), R.ModelSource(predictor), eopts)
+            record = {"step": step, "dataset": name, "evaluated": result.evaluated, "failed": len(result.failed),
+                      "metrics": result.metrics}
+            records.append(record)
+            say("evaluation", record)
+            _append_jsonl(Path(opts.out) / "eval.jsonl", record)
+    finally:
+        model.train()
+    return records
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ saving
+
+
+def save_final(unet, base_folder: Path, prompt: torch.Tensor, opts: TrainOptions, dest: Path) -> Path:
+    """The trained model as a checkpoint folder in the hub layout: unet/ (fp32 safetensors), vae/,
+    text_encoder/, tokenizer/ copied from the base, scheduler/, model_index.json, lotus.json (task, kind,
+    family) and the cached empty-prompt embedding."""
+    from diffusers import DDIMScheduler
+    from safetensors.torch import save_file
+
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unet.to(torch.float32).save_pretrained(tmp / "unet", safe_serialization=True)
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        if (base_folder / sub).is_dir():
+            shutil.copytree(base_folder / sub, tmp / sub)
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  prediction_type="epsilon" if opts.step.prediction == "eps" else "sample").save_pretrained(tmp / "scheduler")
+    index = {"_class_name": f"Lotus{opts.step.family.upper()}Pipeline", "lotus_task": opts.step.task,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDIMScheduler"]}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    meta = {"task": opts.step.task, "kind": opts.step.kind, "name": opts.name or dest.parent.name,
+            "family": opts.step.family, "licence": "derived from the base model's licence",
+            "note": f"trained with lotus train from {opts.base}: {opts.steps} steps, prediction {opts.step.prediction}, "
+                    f"timesteps {opts.step.timesteps}, detail preserver {opts.step.detail_preserver}, norm {opts.step.norm}"}
+    (tmp / models.METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    save_file({"embedding": prompt.detach().float().cpu().contiguous()}, str(tmp / models.EMBEDDING_FILE))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
