@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from . import models, strips
 from .errors import UsageError
@@ -193,30 +194,6 @@ def ensemble_stats(task: str, maps: Sequence[np.ndarray]) -> tuple[np.ndarray, n
     return mean.astype(np.float32), spread.astype(np.float32), statistic
 
 
-_HEAP_LIMITED = False
-
-
-def release_large_blocks() -> None:
-    """Make glibc return large freed blocks to the system at once (Linux; a no-op elsewhere).
-
-    glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which
-    blocks of that size come from the heap, and freed heap memory mostly stays in RSS. The decoder's
-    strip buffers and every activation of a smaller model are that size, so without this the freed
-    activations of one stage still count while the next allocates its own. A fixed 1 MiB threshold
-    (M_MMAP_THRESHOLD) keeps large blocks in mmap, unmapped on free. Process-wide, set once.
-    """
-    global _HEAP_LIMITED
-    if _HEAP_LIMITED:
-        return
-    _HEAP_LIMITED = True
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3
-    except (OSError, AttributeError):
-        pass
-
-
 class LotusPredictor:
     """A loaded Lotus checkpoint ready to predict; load once per process and share it.
 
@@ -248,10 +225,8 @@ class LotusPredictor:
         for m in self.vae.modules():
             if isinstance(m, torch.nn.SiLU):
                 m.inplace = True
-        # Output rows per strip in the decoder's high-resolution stages (see strips.py); 0 = diffusers' own.
-        self.decode_rows = strips.ROWS
-        if device.type == "cpu":
-            release_large_blocks()
+        # Output rows per strip in the VAE's high-resolution stages (see strips.py); 0 = diffusers' own.
+        self.strip_rows = strips.ROWS
 
     @classmethod
     def from_pretrained(cls, spec: str | Path | models.ModelRef | None = None, *, task: str | None = None,
@@ -295,7 +270,9 @@ class LotusPredictor:
 
     def encode(self, x: torch.Tensor, latent: str = "mean", seeds: Sequence[int] | None = None) -> torch.Tensor:
         """[B, 3, h, w] in [-1, 1] -> scaled image latent [B, 4, h//f, w//f] (f = latent_factor)."""
-        dist = self.vae.encode(self._fmt(x.to(self.device, self.dtype))).latent_dist
+        x = self._fmt(x.to(self.device, self.dtype))
+        moments = strips.encode(self.vae, x, self.strip_rows) if self.strip_rows else self.vae.encode(x).latent_dist.parameters
+        dist = DiagonalGaussianDistribution(moments)
         if latent == "sample":
             eps = torch.cat([noise_for(s + POSTERIOR_SEED_OFFSET, (1, *dist.mean.shape[1:])) for s in seeds])
             z = dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)  # as DiagonalGaussianDistribution.sample
@@ -325,7 +302,7 @@ class LotusPredictor:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Predicted latent [B, 4, h, w] -> float32 [B, 3, h*f, w*f] in [0, 1]."""
         z = self._fmt(latent / self.scaling_factor)
-        y = strips.decode(self.vae, z, self.decode_rows) if self.decode_rows else self.vae.decode(z).sample
+        y = strips.decode(self.vae, z, self.strip_rows) if self.strip_rows else self.vae.decode(z).sample
         return (y.float() / 2 + 0.5).clamp(0, 1)
 
     def noise(self, seeds: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor:

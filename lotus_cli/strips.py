@@ -1,4 +1,4 @@
-"""The SD VAE decoder, run in horizontal strips at high resolution: the same numbers, less memory.
+"""The SD VAE, run in horizontal strips at high resolution: the same numbers, less memory.
 
 At 512 x 512 px the decoder's last stages hold several full-resolution activations of 128-256 channels
 at once (the nearest-neighbour upsampled input beside its convolution, a GroupNorm output beside its
@@ -8,6 +8,7 @@ convolution (which sees one row above and below). So each runs exactly, strip by
 group statistics over the whole tensor (accumulated strip by strip, in float64), then normalisation,
 SiLU and convolution per strip of rows with a one-row halo, written into a preallocated output. A
 residual block without a channel change writes its output over its input, which it no longer needs.
+The encoder's full-resolution stages are the same pieces plus a stride-2 convolution, run the same way.
 
 Differences from diffusers' modules are float rounding only (the GroupNorm is applied as x * a + b, its
 statistics summed per strip in float32 and combined in float64): within 1e-5 of the plain decoder in tests. Any decoder whose structure is not the
@@ -20,6 +21,41 @@ import torch
 import torch.nn.functional as F
 
 ROWS = 64  # output rows per strip: 8 strips at 512 px; a strip costs ROWS/H of one activation
+
+
+def encoder_supported(vae) -> bool:
+    """Whether ``vae.encoder`` is built only from the pieces this module reproduces."""
+    enc = getattr(vae, "encoder", None)
+    if enc is None:
+        return False
+    for db in enc.down_blocks:
+        if type(db).__name__ != "DownEncoderBlock2D" or not all(_plain_resnet(r) for r in db.resnets):
+            return False
+        for down in db.downsamplers or []:
+            conv = getattr(down, "conv", None)
+            if not (type(down).__name__ == "Downsample2D" and down.use_conv and down.padding == 0
+                    and down.norm is None and isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3)
+                    and conv.stride == (2, 2) and conv.padding == (0, 0) and conv.groups == 1):
+                return False
+    return True
+
+
+@torch.inference_mode()
+def encode(vae, x: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
+    """The posterior's parameters ``vae._encode(x)`` for an SD VAE: [B, 3, H, W] -> moments [B, 8, H/8, W/8]
+    (mean and log-variance); stages taller than ``rows`` run in strips."""
+    if not encoder_supported(vae):
+        return vae.encode(x).latent_dist.parameters
+    enc = vae.encoder
+    h = enc.conv_in(x)
+    for db in enc.down_blocks:
+        for res in db.resnets:
+            h = resnet(res, h, rows) if h.shape[-2] > rows else res(h, None)
+        for down in db.downsamplers or []:
+            h = downsample(down, h, rows) if h.shape[-2] > 2 * rows else down(h)
+    h = enc.mid_block(h)
+    h = enc.conv_out(enc.conv_act(enc.conv_norm_out(h)))
+    return vae.quant_conv(h) if vae.quant_conv is not None else h
 
 
 def supported(vae) -> bool:
@@ -79,20 +115,41 @@ def decode(vae, z: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
 
 
 def resnet(res, x: torch.Tensor, rows: int) -> torch.Tensor:
-    """ResnetBlock2D(x) without time embedding: x + conv2(act(norm2(conv1(act(norm1(x)))))), in strips."""
+    """ResnetBlock2D(x) without time embedding: shortcut(x) + conv2(act(norm2(conv1(act(norm1(x)))))), in
+    strips. Consumes ``x``: its memory is reused (module doc), so the caller must not use it afterwards."""
     h = x.shape[-2]
     s1 = group_stats(x, res.norm1, rows)
-    h1 = _empty_like(x, res.conv1.out_channels)  # [B, C', H, W]
+    if res.conv_shortcut is None:
+        h1 = _empty_like(x, res.conv1.out_channels)  # [B, C, H, W]
+        out = x  # strip r of the output reads h1, and x only at rows r: it can overwrite x as it goes
+    else:
+        h1 = _h1_inside(x, res.conv1.out_channels, rows)
+        out = _empty_like(x, res.conv2.out_channels)
     for r0, r1 in _strips(h, rows):
-        h1[:, :, r0:r1] = _conv_rows(res.conv1, lambda a, b: _norm_act(x[:, :, a:b], res.norm1, s1), h, r0, r1)
+        y = _conv_rows(res.conv1, lambda a, b: _norm_act(x[:, :, a:b], res.norm1, s1), h, r0, r1)
+        if res.conv_shortcut is not None:
+            out[:, :, r0:r1] = res.conv_shortcut(x[:, :, r0:r1])  # before h1 may overwrite these rows of x
+        h1[:, :, r0:r1] = y
     s2 = group_stats(h1, res.norm2, rows)
-    in_place = res.conv_shortcut is None and res.output_scale_factor == 1
-    out = x if in_place else _empty_like(x, res.conv2.out_channels)  # strip r reads h1, and x only at rows r
     for r0, r1 in _strips(h, rows):
         y = _conv_rows(res.conv2, lambda a, b: _norm_act(h1[:, :, a:b], res.norm2, s2), h, r0, r1)
-        sc = x[:, :, r0:r1] if res.conv_shortcut is None else res.conv_shortcut(x[:, :, r0:r1])
-        out[:, :, r0:r1] = (sc + y) / res.output_scale_factor if not in_place else sc + y
+        out[:, :, r0:r1] += y  # shortcut(x) or x is already there
+        if res.output_scale_factor != 1:
+            out[:, :, r0:r1] /= res.output_scale_factor
     return out
+
+
+def _h1_inside(x: torch.Tensor, channels: int, rows: int) -> torch.Tensor:
+    """Where a block that halves the channels (or more) keeps its inner activation h1 [1, C', H, W]: in the
+    memory of its input x [1, C, H, W] (NHWC), which strips consume in row order. h1's strip r0..r1 fills
+    the elements x's rows r0*C'/C .. r1*C'/C held, all above the row r1 - 1 that the next strip reads first
+    (with C' <= C/2 and rows >= 2), and its rows r0..r1 of x went into the shortcut just before. Saves a
+    full-resolution activation at the decoder's peak. Elsewhere (batches, NCHW, other widths): a new tensor."""
+    b, c, h, w = x.shape
+    if b != 1 or 2 * channels > c or rows < 2 or _format(x) != torch.channels_last or not \
+            x.is_contiguous(memory_format=torch.channels_last):
+        return _empty_like(x, channels)
+    return torch.as_strided(x, (1, channels, h, w), (h * w * channels, 1, w * channels, channels), x.storage_offset())
 
 
 def upsample(up, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -109,6 +166,20 @@ def upsample(up, x: torch.Tensor, rows: int) -> torch.Tensor:
 
     for r0, r1 in _strips(h2, rows):
         out[:, :, r0:r1] = _conv_rows(up.conv, rows_of_upsampled, h2, r0, r1)
+    return out
+
+
+def downsample(down, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Downsample2D(x) of the SD VAE encoder: zero-pad one column right and one row below, then a 3 x 3
+    convolution with stride 2, in strips of output rows (output row r reads input rows 2r .. 2r+2)."""
+    h, w = x.shape[-2:]
+    oh, ow = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+    out = torch.empty((x.shape[0], down.conv.out_channels, oh, ow), dtype=x.dtype, device=x.device,
+                      memory_format=_format(x))
+    for r0, r1 in _strips(oh, rows):
+        a, b = 2 * r0, min(2 * r1 + 1, h)
+        s = F.pad(x[:, :, a:b], (0, 1, 0, 2 * r1 + 1 - b))  # the right column, and the bottom row at the end
+        out[:, :, r0:r1] = F.conv2d(s, down.conv.weight, down.conv.bias, stride=2)
     return out
 
 

@@ -31,14 +31,19 @@ def test_strips_equal_the_plain_decoder(vae, channels_last, latent_hw, rows):
     torch.testing.assert_close(ours, plain, atol=2e-5, rtol=0)
 
 
-def test_residual_blocks_keep_their_input_when_they_must(vae):
-    """A block with a channel change cannot overwrite its input; one without may (and does)."""
+@pytest.mark.parametrize("channels_last,batch", [(True, 1), (False, 1), (True, 2)])
+def test_blocks_that_narrow_the_channels(vae, channels_last, batch):
+    """The block with a channel change keeps its inner activation inside its input's memory when it can
+    (one NHWC image); in every case its output is the module's."""
     res = next(r for ub in vae.decoder.up_blocks for r in ub.resnets if r.conv_shortcut is not None)
-    x = torch.randn(1, res.conv1.in_channels, 20, 9)
-    keep = x.clone()
+    assert 2 * res.conv1.out_channels <= res.conv1.in_channels
+    x = torch.randn(batch, res.conv1.in_channels, 37, 9, generator=torch.Generator().manual_seed(2))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        strips.resnet(res, x, 6)
-    torch.testing.assert_close(x, keep, atol=0, rtol=0)
+        want = res(x.clone(), None)
+        got = strips.resnet(res, x, 5)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
 def test_an_unknown_decoder_is_left_to_diffusers(vae):
@@ -56,7 +61,18 @@ def test_predictions_do_not_depend_on_the_strips(depth_d):
     pred = LotusPredictor.from_pretrained(depth_d, device="cpu")
     img = make_image(72, 100, 5)
     opts = PredictOptions(processing_res=100)
-    pred.decode_rows = 0
+    pred.strip_rows = 0
     plain = pred.predict(img, opts).map
-    pred.decode_rows = 12
+    pred.strip_rows = 12
     torch.testing.assert_close(torch.from_numpy(pred.predict(img, opts).map), torch.from_numpy(plain), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hw,rows", [((104, 80), 16), ((64, 128), 7), ((48, 48), 64)])
+def test_encoder_strips_equal_the_plain_encoder(vae, hw, rows):
+    assert strips.encoder_supported(vae)
+    x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        plain = vae.encode(x).latent_dist.parameters
+        ours = strips.encode(vae, x, rows)
+    assert ours.shape == plain.shape == (2, 8, hw[0] // 4, hw[1] // 4)
+    torch.testing.assert_close(ours, plain, atol=2e-5, rtol=0)
