@@ -194,6 +194,32 @@ def ensemble_stats(task: str, maps: Sequence[np.ndarray]) -> tuple[np.ndarray, n
     return mean.astype(np.float32), spread.astype(np.float32), statistic
 
 
+_LIBC = None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Activations freed by one stage (encode, UNet) stay in the process's heap and count in its RSS while
+    the next stage allocates its own; trimming between stages takes ~20 ms and ~0.25 GB off the peak of a
+    512 px prediction of the full-size model. Allocator settings were tried instead (a fixed mmap
+    threshold) and cost 30% more time."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+TRIM_PIXELS = 256 * 256  # below this the activations are too small for trimming to matter
+
+
 class LotusPredictor:
     """A loaded Lotus checkpoint ready to predict; load once per process and share it.
 
@@ -271,6 +297,8 @@ class LotusPredictor:
     def encode(self, x: torch.Tensor, latent: str = "mean", seeds: Sequence[int] | None = None) -> torch.Tensor:
         """[B, 3, h, w] in [-1, 1] -> scaled image latent [B, 4, h//f, w//f] (f = latent_factor)."""
         x = self._fmt(x.to(self.device, self.dtype))
+        if self.device.type == "cpu" and x.shape[-2] * x.shape[-1] >= TRIM_PIXELS:
+            release_freed_memory()
         moments = strips.encode(self.vae, x, self.strip_rows) if self.strip_rows else self.vae.encode(x).latent_dist.parameters
         dist = DiagonalGaussianDistribution(moments)
         if latent == "sample":
@@ -302,6 +330,8 @@ class LotusPredictor:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Predicted latent [B, 4, h, w] -> float32 [B, 3, h*f, w*f] in [0, 1]."""
         z = self._fmt(latent / self.scaling_factor)
+        if self.device.type == "cpu" and z.shape[-2] * z.shape[-1] * self.latent_factor ** 2 >= TRIM_PIXELS:
+            release_freed_memory()  # the UNet's activations, freed, would otherwise count beside the decoder's
         y = strips.decode(self.vae, z, self.strip_rows) if self.strip_rows else self.vae.decode(z).sample
         return (y.float() / 2 + 0.5).clamp(0, 1)
 
