@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ROWS = 64  # output rows per strip: 8 strips at 512 px; a strip costs ROWS/H of one activation
+ROWS = 32  # output rows per strip: 16 strips at 512 px; a strip costs ROWS/H of one activation
 
 
 def encoder_supported(vae) -> bool:
@@ -109,7 +109,7 @@ def decode(vae, z: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
     stats = group_stats(x, dec.conv_norm_out, rows)
     out = _empty_like(x, dec.conv_out.out_channels)
     for r0, r1 in _strips(x.shape[-2], rows):
-        out[:, :, r0:r1] = _conv_rows(dec.conv_out, lambda a, b: _norm_act(x[:, :, a:b], dec.conv_norm_out, stats),
+        out[:, :, r0:r1] = _conv_rows(dec.conv_out, lambda a, b, dst: _norm_act(x[:, :, a:b], stats, dst), x,
                                       x.shape[-2], r0, r1)
     return out
 
@@ -126,13 +126,13 @@ def resnet(res, x: torch.Tensor, rows: int) -> torch.Tensor:
         h1 = _h1_inside(x, res.conv1.out_channels, rows)
         out = _empty_like(x, res.conv2.out_channels)
     for r0, r1 in _strips(h, rows):
-        y = _conv_rows(res.conv1, lambda a, b: _norm_act(x[:, :, a:b], res.norm1, s1), h, r0, r1)
+        y = _conv_rows(res.conv1, lambda a, b, dst: _norm_act(x[:, :, a:b], s1, dst), x, h, r0, r1)
         if res.conv_shortcut is not None:
             out[:, :, r0:r1] = res.conv_shortcut(x[:, :, r0:r1])  # before h1 may overwrite these rows of x
         h1[:, :, r0:r1] = y
     s2 = group_stats(h1, res.norm2, rows)
     for r0, r1 in _strips(h, rows):
-        y = _conv_rows(res.conv2, lambda a, b: _norm_act(h1[:, :, a:b], res.norm2, s2), h, r0, r1)
+        y = _conv_rows(res.conv2, lambda a, b, dst: _norm_act(h1[:, :, a:b], s2, dst), h1, h, r0, r1)
         out[:, :, r0:r1] += y  # shortcut(x) or x is already there
         if res.output_scale_factor != 1:
             out[:, :, r0:r1] /= res.output_scale_factor
@@ -159,13 +159,13 @@ def upsample(up, x: torch.Tensor, rows: int) -> torch.Tensor:
     out = torch.empty((x.shape[0], up.conv.out_channels, h2, 2 * x.shape[-1]), dtype=x.dtype, device=x.device,
                       memory_format=_format(x))
 
-    def rows_of_upsampled(a: int, b: int) -> torch.Tensor:
+    def rows_of_upsampled(a: int, b: int, dst: torch.Tensor) -> None:
         s0, s1 = a // 2, (b - 1) // 2 + 1  # nearest 2x: output row i is input row i // 2
         u = F.interpolate(x[:, :, s0:s1], scale_factor=2.0, mode="nearest")  # rows 2*s0 .. 2*s1
-        return u[:, :, a - 2 * s0:b - 2 * s0]
+        dst.copy_(u[:, :, a - 2 * s0:b - 2 * s0])
 
     for r0, r1 in _strips(h2, rows):
-        out[:, :, r0:r1] = _conv_rows(up.conv, rows_of_upsampled, h2, r0, r1)
+        out[:, :, r0:r1] = _conv_rows(up.conv, rows_of_upsampled, out, h2, r0, r1)
     return out
 
 
@@ -217,17 +217,28 @@ def group_stats(x: torch.Tensor, norm: torch.nn.GroupNorm, rows: int) -> tuple[t
     return a.to(x.dtype)[..., None, None], (b - mean_c * a).to(x.dtype)[..., None, None]
 
 
-def _norm_act(x: torch.Tensor, norm, stats) -> torch.Tensor:
+def _norm_act(x: torch.Tensor, stats, dst: torch.Tensor) -> None:
+    """dst = SiLU(x * a + b) for a strip x, written straight into ``dst`` (a view of the padded buffer)."""
     a, b = stats
-    return F.silu(torch.addcmul(b, x, a), inplace=True)  # x * a + b, then SiLU, one strip
+    torch.addcmul(b, x, a, out=dst)
+    F.silu(dst, inplace=True)
 
 
-def _conv_rows(conv, rows_of_input, height: int, r0: int, r1: int) -> torch.Tensor:
-    """Output rows r0..r1 of a 3 x 3 'same' convolution over an input of ``height`` rows, from the input's
-    rows r0-1 .. r1+1 (``rows_of_input(a, b)``), zero rows standing in for the padding at the borders."""
+def _conv_rows(conv, fill, like: torch.Tensor, height: int, r0: int, r1: int) -> torch.Tensor:
+    """Output rows r0..r1 of a 3 x 3 'same' convolution over an input of ``height`` rows. ``fill(a, b, dst)``
+    writes the input's rows a..b (r0-1 .. r1+1, clipped) into ``dst``, a view of one buffer whose extra zero
+    rows stand in for the padding at the image borders (so no padded copy is made). ``like``: a tensor of
+    the input's batch, channels, width, dtype and memory format."""
     a, b = max(r0 - 1, 0), min(r1 + 1, height)
-    x = F.pad(rows_of_input(a, b), (0, 0, int(r0 == 0), int(r1 == height)))
-    return F.conv2d(x, conv.weight, conv.bias, stride=1, padding=(0, 1))
+    top = int(r0 == 0)
+    buf = torch.empty((like.shape[0], conv.in_channels, r1 - r0 + 2, like.shape[-1]), dtype=like.dtype,
+                      device=like.device, memory_format=_format(like))
+    if top:
+        buf[:, :, 0].zero_()
+    if r1 == height:
+        buf[:, :, -1].zero_()
+    fill(a, b, buf[:, :, top:top + b - a])
+    return F.conv2d(buf, conv.weight, conv.bias, stride=1, padding=(0, 1))
 
 
 def _strips(height: int, rows: int):
