@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 ROWS = 32  # output rows per strip: 16 strips at 512 px; a strip costs ROWS/H of one activation
+# Stages smaller than this (pixels) run as diffusers' modules: their activations are too small to matter,
+# and small inputs then give diffusers' numbers to the bit (the fidelity tests' sizes).
+MIN_PIXELS = 256 * 256
 
 
 def encoder_supported(vae) -> bool:
@@ -50,9 +53,9 @@ def encode(vae, x: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
     h = enc.conv_in(x)
     for db in enc.down_blocks:
         for res in db.resnets:
-            h = resnet(res, h, rows) if h.shape[-2] > rows else res(h, None)
+            h = resnet(res, h, rows) if _big(h, rows) else res(h, None)
         for down in db.downsamplers or []:
-            h = downsample(down, h, rows) if h.shape[-2] > 2 * rows else down(h)
+            h = downsample(down, h, rows) if _big(h, rows) and h.shape[-2] > 2 * rows else down(h)
     h = enc.mid_block(h)
     h = enc.conv_out(enc.conv_act(enc.conv_norm_out(h)))
     return vae.quant_conv(h) if vae.quant_conv is not None else h
@@ -101,10 +104,10 @@ def decode(vae, z: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
     x = x.to(next(iter(dec.up_blocks.parameters())).dtype)
     for ub in dec.up_blocks:
         for res in ub.resnets:
-            x = resnet(res, x, rows) if x.shape[-2] > rows else res(x, None)
+            x = resnet(res, x, rows) if _big(x, rows) else res(x, None)
         for up in ub.upsamplers or []:
-            x = upsample(up, x, rows) if 2 * x.shape[-2] > rows else up(x)
-    if x.shape[-2] <= rows:
+            x = upsample(up, x, rows) if _big(x, rows, 2) else up(x)
+    if not _big(x, rows):
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(x)))
     stats = group_stats(x, dec.conv_norm_out, rows)
     out = _empty_like(x, dec.conv_out.out_channels)
@@ -239,6 +242,12 @@ def _conv_rows(conv, fill, like: torch.Tensor, height: int, r0: int, r1: int) ->
         buf[:, :, -1].zero_()
     fill(a, b, buf[:, :, top:top + b - a])
     return F.conv2d(buf, conv.weight, conv.bias, stride=1, padding=(0, 1))
+
+
+def _big(x: torch.Tensor, rows: int, scale: int = 1) -> bool:
+    """Whether a stage whose output is ``scale`` times x's height and width is worth running in strips."""
+    h, w = x.shape[-2] * scale, x.shape[-1] * scale
+    return h > rows and h * w >= MIN_PIXELS
 
 
 def _strips(height: int, rows: int):
