@@ -217,7 +217,7 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-TRIM_PIXELS = 256 * 256  # below this the activations are too small for trimming to matter
+TRIM_PIXELS = 512 * 512  # below this the activations are too small for a trim (~20 ms) to pay
 
 
 class LotusPredictor:

@@ -347,7 +347,9 @@ def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOp
     plan = plan_tiles(h, w, topts, processing_res=opts.processing_res, batch_size=opts.batch_size,
                       cost=cost, budget=budget)
     z_global = predictor.encode(model_input(predictor, rgb, plan.global_size), opts.latent, [opts.seed])  # [1, 4, ., .]
-    z_tiles = list(_tile_latents(predictor, rgb, plan, opts))  # [(boxes, [b, 4, lh, lw])], encoded once
+    z_tiles = _tile_latents(predictor, rgb, plan, opts)  # [(boxes, [b, 4, lh, lw])], encoded once
+    if len(seeds) > 1:
+        z_tiles = list(z_tiles)  # kept for every seed; one seed streams them, holding one batch at a time
     out = []
     for seed in seeds:
         noise = predictor.noise([seed], tuple(z_global.shape[-2:])) if predictor.family == "g" else None
