@@ -49,6 +49,18 @@ def depth_d(checkpoints):
     return checkpoints[("depth", "d")]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread: a second one only adds synchronisation, and on a busy
+    machine it made tiny training steps ~80x slower. Benchmarks keep torch's default."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A smooth-plus-texture uint8 RGB test image [h, w, 3]."""
     rng = np.random.default_rng(seed)

@@ -9,15 +9,6 @@ from lotus_cli.errors import UsageError
 from lotus_cli.train.step import (StepOptions, alphas_cumprod, annotation, depth_annotation, draw, latent_valid,
                                   predict_latent, train_timesteps, training_loss)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and two engineers' tests share two cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def load(folder):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 

@@ -9,15 +9,6 @@ from lotus_cli.errors import ModelError
 from lotus_cli.synthetic import TINY_UNET
 from lotus_cli.train.surgery import add_class_embedding, is_lotus_unet, to_lotus, widen_conv_in
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and two engineers' tests share two cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sd2_unet():
     from diffusers import UNet2DConditionModel

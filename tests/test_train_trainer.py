@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from lotus_cli.train import data as D
 from lotus_cli.train.step import StepOptions
@@ -19,27 +18,15 @@ from lotus_cli.train.surgery import build_tiny_base
 from lotus_cli.train.trainer import LOG_FILE, TrainOptions, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and two engineers' tests share two cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Synthetic scenes (train with invalid holes, val and a hole-free set) and a tiny SD2-like base whose
     VAE is fitted to them, so that decoded predictions mean something."""
     root = tmp_path_factory.mktemp("train-world")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     train_dir = D.write_synthetic_dataset(root / "train", 48, (32, 32), seed=1)
     val_dir = D.write_synthetic_dataset(root / "val", 6, (32, 32), seed=2, holes=False)
     full_dir = D.write_synthetic_dataset(root / "full", 8, (32, 32), seed=3, holes=False)
     base = build_tiny_base(root / "base", fit_images=D.autoencoder_images(D.FolderData(train_dir)), fit_steps=250)
-    torch.set_num_threads(n)
     return {"root": root, "train": train_dir, "val": val_dir, "full": full_dir, "base": base}
 
 
