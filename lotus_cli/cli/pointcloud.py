@@ -36,7 +36,7 @@ DepthShift = Annotated[Optional[float], _opt("--depth-shift", "See --depth-scale
 AlignTo = Annotated[Optional[Path], _opt("--align-to", "Metric depth map (npy, or 16-bit png) of the same view, "
                                          "dense or sparse (0 = none): fit scale and shift to it; one input only.")]
 AlignUnits = Annotated[Optional[str], _opt("--align-units", "Units of --align-to: m, mm, or values per metre "
-                                           "(default: m for npy, mm for png).")]
+                                           "(default: m for float maps, mm for integer ones such as 16-bit PNG).")]
 ShapeFromNormals = Annotated[bool, _opt("--shape-from-normals", "Fit the depth's unknown shift so the surface's "
                                         "normals agree with the normal model's; the scale still comes from --near.")]
 DepthIn = Annotated[Optional[Path], _opt("--depth", "Back-project this map instead of running the depth model: a "
@@ -44,7 +44,8 @@ DepthIn = Annotated[Optional[Path], _opt("--depth", "Back-project this map inste
 DepthKind = Annotated[Optional[str], _opt("--depth-kind", "Kind of a --depth map without a sidecar: depth or "
                                           "disparity (default depth).")]
 DepthUnits = Annotated[Optional[str], _opt("--depth-units", "Units of a --depth map without a sidecar: m, mm, "
-                                           "values per metre (e.g. 5000), or relative (affine-invariant).")]
+                                           "values per metre (e.g. 5000), or relative (affine-invariant); default m for float "
+                                           "maps, mm for integer ones, recorded as assumed.")]
 Edge = Annotated[float, _opt("--edge-threshold", "Drop flying pixels whose depth jumps by more than this fraction "
                              "to a neighbour (0 = keep all).", show_default=True)]
 Stride = Annotated[int, _opt("--stride", "Keep every N-th row and column.", show_default=True)]
