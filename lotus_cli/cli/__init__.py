@@ -18,7 +18,8 @@ from ..errors import LotusError
 
 app = typer.Typer(
     name="lotus",
-    help="Depth and surface normals from images with Lotus (one-step diffusion, arXiv 2409.18124).",
+    help="Depth, surface normals, uncertainty and point clouds from images and videos with Lotus (one-step "
+         "diffusion, arXiv 2409.18124), and the paper's training and evaluation protocols.",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},

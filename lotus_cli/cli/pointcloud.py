@@ -63,8 +63,9 @@ def pointcloud(inputs: Inputs = None, out: Out = None, model: Model = None, norm
                stride: Stride = 1, max_points: MaxPoints = 0, processing_res: ProcRes = 768, seed: Seed = 0,
                device: Device = "auto", dtype: Dtype = "auto", fps: Fps = None, start: Start = None, end: End = None,
                max_frames: MaxFrames = None, skip_existing: Skip = False, json: Json = False):
-    """Metric point clouds (binary PLY via Open3D: positions in metres, colours, normals) from images, videos
-    (one PLY per sampled frame) or depth maps. Lotus predicts affine-invariant disparity, so the scale and
+    """Metric point clouds (PLY) from images, videos or depth maps, with every assumption stated.
+
+    Binary PLY via Open3D: positions in metres, colours, normals; one PLY per sampled video frame. Lotus predicts affine-invariant disparity, so the scale and
     shift come from --near/--far (defaults assumed), --align-to, --depth-scale/--depth-shift or
     --shape-from-normals; every assumption is written into the sidecar and the PLY header."""
     try:

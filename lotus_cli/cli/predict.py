@@ -274,8 +274,10 @@ def depth(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: Form
           start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
           raw: Raw = None, raw_out: RawOut = "f32", tile: Tile = None, overlap: Overlap = 0.25,
           tile_res: TileRes = None, max_memory: MaxMemory = "auto"):
-    """Predict depth for images and videos. Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity,
-    deterministic, best AbsRel in the paper), which predicts affine-invariant disparity (1 = near)."""
+    """Depth maps for images and videos.
+
+    Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity, deterministic, best AbsRel in the
+    paper), which predicts affine-invariant disparity (1 = near)."""
     _predict(Args("depth", **locals()))
 
 
@@ -287,9 +289,10 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: For
            start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
            raw: Raw = None, raw_out: RawOut = "f32", frame: Frame = "lotus", tile: Tile = None,
            overlap: Overlap = 0.25, tile_res: TileRes = None, max_memory: MaxMemory = "auto"):
-    """Predict surface normals for images and videos. Default model: normal-d (jingheya/lotus-normal-d-v1-1,
-    deterministic). Normals are unit vectors, by default in Lotus's frame: x left, y up, z toward the camera
-    (--frame for others)."""
+    """Surface-normal maps for images and videos.
+
+    Default model: normal-d (jingheya/lotus-normal-d-v1-1, deterministic). Normals are unit vectors, by
+    default in Lotus's frame: x left, y up, z toward the camera (--frame for others)."""
     _predict(Args("normal", **locals()))
 
 
@@ -310,8 +313,9 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
                 fps: Fps = None, start: Start = None, end: End = None, max_frames: MaxFrames = None,
                 frame: Frame = "lotus", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
                 max_memory: MaxMemory = "auto"):
-    """Per-pixel uncertainty (paper Sec. 4.4): run a Lotus-G model several times with different noise and
-    write the spread (depth: std of the [0,1] maps; normals: RMS angle in degrees) as x.png / x.16bit.png /
+    """Per-pixel uncertainty of depth or normals (Lotus-G's spread over noise samples).
+
+    Paper Sec. 4.4: run a Lotus-G model several times with different noise and write the spread (depth: std of the [0,1] maps; normals: RMS angle in degrees) as x.png / x.16bit.png /
     x.npy, and the mean prediction as x.mean.*. Default model: depth-g, or normal-g with --task normal."""
     if task not in ("depth", "normal"):
         fail(UsageError(f"--task must be depth or normal, not {task!r}"))
