@@ -181,6 +181,8 @@ def _write(item: Item, paths: dict, pred: Prediction, kind: str, record: dict, s
 
 
 def _brief(e: BaseException) -> str:
+    if isinstance(e, LotusError):  # our own errors already say what and how to fix it
+        return str(e)
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 

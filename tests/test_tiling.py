@@ -382,3 +382,14 @@ def test_tiled_uncertainty_encodes_once_and_matches_single_samples(depth_g, monk
     stack = np.stack(singles)
     np.testing.assert_allclose(ens.layers["mean"][0], stack.mean(0), atol=1e-5)  # sample k is seed k's prediction
     np.testing.assert_allclose(ens.map, stack.std(0), atol=1e-5)
+
+
+def test_a_budget_too_small_names_the_option(depth_d, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(make_image(96, 128)).save(tmp_path / "x.png")
+    r = _cli("depth", tmp_path / "x.png", "--out", tmp_path / "o", "--model", depth_d, "--tile", "auto",
+             "--max-memory", "1M", "--processing-res", "32")
+    assert r.exit_code == 1
+    assert "but --max-memory is 1.0 MiB (lower --processing-res or raise --max-memory)" in r.output
+    assert "UsageError" not in r.output  # our own message, not a traceback's class name
