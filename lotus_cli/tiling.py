@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .predictor import EnsembleOptions, PredictOptions, Prediction, ensemble_stats, noise_for, processing_size, unflip
+from .predictor import (EnsembleOptions, PredictOptions, Prediction, ensemble_stats, noise_for, processing_size,
+                        release_freed_memory, unflip)
 from .geometry import robust_scale_shift
 
 DEFAULT_TILE_RES = 768  # Lotus's training resolution, used when processing_res is 0 (native)
@@ -346,7 +347,10 @@ def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOp
     budget = topts.max_memory if topts.max_memory is not None else device_budget(predictor.device, cost)
     plan = plan_tiles(h, w, topts, processing_res=opts.processing_res, batch_size=opts.batch_size,
                       cost=cost, budget=budget)
-    z_global = predictor.encode(model_input(predictor, rgb, plan.global_size), opts.latent, [opts.seed])  # [1, 4, ., .]
+    x = model_input(predictor, rgb, plan.global_size)  # [1, 3, h, w]
+    release_freed_memory()  # the full-width float strips model_input made and freed (tens of MB each)
+    z_global = predictor.encode(x, opts.latent, [opts.seed])  # [1, 4, ., .]
+    del x
     z_tiles = _tile_latents(predictor, rgb, plan, opts)  # [(boxes, [b, 4, lh, lw])], encoded once
     if len(seeds) > 1:
         z_tiles = list(z_tiles)  # kept for every seed; one seed streams them, holding one batch at a time
