@@ -274,6 +274,12 @@ class LotusPredictor:
 
     # -- the steps, each usable on its own (uncertainty, tiling and training reuse them) -------------
 
+    def _trim_before(self, pixels: int) -> None:
+        """Before a VAE pass over ``pixels`` image pixels on the CPU: hand the previous stage's freed
+        activations back (``release_freed_memory``), when the pass is large enough for that to matter."""
+        if self.device.type == "cpu" and pixels >= TRIM_PIXELS:
+            release_freed_memory()
+
     def _fmt(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -297,9 +303,9 @@ class LotusPredictor:
     def encode(self, x: torch.Tensor, latent: str = "mean", seeds: Sequence[int] | None = None) -> torch.Tensor:
         """[B, 3, h, w] in [-1, 1] -> scaled image latent [B, 4, h//f, w//f] (f = latent_factor)."""
         x = self._fmt(x.to(self.device, self.dtype))
-        if self.device.type == "cpu" and x.shape[-2] * x.shape[-1] >= TRIM_PIXELS:
-            release_freed_memory()
-        moments = strips.encode(self.vae, x, self.strip_rows) if self.strip_rows else self.vae.encode(x).latent_dist.parameters
+        self._trim_before(x.shape[-2] * x.shape[-1])
+        moments = (strips.encode(self.vae, x, self.strip_rows) if self.strip_rows
+                   else self.vae.encode(x).latent_dist.parameters)
         dist = DiagonalGaussianDistribution(moments)
         if latent == "sample":
             eps = torch.cat([noise_for(s + POSTERIOR_SEED_OFFSET, (1, *dist.mean.shape[1:])) for s in seeds])
@@ -330,8 +336,7 @@ class LotusPredictor:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Predicted latent [B, 4, h, w] -> float32 [B, 3, h*f, w*f] in [0, 1]."""
         z = self._fmt(latent / self.scaling_factor)
-        if self.device.type == "cpu" and z.shape[-2] * z.shape[-1] * self.latent_factor ** 2 >= TRIM_PIXELS:
-            release_freed_memory()  # the UNet's activations, freed, would otherwise count beside the decoder's
+        self._trim_before(z.shape[-2] * z.shape[-1] * self.latent_factor ** 2)  # the UNet's freed activations
         y = strips.decode(self.vae, z, self.strip_rows) if self.strip_rows else self.vae.decode(z).sample
         return (y.float() / 2 + 0.5).clamp(0, 1)
 
@@ -388,15 +393,12 @@ class LotusPredictor:
         the RMS angle in degrees between each sample and the mean direction) and layers["mean"] = the
         mean prediction (normals: the normalised mean), in the model's kind.
         """
-        if self.family == "d" and eopts.tta == "none":
-            raise UsageError(f"{self.source} is a Lotus-D model: it takes no noise, so its samples would all agree",
-                             "use a G model (depth-g, normal-g) or add --tta flip")
+        seeds = self.ensemble_seeds(opts, eopts)
         t0 = time.perf_counter()
         size = image.shape[:2]
         proc_hw = processing_size(*size, opts.processing_res)
         x = self.resize(self.to_tensor(image), proc_hw)  # [1, 3, h, w]
         views = [x, x.flip(-1)] if eopts.tta == "flip" else [x]
-        seeds = [opts.seed + k for k in range(eopts.samples)] if self.family == "g" else [opts.seed]
         maps = []
         for flipped, view in enumerate(views):
             z = self.encode(view, opts.latent, [opts.seed])  # [1, 4, h/f, w/f], shared by the samples
@@ -408,11 +410,24 @@ class LotusPredictor:
                 for j in range(len(chunk)):
                     m = self.finish(decoded[j:j + 1], size, opts.resample, opts.frame)
                     maps.append(unflip(m, self.task) if flipped else m)
+        return self.ensemble_prediction(maps, seeds, eopts, proc_hw, time.perf_counter() - t0)
+
+    def ensemble_seeds(self, opts: PredictOptions, eopts: EnsembleOptions) -> list[int]:
+        """The noise seeds of an ensemble (``opts.seed + k``; one for a D model, whose only views are
+        flips). Raises UsageError for a D model without test-time augmentation: its samples would agree."""
+        if self.family == "d" and eopts.tta == "none":
+            raise UsageError(f"{self.source} is a Lotus-D model: it takes no noise, so its samples would all agree",
+                             "use a G model (depth-g, normal-g) or add --tta flip")
+        return [opts.seed + k for k in range(eopts.samples)] if self.family == "g" else [opts.seed]
+
+    def ensemble_prediction(self, maps: Sequence[np.ndarray], seeds: list[int], eopts: EnsembleOptions,
+                            proc_hw: tuple[int, int], seconds: float, **extra) -> Prediction:
+        """The ensemble's Prediction from its maps (every view and seed, in the model's kind): map = spread,
+        layers["mean"], and the statistic and seeds in extra["uncertainty"] beside any further ``extra``."""
         mean, spread, statistic = ensemble_stats(self.task, maps)
-        extra = {"uncertainty": {"statistic": statistic, "samples": len(maps), "noise_samples": len(seeds),
-                                 "tta": eopts.tta, "seeds": seeds if self.family == "g" else None}}
-        return Prediction(spread.astype(np.float32), proc_hw, time.perf_counter() - t0, extra,
-                          {"mean": (mean.astype(np.float32), self.kind)})
+        extra["uncertainty"] = {"statistic": statistic, "samples": len(maps), "noise_samples": len(seeds),
+                                "tta": eopts.tta, "seeds": seeds if self.family == "g" else None}
+        return Prediction(spread, proc_hw, seconds, extra, {"mean": (mean, self.kind)})
 
     def describe(self) -> dict:
         """Metadata for sidecars."""

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .predictor import (EnsembleOptions, PredictOptions, Prediction, ensemble_stats, noise_for, processing_size,
+from .predictor import (EnsembleOptions, PredictOptions, Prediction, noise_for, processing_size,
                         release_freed_memory, unflip)
 from .geometry import robust_scale_shift
 
@@ -251,9 +251,8 @@ def plan_tiles(height: int, width: int, topts: TileOptions = TileOptions(), *, p
     or finer; else tiles of tile_res input pixels (one model pixel per input pixel), made larger for big
     images so that they are at most MAX_DETAIL (4) times finer than the global pass (each tile keeps enough
     context, and a 64 MP photo needs tens of tiles, not hundreds); tile_res shrinks (not below 256) until
-    one tile fits the budget. The tiles per model
-    call are ``batch_size``, lowered to fit. Raises UsageError when the global pass or an explicitly sized
-    tile cannot fit the budget.
+    one tile fits the budget. The tiles per model call are ``batch_size``, lowered to fit. Raises
+    UsageError when the global pass or an explicitly sized tile cannot fit the budget.
     """
     auto = topts.tile == "auto"
     res = topts.tile_res or processing_res or DEFAULT_TILE_RES
@@ -316,10 +315,7 @@ def predict_tiled_ensemble(predictor, images: list[np.ndarray], opts: PredictOpt
     once per view and shared by the samples."""
     import torch
 
-    if predictor.family == "d" and eopts.tta == "none":
-        raise UsageError(f"{predictor.source} is a Lotus-D model: it takes no noise, so its samples would all agree",
-                         "use a G model (depth-g, normal-g) or add --tta flip")
-    seeds = [opts.seed + k for k in range(eopts.samples)] if predictor.family == "g" else [opts.seed]
+    seeds = predictor.ensemble_seeds(opts, eopts)
     out = []
     with torch.inference_mode():
         for rgb in images:
@@ -328,11 +324,8 @@ def predict_tiled_ensemble(predictor, images: list[np.ndarray], opts: PredictOpt
                 for p in _predict_one(predictor, np.ascontiguousarray(view), opts, topts, seeds):
                     maps.append(unflip(p.map, predictor.task) if flipped else p.map)
                     plan = plan or p.extra["tiling"]
-            mean, spread, statistic = ensemble_stats(predictor.task, maps)
-            extra = {"tiling": plan, "uncertainty": {"statistic": statistic, "samples": len(maps),
-                     "noise_samples": len(seeds), "tta": eopts.tta, "seeds": seeds if predictor.family == "g" else None}}
-            out.append(Prediction(spread, p.processing_size, time.perf_counter() - t0, extra,
-                                  {"mean": (mean, predictor.kind)}))
+            out.append(predictor.ensemble_prediction(maps, seeds, eopts, p.processing_size,
+                                                     time.perf_counter() - t0, tiling=plan))
     return out
 
 
@@ -495,8 +488,9 @@ def _fit(m: np.ndarray, layout, box, size) -> tuple[float, float]:
     s, b, _ = robust_scale_shift(coarse, ref_c)
     flat = np.std(coarse) < FLAT_TILE * max(np.std(ref_c), 1e-6)
     if flat or not (np.isfinite(s) and 0 < s <= MAX_TILE_SCALE):
-        # A tile with (almost) no contrast of its own (sky, a blank wall) or an inverted or wild fit: its
-        # own scale cannot be trusted, so keep its detail at unit scale and match its level to the global pass.
+        # A tile with (almost) no contrast of its own (sky, a blank wall): its scale cannot be fitted, so its
+        # detail stays at unit scale. An inverted or wild fit: the contrast ratio, at most MAX_TILE_SCALE.
+        # Either way the level comes from the global pass.
         s = 1.0 if flat else float(np.clip(np.std(ref_c) / max(np.std(coarse), 1e-6), 0.0, MAX_TILE_SCALE))
         b = float(np.median(ref_c) - s * np.median(coarse))
     return float(s), float(b)

@@ -155,9 +155,11 @@ def _predict(a: Args) -> None:
         say("error: no usable inputs", "red")
         raise typer.Exit(1 if problems else 2)
     predictor = load_predictor(model, a.task, a.device, a.dtype)
-    if ensemble and predictor.family == "d" and ensemble.tta == "none":
-        fail(UsageError(f"{predictor.source} is a Lotus-D model: it takes no noise, so its samples would all "
-                        "agree", "use a G model (depth-g, normal-g) or add --tta flip"))
+    if ensemble:
+        try:
+            predictor.ensemble_seeds(opts, ensemble)  # a D model without --tta is refused before any input is read
+        except LotusError as e:
+            fail(e)
     predict = _predict_fn(predictor, tiles, ensemble)
     _run(a, predictor, items, output, opts, video, len(problems), predict, "uncertainty" if ensemble else None)
 
@@ -315,8 +317,9 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
                 max_memory: MaxMemory = "auto"):
     """Per-pixel uncertainty of depth or normals (Lotus-G's spread over noise samples).
 
-    Paper Sec. 4.4: run a Lotus-G model several times with different noise and write the spread (depth: std of the [0,1] maps; normals: RMS angle in degrees) as x.png / x.16bit.png /
-    x.npy, and the mean prediction as x.mean.*. Default model: depth-g, or normal-g with --task normal."""
+    Paper Sec. 4.4: run a Lotus-G model several times with different noise and write the spread (depth:
+    std of the [0,1] maps; normals: RMS angle in degrees) as x.png / x.16bit.png / x.npy, and the mean
+    prediction as x.mean.*. Default model: depth-g, or normal-g with --task normal."""
     if task not in ("depth", "normal"):
         fail(UsageError(f"--task must be depth or normal, not {task!r}"))
     args = dict(locals())
