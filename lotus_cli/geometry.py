@@ -65,10 +65,6 @@ class Intrinsics:
         """Horizontal field of view in degrees (edge to edge, for a centred principal point)."""
         return math.degrees(2 * math.atan(self.width / 2 / self.fx))
 
-    def matrix(self) -> np.ndarray:
-        """K [3, 3] float64."""
-        return np.array([[self.fx, 0, self.cx], [0, self.fy, self.cy], [0, 0, 1]], np.float64)
-
     def to_json(self) -> dict:
         return {"fx": self.fx, "fy": self.fy, "cx": self.cx, "cy": self.cy, "width": self.width,
                 "height": self.height, "hfov_deg": round(self.hfov, 4)}
@@ -235,8 +231,11 @@ def align_to_metric(values: np.ndarray, kind: str, metric: np.ndarray,
 
 
 def angular_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Angle in degrees between unit vectors a, b [..., 3] (NaN where either is NaN)."""
-    return np.degrees(np.arccos(np.clip((a * b).sum(-1), -1.0, 1.0)))
+    """Angle in degrees [...] between vectors a, b [..., 3], each normalised first (cosine clipped to
+    [-1, 1]; a zero vector has cosine 0 with anything: 90 degrees; NaN where either is NaN). float64."""
+    p, q = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    norm = np.maximum(np.linalg.norm(p, axis=-1) * np.linalg.norm(q, axis=-1), 1e-12)
+    return np.degrees(np.arccos(np.clip((p * q).sum(-1) / norm, -1.0, 1.0)))
 
 
 def shape_from_normals(values: np.ndarray, kind: str, normals: np.ndarray, K: Intrinsics,

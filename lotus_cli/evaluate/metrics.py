@@ -148,14 +148,7 @@ def depth_valid_mask(gt: np.ndarray, depth_range: tuple[float, float]) -> np.nda
 # ----------------------------------------------------------------------------------------- normals
 
 
-def angular_error(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Angle in degrees [H, W] between vectors pred, gt [H, W, 3] after normalising both (cosine
-    similarity clipped to [-1, 1]); a zero vector has cosine 0 with anything (90 degrees)."""
-    p = pred.astype(np.float64)
-    g = gt.astype(np.float64)
-    norm = np.maximum(np.linalg.norm(p, axis=-1) * np.linalg.norm(g, axis=-1), 1e-12)
-    cos = np.clip((p * g).sum(-1) / norm, -1.0, 1.0)
-    return np.degrees(np.arccos(cos))
+angular_error = geometry.angular_error  # degrees between vectors, both normalised (the one definition)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError, LotusError, UsageError
+from ..sources import sidecar_of
 from . import metrics as M
 from .datasets import Dataset, Item, Sample, kitti_benchmark_crop
 
@@ -129,7 +130,7 @@ class FolderSource:
         for s in ds.samples[:20]:
             path = self.find(ds, s)
             if path is not None:
-                sidecar = path.with_name(path.name.split(".")[0] + ".json")
+                sidecar = sidecar_of(path)
                 try:
                     kind = json.loads(sidecar.read_text()).get("kind")
                 except (OSError, ValueError, AttributeError):
