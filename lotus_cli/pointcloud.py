@@ -151,7 +151,7 @@ def metric_depth(values: np.ndarray, kind: str, opts: ScaleOptions, *, per_metre
         return g.to_depth(values, kind), {"method": "metric input", "kind": kind,
                                           "assumed": [f"units {units_assumed}"] if units_assumed else []}
     if opts.align:
-        fit_values = values if align.shape == values.shape else _resized(values, align.shape)
+        fit_values = resize_to(values, align.shape, area=False)
         s, b, rmse = g.align_to_metric(fit_values, kind, align)  # at the metric map's own pixels
         if not s > 0:
             raise InputError(f"the --align-to map orders depth the other way (fitted scale {s:.3g} <= 0)",
@@ -193,11 +193,21 @@ def metric_depth(values: np.ndarray, kind: str, opts: ScaleOptions, *, per_metre
     return g.to_depth(values, kind, s, b), record
 
 
-def _resized(a: np.ndarray, shape) -> np.ndarray:
-    """[H, W] float map resized bilinearly to shape (NaN stays NaN around it)."""
+def resize_to(a: np.ndarray, shape, area: bool = True) -> np.ndarray:
+    """An [H, W] or [H, W, C] map resized to shape[:2] with OpenCV: area averaging to shrink (``area``), else
+    bilinear; float [H, W, 3] maps are taken as normals and stay unit vectors."""
     import cv2
 
-    return cv2.resize(np.ascontiguousarray(a, np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    h, w = shape[:2]
+    if a.shape[:2] == (h, w):
+        return a
+    if a.dtype.kind == "f":
+        a = a.astype(np.float32, copy=False)
+    interp = cv2.INTER_AREA if area and a.shape[0] > h else cv2.INTER_LINEAR
+    out = cv2.resize(np.ascontiguousarray(a), (w, h), interpolation=interp)
+    if out.ndim == 3 and out.shape[-1] == 3 and out.dtype != np.uint8:
+        out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-6)
+    return out
 
 
 def _scale_for_near(values: np.ndarray, kind: str, c: float, near: float) -> tuple[float, float]:
@@ -301,29 +311,28 @@ def make_cloud(rgb: np.ndarray, values: np.ndarray, kind: str, camera_opts: Came
                cloud_opts: CloudOptions = CloudOptions(), *, per_metre: float | None = None,
                normals: str = "depth", normals_lotus: np.ndarray | None = None, exif_f35: float | None = None,
                input_size: tuple[int, int] | None = None, align: np.ndarray | None = None,
-               scale_shift: tuple[float, float] | None = None, units_assumed: str | None = None) -> Cloud:
+               reuse: dict | None = None, units_assumed: str | None = None) -> Cloud:
     """One frame: a map [H, W] of ``kind`` and the colours rgb [H, W, 3] (same size) -> the cloud, with the
     camera, the depth's scale/shift and the normals' source in ``record``.
 
     ``normals``: "predict" (``normals_lotus`` [H, W, 3], the normal model's output in Lotus's frame),
-    "depth" (from the metric depth) or "none". ``scale_shift``: use these instead of fitting (a video's
-    later frames, after their maps were aligned to the clip's reference)."""
+    "depth" (from the metric depth) or "none". ``reuse``: an earlier frame's depth record, whose scale, shift
+    and assumptions apply instead of a new fit (a video's later frames, their maps aligned to the clip)."""
     h, w = values.shape
     K, source = camera(w, h, camera_opts, exif_f35, input_size)
     predicted = g.convert_normals(normals_lotus, "opencv") if normals == "predict" else None
     if scale_opts.shape_from_normals and predicted is None:
         raise UsageError("--shape-from-normals needs predicted normals", "drop --normals depth/none")
-    if scale_shift is not None:
-        depth = g.to_depth(values, kind, *scale_shift, 1e-3)
+    if reuse is not None:
+        depth = g.to_depth(values, kind, reuse["scale"], reuse["shift"])
         depth_record = {"method": "the clip's first frame's scale and shift, this frame's map aligned to the "
-                        "clip (robust fit on stable pixels)", "kind": kind, "scale": scale_shift[0],
-                        "shift": scale_shift[1], "assumed": []}
+                        "clip (robust fit on stable pixels)", "kind": kind, "scale": reuse["scale"],
+                        "shift": reuse["shift"], "assumed": reuse["assumed"]}
     else:
         depth, depth_record = metric_depth(values, kind, scale_opts, per_metre=per_metre, K=K, normals=predicted,
                                            align=align, units_assumed=units_assumed)
     window = max(1, round(min(h, w) / 120))  # wider differences average out quantised sensor depth (NYU: 22 -> 10 deg)
-    chosen = {"predict": predicted, "none": None}.get(normals) if normals != "depth" else \
-        g.normals_from_depth(depth, K, window)
+    chosen = g.normals_from_depth(depth, K, window) if normals == "depth" else predicted  # None for "none"
     cloud = build_cloud(rgb, depth, K, chosen, cloud_opts)
     cloud.record = {"camera": K.to_json(), "camera_source": source, "depth": depth_record,
                     "normals": NORMAL_SOURCES[normals].format(w=window), "cloud": cloud.record, "units": "metres"}

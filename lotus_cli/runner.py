@@ -418,7 +418,8 @@ def run_raw(predictor: LotusPredictor, stdin, stdout, size: tuple[int, int], opt
     Output per frame: ``f32`` float32 little-endian [H, W] depth or [H, W, 3] normals; ``u16``
     uint16 little-endian of the [0, 1] depth (or (n + 1) / 2) times 65535; ``rgb`` uint8 colour map /
     normal RGB [H, W, 3] (one colour range for the stream). Depth is stabilised across frames unless
-    ``stabilize`` is False. ``predict`` replaces ``predictor.predict_batch`` (tiling). Returns the number of frames; a short last frame raises InputError.
+    ``stabilize`` is False. ``predict`` replaces ``predictor.predict_batch`` (tiling). Returns the number
+    of frames; a short last frame raises InputError.
     """
     from .errors import InputError
     from .video import ClipRange, Stabilizer

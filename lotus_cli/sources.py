@@ -23,7 +23,7 @@ from typing import Iterable, TextIO
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, UsageError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
@@ -232,9 +232,9 @@ def exif_focal_35mm(path: Path) -> float | None:
 DEPTH_UNITS = {"m": 1.0, "mm": 1000.0}
 
 
-def parse_units(spec: str | None) -> float | None:
-    """--depth-units: 'm' -> 1, 'mm' -> 1000, a number -> stored values per metre (e.g. 5000 for TUM),
-    'relative' -> None (affine-invariant, no unit)."""
+def parse_units(spec: str | None, option: str = "--depth-units") -> float | None:
+    """'m' -> 1, 'mm' -> 1000, a number -> stored values per metre (e.g. 5000 for TUM), 'relative' -> None
+    (affine-invariant, no unit); an error names ``option``."""
     if spec is None or spec == "relative":
         return None
     if spec in DEPTH_UNITS:
@@ -244,7 +244,7 @@ def parse_units(spec: str | None) -> float | None:
     except ValueError:
         v = 0.0
     if not v > 0:
-        raise InputError(f"--depth-units {spec!r} is not a unit", "use m, mm, relative, or values per metre (5000)")
+        raise UsageError(f"{option} {spec!r} is not a unit", "use m, mm, relative, or values per metre (5000)")
     return v
 
 
@@ -306,7 +306,7 @@ def read_depth_map(path: Path, kind: str | None = None, units: str | None = None
     if a.dtype.kind not in "fui":
         raise InputError(f"{option} {path}: {a.dtype} values are not depths", "give a float .npy or a 16-bit PNG")
     if units is not None:
-        per_metre, said = parse_units(units), f"{units}, as given"
+        per_metre, said = parse_units(units), f"{units}, as given"  # the CLI checked them, naming its option
     else:
         per_metre = 1000.0 if a.dtype.kind in "ui" else 1.0
         said = f"assumed {'mm' if per_metre == 1000 else 'm'} (integer maps: mm, float: m); set the units option"

@@ -133,6 +133,10 @@ def test_cli_errors_name_the_fix(tmp_path, depth_d):
     assert r.exit_code == 2 and "need 0 < near < far" in r.output  # 0 is not "unset"
     r = lotus("pointcloud", tmp_path / "x.png", "--align-to", tmp_path / "gone.png", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "--align-to" in r.output and "no such file" in r.output
+    r = lotus("pointcloud", tmp_path / "x.png", "--align-units", "cubits", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--align-units 'cubits' is not a unit" in r.output
+    r = lotus("pointcloud", tmp_path / "x.png", "--depth-units", "cubits", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--depth-units 'cubits' is not a unit" in r.output
     r = lotus("pointcloud", tmp_path / "x.png", "--depth-scale", 2, "--far", 3, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "--far would be ignored" in r.output
     r = lotus("pointcloud", "--depth", tmp_path / "nope.npy", "--out", tmp_path / "o")
@@ -263,6 +267,8 @@ def test_cli_video_frames_share_one_metric_frame(tmp_path, depth_d):
     side = json.loads((tmp_path / "o" / "clip.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     scales = {(f["depth"]["scale"], f["depth"]["shift"]) for f in side["frames"]}
     assert len(side["frames"]) == 4 and len(scales) == 1  # one scale and shift for the clip
+    assert all(f["depth"]["assumed"] == ["--near 1 m"] for f in side["frames"])  # and its assumptions, every frame
+    assert "assumed --near 1 m" in ply_header(sorted((tmp_path / "o" / "clip").glob("*.ply"))[-1])
     assert side["frames"][0]["depth"]["far_m"] is None  # infinity, written as JSON null
 
 

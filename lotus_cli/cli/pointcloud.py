@@ -98,7 +98,7 @@ class _Job:
         if a["depth_kind"] not in (None, "depth", "disparity"):
             raise UsageError(f"--depth-kind {a['depth_kind']!r}: expected depth or disparity")
         sources.parse_units(a["depth_units"])
-        sources.parse_units(a["align_units"])
+        sources.parse_units(a["align_units"], "--align-units")
         if a["align_to"] is not None and not Path(a["align_to"]).is_file():
             raise UsageError(f"--align-to {a['align_to']}: no such file", "give a metric depth map (.npy or 16-bit .png)")
         self.opts = PredictOptions(processing_res=a["processing_res"], seed=a["seed"])
@@ -108,7 +108,8 @@ class _Job:
         if a["depth"] is not None:
             if len(inputs) > 1:
                 raise UsageError("--depth back-projects one map: give at most one image (for the colours)")
-            self.items = [sources.Item(Path(inputs[0]), Path(a["depth"]).name.split(".")[0])] if inputs else []
+            self.map_key = Path(a["depth"]).name.split(".")[0]  # x.16bit.png -> x: the outputs' name
+            self.items = [sources.Item(Path(inputs[0]), self.map_key)] if inputs else []
         else:
             if not inputs:
                 raise UsageError("no inputs given", "pass images, videos, folders, or --depth MAP")
@@ -169,9 +170,10 @@ class _Job:
         import numpy as np
 
         from .. import sources, visualize
+        from ..pointcloud import resize_to
 
         a = self.a
-        key = self.items[0].key if self.items else Path(a["depth"]).name.split(".")[0]
+        key = self.map_key
         if self._skip(key, str(a["depth"])):
             return
         try:
@@ -182,14 +184,14 @@ class _Job:
                 _check_aspect(rgb_full.shape, values.shape, f"{self.items[0].path} and --depth {a['depth']}")
                 input_size = (rgb_full.shape[1], rgb_full.shape[0])
                 exif = sources.exif_focal_35mm(self.items[0].path)
-                rgb = _resize(rgb_full, values.shape)
+                rgb = resize_to(rgb_full, values.shape)
                 record["input"] = str(self.items[0].path)
             else:
                 finite = np.nan_to_num(values, nan=float(np.nanmin(values)) if np.isfinite(values).any() else 0.0)
                 rgb, input_size, exif, rgb_full = visualize.colorize_depth(finite, info["kind"], "Spectral"), None, None, None
             normals = None
             if self.normal_model is not None:
-                normals = _resize(self.normal_model.predict(rgb_full, self.opts).map, values.shape)
+                normals = resize_to(self.normal_model.predict(rgb_full, self.opts).map, values.shape)
             units = info["units"] if info["units"].startswith("assumed") else None
             self._write(key, rgb, values, info["kind"], info["per_metre"], normals, exif, input_size, record,
                         units_assumed=units)
@@ -220,12 +222,12 @@ class _Job:
         if self._skip(item.key, str(item.path), clip=True):
             return
         info, frames = open_video(item.path, self.select)
-        stabilizer, fixed, written = Stabilizer(), None, []
+        stabilizer, first, written = Stabilizer(), None, []
         for fr in frames:
             key = f"{item.key}/{frame_name(fr.index, fr.time)}"
             rec = self._predict_and_write(key, fr.rgb, None, {"input": str(item.path), "frame": fr.index,
-                                                              "time_s": fr.time}, stabilizer=stabilizer, fixed=fixed)
-            fixed = fixed or (rec["depth"]["scale"], rec["depth"]["shift"])
+                                                              "time_s": fr.time}, stabilizer=stabilizer, reuse=first)
+            first = first or rec["depth"]
             written.append(rec)
         write_json(self.out / f"{item.key}.json", {"input": str(item.path), "frames": written,
                                                     "fps": info.fps, "size": [info.width, info.height]})
@@ -239,7 +241,7 @@ class _Job:
             return True
         return False
 
-    def _predict_and_write(self, key, rgb, exif, record, stabilizer=None, fixed=None):
+    def _predict_and_write(self, key, rgb, exif, record, stabilizer=None, reuse=None):
         t0 = time.perf_counter()
         pred = self.depth_model.predict(rgb, self.opts)
         values = stabilizer(pred.map)[0] if stabilizer is not None else pred.map
@@ -249,9 +251,9 @@ class _Job:
                   "processing_size": [pred.processing_size[1], pred.processing_size[0]],
                   "model_seconds": round(time.perf_counter() - t0, 4)}
         return self._write(key, rgb, values, self.depth_model.kind, None, normals, exif, None, record,
-                           count=stabilizer is None, fixed=fixed)
+                           count=stabilizer is None, reuse=reuse)
 
-    def _write(self, key, rgb, values, kind, per_metre, normals, exif, input_size, record, count=True, fixed=None,
+    def _write(self, key, rgb, values, kind, per_metre, normals, exif, input_size, record, count=True, reuse=None,
                units_assumed=None):
         from .. import __version__, sinks, sources
         from ..pointcloud import header_comments, make_cloud
@@ -263,7 +265,7 @@ class _Job:
         try:
             cloud = make_cloud(rgb, values, kind, self.camera, self.scale, self.cloud, per_metre=per_metre,
                                normals=self.normals, normals_lotus=normals, exif_f35=exif, input_size=input_size,
-                               align=align, scale_shift=fixed, units_assumed=units_assumed)
+                               align=align, reuse=reuse, units_assumed=units_assumed)
         except ValueError as e:
             raise InputError(f"{record.get('input') or record.get('depth_input')}: {e}", "check the depth map") from e
         ply, side = self.out / f"{key}.ply", self.out / f"{key}.json"
@@ -301,18 +303,3 @@ def _check_aspect(a_shape, b_shape, what: str) -> None:
         raise InputError(f"{what} differ in aspect ratio ({aw}x{ah} vs {bw}x{bh})",
                          "give maps of the same view, uncropped (resizing is fine)")
 
-
-def _resize(a, shape):
-    """An [H, W(, C)] array resized to shape[:2]: area averaging to shrink, bilinear to grow (OpenCV);
-    float [H, W, 3] arrays are taken as normals and stay unit vectors."""
-    import cv2
-    import numpy as np
-
-    h, w = shape[:2]
-    if a.shape[:2] == (h, w):
-        return a
-    interp = cv2.INTER_AREA if a.shape[0] > h else cv2.INTER_LINEAR
-    out = cv2.resize(np.ascontiguousarray(a), (w, h), interpolation=interp)
-    if out.ndim == 3 and out.shape[-1] == 3 and out.dtype != np.uint8:
-        out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-6)
-    return out
