@@ -6,7 +6,7 @@
 Builds the full-size architecture (868M-parameter UNet, 84M VAE, SD2 text encoder) with random weights
 in the hub layout, then, each in a fresh process so that peak RSS is its own:
   (a) ours: LotusPredictor.from_pretrained (cached empty-prompt embedding, posterior mean,
-      channels-last convolutions, fp32, no autocast);
+      channels-last convolutions with packed weights, VAE in strips, fp32, no autocast);
   (b) the reference sequence in fp32 without autocast: text encoder run on every call, posterior
       sample, NCHW (tests/reference.py, the sequence the fidelity tests compare against).
 It also measures, in this run, the fp32 GEMM rate (the machine's matrix-multiply ceiling), the FLOPs of
@@ -59,10 +59,11 @@ def child(args) -> dict:
 
     base = current_rss_bytes()
     if args.side == "ours":
+        from lotus_cli import prepack
         from lotus_cli.predictor import LotusPredictor, PredictOptions
 
         pred = LotusPredictor.from_pretrained(args.folder, task="depth", device="cpu", dtype="fp32")
-        weights = sum(p.numel() * p.element_size() for m in (pred.unet, pred.vae) for p in m.parameters())
+        weights = prepack.weight_bytes(pred.unet, pred.vae)
         opts = PredictOptions(processing_res=args.res)
         run = lambda: pred.predict(img, opts)  # noqa: E731
     else:
@@ -121,7 +122,10 @@ def flops_per_image(folder: str, res: int) -> dict:
 
     from lotus_cli.predictor import LotusPredictor
 
-    pred = LotusPredictor.from_pretrained(folder, task="depth", device="cpu", dtype="fp32")
+    # The model's own FLOPs: diffusers' modules as they are (plain convolutions, no strips, no sub-pixel
+    # upsampling), so "achieved" below is what that work costs us per second.
+    pred = LotusPredictor.from_pretrained(folder, task="depth", device="cpu", dtype="fp32", pack_weights=False)
+    pred.strip_rows = 0
     x = pred.to_tensor(image(res))
     out = {}
     with torch.inference_mode():

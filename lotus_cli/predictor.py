@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from . import models, strips
+from . import models, prepack, strips
 from .errors import UsageError
 from .geometry import NORMAL_FRAMES, convert_normals
 
@@ -230,7 +230,7 @@ class LotusPredictor:
 
     def __init__(self, unet, vae, prompt_embedding: torch.Tensor, entry: models.ModelEntry,
                  device: torch.device, dtype: torch.dtype, *, channels_last: bool | None = None,
-                 source: str = ""):
+                 pack_weights: bool | None = None, source: str = ""):
         self.unet, self.vae, self.entry = unet, vae, entry
         self.device, self.dtype, self.source = device, dtype, source
         self.family = "g" if unet.config.in_channels == 8 else "d"
@@ -251,12 +251,21 @@ class LotusPredictor:
         for m in self.vae.modules():
             if isinstance(m, torch.nn.SiLU):
                 m.inplace = True
+        # CPU convolutions with their weights packed once for oneDNN (prepack.py): the same numbers, and the
+        # UNet's 1280-channel convolutions 2-5x faster. Replaces the modules, so not for a model in training.
+        if pack_weights is None:
+            pack_weights = self.channels_last
+        self.packed = pack_weights and prepack.available(device, dtype)
+        if self.packed:
+            prepack.pack_convolutions(self.unet)
+            prepack.pack_convolutions(self.vae)
         # Output rows per strip in the VAE's high-resolution stages (see strips.py); 0 = diffusers' own.
         self.strip_rows = strips.ROWS
 
     @classmethod
     def from_pretrained(cls, spec: str | Path | models.ModelRef | None = None, *, task: str | None = None,
-                        device: str = "auto", dtype: str = "auto", channels_last: bool | None = None) -> "LotusPredictor":
+                        device: str = "auto", dtype: str = "auto", channels_last: bool | None = None,
+                        pack_weights: bool | None = None) -> "LotusPredictor":
         """Resolve ``spec`` (registry name, hub id, folder or a resolved ModelRef), fetch it if needed
         (download with a progress bar on first use) and load it."""
         ref = models.fetch(spec if isinstance(spec, models.ModelRef) else models.resolve(spec, task))
@@ -264,7 +273,8 @@ class LotusPredictor:
         dt, warning = resolve_dtype(dtype, dev)
         unet, vae = models.load_unet_vae(ref.folder, dt, dev)
         emb = models.empty_prompt_embedding(ref.folder)
-        pred = cls(unet, vae, emb, ref.entry, dev, dt, channels_last=channels_last, source=ref.label)
+        pred = cls(unet, vae, emb, ref.entry, dev, dt, channels_last=channels_last, pack_weights=pack_weights,
+                   source=ref.label)
         if warning:
             pred.warnings.append(warning)
         if ref.entry.family and ref.entry.family != pred.family:

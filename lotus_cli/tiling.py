@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import prepack
 from .errors import UsageError
 from .predictor import (EnsembleOptions, PredictOptions, Prediction, noise_for, processing_size,
                         release_freed_memory, unflip)
@@ -127,7 +128,7 @@ def memory_cost(predictor) -> MemoryCost:
     vae, unet = getattr(predictor, "vae", None), getattr(predictor, "unet", None)
     if vae is None or unet is None:
         return MemoryCost()
-    weights = sum(p.numel() * p.element_size() for m in (unet, vae) for p in m.parameters())
+    weights = prepack.weight_bytes(unet, vae)
     elem = next(vae.parameters()).element_size()
     return MemoryCost(weights, ACTIVATION_FACTOR * vae.config.block_out_channels[0] * elem)
 

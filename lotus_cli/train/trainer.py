@@ -389,7 +389,7 @@ def _benchmark(acc, unet, vae, prompt, opts: TrainOptions, step: int, say) -> li
     entry = models.ModelEntry(name=f"{opts.name or Path(opts.out).name}@{step}", repo_id=str(opts.out),
                               task=opts.step.task, family=opts.step.family, kind=opts.step.kind)
     predictor = LotusPredictor(model, vae, prompt, entry, acc.device, vae.dtype, channels_last=False,
-                               source=f"{opts.out} step {step}")
+                               pack_weights=False, source=f"{opts.out} step {step}")
     eopts = R.EvalOptions(task=opts.step.task, max_samples=opts.eval_max_samples)
     records = []
     model.eval()

@@ -1,0 +1,93 @@
+"""Convolution weights packed once into oneDNN's blocked layout, for the UNet and the VAE on CPUs.
+
+``F.conv2d`` on a CPU hands oneDNN the weight in PyTorch's layout, and oneDNN reorders it into its own
+blocked layout on every call. For the UNet's 1280-channel convolutions at 8 x 8 and 16 x 16 latent cells
+(59 MB of weights each, little arithmetic) that reorder is most of the time: measured here, 24 -> 5 ms
+at 8 x 8 and 34 -> 15 ms at 16 x 16 when the weight is packed in advance; at 64 x 64 and above it makes
+no difference. Packing is what inductor's ``freezing`` does, without the compile time. The packed weight
+replaces the dense one (same memory). The numbers are the same up to float rounding: for most shapes
+oneDNN runs the very same kernel (the full-size UNet's output at 512 px is bit-identical), for a few
+small ones it picks another (differences ~1e-6; tests/test_prepack.py).
+
+Uses two of PyTorch's oneDNN operators that inductor itself calls (``mkldnn._reorder_convolution_weight``
+and ``mkldnn._convolution_pointwise``); where they are missing, nothing is packed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch build can pack convolutions for ``device`` and ``dtype``."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+class PackedConv2d(torch.nn.Module):
+    """An inference-only ``nn.Conv2d`` (zero padding) whose weight is held packed. ``weight`` gives the dense
+    weight back (a copy), for code that reads it."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.packed = pack(conv.weight.detach(), self.stride, self.padding, self.dilation, self.groups)
+        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d(x, self.packed, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, packed")
+
+
+def pack(weight: torch.Tensor, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+    """``weight`` [C_out, C_in, kh, kw] in oneDNN's layout (the input size given only steers the choice of
+    layout; any input size runs with the result). Use it through ``conv2d``."""
+    return torch.ops.mkldnn._reorder_convolution_weight(weight, list(padding), list(stride), list(dilation),
+                                                        groups, [1, weight.shape[1] * groups, 32, 32])
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+           groups: int = 1) -> torch.Tensor:
+    """``F.conv2d`` for a dense or a packed weight (a packed one with an input it cannot take is unpacked)."""
+    if not weight.is_mkldnn:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if x.dtype != weight.dtype or x.device.type != "cpu":
+        return F.conv2d(x, weight.to_dense().to(x), bias, stride, padding, dilation, groups)
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(stride), list(dilation),
+                                                   groups, "none", [], "")
+
+
+def pack_convolutions(model: torch.nn.Module) -> int:
+    """Replace every packable ``nn.Conv2d`` in ``model`` (zero or no padding, given as numbers) by a
+    PackedConv2d, in place; returns how many. For inference: the model is not trainable afterwards."""
+    names = [name for name, m in model.named_modules() if type(m) is torch.nn.Conv2d and m.padding_mode == "zeros"
+             and not isinstance(m.padding, str) and m.weight.device.type == "cpu"]
+    for name in names:  # one at a time, holding no other dense weight: memory stays at the weights held
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, PackedConv2d(getattr(parent, child)))
+    return len(names)
+
+
+def weight_bytes(*models: torch.nn.Module) -> int:
+    """Bytes of weights the models hold: parameters, buffers and packed convolution weights."""
+    seen: dict[int, int] = {}
+    for model in models:
+        for t in (*model.parameters(), *model.buffers()):
+            seen[id(t)] = t.numel() * t.element_size()
+        for m in model.modules():
+            if isinstance(m, PackedConv2d):
+                seen[id(m.packed)] = m.packed.numel() * m.packed.element_size()
+    return sum(seen.values())

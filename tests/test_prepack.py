@@ -1,0 +1,96 @@
+"""Convolution weights packed for oneDNN (prepack.py) and the decoder's sub-pixel upsampling (strips.py):
+the same numbers as the plain modules."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lotus_cli import prepack, strips
+from lotus_cli.predictor import LotusPredictor, PredictOptions
+
+from .conftest import make_image
+
+needs_onednn = pytest.mark.skipif(not prepack.available(torch.device("cpu"), torch.float32),
+                                  reason="this torch build has no oneDNN convolution operators")
+
+
+@needs_onednn
+@pytest.mark.parametrize("cin,cout,k,stride,padding,bias", [
+    (16, 24, 3, 1, 1, True), (16, 24, 1, 1, 0, False), (8, 16, 3, 2, 1, True), (12, 20, 3, 1, (0, 1), True)])
+def test_a_packed_convolution_gives_the_convolutions_numbers(cin, cout, k, stride, padding, bias):
+    conv = torch.nn.Conv2d(cin, cout, k, stride, padding, bias=bias).eval()
+    packed = prepack.PackedConv2d(conv)
+    x = torch.randn(2, cin, 13, 18, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed.weight, conv.weight, atol=0, rtol=0)  # it holds the same weight
+        nhwc = x.contiguous(memory_format=torch.channels_last)
+        want, got = conv(nhwc), packed(nhwc)
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed(x), conv(x), atol=1e-5, rtol=0)  # NCHW: another kernel, rounding
+        small = torch.randn(1, cin, 3, 4)  # any input size, not only the one packed for
+        torch.testing.assert_close(packed(small), conv(small), atol=1e-5, rtol=0)
+
+
+@needs_onednn
+def test_packing_replaces_the_convolutions_and_keeps_the_predictions(depth_g):
+    packed = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32")  # the CPU default
+    plain = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", pack_weights=False)
+    assert packed.packed and not plain.packed and packed.channels_last and plain.channels_last
+    mods = [*packed.unet.modules(), *packed.vae.modules()]
+    assert sum(isinstance(m, prepack.PackedConv2d) for m in mods) > 20
+    assert not any(type(m) is torch.nn.Conv2d for m in mods)
+    assert not any(isinstance(m, prepack.PackedConv2d) for m in (*plain.unet.modules(), *plain.vae.modules()))
+    assert prepack.weight_bytes(packed.unet, packed.vae) == prepack.weight_bytes(plain.unet, plain.vae)
+    img = make_image(40, 56, 3)
+    for opts in (PredictOptions(processing_res=56, seed=4), PredictOptions(processing_res=0, batch_size=2)):
+        a = packed.predict_batch([img, img[::-1].copy()], opts)
+        b = plain.predict_batch([img, img[::-1].copy()], opts)
+        for x, y in zip(a, b):
+            assert x.map.std() > 1e-3
+            # the same kernels, or for a few small shapes another one: float rounding
+            assert np.abs(x.map - y.map).max() < 2e-6
+
+
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_onednn)])
+@pytest.mark.parametrize("hw,rows,batch", [((9, 14), 6, 2), ((16, 7), 5, 1), ((5, 5), 64, 1)])
+def test_subpixel_upsampling_equals_upsample_then_convolve(packed, hw, rows, batch):
+    """Four 2 x 2 kernels on the input == a 3 x 3 kernel on the nearest-upsampled input, borders included,
+    in strips of any height (odd ones too)."""
+    from diffusers.models.upsampling import Upsample2D
+
+    up = Upsample2D(channels=12, use_conv=True, out_channels=10).eval()
+    with torch.no_grad():
+        up.conv.bias.normal_()
+    x = torch.randn(batch, 12, *hw, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = up(x)
+        if packed:
+            up = copy.deepcopy(up)
+            prepack.pack_convolutions(up)
+            assert isinstance(up.conv, prepack.PackedConv2d)
+        got = strips.upsample(up, x, rows)
+    assert got.shape == want.shape == (batch, 10, 2 * hw[0], 2 * hw[1])
+    assert want.abs().max() > 0.5
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+
+@needs_onednn
+def test_a_packed_vae_in_strips_equals_the_plain_vae(depth_d, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    monkeypatch.setattr(strips, "MIN_PIXELS", 0)  # every stage in strips at test sizes
+    vae = AutoencoderKL.from_pretrained(depth_d, subfolder="vae").eval().to(memory_format=torch.channels_last)
+    packed = copy.deepcopy(vae)
+    assert prepack.pack_convolutions(packed) > 10 and strips.supported(packed) and strips.encoder_supported(packed)
+    z = torch.randn(2, 4, 11, 7, generator=torch.Generator().manual_seed(2))
+    z = z.contiguous(memory_format=torch.channels_last)
+    x = (torch.rand(1, 3, 40, 24, generator=torch.Generator().manual_seed(3)) * 2 - 1).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(strips.decode(packed, z, 6), vae.decode(z).sample, atol=2e-5, rtol=0)
+        torch.testing.assert_close(strips.encode(packed, x, 6), vae.encode(x).latent_dist.parameters,
+                                   atol=2e-5, rtol=0)
