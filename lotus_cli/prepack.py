@@ -15,16 +15,32 @@ and ``mkldnn._convolution_pointwise``); where they are missing, nothing is packe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch build can pack convolutions for ``device`` and ``dtype``."""
-    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+    """Whether this torch build can pack convolutions for ``device`` and ``dtype``: the operators exist and
+    a small packed convolution gives F.conv2d's numbers (checked once per dtype)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _works(dtype)
+
+
+@functools.cache
+def _works(dtype: torch.dtype) -> bool:
+    try:
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+                and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+            return False
+        g = torch.Generator().manual_seed(0)
+        w, b = torch.randn(8, 4, 3, 3, generator=g).to(dtype), torch.randn(8, generator=g).to(dtype)
+        x = torch.randn(1, 4, 5, 6, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            got = conv2d(x, pack(w), b, padding=(1, 1))
+        return bool(torch.allclose(got.float(), F.conv2d(x, w, b, padding=1).float(), atol=0.1, rtol=0.02))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 class PackedConv2d(torch.nn.Module):

@@ -94,3 +94,22 @@ def test_a_packed_vae_in_strips_equals_the_plain_vae(depth_d, monkeypatch):
         torch.testing.assert_close(strips.decode(packed, z, 6), vae.decode(z).sample, atol=2e-5, rtol=0)
         torch.testing.assert_close(strips.encode(packed, x, 6), vae.encode(x).latent_dist.parameters,
                                    atol=2e-5, rtol=0)
+
+
+def test_without_working_operators_nothing_is_packed(depth_d, monkeypatch):
+    monkeypatch.setattr(prepack, "_works", lambda dtype: False)
+    pred = LotusPredictor.from_pretrained(str(depth_d), device="cpu", dtype="fp32")
+    assert not pred.packed
+    assert not any(isinstance(m, prepack.PackedConv2d) for m in (*pred.unet.modules(), *pred.vae.modules()))
+    assert pred.predict(make_image(24, 32)).map.shape == (24, 32)
+
+
+@needs_onednn
+def test_bf16_packs_too_and_stays_near_fp32(depth_g):
+    assert prepack.available(torch.device("cpu"), torch.bfloat16)
+    img, opts = make_image(32, 48, 6), PredictOptions(processing_res=0, seed=1)
+    fp32 = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32").predict(img, opts).map
+    pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="bf16")
+    assert pred.packed and pred.unet.conv_in.packed.dtype == torch.bfloat16
+    bf16 = pred.predict(img, opts).map
+    assert bf16.dtype == np.float32 and np.abs(bf16 - fp32).max() < 0.05 and bf16.std() > 1e-3
