@@ -45,26 +45,66 @@ def _works(dtype: torch.dtype) -> bool:
 
 class PackedConv2d(torch.nn.Module):
     """An inference-only ``nn.Conv2d`` (zero padding) whose weight is held packed. ``weight`` gives the dense
-    weight back (a copy), for code that reads it."""
+    weight back (a copy), for code that reads it. It behaves like the convolution it replaced where a
+    model is handled as a whole: ``state_dict`` / ``load_state_dict`` carry the dense ``weight`` under the
+    same key, ``copy.deepcopy`` and pickling work, and ``.to(...)`` moves or casts it (packed again where
+    packing is available, else held dense)."""
 
     def __init__(self, conv: torch.nn.Conv2d):
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
-        self.packed = pack(conv.weight.detach(), self.stride, self.padding, self.dilation, self.groups)
         self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach(), requires_grad=False)
+        self._hold(conv.weight.detach())
+
+    def _hold(self, dense: torch.Tensor) -> None:
+        """Keep ``dense`` packed when this build can pack for its device and dtype, else as it is."""
+        self.packed = (pack(dense, self.stride, self.padding, self.dilation, self.groups)
+                       if available(dense.device, dense.dtype) else dense)
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.packed.to_dense()
+        return self.packed.to_dense() if self.packed.is_mkldnn else self.packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv2d(x, self.packed, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._hold(fn(self.weight))
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        weight = state_dict.get(prefix + "weight")
+        if weight is None:
+            missing_keys.append(prefix + "weight")
+        elif tuple(weight.shape) != tuple(self.packed.shape):
+            error_msgs.append(f"size mismatch for {prefix}weight: {tuple(weight.shape)} in the checkpoint, "
+                              f"{tuple(self.packed.shape)} here")
+        else:
+            self._hold(weight.detach().to(self.weight))
+        rest = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["packed"] = self.weight  # oneDNN's tensors cannot be copied or pickled; the dense weight can
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._hold(self.packed)
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, packed")
+                f"padding={self.padding}, {'packed' if self.packed.is_mkldnn else 'dense'}")
 
 
 def pack(weight: torch.Tensor, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:

@@ -113,3 +113,46 @@ def test_bf16_packs_too_and_stays_near_fp32(depth_g):
     assert pred.packed and pred.unet.conv_in.packed.dtype == torch.bfloat16
     bf16 = pred.predict(img, opts).map
     assert bf16.dtype == np.float32 and np.abs(bf16 - fp32).max() < 0.05 and bf16.std() > 1e-3
+
+
+@needs_onednn
+def test_a_packed_model_saves_loads_copies_and_moves_like_the_plain_one():
+    import io
+
+    plain = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 4, 1))
+    model = copy.deepcopy(plain)
+    prepack.pack_convolutions(model)
+    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(5)).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = plain(x)
+        # state_dict: the same keys and values as the plain model (a saved packed model loses nothing)
+        sd, psd = model.state_dict(), plain.state_dict()
+        assert list(sd) == list(psd) and all(torch.equal(sd[k], psd[k]) for k in psd)
+        # copies and pickles stay packed and give the same numbers
+        for other in (copy.deepcopy(model), _pickled(model, io)):
+            assert other[0].packed.is_mkldnn
+            torch.testing.assert_close(other(x), want, atol=1e-6, rtol=0)
+        # .to(dtype) casts and packs again; a dtype oneDNN cannot pack is held dense and still runs
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        assert bf16[0].packed.is_mkldnn and bf16[0].packed.dtype == bf16[0].bias.dtype == torch.bfloat16
+        torch.testing.assert_close(bf16(x.bfloat16()).float(), want, atol=0.05, rtol=0.05)
+        f64 = copy.deepcopy(model).double()
+        assert not f64[0].packed.is_mkldnn and f64[0].packed.dtype == torch.float64
+        torch.testing.assert_close(f64(x.double()).float(), want, atol=1e-5, rtol=0)
+        # load_state_dict repacks the new weights; missing or misshapen weights are errors, as for nn.Conv2d
+        fresh = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 4, 1))
+        model.load_state_dict(fresh.state_dict())
+        assert model[0].packed.is_mkldnn
+        torch.testing.assert_close(model(x), fresh(x), atol=1e-6, rtol=0)
+        with pytest.raises(RuntimeError, match="Missing key.*0.weight"):
+            model.load_state_dict({k: v for k, v in fresh.state_dict().items() if k != "0.weight"})
+        with pytest.raises(RuntimeError, match="size mismatch for 0.weight"):
+            model.load_state_dict({**fresh.state_dict(), "0.weight": torch.zeros(16, 8, 1, 1)})
+
+
+def _pickled(model, io):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
