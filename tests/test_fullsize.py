@@ -3,9 +3,9 @@
 The fidelity tests in test_predictor.py use tiny models at tiny sizes, below the size from which the
 VAE runs in strips with sub-pixel upsampling. This one builds the full-size Lotus-G architecture (random
 weights, hub layout, ~4 GB on disk) and compares our default CPU path (channels-last, packed weights,
-VAE in strips) with the reference sequence at 512 px. About a minute on 2 CPU cores: LOTUS_TEST_SLOW=1. Set
-LOTUS_FULLSIZE_CHECKPOINT to a folder built by an earlier run (or by benchmarks/bench_predictor.py) to
-skip building it.
+VAE in strips) with the reference sequence at 512 px. About a minute on 2 CPU cores: LOTUS_TEST_SLOW=1.
+Set LOTUS_FULLSIZE_CHECKPOINT to a folder built earlier (synthetic.build_checkpoint(..., size="full"), as
+`bench_predictor.py --folder` also takes) to skip building it.
 """
 
 import os
