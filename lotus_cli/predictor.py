@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from . import models, prepack, strips
+from .heap import release_freed_memory, trim_before
 from .errors import UsageError
 from .geometry import NORMAL_FRAMES, convert_normals
 
@@ -194,32 +195,6 @@ def ensemble_stats(task: str, maps: Sequence[np.ndarray]) -> tuple[np.ndarray, n
     return mean.astype(np.float32), spread.astype(np.float32), statistic
 
 
-_LIBC = None
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Activations freed by one stage (encode, UNet) stay in the process's heap and count in its RSS while
-    the next stage allocates its own; trimming between stages takes ~20 ms and ~0.25 GB off the peak of a
-    512 px prediction of the full-size model. Allocator settings were tried instead (a fixed mmap
-    threshold) and cost 30% more time."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-TRIM_PIXELS = 512 * 512  # below this the activations are too small for a trim (~20 ms) to pay
-
-
 class LotusPredictor:
     """A loaded Lotus checkpoint ready to predict; load once per process and share it.
 
@@ -287,9 +262,8 @@ class LotusPredictor:
 
     def _trim_before(self, pixels: int) -> None:
         """Before a VAE pass over ``pixels`` image pixels on the CPU: hand the previous stage's freed
-        activations back (``release_freed_memory``), when the pass is large enough for that to matter."""
-        if self.device.type == "cpu" and pixels >= TRIM_PIXELS:
-            release_freed_memory()
+        activations back (heap.py), when the pass is large enough for that to matter."""
+        trim_before(pixels, self.device.type)
 
     def _fmt(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import prepack
+from . import heap, prepack
 
 ROWS = 32  # output rows per strip: 16 strips at 512 px; a strip costs ROWS/H of one activation
 # Stages smaller than this (pixels) run as diffusers' modules: their activations are too small to matter,
@@ -134,6 +134,7 @@ def resnet(res, x: torch.Tensor, rows: int) -> torch.Tensor:
     """ResnetBlock2D(x) without time embedding: shortcut(x) + conv2(act(norm2(conv1(act(norm1(x)))))), in
     strips. Consumes ``x``: its memory is reused (module doc), so the caller must not use it afterwards."""
     h = x.shape[-2]
+    heap.trim_before(h * x.shape[-1], x.device.type)  # the previous block's freed strips (heap.py)
     s1 = group_stats(x, res.norm1, rows)
     if res.conv_shortcut is None:
         h1 = _empty_like(x, res.conv1.out_channels)  # [B, C, H, W]
@@ -181,6 +182,7 @@ def upsample(up, x: torch.Tensor, rows: int) -> torch.Tensor:
     and output channel pair, and the upsampled input is never built. Runs in strips of ``rows // 2`` input
     rows; equal to the module up to float rounding of the summed taps."""
     h, w = x.shape[-2:]
+    heap.trim_before(4 * h * w, x.device.type)
     c_out = up.conv.out_channels
     weight, bias = subpixel_kernel(up.conv)
     out = torch.empty((x.shape[0], c_out, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=_format(x))

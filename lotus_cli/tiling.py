@@ -35,8 +35,8 @@ import numpy as np
 
 from . import prepack
 from .errors import UsageError
-from .predictor import (EnsembleOptions, PredictOptions, Prediction, noise_for, processing_size,
-                        release_freed_memory, unflip)
+from .heap import release_freed_memory
+from .predictor import EnsembleOptions, PredictOptions, Prediction, noise_for, processing_size, unflip
 from .geometry import robust_scale_shift
 
 DEFAULT_TILE_RES = 768  # Lotus's training resolution, used when processing_res is 0 (native)
