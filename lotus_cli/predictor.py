@@ -260,11 +260,6 @@ class LotusPredictor:
 
     # -- the steps, each usable on its own (uncertainty, tiling and training reuse them) -------------
 
-    def _trim_before(self, pixels: int) -> None:
-        """Before a VAE pass over ``pixels`` image pixels on the CPU: hand the previous stage's freed
-        activations back (heap.py), when the pass is large enough for that to matter."""
-        trim_before(pixels, self.device.type)
-
     def _fmt(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -288,7 +283,7 @@ class LotusPredictor:
     def encode(self, x: torch.Tensor, latent: str = "mean", seeds: Sequence[int] | None = None) -> torch.Tensor:
         """[B, 3, h, w] in [-1, 1] -> scaled image latent [B, 4, h//f, w//f] (f = latent_factor)."""
         x = self._fmt(x.to(self.device, self.dtype))
-        self._trim_before(x.shape[-2] * x.shape[-1])
+        trim_before(x.shape[-2] * x.shape[-1], self.device.type)  # the previous stage's freed memory (heap.py)
         moments = (strips.encode(self.vae, x, self.strip_rows) if self.strip_rows
                    else self.vae.encode(x).latent_dist.parameters)
         dist = DiagonalGaussianDistribution(moments)
@@ -321,7 +316,7 @@ class LotusPredictor:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Predicted latent [B, 4, h, w] -> float32 [B, 3, h*f, w*f] in [0, 1]."""
         z = self._fmt(latent / self.scaling_factor)
-        self._trim_before(z.shape[-2] * z.shape[-1] * self.latent_factor ** 2)  # the UNet's freed activations
+        trim_before(z.shape[-2] * z.shape[-1] * self.latent_factor ** 2, self.device.type)  # the UNet's freed memory
         y = strips.decode(self.vae, z, self.strip_rows) if self.strip_rows else self.vae.decode(z).sample
         return (y.float() / 2 + 0.5).clamp(0, 1)
 

@@ -88,7 +88,7 @@ class PackedConv2d(torch.nn.Module):
             error_msgs.append(f"size mismatch for {prefix}weight: {tuple(weight.shape)} in the checkpoint, "
                               f"{tuple(self.packed.shape)} here")
         else:
-            self._hold(weight.detach().to(self.weight))
+            self._hold(weight.detach().to(self.packed.device, self.packed.dtype))
         rest = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

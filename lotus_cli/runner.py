@@ -244,7 +244,7 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
     q_in: queue.Queue = queue.Queue(spec.queue)
     q_out: queue.Queue = queue.Queue(spec.queue)
     errors: list[str] = []
-    first_extra: dict = {}  # the first prediction's extra (tiling plan) for the clip's sidecar
+    tiling: dict = {}  # the first prediction's tiling plan (the same for every frame) for the clip's sidecar
     stop = threading.Event()
 
     def decode():
@@ -325,8 +325,8 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
             if not batch:
                 break
             preds = predict([f.rgb for f in batch], opts)
-            if preds and not first_extra:
-                first_extra.update(preds[0].extra)  # e.g. the tiling plan, the same for every frame of a clip
+            if preds and not tiling and "tiling" in preds[0].extra:
+                tiling["tiling"] = preds[0].extra["tiling"]
             for fr, pred in zip(batch, preds):
                 q_out.put((fr, pred.map))
                 seen += 1
@@ -347,7 +347,7 @@ def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: P
             dec.join(0.05)
     seconds = time.perf_counter() - t_start
     record = {**predictor.describe(), "lotus_cli": __version__, **axes_record(predictor, opts),
-              **{k: v for k, v in first_extra.items() if k == "tiling"},
+              **tiling,
               "input": str(item.path), "key": item.key,
               "kind": kind, "meaning": sinks.meaning(kind),
               "video": {"frames": stats["frames"], "fps": info.fps, "source_fps": info.source_fps,
