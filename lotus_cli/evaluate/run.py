@@ -279,7 +279,7 @@ def score_depth(ds: Dataset, item: Item, pred: np.ndarray, alignment: str) -> di
 def score_normal(item: Item, pred: np.ndarray, acc: M.NormalAccumulator) -> dict:
     if not item.valid.any():
         raise InputError(f"{item.sample.gt}: no valid ground-truth pixel")
-    errors = M.angular_error(pred, item.gt)[item.valid]
+    errors = M.angular_error(pred[item.valid], item.gt[item.valid])  # only the scored pixels
     acc.add(errors)
     return {**M.normal_image_metrics(errors), "valid_pixels": int(errors.size)}
 
