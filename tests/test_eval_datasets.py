@@ -14,6 +14,7 @@ import pytest
 
 from lotus_cli.errors import InputError, UsageError
 from lotus_cli.evaluate import datasets as D
+from lotus_cli.sinks import encode_png as _png
 
 # (h, w) of the fixture frames: NYUv2's Eigen crop needs 640x480, KITTI's benchmark crop at least 1216x352
 SIZES = {"nyuv2": (480, 640), "kitti": (375, 1242), "scannet": (30, 40), "eth3d": (30, 40), "diode": (30, 40)}
@@ -28,10 +29,6 @@ def smooth_depth(h: int, w: int, seed: int, lo: float = 0.8, hi: float = 6.0) ->
     return d
 
 
-def _png(a: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", a[:, :, ::-1] if a.ndim == 3 else a)
-    assert ok
-    return buf.tobytes()
 
 
 def _jpg(a: np.ndarray) -> bytes:
@@ -235,6 +232,16 @@ def test_eth3d_depth_of_the_wrong_size_is_refused(tmp_path):
     ds = D.open_dataset("depth", "eth3d", path)
     ds.store.members[D._norm(ds.samples[0].gt)].size -= 4  # a truncated member: one float short
     with pytest.raises(InputError, match="1199 float32 values, not 30 x 40"):
+        ds.load(ds.samples[0])
+
+
+@pytest.mark.parametrize("mask_shape", [(30, 41), (29, 40)])
+def test_a_diode_mask_of_another_shape_is_refused(tmp_path, mask_shape):
+    """With the file and both shapes named, not numpy's broadcasting error."""
+    path, _ = write_depth_set(tmp_path / "d", "diode", n=1)
+    ds = D.open_dataset("depth", "diode", path)
+    (path / ds.samples[0].extra).write_bytes(_npy(np.ones(mask_shape, np.float32)))
+    with pytest.raises(InputError, match=r"_depth_mask.npy: mask shape \(%d, %d\) != depth \(30, 40\)" % mask_shape):
         ds.load(ds.samples[0])
 
 

@@ -61,6 +61,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..errors import InputError, UsageError
+from .metrics import depth_valid_mask
 
 # ------------------------------------------------------------------------------------------ specs
 
@@ -435,11 +436,13 @@ def load_depth(ds: Dataset, s: Sample) -> Item:
     spec: DepthSpec = ds.spec
     rgb = read_rgb(ds.store, s.rgb)
     gt = read_depth(spec, ds.store, s.gt, rgb.shape[:2])
-    valid = np.isfinite(gt) & (gt > spec.depth_range[0]) & (gt < spec.depth_range[1])
-    if spec.decode == "npy":
-        valid = (_read_npy(ds.store, s.extra, spec) != 0) & np.isfinite(gt) & (gt > 0)
-        if valid.shape != gt.shape:
-            raise InputError(f"{ds.store.where(s.extra)}: mask shape {valid.shape} != depth {gt.shape}")
+    if spec.decode == "npy":  # DIODE: its own validity mask, beside the depth
+        mask = _read_npy(ds.store, s.extra, spec)
+        if mask.shape != gt.shape:
+            raise InputError(f"{ds.store.where(s.extra)}: mask shape {mask.shape} != depth {gt.shape}")
+        valid = (mask != 0) & np.isfinite(gt) & (gt > 0)
+    else:
+        valid = depth_valid_mask(gt, spec.depth_range)
     if spec.crop == "kitti":
         rgb, gt, valid = (kitti_benchmark_crop(a, ds.store.where(s.rgb)) for a in (rgb, gt, valid))
         valid = valid & kitti_eigen_mask(gt.shape)
