@@ -136,8 +136,10 @@ class FolderData:
             raise UsageError(f"--data {self.root}: no rgb/ folder", "see `lotus train --help` for the folder format")
         meta_file = self.root / "lotus_data.json"
         self.meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        self.keys = sorted(p.stem for p in (self.root / "rgb").iterdir() if p.suffix.lower() in IMAGE_EXT)
-        self.keys = [k for k in self.keys if _find(self.root / "depth", k) or _find(self.root / "normal", k)]
+        rgbs = sorted((p for p in (self.root / "rgb").iterdir() if p.suffix.lower() in IMAGE_EXT),
+                      key=lambda p: (p.stem, p.name))
+        self._rgb = [p for p in rgbs if _find(self.root / "depth", p.stem) or _find(self.root / "normal", p.stem)]
+        self.keys = [p.stem for p in self._rgb]  # the rgb paths are listed once here, not globbed per sample
         if not self.keys:
             raise UsageError(f"--data {self.root}: no rgb/<key> image with a depth/<key> or normal/<key> map")
 
@@ -146,7 +148,7 @@ class FolderData:
 
     def load(self, i: int) -> dict:
         key = self.keys[i]
-        rgb = _read_rgb(next(p for p in (self.root / "rgb").glob(f"{key}.*") if p.suffix.lower() in IMAGE_EXT))
+        rgb = _read_rgb(self._rgb[i])
         h, w = rgb.shape[:2]
         depth = np.zeros((h, w), np.float32)
         valid = np.ones((h, w), bool)
