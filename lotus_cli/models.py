@@ -376,6 +376,16 @@ def _load_component(cls, folder: Path, sub: str, dtype):
         return cls.from_pretrained(folder, subfolder=sub, torch_dtype=dtype, use_safetensors=True)
 
 
+# What makes an SD2 UNet a Lotus UNet (besides G's 8-channel conv_in): a projection class embedding of the
+# 4-number task switch.
+LOTUS_CLASS_EMBED = dict(class_embed_type="projection", projection_class_embeddings_input_dim=4)
+
+
+def is_lotus_unet(unet) -> bool:
+    cfg = unet.config
+    return all(getattr(cfg, k, None) == v for k, v in LOTUS_CLASS_EMBED.items())
+
+
 def load_unet_vae(folder: Path, dtype, device):
     """The UNet and VAE of a Lotus checkpoint, in eval mode on ``device`` in ``dtype``."""
     import torch
@@ -391,7 +401,7 @@ def load_unet_vae(folder: Path, dtype, device):
         raise ModelError(f"cannot load {folder}: {str(e).splitlines()[0]}",
                          "re-download with `lotus models pull NAME` or check the folder") from e
     cfg = unet.config
-    if cfg.class_embed_type != "projection" or cfg.projection_class_embeddings_input_dim != 4:
+    if not is_lotus_unet(unet):
         raise ModelError(f"{folder}/unet is not a Lotus UNet (no 4-input projection class embedding)",
                          "pass a Lotus checkpoint; plain Stable Diffusion weights go through `lotus train`")
     if cfg.in_channels not in (4, 8):

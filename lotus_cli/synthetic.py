@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .models import LOTUS_CLASS_EMBED
+
 # Stable Diffusion 2 (stabilityai/stable-diffusion-2-base) component configs; Lotus adds the projection
 # class embedding and, for the G family, an 8-channel conv_in.
 SD2_UNET = dict(
@@ -89,7 +91,6 @@ TINY_TEXT = dict(
     eos_token_id=63,
     pad_token_id=1,
 )
-LOTUS_UNET = dict(class_embed_type="projection", projection_class_embeddings_input_dim=4)
 
 SIZES = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "full": (SD2_UNET, SD2_VAE, SD2_TEXT)}
 
@@ -150,7 +151,7 @@ def build_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if "unet" in components:
-        unet = UNet2DConditionModel(in_channels=8 if family == "g" else 4, **unet_cfg, **LOTUS_UNET)
+        unet = UNet2DConditionModel(in_channels=8 if family == "g" else 4, **unet_cfg, **LOTUS_CLASS_EMBED)
         unet.save_pretrained(path / "unet", safe_serialization=True)
         del unet
     if "vae" in components:

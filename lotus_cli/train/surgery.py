@@ -16,13 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ModelError
-
-LOTUS_CLASS_EMBED = dict(class_embed_type="projection", projection_class_embeddings_input_dim=4)
-
-
-def is_lotus_unet(unet) -> bool:
-    cfg = unet.config
-    return cfg.class_embed_type == "projection" and cfg.projection_class_embeddings_input_dim == 4
+from ..models import LOTUS_CLASS_EMBED, is_lotus_unet
 
 
 def add_class_embedding(unet, seed: int = 0):

@@ -16,6 +16,7 @@ follow the same loss curve as an uninterrupted single-process run. It writes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ import torch
 
 from .. import models
 from ..errors import UsageError
+from ..sinks import write_json
 from . import data as D
 from .step import StepOptions, annotation, draw, training_loss
 from .surgery import to_lotus
@@ -118,12 +120,14 @@ def load_base(base: str, task: str, family: str, seed: int):
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The complete checkpoints under ``out`` (those with their step file), oldest first."""
+    found = [p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def find_checkpoint(out: Path, resume: str) -> Path:
     if resume == "latest":
-        found = [p for p in checkpoint_dirs(out) if (p / STATE_FILE).is_file()]
+        found = checkpoint_dirs(out)
         if not found:
             raise UsageError(f"--resume latest: no checkpoint in {out / 'checkpoints'}", "start without --resume")
         return found[-1]
@@ -161,9 +165,7 @@ class _Parts:
     prompt: torch.Tensor
     optimizer: torch.optim.Optimizer
     loader: torch.utils.data.DataLoader
-    weight_dtype: torch.dtype
     start: int
-    trackers: str | None
 
 
 def _setup(opts: TrainOptions) -> _Parts:
@@ -194,13 +196,13 @@ def _setup(opts: TrainOptions) -> _Parts:
         start = json.loads((ckpt / STATE_FILE).read_text())["step"]
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_options.json").write_text(json.dumps(_jsonable(asdict(opts)), indent=2))
+        write_json(out / "train_options.json", asdict(opts))
         if trackers:
             acc.init_trackers("lotus")
     source = D.StepBatches(datasets, plan, opts.grad_accum, acc.process_index, acc.num_processes, opts.step.task)
     loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=opts.num_workers,
                                          sampler=range(start * opts.grad_accum, opts.steps * opts.grad_accum))
-    return _Parts(acc, folder, unet, vae, prompt.to(acc.device), optimizer, loader, weight_dtype, start, trackers)
+    return _Parts(acc, folder, unet, vae, prompt.to(acc.device), optimizer, loader, start)
 
 
 def _micro_step(p: _Parts, opts: TrainOptions, batch: dict, step: int, micro: int) -> torch.Tensor:
@@ -213,8 +215,8 @@ def _micro_step(p: _Parts, opts: TrainOptions, batch: dict, step: int, micro: in
     draws = _local_draws(opts, step, micro, acc.num_processes, acc.process_index,
                          (vae.config.latent_channels, h // f, w // f))
     last = micro == opts.grad_accum - 1
-    with (acc.no_sync(p.unet) if not last else _null()), acc.autocast():  # gradients meet on the last micro-batch
-        losses = training_loss(p.unet, vae, p.prompt, batch["rgb"].to(p.weight_dtype), anno.to(p.weight_dtype),
+    with (acc.no_sync(p.unet) if not last else contextlib.nullcontext()), acc.autocast():  # gradients meet on the last micro-batch
+        losses = training_loss(p.unet, vae, p.prompt, batch["rgb"].to(vae.dtype), anno.to(vae.dtype),
                                batch["valid"], opts.step, draws)
         acc.backward(losses.total / opts.grad_accum)
     return torch.stack([losses.total.detach(), losses.anno, losses.rgb]).float()
@@ -250,7 +252,7 @@ def train(opts: TrainOptions, callback: Callable[[str, dict], None] | None = Non
             run.losses.append(record)
             if done % opts.log_every == 0 or done == opts.steps:
                 _append_jsonl(out / LOG_FILE, record)
-                if p.trackers:
+                if acc.trackers:
                     acc.log({key: record[key] for key in ("loss", "loss_anno", "loss_rgb")}, step=done)
             say("log", record)
         if done % opts.checkpoint_every == 0 and done < opts.steps:
@@ -271,14 +273,6 @@ def train(opts: TrainOptions, callback: Callable[[str, dict], None] | None = Non
     return run
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _has_tensorboard() -> bool:
     try:
         import tensorboard  # noqa: F401
@@ -287,20 +281,12 @@ def _has_tensorboard() -> bool:
     return True
 
 
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {k: _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    return str(o) if isinstance(o, Path) else o
-
-
 def _checkpoint(acc, out: Path, step: int, keep: int, say) -> None:
     path = out / "checkpoints" / f"step-{step:07d}"
     acc.save_state(str(path))
     if acc.is_main_process:
         (path / STATE_FILE).write_text(json.dumps({"step": step}))
-        for old in [p for p in checkpoint_dirs(out) if (p / STATE_FILE).is_file()][:-keep]:
+        for old in checkpoint_dirs(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         say("checkpoint", {"step": step, "path": str(path)})
     acc.wait_for_everyone()
