@@ -29,7 +29,7 @@ def test_normal_encoding():
 
 def test_formats_parse():
     assert sinks.parse_formats("png, NPY") == ("png", "npy")
-    assert sinks.parse_formats("all") == ("png", "png16", "npy")
+    assert sinks.parse_formats("all") == ("png", "png16", "npy", "exr")  # every format, EXR included
     with pytest.raises(UsageError):
         sinks.parse_formats("png,exr2")
 
