@@ -19,9 +19,11 @@ name) and a per-pixel spread [H, W] (kind "uncertainty", paper Sec. 4.4).
 | exr   | .exr       | OpenEXR float32 (half with ``exr_half``), ZIP by default: depth in ``Z``, | as stored               |
 |       |            | normals in ``R,G,B`` = x, y, z, a spread in ``Y``; meaning in the header  |                         |
 
-The spread goes in ``Y`` rather than ``Z``: compositors treat ``Z`` as depth (defocus, fog, merges) and a
-spread is no depth (for normals it is in degrees), while ``Y`` is the plain one-channel (luminance) image
-every EXR reader shows as grey.
+Depth EXRs also carry ``Y``, a copy of ``Z``: OpenCV 4 reads a file whose only channel is ``Z`` as zeros
+(opencv/opencv#22592) and many viewers show only colour or luminance; with ZIP the copy adds about 2% to
+the file. The spread goes in ``Y`` alone: compositors treat ``Z`` as depth (defocus, fog, merges) and a
+spread is no depth (for normals it is in degrees), while ``Y`` is the plain one-channel (luminance)
+image every EXR reader shows as grey.
 """
 
 from __future__ import annotations
@@ -203,16 +205,18 @@ class Exr(Format):
     def pixels(self, value, kind, style):
         dtype = np.float16 if style.exr_half else np.float32
         stored = value.astype(dtype, copy=False)
-        channels = ["R", "G", "B"] if kind == "normal" else ["Z"] if kind in DEPTH_KINDS else ["Y"]
-        return stored, {"dtype": np.dtype(dtype).name, "channels": channels, "compression": style.exr_compression,
-                        "shape": list(value.shape)}
+        info = {"dtype": np.dtype(dtype).name, "channels": _exr_channels(kind), "compression": style.exr_compression,
+                "shape": list(value.shape)}
+        if kind in DEPTH_KINDS:
+            info["Y"] = "a copy of Z, for readers that load only colour or luminance (OpenCV)"
+        return stored, info
 
     def dump(self, stored, f, kind, style, about):
         OpenEXR = _openexr()
         if kind == "normal":  # separate contiguous planes: the bindings ignore a strided view's strides
             channels = {c: np.ascontiguousarray(stored[..., i]) for i, c in enumerate("RGB")}
         else:
-            channels = {"Z" if kind in DEPTH_KINDS else "Y": np.ascontiguousarray(stored)}
+            channels = dict.fromkeys(_exr_channels(kind), np.ascontiguousarray(stored))
         header = {"compression": getattr(OpenEXR, f"{style.exr_compression.upper()}_COMPRESSION"),
                   "type": OpenEXR.scanlineimage, "comments": meaning(kind), **exr_attributes(kind, about)}
         with OpenEXR.File(header, channels) as exr:
@@ -226,7 +230,7 @@ class Exr(Format):
         try:
             with OpenEXR.File(str(path), separate_channels=True) as exr:
                 channels = {name: c.pixels for name, c in exr.channels().items()}
-                header = exr.header()
+                header = dict(exr.header())  # the bindings empty the live dict on close
         except RuntimeError as e:  # the bindings raise RuntimeError for unreadable files
             raise ValueError(str(e).strip() or "not a readable EXR") from e
         notes = {k[len("lotus:"):]: v for k, v in header.items() if k.startswith("lotus:")}
@@ -241,6 +245,10 @@ class Exr(Format):
 
     def settings(self, kind, style):
         return {"dtype": "float16" if style.exr_half else "float32", "compression": style.exr_compression}
+
+
+def _exr_channels(kind: str) -> list[str]:
+    return ["R", "G", "B"] if kind == "normal" else ["Z", "Y"] if kind in DEPTH_KINDS else ["Y"]
 
 
 def exr_attributes(kind: str, about: dict) -> dict:
