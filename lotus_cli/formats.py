@@ -28,6 +28,7 @@ image every EXR reader shows as grey.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import tempfile
@@ -41,6 +42,7 @@ from . import __version__, visualize
 from .errors import UsageError
 
 DEPTH_KINDS = ("disparity", "depth")
+_EXR_HINT = "pip install OpenEXR (a dependency of lotus-cli, also in its 'eval' extra: pip install 'lotus-cli[eval]')"
 EXR_COMPRESSIONS = ("zip", "zips", "piz", "rle", "none", "pxr24", "b44", "b44a", "dwaa", "dwab")
 LOSSLESS_EXR = ("zip", "zips", "piz", "rle", "none")
 
@@ -271,8 +273,8 @@ def exr_attributes(kind: str, about: dict) -> dict:
 def _openexr():
     try:
         import OpenEXR
-    except ImportError as e:  # pragma: no cover - a default dependency; missing only in odd installs
-        raise UsageError(f"EXR maps need the OpenEXR package ({e})", "pip install OpenEXR") from e
+    except ImportError as e:  # a default dependency: missing only in installs that left it out
+        raise UsageError(f"EXR maps need the OpenEXR package ({e})", _EXR_HINT) from e
     return OpenEXR
 
 
@@ -306,11 +308,13 @@ def parse_formats(spec: str) -> tuple[str, ...]:
     """'png,npy' -> ('png', 'npy'); 'all' = every format. Sidecars are always written."""
     names = [s.strip().lower() for s in spec.split(",") if s.strip()]
     if names == ["all"]:
-        return tuple(FORMATS)
+        names = list(FORMATS)
     bad = [n for n in names if n not in FORMATS and n != "json"]
     if bad or not names:
         raise UsageError(f"unknown --format {', '.join(bad) or spec!r}",
                          f"use a comma list of {', '.join(FORMATS)} (or all)")
+    if "exr" in names and importlib.util.find_spec("OpenEXR") is None:  # said once, before any model loads
+        raise UsageError("--format exr needs the OpenEXR package", _EXR_HINT)
     return tuple(dict.fromkeys(n for n in names if n != "json"))
 
 

@@ -12,6 +12,7 @@ Point clouds (`lotus pointcloud`) are binary PLY files written by Open3D (``writ
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -149,8 +150,6 @@ def write_ply(path: Path, points: np.ndarray, colors: np.ndarray, normals: np.nd
 
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 or uint16 [H, W] or RGB [H, W, 3] -> PNG bytes."""
-    import io
-
     buf = io.BytesIO()
     FORMATS["png"].dump(image, buf, "", Style(), {})
     return buf.getvalue()

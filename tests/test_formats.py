@@ -200,3 +200,33 @@ def test_cli_writes_exr_for_images_videos_and_tiles(tmp_path, checkpoints):
     assert r.exit_code == 0, r.output
     ch, _ = exr_channels(tmp_path / "t" / "big.exr")
     assert ch["Z"].shape == (96, 128) and np.array_equal(ch["Z"], np.load(tmp_path / "t" / "big.npy"))
+
+
+def test_exr_without_openexr_is_one_usage_error_naming_the_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "OpenEXR" else real(name, *a))
+    with pytest.raises(UsageError, match="--format exr needs the OpenEXR package") as e:
+        formats.parse_formats("png,exr")
+    assert "pip install OpenEXR" in e.value.hint
+    assert formats.parse_formats("png,npy") == ("png", "npy")  # other formats do not need it
+    monkeypatch.setitem(sys.modules, "OpenEXR", None)  # an import that fails
+    with pytest.raises(UsageError, match="EXR maps need the OpenEXR package"):
+        formats.FORMATS["exr"].encode(depth_map(), "depth")
+
+
+def test_exr_written_through_a_file_where_the_bindings_take_only_paths(tmp_path, monkeypatch):
+    class PathOnlyFile(OpenEXR.File):  # OpenEXR before 3.5: write() takes a file name, not a stream
+        def write(self, target):
+            if not isinstance(target, str):
+                raise TypeError("write(): incompatible function arguments")
+            super().write(target)
+
+    monkeypatch.setattr(OpenEXR, "File", PathOnlyFile)
+    d = depth_map()
+    data, _ = formats.FORMATS["exr"].encode(d, "depth")
+    monkeypatch.undo()
+    (tmp_path / "x.exr").write_bytes(data)
+    ch, _ = exr_channels(tmp_path / "x.exr")
+    assert np.array_equal(ch["Z"], d)
