@@ -11,13 +11,13 @@ Maps: depth or disparity [H, W] (kind "depth" / "disparity", affine-invariant in
 them, paper Sec. 3), unit normals [H, W, 3] (kind "normal", in the camera frame the sidecar's ``axes``
 name) and a per-pixel spread [H, W] (kind "uncertainty", paper Sec. 4.4).
 
-| name  | suffix     | stores                                                                   | back to values          |
-|-------|------------|--------------------------------------------------------------------------|-------------------------|
-| png   | .png       | uint8 RGB: depth colour map (near warm), spread heat map, normals (n+1)/2 | normals only            |
-| png16 | .16bit.png | uint16: (v - min) / (max - min) * 65535 (grey); normals (n+1)/2 * 65535   | min/max from the sidecar |
-| npy   | .npy       | float32 as predicted                                                     | as stored               |
-| exr   | .exr       | OpenEXR float32 (half with ``exr_half``), ZIP by default: depth in ``Z``, | as stored               |
-|       |            | normals in ``R,G,B`` = x, y, z, a spread in ``Y``; meaning in the header  |                         |
+| name  | suffix     | stores                                                              | back to values    |
+|-------|------------|---------------------------------------------------------------------|-------------------|
+| png   | .png       | uint8 RGB: depth colour map (near warm), spread heat map, (n+1)/2    | normals only      |
+| png16 | .16bit.png | uint16: (v - min) / (max - min) * 65535 (grey); normals (n+1)/2      | sidecar's min/max |
+| npy   | .npy       | float32 as predicted                                                | as stored         |
+| exr   | .exr       | OpenEXR float32 (half: ``exr_half``), ZIP by default: depth in ``Z``, | as stored         |
+|       |            | normals in ``R,G,B`` = x, y, z, a spread in ``Y``; meaning in header |                   |
 
 Depth EXRs also carry ``Y``, a copy of ``Z``: OpenCV 4 reads a file whose only channel is ``Z`` as zeros
 (opencv/opencv#22592) and many viewers show only colour or luminance; with ZIP the copy adds about 2% to
@@ -260,7 +260,8 @@ def exr_attributes(kind: str, about: dict) -> dict:
     if kind in DEPTH_KINDS:
         unit = about.get("unit")
         attrs["scale"] = "metric" if unit else "affine-invariant"
-        attrs["unit"] = (unit if kind == "depth" else f"1/{unit}") if unit else "none (up to an unknown scale and shift)"
+        affine = "none (up to an unknown scale and shift)"
+        attrs["unit"] = (unit if kind == "depth" else f"1/{unit}") if unit else affine
         attrs["values"] = "disparity: larger = nearer" if kind == "disparity" else "depth: larger = farther"
     elif kind == "normal":
         attrs["channels"] = "R, G, B = x, y, z of the unit normal"

@@ -220,7 +220,8 @@ def _write(item: Item, paths: dict, pred: Prediction, kind: str, record: dict, s
     except LotusError as e:
         return ItemResult(item, "failed", error=f"{item.path}: {e}", seconds=seconds)
     except OSError as e:
-        return ItemResult(item, "failed", error=f"{item.path}: cannot write outputs ({e.strerror or e})", seconds=seconds)
+        return ItemResult(item, "failed", error=f"{item.path}: cannot write outputs ({e.strerror or e})",
+                          seconds=seconds)
     return ItemResult(item, "done", {k: str(v) for k, v in paths.items()}, seconds=seconds)
 
 
@@ -324,7 +325,8 @@ class ClipEncoder:
         if not self.depth_like:
             return {}
         out = {"colour_range": {"first": self.clip_range.first, "last": (self.clip_range.lo, self.clip_range.hi),
-                                "method": "robust 1-99 percentiles, adapting 2% per frame", "colormap": self.style.cmap},
+                                "method": "robust 1-99 percentiles, adapting 2% per frame",
+                                "colormap": self.style.cmap},
                "temporal_change": {"raw": float(np.mean(self.change_raw)) if self.change_raw else None,
                                    "output": float(np.mean(self.change_out)) if self.change_out else None,
                                    "measure": "mean absolute frame-to-frame change of the map"}}
@@ -487,8 +489,9 @@ class VideoJob:
         if encoder.formats:
             sections["frames_folder"] = self.item.key
         return sinks.sidecar(self.kind, model=self.model, options=self.options, input=str(self.item.path),
-                             key=self.item.key, outputs=encoder.outputs(), error=self.errors[0] if self.errors else None,
-                             interrupted=interrupted, seconds=seconds, **sections)
+                             key=self.item.key, outputs=encoder.outputs(),
+                             error=self.errors[0] if self.errors else None, interrupted=interrupted, seconds=seconds,
+                             **sections)
 
 
 def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: PredictOptions = PredictOptions(),
