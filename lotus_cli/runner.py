@@ -383,6 +383,7 @@ class VideoJob:
             info, frames = open_video(self.item.path, self.spec.select or FrameSelect())
         except LotusError as e:
             return ItemResult(self.item, "failed", error=str(e), redone=redone)
+        self.paths["json"].unlink(missing_ok=True)  # an earlier run's sidecar must not vouch for what this one replaces
         top = 90.0 if (self.kind == "uncertainty" and self.predictor.task == "normal") else 1.0
         about = {"model": self.model.get("model"), **axes_record(self.predictor, self.opts)}
         encoder = ClipEncoder(self.base, self.item.key, info, self.kind, self.output.style, self.output.formats,

@@ -207,6 +207,8 @@ def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar:
     written as x.<name>.<format> with the default style of their kind (the EXR settings kept). Returns the
     sidecar record as written.
     """
+    # an earlier run's sidecar must not vouch for files this run replaces and may not finish
+    paths["json"].unlink(missing_ok=True)
     about = {k: sidecar[k] for k in ("model", "normal_frame", "axes") if sidecar.get(k) is not None}
     formats = _write_formats(paths, value, kind, style, about)
     layer_records = {}

@@ -159,3 +159,22 @@ def test_skip_existing_redoes_outputs_made_with_another_model_or_options(tmp_pat
     (tmp_path / "o" / "x.json").unlink()
     r, _ = rerun(FakeImagePredictor("model-b"), opts=opts, predict_options={"tile": 512})
     assert r.status == "done" and r.redone == "no sidecar: its run did not finish"
+
+
+def test_a_redo_that_fails_part_way_leaves_no_sidecar_vouching_for_the_old_outputs(tmp_path, monkeypatch):
+    d = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    paths = sinks.output_paths(tmp_path, "x", ("png", "npy"))
+    sinks.write_outputs(paths, d, "disparity", sinks.sidecar("disparity", model={"model": "a"}))
+    real = sinks.write_map
+
+    def disk_full(path, fmt, *a, **kw):
+        if fmt == "npy":
+            raise OSError(28, "No space left on device")
+        return real(path, fmt, *a, **kw)
+
+    monkeypatch.setattr(sinks, "write_map", disk_full)
+    with pytest.raises(OSError):  # model b's png is written, its npy is not
+        sinks.write_outputs(paths, 1 - d, "disparity", sinks.sidecar("disparity", model={"model": "b"}))
+    keep, why = sinks.reusable(paths["json"], [paths["png"], paths["npy"]], kind="disparity", model="a", options={},
+                               settings={})
+    assert not keep and why == "no sidecar: its run did not finish"
