@@ -1,71 +1,106 @@
-"""Outputs: writers chosen by format name, atomic writes, JSON sidecars. No torch here.
+"""Outputs: atomic writes, map files through the format registry, JSON sidecars, reruns. No torch here.
 
-Every file is written to a hidden temporary name in the destination folder and renamed into place,
-so an interrupted run never leaves a half-written output. For an item keyed ``a/x`` under ``--out o``:
-
-| format | file            | content                                                                    |
-|--------|-----------------|----------------------------------------------------------------------------|
-| png    | o/a/x.png       | colour-mapped depth (near warm) or RGB-encoded normals, 8-bit              |
-| png16  | o/a/x.16bit.png | 16-bit: depth stretched over 0..65535 (mapping in the sidecar); normals RGB |
-| npy    | o/a/x.npy       | raw float32 as the model produces it: depth [H, W], normals [H, W, 3]      |
-| (json) | o/a/x.json      | sidecar, always written, last: model, kind, ranges, mappings, sizes, timing |
+Every file is written to a hidden temporary name in the destination folder (``.<name>.<random>.tmp``) and
+renamed into place, so an interrupted run never leaves a half-written output; the first write of a run
+into a folder removes such temporaries that a killed run left there (ours by name, and only old ones, so
+a concurrent run's live file stays). For an item keyed ``a/x`` under ``--out o``, each format of
+``formats.FORMATS`` gives ``o/a/x<suffix>`` (x.png, x.16bit.png, x.npy, x.exr: the table in ``formats``),
+and ``o/a/x.json`` is the sidecar (``sidecar``), written last: its ``complete`` says the run finished.
 
 Point clouds (`lotus pointcloud`) are binary PLY files written by Open3D (``write_ply``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Iterable
 
 import numpy as np
 
-from . import visualize
+from . import __version__
 from .errors import OutputError, UsageError
+from .formats import DEFAULT_FORMATS, FORMATS, Style, get_format, map_paths, meaning, parse_formats  # noqa: F401
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: the process's umask, for files created through mkstemp
-SUFFIXES = {"png": ".png", "png16": ".16bit.png", "npy": ".npy", "json": ".json"}
-DEFAULT_FORMATS = ("png", "png16")
-
-
-def parse_formats(spec: str) -> tuple[str, ...]:
-    """'png,npy' -> ('png', 'npy'); 'all' = every format. Sidecars are always written."""
-    names = [s.strip().lower() for s in spec.split(",") if s.strip()]
-    if names == ["all"]:
-        return tuple(f for f in SUFFIXES if f != "json")
-    bad = [n for n in names if n not in SUFFIXES]
-    if bad or not names:
-        raise UsageError(f"unknown --format {', '.join(bad) or spec!r}", "use a comma list of png, png16, npy (or all)")
-    return tuple(dict.fromkeys(n for n in names if n != "json"))
+SUFFIXES = {**{f.name: f.suffix for f in FORMATS.values()}, "json": ".json"}
+# tempfile.mkstemp's names: prefix, 8 characters of [a-z0-9_], suffix
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+STALE_AFTER = 3600.0  # seconds without a write after which a temporary of ours is taken as abandoned
+_cleared: set[Path] = set()
+_cleared_lock = threading.Lock()
 
 
 def output_paths(out_dir: Path, key: str, formats: tuple[str, ...]) -> dict[str, Path]:
     """{format: path} for an item's outputs, sidecar included under "json"."""
     base = out_dir / key
-    return {f: base.with_name(base.name + SUFFIXES[f]) for f in (*formats, "json")}
+    return {**map_paths(base, formats), "json": base.with_name(base.name + ".json")}
 
 
 def outputs_exist(paths: dict[str, Path]) -> bool:
     return all(p.is_file() for p in paths.values())
 
 
-@contextmanager
-def atomic_open(path: Path):
-    """Binary file handle on a temporary sibling of ``path``, renamed onto ``path`` on success."""
+def clear_stale_temporaries(folder: Path, older_than: float = STALE_AFTER) -> list[Path]:
+    """Remove the temporaries of ours (``.<name>.<random>.tmp``) in ``folder`` not written to for
+    ``older_than`` seconds: what a killed run left. Other files, and younger temporaries (a concurrent
+    run's), stay. Returns the removed paths."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if not _TEMP_NAME.match(e.name):
+            continue
+        try:
+            if e.is_file(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime > older_than:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+        except OSError:  # gone meanwhile, or not ours to remove
+            pass
+    return removed
+
+
+def _clear_once(folder: Path) -> None:
+    """``clear_stale_temporaries`` on the first write of this process into ``folder``."""
+    with _cleared_lock:
+        if folder in _cleared:
+            return
+        _cleared.add(folder)
+    clear_stale_temporaries(folder)
+
+
+def temporary_path(path: Path) -> Path:
+    """A new, empty hidden temporary file beside ``path`` (our naming: ``.<name>.<random>.tmp``), with
+    the usual permissions; the folder is created and cleared of stale temporaries first."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _clear_once(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise OutputError(f"{path.parent}: cannot write here ({e.strerror})", "choose a writable --out folder") from e
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+    return Path(tmp)
+
+
+@contextmanager
+def atomic_open(path: Path):
+    """Binary file handle on a temporary sibling of ``path``, renamed onto ``path`` on success."""
+    tmp = temporary_path(path)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             yield f
         os.replace(tmp, path)
     except BaseException:
@@ -114,15 +149,10 @@ def write_ply(path: Path, points: np.ndarray, colors: np.ndarray, normals: np.nd
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """uint8 or uint16 [H, W] or RGB [H, W, 3] -> PNG bytes (OpenCV: the one encoder here that writes
-    16-bit colour PNGs)."""
-    import cv2
-
-    arr = image[:, :, ::-1] if image.ndim == 3 else image  # OpenCV wants BGR
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr))
-    if not ok:
-        raise OutputError("PNG encoding failed", "check free disk space and memory")
-    return buf.tobytes()
+    """uint8 or uint16 [H, W] or RGB [H, W, 3] -> PNG bytes."""
+    buf = io.BytesIO()
+    FORMATS["png"].dump(image, buf, "", Style(), {})
+    return buf.getvalue()
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
@@ -144,46 +174,17 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-@dataclass(frozen=True)
-class Style:
-    """How maps become pictures: colour map name and, for depth, an optional fixed value range."""
-
-    cmap: str = "Spectral"
-    vrange: tuple[float, float] | None = None
-
-
-def render(fmt: str, value: np.ndarray, kind: str, style: Style = Style()) -> tuple[Callable[[Path], None], dict]:
-    """A writer for one format of one map, and what the sidecar should say about it."""
-    if kind == "uncertainty":
-        hi = style.vrange[1] if style.vrange is not None else visualize.value_range(value)[1]
-        if fmt == "png":
-            info = {"colormap": style.cmap, "range": [0.0, hi], "high": "bright = uncertain"}
-            return _png_writer(visualize.colorize(visualize.normalize(value, 0.0, hi), style.cmap)), info
-        if fmt == "png16":
-            info = {"min": 0.0, "max": hi, "decode": "value = min + png / 65535 * (max - min)"}
-            return _png_writer(visualize.encode16(value, 0.0, hi)), info
-    elif kind == "normal":
-        if fmt == "png":
-            return _png_writer(visualize.normal_to_rgb(value)), {"encoding": "rgb = (n + 1) / 2 * 255 (truncated)"}
-        if fmt == "png16":
-            return _png_writer(visualize.normal_to_uint16(value)), {"encoding": "n = png / 65535 * 2 - 1"}
-    else:
-        lo, hi = style.vrange if style.vrange is not None else visualize.value_range(value)
-        if fmt == "png":
-            info = {"colormap": style.cmap, "range": [lo, hi],
-                    "near": "warm (low end of the colour map)"}
-            return _png_writer(visualize.colorize_depth(value, kind, style.cmap, (lo, hi))), info
-        if fmt == "png16":
-            info = {"min": lo, "max": hi, "decode": "value = min + png / 65535 * (max - min)"}
-            return _png_writer(visualize.encode16(value, lo, hi)), info
-    if fmt == "npy":
-        return (lambda p: write_npy(p, value.astype(np.float32, copy=False))), {"dtype": "float32",
-                                                                                 "shape": list(value.shape)}
-    raise UsageError(f"unknown format {fmt!r}")
-
-
-def _png_writer(image: np.ndarray) -> Callable[[Path], None]:
-    return lambda p: write_bytes(p, encode_png(image))
+def write_map(path: Path, fmt: str, value: np.ndarray, kind: str, style: Style = Style(),
+              about: dict | None = None) -> dict:
+    """One map in format ``fmt`` written atomically to ``path``; returns the sidecar's note on it."""
+    f = get_format(fmt)
+    stored, info = f.pixels(value, kind, style)
+    try:
+        with atomic_open(path) as out:
+            f.dump(stored, out, kind, style, about or {})
+    except ValueError as e:  # an encoder's refusal (e.g. out of memory in OpenCV)
+        raise OutputError(f"{path}: {f.name} encoding failed ({e})", "check free disk space and memory") from e
+    return info
 
 
 def layer_paths(paths: dict[str, Path], name: str) -> dict[str, Path]:
@@ -192,36 +193,38 @@ def layer_paths(paths: dict[str, Path], name: str) -> dict[str, Path]:
             for fmt, p in paths.items() if fmt != "json"}
 
 
-def _write_formats(paths: dict[str, Path], value: np.ndarray, kind: str, style: Style) -> dict:
-    formats = {}
-    for fmt, path in paths.items():
-        if fmt == "json":
-            continue
-        writer, info = render(fmt, value, kind, style)
-        writer(path)
-        formats[fmt] = {"file": path.name, **info}
-    return formats
+def _write_formats(paths: dict[str, Path], value: np.ndarray, kind: str, style: Style, about: dict) -> dict:
+    return {fmt: {"file": path.name, **write_map(path, fmt, value, kind, style, about)}
+            for fmt, path in paths.items() if fmt != "json"}
 
 
 def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar: dict, style: Style = Style(),
                   layers: dict | None = None) -> dict:
     """Write every requested format, then the sidecar (last, so its presence marks a finished item).
 
-    ``layers``: further maps of the same item, {name: (array, kind)}, written as x.<name>.<format>
-    with the default style of their kind. Returns the sidecar record as written.
+    ``sidecar``: the record so far (``sidecar()``'s, or any dict); its model, frame and axes also go into
+    self-describing files (EXR headers). ``layers``: further maps of the same item, {name: (array, kind)},
+    written as x.<name>.<format> with the default style of their kind (the EXR settings kept). Returns the
+    sidecar record as written.
     """
-    formats = _write_formats(paths, value, kind, style)
+    # an earlier run's sidecar must not vouch for files this run replaces and may not finish
+    paths["json"].unlink(missing_ok=True)
+    about = {k: sidecar[k] for k in ("model", "normal_frame", "axes") if sidecar.get(k) is not None}
+    formats = _write_formats(paths, value, kind, style, about)
     layer_records = {}
+    layer_style = replace(Style(), exr_half=style.exr_half, exr_compression=style.exr_compression)
     for name, (array, layer_kind) in (layers or {}).items():
+        layer_about = {k: v for k, v in about.items() if layer_kind == "normal" or k not in ("normal_frame", "axes")}
         layer_records[name] = {"kind": layer_kind, "meaning": meaning(layer_kind),
-                               "outputs": _write_formats(layer_paths(paths, name), array, layer_kind, Style())}
+                               "outputs": _write_formats(layer_paths(paths, name), array, layer_kind, layer_style,
+                                                         layer_about)}
     finite = value[np.isfinite(value)]
     record = {
         **sidecar,
         "kind": kind,
         "value_range": [float(finite.min()), float(finite.max())] if finite.size else None,
         "meaning": meaning(kind),
-        "outputs": formats,
+        "outputs": {**sidecar.get("outputs", {}), **formats},
     }
     if layer_records:
         record["layers"] = layer_records
@@ -229,20 +232,79 @@ def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar:
     return record
 
 
-def meaning(kind: str) -> str:
-    return {
-        "disparity": "affine-invariant disparity (inverse depth up to scale and shift): 1 = near, 0 = far",
-        "depth": "affine-invariant depth (up to scale and shift): 0 = near, 1 = far",
-        "normal": "unit surface normals in the camera frame that 'axes' states",
-        "uncertainty": "per-pixel spread of several predictions (the statistic is in 'uncertainty')",
-    }.get(kind, kind)
+# --------------------------------------------------------------------------------------------- sidecars
+
+
+def sidecar(kind: str, *, model: dict | None = None, options: dict | None = None, input: str | None = None,
+            key: str | None = None, outputs: dict | None = None, complete: bool = True, error: str | None = None,
+            interrupted: bool = False, seconds: float | None = None, **sections) -> dict:
+    """The one shape of our JSON sidecars, for images, videos and point clouds.
+
+    ``model``: what made the output (``LotusPredictor.describe()``: model, task, family, device, dtype ...;
+    or {"model": ...} for point clouds). ``options``: every option that changes the output (processing
+    size, resampling, latent, seed, frame, tiling, ensembles, video range, cloud options ...): a rerun
+    with ``skip_existing`` keeps an output only when these, ``model["model"]`` and ``kind`` are the same
+    (``reusable``). ``outputs``: {format: {"file": name, ...the format's note}}. ``complete``: the run
+    finished (False: interrupted or failed part-way, ``error`` says why); ``sections``: further parts
+    (video, camera, uncertainty, tiling ...), kept as given.
+    """
+    return {"lotus_cli": __version__, **(model or {}), "input": input, "key": key, "kind": kind,
+            "meaning": meaning(kind), "options": options or {}, **sections, "outputs": outputs or {},
+            "complete": bool(complete and not interrupted and error is None), "interrupted": interrupted,
+            "error": error, "seconds": None if seconds is None else round(seconds, 4)}
+
+
+def format_settings(formats: Iterable[str], kind: str, style: Style) -> dict[str, dict]:
+    """{format: what its file depends on in ``style``}, the ``settings`` argument of ``reusable``."""
+    return {f: get_format(f).settings(kind, style) for f in formats}
+
+
+def reusable(side: Path, files: Iterable[Path], *, kind: str, model: str | None, options: dict,
+             settings: dict[str, dict]) -> tuple[bool, str | None]:
+    """Whether an earlier run's outputs can stay under ``skip_existing``: (True, None) when ``side`` (the
+    sidecar) says its run completed, every one of ``files`` exists, and it was made with the same model,
+    kind and ``options`` and, for each format in ``settings``, the same settings. Otherwise (False, why it
+    is redone), the reason None when there was nothing to reuse."""
+    files = list(files)
+    if not side.is_file():
+        return False, ("no sidecar: its run did not finish" if any(p.is_file() for p in files) else None)
+    try:
+        old = json.loads(side.read_text())
+        old_options, old_outputs = old.get("options") or {}, old.get("outputs") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        return False, f"its sidecar is unreadable ({e})"
+    if old.get("interrupted"):
+        return False, "its run was interrupted"
+    if old.get("error") or old.get("complete") is False:
+        return False, f"its run failed ({old.get('error') or 'incomplete'})"
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        return False, f"{', '.join(missing)} missing"
+    if old.get("model") != model:
+        return False, f"made with another model ({old.get('model')})"
+    if old.get("kind") != kind:
+        return False, f"made as {old.get('kind')} maps"
+    want = json.loads(json.dumps(options, default=_jsonable))
+    changed = [k for k in sorted(set(want) | set(old_options)) if want.get(k) != old_options.get(k)]
+    if changed:
+        return False, "made with other options (" + ", ".join(
+            f"{k} {old_options.get(k)!r} -> {want.get(k)!r}" for k in changed) + ")"
+    for fmt, wanted in settings.items():
+        note = old_outputs.get(fmt)
+        if not isinstance(note, dict):
+            return False, f"its {fmt} output is not from that run"
+        diff = [k for k, v in wanted.items() if note.get(k) != v]
+        if diff:
+            return False, f"its {fmt} was made with other settings (" + ", ".join(
+                f"{k} {note.get(k)!r} -> {wanted[k]!r}" for k in diff) + ")"
+    return True, None
 
 
 def check_out_dir(out_dir: Path) -> None:
     """Fail fast, before any model loads, when ``out_dir`` cannot be created or written."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".lotus-write-test.", dir=out_dir)
+        fd, tmp = tempfile.mkstemp(prefix=".lotus-write-test.", suffix=".tmp", dir=out_dir)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:

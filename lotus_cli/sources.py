@@ -23,6 +23,7 @@ from typing import Iterable, TextIO
 
 import numpy as np
 
+from . import formats
 from .errors import InputError, UsageError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -249,30 +250,28 @@ def parse_units(spec: str | None, option: str = "--depth-units") -> float | None
 
 
 def sidecar_of(path: Path) -> Path:
-    """The JSON sidecar `lotus depth` writes beside a map: d/x.npy, d/x.16bit.png, d/x.png -> d/x.json."""
-    name = path.name
-    for suffix in (".16bit.png", ".npy", ".png"):
-        if name.lower().endswith(suffix):
-            return path.with_name(name[: -len(suffix)] + ".json")
-    return path.with_suffix(".json")
+    """The JSON sidecar `lotus depth` writes beside a map: d/x.npy, d/x.exr, d/x.16bit.png, d/x.png -> d/x.json."""
+    return formats.sidecar_of(path)
 
 
 def read_depth_map(path: Path, kind: str | None = None, units: str | None = None,
                    option: str = "--depth") -> tuple[np.ndarray, dict]:
-    """A depth or disparity map from .npy (float or integer [H, W]) or a 16-bit PNG -> (float32 [H, W], info).
+    """A depth or disparity map from .npy (float or integer [H, W]), .exr (the ``Z`` or only channel) or a
+    16-bit PNG -> (float32 [H, W], info), read through the format registry (``formats``).
 
-    With the sidecar `lotus depth` wrote beside it (x.json), the kind (disparity / depth) comes from it and the
-    16-bit PNG is decoded by its stated range; the values are then affine-invariant (units "relative"); a
-    sidecar of another kind (normals, uncertainty) is refused. Otherwise the map is taken as ``kind``
-    (default depth) in ``units`` (default: m for float maps, mm for integer ones, which is how depth cameras
-    store them; the default is recorded as assumed). Non-finite values, and in metric maps 0 and negative
-    values, mean "no measurement" (NaN). ``option`` names the option in messages.
+    With the sidecar `lotus depth` wrote beside it (x.json), or the ``lotus:kind`` attribute of an EXR it
+    wrote, the kind (disparity / depth) comes from there and the 16-bit PNG is decoded by its stated range;
+    the values are then affine-invariant (units "relative") unless the EXR says metric and its unit. A
+    map of another kind (normals, uncertainty) is refused. Otherwise the map is taken as ``kind`` (default
+    depth) in ``units`` (default: m for float maps, mm for integer ones, which is how depth cameras store
+    them; the default is recorded as assumed). Non-finite values, and in metric maps 0 and negative values,
+    mean "no measurement" (NaN). ``option`` names the option in messages.
     info: {"kind", "per_metre" (None = relative), "sidecar" (path or None), "units" (how they were decided)}.
     """
     import json
 
     if not path.is_file():
-        raise InputError(f"{option} {path}: no such file", "give a .npy or 16-bit .png depth map")
+        raise InputError(f"{option} {path}: no such file", "give a .npy, .exr or 16-bit .png depth map")
     side = sidecar_of(path)
     meta = None
     if side.is_file():
@@ -281,28 +280,32 @@ def read_depth_map(path: Path, kind: str | None = None, units: str | None = None
         except (OSError, ValueError):
             meta = None
     try:
-        if path.suffix.lower() == ".npy":
-            a = np.load(path, allow_pickle=False)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as img:
-                a = np.asarray(img)
+        a, notes, fmt = formats.read_stored(path)
     except (OSError, ValueError) as e:
-        raise InputError(f"{option} {path}: unreadable ({e})", "give a .npy or 16-bit .png depth map") from e
+        raise InputError(f"{option} {path}: unreadable ({e})", "give a .npy, .exr or 16-bit .png depth map") from e
     a = np.squeeze(a)
     if a.ndim != 2:
         raise InputError(f"{option} {path}: shape {list(a.shape)} is not a single-channel map",
                          "give an H x W depth map (normals and colour images do not back-project)")
-    if meta is not None and units in (None, "relative") and isinstance(meta.get("kind"), str):
-        if meta["kind"] not in ("disparity", "depth"):
-            raise InputError(f"{option} {path}: its sidecar {side.name} says it is a {meta['kind']} map",
+    said_kind, source = None, None
+    if meta is not None and isinstance(meta.get("kind"), str):
+        said_kind, source = meta["kind"], f"its sidecar {side.name}"
+    elif isinstance(notes.get("kind"), str):
+        said_kind, source = notes["kind"], "its EXR header"
+    if said_kind is not None and units in (None, "relative"):
+        if said_kind not in formats.DEPTH_KINDS:
+            raise InputError(f"{option} {path}: {source} says it is a {said_kind} map",
                              "give a depth or disparity map (lotus depth output)")
-        png16 = meta.get("outputs", {}).get("png16", {})
-        if a.dtype == np.uint16 and "min" in png16:
-            a = png16["min"] + a.astype(np.float64) / 65535 * (png16["max"] - png16["min"])
-        return a.astype(np.float32), {"kind": meta["kind"], "per_metre": None, "sidecar": str(side),
-                                      "units": "relative (affine-invariant), from the sidecar"}
+        info = (meta or {}).get("outputs", {}).get(fmt.name) if fmt is not None else None
+        values = fmt.decode(a, said_kind, info) if info else a  # a png16's stated range; npy, exr: as stored
+        unit = notes.get("scale") == "metric" and meta is None and notes.get("unit")
+        if unit:  # a metric EXR of ours: depth in m, or disparity in 1/m
+            per_metre = parse_units(unit.removeprefix("1/"))
+            return _metric(values, said_kind, per_metre), {"kind": said_kind, "per_metre": per_metre, "sidecar": None,
+                                                            "units": f"{unit}, from its EXR header"}
+        return values.astype(np.float32), {"kind": said_kind, "per_metre": None,
+                                           "sidecar": str(side) if meta is not None else None,
+                                           "units": f"relative (affine-invariant), from {source}"}
     if a.dtype.kind not in "fui":
         raise InputError(f"{option} {path}: {a.dtype} values are not depths", "give a float .npy or a 16-bit PNG")
     if units is not None:
@@ -310,9 +313,17 @@ def read_depth_map(path: Path, kind: str | None = None, units: str | None = None
     else:
         per_metre = 1000.0 if a.dtype.kind in "ui" else 1.0
         said = f"assumed {'mm' if per_metre == 1000 else 'm'} (integer maps: mm, float: m); set the units option"
+    kind = kind or "depth"
+    if per_metre is None:
+        values = a.astype(np.float64)
+        values[~np.isfinite(values)] = np.nan  # 0 is a relative value
+        return values.astype(np.float32), {"kind": kind, "per_metre": None, "sidecar": None, "units": said}
+    return _metric(a, kind, per_metre), {"kind": kind, "per_metre": per_metre, "sidecar": None, "units": said}
+
+
+def _metric(a: np.ndarray, kind: str, per_metre: float) -> np.ndarray:
+    """Depth in units -> metres, disparity in 1/units -> 1/metres; non-finite, 0 and negative -> NaN."""
     values = a.astype(np.float64)
-    if per_metre is not None:  # depth in units -> metres; disparity in 1/units -> 1/metres
-        values = values / per_metre if (kind or "depth") == "depth" else values * per_metre
-    missing = ~np.isfinite(values) | ((values <= 0) if per_metre is not None else False)  # 0 is a relative value
-    values[missing] = np.nan
-    return values.astype(np.float32), {"kind": kind or "depth", "per_metre": per_metre, "sidecar": None, "units": said}
+    values = values / per_metre if kind == "depth" else values * per_metre
+    values[~np.isfinite(values) | (values <= 0)] = np.nan
+    return values.astype(np.float32)

@@ -11,6 +11,7 @@ frames); ``start``/``end`` in seconds; ``max_frames`` caps the count.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 
 from .errors import InputError, UsageError
 from .geometry import robust_scale_shift
+from .sinks import temporary_path
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,9 @@ class VideoWriter:
     """H.264 (yuv420p, even dimensions, faststart) writer that plays everywhere; atomic on close.
 
     Frames of odd width or height are padded by one replicated pixel row/column. ``close()`` finalises
-    the file and renames it into place, also after an interruption, so what was written plays.
+    the file and renames it into place, also after an interruption, so what was written plays. Until
+    then it grows under a temporary name of ours (``sinks.temporary_path``), which a later run clears
+    if this process is killed.
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: float):
@@ -169,8 +173,7 @@ class VideoWriter:
         self.path = path
         self.size = (width + width % 2, height + height % 2)
         self.pad = (height % 2, width % 2)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.partial")
+        self.tmp = temporary_path(path)
         self.gen = imageio_ffmpeg.write_frames(
             str(self.tmp), self.size, fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
             quality=None, output_params=["-crf", "18", "-threads", "1", "-movflags", "+faststart", "-f", "mp4"],
@@ -185,8 +188,6 @@ class VideoWriter:
         self.frames += 1
 
     def close(self) -> None:
-        import os
-
         self.gen.close()
         if self.frames:
             os.replace(self.tmp, self.path)

@@ -29,7 +29,7 @@ def test_normal_encoding():
 
 def test_formats_parse():
     assert sinks.parse_formats("png, NPY") == ("png", "npy")
-    assert sinks.parse_formats("all") == ("png", "png16", "npy")
+    assert sinks.parse_formats("all") == ("png", "png16", "npy", "exr")  # every format, EXR included
     with pytest.raises(UsageError):
         sinks.parse_formats("png,exr2")
 
@@ -75,3 +75,106 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
             f.write(b"new but partial")
             raise KeyboardInterrupt
     assert target.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
+
+
+# ------------------------------------------------------------------------------------------------ reruns
+
+
+def test_stale_temporaries_of_ours_are_cleared_young_and_foreign_ones_stay(tmp_path):
+    import os
+    import time
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    old = time.time() - 2 * sinks.STALE_AFTER
+    names = {".x.npy.k3j_9a2b.tmp": True,  # ours, left by a killed run: removed
+             ".clip.mp4.ab12cd34.tmp": True,
+             ".y.npy.zz99yy88.tmp": False,  # ours but young (a concurrent run's): kept, see below
+             ".notes.tmp": False, "x.ab12cd34.tmp": False, ".x.npy.AB12CD34.tmp": False, "keep.npy": False}
+    for name, stale in names.items():
+        (folder / name).write_bytes(b"partial")
+        if stale or name != ".y.npy.zz99yy88.tmp":
+            os.utime(folder / name, (old, old))
+    sinks.write_bytes(folder / "new.npy", b"data")
+    left = {p.name for p in folder.iterdir()}
+    assert left == {n for n, stale in names.items() if not stale} | {"new.npy"}
+
+
+class FakeImagePredictor:
+    """Stands in for LotusPredictor in run_images: a map that depends on the image and the model name."""
+
+    task, kind, family = "depth", "disparity", "g"
+
+    def __init__(self, model="model-a"):
+        self.model = model
+
+    def describe(self):
+        return {"model": self.model, "task": self.task, "kind": self.kind, "family": self.family}
+
+    def predict_batch(self, images, opts):
+        from lotus_cli.predictor import Prediction
+
+        return [Prediction(im.mean(-1).astype(np.float32) / 255, im.shape[:2]) for im in images]
+
+
+def test_skip_existing_redoes_outputs_made_with_another_model_or_options(tmp_path):
+    from PIL import Image
+
+    from lotus_cli.predictor import PredictOptions
+    from lotus_cli.runner import OutputSpec, run_images
+    from lotus_cli.sources import Item
+
+    from .conftest import make_image
+
+    Image.fromarray(make_image(12, 16)).save(tmp_path / "x.png")
+    items = [Item(tmp_path / "x.png", "x")]
+    spec = OutputSpec(tmp_path / "o", ("png", "npy"), skip_existing=True)
+
+    def rerun(predictor=FakeImagePredictor(), output=spec, opts=PredictOptions(processing_res=32), **kw):
+        got = []
+        s = run_images(predictor, items, output, opts, on_result=got.append, **kw)
+        return got[0], s
+
+    r, _ = rerun()
+    assert r.status == "done" and r.redone is None  # nothing was there
+    r, _ = rerun()
+    assert r.status == "skipped"  # same model and options
+    r, s = rerun(FakeImagePredictor("model-b"))
+    assert r.status == "done" and r.redone == "made with another model (model-a)" and s.redone == 1
+    r, _ = rerun(FakeImagePredictor("model-b"), opts=PredictOptions(processing_res=48))
+    assert r.redone == "made with other options (processing_res 32 -> 48)"
+    r, _ = rerun(FakeImagePredictor("model-b"), opts=PredictOptions(processing_res=48, seed=3))
+    assert r.redone == "made with other options (seed 0 -> 3)"  # a G model: its seed changes the map
+    opts = PredictOptions(processing_res=48, seed=3)
+    r, _ = rerun(FakeImagePredictor("model-b"), OutputSpec(tmp_path / "o", ("png",), sinks.Style(cmap="turbo"), True),
+                 opts)
+    assert r.redone == "its png was made with other settings (colormap 'Spectral' -> 'turbo')"
+    r, _ = rerun(FakeImagePredictor("model-b"), opts=opts, predict_options={"tile": 512})
+    assert r.redone == "made with other options (tile None -> 512)"
+    side = json.loads((tmp_path / "o" / "x.json").read_text())
+    assert side["complete"] is True and side["options"]["tile"] == 512 and side["model"] == "model-b"
+    r, _ = rerun(FakeImagePredictor("model-b"), opts=opts, predict_options={"tile": 512})
+    assert r.status == "skipped"
+    # outputs left from an older run without the sidecar of this one are not trusted
+    (tmp_path / "o" / "x.json").unlink()
+    r, _ = rerun(FakeImagePredictor("model-b"), opts=opts, predict_options={"tile": 512})
+    assert r.status == "done" and r.redone == "no sidecar: its run did not finish"
+
+
+def test_a_redo_that_fails_part_way_leaves_no_sidecar_vouching_for_the_old_outputs(tmp_path, monkeypatch):
+    d = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    paths = sinks.output_paths(tmp_path, "x", ("png", "npy"))
+    sinks.write_outputs(paths, d, "disparity", sinks.sidecar("disparity", model={"model": "a"}))
+    real = sinks.write_map
+
+    def disk_full(path, fmt, *a, **kw):
+        if fmt == "npy":
+            raise OSError(28, "No space left on device")
+        return real(path, fmt, *a, **kw)
+
+    monkeypatch.setattr(sinks, "write_map", disk_full)
+    with pytest.raises(OSError):  # model b's png is written, its npy is not
+        sinks.write_outputs(paths, 1 - d, "disparity", sinks.sidecar("disparity", model={"model": "b"}))
+    keep, why = sinks.reusable(paths["json"], [paths["png"], paths["npy"]], kind="disparity", model="a", options={},
+                               settings={})
+    assert not keep and why == "no sidecar: its run did not finish"

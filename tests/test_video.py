@@ -248,3 +248,31 @@ def test_uncertainty_takes_videos(tmp_path, depth_g):
     assert side["kind"] == "uncertainty" and side["video"]["frames"] == 6
     assert len(decode_all(tmp_path / "o" / "u.mp4")[1]) == 6
     assert len(list((tmp_path / "o" / "u").glob("*.npy"))) == 6
+
+
+class FailingPredictor(FakePredictor):
+    def predict_batch(self, images, opts):
+        if self.calls >= 7:
+            raise RuntimeError("out of memory")
+        return super().predict_batch(images, opts)
+
+
+def test_interrupted_or_failed_clip_is_redone_with_skip_existing(tmp_path):
+    clip = make_clip(tmp_path / "c.mp4", n=20, fps=20)
+    out = OutputSpec(tmp_path / "o", ("npy",), skip_existing=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_video(FakePredictor(interrupt_at=6), Item(clip, "c"), out, PredictOptions(), VideoSpec())
+    side = json.loads((tmp_path / "o" / "c.json").read_text())
+    assert side["interrupted"] is True and side["complete"] is False and side["video"]["frames"] == 6
+    r = run_video(FakePredictor(), Item(clip, "c"), out, PredictOptions(), VideoSpec())
+    assert r.status == "done" and r.frames == 20 and r.redone == "its run was interrupted"
+    assert len(decode_all(tmp_path / "o" / "c.mp4")[1]) == 20 and len(list((tmp_path / "o" / "c").glob("*.npy"))) == 20
+    r = run_video(FakePredictor(), Item(clip, "c"), out, PredictOptions(), VideoSpec())
+    assert r.status == "skipped"
+    r = run_video(FakePredictor(), Item(clip, "c"), out, PredictOptions(), VideoSpec(FrameSelect(max_frames=5)))
+    assert r.status == "done" and r.frames == 5 and r.redone == "made with other options (max_frames None -> 5)"
+    r = run_video(FailingPredictor(), Item(clip, "f"), out, PredictOptions(), VideoSpec())
+    assert r.status == "failed" and "out of memory" in r.error and r.frames == 7
+    assert json.loads((tmp_path / "o" / "f.json").read_text())["complete"] is False
+    r = run_video(FakePredictor(), Item(clip, "f"), out, PredictOptions(), VideoSpec())
+    assert r.status == "done" and r.frames == 20 and r.redone.startswith("its run failed (")

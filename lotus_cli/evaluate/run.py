@@ -9,8 +9,9 @@ every valid pixel of the dataset.
 Predictions folder (``--predictions DIR``). For a sample with key ``k`` (its RGB path without extension,
 e.g. ``test/kitchen_0004/rgb_0001``), the first of these that exists, in ``DIR/<dataset>/`` if that
 folder exists, else in ``DIR``:
-``k.npy`` (float [H, W] depth, or [H, W, 3] normals), ``k.16bit.png`` / ``k.png`` (16-bit or 8-bit;
-depth: grey, any affine encoding; normals: RGB, n = png / max * 2 - 1), then the reference tools' names
+``k.npy`` or ``k.exr`` (float [H, W] depth, or [H, W, 3] normals; EXR: channel Z, or R, G, B),
+``k.16bit.png`` / ``k.png`` (16-bit or 8-bit; depth: grey, any affine encoding; normals: RGB,
+n = png / max * 2 - 1), then the reference tools' names
 (Marigold: ``<dir>/pred_<id>.npy``; Lotus normals: ``<scene>_<id>_norm.png``). Normals must be in the
 Lotus/DSINE frame (x left, y up, z toward the camera). A map of another size is resized (bilinear) to
 the ground truth's, except a KITTI map of the uncropped frame, which is cropped like the image.
@@ -30,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError, LotusError, UsageError
-from ..sources import sidecar_of
+from ..formats import READ_ORDER, get_format, read_map, sidecar_of
 from . import metrics as M
 from .datasets import Dataset, Item, Sample, kitti_benchmark_crop
 
@@ -113,7 +114,7 @@ class FolderSource:
 
     def find(self, ds: Dataset, s: Sample) -> Path | None:
         base = self.folder(ds)
-        names = [f"{s.key}.npy", f"{s.key}.16bit.png", f"{s.key}.png", *legacy_names(ds, s)]
+        names = [f"{s.key}{get_format(f).suffix}" for f in READ_ORDER] + legacy_names(ds, s)
         for n in names:
             if (base / n).is_file():
                 return base / n
@@ -123,7 +124,7 @@ class FolderSource:
         path = self.find(ds, item.sample)
         if path is None:
             raise InputError(f"{self.folder(ds)}: no prediction for {item.sample.key}",
-                             f"expected {item.sample.key}.npy (or .png, .16bit.png) there")
+                             f"expected {item.sample.key}.npy (or .exr, .16bit.png, .png) there")
         return read_prediction(path, self.task)
 
     def alignment(self, ds: Dataset) -> str:
@@ -153,26 +154,13 @@ def legacy_names(ds: Dataset, s: Sample) -> list[str]:
 
 
 def read_prediction(path: Path, task: str) -> np.ndarray:
-    """A prediction file -> depth [H, W] or normals [H, W, 3] float32 (module doc for the encodings)."""
+    """A prediction file -> depth [H, W] or normals [H, W, 3] float32, read through the format registry
+    (module doc for the encodings: PNGs as [0, 1], normals as n = png / max * 2 - 1, npy and EXR as stored)."""
     try:
-        if path.suffix == ".npy":
-            a = np.load(path, allow_pickle=False).astype(np.float32)
-        else:
-            import cv2
-
-            a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if a is None:
-                raise InputError(f"{path}: not a readable PNG")
-            scale = 65535.0 if a.dtype == np.uint16 else 255.0
-            if a.ndim == 3:
-                a = a[:, :, 2::-1]  # BGR -> RGB
-            a = a.astype(np.float32) / scale
-            if task == "normal":
-                a = a * 2 - 1
-            elif a.ndim == 3:
-                a = a.mean(-1)  # a grey depth map saved as RGB
+        a = read_map(path, task)
     except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable prediction ({e})", "write float32 .npy or 16-bit PNG maps") from e
+        raise InputError(f"{path}: not a readable prediction ({e})",
+                         "write float32 .npy or .exr, or 16-bit PNG maps") from e
     a = np.squeeze(a)
     if not np.isfinite(a).all():
         raise InputError(f"{path}: {int((~np.isfinite(a)).sum())} non-finite values", "write finite maps")
