@@ -25,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import sinks
 from .errors import OutputError, UsageError
 
 FORMATS = {"ply": ".mesh.ply", "glb": ".glb", "obj": ".obj"}  # format -> suffix of the main file
 TO_OPENGL = np.array([1, -1, -1], np.float32)  # OpenCV <-> OpenGL: a rotation by 180 degrees about x
+GLB_FRAME = "glTF's frame: x right, y up, z toward the viewer (the camera looks down -z), metres"
 
 
 @dataclass
@@ -165,3 +167,14 @@ def _ply_comments(data: bytes, comments: list[str]) -> bytes:
     lines = head.split(b"\n")
     extra = [("comment " + " ".join(c.split())).encode("ascii", "replace") for c in comments]
     return b"\n".join(lines[:2] + extra + lines[2:]) + sep + body
+
+
+def write(mesh: Mesh, formats: tuple[str, ...], folder: Path, name: str, texture: np.ndarray,
+          comments: list[str] = ()) -> dict[str, str]:
+    """Each format's files written atomically into ``folder`` (``encode``); returns {format: main file name}."""
+    written = {}
+    for fmt in formats:
+        for file, data in encode(mesh, fmt, name, texture, comments).items():
+            sinks.write_bytes(folder / file, data)
+        written[fmt] = name + FORMATS[fmt]
+    return written

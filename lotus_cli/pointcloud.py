@@ -295,6 +295,7 @@ class Cloud:
     pixels: np.ndarray | None = None  # [N] int64
     kept: np.ndarray | None = None  # [H, W] bool
     up: str = "opencv"
+    K: g.Intrinsics | None = None  # the camera of the map the points came from
 
 
 def build_cloud(rgb: np.ndarray, depth: np.ndarray, K: g.Intrinsics, normals: np.ndarray | None,
@@ -386,6 +387,7 @@ def make_cloud(rgb: np.ndarray, values: np.ndarray, kind: str, camera_opts: Came
     window = max(1, round(min(h, w) / 120))  # wider differences average out quantised sensor depth (NYU: 22 -> 10 deg)
     chosen = g.normals_from_depth(depth, K, window) if normals == "depth" else predicted  # None for "none"
     cloud = build_cloud(rgb, depth, K, chosen, cloud_opts)
+    cloud.K = K
     cloud.record = {"camera": K.to_json(), "camera_source": source, "depth": depth_record,
                     "normals": NORMAL_SOURCES[normals].format(w=window), "cloud": cloud.record, "units": "metres",
                     "assumed": [f"camera: {a}" for a in camera_assumed] + depth_record["assumed"]}

@@ -19,6 +19,8 @@ import numpy as np
 
 from .geometry import Intrinsics
 
+YAW, PITCH = 12.0, 6.0  # degrees: enough parallax to show depth, little enough to keep the input's framing
+
 BACKGROUND = 24  # grey level of pixels nothing covers
 AMBIENT = 0.25  # share of light that reaches surfaces facing away from the lamp
 LAMP = np.array([-0.4, -0.6, -1.0]) / np.linalg.norm([-0.4, -0.6, -1.0])  # toward the lamp: up, left, at the viewer
@@ -48,7 +50,7 @@ def _samples(vertices: np.ndarray, faces: np.ndarray, pixel_len: np.ndarray, *ex
 
 
 def render(points: np.ndarray, colors: np.ndarray, normals: np.ndarray | None, K: Intrinsics,
-           faces: np.ndarray | None = None, yaw: float = 12.0, pitch: float = 6.0, splat: int = 1,
+           faces: np.ndarray | None = None, yaw: float = YAW, pitch: float = PITCH, splat: int = 1,
            max_side: int = 1024) -> np.ndarray:
     """The preview, uint8 [h, 2 w, 3] (colours | shading), of points [N, 3] (metres, OpenCV camera frame of
     the camera ``K``), colors [N, 3] uint8 and unit normals [N, 3] (None: shading by depth, near bright).
@@ -96,3 +98,20 @@ def render(points: np.ndarray, colors: np.ndarray, normals: np.ndarray | None, K
     for picture, value in zip(pictures, (col, shade)):
         picture.reshape(-1, 3)[pix[first]] = np.clip(value[src[first]], 0, 255).astype(np.uint8)
     return np.concatenate(pictures, axis=1)
+
+
+def render_cloud(shown, K: Intrinsics, stride: int = 1) -> np.ndarray:
+    """``render`` for a ``pointcloud.Cloud`` or a ``mesh.Mesh`` (either frame), points splatted over the
+    ``stride`` they were thinned by."""
+    faces = getattr(shown, "faces", None)
+    pts = shown.vertices if faces is not None else shown.points
+    flip = np.array([1, -1, -1], np.float32) if shown.up == "y" else np.ones(3, np.float32)  # back to OpenCV
+    normals = shown.normals * flip if shown.normals is not None else None
+    return render(pts * flip, shown.colors, normals, K, faces, splat=max(1, math.ceil(stride / 2)))
+
+
+def describe() -> dict:
+    """What the preview shows, for the sidecar."""
+    return {"panels": "colours | grey shading by the normals (lamp above left of the viewer)",
+            "view": f"the input camera turned {YAW:g} degrees right and {PITCH:g} degrees up around the scene's "
+                    "median depth", "renderer": "numpy z-buffer (points as squares, mesh triangles sampled)"}

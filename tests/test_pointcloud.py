@@ -18,7 +18,9 @@ from .conftest import make_image
 from .test_geometry import plane_depth
 
 o3d = pytest.importorskip("open3d")
-RGBD = Path(__file__).resolve().parents[2] / "shared" / "data" / "rgbd"
+# ../shared/data beside the clone (a git worktree sits one level deeper: look there too)
+RGBD = next((p / "shared" / "data" / "rgbd" for p in Path(__file__).resolve().parents[2:4]
+             if (p / "shared" / "data" / "rgbd").is_dir()), Path("../shared/data/rgbd"))
 NYU_K = (518.8579, 519.46961, 325.58245, 253.73617)
 
 
@@ -70,11 +72,13 @@ def test_cli_image_to_cloud_states_what_it_assumed(tmp_path, depth_d):
     side = json.loads((tmp_path / "pc" / "room.json").read_text())
     assert side["camera_source"].startswith("assumed") and abs(side["camera"]["hfov_deg"] - g.DEFAULT_FOV) < 1e-6
     assert side["depth"]["assumed"] == ["--near 1 m", "--far 10 m"] and side["depth"]["kind"] == "disparity"
+    assert side["assumed"] == ["camera: 60 degree horizontal field of view", "camera: principal point at the image "
+                               "centre", "camera: square pixels (fy = fx)", "--near 1 m", "--far 10 m"]
     pts, cols, nrm = read_ply(tmp_path / "pc" / "room.ply")
     assert len(pts) == 36 * 48
     assert abs(pts[:, 2].min() - 1.0) < 1e-4 and abs(pts[:, 2].max() - 10.0) < 1e-3  # near and far as stated
     header = ply_header(tmp_path / "pc" / "room.ply")
-    assert "assumed --near 1 m; --far 10 m" in header and "from assumed: default 60 degree fov" in header
+    assert "; --near 1 m; --far 10 m" in header and "from assumed: default 60 degree fov" in header
     assert ((nrm * pts).sum(-1) <= 1e-6).all()  # every normal faces the camera: n . p <= 0
 
 
@@ -167,7 +171,7 @@ def test_cli_refuses_what_it_would_get_wrong(tmp_path):
     r = lotus("pointcloud", tmp_path / "square.png", "--depth", tmp_path / "metric.npy", "--out", tmp_path / "o")
     assert r.exit_code == 1 and "differ in aspect ratio (30x30 vs 40x30)" in r.output
     r = lotus("pointcloud", "--depth", tmp_path / "metric.npy", "--near", 0.5, "--out", tmp_path / "o")
-    assert r.exit_code == 1 and "the map is metric already" in r.output
+    assert r.exit_code == 2 and "the map is metric already" in r.output  # the command line is wrong: usage error
     np.save(tmp_path / "nothing.npy", np.zeros((30, 40), np.float32))  # metric: 0 = no measurement
     r = lotus("pointcloud", "--depth", tmp_path / "nothing.npy", "--out", tmp_path / "o")
     assert r.exit_code == 1 and "no finite values" in r.output
@@ -268,7 +272,7 @@ def test_cli_video_frames_share_one_metric_frame(tmp_path, depth_d):
     scales = {(f["depth"]["scale"], f["depth"]["shift"]) for f in side["frames"]}
     assert len(side["frames"]) == 4 and len(scales) == 1  # one scale and shift for the clip
     assert all(f["depth"]["assumed"] == ["--near 1 m"] for f in side["frames"])  # and its assumptions, every frame
-    assert "assumed --near 1 m" in ply_header(sorted((tmp_path / "o" / "clip").glob("*.ply"))[-1])
+    assert "(fy = fx); --near 1 m\n" in ply_header(sorted((tmp_path / "o" / "clip").glob("*.ply"))[-1])
     assert side["frames"][0]["depth"]["far_m"] is None  # infinity, written as JSON null
 
 
