@@ -171,8 +171,11 @@ def _ply_comments(data: bytes, comments: list[str]) -> bytes:
 
 def write(mesh: Mesh, formats: tuple[str, ...], folder: Path, name: str, texture: np.ndarray,
           comments: list[str] = ()) -> dict[str, str]:
-    """Each format's files written atomically into ``folder`` (``encode``); returns {format: main file name}."""
+    """Each format's files written atomically into ``folder`` (``encode``); returns {format: main file name}.
+    A mesh without triangles writes nothing (Open3D's glTF and OBJ writers crash on one): {}."""
     written = {}
+    if not len(mesh.faces):
+        return written
     for fmt in formats:
         for file, data in encode(mesh, fmt, name, texture, comments).items():
             sinks.write_bytes(folder / file, data)

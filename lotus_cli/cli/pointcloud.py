@@ -334,6 +334,9 @@ class _Job:
             full["mesh"] = {**shown.record, "files": files, "frame": full["cloud"]["frame"],
                             "glb_frame": mesh.GLB_FRAME if "glb" in files else None}
             outputs.update({f: str(ply.parent / name) for f, name in files.items()})
+            if not files:
+                say(f"warning: {record.get('input') or record.get('depth_input')}: no 2x2 block of kept pixels, so no "
+                    "mesh (lower --edge-threshold or --stride)", "yellow")
         if self.a["preview"]:
             from .. import preview
 
