@@ -28,7 +28,7 @@ LAMP = np.array([-0.4, -0.6, -1.0]) / np.linalg.norm([-0.4, -0.6, -1.0])  # towa
 
 def _rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
     """[3, 3] rotation taking OpenCV camera coordinates of the input camera to the preview camera's."""
-    a, b = math.radians(yaw_deg), math.radians(pitch_deg)
+    a, b = -math.radians(yaw_deg), -math.radians(pitch_deg)  # the scene turns the other way than the viewer
     ry = np.array([[math.cos(a), 0, -math.sin(a)], [0, 1, 0], [math.sin(a), 0, math.cos(a)]])
     rx = np.array([[1, 0, 0], [0, math.cos(b), math.sin(b)], [0, -math.sin(b), math.cos(b)]])
     return rx @ ry
