@@ -170,7 +170,8 @@ def meshes() -> None:
         c = cloud0.record["cloud"]
         head = f"{name:<10}{c['with_depth']:>8}{c['points']:>9}{c['without_normal']:>10}  "
         for t in (0.0, 0.05):
-            cloud = cloud0 if t == 0 else make_cloud(rgb, z, "depth", cams, ScaleOptions(), CloudOptions(), per_metre=1.0)
+            cloud = cloud0 if t == 0 else make_cloud(rgb, z, "depth", cams, ScaleOptions(), CloudOptions(),
+                                                     per_metre=1.0)
             t0 = time.perf_counter()
             mesh = M.from_cloud(cloud)
             t_mesh = time.perf_counter() - t0

@@ -50,7 +50,8 @@ def parse_formats(spec: str) -> tuple[str, ...]:
     names = [s.strip().lower() for s in spec.split(",") if s.strip()]
     bad = [n for n in names if n not in FORMATS]
     if bad or not names:
-        raise UsageError(f"--mesh-format {spec!r}: expected a comma list of ply, glb, obj", "e.g. --mesh-format glb,ply")
+        raise UsageError(f"--mesh-format {spec!r}: expected a comma list of ply, glb, obj",
+                         "e.g. --mesh-format glb,ply")
     return tuple(dict.fromkeys(names))
 
 
@@ -91,8 +92,8 @@ def from_cloud(cloud, stride: int = 1) -> Mesh:
     rows, cols = np.divmod(pix, w)
     uvs = np.stack([(cols + 0.5) / w, 1 - (rows + 0.5) / h], -1).astype(np.float32)
     normals = cloud.normals[used] if cloud.normals is not None else None
-    record = {"vertices": int(len(used)), "triangles": int(len(tri)), "blocks": int(ok.size),
-              "points_in_no_triangle": int(len(cloud.points) - len(used)), "stride": s,
+    record = {"vertices": len(used), "triangles": len(tri), "blocks": int(ok.size),
+              "points_in_no_triangle": len(cloud.points) - len(used), "stride": s,
               "rule": "two triangles per 2x2 block of grid points whose pixels all passed the flying-pixel test"}
     return Mesh(cloud.points[used], remap[tri].astype(np.int32), normals, cloud.colors[used], uvs, used,
                 cloud.up, record)
@@ -124,8 +125,8 @@ def encode(mesh: Mesh, fmt: str, name: str, texture: np.ndarray | None = None,
     try:
         import open3d as o3d
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise UsageError(f"meshes need Open3D ({e})",
-                         "pip install 'lotus-cli[pointcloud]' (Linux also needs libusb-1.0: apt-get install libusb-1.0-0)")
+        raise UsageError(f"meshes need Open3D ({e})", "pip install 'lotus-cli[pointcloud]' (Linux also needs "
+                         "libusb-1.0: apt-get install libusb-1.0-0)")
     v, n = mesh.vertices, mesh.normals
     if fmt == "glb" and mesh.up == "opencv":
         v, n = v * TO_OPENGL, (n * TO_OPENGL if n is not None else None)

@@ -15,7 +15,7 @@ from lotus_cli.pointcloud import CameraOptions, CloudOptions, ScaleOptions, make
 
 from .conftest import make_image
 from .test_geometry import plane_depth
-from .test_pointcloud import NYU_K, RGBD, largest_plane, load_rgbd
+from .test_pointcloud import RGBD, largest_plane, load_rgbd
 
 o3d = pytest.importorskip("open3d")
 
@@ -63,7 +63,7 @@ def test_fronto_parallel_plane_is_flat_and_faces_the_camera():
 
 
 def test_no_triangle_bridges_a_box_and_the_wall_behind_it():
-    z, box = box_before_wall()
+    z, _ = box_before_wall()
     mesh = M.from_cloud(cloud_of(z))
     assert bridging(mesh) == 0
     assert {round(float(v), 3) for v in mesh.vertices[:, 2]} == {1.5, 3.0}  # both surfaces are there
@@ -200,7 +200,7 @@ def test_real_ground_truth_mesh_is_flat_and_unstretched(name):
     z, K = load_rgbd(name)
     z = np.where(z > 0, z, np.nan)
     rgb = make_image(*z.shape)
-    kw = dict(per_metre=1.0, normals="depth")
+    kw = {"per_metre": 1.0, "normals": "depth"}
     cams = CameraOptions(intrinsics=(K.fx, K.fy, K.cx, K.cy))
     mesh = M.from_cloud(make_cloud(rgb, z, "depth", cams, ScaleOptions(), CloudOptions(), **kw))
     raw = M.from_cloud(make_cloud(rgb, z, "depth", cams, ScaleOptions(), CloudOptions(edge_threshold=0), **kw))

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from lotus_cli import geometry as g
 from lotus_cli.cli import app
 from lotus_cli.errors import UsageError
-from lotus_cli.pointcloud import CameraOptions, CloudOptions, ScaleOptions, make_cloud, metric_depth
+from lotus_cli.pointcloud import CENTRED, SQUARE, CameraOptions, CloudOptions, ScaleOptions, make_cloud, metric_depth
 
 from .conftest import make_image
 from .test_geometry import plane_depth
@@ -73,8 +73,8 @@ def test_cli_image_to_cloud_states_what_it_assumed(tmp_path, depth_d):
     side = json.loads((tmp_path / "pc" / "room.json").read_text())
     assert side["camera_source"].startswith("assumed") and abs(side["camera"]["hfov_deg"] - g.DEFAULT_FOV) < 1e-6
     assert side["depth"]["assumed"] == ["--near 1 m", "--far 10 m"] and side["depth"]["kind"] == "disparity"
-    assert side["assumed"] == ["camera: 60 degree horizontal field of view", "camera: principal point at the image "
-                               "centre", "camera: square pixels (fy = fx)", "--near 1 m", "--far 10 m"]
+    assert side["assumed"] == ["camera: 60 degree horizontal field of view", f"camera: {CENTRED}", f"camera: {SQUARE}",
+                               "--near 1 m", "--far 10 m"]
     pts, cols, nrm = read_ply(tmp_path / "pc" / "room.ply")
     assert len(pts) == 36 * 48
     assert abs(pts[:, 2].min() - 1.0) < 1e-4 and abs(pts[:, 2].max() - 10.0) < 1e-3  # near and far as stated
@@ -367,9 +367,8 @@ def test_cli_plane_with_holes_keeps_every_valid_point_and_its_exact_normal(tmp_p
 
 def test_cli_lists_the_camera_assumptions(tmp_path):
     np.save(tmp_path / "m.npy", np.full((30, 40), 2.0, np.float32))
-    for opts, want in ((["--fov", 50], ["camera: principal point at the image centre", "camera: square pixels (fy = fx)"]),
-                       (["--focal-px", 40], ["camera: principal point at the image centre", "camera: square pixels (fy = fx)"]),
-                       (["--intrinsics", "40,42,19,15"], [])):
+    both = ["camera: principal point at the image centre", "camera: square pixels (fy = fx)"]
+    for opts, want in ((["--fov", 50], both), (["--focal-px", 40], both), (["--intrinsics", "40,42,19,15"], [])):
         r = lotus("pointcloud", "--depth", tmp_path / "m.npy", *opts, "--depth-units", "m", "--out", tmp_path / "o")
         assert r.exit_code == 0, r.output
         side = json.loads((tmp_path / "o" / "m.json").read_text())
@@ -384,7 +383,8 @@ def test_cli_tiny_inputs_fail_with_the_minimum_size(tmp_path, depth_d):
     r = lotus("pointcloud", tmp_path / "dot.png", tmp_path / "ok.png", "--model", depth_d, "--processing-res", 32,
               "--normals", "depth", "--out", tmp_path / "o")
     assert r.exit_code == 1, r.output
-    assert "dot.png: 1x1 pixels is too small for a point cloud (give an image or map of at least 2x2 pixels)" in r.output
+    assert "dot.png: 1x1 pixels is too small for a point cloud (give an image or map of at least 2x2 pixels)" \
+        in r.output
     assert (tmp_path / "o" / "ok.ply").is_file() and "1 done, 1 failed" in r.output  # the batch goes on
 
 

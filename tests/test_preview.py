@@ -31,6 +31,14 @@ def wall_and_box():
     return grid(z, K), colors, normals
 
 
+def red(im):
+    return np.argwhere((im == [255, 0, 0]).all(-1))
+
+
+def empty(im):
+    return (im == P.BACKGROUND).all(-1)
+
+
 def test_nearest_surface_wins_and_shading_follows_the_normals():
     pts, colors, normals = wall_and_box()
     img = P.render(pts, colors, normals, K, yaw=0, pitch=0)
@@ -48,7 +56,6 @@ def test_the_view_turns_around_the_scene():
     pts, colors, normals = wall_and_box()
     straight = P.render(pts, colors, normals, K, yaw=0, pitch=0)[:, :64]
     turned = P.render(pts, colors, normals, K, yaw=10, pitch=0)[:, :64]
-    red = lambda im: np.argwhere((im == [255, 0, 0]).all(-1))  # noqa: E731
     # yaw > 0 moves the viewer right: the box, nearer than the pivot (the median depth, 4 m), shifts left
     assert red(turned)[:, 1].mean() < red(straight)[:, 1].mean() - 3
     assert abs(red(turned)[:, 0].mean() - red(straight)[:, 0].mean()) < 1  # and not up or down
@@ -67,7 +74,6 @@ def test_a_mesh_keeps_its_holes_and_points_are_splatted_over_them():
     mesh = M.from_cloud(cloud)
     m = P.render(mesh.vertices, mesh.colors, mesh.normals, K, mesh.faces, yaw=0, pitch=0)[:, 64:]
     c = P.render(cloud.points, cloud.colors, cloud.normals, K, yaw=0, pitch=0, splat=1)[:, 64:]
-    empty = lambda im: (im == P.BACKGROUND).all(-1)  # noqa: E731
     assert empty(m)[20:28, 28:36].all() and not empty(m)[:20].any()  # the hole, and nothing else
     assert empty(c)[21:27, 29:35].all() and not empty(c)[20, 28:36].any()  # splats reach one pixel in
 

@@ -58,8 +58,8 @@ DropWithoutNormal = Annotated[bool, _opt("--drop-without-normal", "Drop the poin
 MeshOpt = Annotated[bool, _opt("--mesh", "Also write a triangle mesh of the pixel grid (see --mesh-format): two "
                                "triangles per 2x2 block of kept pixels, none across holes or flying pixels.")]
 MeshFormat = Annotated[Optional[str], _opt("--mesh-format", "Mesh files, a comma list of glb (textured, y up: "
-                                           "Blender, web viewers), obj (textured) and ply (vertex colours; x.mesh.ply). "
-                                           "Implies --mesh. Default glb.")]
+                                           "Blender, web viewers), obj (textured) and ply (vertex colours; "
+                                           "x.mesh.ply). Implies --mesh. Default glb.")]
 Preview = Annotated[bool, _opt("--preview", "Also write x.preview.png: the cloud (or the mesh) seen from a few "
                                "degrees off the input view, in colour and shaded.")]
 
@@ -94,8 +94,7 @@ class _Job:
 
     @classmethod
     def validate(cls, a: dict) -> "_Job":
-        from .. import sinks, sources
-        from .. import mesh
+        from .. import mesh, sinks, sources
         from ..pointcloud import CameraOptions, CloudOptions, ScaleOptions, parse_intrinsics
         from ..predictor import PredictOptions
         from ..video import FrameSelect
@@ -323,27 +322,8 @@ class _Job:
         full = {"version": __version__, **record, **cloud.record, "ply": ply.name}
         comments = header_comments(full)
         sinks.write_ply(ply, cloud.points, cloud.colors, cloud.normals, comments)
-        outputs = {"ply": str(ply)}
-        shown = cloud
-        if self.mesh_formats:
-            from .. import mesh
-
-            shown = mesh.from_cloud(cloud, self.cloud.stride)
-            files = mesh.write(shown, self.mesh_formats, ply.parent, ply.name[:-len(".ply")],
-                               rgb if texture is None else texture, comments)
-            full["mesh"] = {**shown.record, "files": files, "frame": full["cloud"]["frame"],
-                            "glb_frame": mesh.GLB_FRAME if "glb" in files else None}
-            outputs.update({f: str(ply.parent / name) for f, name in files.items()})
-            if not files:
-                say(f"warning: {record.get('input') or record.get('depth_input')}: no 2x2 block of kept pixels, so no "
-                    "mesh (lower --edge-threshold or --stride)", "yellow")
-        if self.a["preview"]:
-            from .. import preview
-
-            png = self.out / f"{key}.preview.png"
-            sinks.write_bytes(png, sinks.encode_png(preview.render_cloud(shown, cloud.K, self.cloud.stride)))
-            full["preview"] = {"file": png.name, **preview.describe()}
-            outputs["preview"] = str(png)
+        outputs = {"ply": str(ply), **self._mesh_and_preview(key, cloud, full, rgb if texture is None else texture,
+                                                             comments)}
         sinks.write_json(side, full)
         if cloud.record["depth"].get("warning"):
             say(f"warning: {record.get('input') or record.get('depth_input')}: {cloud.record['depth']['warning']}",
@@ -351,6 +331,28 @@ class _Job:
         if count:
             self._report(record.get("input") or record.get("depth_input"), "done", {**outputs, "json": str(side)}, None)
         return {"file": ply.name, "points": cloud.record["cloud"]["points"], "depth": cloud.record["depth"]}
+
+    def _mesh_and_preview(self, key, cloud, full, texture, comments) -> dict:
+        """The mesh files and the preview asked for, recorded in the sidecar record ``full``; {name: path}."""
+        from .. import mesh, preview, sinks
+
+        outputs, shown = {}, cloud
+        if self.mesh_formats:
+            shown = mesh.from_cloud(cloud, self.cloud.stride)
+            ply = self.out / f"{key}.ply"
+            files = mesh.write(shown, self.mesh_formats, ply.parent, ply.name[:-len(".ply")], texture, comments)
+            full["mesh"] = {**shown.record, "files": files, "frame": full["cloud"]["frame"],
+                            "glb_frame": mesh.GLB_FRAME if "glb" in files else None}
+            outputs.update({f: str(ply.parent / name) for f, name in files.items()})
+            if not files:
+                say(f"warning: {full.get('input') or full.get('depth_input')}: no 2x2 block of kept pixels, so no "
+                    "mesh (lower --edge-threshold or --stride)", "yellow")
+        if self.a["preview"]:
+            png = self.out / f"{key}.preview.png"
+            sinks.write_bytes(png, sinks.encode_png(preview.render_cloud(shown, cloud.K, self.cloud.stride)))
+            full["preview"] = {"file": png.name, **preview.describe()}
+            outputs["preview"] = str(png)
+        return outputs
 
     def _report(self, subject, status, outputs, error, frames=1):
         if status == "failed":
@@ -369,6 +371,7 @@ class _Job:
 
 def _for_normal_model(e: LotusError) -> LotusError:
     """A model error about the normal model, its advice given for the option that names it here."""
+
     def swap(text):
         return re.sub(r"(?<![\w-])--model\b", "--normal-model", text) if text else text
 
