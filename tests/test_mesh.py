@@ -222,3 +222,13 @@ def stretch(mesh, K):
     facing the camera, large for grazing surfaces and for triangles that bridge a depth edge."""
     z = mesh.vertices[mesh.faces][..., 2].min(-1)
     return M.edge_lengths(mesh.vertices, mesh.faces).max(-1) / (z / min(K.fx, K.fy))
+
+
+def test_cli_skip_existing_counts_the_mesh_files(tmp_path):
+    np.save(tmp_path / "m.npy", np.full((12, 16), 2.0, np.float32))
+    base = ["pointcloud", "--depth", tmp_path / "m.npy", "--out", tmp_path / "o", "--skip-existing"]
+    assert lotus(*base, "--mesh").exit_code == 0
+    r = lotus(*base, "--mesh")
+    assert r.exit_code == 0 and "0 done" in r.output  # everything there: skipped
+    r = lotus(*base, "--mesh-format", "glb,obj")
+    assert r.exit_code == 0 and "1 done" in r.output and (tmp_path / "o" / "m.obj").is_file()  # the OBJ was missing
