@@ -1,6 +1,7 @@
 """How much the unknown shift matters, and how much --shape-from-normals recovers, on real RGB-D frames.
 
-    python benchmarks/bench_pointcloud.py      # ../shared/data/rgbd: 3 NYUv2 frames + 1 TUM frame, seconds
+    python benchmarks/bench_pointcloud.py          # ../shared/data/rgbd: 3 NYUv2 frames + 1 TUM frame, seconds
+    python benchmarks/bench_pointcloud.py --mesh   # points kept, mesh edges, flatness and timings (below)
 
 No Lotus weights here, so the "prediction" is the ground truth made affine-invariant exactly as a Lotus
 depth model's output is (min-max normalised disparity, or depth for the v1-0 depth models), and the
@@ -27,7 +28,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RGBD = ROOT.parent / "shared" / "data" / "rgbd"
+RGBD = next((p / "shared" / "data" / "rgbd" for p in ROOT.parents[:2] if (p / "shared" / "data" / "rgbd").is_dir()),
+            ROOT.parent / "shared" / "data" / "rgbd")  # beside the clone (a git worktree sits one level deeper)
 
 from lotus_cli import geometry as g  # noqa: E402
 from lotus_cli.pointcloud import ScaleOptions, metric_depth  # noqa: E402
@@ -140,5 +142,60 @@ def main() -> None:
                   f"AbsRel {np.mean([x[4] for x in r]):.4f}, planarity {np.mean([x[5] for x in r]):.4f}")
 
 
+def kinect_sigma(z):
+    """Kinect v1 axial depth noise in metres at depth z (Nguyen, Izadi, Lovell 2012)."""
+    return 0.0012 + 0.0019 * (z - 0.4) ** 2
+
+
+def meshes() -> None:
+    """The ground truth at full resolution as a cloud and a mesh: points written of the valid pixels
+    (--normals depth --edge-threshold 0), each triangle's longest edge (mm) and its stretch (longest edge
+    over the pixel footprint z / f at its nearest vertex: ~1.4 facing the camera) without and with the
+    discontinuity test, the largest plane's RMS against the sensor's noise, and the seconds each step takes."""
+    import open3d as o3d
+
+    from lotus_cli import mesh as M
+    from lotus_cli import preview
+    from lotus_cli.pointcloud import CameraOptions, CloudOptions, make_cloud
+
+    print(f"{'frame':<10}{'valid':>8}{'written':>9}{'no normal':>10}  {'threshold':<10}{'triangles':>10}"
+          f"{'median':>8}{'p99':>8}{'p99.9':>8}{'max':>7} mm{'stretch>10':>12}{'>50':>6}")
+    for name, z, K in frames():
+        z = np.where(z > 0, z, np.nan)
+        rgb = np.zeros(z.shape + (3,), np.uint8)
+        cams = CameraOptions(intrinsics=(K.fx, K.fy, K.cx, K.cy))
+        t0 = time.perf_counter()
+        cloud0 = make_cloud(rgb, z, "depth", cams, ScaleOptions(), CloudOptions(edge_threshold=0), per_metre=1.0)
+        t_cloud = time.perf_counter() - t0
+        c = cloud0.record["cloud"]
+        head = f"{name:<10}{c['with_depth']:>8}{c['points']:>9}{c['without_normal']:>10}  "
+        for t in (0.0, 0.05):
+            cloud = cloud0 if t == 0 else make_cloud(rgb, z, "depth", cams, ScaleOptions(), CloudOptions(),
+                                                     per_metre=1.0)
+            t0 = time.perf_counter()
+            mesh = M.from_cloud(cloud)
+            t_mesh = time.perf_counter() - t0
+            longest = M.edge_lengths(mesh.vertices, mesh.faces).max(-1)
+            stretch = longest / (mesh.vertices[mesh.faces][..., 2].min(-1) / K.fx)
+            q = 1000 * np.percentile(longest, [50, 99, 99.9, 100])
+            print(f"{head if t == 0 else ' ' * len(head)}{t:<10g}{len(mesh.faces):>10}{q[0]:>8.1f}{q[1]:>8.1f}"
+                  f"{q[2]:>8.1f}{q[3]:>7.0f}   {(stretch > 10).sum():>10}{(stretch > 50).sum():>6}")
+        o3d.utility.random.seed(0)
+        pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(mesh.vertices[::4].astype(np.float64)))
+        _, inl = pc.segment_plane(distance_threshold=0.03, ransac_n=3, num_iterations=500)
+        plane = mesh.vertices[::4][inl]
+        _, rms, _ = g.plane_fit(plane)
+        noise = float(np.sqrt(np.mean(kinect_sigma(plane[:, 2]) ** 2)))
+        t0 = time.perf_counter()
+        M.encode(mesh, "glb", "x", rgb)
+        t_glb = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        preview.render_cloud(mesh, K)
+        t_prev = time.perf_counter() - t0
+        print(f"{'':<10}largest plane: {len(plane) / len(mesh.vertices[::4]):.0%} of the vertices, RMS {1000 * rms:.1f}"
+              f" mm, sensor noise there {1000 * noise:.1f} mm; seconds: cloud {t_cloud:.2f}, mesh {t_mesh:.2f}, "
+              f"glb {t_glb:.2f}, preview {t_prev:.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    meshes() if "--mesh" in sys.argv[1:] else main()

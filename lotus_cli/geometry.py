@@ -107,21 +107,52 @@ def backproject(depth: np.ndarray, K: Intrinsics) -> np.ndarray:
 
 def normals_from_depth(depth: np.ndarray, K: Intrinsics, window: int = 1) -> np.ndarray:
     """Surface normals [H, W, 3] float32 of the back-projected depth [H, W], unit vectors in the OpenCV frame
-    facing the camera (n . p < 0), from differences of the points ``window`` pixels either side (central
-    differences for 1; wider ones average out quantised sensor depth; one-sided differences within
-    ``window`` of the border); NaN where the depth or a neighbour used is missing. Independent of a global
-    scale of the depth; exact for planes."""
+    facing the camera (n . p < 0), from differences of the points along each image axis.
+
+    Per axis, the longest central difference of reach r <= ``window`` pixels whose two ends have depth
+    (wider ones average out quantised sensor depth), else the longest one-sided one (p[i + r] - p[i] or
+    p[i] - p[i - r]): near holes and borders the reach shortens instead of the normal going missing. NaN
+    only where the pixel has no depth or no pixel with depth within ``window`` on an axis. Independent of a
+    global scale of the depth; exact for planes."""
     p = backproject(np.where(depth > 0, depth, np.nan), K).astype(np.float64)
-    dv, du = np.gradient(p, axis=(0, 1))  # d/dv (down), d/du (right): [H, W, 3] each
-    k = window
-    if k > 1 and min(p.shape[:2]) > 2 * k:
-        dv[k:-k] = p[2 * k:] - p[:-2 * k]  # same directions, longer baselines (normals ignore the length)
-        du[:, k:-k] = p[:, 2 * k:] - p[:, :-2 * k]
+    ok = np.isfinite(p).all(-1)
+    dv = _axis_difference(p, ok, 0, window)  # d/dv (down): [H, W, 3]
+    du = _axis_difference(p, ok, 1, window)  # d/du (right)
     n = np.cross(dv, du)  # for a fronto-parallel plane: (0, 0, -) = toward the camera
-    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n /= np.linalg.norm(n, axis=-1, keepdims=True)
     flip = (n * p).sum(-1) > 0  # numerically grazing surfaces: keep every normal facing the camera
     n[flip] *= -1
     return n.astype(np.float32)
+
+
+def _shifted(a: np.ndarray, d: int, axis: int, fill) -> np.ndarray:
+    """out[i] = a[i + d] along ``axis`` (0 or 1), ``fill`` where i + d falls outside."""
+    out = np.full_like(a, fill)
+    n = a.shape[axis]
+    if abs(d) >= n:
+        return out
+    src = [slice(None)] * a.ndim
+    dst = [slice(None)] * a.ndim
+    src[axis], dst[axis] = (slice(d, None), slice(0, n - d)) if d >= 0 else (slice(0, n + d), slice(-d, None))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def _axis_difference(p: np.ndarray, ok: np.ndarray, axis: int, window: int) -> np.ndarray:
+    """p [H, W, 3] (ok [H, W]: p is valid): p[i + a] - p[i - b] along ``axis`` for the first (a, b) in
+    (window, window), (window - 1, window - 1) ... (1, 1), (window, 0), (0, window) ... (1, 0), (0, 1) whose
+    ends are both valid; NaN where none is (the direction matters for the normal, the length does not)."""
+    out = np.full_like(p, np.nan)
+    todo = ok.copy()
+    reaches = [(r, r) for r in range(window, 0, -1)] + [s for r in range(window, 0, -1) for s in ((r, 0), (0, r))]
+    for a, b in reaches:
+        if not todo.any():
+            break
+        both = todo & _shifted(ok, a, axis, False) & _shifted(ok, -b, axis, False)
+        out[both] = (_shifted(p, a, axis, np.nan) - _shifted(p, -b, axis, np.nan))[both]
+        todo &= ~both
+    return out
 
 
 def depth_to_disparity(depth: np.ndarray) -> np.ndarray:

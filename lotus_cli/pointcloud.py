@@ -8,6 +8,7 @@ rather than measured is said so in the returned records, which go into the sidec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,10 +60,15 @@ def parse_intrinsics(text: str | None) -> tuple[float, float, float, float] | No
     return vals
 
 
+CENTRED = "principal point at the image centre"
+SQUARE = "square pixels (fy = fx)"
+
+
 def camera(width: int, height: int, opts: CameraOptions, exif_f35: float | None = None,
-           input_size: tuple[int, int] | None = None) -> tuple[g.Intrinsics, str]:
-    """The intrinsics of a ``width`` x ``height`` map and where they came from. Intrinsics the user gave are
-    for the input image (``input_size`` (w, h), default the map's own size) and are scaled to the map."""
+           input_size: tuple[int, int] | None = None) -> tuple[g.Intrinsics, str, list[str]]:
+    """The intrinsics of a ``width`` x ``height`` map, where they came from, and what about them was assumed
+    (everything but --intrinsics leaves the principal point and fy to assumption). Intrinsics the user gave
+    are for the input image (``input_size`` (w, h), default the map's own size) and are scaled to the map."""
     iw, ih = input_size or (width, height)
     if opts.intrinsics is not None:
         fx, fy, cx, cy = opts.intrinsics
@@ -76,7 +82,20 @@ def camera(width: int, height: int, opts: CameraOptions, exif_f35: float | None 
         source = f"EXIF FocalLengthIn35mmFilm {exif_f35:g} mm"
     else:
         K, source = g.intrinsics_from_fov(iw, ih, g.DEFAULT_FOV), f"assumed: default {g.DEFAULT_FOV:g} degree fov"
-    return (K if (iw, ih) == (width, height) else K.resized(width, height)), source
+    assumed = [] if opts.intrinsics is not None else [CENTRED, SQUARE]
+    if source.startswith("assumed"):
+        assumed.insert(0, f"{g.DEFAULT_FOV:g} degree horizontal field of view")
+    return (K if (iw, ih) == (width, height) else K.resized(width, height)), source, assumed
+
+
+MIN_SIDE = 2  # pixels: normals and the flying-pixel test compare each pixel with a neighbour on each axis
+
+
+def check_size(width: int, height: int, what: str) -> None:
+    """InputError naming ``what`` when a map or image is too small to back-project."""
+    if min(width, height) < MIN_SIDE:
+        raise InputError(f"{what}: {width}x{height} pixels is too small for a point cloud",
+                         f"give an image or map of at least {MIN_SIDE}x{MIN_SIDE} pixels")
 
 
 # ------------------------------------------------------------------------------------ scale and shift
@@ -112,6 +131,12 @@ class ScaleOptions:
         if self.depth_scale is not None and not self.depth_scale > 0:
             raise UsageError(f"--depth-scale {self.depth_scale}: must be positive", "metres per unit of the map")
 
+    def check_kind(self, kind: str) -> None:
+        """UsageError for options that cannot apply to a map of ``kind`` (known once the model or map is)."""
+        if kind == "depth" and math.isinf(self.far_m):
+            raise UsageError("--far inf: only a disparity map can put its farthest value at infinity; this map is "
+                             "depth", "give a finite --far (metres)")
+
     @property
     def near_m(self) -> float:
         return DEFAULT_NEAR if self.near is None else self.near
@@ -140,7 +165,8 @@ def metric_depth(values: np.ndarray, kind: str, opts: ScaleOptions, *, per_metre
     ``per_metre`` not None: the map is metric already (depth in metres, or disparity in 1/metres), its units
     as ``units_assumed`` says when they were not given. ``align``: a metric depth map [H, W] to fit against (NaN or 0 = no measurement).
     ``normals``: [H, W, 3] OpenCV-frame unit normals for ``opts.shape_from_normals`` (with ``K``).
-    Raises InputError for maps without finite values and fits that invert the depth order.
+    Raises InputError for maps without finite values and fits that invert the depth order, UsageError for
+    options the map cannot take (--far inf on depth, scale options on a metric map).
     """
     if not np.isfinite(values).any():
         raise InputError("the depth map has no finite values", "check the map and --depth-units/--depth-kind")
@@ -150,6 +176,7 @@ def metric_depth(values: np.ndarray, kind: str, opts: ScaleOptions, *, per_metre
                              "scaled", "drop them, or give --depth-units relative for an affine-invariant map")
         return g.to_depth(values, kind), {"method": "metric input", "kind": kind,
                                           "assumed": [f"units {units_assumed}"] if units_assumed else []}
+    opts.check_kind(kind)
     if opts.align:
         fit_values = resize_to(values, align.shape, area=False)
         s, b, rmse = g.align_to_metric(fit_values, kind, align)  # at the metric map's own pixels
@@ -231,13 +258,15 @@ def _finite_or_none(x: float) -> float | None:
 class CloudOptions:
     """``edge_threshold``: relative depth jump to a neighbour above which a pixel is a flying pixel and
     dropped (0 = keep all); ``stride``: keep every stride-th row and column; ``max_points``: then at most this
-    many, chosen at random with ``seed`` (0 = no limit); ``up``: "opencv" or "y" (see FRAMES)."""
+    many, chosen at random with ``seed`` (0 = no limit); ``up``: "opencv" or "y" (see FRAMES);
+    ``drop_without_normal``: drop the points that have no normal instead of giving them the fallback."""
 
     edge_threshold: float = 0.05
     stride: int = 1
     max_points: int = 0
     seed: int = 0
     up: str = "opencv"
+    drop_without_normal: bool = False
 
     def __post_init__(self):
         if self.edge_threshold < 0:
@@ -250,39 +279,61 @@ class CloudOptions:
             raise UsageError(f"--up {self.up!r}: expected y (or leave it out for the OpenCV frame)")
 
 
+NORMAL_FALLBACK = "the unit vector from the point toward the camera"
+
+
 @dataclass
 class Cloud:
+    """The kept pixels of one map as points. ``pixels`` are their flat indices into the map [H, W] (row-major,
+    the order of the points) and ``kept`` the full-resolution mask of pixels that passed the cleaning (before
+    the stride and --max-points): a mesh over the points uses it to tell a surface from a gap."""
+
     points: np.ndarray  # [N, 3] float32, metres
     colors: np.ndarray  # [N, 3] uint8
     normals: np.ndarray | None  # [N, 3] float32 unit vectors facing the camera, same frame as points
     record: dict
+    pixels: np.ndarray | None = None  # [N] int64
+    kept: np.ndarray | None = None  # [H, W] bool
+    up: str = "opencv"
+    K: g.Intrinsics | None = None  # the camera of the map the points came from
 
 
 def build_cloud(rgb: np.ndarray, depth: np.ndarray, K: g.Intrinsics, normals: np.ndarray | None,
                 opts: CloudOptions = CloudOptions()) -> Cloud:
-    """rgb uint8 [H, W, 3], metric depth [H, W] (NaN = none), normals [H, W, 3] (OpenCV frame) or None (a cloud
-    without normals) -> the cloud of the kept pixels, in ``opts.up``'s frame. Raises InputError when no
-    point is left."""
+    """rgb uint8 [H, W, 3], metric depth [H, W] (NaN = none), normals [H, W, 3] (OpenCV frame; NaN = none) or
+    None (a cloud without normals) -> the cloud of the kept pixels, in ``opts.up``'s frame.
+
+    Every pixel with a depth that passes the flying-pixel test is kept; one without a normal (no depth
+    within reach on an axis) gets NORMAL_FALLBACK, counted in the record, unless ``opts.drop_without_normal``.
+    Raises InputError when no point is left."""
     finite = np.isfinite(depth) & (depth > 0)
     smooth = g.edge_mask(depth, opts.edge_threshold)
     has_normal = np.isfinite(normals).all(-1) if normals is not None else np.ones_like(finite)
-    keep = smooth & has_normal
+    keep = smooth & has_normal if opts.drop_without_normal else smooth
     chosen = g.subsample(keep, opts.stride, opts.max_points, opts.seed)
     if not chosen.any():
         raise InputError(f"no points left ({int(finite.sum())} of {depth.size} pixels have a depth, "
                          f"{int((finite & smooth).sum())} pass --edge-threshold {opts.edge_threshold:g})",
                          "check --depth-units/--depth-kind, or lower --edge-threshold (0 keeps all)")
     pts = g.backproject(np.where(finite, depth, 0), K)[chosen]
-    nrm = normals[chosen].astype(np.float32) if normals is not None else None
+    nrm = None
+    if normals is not None:
+        nrm = normals[chosen].astype(np.float32)
+        missing = ~np.isfinite(nrm).all(-1)
+        nrm[missing] = -pts[missing] / np.linalg.norm(pts[missing], axis=-1, keepdims=True)
     if opts.up == "y":  # OpenCV -> OpenGL: y and z reversed (a rotation by 180 degrees about x)
         flip = np.array([1, -1, -1], np.float32)
         pts, nrm = pts * flip, (nrm * flip if nrm is not None else None)
+    no_normal = finite & smooth & ~has_normal
     record = {"pixels": int(depth.size), "with_depth": int(finite.sum()),
               "removed_at_edges": int((finite & ~smooth).sum()),
-              "removed_without_normal": int((finite & smooth & ~has_normal).sum()),
+              "removed_without_normal": int(no_normal.sum()) if opts.drop_without_normal else 0,
+              "without_normal": 0 if opts.drop_without_normal else int((no_normal & chosen).sum()),
               "points": int(chosen.sum()), "edge_threshold": opts.edge_threshold, "stride": opts.stride,
               "max_points": opts.max_points, "frame": FRAMES[opts.up]}
-    return Cloud(pts, rgb[chosen], nrm, record)
+    if record["without_normal"]:
+        record["normal_fallback"] = NORMAL_FALLBACK
+    return Cloud(pts, rgb[chosen], nrm, record, np.flatnonzero(chosen), keep, opts.up)
 
 
 def header_comments(record: dict) -> list[str]:
@@ -295,7 +346,7 @@ def header_comments(record: dict) -> list[str]:
              f"depth {d['method']} ({d['kind']})"]
     if "scale" in d:
         lines.append(f"depth scale {d['scale']:.6g} shift {d['shift']:.6g}")
-    lines.append("assumed " + ("; ".join(d["assumed"]) if d["assumed"] else "nothing about the depth"))
+    lines.append("assumed " + ("; ".join(record["assumed"]) if record["assumed"] else "nothing"))
     if d.get("warning"):
         lines.append(f"warning {d['warning']}")
     lines.append(f"normals {record['normals']}")
@@ -303,7 +354,8 @@ def header_comments(record: dict) -> list[str]:
 
 
 NORMAL_SOURCES = {"predict": "predicted by the normal model, converted from Lotus's frame",
-                  "depth": "from the depth (differences of the back-projected points over +-{w} pixels)",
+                  "depth": "from the depth (differences of the back-projected points over up to +-{w} pixels, "
+                           "shorter or one-sided next to holes and borders)",
                   "none": "none written"}
 
 
@@ -319,7 +371,8 @@ def make_cloud(rgb: np.ndarray, values: np.ndarray, kind: str, camera_opts: Came
     "depth" (from the metric depth) or "none". ``reuse``: an earlier frame's depth record, whose scale, shift
     and assumptions apply instead of a new fit (a video's later frames, their maps aligned to the clip)."""
     h, w = values.shape
-    K, source = camera(w, h, camera_opts, exif_f35, input_size)
+    check_size(w, h, "the depth map")
+    K, source, camera_assumed = camera(w, h, camera_opts, exif_f35, input_size)
     predicted = g.convert_normals(normals_lotus, "opencv") if normals == "predict" else None
     if scale_opts.shape_from_normals and predicted is None:
         raise UsageError("--shape-from-normals needs predicted normals", "drop --normals depth/none")
@@ -334,6 +387,8 @@ def make_cloud(rgb: np.ndarray, values: np.ndarray, kind: str, camera_opts: Came
     window = max(1, round(min(h, w) / 120))  # wider differences average out quantised sensor depth (NYU: 22 -> 10 deg)
     chosen = g.normals_from_depth(depth, K, window) if normals == "depth" else predicted  # None for "none"
     cloud = build_cloud(rgb, depth, K, chosen, cloud_opts)
+    cloud.K = K
     cloud.record = {"camera": K.to_json(), "camera_source": source, "depth": depth_record,
-                    "normals": NORMAL_SOURCES[normals].format(w=window), "cloud": cloud.record, "units": "metres"}
+                    "normals": NORMAL_SOURCES[normals].format(w=window), "cloud": cloud.record, "units": "metres",
+                    "assumed": [f"camera: {a}" for a in camera_assumed] + depth_record["assumed"]}
     return cloud

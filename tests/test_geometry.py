@@ -162,3 +162,53 @@ def test_subsample():
     m = np.ones((10, 10), bool)
     assert g.subsample(m, 2).sum() == 25 and g.subsample(m, 1, 7).sum() == 7
     np.testing.assert_array_equal(g.subsample(m, 1, 7, seed=3), g.subsample(m, 1, 7, seed=3))
+
+
+def holes(shape, seed=0) -> np.ndarray:
+    """[H, W] bool, True = no depth: 15% of pixels at random, two blocks, and a one-pixel line per axis."""
+    rng = np.random.default_rng(seed)
+    m = rng.random(shape) < 0.15
+    m[10:18, 5:30] = True
+    m[30:33, 40:44] = True
+    m[:, 50] = True
+    m[20] = True
+    return m
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_normals_next_to_holes_are_exact(window):
+    """A tilted plane with holes: every pixel with depth and some depth within reach on each axis gets the
+    plane's exact normal (one-sided or shorter differences next to holes); only the others get none."""
+    normal = np.array([0.3, -0.5, -0.8]) / np.linalg.norm([0.3, -0.5, -0.8])
+    z = plane_depth(K64, normal, -2.0)
+    hole = holes(z.shape)
+    z[hole] = np.nan
+    n = g.normals_from_depth(z, K64, window)
+    valid = ~hole
+    reach = np.zeros_like(valid)  # depth within `window` pixels on both axes
+    for axis in (0, 1):
+        near = np.zeros_like(valid)
+        for d in range(1, window + 1):
+            for s in (d, -d):
+                near |= np.roll(valid, s, axis) & _inside(valid.shape, s, axis)
+        reach = near if axis == 0 else reach & near
+    has = np.isfinite(n).all(-1)
+    np.testing.assert_array_equal(has, valid & reach)
+    assert (valid & reach).sum() > (0.9 if window == 1 else 0.99) * valid.sum()  # 15% random holes
+    np.testing.assert_allclose(n[has], np.broadcast_to(normal, n[has].shape), atol=1e-4)
+
+
+def _inside(shape, s, axis):
+    """True where np.roll(., s, axis) brought a value from inside the array (no wrap-around)."""
+    idx = np.arange(shape[axis])
+    ok = (idx - s >= 0) & (idx - s < shape[axis])
+    return ok[:, None] if axis == 0 else ok[None, :]
+
+
+def test_a_pixel_with_no_neighbour_on_an_axis_has_no_normal():
+    z = np.full((5, 5), np.nan)
+    z[2, :] = 2.0  # one row: neighbours along u, none along v
+    assert not np.isfinite(g.normals_from_depth(z, g.intrinsics_from_fov(5, 5, 60.0))).any()
+    z[3, 1] = 2.0  # (2, 1) now has a neighbour on both axes; (3, 1) has none along u
+    n = g.normals_from_depth(z, g.intrinsics_from_fov(5, 5, 60.0))
+    assert np.isfinite(n).all(-1).sum() == 1 and np.allclose(n[2, 1], [0, 0, -1], atol=1e-6)

@@ -12,13 +12,16 @@ from typer.testing import CliRunner
 
 from lotus_cli import geometry as g
 from lotus_cli.cli import app
-from lotus_cli.pointcloud import CameraOptions, CloudOptions, ScaleOptions, make_cloud, metric_depth
+from lotus_cli.errors import UsageError
+from lotus_cli.pointcloud import CENTRED, SQUARE, CameraOptions, CloudOptions, ScaleOptions, make_cloud, metric_depth
 
 from .conftest import make_image
 from .test_geometry import plane_depth
 
 o3d = pytest.importorskip("open3d")
-RGBD = Path(__file__).resolve().parents[2] / "shared" / "data" / "rgbd"
+# ../shared/data beside the clone (a git worktree sits one level deeper: look there too)
+RGBD = next((p / "shared" / "data" / "rgbd" for p in Path(__file__).resolve().parents[2:4]
+             if (p / "shared" / "data" / "rgbd").is_dir()), Path("../shared/data/rgbd"))
 NYU_K = (518.8579, 519.46961, 325.58245, 253.73617)
 
 
@@ -70,11 +73,13 @@ def test_cli_image_to_cloud_states_what_it_assumed(tmp_path, depth_d):
     side = json.loads((tmp_path / "pc" / "room.json").read_text())
     assert side["camera_source"].startswith("assumed") and abs(side["camera"]["hfov_deg"] - g.DEFAULT_FOV) < 1e-6
     assert side["depth"]["assumed"] == ["--near 1 m", "--far 10 m"] and side["depth"]["kind"] == "disparity"
+    assert side["assumed"] == ["camera: 60 degree horizontal field of view", f"camera: {CENTRED}", f"camera: {SQUARE}",
+                               "--near 1 m", "--far 10 m"]
     pts, cols, nrm = read_ply(tmp_path / "pc" / "room.ply")
     assert len(pts) == 36 * 48
     assert abs(pts[:, 2].min() - 1.0) < 1e-4 and abs(pts[:, 2].max() - 10.0) < 1e-3  # near and far as stated
     header = ply_header(tmp_path / "pc" / "room.ply")
-    assert "assumed --near 1 m; --far 10 m" in header and "from assumed: default 60 degree fov" in header
+    assert "; --near 1 m; --far 10 m" in header and "from assumed: default 60 degree fov" in header
     assert ((nrm * pts).sum(-1) <= 1e-6).all()  # every normal faces the camera: n . p <= 0
 
 
@@ -167,7 +172,7 @@ def test_cli_refuses_what_it_would_get_wrong(tmp_path):
     r = lotus("pointcloud", tmp_path / "square.png", "--depth", tmp_path / "metric.npy", "--out", tmp_path / "o")
     assert r.exit_code == 1 and "differ in aspect ratio (30x30 vs 40x30)" in r.output
     r = lotus("pointcloud", "--depth", tmp_path / "metric.npy", "--near", 0.5, "--out", tmp_path / "o")
-    assert r.exit_code == 1 and "the map is metric already" in r.output
+    assert r.exit_code == 2 and "the map is metric already" in r.output  # the command line is wrong: usage error
     np.save(tmp_path / "nothing.npy", np.zeros((30, 40), np.float32))  # metric: 0 = no measurement
     r = lotus("pointcloud", "--depth", tmp_path / "nothing.npy", "--out", tmp_path / "o")
     assert r.exit_code == 1 and "no finite values" in r.output
@@ -268,7 +273,7 @@ def test_cli_video_frames_share_one_metric_frame(tmp_path, depth_d):
     scales = {(f["depth"]["scale"], f["depth"]["shift"]) for f in side["frames"]}
     assert len(side["frames"]) == 4 and len(scales) == 1  # one scale and shift for the clip
     assert all(f["depth"]["assumed"] == ["--near 1 m"] for f in side["frames"])  # and its assumptions, every frame
-    assert "assumed --near 1 m" in ply_header(sorted((tmp_path / "o" / "clip").glob("*.ply"))[-1])
+    assert "(fy = fx); --near 1 m\n" in ply_header(sorted((tmp_path / "o" / "clip").glob("*.ply"))[-1])
     assert side["frames"][0]["depth"]["far_m"] is None  # infinity, written as JSON null
 
 
@@ -327,3 +332,118 @@ def test_real_align_to_recovers_the_true_geometry(name):
     noisy = values + np.random.default_rng(0).normal(0, 0.01, values.shape)  # 1% of the range: a realistic model
     _, _, rmse_noisy = g.align_to_metric(noisy, "disparity", np.where(valid, z, 0))
     assert rmse_noisy < 0.25 * np.nanmedian(z[valid]), rmse_noisy
+
+
+# --------------------------------------------------------------- every valid point (issue 14), messages (13)
+
+
+def test_cli_plane_with_holes_keeps_every_valid_point_and_its_exact_normal(tmp_path):
+    """--normals depth --edge-threshold 0 on a tilted plane with holes: one point per pixel with depth, each
+    with the plane's exact normal (those with no depth within reach on an axis: the fallback, counted)."""
+    from .test_geometry import holes
+
+    K = g.intrinsics_from_fov(360, 240, 60.0)  # window round(240 / 120) = 2 px
+    normal = np.array([0.3, -0.5, -0.8]) / np.linalg.norm([0.3, -0.5, -0.8])
+    z = plane_depth(K, normal, -2.0)
+    z[holes(z.shape)] = 0  # metric map: 0 = no measurement
+    np.save(tmp_path / "p.npy", z.astype(np.float32))
+    r = lotus("pointcloud", "--depth", tmp_path / "p.npy", "--fov", 60, "--normals", "depth", "--edge-threshold", 0,
+              "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "o" / "p.json").read_text())
+    pts, _, nrm = read_ply(tmp_path / "o" / "p.ply")
+    assert len(pts) == side["cloud"]["with_depth"] == int((z > 0).sum())
+    exact = g.angular_error(nrm, normal) < 0.01
+    assert (~exact).sum() == side["cloud"]["without_normal"] < 0.002 * len(pts)
+    fallback = -pts[~exact] / np.linalg.norm(pts[~exact], axis=-1, keepdims=True)
+    np.testing.assert_allclose(nrm[~exact], fallback, atol=1e-5)
+    assert "normals without a neighbour" not in r.output
+    r = lotus("pointcloud", "--depth", tmp_path / "p.npy", "--fov", 60, "--normals", "depth", "--edge-threshold", 0,
+              "--drop-without-normal", "--out", tmp_path / "d")
+    side = json.loads((tmp_path / "d" / "p.json").read_text())
+    assert side["cloud"]["removed_without_normal"] == int((~exact).sum()) and side["cloud"]["without_normal"] == 0
+    assert len(read_ply(tmp_path / "d" / "p.ply")[0]) == int(exact.sum())
+
+
+def test_cli_lists_the_camera_assumptions(tmp_path):
+    np.save(tmp_path / "m.npy", np.full((30, 40), 2.0, np.float32))
+    both = ["camera: principal point at the image centre", "camera: square pixels (fy = fx)"]
+    for opts, want in ((["--fov", 50], both), (["--focal-px", 40], both), (["--intrinsics", "40,42,19,15"], [])):
+        r = lotus("pointcloud", "--depth", tmp_path / "m.npy", *opts, "--depth-units", "m", "--out", tmp_path / "o")
+        assert r.exit_code == 0, r.output
+        side = json.loads((tmp_path / "o" / "m.json").read_text())
+        assert side["assumed"] == want
+        header = ply_header(tmp_path / "o" / "m.ply")
+        assert all(w in header for w in want)
+
+
+def test_cli_tiny_inputs_fail_with_the_minimum_size(tmp_path, depth_d):
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tmp_path / "dot.png")
+    Image.fromarray(make_image(8, 8)).save(tmp_path / "ok.png")
+    r = lotus("pointcloud", tmp_path / "dot.png", tmp_path / "ok.png", "--model", depth_d, "--processing-res", 32,
+              "--normals", "depth", "--out", tmp_path / "o")
+    assert r.exit_code == 1, r.output
+    assert "dot.png: 1x1 pixels is too small for a point cloud (give an image or map of at least 2x2 pixels)" \
+        in r.output
+    assert (tmp_path / "o" / "ok.ply").is_file() and "1 done, 1 failed" in r.output  # the batch goes on
+
+
+def test_cli_max_pixels_exists_and_is_what_the_message_advises(tmp_path, depth_d):
+    Image.fromarray(make_image(20, 30)).save(tmp_path / "x.png")
+    r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--max-pixels", 100, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "raise --max-pixels" in r.output
+    r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--max-pixels", 600, "--processing-res", 32,
+              "--normals", "depth", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    r = lotus("pointcloud", tmp_path / "x.png", "--max-pixels", -1, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--max-pixels must be >= 0" in r.output
+
+
+def test_cli_normal_model_errors_name_normal_model(tmp_path, depth_d):
+    Image.fromarray(make_image(20, 30)).save(tmp_path / "x.png")
+    r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--normals", "predict", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "HF_HUB_OFFLINE" in r.output  # the default normal model is not cached here
+    assert "--normal-model /path/to/a/downloaded/folder" in r.output and " --model " not in r.output
+    r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--normal-model", "no-such-model",
+              "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "or pass --normal-model /path/to/checkpoint" in r.output
+
+
+def test_cli_far_inf_on_a_depth_map_is_a_usage_error(tmp_path):
+    np.save(tmp_path / "rel.npy", np.tile(np.linspace(0.5, 0.6, 30, dtype=np.float32), (20, 1)))
+    common = ["--depth", tmp_path / "rel.npy", "--depth-units", "relative", "--out", tmp_path / "o"]
+    r = lotus("pointcloud", *common, "--depth-kind", "depth", "--far", "inf")
+    assert r.exit_code == 2 and "--far inf: only a disparity map" in r.output and "failed" not in r.output
+    r = lotus("pointcloud", *common, "--depth-kind", "disparity", "--far", "inf")
+    assert r.exit_code == 0, r.output
+    with pytest.raises(UsageError, match="--far inf"):
+        ScaleOptions(far=math.inf).check_kind("depth")  # what the CLI checks once the depth model is loaded
+
+
+def test_cli_says_and_records_when_colours_are_resized(tmp_path):
+    np.save(tmp_path / "m.npy", np.full((30, 40), 2.0, np.float32))
+    Image.fromarray(make_image(60, 80)).save(tmp_path / "big.png")
+    r = lotus("pointcloud", tmp_path / "big.png", "--depth", tmp_path / "m.npy", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert "big.png is 80x60" in r.output and "is 40x30: colours resized to the map" in r.output
+    side = json.loads((tmp_path / "o" / "m.json").read_text())
+    assert side["colours_resized"]["from"] == [80, 60] and side["colours_resized"]["to"] == [40, 30]
+    Image.fromarray(make_image(30, 40)).save(tmp_path / "same.png")
+    r = lotus("pointcloud", tmp_path / "same.png", "--depth", tmp_path / "m.npy", "--out", tmp_path / "s")
+    assert "resized" not in r.output and "colours_resized" not in json.loads((tmp_path / "s" / "m.json").read_text())
+
+
+@pytest.mark.skipif(not RGBD.is_dir(), reason="../shared/data/rgbd is absent")
+@pytest.mark.parametrize("name", ["00000", "tum"])
+def test_real_ground_truth_writes_every_valid_point(tmp_path, name):
+    """Issue 14: measured depth with holes, --normals depth --edge-threshold 0 writes one point per valid pixel."""
+    depth, image, units = ((RGBD / "tum" / "depth.png", RGBD / "tum" / "color.png", 5000) if name == "tum" else
+                           (RGBD / "nyu" / f"depth_{name}.png", RGBD / "nyu" / f"rgb_{name}.jpg", 1000))
+    _, K = load_rgbd(name)
+    r = lotus("pointcloud", image, "--depth", depth, "--depth-units", units, "--normals", "depth",
+              "--edge-threshold", 0, "--intrinsics", f"{K.fx},{K.fy},{K.cx},{K.cy}", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    valid = int((np.asarray(Image.open(depth)) > 0).sum())
+    side = json.loads((tmp_path / f"{depth.stem}.json").read_text())
+    assert len(read_ply(tmp_path / f"{depth.stem}.ply")[0]) == side["cloud"]["points"] == valid
+    assert side["cloud"]["without_normal"] < 0.003 * valid  # isolated pixels only

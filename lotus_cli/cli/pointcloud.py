@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,7 +11,7 @@ import typer
 
 from ..errors import InputError, LotusError, UsageError
 from . import app, fail, load_predictor, say
-from .predict import Device, Dtype, End, Fps, Inputs, Json, MaxFrames, Model, Out, ProcRes, Seed, Skip, Start
+from .predict import Device, Dtype, End, Fps, Inputs, Json, MaxFrames, MaxPixels, Model, Out, ProcRes, Seed, Skip, Start
 
 
 def _opt(name: str, help: str, **kw):
@@ -50,7 +51,17 @@ Edge = Annotated[float, _opt("--edge-threshold", "Drop flying pixels whose depth
                              "to a neighbour (0 = keep all).", show_default=True)]
 Stride = Annotated[int, _opt("--stride", "Keep every N-th row and column.", show_default=True)]
 MaxPoints = Annotated[int, _opt("--max-points", "At most this many points, chosen at random with --seed "
-                                "(0 = no limit).", show_default=True)]
+                                "(0 = no limit; not with --mesh, which needs the grid: use --stride).",
+                                show_default=True)]
+DropWithoutNormal = Annotated[bool, _opt("--drop-without-normal", "Drop the points that have no normal (no depth "
+                                         "within reach on an axis) instead of giving them one facing the camera.")]
+MeshOpt = Annotated[bool, _opt("--mesh", "Also write a triangle mesh of the pixel grid (see --mesh-format): two "
+                               "triangles per 2x2 block of kept pixels, none across holes or flying pixels.")]
+MeshFormat = Annotated[Optional[str], _opt("--mesh-format", "Mesh files, a comma list of glb (textured, y up: "
+                                           "Blender, web viewers), obj (textured) and ply (vertex colours; "
+                                           "x.mesh.ply). Implies --mesh. Default glb.")]
+Preview = Annotated[bool, _opt("--preview", "Also write x.preview.png: the cloud (or the mesh) seen from a few "
+                               "degrees off the input view, in colour and shaded.")]
 
 
 @app.command()
@@ -60,14 +71,17 @@ def pointcloud(inputs: Inputs = None, out: Out = None, model: Model = None, norm
                depth_scale: DepthScale = None, depth_shift: DepthShift = None, align_to: AlignTo = None,
                align_units: AlignUnits = None, shape_from_normals: ShapeFromNormals = False, depth: DepthIn = None,
                depth_kind: DepthKind = None, depth_units: DepthUnits = None, edge_threshold: Edge = 0.05,
-               stride: Stride = 1, max_points: MaxPoints = 0, processing_res: ProcRes = 768, seed: Seed = 0,
+               stride: Stride = 1, max_points: MaxPoints = 0, drop_without_normal: DropWithoutNormal = False,
+               mesh: MeshOpt = False, mesh_format: MeshFormat = None, preview: Preview = False,
+               max_pixels: MaxPixels = 100_000_000, processing_res: ProcRes = 768, seed: Seed = 0,
                device: Device = "auto", dtype: Dtype = "auto", fps: Fps = None, start: Start = None, end: End = None,
                max_frames: MaxFrames = None, skip_existing: Skip = False, json: Json = False):
     """Metric point clouds (PLY) from images, videos or depth maps, with every assumption stated.
 
-    Binary PLY via Open3D: positions in metres, colours, normals; one PLY per sampled video frame. Lotus predicts affine-invariant disparity, so the scale and
-    shift come from --near/--far (defaults assumed), --align-to, --depth-scale/--depth-shift or
-    --shape-from-normals; every assumption is written into the sidecar and the PLY header."""
+    Binary PLY via Open3D: positions in metres, colours, normals; one PLY per sampled video frame (and one
+    mesh and preview, when asked). Lotus predicts affine-invariant disparity, so the scale and shift come
+    from --near/--far (defaults assumed), --align-to, --depth-scale/--depth-shift or --shape-from-normals;
+    every assumption is written into the sidecar and the PLY header."""
     try:
         job = _Job.validate(locals())
     except LotusError as e:
@@ -80,7 +94,7 @@ class _Job:
 
     @classmethod
     def validate(cls, a: dict) -> "_Job":
-        from .. import sinks, sources
+        from .. import mesh, sinks, sources
         from ..pointcloud import CameraOptions, CloudOptions, ScaleOptions, parse_intrinsics
         from ..predictor import PredictOptions
         from ..video import FrameSelect
@@ -90,7 +104,15 @@ class _Job:
         self.camera = CameraOptions(a["fov"], a["focal_px"], parse_intrinsics(a["intrinsics"]))
         self.scale = ScaleOptions(a["near"], a["far"], a["depth_scale"], a["depth_shift"], a["shape_from_normals"],
                                   a["align_to"] is not None)
-        self.cloud = CloudOptions(a["edge_threshold"], a["stride"], a["max_points"], a["seed"], a["up"] or "opencv")
+        self.cloud = CloudOptions(a["edge_threshold"], a["stride"], a["max_points"], a["seed"], a["up"] or "opencv",
+                                  a["drop_without_normal"])
+        want_mesh = a["mesh"] or a["mesh_format"] is not None
+        self.mesh_formats = mesh.parse_formats(a["mesh_format"] or "glb") if want_mesh else ()
+        if self.mesh_formats and a["max_points"]:
+            raise UsageError("--max-points thins the cloud at random, and a mesh needs the pixel grid",
+                             "decimate with --stride instead")
+        if a["max_pixels"] < 0:
+            raise UsageError(f"--max-pixels must be >= 0, not {a['max_pixels']}", "0 means no limit")
         if a["normals"] not in ("auto", "predict", "depth", "none"):
             raise UsageError(f"--normals {a['normals']!r}: expected auto, predict, depth or none")
         if a["shape_from_normals"] and a["normals"] in ("depth", "none"):
@@ -130,6 +152,11 @@ class _Job:
             self._report(p.subject, "failed", {}, str(p))
         a = self.a
         self.depth_model = None if a["depth"] is not None else load_predictor(a["model"], "depth", a["device"], a["dtype"])
+        if self.depth_model is not None:
+            try:
+                self.scale.check_kind(self.depth_model.kind)
+            except LotusError as e:
+                fail(e)
         self.normal_model = self._normal_model()
         self.normals = "predict" if self.normal_model is not None else ("none" if a["normals"] == "none" else "depth")
         try:
@@ -157,20 +184,21 @@ class _Job:
             if wanted:
                 fail(UsageError("predicted normals need the image", "give the image with --depth, or --normals depth"))
             return None
-        if not wanted:
-            try:
-                models.fetch(models.resolve(None, "normal"))
-            except LotusError as e:
+        try:
+            ref = models.fetch(models.resolve(a["normal_model"], "normal"))
+        except LotusError as e:
+            if not wanted:
                 say(f"note: normals from the depth ({e.message})", "dim")
                 return None
-        return load_predictor(a["normal_model"], "normal", a["device"], a["dtype"])
+            fail(_for_normal_model(e))
+        return load_predictor(ref, "normal", a["device"], a["dtype"])
 
     def _one_map(self) -> None:
         """--depth MAP [IMAGE]: back-project a map that exists."""
         import numpy as np
 
         from .. import sources, visualize
-        from ..pointcloud import resize_to
+        from ..pointcloud import check_size, resize_to
 
         a = self.a
         key = self.map_key
@@ -178,14 +206,21 @@ class _Job:
             return
         try:
             values, info = sources.read_depth_map(Path(a["depth"]), a["depth_kind"], a["depth_units"])
+            check_size(values.shape[1], values.shape[0], f"--depth {a['depth']}")
             record = {"depth_input": str(a["depth"]), "depth_input_info": info}
             if self.items:
-                rgb_full = sources.read_image(self.items[0].path)
+                rgb_full = sources.read_image(self.items[0].path, a["max_pixels"])
                 _check_aspect(rgb_full.shape, values.shape, f"{self.items[0].path} and --depth {a['depth']}")
                 input_size = (rgb_full.shape[1], rgb_full.shape[0])
                 exif = sources.exif_focal_35mm(self.items[0].path)
                 rgb = resize_to(rgb_full, values.shape)
                 record["input"] = str(self.items[0].path)
+                if rgb.shape[:2] != rgb_full.shape[:2]:
+                    (ih, iw), (mh, mw) = rgb_full.shape[:2], values.shape
+                    record["colours_resized"] = {"from": [iw, ih], "to": [mw, mh], "note": "the image was resized to "
+                                                 "the depth map; the camera was scaled with it"}
+                    say(f"warning: {self.items[0].path} is {iw}x{ih}, --depth {a['depth']} is {mw}x{mh}: colours "
+                        "resized to the map (the camera scaled with them)", "yellow")
             else:
                 finite = np.nan_to_num(values, nan=float(np.nanmin(values)) if np.isfinite(values).any() else 0.0)
                 rgb, input_size, exif, rgb_full = visualize.colorize_depth(finite, info["kind"], "Spectral"), None, None, None
@@ -194,20 +229,26 @@ class _Job:
                 normals = resize_to(self.normal_model.predict(rgb_full, self.opts).map, values.shape)
             units = info["units"] if info["units"].startswith("assumed") else None
             self._write(key, rgb, values, info["kind"], info["per_metre"], normals, exif, input_size, record,
-                        units_assumed=units)
+                        units_assumed=units, texture=rgb_full)
+        except UsageError as e:
+            fail(e)
         except LotusError as e:
             self._report(str(a["depth"]), "failed", {}, str(e))
 
     def _one_input(self, item) -> None:
         from .. import sources
+        from ..pointcloud import check_size
 
         try:
             if sources.is_video(item.path):
                 return self._one_video(item)
             if self._skip(item.key, str(item.path)):
                 return
-            rgb = sources.read_image(item.path)
+            rgb = sources.read_image(item.path, self.a["max_pixels"])
+            check_size(rgb.shape[1], rgb.shape[0], str(item.path))
             self._predict_and_write(item.key, rgb, sources.exif_focal_35mm(item.path), {"input": str(item.path)})
+        except UsageError as e:
+            fail(e)
         except LotusError as e:
             self._report(str(item.path), "failed", {}, str(e))
 
@@ -233,9 +274,17 @@ class _Job:
                                                     "fps": info.fps, "size": [info.width, info.height]})
         self._report(str(item.path), "done", {"ply": str(self.out / item.key)}, None, frames=len(written))
 
+    def _outputs(self, key: str) -> list[Path]:
+        """The files one frame's cloud is made of, besides its sidecar."""
+        from ..mesh import FORMATS
+
+        base = self.out / key
+        names = [".ply", *(FORMATS[f] for f in self.mesh_formats), *([".preview.png"] if self.a["preview"] else [])]
+        return [base.with_name(base.name + n) for n in names]
+
     def _skip(self, key: str, subject: str, clip: bool = False) -> bool:
         side = self.out / f"{key}.json"
-        done = side.is_file() and (clip or (self.out / f"{key}.ply").is_file())
+        done = side.is_file() and (clip or all(p.is_file() for p in self._outputs(key)))
         if self.a["skip_existing"] and done:
             self._report(subject, "skipped", {}, None)
             return True
@@ -254,7 +303,8 @@ class _Job:
                            count=stabilizer is None, reuse=reuse)
 
     def _write(self, key, rgb, values, kind, per_metre, normals, exif, input_size, record, count=True, reuse=None,
-               units_assumed=None):
+               units_assumed=None, texture=None):
+        """Cloud, then mesh files and preview when asked, then the sidecar (last: it marks the frame done)."""
         from .. import __version__, sinks, sources
         from ..pointcloud import header_comments, make_cloud
 
@@ -270,15 +320,39 @@ class _Job:
             raise InputError(f"{record.get('input') or record.get('depth_input')}: {e}", "check the depth map") from e
         ply, side = self.out / f"{key}.ply", self.out / f"{key}.json"
         full = {"version": __version__, **record, **cloud.record, "ply": ply.name}
-        sinks.write_ply(ply, cloud.points, cloud.colors, cloud.normals, header_comments(full))
+        comments = header_comments(full)
+        sinks.write_ply(ply, cloud.points, cloud.colors, cloud.normals, comments)
+        outputs = {"ply": str(ply), **self._mesh_and_preview(key, cloud, full, rgb if texture is None else texture,
+                                                             comments)}
         sinks.write_json(side, full)
         if cloud.record["depth"].get("warning"):
             say(f"warning: {record.get('input') or record.get('depth_input')}: {cloud.record['depth']['warning']}",
                 "yellow")
         if count:
-            self._report(record.get("input") or record.get("depth_input"), "done",
-                         {"ply": str(ply), "json": str(side)}, None)
+            self._report(record.get("input") or record.get("depth_input"), "done", {**outputs, "json": str(side)}, None)
         return {"file": ply.name, "points": cloud.record["cloud"]["points"], "depth": cloud.record["depth"]}
+
+    def _mesh_and_preview(self, key, cloud, full, texture, comments) -> dict:
+        """The mesh files and the preview asked for, recorded in the sidecar record ``full``; {name: path}."""
+        from .. import mesh, preview, sinks
+
+        outputs, shown = {}, cloud
+        if self.mesh_formats:
+            shown = mesh.from_cloud(cloud, self.cloud.stride)
+            ply = self.out / f"{key}.ply"
+            files = mesh.write(shown, self.mesh_formats, ply.parent, ply.name[:-len(".ply")], texture, comments)
+            full["mesh"] = {**shown.record, "files": files, "frame": full["cloud"]["frame"],
+                            "glb_frame": mesh.GLB_FRAME if "glb" in files else None}
+            outputs.update({f: str(ply.parent / name) for f, name in files.items()})
+            if not files:
+                say(f"warning: {full.get('input') or full.get('depth_input')}: no 2x2 block of kept pixels, so no "
+                    "mesh (lower --edge-threshold or --stride)", "yellow")
+        if self.a["preview"]:
+            png = self.out / f"{key}.preview.png"
+            sinks.write_bytes(png, sinks.encode_png(preview.render_cloud(shown, cloud.K, self.cloud.stride)))
+            full["preview"] = {"file": png.name, **preview.describe()}
+            outputs["preview"] = str(png)
+        return outputs
 
     def _report(self, subject, status, outputs, error, frames=1):
         if status == "failed":
@@ -293,6 +367,15 @@ class _Job:
             sys.stdout.write(json.dumps({"input": str(subject), "status": status, "outputs": outputs,
                                          "error": error, "frames": frames, "kind": "pointcloud"}) + "\n")
             sys.stdout.flush()
+
+
+def _for_normal_model(e: LotusError) -> LotusError:
+    """A model error about the normal model, its advice given for the option that names it here."""
+
+    def swap(text):
+        return re.sub(r"(?<![\w-])--model\b", "--normal-model", text) if text else text
+
+    return type(e)(swap(e.message), swap(e.hint))
 
 
 def _check_aspect(a_shape, b_shape, what: str) -> None:
