@@ -60,7 +60,9 @@ class ModelEntry:
     size_gb: float | None = None
     note: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
-    source: str = "registry entry"  # where task and kind come from: registry, lotus.json, model_index.json, given
+    # Where task and kind come from: "registry entry" (...), "lotus.json", "model_index.json" (the task only),
+    # "given" (by the caller: --output-kind, or code that builds the entry, as the trainer does), "unknown".
+    source: str = "given"
 
     @property
     def known(self) -> bool:
@@ -73,7 +75,7 @@ class ModelEntry:
 CARD_LICENCE = "not stated"
 LICENCE_NOTE = ("The Lotus model cards state no licence; the Lotus code is Apache-2.0 and the weights are "
                 "fine-tuned from Stable Diffusion 2 (CreativeML Open RAIL++-M): check both before commercial use.")
-REGISTRY: tuple[ModelEntry, ...] = (
+REGISTRY: tuple[ModelEntry, ...] = tuple(replace(e, source="registry entry") for e in (
     ModelEntry("depth-g-v2-1-disparity", f"{HUB_OWNER}/lotus-depth-g-v2-1-disparity", "depth", "g",
                "disparity", CARD_LICENCE, 4.3, "generative; uncertainty maps", ("depth-g",)),
     ModelEntry("depth-d-v2-0-disparity", f"{HUB_OWNER}/lotus-depth-d-v2-0-disparity", "depth", "d",
@@ -86,7 +88,7 @@ REGISTRY: tuple[ModelEntry, ...] = (
                CARD_LICENCE, 4.3, "older; affine-invariant depth"),
     ModelEntry("depth-d-v1-0", f"{HUB_OWNER}/lotus-depth-d-v1-0", "depth", "d", "depth",
                CARD_LICENCE, 4.3, "older; affine-invariant depth"),
-)
+))
 DEFAULT_MODEL = {"depth": "depth-d", "normal": "normal-d"}
 DEFAULT_G_MODEL = {"depth": "depth-g", "normal": "normal-g"}
 

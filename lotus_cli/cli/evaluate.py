@@ -11,7 +11,7 @@ import typer
 from ..errors import LotusError, UsageError
 from . import app, console, escape, fail, load_predictor, say
 from .options import (Alignment, Datasets, Device, Dtype, EvalModel, EvalOut, EvalProcRes, EvalSeed, MaxSamples,
-                      NormalOutputKind, OutputKind, Predictions, SavePredictions, Splits)
+                      NormalOutputKind, OutputKind, Predictions, SavePredictions, Splits, check_output_kind)
 
 eval_app = typer.Typer(help="Score a model (or anyone's saved predictions) on the paper's benchmarks.",
                        no_args_is_help=True)
@@ -75,6 +75,7 @@ def _eval(a: EvalArgs) -> None:
     try:
         if a.model and a.predictions:
             raise UsageError("--model and --predictions exclude each other", "score a model or a folder, not both")
+        check_output_kind(a.output_kind, a.task)
         if a.output_kind and a.predictions:
             raise UsageError("--output-kind describes a model", "with --predictions, use --alignment")
         if a.save_predictions and (a.out is None or a.predictions is not None):

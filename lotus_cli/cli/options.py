@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import LotusError
+from ..errors import LotusError, UsageError
 
 
 def option(*names: str, help: str, **kw):
@@ -62,6 +62,13 @@ def cli_error(err: LotusError) -> LotusError:
     return mapped
 
 
+def check_output_kind(kind: str | None, task: str) -> None:
+    """--output-kind must be one of ``task``'s kinds: disparity or depth, or normal."""
+    kinds = ("normal",) if task == "normal" else ("disparity", "depth")
+    if kind is not None and kind not in kinds:
+        raise UsageError(f"--output-kind must be {' or '.join(kinds)} for {task}, not {kind!r}")
+
+
 # ------------------------------------------------------------------------------- inputs and outputs
 
 Inputs = Annotated[Optional[list[str]], typer.Argument(
@@ -97,7 +104,7 @@ Dtype = Annotated[str, option("--dtype", help="auto (fp16 on CUDA/MPS, fp32 on C
 # --------------------------------------------------------------------------------------- prediction
 
 ProcRes = Annotated[int, option("--processing-res", help="Long side fed to the model, in pixels (0 = native "
-                                "size); at least the model's minimum (64 for the released models).")]
+                                "size); at least the VAE's pixels per latent cell (8 for the released models).")]
 Resample = Annotated[str, option("--resample", help="Back to the input size: bilinear, or nearest (the "
                                  "reference's nearest-exact).")]
 Latent = Annotated[str, option("--latent", help="Image latent: mean of the VAE posterior (deterministic), or "

@@ -19,7 +19,7 @@ from . import app, console, escape, fail, load_predictor, say, stdout_closed, wr
 from .options import (Batch, Cmap, Device, Dtype, End, Format, Fps, Frame, Inputs, Json, Latent, MaxFrames,  # noqa: F401
                       MaxMemory, MaxPixels, Model, NormalOutputKind, Out, Overlap, OutputKind, ProcRes, Raw, RawOut,
                       Resample, Samples, Seed, Skip, SpreadCmap, SpreadRawOut, Stabilize, Start, Task, Tile,
-                      TileRes, Tta)
+                      TileRes, Tta, check_output_kind)
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,7 @@ def _check(a: PredictArgs) -> None:
     if a.uncertainty and a.samples < (1 if a.tta == "flip" else 2):
         raise UsageError(f"--samples must be at least 2, not {a.samples}: a spread needs two predictions or more",
                          "e.g. --samples 8 (or --tta flip, which adds the mirrored view)")
-    if a.output_kind is not None and a.output_kind not in (("normal",) if a.task == "normal" else ("disparity", "depth")):
-        kinds = "normal" if a.task == "normal" else "disparity or depth"
-        raise UsageError(f"--output-kind must be {kinds} for {a.task}, not {a.output_kind!r}")
+    check_output_kind(a.output_kind, a.task)
     if a.raw is not None:
         given = [f for f, on in (("--out", a.out is not None), ("--json", a.json), ("--skip-existing", a.skip_existing))
                  if on]
@@ -121,20 +119,24 @@ def _predict(a: PredictArgs) -> None:
                 raise UsageError("no inputs given", "pass files, folders, globs, or - to read paths from stdin")
             items, problems = sources.expand(a.inputs, exts=sources.MEDIA_EXTS, exclude=(out_dir,),
                                              on_warning=lambda w: say(f"warning: {w}", "yellow"))
-        ref = models.fetch(ref)  # a first download shows its own progress bars
+    except LotusError as e:
+        fail(e)
+    if a.raw is None:
+        for p in problems:
+            say(f"failed: {p}", "red")
+            _emit(a, {"input": p.subject, "status": "failed", "error": str(p), "outputs": {},
+                      "kind": None, "frames": 0, "seconds": 0.0})
+        if not items:
+            say("error: no usable inputs", "red")
+            raise typer.Exit(1 if problems else 2)
+    try:
+        ref = models.fetch(ref)  # a first download shows its own progress bars; nothing is read before
         models.check_known(ref, a.task)
         _check_processing_res(a, ref)
     except LotusError as e:
         fail(e)
     if a.raw is not None:
         return _raw(a, ref, opts, tiles, ensemble)
-    for p in problems:
-        say(f"failed: {p}", "red")
-        _emit(a, {"input": p.subject, "status": "failed", "error": str(p), "outputs": {},
-                  "kind": None, "frames": 0, "seconds": 0.0})
-    if not items:
-        say("error: no usable inputs", "red")
-        raise typer.Exit(1 if problems else 2)
     predictor = load_predictor(ref, a.task, a.device, a.dtype)
     if ensemble:
         try:
