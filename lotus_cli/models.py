@@ -195,13 +195,11 @@ def check_known(ref: ModelRef, task: str | None = None) -> None:
     if e.known:
         return
     task = e.task or task
-    kinds = " or ".join(KINDS[task]) if task else "disparity, depth or normal"
-    what = f"which {task} it outputs ({kinds})" if e.task else "what it predicts"
-    raise ModelError(
-        f"model {ref.label}: nothing says {what} (no lotus.json, not a registry model)",
-        f"state it with --output-kind {'|'.join(KINDS[task]) if task else 'disparity|depth|normal'}, or write "
-        f'{METADATA_FILE} beside unet/: {{"task": "{task or "depth"}", "kind": "{(KINDS[task] if task else KINDS["depth"])[0]}"}}',
-    )
+    kinds = KINDS[task] if task else (*KINDS["depth"], *KINDS["normal"])
+    what = f"which {task} it outputs ({' or '.join(kinds)})" if e.task else "what it predicts"
+    example = json.dumps({"task": task or "depth", "kind": kinds[0]})
+    raise ModelError(f"model {ref.label}: nothing says {what} (no lotus.json, not a registry model)",
+                     f"state it with --output-kind {'|'.join(kinds)}, or write {METADATA_FILE} beside unet/: {example}")
 
 
 def _hub_id_of(path: Path) -> str | None:
@@ -308,7 +306,8 @@ def fetch(ref: ModelRef) -> ModelRef:
 def check_layout(folder: Path) -> None:
     need = ["unet/config.json", "vae/config.json"]
     missing = [n for n in need if not (folder / n).is_file()]
-    for sub, weights in (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
+    weights = "diffusion_pytorch_model.safetensors"
+    for sub in ("unet", "vae"):
         if (folder / sub).is_dir() and not (folder / sub / weights).is_file():
             missing.append(f"{sub}/{weights} (only safetensors weights are loaded, never pickles)")
     if missing:

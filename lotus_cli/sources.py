@@ -149,8 +149,8 @@ def expand(inputs: Iterable[str], stdin: TextIO | None = None, exts: tuple[str, 
             for d in (p for p in hits if p.is_dir()):
                 files.extend(_walk(d, accept, excluded, on_warning))
             if not files:
-                problems.append(InputError(f"{arg}: pattern matches no supported files", "check the pattern and quoting",
-                                           subject=arg))
+                problems.append(InputError(f"{arg}: pattern matches no supported files",
+                                           "check the pattern and quoting", subject=arg))
             raw.extend((p, p.relative_to(base).as_posix() if p.is_relative_to(base) else p.name, False) for p in files)
         else:
             raw.extend(_one_file(path, problems, accept, supported, excluded))

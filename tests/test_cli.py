@@ -285,3 +285,17 @@ def test_help_shows_flags_as_flags_and_each_command_its_own_options(tmp_path, ph
     assert "lines starting with # skipped" in depth  # stdin lists, as expand reads them
     r = lotus("depth", "--skip-existing", "true", photos / "a", "-m", depth_d, "-o", tmp_path / "o")
     assert r.exit_code == 2 and "flags take no value" in r.stderr
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(photos, tmp_path, depth_d):
+    from lotus_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="^processing_res must be >= 0"):
+        PredictOptions(processing_res=-1)
+    with pytest.raises(UsageError, match="^batch_size must be >= 1"):
+        PredictOptions(batch_size=0)
+    for flag_, value, said in (("--processing-res", -1, "--processing-res must be >= 0"),
+                               ("--batch-size", 0, "--batch-size must be >= 1"),
+                               ("--resample", "cubic", "--resample must be bilinear or nearest")):
+        r = lotus("depth", photos / "a", "-m", depth_d, flag_, value, "-o", tmp_path / "o")
+        assert r.exit_code == 2 and r.stderr.startswith(f"error: {said}"), r.stderr

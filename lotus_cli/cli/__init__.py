@@ -147,7 +147,8 @@ def load_predictor(model, task: str | None, device: str, dtype: str, kind: str |
     for w in predictor.warnings:
         say(f"warning: {w}", "yellow")
     say(f"model {predictor.source} ({predictor.task}, {predictor.kind} from {predictor.entry.source}, "
-        f"Lotus-{predictor.family.upper()}) on {predictor.device} in {str(predictor.dtype).replace('torch.', '')}", "dim")
+        f"Lotus-{predictor.family.upper()}) on {predictor.device} in {str(predictor.dtype).replace('torch.', '')}",
+        "dim")
     return predictor
 
 

@@ -16,7 +16,8 @@ from . import app, console, escape, fail, load_predictor, say, stdout_closed, wr
 
 # The option types are shared with `lotus pointcloud` and `lotus eval` (options.py); re-exported here for
 # the modules that import them from this one.
-from .options import (Batch, Cmap, Device, Dtype, End, Format, Fps, Frame, Inputs, Json, Latent, MaxFrames,  # noqa: F401
+from .options import (Batch, Cmap, Device, Dtype, End, Format, Fps, Frame, Inputs, Json, Latent,  # noqa: F401
+                      MaxFrames,
                       MaxMemory, MaxPixels, Model, NormalOutputKind, Out, Overlap, OutputKind, ProcRes, Raw, RawOut,
                       Resample, Samples, Seed, Skip, SpreadCmap, SpreadRawOut, Stabilize, Start, Task, Tile,
                       TileRes, Tta, check_output_kind)

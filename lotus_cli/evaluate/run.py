@@ -237,7 +237,8 @@ class DatasetResult:
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "task": self.task, "alignment": self.alignment,
-                "alignment_source": self.alignment_source, "processing_res": self.processing_res, "evaluated": self.evaluated, "failed": len(self.failed),
+                "alignment_source": self.alignment_source, "processing_res": self.processing_res,
+                "evaluated": self.evaluated, "failed": len(self.failed),
                 "metrics": self.metrics, "paper": self.paper, "seconds": round(self.seconds, 3),
                 "failures": [{"key": r["key"], "error": r["error"]} for r in self.failed]}
 
