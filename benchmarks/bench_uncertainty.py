@@ -46,7 +46,7 @@ def main() -> None:
         cases = [("tiny", 256)] + ([] if args.skip_full else [("full", 128)])
         for size, res in cases:
             ck = build_checkpoint(Path(tmp) / f"{size}-g", family="g", size=size)
-            pred = LotusPredictor.from_pretrained(ck, device="cpu")
+            pred = LotusPredictor.from_pretrained(ck, device="cpu", kind="disparity")  # its folder says nothing
             opts = PredictOptions(processing_res=res, batch_size=args.samples)
             one = best(lambda: pred.predict(img, opts))
             ens = best(lambda: pred.predict_ensemble(img, opts, EnsembleOptions(samples=args.samples)))

@@ -5,8 +5,11 @@ or a local folder in the hub layout (``unet/ vae/ text_encoder/ tokenizer/``). `
 into a ``ModelRef`` without touching the network; ``fetch`` makes the files local (cache first, then the
 hub); ``load_components`` builds the UNet and VAE and the empty-prompt embedding.
 
-What a checkpoint predicts (task, output kind) travels with its registry entry, or with the
-``lotus.json`` a trained folder carries, never on the command line. G vs D is decided from
+What a checkpoint predicts (task, output kind) travels with the checkpoint: its registry entry (by name or
+hub id, also for a folder in the Hugging Face cache or one named exactly as a released repo), the
+``lotus.json`` that ``lotus train`` writes, or ``model_index.json``'s ``lotus_task``. Nothing is guessed
+from a folder's name: where nothing says, the caller states it (``kind=``; the CLI's ``--output-kind``)
+or the model is refused. ``ModelEntry.source`` records where the answer came from. G vs D is decided from
 ``unet.config.in_channels`` (8 = image latent + noise, 4 = image latent), not from names.
 """
 
@@ -50,13 +53,20 @@ class ModelEntry:
 
     name: str
     repo_id: str
-    task: str
+    task: str | None  # None: nothing says (a folder or hub repo without metadata)
     family: str | None = None  # "g" / "d"; confirmed from the weights at load time
-    kind: str = "depth"
+    kind: str | None = "depth"
     licence: str = "unknown"
     size_gb: float | None = None
     note: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # Where task and kind come from: "registry entry" (...), "lotus.json", "model_index.json" (the task only),
+    # "given" (by the caller: --output-kind, or code that builds the entry, as the trainer does), "unknown".
+    source: str = "given"
+
+    @property
+    def known(self) -> bool:
+        return self.task is not None and self.kind is not None
 
 
 # Licence as the model cards state it: the Lotus cards state none (the Lotus code is Apache-2.0; the
@@ -65,7 +75,7 @@ class ModelEntry:
 CARD_LICENCE = "not stated"
 LICENCE_NOTE = ("The Lotus model cards state no licence; the Lotus code is Apache-2.0 and the weights are "
                 "fine-tuned from Stable Diffusion 2 (CreativeML Open RAIL++-M): check both before commercial use.")
-REGISTRY: tuple[ModelEntry, ...] = (
+REGISTRY: tuple[ModelEntry, ...] = tuple(replace(e, source="registry entry") for e in (
     ModelEntry("depth-g-v2-1-disparity", f"{HUB_OWNER}/lotus-depth-g-v2-1-disparity", "depth", "g",
                "disparity", CARD_LICENCE, 4.3, "generative; uncertainty maps", ("depth-g",)),
     ModelEntry("depth-d-v2-0-disparity", f"{HUB_OWNER}/lotus-depth-d-v2-0-disparity", "depth", "d",
@@ -78,7 +88,7 @@ REGISTRY: tuple[ModelEntry, ...] = (
                CARD_LICENCE, 4.3, "older; affine-invariant depth"),
     ModelEntry("depth-d-v1-0", f"{HUB_OWNER}/lotus-depth-d-v1-0", "depth", "d", "depth",
                CARD_LICENCE, 4.3, "older; affine-invariant depth"),
-)
+))
 DEFAULT_MODEL = {"depth": "depth-d", "normal": "normal-d"}
 DEFAULT_G_MODEL = {"depth": "depth-g", "normal": "normal-g"}
 
@@ -104,12 +114,24 @@ class ModelRef:
         return self.repo_id or str(self.folder)
 
 
-def resolve(spec: str | os.PathLike | None, task: str | None = None) -> ModelRef:
+KINDS = {"depth": ("disparity", "depth"), "normal": ("normal",)}  # output kinds of each task
+
+
+def task_of_kind(kind: str) -> str:
+    """"disparity" / "depth" -> "depth"; "normal" -> "normal"."""
+    return "normal" if kind == "normal" else "depth"
+
+
+def resolve(spec: str | os.PathLike | None, task: str | None = None, kind: str | None = None) -> ModelRef:
     """Turn ``spec`` (registry name, hub id or folder) into a ModelRef; never touches the network.
 
-    ``task`` ("depth" / "normal") picks the default model when ``spec`` is None and checks that a named
-    model suits the command.
+    ``task`` ("depth" / "normal") picks the default model when ``spec`` is None and refuses a model known
+    to predict the other task, or a folder that says nothing about what it predicts. ``kind``
+    ("disparity" / "depth" / "normal") states the output kind of a checkpoint whose metadata does not;
+    it must agree with metadata that does.
     """
+    if kind is not None and kind not in (*KINDS["depth"], *KINDS["normal"]):
+        raise ModelError(f"kind must be disparity, depth or normal, not {kind!r}")
     if spec is None or str(spec) == "":
         if task is None:
             raise ModelError("no model given", "pass --model NAME (see `lotus models list`)")
@@ -117,12 +139,13 @@ def resolve(spec: str | os.PathLike | None, task: str | None = None) -> ModelRef
     spec_s = str(spec)
     path = Path(spec_s).expanduser()
     if path.is_dir():
-        ref = ModelRef(_folder_entry(path, task), folder=path.resolve())
+        ref = ModelRef(_folder_entry(path), folder=path.resolve())
     elif spec_s.lower() in _lookup():
         entry = _lookup()[spec_s.lower()]
         ref = ModelRef(entry, repo_id=entry.repo_id)
     elif spec_s.count("/") == 1 and not spec_s.startswith((".", "/", "~")) and not path.exists():
-        ref = ModelRef(_guess_entry(spec_s, spec_s, task), repo_id=spec_s)
+        # A hub repo outside the registry: its lotus.json, once fetched, says what it predicts.
+        ref = ModelRef(ModelEntry(spec_s, spec_s, None, kind=None, source="unknown"), repo_id=spec_s)
     else:
         names = sorted({e.name for e in REGISTRY} | {a for e in REGISTRY for a in e.aliases})
         close = difflib.get_close_matches(spec_s, names, n=3)
@@ -131,38 +154,88 @@ def resolve(spec: str | os.PathLike | None, task: str | None = None) -> ModelRef
             f"unknown model {spec_s!r}: not a registry name, a hub id (owner/name) or a folder",
             f"{hint}see `lotus models list`, or pass --model /path/to/checkpoint",
         )
-    if task is not None and ref.entry.task != task:
-        raise ModelError(
-            f"model {ref.label} predicts {ref.entry.task}, not {task}",
-            f"use a {task} model such as {DEFAULT_MODEL[task]}",
-        )
+    ref = replace(ref, entry=_stated(ref, kind))
+    if task is not None:
+        check_task(ref, task)
     return ref
 
 
-def _guess_entry(name: str, repo_id: str, task: str | None) -> ModelEntry:
-    """Metadata for a checkpoint outside the registry, from its name; ``lotus.json`` overrides this."""
-    low = name.lower()
-    guessed = "normal" if "normal" in low else "depth" if "depth" in low else None
-    t = guessed or task or "depth"
-    kind = "normal" if t == "normal" else "disparity" if "disparity" in low else "depth"
-    return ModelEntry(name=name, repo_id=repo_id, task=t, kind=kind)
+def _stated(ref: ModelRef, kind: str | None) -> ModelEntry:
+    """The entry with the caller's ``kind`` filled in where the metadata is silent; a contradiction is an error."""
+    e = ref.entry
+    if kind is None:
+        return e
+    if e.task is not None and e.task != task_of_kind(kind):
+        raise ModelError(f"model {ref.label} predicts {e.task}, not {kind} (from its {e.source})",
+                         f"drop the output kind, or use a {task_of_kind(kind)} model")
+    if e.kind is not None:
+        if e.kind != kind:
+            raise ModelError(f"model {ref.label} outputs {e.kind}, not {kind} (from its {e.source})",
+                             "drop the output kind: the checkpoint's metadata says what it outputs")
+        return e
+    return replace(e, task=task_of_kind(kind), kind=kind, source="given")
 
 
-def _folder_entry(path: Path, task: str | None) -> ModelEntry:
+def check_task(ref: ModelRef, task: str) -> None:
+    """Refuse a model for ``task`` when it is known to predict the other task, or nothing says what it predicts
+    (a local folder; a hub repo outside the registry is checked again once fetched)."""
+    if ref.folder is not None:
+        check_known(ref, task)
+    elif ref.entry.task is not None and ref.entry.task != task:
+        check_known(ref, task)
+
+
+def check_known(ref: ModelRef, task: str | None = None) -> None:
+    """Refuse a checkpoint known to predict another ``task``, or whose task or output kind nothing states
+    (ModelError naming how to state it)."""
+    e = ref.entry
+    if task is not None and e.task is not None and e.task != task:
+        raise ModelError(f"model {ref.label} predicts {e.task}, not {task} (from its {e.source})",
+                         f"use a {task} model such as {DEFAULT_MODEL[task]}")
+    if e.known:
+        return
+    task = e.task or task
+    kinds = KINDS[task] if task else (*KINDS["depth"], *KINDS["normal"])
+    what = f"which {task} it outputs ({' or '.join(kinds)})" if e.task else "what it predicts"
+    example = json.dumps({"task": task or "depth", "kind": kinds[0]})
+    raise ModelError(f"model {ref.label}: nothing says {what} (no lotus.json, not a registry model)",
+                     f"state it with --output-kind {'|'.join(kinds)}, or write {METADATA_FILE} beside unet/: {example}")
+
+
+def _hub_id_of(path: Path) -> str | None:
+    """The hub id of a folder in the Hugging Face cache layout (.../models--owner--name/snapshots/<commit>)."""
+    parts = path.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        owner_name = parts[-3][len("models--"):].split("--", 1)
+        if len(owner_name) == 2:
+            return "/".join(owner_name)
+    return None
+
+
+def _folder_entry(path: Path) -> ModelEntry:
+    """What a local checkpoint says it is: lotus.json, else the registry entry of its hub id (the Hugging Face
+    cache path, or a folder named exactly as a released repo, as a git clone is), else model_index.json's
+    lotus_task (task only; a normal model has one output kind). Otherwise task and kind are None."""
     meta_file = path / METADATA_FILE
     if meta_file.is_file():
         try:
             meta = json.loads(meta_file.read_text())
             t = meta["task"]
+            if t not in KINDS:
+                raise ValueError(f"task {t!r} is not depth or normal")
+            kind = meta.get("kind", "normal" if t == "normal" else None)
+            if kind is not None and kind not in KINDS[t]:
+                raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS[t])}")
             return ModelEntry(name=meta.get("name", path.name), repo_id=str(path), task=t,
-                              family=meta.get("family"), kind=meta.get("kind", "normal" if t == "normal" else "depth"),
-                              licence=meta.get("licence", "unknown"), note=meta.get("note", ""))
+                              family=meta.get("family"), kind=kind, licence=meta.get("licence", "unknown"),
+                              note=meta.get("note", ""), source=METADATA_FILE)
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"{meta_file}: unreadable model metadata ({e})",
                              'fix or delete the file; it holds {"task": "depth"|"normal", "kind": ...}') from e
     table = _lookup()
-    if path.name.lower() in table:  # e.g. a git clone of a released repo
-        return replace(table[path.name.lower()], repo_id=str(path))
+    for key, how in ((_hub_id_of(path), "hub cache path"), (path.name, "folder name = hub repo name")):
+        if key and key.lower() in table:
+            return replace(table[key.lower()], repo_id=str(path), source=f"registry entry, by {how}")
     index = path / "model_index.json"
     hint_task = None
     if index.is_file():
@@ -170,7 +243,10 @@ def _folder_entry(path: Path, task: str | None) -> ModelEntry:
             hint_task = json.loads(index.read_text()).get("lotus_task")
         except ValueError:
             pass
-    return _guess_entry(path.name, str(path), hint_task or task)
+    if hint_task in KINDS:
+        kind = "normal" if hint_task == "normal" else None
+        return ModelEntry(path.name, str(path), hint_task, kind=kind, source="model_index.json")
+    return ModelEntry(path.name, str(path), None, kind=None, source="unknown")
 
 
 # ----------------------------------------------------------------------------------------- fetching
@@ -217,6 +293,10 @@ def fetch(ref: ModelRef) -> ModelRef:
                              "check the id with `lotus models list`, or log in with `hf auth login`") from e
         except (HfHubHTTPError, OSError, ValueError) as e:
             raise ModelError(f"cannot download model {repo}: {str(e).splitlines()[0]}", pull_hint) from e
+    if ref.entry.source in ("unknown", "given"):  # a hub repo outside the registry: its own metadata, if any
+        own = ModelRef(replace(_folder_entry(folder), name=repo, repo_id=repo), repo_id=repo, folder=folder)
+        if own.entry.known or ref.entry.source == "unknown":
+            return replace(own, entry=_stated(own, ref.entry.kind if ref.entry.source == "given" else None))
     return replace(ref, folder=folder)
 
 
@@ -226,7 +306,8 @@ def fetch(ref: ModelRef) -> ModelRef:
 def check_layout(folder: Path) -> None:
     need = ["unet/config.json", "vae/config.json"]
     missing = [n for n in need if not (folder / n).is_file()]
-    for sub, weights in (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")):
+    weights = "diffusion_pytorch_model.safetensors"
+    for sub in ("unet", "vae"):
         if (folder / sub).is_dir() and not (folder / sub / weights).is_file():
             missing.append(f"{sub}/{weights} (only safetensors weights are loaded, never pickles)")
     if missing:
@@ -234,6 +315,18 @@ def check_layout(folder: Path) -> None:
             f"{folder} is not a Lotus checkpoint: missing {', '.join(missing)}",
             "pass a folder in the hub layout (unet/, vae/, text_encoder/, tokenizer/, model_index.json)",
         )
+
+
+def pixels_per_latent(folder: Path) -> int:
+    """Image pixels per latent cell of a checkpoint's VAE (8 for Stable Diffusion 2), from vae/config.json
+    without loading weights: the VAE halves the image once per level after the first. It is also the
+    smallest side the VAE encodes (its stride-2 convolutions need two rows at every level)."""
+    try:
+        cfg = json.loads((folder / "vae" / "config.json").read_text())
+        return 2 ** (len(cfg["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{folder}/vae/config.json: unreadable ({e})",
+                         "pass a folder in the hub layout (unet/, vae/, ...)") from e
 
 
 def cache_dir() -> Path:

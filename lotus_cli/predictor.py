@@ -54,17 +54,17 @@ class PredictOptions:
 
     def __post_init__(self):
         if self.processing_res < 0:
-            raise UsageError(f"--processing-res must be >= 0, not {self.processing_res}", "0 keeps the native size")
+            raise UsageError(f"processing_res must be >= 0, not {self.processing_res}", "0 keeps the native size")
         if self.resample not in ("bilinear", "nearest"):
-            raise UsageError(f"--resample must be bilinear or nearest, not {self.resample!r}")
+            raise UsageError(f"resample must be bilinear or nearest, not {self.resample!r}")
         if self.latent not in ("mean", "sample"):
-            raise UsageError(f"--latent must be mean or sample, not {self.latent!r}")
+            raise UsageError(f"latent must be mean or sample, not {self.latent!r}")
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, not {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 1, not {self.batch_size}")
         if not 0 <= self.seed < 2**63:
-            raise UsageError(f"--seed must be in 0 .. 2**63-1, not {self.seed}")
+            raise UsageError(f"seed must be in 0 .. 2**63-1, not {self.seed}")
         if self.frame not in NORMAL_FRAMES:
-            raise UsageError(f"--frame must be one of {', '.join(NORMAL_FRAMES)}, not {self.frame!r}")
+            raise UsageError(f"frame must be one of {', '.join(NORMAL_FRAMES)}, not {self.frame!r}")
 
 
 @dataclass
@@ -89,9 +89,9 @@ class EnsembleOptions:
 
     def __post_init__(self):
         if self.samples < 1:
-            raise UsageError(f"--samples must be >= 1, not {self.samples}")
+            raise UsageError(f"samples must be >= 1, not {self.samples}")
         if self.tta not in ("none", "flip"):
-            raise UsageError(f"--tta must be none or flip, not {self.tta!r}")
+            raise UsageError(f"tta must be none or flip, not {self.tta!r}")
 
 
 # ------------------------------------------------------------------------------------ device, dtype
@@ -241,10 +241,12 @@ class LotusPredictor:
     @classmethod
     def from_pretrained(cls, spec: str | Path | models.ModelRef | None = None, *, task: str | None = None,
                         device: str = "auto", dtype: str = "auto", channels_last: bool | None = None,
-                        pack_weights: bool | None = None) -> "LotusPredictor":
+                        pack_weights: bool | None = None, kind: str | None = None) -> "LotusPredictor":
         """Resolve ``spec`` (registry name, hub id, folder or a resolved ModelRef), fetch it if needed
-        (download with a progress bar on first use) and load it."""
-        ref = models.fetch(spec if isinstance(spec, models.ModelRef) else models.resolve(spec, task))
+        (download with a progress bar on first use) and load it. ``kind`` states the output kind of a
+        checkpoint whose metadata does not (see models.resolve); one that nothing describes is refused."""
+        ref = models.fetch(spec if isinstance(spec, models.ModelRef) else models.resolve(spec, task, kind))
+        models.check_known(ref, task)
         dev = resolve_device(device)
         dt, warning = resolve_dtype(dtype, dev)
         unet, vae = models.load_unet_vae(ref.folder, dt, dev)
@@ -416,6 +418,7 @@ class LotusPredictor:
             "model_name": self.entry.name,
             "task": self.task,
             "kind": self.kind,
+            "kind_source": self.entry.source,
             "family": self.family,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),

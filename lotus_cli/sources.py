@@ -6,7 +6,11 @@ relative path (without extension) its outputs are named by under ``--out``:
 * a file given by name: its name (``x.jpg`` -> ``x``);
 * a folder: the path inside the folder (``photos/a/x.jpg`` -> ``a/x``), so outputs mirror the tree;
 * a glob: the path below the glob's fixed prefix (``shots/*/x.png`` -> ``<dir>/x``);
-* ``-``: paths read from stdin, one per line, each treated as a file given by name.
+* ``-``: paths read from stdin, one per line (stripped; empty and ``#`` lines skipped), each treated as a
+  file given by name.
+
+Folder walks follow symlinks but enter each real folder once, under its shortest path; the output
+folder is never walked, even inside an input folder.
 
 Keys never chop characters. Two inputs that would share a key (``a/x.jpg`` and ``b/x.jpg`` given as
 files, or ``x.jpg`` beside ``x.png``) get keys that keep their parent folders, then their extensions.
@@ -54,15 +58,49 @@ def _hidden(parts: Iterable[str]) -> bool:
     return any(p.startswith(".") and p not in (".", "..") for p in parts)
 
 
-def _walk(folder: Path, accept) -> list[Path]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in sorted(files):
-            p = Path(root) / f
-            if not f.startswith(".") and accept(p):
-                found.append(p)
+def _walk(folder: Path, accept, exclude: frozenset[str] = frozenset(), on_warning=None) -> list[Path]:
+    """The files under ``folder`` that ``accept`` takes, hidden names skipped, symlinks followed.
+
+    Breadth-first, so that each real folder (by resolved path) is entered once, under its shortest path
+    (the first met at the smallest depth, in name order). A link back to a folder that contains it (a
+    loop) is named in one ``on_warning`` line and not followed; other links to a folder already entered
+    are skipped quietly. ``exclude``: resolved paths of folders never entered (the output tree)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    level: list[tuple[Path, tuple[str, ...]]] = [(folder, ())]  # (folder, resolved paths of its ancestors)
+    while level:
+        deeper = []
+        for d, ancestors in level:
+            real = os.path.realpath(d)
+            if real in exclude:
+                continue
+            if real in seen:
+                if real in ancestors and on_warning is not None:
+                    on_warning(f"{d}: symlink loop back to {real}; not followed")
+                continue
+            seen.add(real)
+            try:
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
+            except OSError:
+                continue  # an unreadable folder holds nothing we can read
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                p = d / e.name
+                try:
+                    if e.is_dir():
+                        deeper.append((p, (*ancestors, real)))
+                    elif e.is_file() and accept(p):
+                        found.append(p)
+                except OSError:  # a dangling or unreadable link
+                    continue
+        level = deeper
     return sorted(found)
+
+
+def _inside(path: Path, exclude: frozenset[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == x or real.startswith(x.rstrip(os.sep) + os.sep) for x in exclude)
 
 
 def _glob_base(pattern: str) -> Path:
@@ -74,16 +112,20 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-def expand(inputs: Iterable[str], stdin: TextIO | None = None,
-           exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[list[Item], list[InputError]]:
+def expand(inputs: Iterable[str], stdin: TextIO | None = None, exts: tuple[str, ...] = IMAGE_EXTS, *,
+           exclude: Iterable[str | os.PathLike] = (), on_warning=None) -> tuple[list[Item], list[InputError]]:
     """Expand command-line inputs into items (in order, without duplicates) and problems.
 
-    ``exts``: the accepted file extensions (any case), e.g. IMAGE_EXTS or MEDIA_EXTS.
+    ``exts``: the accepted file extensions (any case), e.g. IMAGE_EXTS or MEDIA_EXTS. ``exclude``: folders
+    whose contents are never inputs (the output folder, which may sit inside an input folder). Paths read
+    from stdin (``-``) are stripped of surrounding whitespace; empty lines and lines starting with ``#``
+    are skipped. ``on_warning(text)`` hears of symlink loops in folder walks.
     A problem (missing path, glob matching nothing, unsupported file) is reported, never fatal.
     """
     def accept(p: Path) -> bool:
         return p.suffix.lower() in exts
 
+    excluded = frozenset(os.path.realpath(p) for p in exclude)
     supported = f"supported: {', '.join(exts)} (any case)"
     raw: list[tuple[Path, str, bool]] = []  # (path, relative name, given-by-name)
     problems: list[InputError] = []
@@ -91,32 +133,33 @@ def expand(inputs: Iterable[str], stdin: TextIO | None = None,
         if arg == "-":
             stream = stdin if stdin is not None else sys.stdin
             for line in stream:
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    raw.extend(_one_file(Path(line), problems, accept, supported))
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    raw.extend(_one_file(Path(line), problems, accept, supported, excluded))
             continue
         path = Path(arg).expanduser()
         if path.is_dir():
-            files = _walk(path, accept)
+            files = _walk(path, accept, excluded, on_warning)
             if not files:
                 problems.append(InputError(f"{arg}: folder holds no supported files", supported, subject=arg))
             raw.extend((p, p.relative_to(path).as_posix(), False) for p in files)
         elif glob.has_magic(arg) and not path.exists():
             base = _glob_base(arg)
-            hits = sorted(Path(p) for p in glob.glob(arg, recursive=True))
+            hits = sorted(Path(p) for p in glob.glob(arg, recursive=True) if not _inside(Path(p), excluded))
             files = [p for p in hits if p.is_file() and accept(p) and not _hidden(p.relative_to(base).parts)]
             for d in (p for p in hits if p.is_dir()):
-                files.extend(_walk(d, accept))
+                files.extend(_walk(d, accept, excluded, on_warning))
             if not files:
-                problems.append(InputError(f"{arg}: pattern matches no supported files", "check the pattern and quoting",
-                                           subject=arg))
+                problems.append(InputError(f"{arg}: pattern matches no supported files",
+                                           "check the pattern and quoting", subject=arg))
             raw.extend((p, p.relative_to(base).as_posix() if p.is_relative_to(base) else p.name, False) for p in files)
         else:
-            raw.extend(_one_file(path, problems, accept, supported))
+            raw.extend(_one_file(path, problems, accept, supported, excluded))
     return _assign_keys(raw), problems
 
 
-def _one_file(path: Path, problems: list, accept, supported: str) -> list[tuple[Path, str, bool]]:
+def _one_file(path: Path, problems: list, accept, supported: str,
+              excluded: frozenset[str] = frozenset()) -> list[tuple[Path, str, bool]]:
     if not path.exists():
         problems.append(InputError(f"{path}: no such file or folder", "check the path", subject=str(path)))
         return []
@@ -126,6 +169,10 @@ def _one_file(path: Path, problems: list, accept, supported: str) -> list[tuple[
     if not accept(path):
         problems.append(InputError(f"{path}: unsupported file type {path.suffix or '(none)'}", supported,
                                    subject=str(path)))
+        return []
+    if _inside(path, excluded):
+        problems.append(InputError(f"{path}: inside the output folder; outputs are never read as inputs",
+                                   "give the original file, or another --out", subject=str(path)))
         return []
     return [(path, path.name, True)]
 

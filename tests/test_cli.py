@@ -136,3 +136,166 @@ def test_help_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     h = subprocess.run(["lotus", "depth", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert "depth-d" in h.stdout and "--processing-res" in h.stdout and "--skip-existing" in h.stdout
+
+
+# ------------------------------------------------------------------- issue 13: what a new user hit
+
+
+def test_rerun_on_the_current_folder_never_reads_the_default_output(tmp_path, depth_d, monkeypatch):
+    """`lotus depth .` with the default ./lotus-depth: inputs went 1 -> 3 -> 6 over three runs."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
+    for _ in range(3):
+        r = lotus("depth", ".", "-m", depth_d, *FAST)
+        assert r.exit_code == 0, r.output
+        assert "1 done, 0 skipped, 0 failed" in r.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "lotus-depth").rglob("*")) == [
+        "lotus-depth/x.16bit.png", "lotus-depth/x.json", "lotus-depth/x.png"]
+
+
+def test_checkpoint_meaning_comes_from_metadata_and_is_recorded(tmp_path, photos, checkpoints):
+    import shutil
+
+    depth_ckpt = tmp_path / "my_weights"
+    shutil.copytree(checkpoints[("depth", "d")], depth_ckpt)  # model_index.json says depth, nothing says the kind
+    r = lotus("normal", photos / "a", "-m", depth_ckpt, "-o", tmp_path / "n")
+    assert r.exit_code == 2 and "predicts depth, not normal" in r.stderr
+    r = lotus("depth", photos / "a", "-m", depth_ckpt, "-o", tmp_path / "d")
+    assert r.exit_code == 2 and "--output-kind disparity|depth" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = lotus("depth", photos / "a", "-m", depth_ckpt, "--output-kind", "normal", "-o", tmp_path / "d")
+    assert r.exit_code == 2 and "--output-kind must be disparity or depth" in r.stderr
+    for kind in ("disparity", "depth"):
+        r = lotus("depth", photos / "a", "-m", depth_ckpt, "--output-kind", kind, "-o", tmp_path / kind, *FAST)
+        assert r.exit_code == 0, r.output
+        side = json.loads((tmp_path / kind / "x.json").read_text())
+        assert (side["kind"], side["kind_source"]) == (kind, "given")
+    r = lotus("depth", photos / "a", "-m", checkpoints[("depth", "d")], "-o", tmp_path / "reg", *FAST)
+    side = json.loads((tmp_path / "reg" / "x.json").read_text())
+    assert (side["kind"], side["kind_source"]) == ("disparity", "registry entry, by folder name = hub repo name")
+    (depth_ckpt / "lotus.json").write_text(json.dumps({"task": "depth", "kind": "depth"}))
+    r = lotus("depth", photos / "a", "-m", depth_ckpt, "-o", tmp_path / "meta", *FAST)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "meta" / "x.json").read_text())["kind_source"] == "lotus.json"
+    r = lotus("depth", photos / "a", "-m", depth_ckpt, "--output-kind", "disparity", "-o", tmp_path / "meta")
+    assert r.exit_code == 2 and "outputs depth, not disparity" in r.stderr
+
+
+@pytest.mark.parametrize("n", ["0", "1", "-3"])
+def test_uncertainty_needs_two_samples(photos, tmp_path, depth_g, n):
+    r = lotus("uncertainty", photos / "a", "-m", depth_g, "-n", n, "-o", tmp_path / "u", *FAST)
+    assert r.exit_code == 2 and "--samples must be at least 2" in r.stderr
+    assert not (tmp_path / "u" / "x.png").exists()
+
+
+def test_processing_res_below_the_model_minimum(photos, tmp_path, depth_d):
+    """The tiny VAE has 4 px per latent cell (SD2: 8): below that one latent cell cannot be encoded."""
+    r = lotus("depth", photos / "a", "-m", depth_d, "--processing-res", 3, "-o", tmp_path / "p")
+    assert r.exit_code == 2 and "--processing-res 3 is below the model's minimum of 4 px" in r.stderr
+    Image.fromarray(make_image(20, 20)).save(tmp_path / "square.png")
+    r = lotus("depth", tmp_path / "square.png", "-m", depth_d, "--processing-res", 4, "-o", tmp_path / "p", "-f", "npy")
+    assert r.exit_code == 0, r.output  # 4x4 px: one latent cell
+    assert np.load(tmp_path / "p" / "square.npy").shape == (20, 20)
+    Image.fromarray(make_image(8, 64)).save(tmp_path / "wide.png")  # 8:1 -> 16x2 at --processing-res 16
+    r = lotus("depth", tmp_path / "wide.png", photos / "top.PNG", "-m", depth_d, "--processing-res", 16,
+              "-o", tmp_path / "w", "-f", "npy")
+    assert r.exit_code == 1
+    failed = [line for line in r.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "wide.png" in failed[0] and "below the model's minimum of 4 px" in failed[0]
+    assert np.load(tmp_path / "w" / "top.npy").shape == (25, 19)
+
+
+def test_raw_refuses_file_options_and_inputs(tmp_path, depth_d):
+    for extra, named in ((["--json"], "--json"), (["--out", tmp_path / "o"], "--out"), (["--skip-existing"],
+                                                                                        "--skip-existing")):
+        r = runner.invoke(app, ["depth", "--raw", "32x24", "-m", str(depth_d), *map(str, extra)], input=b"")
+        assert r.exit_code == 2 and named in r.stderr and "--raw" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_uncertainty_raw_pipe_writes_the_spread(depth_g):
+    from lotus_cli.predictor import EnsembleOptions
+
+    frames = [make_image(24, 32, s) for s in (1, 2)]
+    r = runner.invoke(app, ["uncertainty", "--raw", "32x24", "-m", str(depth_g), "-n", "3", *FAST],
+                      input=b"".join(f.tobytes() for f in frames))
+    assert r.exit_code == 0, r.stderr
+    got = np.frombuffer(r.stdout_bytes, "<f4").reshape(2, 24, 32)
+    pred = LotusPredictor.from_pretrained(depth_g, device="cpu")
+    for f, g in zip(frames, got):
+        want = pred.predict_ensemble(f, PredictOptions(processing_res=48, batch_size=4), EnsembleOptions(3)).map
+        np.testing.assert_allclose(g, want, atol=1e-6)
+    assert got.max() > 0
+    r = runner.invoke(app, ["uncertainty", "--raw", "32x24", "-m", str(depth_g), "--raw-out", "rgb"], input=b"")
+    assert r.exit_code == 2 and "--raw-out must be f32" in r.stderr
+
+
+def _popen(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lotus_cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, **kw)
+
+
+def test_closed_stdout_stops_at_once_with_status_141(tmp_path, depth_d):
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(12):
+        Image.fromarray(make_image(24, 32, i)).save(src / f"{i:02d}.png")
+    p = _popen(["depth", src, "--json", "-m", depth_d, "-o", tmp_path / "o", "-f", "npy", *FAST])
+    first = json.loads(p.stdout.readline())
+    p.stdout.close()  # `| head -1`
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and first["status"] == "done"
+    assert "Traceback" not in err and "Error" not in err
+    assert len(list((tmp_path / "o").glob("*.npy"))) < 12  # it stopped, not ran to the end
+
+    p = _popen(["depth", "--raw", "32x24", "-m", depth_d, *FAST], stdin=subprocess.PIPE)
+    p.stdin.write(make_image(24, 32).tobytes() * 40)
+    p.stdin.close()
+    assert len(p.stdout.read(10)) == 10
+    p.stdout.close()  # `| head -c 10`
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err
+
+
+def test_names_are_escaped_on_stderr_and_ndjson_stays_utf8(tmp_path, depth_d):
+    src = tmp_path / "odd"
+    src.mkdir()
+    (src / "bad\nname\x1b[31m.jpg").write_bytes(b"not a jpeg")
+    os.close(os.open(os.fsencode(src) + b"/caf\xe9.jpg", os.O_CREAT | os.O_WRONLY))  # not UTF-8, empty
+    r = runner.invoke(app, ["depth", str(src), "--json", "-m", str(depth_d), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1
+    failed = [line for line in r.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 2 and "\x1b" not in r.stderr
+    assert any("bad\\nname\\x1b[31m.jpg" in line for line in failed) and any("caf\\xe9.jpg" in x for x in failed)
+    records = [json.loads(line) for line in r.stdout_bytes.decode("utf-8").splitlines()]  # strict UTF-8
+    inputs = sorted(rec["input"].rsplit("/", 1)[1] for rec in records)
+    assert inputs == ["bad\nname\x1b[31m.jpg", "caf\\xe9.jpg"]
+    assert all(not any(0xD800 <= ord(c) <= 0xDFFF for c in rec["input"]) for rec in records)
+
+
+def test_help_shows_flags_as_flags_and_each_command_its_own_options(tmp_path, photos, depth_d):
+    env = {**os.environ, "COLUMNS": "200"}
+    depth = subprocess.run([sys.executable, "-m", "lotus_cli", "depth", "--help"], capture_output=True, text=True,
+                           env=env).stdout
+    normal = subprocess.run([sys.executable, "-m", "lotus_cli", "normal", "--help"], capture_output=True, text=True,
+                            env=env).stdout
+    assert "<bool>" not in depth and "<bool>" not in normal
+    assert "--skip-existing" in normal and "--cmap" in depth and "--stabilize" in depth
+    assert "--cmap" not in normal and "--stabilize" not in normal and "depth PNGs" not in normal
+    assert "lines starting with # skipped" in depth  # stdin lists, as expand reads them
+    r = lotus("depth", "--skip-existing", "true", photos / "a", "-m", depth_d, "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "flags take no value" in r.stderr
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(photos, tmp_path, depth_d):
+    from lotus_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="^processing_res must be >= 0"):
+        PredictOptions(processing_res=-1)
+    with pytest.raises(UsageError, match="^batch_size must be >= 1"):
+        PredictOptions(batch_size=0)
+    for flag_, value, said in (("--processing-res", -1, "--processing-res must be >= 0"),
+                               ("--batch-size", 0, "--batch-size must be >= 1"),
+                               ("--resample", "cubic", "--resample must be bilinear or nearest")):
+        r = lotus("depth", photos / "a", "-m", depth_d, flag_, value, "-o", tmp_path / "o")
+        assert r.exit_code == 2 and r.stderr.startswith(f"error: {said}"), r.stderr

@@ -52,7 +52,7 @@ def test_oracle_depth_affine_in_depth_space_scores_perfectly(tmp_path, name, tar
     ds = D.open_dataset("depth", name, path)
     # KITTI predictions of the full frame are cropped like the image; the others are at the GT's size
     write_predictions(tmp_path / "pred", ds, [0.25 * g + 3.0 for g in gts])
-    r = evaluate(ds, FolderSource(tmp_path / "pred", "depth"), EvalOptions("depth"))
+    r = evaluate(ds, FolderSource(tmp_path / "pred", "depth"), EvalOptions("depth", alignment="depth"))
     assert r.alignment == "depth" and r.evaluated == 2 and not r.failed
     assert r.metrics["abs_rel"] < 1e-6 and r.metrics["rmse"] < 1e-5 and r.metrics["delta1"] == 1.0
     assert [rec["scale"] for rec in r.records] == pytest.approx([4.0, 4.0])
@@ -75,7 +75,7 @@ def test_oracle_16bit_png_predictions(tmp_path):
     path, gts = write_depth_set(tmp_path / "data", "eth3d", n=2, tar=True)
     ds = D.open_dataset("depth", "eth3d", path)
     write_predictions(tmp_path / "pred" / "eth3d", ds, [2.0 * g + 1 for g in gts], fmt="png")
-    r = evaluate(ds, FolderSource(tmp_path / "pred", "depth"), EvalOptions("depth"))  # DIR/<dataset>/ is used
+    r = evaluate(ds, FolderSource(tmp_path / "pred", "depth"), EvalOptions("depth", "depth"))  # DIR/<dataset>/ is used
     assert r.evaluated == 2
     assert r.metrics["abs_rel"] < 1e-4 and r.metrics["delta1"] == 1.0  # 16-bit quantisation only
 
@@ -112,7 +112,7 @@ def test_bad_prediction_files_fail_their_sample_only(tmp_path):
     maps[0][3, 3] = np.nan
     maps[1] = np.ones((2, 2, 2))  # not [H, W] or [H, W, 3]
     write_predictions(tmp_path / "pred", ds, maps)
-    r = evaluate(ds, FolderSource(tmp_path / "pred", "depth"), EvalOptions("depth"))
+    r = evaluate(ds, FolderSource(tmp_path / "pred", "depth"), EvalOptions("depth", alignment="depth"))
     assert [rec["status"] for rec in r.records] == ["failed", "failed", "ok"]
     assert "1 non-finite values" in r.records[0]["error"] and "shape (2, 2, 2)" in r.records[1]["error"]
     assert r.metrics["abs_rel"] < 1e-6  # the average is over the good sample
@@ -127,7 +127,8 @@ def test_cli_scores_predictions_writes_json_and_csv_and_reports_missing_ones(tmp
     write_predictions(tmp_path / "pred", ds, [0.5 * g + 1 for g in gts])
     (tmp_path / "pred" / f"{ds.samples[2].key}.npy").unlink()
     out = tmp_path / "out"
-    r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}", "--out", out)
+    r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}", "--out", out,
+              "--alignment", "depth")
     assert r.exit_code == 1, r.output  # one sample had no prediction
     assert "no prediction for scene02/color/000002" in r.output and "ScanNet" in r.output
     res = json.loads((out / "results.json").read_text())
@@ -145,11 +146,40 @@ def test_cli_max_samples_and_a_missing_dataset_among_good_ones(tmp_path):
     ds = D.open_dataset("depth", "scannet", path)
     write_predictions(tmp_path / "pred", ds, [g + 1 for g in gts])
     r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}",
-              "--dataset", f"kitti={tmp_path / 'missing'}", "--max-samples", "1", "--out", tmp_path / "o")
+              "--dataset", f"kitti={tmp_path / 'missing'}", "--max-samples", "1", "--out", tmp_path / "o",
+              "--alignment", "depth")
     assert r.exit_code == 1, r.output
     assert "kitti_eigen_split_test.tar" in r.output  # the message names the expected layout
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["datasets"]["scannet"]["evaluated"] == 1 and "kitti" in res["dataset_errors"]
+
+
+def test_cli_maps_without_sidecar_need_alignment_stated(tmp_path):
+    """Disparity maps without a sidecar were scored as depth (AbsRel far from 0): now nothing is scored until
+    --alignment says what they are, and the alignment used (and why) is in the table and results.json."""
+    path, gts = write_depth_set(tmp_path / "data", "scannet", n=2)
+    ds = D.open_dataset("depth", "scannet", path)
+    write_predictions(tmp_path / "pred", ds, [0.02 * disparity(g) + 0.1 for g in gts])
+    r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}",
+              "--out", tmp_path / "o")
+    assert r.exit_code == 2, r.output
+    assert "--alignment" in r.stderr and "depth or disparity" in r.stderr
+    assert not (tmp_path / "o" / "results.json").exists()
+    r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}",
+              "--out", tmp_path / "o", "--alignment", "disparity")
+    assert r.exit_code == 0, r.output
+    assert "ScanNet (disparity)" in r.stderr and "disparity alignment (from --alignment)" in r.stderr
+    d = json.loads((tmp_path / "o" / "results.json").read_text())["datasets"]["scannet"]
+    assert (d["alignment"], d["alignment_source"]) == ("disparity", "--alignment")
+    assert d["metrics"]["abs_rel"] < 1e-6
+    # a sidecar that says so is enough, and named as the source
+    for m in (tmp_path / "pred").rglob("*.npy"):
+        m.with_name(m.name.split(".")[0] + ".json").write_text(json.dumps({"kind": "disparity"}))
+    r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}",
+              "--out", tmp_path / "o2")
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "o2" / "results.json").read_text())["datasets"]["scannet"]
+    assert d["alignment"] == "disparity" and d["alignment_source"].startswith("sidecar ")
 
 
 @pytest.mark.parametrize("args,message", [

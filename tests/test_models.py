@@ -23,8 +23,10 @@ def test_registry_names_aliases_and_defaults():
 
 
 def test_unknown_hub_id_and_name():
-    ref = models.resolve("someone/my-lotus-normal-finetune")
-    assert ref.repo_id == "someone/my-lotus-normal-finetune" and ref.entry.task == "normal"
+    ref = models.resolve("someone/my-lotus-normal-finetune")  # the name is no evidence: its lotus.json will be
+    assert ref.repo_id == "someone/my-lotus-normal-finetune" and ref.entry.task is None and not ref.entry.known
+    stated = models.resolve("someone/my-lotus-normal-finetune", "depth", kind="disparity")
+    assert (stated.entry.task, stated.entry.kind, stated.entry.source) == ("depth", "disparity", "given")
     with pytest.raises(ModelError) as e:
         models.resolve("depht-d")
     assert "depth-d" in str(e.value) and "lotus models list" in str(e.value)
@@ -37,11 +39,63 @@ def test_wrong_task_is_a_usage_error():
 
 
 def test_folder_metadata_from_name_and_lotus_json(checkpoints, tmp_path):
-    ref = models.resolve(checkpoints[("depth", "g")])
+    ref = models.resolve(checkpoints[("depth", "g")])  # named exactly as the released repo (a git clone)
     assert ref.folder is not None and ref.entry.kind == "disparity" and ref.entry.task == "depth"
+    assert ref.entry.source == "registry entry, by folder name = hub repo name"
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "lotus.json").write_text(json.dumps({"task": "depth", "kind": "depth", "name": "mine"}))
     assert models.resolve(tmp_path / "mine").entry.kind == "depth"
+    assert models.resolve(tmp_path / "mine").entry.source == "lotus.json"
+
+
+def _copy(src, dest, lotus_task=True):
+    """A copy of a tiny checkpoint under another folder name; without model_index.json's lotus_task if asked."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    if not lotus_task:
+        index = json.loads((dest / "model_index.json").read_text())
+        del index["lotus_task"]
+        (dest / "model_index.json").write_text(json.dumps(index))
+    return dest
+
+
+@pytest.mark.parametrize("name", ["my_weights", "lotus-depth-d-v2-0-disparity-copy", "normal-disparity"])
+def test_kind_is_never_guessed_from_a_folder_name(checkpoints, tmp_path, name):
+    """The same weights under any name that is not a released repo's: model_index.json says depth, nothing says
+    disparity or depth, so the model is refused until the caller states it; the name plays no part."""
+    folder = _copy(checkpoints[("depth", "d")], tmp_path / name)
+    ref = models.resolve(folder)
+    assert (ref.entry.task, ref.entry.kind, ref.entry.source) == ("depth", None, "model_index.json")
+    with pytest.raises(ModelError) as e:
+        models.resolve(folder, "depth")
+    assert e.value.exit_code == 2 and "--output-kind disparity|depth" in str(e.value) and "lotus.json" in str(e.value)
+    for kind in ("disparity", "depth"):
+        stated = models.resolve(folder, "depth", kind=kind)
+        assert (stated.entry.kind, stated.entry.source) == (kind, "given")
+    with pytest.raises(ModelError, match="predicts depth, not normal"):  # a depth checkpoint is no normal model
+        models.resolve(folder, "normal")
+    with pytest.raises(ModelError, match="predicts depth, not normal"):
+        models.resolve(folder, None, kind="normal")
+
+
+def test_checkpoint_without_any_metadata_and_stated_kinds(checkpoints, tmp_path):
+    bare = _copy(checkpoints[("normal", "d")], tmp_path / "weights", lotus_task=False)
+    for task in ("depth", "normal"):
+        with pytest.raises(ModelError, match="nothing says what it predicts"):
+            models.resolve(bare, task)
+    with pytest.raises(ModelError, match="nothing says"):  # the library refuses it too
+        LotusPredictor.from_pretrained(bare, device="cpu")
+    pred = LotusPredictor.from_pretrained(bare, task="normal", kind="normal", device="cpu")
+    assert (pred.task, pred.kind, pred.describe()["kind_source"]) == ("normal", "normal", "given")
+    # metadata wins over a contradicting statement, with an error that says so
+    (bare / "lotus.json").write_text(json.dumps({"task": "depth", "kind": "depth"}))
+    with pytest.raises(ModelError, match="outputs depth, not disparity"):
+        models.resolve(bare, "depth", kind="disparity")
+    assert models.resolve(bare, "depth", kind="depth").entry.source == "lotus.json"
+    (bare / "lotus.json").write_text(json.dumps({"task": "depth", "kind": "normal"}))
+    with pytest.raises(ModelError, match="unreadable model metadata"):
+        models.resolve(bare)
 
 
 def test_offline_without_cache_fails_fast_with_the_fix(monkeypatch):
@@ -101,12 +155,19 @@ def test_family_from_in_channels_not_name(checkpoints, tmp_path):
 
 
 def test_cli_models_list_and_path():
+    """The table is data: on stdout, with full names when piped, whatever the terminal width."""
     out = subprocess.run([sys.executable, "-m", "lotus_cli", "models", "list"], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"})
+                         env={**os.environ, "COLUMNS": "40"})
     assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0].split("\t")[:3] == ["name", "aliases", "hub id"]
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
     for e in models.REGISTRY:
-        assert e.name in out.stderr
-    assert "not stated" in out.stderr and "Open RAIL++-M" in out.stderr
+        assert rows[e.name][2] == e.repo_id and rows[e.name][5] == e.kind
+    assert "not stated" in out.stdout and "Open RAIL++-M" in out.stderr
+    grep = subprocess.run(f"{sys.executable} -m lotus_cli models list | grep depth-d-v2-0-disparity", shell=True,
+                          capture_output=True, text=True)
+    assert grep.returncode == 0 and "jingheya/lotus-depth-d-v2-0-disparity" in grep.stdout
     missing = subprocess.run([sys.executable, "-m", "lotus_cli", "models", "path", "depth-g"], capture_output=True,
                              text=True)
     assert missing.returncode == 2 and "lotus models pull depth-g" in missing.stderr and missing.stdout == ""

@@ -108,3 +108,48 @@ def test_read_image_truncated_and_pixel_limit(tmp_path):
         read_image(p, max_pixels=100_000)
     assert "--max-pixels" in str(e.value)
     assert read_image(p, max_pixels=0).shape == (300, 400, 3)
+
+
+def test_symlink_loops_walk_each_real_folder_once_under_its_shortest_path(tmp_path):
+    """Links back to a parent made the walk go ~40 levels deep (or 160,000 folders with two): each real
+    folder is entered once, loops are named in one warning line each, and keys keep the shortest path."""
+    import os
+    import time
+
+    root = tmp_path / "in"
+    _png(root / "a" / "x.png", _rgb())
+    _png(root / "deep" / "deeper" / "y.png", _rgb())
+    os.symlink(root, root / "a" / "up")  # a loop back to the walked folder
+    os.symlink(root / "a", root / "a" / "self")  # a loop to its own folder
+    os.symlink(root, root / "a" / "up2")  # a second link to the parent
+    os.symlink(root / "a", root / "b")  # the same folder again, no loop
+    os.symlink(root / "deep" / "deeper", root / "short")  # a shorter way to a deeper folder
+    warnings = []
+    t0 = time.monotonic()
+    items, problems = expand([str(root)], on_warning=warnings.append)
+    assert time.monotonic() - t0 < 5 and not problems
+    assert [i.key for i in items] == ["a/x", "short/y"]
+    assert len(warnings) == 3 and all("\n" not in w and "symlink loop" in w for w in warnings)
+    assert sorted(w.split(":")[0].rsplit("/", 1)[1] for w in warnings) == ["self", "up", "up2"]
+
+
+def test_output_folder_inside_the_input_is_never_an_input(tmp_path):
+    root = tmp_path / "in"
+    _png(root / "x.png", _rgb())
+    out = root / "lotus-depth"
+    _png(out / "x.png", _rgb())
+    _png(out / "lotus-depth" / "x.16bit.png", _rgb())
+    items, problems = expand([str(root)], exclude=[out])
+    assert [i.key for i in items] == ["x"] and not problems
+    items, _ = expand([str(root / "*.png"), str(root / "**" / "*.png")], exclude=[out])
+    assert [i.path for i in items] == [root / "x.png"]
+    items, problems = expand([str(out / "x.png")], exclude=[out])
+    assert not items and "inside the output folder" in str(problems[0])
+
+
+def test_stdin_list_skips_comments_and_blank_lines_and_strips_spaces(tmp_path):
+    a = _png(tmp_path / "a.png", _rgb())
+    b = _png(tmp_path / "b.png", _rgb())
+    listing = io.StringIO(f"# photos to do\n  {a}  \n\n   \n\t{b}\r\n  # {a} done later\n")
+    items, problems = expand(["-"], stdin=listing)
+    assert [i.path for i in items] == [a, b] and not problems

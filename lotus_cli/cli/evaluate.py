@@ -2,45 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
 from ..errors import LotusError, UsageError
 from . import app, console, escape, fail, load_predictor, say
+from .options import (Alignment, Datasets, Device, Dtype, EvalModel, EvalOut, EvalProcRes, EvalSeed, MaxSamples,
+                      NormalOutputKind, OutputKind, Predictions, SavePredictions, Splits, check_output_kind)
 
 eval_app = typer.Typer(help="Score a model (or anyone's saved predictions) on the paper's benchmarks.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
-
-Datasets = Annotated[list[str], typer.Option(
-    "--dataset", "-d", help="NAME=PATH, repeatable. Depth: nyuv2, kitti, scannet, eth3d, diode (Marigold's tar "
-    "or its unpacked folder, split list beside it). Normal: nyuv2, scannet, ibims, sintel, oasis (DSINE's "
-    "dsine_eval/<name> folder).", show_default=False)]
-Splits = Annotated[Optional[list[str]], typer.Option(
-    "--split", help="NAME=FILE, repeatable: the split list of a dataset when it is not beside the data.",
-    show_default=False)]
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, hub id or checkpoint folder "
-                                              "(default: depth-d / normal-d).", show_default=False)]
-Predictions = Annotated[Optional[Path], typer.Option(
-    "--predictions", help="Score precomputed maps instead of a model: DIR/<key>.npy or 16-bit .png per sample "
-    "(in DIR/<dataset>/ when that exists); key = the RGB path in the split list without extension.",
-    show_default=False)]
-Alignment = Annotated[str, typer.Option("--alignment", help="Depth: auto (disparity for disparity models and "
-                                        "sidecars that say so, else depth), depth, disparity or none (metric).")]
-MaxSamples = Annotated[Optional[int], typer.Option("--max-samples", help="Only the first N samples of each split.",
-                                                   show_default=False)]
-Save = Annotated[bool, typer.Option("--save-predictions", help="Also write each raw prediction to "
-                                    "OUT/predictions/<dataset>/<key>.npy (re-score later with --predictions).")]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write results.json and per_sample.csv here.",
-                                             show_default=False)]
-Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp16 on CUDA/MPS, fp32 on CPU), fp32, fp16, bf16.")]
-ProcRes = Annotated[Optional[int], typer.Option(
-    "--processing-res", help="Override every dataset's processing resolution (default: native, 768 for ETH3D, "
-    "640 for DIODE; 0 = native).", show_default=False)]
-Seed = Annotated[int, typer.Option("--seed", help="Noise seed for G models.")]
 
 DEPTH_COLUMNS = (("abs_rel", "AbsRel %", 100), ("sq_rel", "SqRel", 1), ("rmse", "RMSE", 1),
                  ("rmse_log", "RMSElog", 1), ("log10", "log10", 1), ("delta1", "δ1 %", 100),
@@ -50,56 +25,88 @@ NORMAL_COLUMNS = (("mean", "mean°", 1), ("median", "median°", 1), ("rmse", "RM
                   ("a30", "<30° %", 100))
 
 
+@dataclass(frozen=True)
+class EvalArgs:
+    """The options of one `lotus eval depth|normal` call, as given on the command line (a new flag: a field
+    here with its default, a parameter of the commands, a keyword in their call to ``_eval``)."""
+
+    task: str
+    datasets: tuple[str, ...] = ()
+    model: Optional[str] = None
+    output_kind: Optional[str] = None
+    predictions: Optional[Path] = None
+    splits: tuple[str, ...] = ()
+    alignment: str = "auto"
+    max_samples: Optional[int] = None
+    save_predictions: bool = False
+    out: Optional[Path] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    processing_res: Optional[int] = None
+    seed: int = 0
+
+
 @eval_app.command("depth")
-def eval_depth(dataset: Datasets, model: Model = None, predictions: Predictions = None, split: Splits = None,
-               alignment: Alignment = "auto", max_samples: MaxSamples = None, save_predictions: Save = False,
-               out: Out = None, device: Device = "auto", dtype: Dtype = "auto", processing_res: ProcRes = None,
-               seed: Seed = 0):
+def eval_depth(dataset: Datasets, model: EvalModel = None, output_kind: OutputKind = None,
+               predictions: Predictions = None, split: Splits = None, alignment: Alignment = "auto",
+               max_samples: MaxSamples = None, save_predictions: SavePredictions = False, out: EvalOut = None,
+               device: Device = "auto", dtype: Dtype = "auto", processing_res: EvalProcRes = None, seed: EvalSeed = 0):
     """Depth benchmarks: scale-and-shift alignment, then AbsRel, δ1-3 and more, averaged over images."""
-    _eval("depth", dataset, model, predictions, split, alignment, max_samples, save_predictions, out, device,
-          dtype, processing_res, seed)
+    _eval(EvalArgs("depth", tuple(dataset), model, output_kind, predictions, tuple(split or ()), alignment,
+                   max_samples, save_predictions, out, device, dtype, processing_res, seed))
 
 
 @eval_app.command("normal")
-def eval_normal(dataset: Datasets, model: Model = None, predictions: Predictions = None, split: Splits = None,
-                max_samples: MaxSamples = None, save_predictions: Save = False, out: Out = None,
-                device: Device = "auto", dtype: Dtype = "auto", processing_res: ProcRes = None, seed: Seed = 0):
+def eval_normal(dataset: Datasets, model: EvalModel = None, output_kind: NormalOutputKind = None,
+                predictions: Predictions = None, split: Splits = None, max_samples: MaxSamples = None,
+                save_predictions: SavePredictions = False, out: EvalOut = None, device: Device = "auto",
+                dtype: Dtype = "auto", processing_res: EvalProcRes = None, seed: EvalSeed = 0):
     """Normal benchmarks: angular error in degrees pooled over all valid pixels (mean, median, < 11.25°...)."""
-    _eval("normal", dataset, model, predictions, split, "auto", max_samples, save_predictions, out, device,
-          dtype, processing_res, seed)
+    _eval(EvalArgs("normal", tuple(dataset), model, output_kind, predictions, tuple(split or ()), "auto",
+                   max_samples, save_predictions, out, device, dtype, processing_res, seed))
 
 
-def _eval(task, dataset, model, predictions, split, alignment, max_samples, save, out, device, dtype, res, seed):
+def _eval(a: EvalArgs) -> None:
     from .. import models
     from ..evaluate import datasets as D
     from ..evaluate import run as R
     from ..sinks import check_out_dir
 
     try:
-        if model and predictions:
+        if a.model and a.predictions:
             raise UsageError("--model and --predictions exclude each other", "score a model or a folder, not both")
-        if save and (out is None or predictions is not None):
+        check_output_kind(a.output_kind, a.task)
+        if a.output_kind and a.predictions:
+            raise UsageError("--output-kind describes a model", "with --predictions, use --alignment")
+        if a.save_predictions and (a.out is None or a.predictions is not None):
             raise UsageError("--save-predictions needs --out and a model", "add --out DIR, drop --predictions")
-        opts = R.EvalOptions(task, alignment, max_samples, res, seed, out / "predictions" if save else None)
-        pairs = D.parse_pairs(dataset, "--dataset")
+        opts = R.EvalOptions(a.task, a.alignment, a.max_samples, a.processing_res, a.seed,
+                             a.out / "predictions" if a.save_predictions else None)
+        pairs = D.parse_pairs(list(a.datasets), "--dataset")
         if not pairs:
             raise UsageError("no --dataset given", "e.g. --dataset nyuv2=/data/eval/nyuv2")
-        splits = {D.spec_for(task, n).name: p for n, p in D.parse_pairs(split, "--split")}
-        specs = [D.spec_for(task, n) for n, _ in pairs]  # unknown names fail before anything is read
+        splits = {D.spec_for(a.task, n).name: p for n, p in D.parse_pairs(list(a.splits), "--split")}
+        specs = [D.spec_for(a.task, n) for n, _ in pairs]  # unknown names fail before anything is read
         twice = sorted({s.name for s in specs if [t.name for t in specs].count(s.name) > 1})
         if twice:
             raise UsageError(f"--dataset {', '.join(twice)} given more than once", "give each dataset once")
-        if out is not None:
-            check_out_dir(out)
-        source = R.FolderSource(predictions, task) if predictions else None
-        ref = None if predictions else models.resolve(model, task)  # a bad name fails before any reading
+        if a.out is not None:
+            check_out_dir(a.out)
+        source = R.FolderSource(a.predictions, a.task) if a.predictions else None
+        # a bad name, or a checkpoint that says nothing about its output, fails before any reading
+        ref = None if a.predictions else models.resolve(a.model, a.task, a.output_kind)
     except LotusError as e:
         fail(e)
-    opened, errors = _open(task, pairs, specs, splits)
+    opened, errors = _open(a.task, pairs, specs, splits)
     if not opened:
         raise typer.Exit(1)
+    try:
+        for ds in opened if source is not None else ():
+            R.resolve_alignment(ds, source, opts)  # maps that do not say what they are need --alignment
+    except LotusError as e:
+        fail(e)
     if source is None:
-        source = R.ModelSource(load_predictor(ref, None, device, dtype))
+        source = R.ModelSource(load_predictor(ref, a.task, a.device, a.dtype))
     results = []
     try:
         for ds in opened:
@@ -107,11 +114,11 @@ def _eval(task, dataset, model, predictions, split, alignment, max_samples, save
             ds.store.close()
     except LotusError as e:
         fail(e)
-    _table(task, results, source)
+    _table(a.task, results, source)
     code = 1 if errors or any(r.failed for r in results) else 0
-    if out is not None:
+    if a.out is not None:
         try:
-            rj, rc = R.write_outputs(out, task, source, opts, results, errors)
+            rj, rc = R.write_outputs(a.out, a.task, source, opts, results, errors)
         except LotusError as e:
             fail(e)
         say(f"wrote {rj} and {rc}", "dim")
@@ -176,5 +183,8 @@ def _table(task, results, source):
             cells.append(cell)
         table.add_row(label, *cells)
     console().print(table)
+    for r in results:
+        if r.alignment:
+            say(f"{r.dataset['title']}: {r.alignment} alignment (from {r.alignment_source})", "dim")
     if any(r.paper for r in results):
         say("paper: the Lotus paper's figure for this checkpoint (Tables 1-2)", "dim")

@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
 from ..errors import LotusError, UsageError
-from . import app, console, fail, say
+from . import app, escape, fail, say, write_stdout
 
 models_app = typer.Typer(help="List, download and locate Lotus checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
+COLUMNS = ("name", "aliases", "hub id", "task", "family", "output", "size", "licence", "cached")
+
+
 @models_app.command("list")
 def models_list():
-    """Show the registry: task, family, output kind, size, licence and whether it is cached."""
-    from rich.table import Table
-
+    """Show the registry on stdout: task, family, output kind, size, licence and whether it is cached. On a
+    terminal, a table; piped, tab-separated lines with a header and full names (`lotus models list | grep
+    depth`)."""
     from .. import models
 
-    table = Table(title="Lotus checkpoints", title_justify="left")
-    for col in ("name", "aliases", "hub id", "task", "family", "output", "size", "licence", "cached"):
-        table.add_column(col)
-    for e in models.REGISTRY:
-        cached = models.cached_folder(e.repo_id)
-        table.add_row(e.name, ", ".join(e.aliases), e.repo_id, e.task, (e.family or "?").upper(), e.kind,
-                      f"{e.size_gb:.1f} GB" if e.size_gb else "?", e.licence, "yes" if cached else "no")
-    console().print(table)
+    rows = [(e.name, ", ".join(e.aliases), e.repo_id, e.task, (e.family or "?").upper(), e.kind,
+             f"{e.size_gb:.1f} GB" if e.size_gb else "?", e.licence, "yes" if models.cached_folder(e.repo_id) else "no")
+            for e in models.REGISTRY]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="Lotus checkpoints", title_justify="left")
+        for col in COLUMNS:
+            table.add_column(col, no_wrap=col in ("name", "hub id"))
+        for row in rows:
+            table.add_row(*(escape(c) for c in row))
+        Console(highlight=False).print(table)
+    else:
+        write_stdout("".join("\t".join(r) + "\n" for r in (COLUMNS, *rows)))
     say("defaults: depth -> depth-d, normal -> normal-d; uncertainty needs a G model (depth-g, normal-g)", "dim")
     say(models.LICENCE_NOTE, "dim")
 
@@ -60,4 +71,4 @@ def models_path(name: Annotated[str, typer.Argument(help="Registry name or hub i
     folder = ref.folder or models.cached_folder(ref.repo_id)
     if folder is None:
         fail(UsageError(f"model {ref.label} is not in the local cache", f"run `lotus models pull {name}`"))
-    print(folder)
+    write_stdout(f"{folder}\n")

@@ -1,4 +1,5 @@
-"""`lotus depth` and `lotus normal`: images and videos -> maps, through the shared predictor."""
+"""`lotus depth`, `lotus normal` and `lotus uncertainty`: images, videos and raw pipes -> maps, through the shared
+predictor."""
 
 from __future__ import annotations
 
@@ -6,155 +7,138 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
-from ..errors import LotusError, UsageError
-from . import app, console, escape, fail, load_predictor, say
+from ..errors import InputError, LotusError, UsageError
+from . import app, console, escape, fail, load_predictor, say, stdout_closed, write_stdout
 
-# ------------------------------------------------------------------------------- shared options
-
-Inputs = Annotated[Optional[list[str]], typer.Argument(
-    help="Image or video files, folders (searched recursively), globs, or - to read paths from stdin "
-         "(one per line).",
-    show_default=False)]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder; the input tree is mirrored "
-                                             "under it. Default: ./lotus-<task>.", show_default=False)]
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name (see `lotus models list`), "
-                                              "hub id (owner/name) or local checkpoint folder.", show_default=False)]
-Format = Annotated[str, typer.Option("--format", "-f", help="Comma list of png (colour map), png16 (16-bit), "
-                                     "npy (raw float32), or all. A JSON sidecar is always written.")]
-ProcRes = Annotated[int, typer.Option("--processing-res", help="Long side fed to the model, in pixels "
-                                      "(0 = native size).")]
-Resample = Annotated[str, typer.Option("--resample", help="Back to the input size: bilinear, or nearest "
-                                       "(the reference's nearest-exact).")]
-Latent = Annotated[str, typer.Option("--latent", help="Image latent: mean of the VAE posterior "
-                                     "(deterministic), or sample (the reference's posterior sample).")]
-Seed = Annotated[int, typer.Option("--seed", help="Noise seed for G models; the same seed gives the same "
-                                   "result for an image whatever the batch or order.")]
-Batch = Annotated[int, typer.Option("--batch-size", "-b", help="Images of the same processing size per "
-                                    "model call.")]
-Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp16 on CUDA/MPS, fp32 on CPU), fp32, fp16, bf16.")]
-Cmap = Annotated[str, typer.Option("--cmap", help="Matplotlib colour map for depth PNGs (near is warm "
-                                   "with Spectral).")]
-Skip = Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose outputs all exist "
-                                    "(resume an interrupted run).")]
-MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse images above this many pixels "
-                                        "(0 = no limit).")]
-Json = Annotated[bool, typer.Option("--json", help="Write one JSON record per finished input on stdout "
-                                    "(input, outputs, kind, frames, seconds, status, error); nothing else goes "
-                                    "to stdout.")]
-Fps = Annotated[Optional[float], typer.Option("--fps", help="Videos: resample to this many frames per second, "
-                                              "by timestamp, never above the source rate (default: the source "
-                                              "rate).", show_default=False)]
-Start = Annotated[Optional[float], typer.Option("--start", help="Videos: first second to process.",
-                                                show_default=False)]
-End = Annotated[Optional[float], typer.Option("--end", help="Videos: last second to process.", show_default=False)]
-MaxFrames = Annotated[Optional[int], typer.Option("--max-frames", help="Videos: stop after this many frames.",
-                                                  show_default=False)]
-Frame = Annotated[str, typer.Option("--frame", help="Camera frame of the normals written: lotus (x left, y up, "
-                                    "z toward the camera), opengl (x right, y up, z toward the camera; Blender) or "
-                                    "opencv (x right, y down, z forward).")]
-Raw = Annotated[Optional[str], typer.Option("--raw", help="Pipe mode: read raw RGB24 frames of WIDTHxHEIGHT "
-                                           "from stdin and write raw maps to stdout (see --raw-out); no files.",
-                                           show_default=False)]
-RawOut = Annotated[str, typer.Option("--raw-out", help="Pipe mode output per frame: f32 (float32 map), u16 "
-                                     "(uint16, [0,1] x 65535) or rgb (colour map, rgb24).")]
-Stabilize = Annotated[bool, typer.Option("--stabilize/--no-stabilize", help="Videos, depth: fit each frame's "
-                                         "scale and shift to a running reference on stable pixels, so a surface "
-                                         "keeps its value across frames.")]
-Tile = Annotated[Optional[str], typer.Option("--tile", help="High-resolution inputs: a global pass at "
-                                           "--processing-res for the layout plus overlapping tiles for detail, "
-                                           "blended seam-free at full resolution. auto (tile size from the image size "
-                                           "and --max-memory; no tiles when the global pass sees nearly every pixel) "
-                                           "or the tile side in input pixels. Off by default.",
-                                           show_default=False)]
-Overlap = Annotated[float, typer.Option("--overlap", help="With --tile: fraction of a tile shared with each "
-                                        "neighbour (0 .. 0.5).")]
-TileRes = Annotated[Optional[int], typer.Option("--tile-res", help="With --tile: long side of a tile as fed to "
-                                                "the model (default: --processing-res, or 768 when that is 0).",
-                                                show_default=False)]
-MaxMemory = Annotated[str, typer.Option("--max-memory", help="With --tile: memory budget for the weights plus "
-                                        "one batch of tiles, e.g. 6G; auto = the weights plus half the free "
-                                        "device memory.")]
+# The option types are shared with `lotus pointcloud` and `lotus eval` (options.py); re-exported here for
+# the modules that import them from this one.
+from .options import (Batch, Cmap, Device, Dtype, End, Format, Fps, Frame, Inputs, Json, Latent,  # noqa: F401
+                      MaxFrames,
+                      MaxMemory, MaxPixels, Model, NormalOutputKind, Out, Overlap, OutputKind, ProcRes, Raw, RawOut,
+                      Resample, Samples, Seed, Skip, SpreadCmap, SpreadRawOut, Stabilize, Start, Task, Tile,
+                      TileRes, Tta, check_output_kind)
 
 
 @dataclass(frozen=True)
-class Args:
-    """The options of one `lotus depth|normal|uncertainty` call, as given."""
+class PredictArgs:
+    """The options of one `lotus depth|normal|uncertainty` call, as given on the command line.
 
-    task: str
-    inputs: list
-    out: Optional[Path]
-    model: Optional[str]
-    fmt: str
-    processing_res: int
-    resample: str
-    latent: str
-    seed: int
-    batch_size: int
-    device: str
-    dtype: str
-    cmap: str
-    skip_existing: bool
-    max_pixels: int
-    json: bool
-    fps: Optional[float]
-    start: Optional[float]
-    end: Optional[float]
-    max_frames: Optional[int]
-    stabilize: bool
+    Every field has the commands' default, so a command passes only the options it has (`normal` has no
+    --cmap or --stabilize). A new flag is a field here, a parameter of the commands that take it, and a
+    keyword in their call to ``_predict``."""
+
+    task: str  # "depth" | "normal"
+    inputs: tuple[str, ...] = ()
+    out: Optional[Path] = None
+    model: Optional[str] = None
+    output_kind: Optional[str] = None
+    fmt: str = "png,png16"
+    processing_res: int = 768
+    resample: str = "bilinear"
+    latent: str = "mean"
+    seed: int = 0
+    batch_size: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    cmap: str = "Spectral"
+    skip_existing: bool = False
+    max_pixels: int = 100_000_000
+    json: bool = False
+    fps: Optional[float] = None
+    start: Optional[float] = None
+    end: Optional[float] = None
+    max_frames: Optional[int] = None
+    stabilize: bool = True
     raw: Optional[str] = None
     raw_out: str = "f32"
-    samples: int = 0  # > 0: `lotus uncertainty`
-    tta: str = "none"
     frame: str = "lotus"
     tile: Optional[str] = None
     overlap: float = 0.25
     tile_res: Optional[int] = None
     max_memory: str = "auto"
+    uncertainty: bool = False  # `lotus uncertainty`: an ensemble of samples x views
+    samples: int = 8
+    tta: str = "none"
+
+    @property
+    def command(self) -> str:
+        return "uncertainty" if self.uncertainty else self.task
 
 
-def _predict(a: Args) -> None:
+BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off")
+
+
+def _check(a: PredictArgs) -> None:
+    """Checks of the options that no library object makes (UsageError naming the flag)."""
+    if a.max_pixels < 0:
+        raise UsageError(f"--max-pixels must be >= 0, not {a.max_pixels}", "0 means no limit")
+    if a.uncertainty and a.samples < (1 if a.tta == "flip" else 2):
+        raise UsageError(f"--samples must be at least 2, not {a.samples}: a spread needs two predictions or more",
+                         "e.g. --samples 8 (or --tta flip, which adds the mirrored view)")
+    check_output_kind(a.output_kind, a.task)
+    if a.raw is not None:
+        given = [f for f, on in (("--out", a.out is not None), ("--json", a.json), ("--skip-existing", a.skip_existing))
+                 if on]
+        if given:
+            raise UsageError(f"--raw writes maps to stdout and no files: {', '.join(given)} cannot apply",
+                             f"drop {', '.join(given)}, or drop --raw to write files")
+        if [i for i in a.inputs if i != "-"]:
+            raise UsageError("--raw reads frames from stdin; give no input paths (or just -)")
+    flags = [i for i in a.inputs if i.lower() in BOOLEAN_WORDS and not Path(i).exists()]
+    if flags:
+        raise UsageError(f"input {flags[0]!r} does not exist and looks like a flag's value",
+                         "flags take no value: write --skip-existing (or --json) alone")
+
+
+def _predict(a: PredictArgs) -> None:
     """Validate everything once, before any model loads; then load, run and report."""
     try:
-        from .. import sinks, sources
-        from ..models import DEFAULT_G_MODEL, resolve
+        from .. import models, sinks, sources
         from ..predictor import EnsembleOptions, PredictOptions
         from ..runner import OutputSpec, VideoSpec
         from ..video import FrameSelect
         from ..visualize import colormap_lut
 
+        _check(a)
         opts = PredictOptions(processing_res=a.processing_res, resample=a.resample, latent=a.latent, seed=a.seed,
                               batch_size=a.batch_size, frame=a.frame)
-        ensemble = EnsembleOptions(a.samples, a.tta) if a.samples else None
+        ensemble = EnsembleOptions(a.samples, a.tta) if a.uncertainty else None
         tiles = _tile_options(a)
-        if a.max_pixels < 0:
-            raise UsageError(f"--max-pixels must be >= 0, not {a.max_pixels}", "0 means no limit")
         video = VideoSpec(FrameSelect(a.fps, a.start, a.end, a.max_frames), a.stabilize)
         colormap_lut(a.cmap)
-        out_dir = a.out if a.out is not None else Path("lotus-uncertainty" if ensemble else f"lotus-{a.task}")
+        out_dir = a.out if a.out is not None else Path(f"lotus-{a.command}")
         output = OutputSpec(out_dir, sinks.parse_formats(a.fmt), sinks.Style(cmap=a.cmap), a.skip_existing)
-        model = a.model or (DEFAULT_G_MODEL[a.task] if ensemble else None)
-        resolve(model, a.task)  # an unknown or wrong-task model fails before inputs are read
-        if a.raw is not None:
-            return _raw(a, opts, tiles)
-        sinks.check_out_dir(out_dir)
-        if not a.inputs:
-            raise UsageError("no inputs given", "pass files, folders, globs, or - to read paths from stdin")
-        items, problems = sources.expand(a.inputs, exts=sources.MEDIA_EXTS)
+        spec = a.model or (models.DEFAULT_G_MODEL[a.task] if ensemble else None)
+        ref = models.resolve(spec, a.task, a.output_kind)  # an unknown or wrong-task model fails before inputs are read
+        if a.raw is None:
+            sinks.check_out_dir(out_dir)
+            if not a.inputs:
+                raise UsageError("no inputs given", "pass files, folders, globs, or - to read paths from stdin")
+            items, problems = sources.expand(a.inputs, exts=sources.MEDIA_EXTS, exclude=(out_dir,),
+                                             on_warning=lambda w: say(f"warning: {w}", "yellow"))
     except LotusError as e:
         fail(e)
-    for p in problems:
-        say(f"failed: {p}", "red")
-        _emit(a, {"input": p.subject, "status": "failed", "error": str(p), "outputs": {},
-                  "kind": None, "frames": 0, "seconds": 0.0})
-    if not items:
-        say("error: no usable inputs", "red")
-        raise typer.Exit(1 if problems else 2)
-    predictor = load_predictor(model, a.task, a.device, a.dtype)
+    if a.raw is None:
+        for p in problems:
+            say(f"failed: {p}", "red")
+            _emit(a, {"input": p.subject, "status": "failed", "error": str(p), "outputs": {},
+                      "kind": None, "frames": 0, "seconds": 0.0})
+        if not items:
+            say("error: no usable inputs", "red")
+            raise typer.Exit(1 if problems else 2)
+    try:
+        ref = models.fetch(ref)  # a first download shows its own progress bars; nothing is read before
+        models.check_known(ref, a.task)
+        _check_processing_res(a, ref)
+    except LotusError as e:
+        fail(e)
+    if a.raw is not None:
+        return _raw(a, ref, opts, tiles, ensemble)
+    predictor = load_predictor(ref, a.task, a.device, a.dtype)
     if ensemble:
         try:
             predictor.ensemble_seeds(opts, ensemble)  # a D model without --tta is refused before any input is read
@@ -164,7 +148,22 @@ def _predict(a: Args) -> None:
     _run(a, predictor, items, output, opts, video, len(problems), predict, "uncertainty" if ensemble else None)
 
 
-def _tile_options(a: Args):
+def _check_processing_res(a: PredictArgs, ref) -> None:
+    """The VAE halves an image once per level and needs at least one latent cell: a processed side below its
+    pixels per latent cell (8 for Stable Diffusion 2, from the checkpoint's vae/config.json) cannot run. The
+    UNet runs at any latent size (1 x 1 included). Inputs whose short side falls below it at a valid
+    --processing-res fail one by one (``_predict_fn``)."""
+    from ..models import pixels_per_latent
+
+    need = pixels_per_latent(ref.folder)
+    for flag_, res in (("--processing-res", a.processing_res), ("--tile-res", a.tile_res or 0)):
+        if 0 < res < need:
+            raise UsageError(f"{flag_} {res} is below the model's minimum of {need} px (one latent cell of its VAE)",
+                             f"use {flag_} {need} or more (Lotus was trained at 768), or 0 for the native size"
+                             if flag_ == "--processing-res" else f"use {flag_} {need} or more")
+
+
+def _tile_options(a: PredictArgs):
     """TileOptions from --tile/--overlap/--tile-res/--max-memory (validated), or None without --tile."""
     from ..tiling import TileOptions
 
@@ -178,48 +177,82 @@ def _tile_options(a: Args):
 
 
 def _predict_fn(predictor, tiles, ensemble):
-    """The batch function the runner calls in place of predictor.predict_batch (None: that one)."""
+    """The batch function the runner calls in place of predictor.predict_batch: tiled, ensemble or plain,
+    refusing inputs too small for the model with one clear line each."""
+    from ..predictor import processing_size
     from ..tiling import predict_tiled, predict_tiled_ensemble
 
     if tiles and ensemble:
-        return lambda images, o: predict_tiled_ensemble(predictor, images, o, tiles, ensemble)
-    if tiles:
-        return lambda images, o: predict_tiled(predictor, images, o, tiles)
-    if ensemble:
-        return lambda images, o: [predictor.predict_ensemble(im, o, ensemble) for im in images]
-    return None
+        run = lambda images, o: predict_tiled_ensemble(predictor, images, o, tiles, ensemble)  # noqa: E731
+    elif tiles:
+        run = lambda images, o: predict_tiled(predictor, images, o, tiles)  # noqa: E731
+    elif ensemble:
+        run = lambda images, o: [predictor.predict_ensemble(im, o, ensemble) for im in images]  # noqa: E731
+    else:
+        run = predictor.predict_batch
+    need = predictor.latent_factor
+
+    def predict(images, o):
+        h, w = processing_size(*images[0].shape[:2], o.processing_res)  # one processing size per batch
+        if min(h, w) < need:
+            raise InputError(f"{images[0].shape[1]}x{images[0].shape[0]} image is processed at {w}x{h} px, below "
+                             f"the model's minimum of {need} px a side", "raise --processing-res, or pad the image")
+        return run(images, o)
+
+    return predict
 
 
-def _raw(a: Args, opts, tiles=None) -> None:
+def _raw(a: PredictArgs, ref, opts, tiles=None, ensemble=None) -> None:
     from ..runner import RAW_OUTPUTS, parse_size, run_raw
 
-    size = parse_size(a.raw)
-    if a.raw_out not in RAW_OUTPUTS:
-        fail(UsageError(f"--raw-out must be one of {', '.join(RAW_OUTPUTS)}, not {a.raw_out!r}"))
-    if [i for i in (a.inputs or []) if i != "-"]:
-        fail(UsageError("--raw reads frames from stdin; give no input paths (or just -)"))
-    predictor = load_predictor(a.model, a.task, a.device, a.dtype)
     try:
+        size = parse_size(a.raw)
+        outs = ("f32",) if ensemble else RAW_OUTPUTS
+        if a.raw_out not in outs:
+            raise UsageError(f"--raw-out must be {' or '.join(outs)}, not {a.raw_out!r}",
+                             "uncertainty pipes write the float32 spread" if ensemble else None)
+    except LotusError as e:
+        fail(e)
+    predictor = load_predictor(ref, a.task, a.device, a.dtype)
+    try:
+        if ensemble:
+            predictor.ensemble_seeds(opts, ensemble)
         n = run_raw(predictor, sys.stdin.buffer, sys.stdout.buffer, size, opts, a.raw_out,
-                    stabilize=a.stabilize, cmap=a.cmap, predict=_predict_fn(predictor, tiles, None))
+                    stabilize=a.stabilize and not ensemble, cmap=a.cmap,
+                    predict=_predict_fn(predictor, tiles, ensemble))
     except LotusError as e:
         fail(e)
     except BrokenPipeError:
-        raise typer.Exit(0)
+        stdout_closed()
     say(f"{n} frames", "green")
     raise typer.Exit(0)
 
 
-def _emit(a: Args, record: dict) -> None:
+def _json_safe(value):
+    """``value`` with every string valid UTF-8: undecodable bytes of file names (lone surrogates in Python's
+    str) become the text ``\\xNN``."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _emit(a: PredictArgs, record: dict) -> None:
     """One NDJSON line on stdout in --json mode (flushed, so pipelines see it at once)."""
     if a.json:
         import json
 
-        sys.stdout.write(json.dumps(record) + "\n")
-        sys.stdout.flush()
+        write_stdout(json.dumps(_json_safe(record)) + "\n")
 
 
-def _run(a: Args, predictor, items, output, opts, video, n_problems, predict=None, kind=None) -> None:
+def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, predict=None, kind=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..runner import Summary, run_images, run_video
@@ -269,59 +302,69 @@ def _run(a: Args, predictor, items, output, opts, video, n_problems, predict=Non
 
 
 @app.command()
-def depth(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: Format = "png,png16",
-          processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean", seed: Seed = 0,
-          batch_size: Batch = 1, device: Device = "auto", dtype: Dtype = "auto", cmap: Cmap = "Spectral",
-          skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
-          start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
-          raw: Raw = None, raw_out: RawOut = "f32", tile: Tile = None, overlap: Overlap = 0.25,
-          tile_res: TileRes = None, max_memory: MaxMemory = "auto"):
+def depth(inputs: Inputs = None, out: Out = None, model: Model = None, output_kind: OutputKind = None,
+          fmt: Format = "png,png16", processing_res: ProcRes = 768, resample: Resample = "bilinear",
+          latent: Latent = "mean", seed: Seed = 0, batch_size: Batch = 1, device: Device = "auto",
+          dtype: Dtype = "auto", cmap: Cmap = "Spectral", skip_existing: Skip = False,
+          max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None, start: Start = None,
+          end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True, raw: Raw = None,
+          raw_out: RawOut = "f32", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
+          max_memory: MaxMemory = "auto"):
     """Depth maps for images and videos.
 
     Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity, deterministic, best AbsRel in the
     paper), which predicts affine-invariant disparity (1 = near)."""
-    _predict(Args("depth", **locals()))
+    _predict(PredictArgs(
+        "depth", inputs=tuple(inputs or ()), out=out, model=model, output_kind=output_kind, fmt=fmt,
+        processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
+        device=device, dtype=dtype, cmap=cmap, skip_existing=skip_existing, max_pixels=max_pixels, json=json,
+        fps=fps, start=start, end=end, max_frames=max_frames, stabilize=stabilize, raw=raw, raw_out=raw_out,
+        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory))
 
 
 @app.command()
-def normal(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: Format = "png,png16",
-           processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean", seed: Seed = 0,
-           batch_size: Batch = 1, device: Device = "auto", dtype: Dtype = "auto", cmap: Cmap = "Spectral",
-           skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
-           start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
-           raw: Raw = None, raw_out: RawOut = "f32", frame: Frame = "lotus", tile: Tile = None,
-           overlap: Overlap = 0.25, tile_res: TileRes = None, max_memory: MaxMemory = "auto"):
+def normal(inputs: Inputs = None, out: Out = None, model: Model = None, output_kind: NormalOutputKind = None,
+           fmt: Format = "png,png16", processing_res: ProcRes = 768, resample: Resample = "bilinear",
+           latent: Latent = "mean", seed: Seed = 0, batch_size: Batch = 1, device: Device = "auto",
+           dtype: Dtype = "auto", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000,
+           json: Json = False, fps: Fps = None, start: Start = None, end: End = None,
+           max_frames: MaxFrames = None, raw: Raw = None, raw_out: RawOut = "f32", frame: Frame = "lotus",
+           tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None, max_memory: MaxMemory = "auto"):
     """Surface-normal maps for images and videos.
 
     Default model: normal-d (jingheya/lotus-normal-d-v1-1, deterministic). Normals are unit vectors, by
-    default in Lotus's frame: x left, y up, z toward the camera (--frame for others)."""
-    _predict(Args("normal", **locals()))
-
-
-Samples = Annotated[int, typer.Option("--samples", "-n", help="Noise samples of the G model (seeds seed, seed+1, ...);"
-                                      " they run as batches of --batch-size.")]
-Tta = Annotated[str, typer.Option("--tta", help="Test-time augmentation: none, or flip (also the mirrored image; "
-                                  "the only ensemble a D model has).")]
-Task = Annotated[str, typer.Option("--task", "-t", help="depth or normal.")]
+    default in Lotus's frame: x left, y up, z toward the camera (--frame for others). PNGs hold
+    RGB = (n + 1) / 2; there is no colour map and no temporal alignment (those are depth's)."""
+    _predict(PredictArgs(
+        "normal", inputs=tuple(inputs or ()), out=out, model=model, output_kind=output_kind, fmt=fmt,
+        processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
+        device=device, dtype=dtype, skip_existing=skip_existing, max_pixels=max_pixels, json=json, fps=fps,
+        start=start, end=end, max_frames=max_frames, stabilize=False, raw=raw, raw_out=raw_out, frame=frame,
+        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory))
 
 
 @app.command()
 def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 8, tta: Tta = "none",
-                out: Out = None, model: Model = None, fmt: Format = "png,png16",
+                out: Out = None, model: Model = None, output_kind: OutputKind = None, fmt: Format = "png,png16",
                 processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean",
                 seed: Seed = 0, batch_size: Batch = 4, device: Device = "auto", dtype: Dtype = "auto",
-                cmap: Annotated[str, typer.Option("--cmap", help="Colour map of the spread (bright = uncertain).")]
-                = "inferno", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False,
-                fps: Fps = None, start: Start = None, end: End = None, max_frames: MaxFrames = None,
+                cmap: SpreadCmap = "inferno", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000,
+                json: Json = False, fps: Fps = None, start: Start = None, end: End = None,
+                max_frames: MaxFrames = None, raw: Raw = None, raw_out: SpreadRawOut = "f32",
                 frame: Frame = "lotus", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
                 max_memory: MaxMemory = "auto"):
     """Per-pixel uncertainty of depth or normals (Lotus-G's spread over noise samples).
 
     Paper Sec. 4.4: run a Lotus-G model several times with different noise and write the spread (depth:
     std of the [0,1] maps; normals: RMS angle in degrees) as x.png / x.16bit.png / x.npy, and the mean
-    prediction as x.mean.*. Default model: depth-g, or normal-g with --task normal."""
+    prediction as x.mean.*. Default model: depth-g, or normal-g with --task normal. With --raw, the
+    float32 spread of each frame goes to stdout. --output-kind: disparity or depth (normal with --task normal)."""
     if task not in ("depth", "normal"):
         fail(UsageError(f"--task must be depth or normal, not {task!r}"))
-    args = dict(locals())
-    del args["task"]
-    _predict(Args(task, **args, stabilize=False))
+    _predict(PredictArgs(
+        task, inputs=tuple(inputs or ()), out=out, model=model, output_kind=output_kind, fmt=fmt,
+        processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
+        device=device, dtype=dtype, cmap=cmap, skip_existing=skip_existing, max_pixels=max_pixels, json=json,
+        fps=fps, start=start, end=end, max_frames=max_frames, stabilize=False, raw=raw, raw_out=raw_out,
+        frame=frame, tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, uncertainty=True,
+        samples=samples, tta=tta))

@@ -16,8 +16,9 @@ n = png / max * 2 - 1), then the reference tools' names
 Lotus/DSINE frame (x left, y up, z toward the camera). A map of another size is resized (bilinear) to
 the ground truth's, except a KITTI map of the uncropped frame, which is cropped like the image.
 ``--save-predictions`` writes ``<out>/predictions/<dataset>/k.npy`` in exactly this layout, so a run can
-be re-scored without the model. The alignment of a folder's maps (``auto``): "disparity" if the JSON
-sidecar beside the first map (written by `lotus depth`) says so, else "depth" (Marigold's outputs).
+be re-scored without the model. The alignment of a folder's maps (``auto``): what the JSON sidecar
+beside the first map (written by `lotus depth`) says, "disparity" or "depth"; maps without one (e.g.
+Marigold's outputs) need the alignment stated, since scoring disparity as depth is silently wrong.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class ModelSource:
     def alignment(self, ds: Dataset) -> str:
         return "disparity" if self.kind == "disparity" else "depth"
 
+    def alignment_source(self, ds: Dataset) -> str:
+        return f"model output kind ({self.kind}, from its {self.predictor.entry.source})"
+
     def describe(self) -> dict:
         return {"model": self.predictor.describe()}
 
@@ -127,17 +131,22 @@ class FolderSource:
                              f"expected {item.sample.key}.npy (or .exr, .16bit.png, .png) there")
         return read_prediction(path, self.task)
 
-    def alignment(self, ds: Dataset) -> str:
-        for s in ds.samples[:20]:
-            path = self.find(ds, s)
-            if path is not None:
-                sidecar = sidecar_of(path)
-                try:
-                    kind = json.loads(sidecar.read_text()).get("kind")
-                except (OSError, ValueError, AttributeError):
-                    kind = None
-                return "disparity" if kind == "disparity" else "depth"
-        return "depth"
+    def _first_map(self, ds: Dataset) -> Path | None:
+        return next((p for p in (self.find(ds, s) for s in ds.samples[:20]) if p is not None), None)
+
+    def alignment(self, ds: Dataset) -> str | None:
+        """"disparity" or "depth" as the sidecar beside the first map says; None when nothing says."""
+        path = self._first_map(ds)
+        if path is None:
+            return None
+        try:
+            kind = json.loads(sidecar_of(path).read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return kind if kind in ("disparity", "depth") else None
+
+    def alignment_source(self, ds: Dataset) -> str:
+        return f"sidecar {sidecar_of(self._first_map(ds))}"
 
     def describe(self) -> dict:
         return {"predictions": str(self.root)}
@@ -200,6 +209,7 @@ class DatasetResult:
     task: str
     alignment: str | None
     processing_res: int | None
+    alignment_source: str | None = None  # --alignment, the model's output kind, or the maps' sidecar
     records: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     paper: dict | None = None
@@ -215,9 +225,25 @@ class DatasetResult:
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "task": self.task, "alignment": self.alignment,
-                "processing_res": self.processing_res, "evaluated": self.evaluated, "failed": len(self.failed),
+                "alignment_source": self.alignment_source, "processing_res": self.processing_res,
+                "evaluated": self.evaluated, "failed": len(self.failed),
                 "metrics": self.metrics, "paper": self.paper, "seconds": round(self.seconds, 3),
                 "failures": [{"key": r["key"], "error": r["error"]} for r in self.failed]}
+
+
+def resolve_alignment(ds: Dataset, source, opts: EvalOptions) -> tuple[str | None, str | None]:
+    """(alignment, where it came from) of a depth dataset's predictions; (None, None) for normals. Raises
+    UsageError when ``opts.alignment`` is auto and nothing says whether a folder's maps are depth or disparity."""
+    if ds.task != "depth":
+        return None, None
+    if opts.alignment != "auto":
+        return opts.alignment, "--alignment"
+    alignment = source.alignment(ds)
+    if alignment is None:
+        raise UsageError(f"--alignment auto: nothing says whether the maps in {source.folder(ds)} are depth or "
+                         "disparity (no lotus sidecar beside them)",
+                         "state it: --alignment disparity (1 = near), depth (0 = near) or none (metric)")
+    return alignment, source.alignment_source(ds)
 
 
 def evaluate(ds: Dataset, source, opts: EvalOptions,
@@ -225,9 +251,9 @@ def evaluate(ds: Dataset, source, opts: EvalOptions,
     """Evaluate ``source`` (ModelSource or FolderSource) on ``ds``; ``on_sample(i, n, record)`` after each."""
     t0 = time.perf_counter()
     depth = ds.task == "depth"
-    alignment = (source.alignment(ds) if opts.alignment == "auto" else opts.alignment) if depth else None
+    alignment, how = resolve_alignment(ds, source, opts)
     res = processing_res(ds, opts) if isinstance(source, ModelSource) else None
-    result = DatasetResult(ds.describe(), ds.task, alignment, res, paper=PAPER.get((source.name, ds.name)))
+    result = DatasetResult(ds.describe(), ds.task, alignment, res, how, paper=PAPER.get((source.name, ds.name)))
     samples = ds.samples[: opts.max_samples] if opts.max_samples else ds.samples
     acc = M.NormalAccumulator()
     for i, s in enumerate(samples):

@@ -1,0 +1,194 @@
+"""The CLI's vocabulary: each option shared by several commands, defined once, and the map from the
+library's parameter names to these flags.
+
+Commands import the ``Annotated`` types they take (``depth(processing_res: ProcRes = 768)``) and collect
+their values into one frozen dataclass. Boolean flags are plain flags (``flag``): no value is shown in
+``--help``, because none is taken (``--skip-existing true`` would read ``true`` as an input path).
+The library raises errors about its own parameters (``processing_res must be >= 0``); ``cli_error``
+rewrites the parameter into the flag (``--processing-res must be >= 0``) before the CLI prints it.
+No heavy imports here: ``lotus --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import LotusError, UsageError
+
+
+def option(*names: str, help: str, **kw):
+    """A value option; its default is shown unless ``show_default=False``."""
+    return typer.Option(*names, help=help, **kw)
+
+
+def flag(*names: str, help: str, **kw):
+    """A boolean flag (``--x``, or ``--x/--no-x``) shown without a value type in --help."""
+    return typer.Option(*names, help=help, metavar="", **kw)
+
+
+# The library's parameter names (PredictOptions, EnsembleOptions, TileOptions, models.resolve, EvalOptions)
+# and the flags that set them.
+LIBRARY_FLAGS = {
+    "processing_res": "--processing-res",
+    "resample": "--resample",
+    "latent": "--latent",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+    "frame": "--frame",
+    "samples": "--samples",
+    "tta": "--tta",
+    "tile": "--tile",
+    "overlap": "--overlap",
+    "tile_res": "--tile-res",
+    "max_memory": "--max-memory",
+    "kind": "--output-kind",
+    "alignment": "--alignment",
+    "max_samples": "--max-samples",
+}
+_LEADING_PARAM = re.compile(r"^(" + "|".join(sorted(LIBRARY_FLAGS, key=len, reverse=True)) + r")\b(?!-)")
+
+
+def cli_error(err: LotusError) -> LotusError:
+    """``err`` with a leading library parameter name turned into its flag (the same error class and hint)."""
+    message = _LEADING_PARAM.sub(lambda m: LIBRARY_FLAGS[m.group(1)], err.message, count=1)
+    if message == err.message:
+        return err
+    mapped = type(err)(message, err.hint, subject=err.subject)
+    mapped.__cause__ = err
+    return mapped
+
+
+def check_output_kind(kind: str | None, task: str) -> None:
+    """--output-kind must be one of ``task``'s kinds: disparity or depth, or normal."""
+    kinds = ("normal",) if task == "normal" else ("disparity", "depth")
+    if kind is not None and kind not in kinds:
+        raise UsageError(f"--output-kind must be {' or '.join(kinds)} for {task}, not {kind!r}")
+
+
+# ------------------------------------------------------------------------------- inputs and outputs
+
+Inputs = Annotated[Optional[list[str]], typer.Argument(
+    help="Image or video files, folders (searched recursively, each real folder once; symlinked loops are "
+         "named and skipped), globs, or - to read paths from stdin: one per line, surrounding spaces stripped, "
+         "empty lines and lines starting with # skipped.",
+    show_default=False)]
+Out = Annotated[Optional[Path], option("--out", "-o", help="Output folder; the input tree is mirrored under it, "
+                                       "and it is never read as input (even inside an input folder). "
+                                       "Default: ./lotus-<command>.", show_default=False)]
+Format = Annotated[str, option("--format", "-f", help="Comma list of png (colour map), png16 (16-bit), "
+                               "npy (raw float32), or all. A JSON sidecar is always written.")]
+Skip = Annotated[bool, flag("--skip-existing", help="Skip inputs whose outputs all exist (resume an interrupted "
+                            "run).")]
+MaxPixels = Annotated[int, option("--max-pixels", help="Refuse images above this many pixels (0 = no limit).")]
+Json = Annotated[bool, flag("--json", help="Write one JSON record per finished input on stdout (input, outputs, "
+                            "kind, frames, seconds, status, error); nothing else goes to stdout.")]
+
+# ------------------------------------------------------------------------------------------- model
+
+Model = Annotated[Optional[str], option("--model", "-m", help="Registry name (see `lotus models list`), hub id "
+                                        "(owner/name) or local checkpoint folder.", show_default=False)]
+OutputKind = Annotated[Optional[str], option(
+    "--output-kind", help="What a checkpoint without metadata (no lotus.json, not a registry model) outputs: "
+    "disparity (1 = near) or depth (0 = near). Metadata that says otherwise wins with an error.",
+    show_default=False)]
+NormalOutputKind = Annotated[Optional[str], option(
+    "--output-kind", help="normal: state that a checkpoint without metadata (no lotus.json, not a registry "
+    "model) predicts normals.", show_default=False)]
+Device = Annotated[str, option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
+Dtype = Annotated[str, option("--dtype", help="auto (fp16 on CUDA/MPS, fp32 on CPU), fp32, fp16, bf16.")]
+
+# --------------------------------------------------------------------------------------- prediction
+
+ProcRes = Annotated[int, option("--processing-res", help="Long side fed to the model, in pixels (0 = native "
+                                "size); at least the VAE's pixels per latent cell (8 for the released models).")]
+Resample = Annotated[str, option("--resample", help="Back to the input size: bilinear, or nearest (the "
+                                 "reference's nearest-exact).")]
+Latent = Annotated[str, option("--latent", help="Image latent: mean of the VAE posterior (deterministic), or "
+                               "sample (the reference's posterior sample).")]
+Seed = Annotated[int, option("--seed", help="Noise seed for G models; the same seed gives the same result for an "
+                             "image whatever the batch or order.")]
+Batch = Annotated[int, option("--batch-size", "-b", help="Images of the same processing size per model call.")]
+Cmap = Annotated[str, option("--cmap", help="Matplotlib colour map of the depth PNGs and videos (near is warm "
+                             "with Spectral).")]
+SpreadCmap = Annotated[str, option("--cmap", help="Colour map of the spread (bright = uncertain).")]
+Frame = Annotated[str, option("--frame", help="Camera frame of the normals written: lotus (x left, y up, z toward "
+                              "the camera), opengl (x right, y up, z toward the camera; Blender) or opencv (x right, "
+                              "y down, z forward).")]
+
+# ------------------------------------------------------------------------------------------ videos
+
+Fps = Annotated[Optional[float], option("--fps", help="Videos: resample to this many frames per second, by "
+                                        "timestamp, never above the source rate (default: the source rate).",
+                                        show_default=False)]
+Start = Annotated[Optional[float], option("--start", help="Videos: first second to process.", show_default=False)]
+End = Annotated[Optional[float], option("--end", help="Videos: last second to process.", show_default=False)]
+MaxFrames = Annotated[Optional[int], option("--max-frames", help="Videos: stop after this many frames.",
+                                            show_default=False)]
+Stabilize = Annotated[bool, flag("--stabilize/--no-stabilize", help="Videos and pipes: fit each frame's scale "
+                                 "and shift to a running reference on stable pixels, so a surface keeps its value "
+                                 "across frames.")]
+
+# ---------------------------------------------------------------------------------------- raw pipes
+
+Raw = Annotated[Optional[str], option("--raw", help="Pipe mode: read raw RGB24 frames of WIDTHxHEIGHT from stdin "
+                                      "and write raw maps to stdout (see --raw-out); no files, so no inputs, --out "
+                                      "or --json.", show_default=False)]
+RawOut = Annotated[str, option("--raw-out", help="Pipe mode output per frame: f32 (float32 map), u16 (uint16, "
+                               "[0,1] x 65535) or rgb (colour map, rgb24).")]
+SpreadRawOut = Annotated[str, option("--raw-out", help="Pipe mode output per frame: f32 (the float32 spread "
+                                     "[H, W]; the only one for uncertainty).")]
+
+# ------------------------------------------------------------------------------------------- tiling
+
+Tile = Annotated[Optional[str], option("--tile", help="High-resolution inputs: a global pass at --processing-res "
+                                       "for the layout plus overlapping tiles for detail, blended seam-free at full "
+                                       "resolution. auto (tile size from the image size and --max-memory; no tiles "
+                                       "when the global pass sees nearly every pixel) or the tile side in input "
+                                       "pixels. Off by default.", show_default=False)]
+Overlap = Annotated[float, option("--overlap", help="With --tile: fraction of a tile shared with each neighbour "
+                                  "(0 .. 0.5).")]
+TileRes = Annotated[Optional[int], option("--tile-res", help="With --tile: long side of a tile as fed to the model "
+                                          "(default: --processing-res, or 768 when that is 0).", show_default=False)]
+MaxMemory = Annotated[str, option("--max-memory", help="With --tile: memory budget for the weights plus one batch "
+                                  "of tiles, e.g. 6G; auto = the weights plus half the free device memory.")]
+
+# -------------------------------------------------------------------------------------- uncertainty
+
+Samples = Annotated[int, option("--samples", "-n", help="Noise samples of the G model (seeds seed, seed+1, ...), "
+                                "at least 2; they run as batches of --batch-size.")]
+Tta = Annotated[str, option("--tta", help="Test-time augmentation: none, or flip (also the mirrored image; the only "
+                            "ensemble a D model has).")]
+Task = Annotated[str, option("--task", "-t", help="depth or normal.")]
+
+# --------------------------------------------------------------------------------------- evaluation
+
+Datasets = Annotated[list[str], option(
+    "--dataset", "-d", help="NAME=PATH, repeatable. Depth: nyuv2, kitti, scannet, eth3d, diode (Marigold's tar "
+    "or its unpacked folder, split list beside it). Normal: nyuv2, scannet, ibims, sintel, oasis (DSINE's "
+    "dsine_eval/<name> folder).", show_default=False)]
+Splits = Annotated[Optional[list[str]], option(
+    "--split", help="NAME=FILE, repeatable: the split list of a dataset when it is not beside the data.",
+    show_default=False)]
+EvalModel = Annotated[Optional[str], option("--model", "-m", help="Registry name, hub id or checkpoint folder "
+                                            "(default: depth-d / normal-d).", show_default=False)]
+Predictions = Annotated[Optional[Path], option(
+    "--predictions", help="Score precomputed maps instead of a model: DIR/<key>.npy or 16-bit .png per sample "
+    "(in DIR/<dataset>/ when that exists); key = the RGB path in the split list without extension.",
+    show_default=False)]
+Alignment = Annotated[str, option("--alignment", help="Depth: auto (disparity for disparity models and sidecars "
+                                  "that say so, depth for depth ones; maps without a sidecar need it stated), "
+                                  "depth, disparity or none (metric).")]
+MaxSamples = Annotated[Optional[int], option("--max-samples", help="Only the first N samples of each split.",
+                                             show_default=False)]
+SavePredictions = Annotated[bool, flag("--save-predictions", help="Also write each raw prediction to "
+                                       "OUT/predictions/<dataset>/<key>.npy (re-score later with --predictions).")]
+EvalOut = Annotated[Optional[Path], option("--out", "-o", help="Write results.json and per_sample.csv here.",
+                                           show_default=False)]
+EvalProcRes = Annotated[Optional[int], option(
+    "--processing-res", help="Override every dataset's processing resolution (default: native, 768 for ETH3D, "
+    "640 for DIODE; 0 = native).", show_default=False)]
+EvalSeed = Annotated[int, option("--seed", help="Noise seed for G models.")]
