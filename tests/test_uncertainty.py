@@ -77,3 +77,23 @@ def test_cli_writes_spread_and_mean(tmp_path, depth_g, depth_d):
     assert side["layers"]["mean"]["kind"] == "disparity" and (out / "x.mean.png").is_file()
     r = runner.invoke(app, ["uncertainty", str(tmp_path / "x.png"), "-o", str(out), "-m", str(depth_d)])
     assert r.exit_code == 2 and "--tta flip" in r.stderr
+
+
+def test_cli_skip_existing_redoes_a_spread_made_with_other_samples_and_writes_half_exr(tmp_path, depth_g):
+    from PIL import Image
+
+    from .test_formats import exr_channels
+
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
+    base = ["uncertainty", str(tmp_path / "x.png"), "-o", str(tmp_path / "u"), "-m", str(depth_g),
+            "--processing-res", "32", "-f", "npy,exr", "--exr-half", "--skip-existing"]
+    r = runner.invoke(app, [*base, "-n", "3"])
+    assert r.exit_code == 0, r.output
+    ch, _ = exr_channels(tmp_path / "u" / "x.exr")
+    assert ch["Y"].dtype == np.float16  # --exr-half reached the writer
+    np.testing.assert_allclose(ch["Y"].astype(np.float32), np.load(tmp_path / "u" / "x.npy"), rtol=1e-3, atol=1e-4)
+    r = runner.invoke(app, [*base, "-n", "3"])
+    assert r.exit_code == 0 and "1 skipped" in r.stderr  # same options: kept
+    r = runner.invoke(app, [*base, "-n", "4"])
+    assert r.exit_code == 0 and "redone:" in r.stderr and "samples" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "u" / "x.json").read_text())["uncertainty"]["noise_samples"] == 4

@@ -80,9 +80,14 @@ Out = Annotated[Optional[Path], option("--out", "-o", help="Output folder; the i
                                        "and it is never read as input (even inside an input folder). "
                                        "Default: ./lotus-<command>.", show_default=False)]
 Format = Annotated[str, option("--format", "-f", help="Comma list of png (colour map), png16 (16-bit), "
-                               "npy (raw float32), or all. A JSON sidecar is always written.")]
-Skip = Annotated[bool, flag("--skip-existing", help="Skip inputs whose outputs all exist (resume an interrupted "
-                            "run).")]
+                               "npy (raw float32), exr (OpenEXR float32: depth in Z, normals in R,G,B), or all. A "
+                               "JSON sidecar is always written.")]
+ExrHalf = Annotated[bool, flag("--exr-half", help="EXR maps in 16-bit half floats (about 3 significant digits, half "
+                               "the size) instead of float32.")]
+ExrCompression = Annotated[str, option("--exr-compression", help="EXR compression: zip (lossless), zips, piz, rle, "
+                                       "none; lossy: pxr24, b44, b44a, dwaa, dwab.")]
+Skip = Annotated[bool, flag("--skip-existing", help="Keep inputs whose outputs are complete and were made with the "
+                            "same model and options (resume an interrupted run); redo the others and say why.")]
 MaxPixels = Annotated[int, option("--max-pixels", help="Refuse images above this many pixels (0 = no limit).")]
 Json = Annotated[bool, flag("--json", help="Write one JSON record per finished input on stdout (input, outputs, "
                             "kind, frames, seconds, status, error); nothing else goes to stdout.")]

@@ -16,7 +16,7 @@ from . import app, console, escape, fail, load_predictor, say, stdout_closed, wr
 
 # The option types are shared with `lotus pointcloud` and `lotus eval` (options.py); re-exported here for
 # the modules that import them from this one.
-from .options import (Batch, Cmap, Device, Dtype, End, Format, Fps, Frame, Inputs, Json, Latent,  # noqa: F401
+from .options import (Batch, Cmap, Device, Dtype, End, ExrCompression, ExrHalf, Format, Fps, Frame, Inputs, Json, Latent,  # noqa: F401
                       MaxFrames,
                       MaxMemory, MaxPixels, Model, NormalOutputKind, Out, Overlap, OutputKind, ProcRes, Raw, RawOut,
                       Resample, Samples, Seed, Skip, SpreadCmap, SpreadRawOut, Stabilize, Start, Task, Tile,
@@ -37,6 +37,8 @@ class PredictArgs:
     model: Optional[str] = None
     output_kind: Optional[str] = None
     fmt: str = "png,png16"
+    exr_half: bool = False
+    exr_compression: str = "zip"
     processing_res: int = 768
     resample: str = "bilinear"
     latent: str = "mean"
@@ -111,7 +113,8 @@ def _predict(a: PredictArgs) -> None:
         video = VideoSpec(FrameSelect(a.fps, a.start, a.end, a.max_frames), a.stabilize)
         colormap_lut(a.cmap)
         out_dir = a.out if a.out is not None else Path(f"lotus-{a.command}")
-        output = OutputSpec(out_dir, sinks.parse_formats(a.fmt), sinks.Style(cmap=a.cmap), a.skip_existing)
+        output = OutputSpec(out_dir, sinks.parse_formats(a.fmt), sinks.Style(a.cmap, exr_half=a.exr_half,
+                            exr_compression=a.exr_compression), a.skip_existing)
         spec = a.model or (models.DEFAULT_G_MODEL[a.task] if ensemble else None)
         ref = models.resolve(spec, a.task, a.output_kind)  # an unknown or wrong-task model fails before inputs are read
         if a.raw is None:
@@ -145,7 +148,18 @@ def _predict(a: PredictArgs) -> None:
         except LotusError as e:
             fail(e)
     predict = _predict_fn(predictor, tiles, ensemble)
-    _run(a, predictor, items, output, opts, video, len(problems), predict, "uncertainty" if ensemble else None)
+    _run(a, predictor, items, output, opts, video, len(problems), predict, "uncertainty" if ensemble else None,
+         _changing_options(a, tiles, ensemble))
+
+
+def _changing_options(a: PredictArgs, tiles, ensemble) -> dict:
+    """The tiling and ensemble options that change an output, for --skip-existing to compare with a sidecar's."""
+    out = {}
+    if tiles:
+        out.update(tile=a.tile, overlap=a.overlap, tile_res=a.tile_res, max_memory=a.max_memory)
+    if ensemble:
+        out.update(samples=a.samples, tta=a.tta)
+    return out
 
 
 def _check_processing_res(a: PredictArgs, ref) -> None:
@@ -252,7 +266,8 @@ def _emit(a: PredictArgs, record: dict) -> None:
         write_stdout(json.dumps(_json_safe(record)) + "\n")
 
 
-def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, predict=None, kind=None) -> None:
+def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, predict=None, kind=None,
+         predict_options: dict | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..runner import Summary, run_images, run_video
@@ -266,6 +281,8 @@ def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, pred
     summary = Summary()
 
     def on_result(r):
+        if r.redone:
+            progress.console.print(f"[yellow]redone:[/] {escape(r.item.path)}: {escape(r.redone)}")
         if r.status == "failed":
             progress.console.print(f"[red]failed:[/] {escape(r.error)}")
         _emit(a, r.record(kind or predictor.kind))
@@ -280,11 +297,12 @@ def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, pred
                     on_result(r)
 
                 s = run_images(predictor, images, output, opts, max_pixels=a.max_pixels, on_result=on_image,
-                               predict=predict, kind=kind)
+                               predict=predict, kind=kind, predict_options=predict_options)
                 summary.done, summary.skipped, summary.failed = s.done, s.skipped, s.failed
             for item in videos:
                 vbar = progress.add_task(item.path.name, total=None)
                 r = run_video(predictor, item, output, opts, video, predict=predict, kind=kind,
+                              predict_options=predict_options,
                               on_frame=lambda i, n, vbar=vbar: progress.update(vbar, completed=i, total=n))
                 progress.remove_task(vbar)
                 summary.add(r)
@@ -303,7 +321,8 @@ def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, pred
 
 @app.command()
 def depth(inputs: Inputs = None, out: Out = None, model: Model = None, output_kind: OutputKind = None,
-          fmt: Format = "png,png16", processing_res: ProcRes = 768, resample: Resample = "bilinear",
+          fmt: Format = "png,png16", exr_half: ExrHalf = False,
+          exr_compression: ExrCompression = "zip", processing_res: ProcRes = 768, resample: Resample = "bilinear",
           latent: Latent = "mean", seed: Seed = 0, batch_size: Batch = 1, device: Device = "auto",
           dtype: Dtype = "auto", cmap: Cmap = "Spectral", skip_existing: Skip = False,
           max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None, start: Start = None,
@@ -316,7 +335,7 @@ def depth(inputs: Inputs = None, out: Out = None, model: Model = None, output_ki
     paper), which predicts affine-invariant disparity (1 = near)."""
     _predict(PredictArgs(
         "depth", inputs=tuple(inputs or ()), out=out, model=model, output_kind=output_kind, fmt=fmt,
-        processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
+        exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, cmap=cmap, skip_existing=skip_existing, max_pixels=max_pixels, json=json,
         fps=fps, start=start, end=end, max_frames=max_frames, stabilize=stabilize, raw=raw, raw_out=raw_out,
         tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory))
@@ -324,7 +343,8 @@ def depth(inputs: Inputs = None, out: Out = None, model: Model = None, output_ki
 
 @app.command()
 def normal(inputs: Inputs = None, out: Out = None, model: Model = None, output_kind: NormalOutputKind = None,
-           fmt: Format = "png,png16", processing_res: ProcRes = 768, resample: Resample = "bilinear",
+           fmt: Format = "png,png16", exr_half: ExrHalf = False,
+          exr_compression: ExrCompression = "zip", processing_res: ProcRes = 768, resample: Resample = "bilinear",
            latent: Latent = "mean", seed: Seed = 0, batch_size: Batch = 1, device: Device = "auto",
            dtype: Dtype = "auto", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000,
            json: Json = False, fps: Fps = None, start: Start = None, end: End = None,
@@ -337,7 +357,7 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, output_k
     RGB = (n + 1) / 2; there is no colour map and no temporal alignment (those are depth's)."""
     _predict(PredictArgs(
         "normal", inputs=tuple(inputs or ()), out=out, model=model, output_kind=output_kind, fmt=fmt,
-        processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
+        exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, skip_existing=skip_existing, max_pixels=max_pixels, json=json, fps=fps,
         start=start, end=end, max_frames=max_frames, stabilize=False, raw=raw, raw_out=raw_out, frame=frame,
         tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory))
@@ -346,7 +366,7 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, output_k
 @app.command()
 def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 8, tta: Tta = "none",
                 out: Out = None, model: Model = None, output_kind: OutputKind = None, fmt: Format = "png,png16",
-                processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean",
+                exr_half: ExrHalf = False, exr_compression: ExrCompression = "zip", processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean",
                 seed: Seed = 0, batch_size: Batch = 4, device: Device = "auto", dtype: Dtype = "auto",
                 cmap: SpreadCmap = "inferno", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000,
                 json: Json = False, fps: Fps = None, start: Start = None, end: End = None,
@@ -363,7 +383,7 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
         fail(UsageError(f"--task must be depth or normal, not {task!r}"))
     _predict(PredictArgs(
         task, inputs=tuple(inputs or ()), out=out, model=model, output_kind=output_kind, fmt=fmt,
-        processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
+        exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, cmap=cmap, skip_existing=skip_existing, max_pixels=max_pixels, json=json,
         fps=fps, start=start, end=end, max_frames=max_frames, stabilize=False, raw=raw, raw_out=raw_out,
         frame=frame, tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, uncertainty=True,
