@@ -33,6 +33,7 @@ ASSUMED_UTILISATION = 0.40  # typical for SD-UNet fine-tuning with checkpointing
 
 
 def cpu_speed(steps: int) -> dict:
+    from lotus_cli.synthetic import write_synthetic_dataset
     from lotus_cli.train import data as D
     from lotus_cli.train.step import StepOptions, annotation, draw, training_loss
     from lotus_cli.train.surgery import build_tiny_base
@@ -40,7 +41,7 @@ def cpu_speed(steps: int) -> dict:
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    data = D.write_synthetic_dataset(root / "data", 64, (32, 32), seed=1)
+    data = write_synthetic_dataset(root / "data", 64, (32, 32), seed=1)
     base = build_tiny_base(root / "base", fit_images=D.autoencoder_images(D.FolderData(data)), fit_steps=20)
     opts = TrainOptions(base=str(base), out=root / "run", data=(f"folder={data}",), steps=steps, batch_size=4,
                         lr=1e-3, checkpoint_every=10**9, log_every=10**9)
@@ -70,11 +71,12 @@ def full_plan(batch: int = 16, gpus: int = 8, steps: int = 20_000, hw: tuple[int
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lotus_cli.synthetic import LOTUS_UNET, SD2_UNET, SD2_VAE
+    from lotus_cli.models import LOTUS_CLASS_EMBED
+    from lotus_cli.synthetic import SD2_UNET, SD2_VAE
 
     h, w = hw[0] // 8, hw[1] // 8
     with torch.device("meta"):
-        unet = UNet2DConditionModel(in_channels=8, **SD2_UNET, **LOTUS_UNET)
+        unet = UNet2DConditionModel(in_channels=8, **SD2_UNET, **LOTUS_CLASS_EMBED)
         vae = AutoencoderKL(**SD2_VAE)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_vae = sum(p.numel() for p in vae.parameters())

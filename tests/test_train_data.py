@@ -9,6 +9,7 @@ from PIL import Image
 
 from lotus_cli.errors import UsageError
 from lotus_cli.geometry import Intrinsics, angular_error, normals_from_depth
+from lotus_cli.synthetic import render_scene, write_synthetic_dataset
 from lotus_cli.train import data as D
 
 
@@ -59,7 +60,7 @@ def test_folder_format_round_trip(tmp_path):
 
 
 def test_flip_mirrors_and_negates_normal_x():
-    s = D.render_scene(8, 10, seed=3)
+    s = render_scene(8, 10, seed=3)
     s["valid"] = np.ones((8, 10), bool)
     a, b = D.to_tensors(s, False), D.to_tensors(s, True)
     assert (a["rgb"].flip(-1) == b["rgb"]).all() and (a["depth"].flip(-1) == b["depth"]).all()
@@ -68,7 +69,7 @@ def test_flip_mirrors_and_negates_normal_x():
 
 
 def test_rendered_scene_normals_agree_with_its_depth():
-    s = D.render_scene(48, 64, seed=1)
+    s = render_scene(48, 64, seed=1)
     f = 0.9 * 64
     n = normals_from_depth(s["depth"], Intrinsics(f, f, 31.5, 23.5, 64, 48))  # OpenCV frame
     lotus = n * np.array([-1, -1, -1], np.float32)  # OpenCV -> Lotus: every axis flips
@@ -78,8 +79,8 @@ def test_rendered_scene_normals_agree_with_its_depth():
 
 
 def test_batch_plan_is_deterministic_mixes_and_splits_over_ranks(tmp_path):
-    D.write_synthetic_dataset(tmp_path / "a", 6, (8, 8), seed=1)
-    D.write_synthetic_dataset(tmp_path / "b", 3, (12, 12), seed=2, holes=False)
+    write_synthetic_dataset(tmp_path / "a", 6, (8, 8), seed=1)
+    write_synthetic_dataset(tmp_path / "b", 3, (12, 12), seed=2, holes=False)
     ds = [D.FolderData(tmp_path / "a"), D.FolderData(tmp_path / "b")]
     plan = D.BatchPlan((6, 3), (0.9, 0.1), global_batch=4, seed=7)
     picks = [plan.pick(s, 0)[0] for s in range(400)]

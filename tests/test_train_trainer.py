@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lotus_cli.synthetic import render_scene, write_synthetic_dataset
 from lotus_cli.train import data as D
 from lotus_cli.train.step import StepOptions
 from lotus_cli.train.surgery import build_tiny_base
@@ -23,9 +24,9 @@ def world(tmp_path_factory):
     """Synthetic scenes (train with invalid holes, val and a hole-free set) and a tiny SD2-like base whose
     VAE is fitted to them, so that decoded predictions mean something."""
     root = tmp_path_factory.mktemp("train-world")
-    train_dir = D.write_synthetic_dataset(root / "train", 48, (32, 32), seed=1)
-    val_dir = D.write_synthetic_dataset(root / "val", 6, (32, 32), seed=2, holes=False)
-    full_dir = D.write_synthetic_dataset(root / "full", 8, (32, 32), seed=3, holes=False)
+    train_dir = write_synthetic_dataset(root / "train", 48, (32, 32), seed=1)
+    val_dir = write_synthetic_dataset(root / "val", 6, (32, 32), seed=2, holes=False)
+    full_dir = write_synthetic_dataset(root / "full", 8, (32, 32), seed=3, holes=False)
     base = build_tiny_base(root / "base", fit_images=D.autoencoder_images(D.FolderData(train_dir)), fit_steps=250)
     return {"root": root, "train": train_dir, "val": val_dir, "full": full_dir, "base": base}
 
@@ -133,7 +134,7 @@ def test_normal_training_and_benchmark_evaluation_during_training(world, tmp_pat
     assert all(np.isfinite(r["loss"]) for r in run.losses) and run.validation[0]["error"] > 0
     pred = LotusPredictor.from_pretrained(run.final, device="cpu")
     assert (pred.task, pred.kind, pred.family) == ("normal", "normal", "d")
-    n = pred.predict(np.asarray(D.render_scene(32, 32, 5)["rgb"])).map
+    n = pred.predict(np.asarray(render_scene(32, 32, 5)["rgb"])).map
     np.testing.assert_allclose(np.linalg.norm(n, axis=-1), 1.0, atol=1e-4)
     scannet = fake_scannet(world["val"], tmp_path / "scannet")
     run = train(options(world, tmp_path / "bench", steps=3, eval_data=(f"scannet={scannet}",)))

@@ -134,7 +134,8 @@ def _size(spec: str | None) -> tuple[int, int] | None:
 
 def _debug_inputs(out: Path) -> dict:
     """A tiny random SD2-like base and synthetic scenes under OUT/debug-*; built once, by rank 0 only."""
-    from ..train.data import FolderData, autoencoder_images, write_synthetic_dataset
+    from ..synthetic import write_synthetic_dataset
+    from ..train.data import FolderData, autoencoder_images
     from ..train.surgery import build_tiny_base
 
     paths = {"base": out / "debug-base", "train": out / "debug-data", "val": out / "debug-val"}
