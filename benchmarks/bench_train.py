@@ -35,7 +35,7 @@ ASSUMED_UTILISATION = 0.40  # typical for SD-UNet fine-tuning with checkpointing
 def cpu_speed(steps: int) -> dict:
     from lotus_cli.synthetic import write_synthetic_dataset
     from lotus_cli.train import data as D
-    from lotus_cli.train.step import StepOptions, annotation, draw, training_loss
+    from lotus_cli.train.step import StepOptions, annotation, draw, loss_mask, training_loss
     from lotus_cli.train.surgery import build_tiny_base
     from lotus_cli.train.trainer import TrainOptions, load_base, train
 
@@ -57,7 +57,7 @@ def cpu_speed(steps: int) -> dict:
     d = draw(4, (4, 8, 8), sopts, torch.Generator().manual_seed(0))
     t1 = time.perf_counter()
     for _ in range(steps):
-        loss = training_loss(unet, vae, prompt, batch["rgb"], anno, batch["valid"], sopts, d).total
+        loss = training_loss(unet, vae, prompt, batch["rgb"], anno, loss_mask(batch, sopts), sopts, d).total
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()

@@ -109,21 +109,43 @@ def test_open_data_errors(tmp_path):
         D.open_data(f"vkitti={tmp_path}")
 
 
-def test_vkitti_reader_on_a_fake_frame(tmp_path):
+def test_vkitti_reader_on_fake_frames_trains_sky_as_farthest(tmp_path):
+    """The authors' Virtual KITTI rules: both cameras; valid 1e-5 < d < 80 m; sky d >= 80 m kept in the loss
+    as the farthest value; a pixel without depth holds 1/0 clipped to +1 and stays out of the loss."""
     import cv2
+    import torch
 
-    rgb_dir = tmp_path / "Scene02" / "clone" / "frames" / "rgb" / "Camera_0"
-    dep_dir = tmp_path / "Scene02" / "clone" / "frames" / "depth" / "Camera_0"
-    rgb_dir.mkdir(parents=True)
-    dep_dir.mkdir(parents=True)
-    cv2.imwrite(str(rgb_dir / "rgb_00000.jpg"), np.full((375, 1242, 3), 100, np.uint8))
-    depth_cm = np.full((375, 1242), 1000, np.uint16)  # a wall at 10 m
-    depth_cm[-1, 13] = 65535  # sky (655.35 m): out of the 80 m range
-    cv2.imwrite(str(dep_dir / "depth_00000.png"), depth_cm)
-    s = D.open_data(f"vkitti={tmp_path}").load(0)
+    from lotus_cli.train.step import StepOptions, annotation, loss_mask
+
+    for cam in ("Camera_0", "Camera_1"):
+        rgb_dir = tmp_path / "Scene02" / "clone" / "frames" / "rgb" / cam
+        dep_dir = tmp_path / "Scene02" / "clone" / "frames" / "depth" / cam
+        rgb_dir.mkdir(parents=True)
+        dep_dir.mkdir(parents=True)
+        cv2.imwrite(str(rgb_dir / "rgb_00000.jpg"), np.full((375, 1242, 3), 100, np.uint8))
+        depth_cm = np.tile(np.linspace(500, 5000, 1242).astype(np.uint16), (375, 1))  # 5 .. 50 m, left to right
+        depth_cm[-1, 13] = 65535  # sky (655.35 m); the crop's left edge is column (1242 - 1216) // 2 = 13
+        depth_cm[-1, 14] = 0  # no measurement
+        cv2.imwrite(str(dep_dir / "depth_00000.png"), depth_cm)
+    ds = D.open_data(f"vkitti={tmp_path}")
+    assert len(ds) == 2 and {k[0].parent.name for k in ds.items} == {"Camera_0", "Camera_1"}
+    s = ds.load(0)
     assert s["rgb"].shape == (352, 1216, 3) and s["depth"].shape == (352, 1216)
-    assert s["depth"][0, 0] == pytest.approx(10.0) and not s["valid"][-1, 0]
-    np.testing.assert_allclose(s["normal"][100, 600], [0, 0, 1], atol=1e-5)  # facing the camera
+    assert s["depth"][0, 0] == pytest.approx(5 + 45 * 13 / 1241, abs=0.01)
+    assert s["depth"][-1, 0] == pytest.approx(655.35) and s["sky"][-1, 0] and not s["valid"][-1, 0]
+    assert s["depth"][-1, 1] == 0 and not s["sky"][-1, 1] and not s["valid"][-1, 1]
+    assert s["valid"].sum() == 352 * 1216 - 2 and s["sky"].sum() == 1
+    n = s["normal"][100, 600]  # a wall receding to the right faces the camera and the right (Lotus x < 0)
+    assert np.linalg.norm(n) == pytest.approx(1, abs=1e-5) and n[2] > 0.5 and n[0] < 0 and abs(n[1]) < 1e-5
+    assert (s["normal"][-1, 0] == 0).all()  # no normal in the sky
+    batch = {k: v[None] for k, v in D.to_tensors(s, False).items()}
+    anno, mask = annotation(batch, StepOptions()), loss_mask(batch, StepOptions())
+    assert anno[0, 0, -1, 0] == -1.0 and mask[0, 0, -1, 0]  # sky: farthest, trained
+    assert anno[0, 0, -1, 1] == 1.0 and not mask[0, 0, -1, 1]  # no depth: 1/0 -> +1, not trained
+    assert mask.sum() == 352 * 1216 - 1
+    normal_mask = loss_mask(batch, StepOptions(task="normal"))
+    assert not normal_mask[0, 0, -1, 0] and not normal_mask[0, 0, -1, 1]
+    assert torch.equal(D.to_tensors(s, True)["sky"], batch["sky"][0].flip(-1))
 
 
 def test_hypersim_reader_on_fake_frames(tmp_path):
@@ -132,6 +154,7 @@ def test_hypersim_reader_on_fake_frames(tmp_path):
     distance = np.full((768, 1024), 3.0, np.float16)
     normal = np.zeros((768, 1024, 3), np.float16)
     normal[..., 0] = 1  # Hypersim camera frame: x right
+    normal[:8] = 0  # no usable normal: still valid, as the authors train Hypersim without a mask
     for i, nan in enumerate([False, True]):
         img = tmp_path / "ai_001_001" / "images"
         (img / "scene_cam_00_final_preview").mkdir(parents=True, exist_ok=True)
@@ -153,4 +176,5 @@ def test_hypersim_reader_on_fake_frames(tmp_path):
     corner = 3.0 * 886.81 / np.sqrt(511.5 ** 2 + 383.5 ** 2 + 886.81 ** 2)  # planar depth of the corner ray
     assert s["depth"][0, 0] == pytest.approx(corner, rel=2e-3)
     assert s["depth"].max() == pytest.approx(3.0, rel=1e-3)
-    np.testing.assert_allclose(s["normal"][5, 5], [-1, 0, 0])  # Lotus x points left
+    np.testing.assert_allclose(s["normal"][50, 5], [-1, 0, 0])  # Lotus x points left
+    assert s["valid"].all() and s.get("sky") is None

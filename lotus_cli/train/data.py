@@ -1,15 +1,27 @@
 """Training data: Hypersim, Virtual KITTI 2 and a generic folder format, mixed per batch.
 
-Every dataset yields samples of numpy arrays: ``rgb`` uint8 [H, W, 3]; ``depth`` float32 [H, W] metres (0 =
-no measurement); ``normal`` float32 [H, W, 3] in the Lotus camera frame (x left, y up, z toward the camera)
-or None; ``valid`` bool [H, W]. ``to_tensors`` flips (normal x negated) and converts them.
+Every dataset yields samples of numpy arrays, as the authors' loaders see their data (README "Training"):
+
+    rgb     uint8 [H, W, 3]
+    depth   float32 [H, W] metres as stored, also where it is not ``valid`` (0 = no measurement); the
+            annotation is the depth normalisation applied to every pixel, so a pixel without depth holds
+            what the normalisation makes of 0 (+1 for disparity) and is kept out of the loss
+    valid   bool [H, W]: measured depth in the dataset's range; these pixels set the 2 % / 98 % range of
+            the normalisation and are in the loss (Hypersim: every pixel, as the authors train it)
+    sky     bool [H, W] or absent: far background without a usable depth (Virtual KITTI: depth >= 80 m),
+            trained as the farthest value, in the depth loss
+    normal  float32 [H, W, 3] in the Lotus camera frame (x left, y up, z toward the camera), a zero vector
+            where unknown; or None
+
+``to_tensors`` flips (normal x negated) and converts them.
 
 Generic folder format (``--data folder=ROOT``; what `lotus train --preset debug` writes):
 
     ROOT/rgb/<key>.png|jpg            colour image (any size; all samples of one folder share one size,
                                       or pass a training size and they are resized)
     ROOT/depth/<key>.npy|png|exr      depth: npy/exr float metres; png 16-bit, metres = value / depth_scale;
-                                      0, negative or non-finite = no measurement
+                                      0, negative or non-finite = no measurement; outside depth_range = kept
+                                      but not valid
     ROOT/normal/<key>.npy|png|exr     optional normals: npy/exr float [H, W, 3]; png 8- or 16-bit, n = 2 v / max - 1
     ROOT/mask/<key>.png               optional: nonzero = valid pixel
     ROOT/lotus_data.json              optional: {"depth_scale": 1000, "normal_frame": "lotus"|"opengl"|"opencv",
@@ -35,6 +47,7 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg")
 HYPERSIM_FOCAL = 886.81  # px, on the native 1024 x 768 grid
 HYPERSIM_SIZE = (576, 768)  # (H, W) training size (native 768 x 1024 scaled by 3/4)
 VKITTI_SCENES = ("02", "06", "18", "20")
+VKITTI_CAMERAS = ("0", "1")  # the stereo pair: the authors train on both
 VKITTI_CROP = (352, 1216)  # (H, W), bottom centre
 VKITTI_RANGE = (1e-5, 80.0)  # metres
 VKITTI_K = (725.0087, 725.0087, 620.5, 187.0)  # fx, fy, cx, cy of the full 1242 x 375 frame
@@ -65,7 +78,7 @@ def bottom_centre_crop(a: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def resize_sample(s: dict, size: tuple[int, int]) -> dict:
-    """Resize a sample to (H, W): rgb bilinear (area when shrinking), depth, normal and valid nearest."""
+    """Resize a sample to (H, W): rgb bilinear (area when shrinking), depth, normal and the masks nearest."""
     import cv2
 
     h, w = size
@@ -76,7 +89,9 @@ def resize_sample(s: dict, size: tuple[int, int]) -> dict:
     for k in ("depth", "normal"):
         if s.get(k) is not None:
             out[k] = cv2.resize(s[k], (w, h), interpolation=cv2.INTER_NEAREST)
-    out["valid"] = cv2.resize(s["valid"].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    for k in ("valid", "sky"):
+        if s.get(k) is not None:
+            out[k] = cv2.resize(s[k].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
     return out
 
 
@@ -156,8 +171,8 @@ class FolderData:
             d = _read_array(p).astype(np.float64)
             d = d / float(self.meta.get("depth_scale", 1000.0)) if p.suffix.lower() == ".png" else d
             lo, hi = self.meta.get("depth_range", (0.0, np.inf))
-            ok = np.isfinite(d) & (d > max(lo, 0.0)) & (d <= hi)
-            depth, valid = np.where(ok, d, 0.0).astype(np.float32), ok
+            measured = np.isfinite(d) & (d > 0)
+            depth, valid = np.where(measured, d, 0.0).astype(np.float32), measured & (d > lo) & (d <= hi)
         normal = None
         if (p := _find(self.root / "normal", key)) is not None:
             n = _read_array(p)
@@ -165,7 +180,6 @@ class FolderData:
                 n = n.astype(np.float64) / np.iinfo(n.dtype).max * 2 - 1
             n = convert_normals(n.astype(np.float32), "lotus", self.meta.get("normal_frame", "lotus"))
             normal = np.nan_to_num(n)
-            valid &= np.linalg.norm(normal, axis=-1) > 0.5
         if (p := _find(self.root / "mask", key, (".png",))) is not None:
             valid &= _read_array(p).reshape(h, w, -1)[..., 0] > 0
         s = dict(rgb=rgb, depth=depth, normal=normal, valid=valid, key=key)
@@ -175,7 +189,8 @@ class FolderData:
 class Hypersim:
     """Hypersim: tone-mapped jpg, depth_meters (distance -> planar depth) and normal_cam hdf5, the official
     split csv; frames whose depth has any NaN are dropped (a scan on first use, cached beside the csv or in
-    lotus-cli's cache). Resized to 576 x 768."""
+    lotus-cli's cache). Resized to 576 x 768. Every pixel is valid: the authors train Hypersim without a mask
+    and take the normalisation's quantiles over the whole frame."""
 
     name = "hypersim"
 
@@ -232,7 +247,7 @@ class Hypersim:
         depth = hypersim_planar_depth(np.nan_to_num(_h5(self._path(fr, "depth")), nan=0.0))
         n = np.nan_to_num(_h5(self._path(fr, "normal")).astype(np.float32))
         normal = convert_normals(n, "lotus", "opengl")  # Hypersim camera: x right, y up, z toward the viewer
-        valid = (depth > 0) & (np.linalg.norm(normal, axis=-1) > 0.5)
+        valid = np.ones(depth.shape, bool)
         s = dict(rgb=_read_rgb(self._path(fr, "rgb")), depth=depth, normal=normal, valid=valid, key="/".join(map(str, fr)))
         return resize_sample(s, self.size)
 
@@ -247,22 +262,25 @@ def _h5(path: Path) -> np.ndarray:
 
 
 class VKITTI:
-    """Virtual KITTI 2 (scenes 02, 06, 18, 20 by default; all variations, Camera_0): rgb jpg, depth png in
-    cm, bottom-centre crop 1216 x 352, valid 1e-5 .. 80 m; normals derived from the depth (local plane of the
-    back-projected neighbours, geometry.normals_from_depth) since VKITTI has none."""
+    """Virtual KITTI 2 as the authors train on it: scenes 02, 06, 18, 20, every variation, both cameras
+    (Camera_0 and Camera_1); rgb jpg, depth png in cm, bottom-centre crop 1216 x 352. Valid: 1e-5 < d < 80 m;
+    sky: d >= 80 m (the renderer stores 655.35 m), trained as the farthest value. Normals are derived from
+    the valid depth (local plane of the back-projected neighbours, geometry.normals_from_depth)."""
 
     name = "vkitti"
 
-    def __init__(self, root: str | Path, scenes: tuple[str, ...] = VKITTI_SCENES):
+    def __init__(self, root: str | Path, scenes: tuple[str, ...] = VKITTI_SCENES,
+                 cameras: tuple[str, ...] = VKITTI_CAMERAS):
         self.root = Path(root)
         self.items = []
         for sc in scenes:
-            for rgb in sorted(self.root.glob(f"**/Scene{sc}/*/frames/rgb/Camera_0/rgb_*.jpg")):
-                depth = self._depth_path(rgb)
-                if depth is not None:
-                    self.items.append((rgb, depth))
+            for cam in cameras:
+                for rgb in sorted(self.root.glob(f"**/Scene{sc}/*/frames/rgb/Camera_{cam}/rgb_*.jpg")):
+                    depth = self._depth_path(rgb)
+                    if depth is not None:
+                        self.items.append((rgb, depth))
         if not self.items:
-            raise UsageError(f"--data vkitti={root}: no SceneXX/<variation>/frames/rgb/Camera_0/rgb_*.jpg with "
+            raise UsageError(f"--data vkitti={root}: no SceneXX/<variation>/frames/rgb/Camera_N/rgb_*.jpg with "
                              "its depth png", "extract vkitti_2.0.3_rgb and vkitti_2.0.3_depth into this folder")
 
     def _depth_path(self, rgb: Path) -> Path | None:
@@ -280,16 +298,14 @@ class VKITTI:
         rgb_path, depth_path = self.items[i]
         d = _read_array(depth_path).astype(np.float64) / 100.0  # cm -> m
         lo, hi = VKITTI_RANGE
-        valid = (d > lo) & (d < hi)
-        depth = np.where(valid, d, 0.0).astype(np.float32)
-        h, w = depth.shape
+        valid, sky = (d > lo) & (d < hi), (d > lo) & (d >= hi)
+        h, w = d.shape
         fx, fy, cx, cy = VKITTI_K
-        n = normals_from_depth(depth, Intrinsics(fx, fy, cx, cy, w, h))  # OpenCV frame, NaN at holes
-        normal = np.nan_to_num(convert_normals(n, "lotus", "opencv"))
-        valid &= np.isfinite(n).all(-1)
+        n = normals_from_depth(np.where(valid, d, 0.0).astype(np.float32), Intrinsics(fx, fy, cx, cy, w, h))
+        normal = np.nan_to_num(convert_normals(n, "lotus", "opencv"))  # NaN (no normal) at holes and sky -> 0
         crop = lambda a: np.ascontiguousarray(bottom_centre_crop(a, *VKITTI_CROP))  # noqa: E731
-        return dict(rgb=crop(_read_rgb(rgb_path)), depth=crop(depth), normal=crop(normal), valid=crop(valid),
-                    key=rgb_path.stem)
+        return dict(rgb=crop(_read_rgb(rgb_path)), depth=crop(d.astype(np.float32)), normal=crop(normal),
+                    valid=crop(valid), sky=crop(sky), key=rgb_path.relative_to(self.root).with_suffix("").as_posix())
 
 
 READERS = {"folder": FolderData, "hypersim": Hypersim, "vkitti": VKITTI}
@@ -331,17 +347,21 @@ class BatchPlan:
 
 def to_tensors(s: dict, flip: bool) -> dict:
     """A sample -> tensors: rgb float32 [3, H, W] in [-1, 1], depth [1, H, W], normal [3, H, W] (zeros when
-    absent), valid bool [1, H, W]. A horizontal flip mirrors every map and negates normal x."""
+    absent), valid and sky bool [1, H, W] (sky all False when absent). A horizontal flip mirrors every map
+    and negates normal x."""
     import torch
 
-    rgb, depth, normal, valid = s["rgb"], s["depth"], s.get("normal"), s["valid"]
+    rgb, depth, normal, valid, sky = s["rgb"], s["depth"], s.get("normal"), s["valid"], s.get("sky")
     if normal is None:
         normal = np.zeros((*rgb.shape[:2], 3), np.float32)
+    if sky is None:
+        sky = np.zeros(rgb.shape[:2], bool)
     if flip:
-        rgb, depth, normal, valid = rgb[:, ::-1], depth[:, ::-1], normal[:, ::-1] * np.array([-1, 1, 1], np.float32), valid[:, ::-1]
+        rgb, depth, valid, sky = rgb[:, ::-1], depth[:, ::-1], valid[:, ::-1], sky[:, ::-1]
+        normal = normal[:, ::-1] * np.array([-1, 1, 1], np.float32)
     t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731  (a writable contiguous copy)
     return {"rgb": t(rgb).permute(2, 0, 1).float() / 127.5 - 1, "depth": t(depth.astype(np.float32))[None],
-            "normal": t(normal.astype(np.float32)).permute(2, 0, 1), "valid": t(valid)[None]}
+            "normal": t(normal.astype(np.float32)).permute(2, 0, 1), "valid": t(valid)[None], "sky": t(sky)[None]}
 
 
 class StepBatches:
@@ -387,5 +407,5 @@ def autoencoder_images(ds, norm: str = "trunc_disparity"):
 
     ts = [to_tensors(ds.load(i), False) for i in range(len(ds))]
     stack = lambda k: torch.stack([t[k] for t in ts])  # noqa: E731
-    valid = stack("valid")
-    return torch.cat([stack("rgb"), depth_annotation(stack("depth"), valid, norm), normal_annotation(stack("normal"), valid)])
+    return torch.cat([stack("rgb"), depth_annotation(stack("depth"), stack("valid"), norm),
+                      normal_annotation(stack("normal"))])

@@ -31,7 +31,7 @@ from .. import models
 from ..errors import UsageError
 from ..sinks import write_json
 from . import data as D
-from .step import StepOptions, annotation, draw, training_loss
+from .step import StepOptions, annotation, draw, loss_mask, training_loss
 from .surgery import to_lotus
 
 LOG_FILE = "log.jsonl"
@@ -151,7 +151,7 @@ def _local_draws(opts: TrainOptions, step: int, micro: int, world: int, rank: in
         rows.append(slice(world * b + rank * b, world * b + (rank + 1) * b))
     pick = lambda t: None if t is None else torch.cat([t[r] for r in rows])  # noqa: E731
     one = lambda t: None if t is None else t[rows[0]]  # noqa: E731
-    return type(big)(one(big.image_eps), one(big.anno_eps), pick(big.noise), pick(big.t))
+    return type(big)(pick(big.image_eps), one(big.anno_eps), one(big.target_eps), pick(big.noise), pick(big.t))
 
 
 @dataclass
@@ -217,7 +217,7 @@ def _micro_step(p: _Parts, opts: TrainOptions, batch: dict, step: int, micro: in
     last = micro == opts.grad_accum - 1
     with (acc.no_sync(p.unet) if not last else contextlib.nullcontext()), acc.autocast():  # gradients meet on the last micro-batch
         losses = training_loss(p.unet, vae, p.prompt, batch["rgb"].to(vae.dtype), anno.to(vae.dtype),
-                               batch["valid"], opts.step, draws)
+                               loss_mask(batch, opts.step), opts.step, draws)
         acc.backward(losses.total / opts.grad_accum)
     return torch.stack([losses.total.detach(), losses.anno, losses.rgb]).float()
 
