@@ -100,7 +100,7 @@ def _read_rgb(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
     except OSError as e:
         raise InputError(f"{path}: unreadable image ({e})", "re-extract the dataset") from e
 

@@ -25,13 +25,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .. import models
 from ..errors import UsageError
+from ..evaluate import metrics as M
+from ..predictor import LotusPredictor
 from ..sinks import write_json
+from ..visualize import colorize_depth, normal_to_rgb
 from . import data as D
-from .step import StepOptions, annotation, draw, loss_mask, training_loss
+from .step import StepOptions, annotation, draw, loss_mask, predict_latent, training_loss
 from .surgery import to_lotus
 
 LOG_FILE = "log.jsonl"
@@ -296,36 +300,28 @@ def _checkpoint(acc, out: Path, step: int, keep: int, say) -> None:
 
 
 @torch.no_grad()
-def evaluate_samples(unet, vae, prompt, samples: list[dict], sopts: StepOptions, image: Path | None = None) -> dict:
-    """Predict each sample as inference does (posterior mean, G noise seed = sample index, DDIM when
-    ``timesteps`` > 1) and score it: depth, AbsRel and delta1 after least-squares scale and shift in the
-    model's kind (disparity or depth); normals, the mean angle in degrees. ``error`` is AbsRel or the mean
-    angle. With ``image``, writes rows of rgb | prediction | ground truth there."""
-    import numpy as np
-
-    from ..evaluate import metrics as M
-    from ..predictor import noise_for
-    from ..visualize import colorize_depth, normal_to_rgb
-    from .step import encode, predict_latent
-
-    dev = next(unet.parameters()).device
+def evaluate_samples(predictor, samples: list[dict], sopts: StepOptions, image: Path | None = None) -> dict:
+    """Predict each sample with ``predictor``'s own steps (encode the posterior mean, G noise seed = sample
+    index, denoise, decode, finish at the sample's size) and score it: depth, AbsRel and delta1 after
+    least-squares scale and shift in the model's kind (disparity or depth); normals, the mean angle in
+    degrees. Models trained with ``timesteps`` > 1 or eps prediction are sampled with DDIM
+    (step.predict_latent) between encode and decode. ``error`` is AbsRel or the mean angle. With ``image``,
+    writes rows of rgb | prediction | ground truth there."""
     scores, rows = [], []
     for i, s in enumerate(samples):
-        x = D.to_tensors(s, False)["rgb"][None].to(dev, vae.dtype)  # [1, 3, H, W]
-        z = encode(vae, x, None)  # [1, 4, h, w]
-        noise = noise_for(i, z.shape) if sopts.family == "g" else None
-        x0 = predict_latent(unet, z, prompt, sopts, noise)  # [1, 4, h, w]
-        y = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample
-        y = torch.nn.functional.interpolate((y.float() / 2 + 0.5).clamp(0, 1), size=s["rgb"].shape[:2],
-                                            mode="bilinear", align_corners=False)[0].cpu().numpy()  # [3, H, W]
+        z = predictor.encode(predictor.to_tensor(s["rgb"]))  # [1, 4, h, w], posterior mean
+        noise = predictor.noise([i], tuple(z.shape[-2:])) if predictor.family == "g" else None
+        if sopts.timesteps == 1 and sopts.prediction == "x0":
+            x0 = predictor.denoise(z, noise)  # [1, 4, h, w]
+        else:
+            x0 = predict_latent(predictor.unet, z, predictor.prompt_embedding, sopts, noise)
+        pred = predictor.finish(predictor.decode(x0), s["rgb"].shape[:2])  # [H, W] or unit normals [H, W, 3]
         valid = s["valid"]
         if sopts.task == "normal":
-            n = np.moveaxis(y * 2 - 1, 0, -1)
-            scores.append({"error": float(M.angular_error(n, s["normal"])[valid].mean())})
-            rows.append([s["rgb"], normal_to_rgb(n / np.linalg.norm(n, axis=-1, keepdims=True).clip(1e-6)),
-                         normal_to_rgb(s["normal"])])
+            scores.append({"error": float(M.angular_error(pred, s["normal"])[valid].mean())})
+            rows.append([s["rgb"], normal_to_rgb(pred), normal_to_rgb(s["normal"])])
             continue
-        pred, gt = y.mean(0), s["depth"].astype(np.float64)
+        gt = s["depth"].astype(np.float64)
         ok = valid & (gt > 0)
         aligned = M.align_depth(pred, gt, ok, sopts.kind, (float(gt[ok].min()), float(gt[ok].max())))
         m = M.depth_metrics(aligned.depth, gt, ok)
@@ -339,18 +335,25 @@ def evaluate_samples(unet, vae, prompt, samples: list[dict], sopts: StepOptions,
     return {k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]}
 
 
+def _predictor(acc, unet, vae, prompt, opts: TrainOptions, step: int):
+    """The model as it is now, as a LotusPredictor (plain modules: the UNet keeps training afterwards)."""
+    entry = models.ModelEntry(name=f"{opts.name or Path(opts.out).name}@{step}", repo_id=str(opts.out),
+                              task=opts.step.task, family=opts.step.family, kind=opts.step.kind)
+    return LotusPredictor(acc.unwrap_model(unet), vae, prompt, entry, acc.device, vae.dtype, channels_last=False,
+                          pack_weights=False, source=f"{opts.out} step {step}")
+
+
 def _validation_set(opts: TrainOptions) -> list[dict]:
     ds = D.open_data(opts.val_data, opts.size)
     return [ds.load(i) for i in range(min(opts.val_samples, len(ds)))]
 
 
 def _validate(acc, unet, vae, prompt, samples: list[dict], opts: TrainOptions, step: int, say) -> dict:
-    model = acc.unwrap_model(unet)
-    model.eval()
+    predictor = _predictor(acc, unet, vae, prompt, opts, step)
+    predictor.unet.eval()
     with acc.autocast():  # under mixed precision the VAE holds fp16/bf16 weights, the UNet fp32 ones
-        record = evaluate_samples(model, vae, prompt, samples, opts.step,
-                                  Path(opts.out) / "validation" / f"step-{step:07d}.png")
-    model.train()
+        record = evaluate_samples(predictor, samples, opts.step, Path(opts.out) / "validation" / f"step-{step:07d}.png")
+    predictor.unet.train()
     record["step"] = step
     if acc.trackers:
         acc.log({f"val_{k}": v for k, v in record.items() if k != "step"}, step=step)
@@ -369,16 +372,11 @@ def _benchmark(acc, unet, vae, prompt, opts: TrainOptions, step: int, say) -> li
         return []
     from ..evaluate import datasets as ED
     from ..evaluate import run as R
-    from ..predictor import LotusPredictor
 
-    model = acc.unwrap_model(unet)
-    entry = models.ModelEntry(name=f"{opts.name or Path(opts.out).name}@{step}", repo_id=str(opts.out),
-                              task=opts.step.task, family=opts.step.family, kind=opts.step.kind)
-    predictor = LotusPredictor(model, vae, prompt, entry, acc.device, vae.dtype, channels_last=False,
-                               pack_weights=False, source=f"{opts.out} step {step}")
+    predictor = _predictor(acc, unet, vae, prompt, opts, step)
     eopts = R.EvalOptions(task=opts.step.task, max_samples=opts.eval_max_samples)
     records = []
-    model.eval()
+    predictor.unet.eval()
     try:
         for name, path in ED.parse_pairs(list(opts.eval_data), "--eval-data"):
             with acc.autocast():
@@ -389,7 +387,7 @@ def _benchmark(acc, unet, vae, prompt, opts: TrainOptions, step: int, say) -> li
             say("evaluation", record)
             _append_jsonl(Path(opts.out) / "eval.jsonl", record)
     finally:
-        model.train()
+        predictor.unet.train()
     return records
 
 
