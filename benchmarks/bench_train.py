@@ -128,19 +128,23 @@ def main() -> None:
     args = ap.parse_args()
     cpu = cpu_speed(args.steps)
     print(f"debug preset on this CPU (1 thread, batch 4 of 32x32, Lotus-G + detail preserver, {cpu['steps']} steps):")
-    print(f"  trainer      {cpu['trainer_steps_per_s']:.1f} steps/s  (wall {cpu['trainer_wall_s']:.1f} s incl. loading and saving)")
+    print(f"  trainer      {cpu['trainer_steps_per_s']:.1f} steps/s  "
+          f"(wall {cpu['trainer_wall_s']:.1f} s incl. loading and saving)")
     print(f"  bare step    {cpu['bare_steps_per_s']:.1f} steps/s  (baseline: loss + backward + AdamW, one fixed batch)")
     print(f"  ratio        {cpu['trainer_steps_per_s'] / cpu['bare_steps_per_s']:.2f} (trainer / bare)")
     p = full_plan()
     print("\nplan for the paper's recipe: batch 16/GPU at 576x768, 8 GPUs, 20k steps, fp16 autocast, AdamW")
-    print(f"  UNet parameters            {p['unet_params'] / 1e6:.1f} M (measured; VAE {p['vae_params'] / 1e6:.1f} M, frozen, fp16)")
-    print(f"  latent                     {p['latent'][0]}x{p['latent'][1]}; {p['rows_per_gpu']} UNet rows per GPU (detail preserver doubles 16)")
+    print(f"  UNet parameters            {p['unet_params'] / 1e6:.1f} M "
+          f"(measured; VAE {p['vae_params'] / 1e6:.1f} M, frozen, fp16)")
+    print(f"  latent                     {p['latent'][0]}x{p['latent'][1]}; {p['rows_per_gpu']} UNet rows per GPU "
+          "(detail preserver doubles 16)")
     print(f"  UNet forward               {p['unet_fwd_tflop_per_row']:.3f} TFLOP per row (measured, meta device)")
     print(f"  VAE encode                 {p['vae_encode_tflop_per_image']:.3f} TFLOP per image (measured)")
     print(f"  saved activations / row    {p['saved_act_gb_per_row_fp32']:.2f} GB fp32 plain, "
           f"{p['saved_act_gb_per_row_fp32_ckpt']:.2f} GB with gradient checkpointing (measured)")
     print(f"  weights+grads+AdamW        {p['weights_grads_adam_gb']:.1f} GB (16 B per UNet parameter, fp32 master)")
-    print(f"  per-GPU memory, ckpt       ~{p['per_gpu_gb_ckpt']:.1f} GB (+ CUDA context, workspace ~2-4 GB): fits 40/80 GB")
+    print(f"  per-GPU memory, ckpt       ~{p['per_gpu_gb_ckpt']:.1f} GB "
+          "(+ CUDA context, workspace ~2-4 GB): fits 40/80 GB")
     print(f"  per-GPU memory, no ckpt    ~{p['per_gpu_gb_no_ckpt']:.0f} GB: does not fit; checkpointing is required")
     attn = 5 * (p['latent'][0] * p['latent'][1]) ** 2 * 2  # SD2's 5 heads at the highest resolution, fp16
     print(f"  attention caveat           the meta-device count uses the math attention path; one 72x96 attention "

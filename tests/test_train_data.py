@@ -159,7 +159,8 @@ def test_hypersim_reader_on_fake_frames(tmp_path):
         img = tmp_path / "ai_001_001" / "images"
         (img / "scene_cam_00_final_preview").mkdir(parents=True, exist_ok=True)
         (img / "scene_cam_00_geometry_hdf5").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((768, 1024, 3), 90, np.uint8)).save(img / "scene_cam_00_final_preview" / f"frame.{i:04d}.tonemap.jpg")
+        preview = img / "scene_cam_00_final_preview" / f"frame.{i:04d}.tonemap.jpg"
+        Image.fromarray(np.full((768, 1024, 3), 90, np.uint8)).save(preview)
         d = distance.copy()
         if nan:
             d[10, 10] = np.nan  # a frame with any NaN depth is dropped

@@ -248,7 +248,8 @@ class Hypersim:
         n = np.nan_to_num(_h5(self._path(fr, "normal")).astype(np.float32))
         normal = convert_normals(n, "lotus", "opengl")  # Hypersim camera: x right, y up, z toward the viewer
         valid = np.ones(depth.shape, bool)
-        s = dict(rgb=_read_rgb(self._path(fr, "rgb")), depth=depth, normal=normal, valid=valid, key="/".join(map(str, fr)))
+        s = dict(rgb=_read_rgb(self._path(fr, "rgb")), depth=depth, normal=normal, valid=valid,
+                 key="/".join(map(str, fr)))
         return resize_sample(s, self.size)
 
 
@@ -311,14 +312,21 @@ class VKITTI:
 READERS = {"folder": FolderData, "hypersim": Hypersim, "vkitti": VKITTI}
 
 
-def open_data(spec: str, size: tuple[int, int] | None = None):
-    """``NAME=PATH`` (NAME: hypersim, vkitti, folder) or a bare PATH (folder format) -> a dataset."""
+def parse_spec(spec: str, option: str = "--data", must_exist: bool = True) -> tuple[str, Path]:
+    """``NAME=PATH`` (NAME: hypersim, vkitti, folder) or a bare PATH (folder format) -> (NAME, PATH); checks
+    the name and, with ``must_exist``, that PATH is a folder (a stat, no listing)."""
     name, _, path = spec.partition("=") if "=" in spec else ("folder", "", spec)
     if name not in READERS:
-        raise UsageError(f"--data {spec}: unknown dataset {name!r}", f"use one of {', '.join(READERS)}=PATH")
-    if not Path(path).expanduser().is_dir():
-        raise UsageError(f"--data {spec}: {path} is not a folder")
+        raise UsageError(f"{option} {spec}: unknown dataset {name!r}", f"use one of {', '.join(READERS)}=PATH")
     root = Path(path).expanduser()
+    if must_exist and not root.is_dir():
+        raise UsageError(f"{option} {spec}: {path} is not a folder")
+    return name, root
+
+
+def open_data(spec: str, size: tuple[int, int] | None = None, option: str = "--data"):
+    """``NAME=PATH`` or a bare PATH (``parse_spec``) -> a dataset."""
+    name, root = parse_spec(spec, option)
     return FolderData(root, size) if name == "folder" else READERS[name](root)
 
 
@@ -373,7 +381,8 @@ class StepBatches:
                  task: str = "depth"):
         if plan.global_batch % world:
             raise UsageError(f"the global batch {plan.global_batch} does not split over {world} processes")
-        self.datasets, self.plan, self.accum, self.rank, self.world, self.task = datasets, plan, accum, rank, world, task
+        self.datasets, self.plan, self.accum, self.task = datasets, plan, accum, task
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return 2**62

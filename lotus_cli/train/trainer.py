@@ -86,8 +86,25 @@ class TrainOptions:
                 raise UsageError(f"{name} must be >= 1, not {v}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UsageError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
-        if not self.lr > 0 or self.weight_decay < 0 or not self.max_grad_norm > 0:
-            raise UsageError("--lr and --max-grad-norm must be > 0, --weight-decay >= 0")
+        for name, v in (("--keep-checkpoints", self.keep_checkpoints), ("--val-samples", self.val_samples),
+                        ("--eval-max-samples", 1 if self.eval_max_samples is None else self.eval_max_samples)):
+            if v < 1:
+                raise UsageError(f"{name} must be >= 1, not {v}")
+        for name, v in (("--val-every", self.val_every), ("--num-workers", self.num_workers), ("--seed", self.seed)):
+            if v < 0:
+                raise UsageError(f"{name} must be >= 0, not {v}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be > 0, not {self.lr}")
+        if not self.max_grad_norm > 0:
+            raise UsageError(f"--max-grad-norm must be > 0, not {self.max_grad_norm}")
+        if not self.weight_decay >= 0:
+            raise UsageError(f"--weight-decay must be >= 0, not {self.weight_decay}")
+        if self.size is not None and min(self.size) < 1:
+            raise UsageError(f"--size {self.size[0]}x{self.size[1]}: both sides must be >= 1")
+        for spec in self.data:
+            D.parse_spec(spec, "--data", must_exist=False)
+        if self.val_data:
+            D.parse_spec(self.val_data, "--val-data", must_exist=False)
         if self.eval_data:
             from ..evaluate.datasets import parse_pairs, spec_for
 
@@ -219,7 +236,8 @@ def _micro_step(p: _Parts, opts: TrainOptions, batch: dict, step: int, micro: in
     draws = _local_draws(opts, step, micro, acc.num_processes, acc.process_index,
                          (vae.config.latent_channels, h // f, w // f))
     last = micro == opts.grad_accum - 1
-    with (acc.no_sync(p.unet) if not last else contextlib.nullcontext()), acc.autocast():  # gradients meet on the last micro-batch
+    # gradients meet (all-reduce) on the last micro-batch only
+    with (acc.no_sync(p.unet) if not last else contextlib.nullcontext()), acc.autocast():
         losses = training_loss(p.unet, vae, p.prompt, batch["rgb"].to(vae.dtype), anno.to(vae.dtype),
                                loss_mask(batch, opts.step), opts.step, draws)
         acc.backward(losses.total / opts.grad_accum)
@@ -344,7 +362,7 @@ def _predictor(acc, unet, vae, prompt, opts: TrainOptions, step: int):
 
 
 def _validation_set(opts: TrainOptions) -> list[dict]:
-    ds = D.open_data(opts.val_data, opts.size)
+    ds = D.open_data(opts.val_data, opts.size, "--val-data")
     return [ds.load(i) for i in range(min(opts.val_samples, len(ds)))]
 
 
@@ -413,8 +431,9 @@ def save_final(unet, base_folder: Path, prompt: torch.Tensor, opts: TrainOptions
     for sub in ("vae", "text_encoder", "tokenizer"):
         if (base_folder / sub).is_dir():
             shutil.copytree(base_folder / sub, tmp / sub)
+    prediction_type = "epsilon" if opts.step.prediction == "eps" else "sample"
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type="epsilon" if opts.step.prediction == "eps" else "sample").save_pretrained(tmp / "scheduler")
+                  prediction_type=prediction_type).save_pretrained(tmp / "scheduler")
     index = {"_class_name": f"Lotus{opts.step.family.upper()}Pipeline", "lotus_task": opts.step.task,
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -422,8 +441,9 @@ def save_final(unet, base_folder: Path, prompt: torch.Tensor, opts: TrainOptions
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     meta = {"task": opts.step.task, "kind": opts.step.kind, "name": opts.name or dest.parent.name,
             "family": opts.step.family, "licence": "derived from the base model's licence",
-            "note": f"trained with lotus train from {opts.base}: {opts.steps} steps, prediction {opts.step.prediction}, "
-                    f"timesteps {opts.step.timesteps}, detail preserver {opts.step.detail_preserver}, norm {opts.step.norm}"}
+            "note": f"trained with lotus train from {opts.base}: {opts.steps} steps, prediction "
+                    f"{opts.step.prediction}, timesteps {opts.step.timesteps}, detail preserver "
+                    f"{opts.step.detail_preserver}, norm {opts.step.norm}"}
     (tmp / models.METADATA_FILE).write_text(json.dumps(meta, indent=2))
     save_file({"embedding": prompt.detach().float().cpu().contiguous()}, str(tmp / models.EMBEDDING_FILE))
     shutil.rmtree(dest, ignore_errors=True)
