@@ -98,3 +98,19 @@ def test_debug_preset_shows_its_vae_fit_and_trains(monkeypatch, tmp_path):
         assert f"fitting the debug VAE: step {k}/8" in res.output
     assert (tmp_path / "run" / ".debug-ready").is_file()
     assert json.loads((tmp_path / "run" / "final" / "lotus.json").read_text())["kind"] == "disparity"
+
+
+def test_debug_preset_with_its_own_inputs_builds_none(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(cli_train, "_debug_inputs", lambda out: calls.append(out))
+    monkeypatch.setattr(cli_train, "_run", lambda opts: calls.append(opts))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "base").mkdir()
+    res = runner.invoke(app, ["train", "--preset", "debug", "--base", "base", "--data", "folder=d",
+                              "--val-data", "folder=d"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    (opts,) = calls  # trained, nothing built
+    assert (opts.base, opts.data, opts.steps, opts.size) == ("base", ("folder=d",), 300, (32, 32))
+    res = runner.invoke(app, ["train", "--preset", "debug", "--base", "base", "--data", "folder=d"])
+    assert res.exit_code == 0 and calls[1] == opts.out  # the validation scenes come from the preset

@@ -81,7 +81,7 @@ def train(
     `lotus depth --model OUT/final`. Every option is checked before any data is built or any folder made."""
     try:
         opts = _options(locals())
-        if preset == "debug":
+        if preset == "debug" and _uses_debug_inputs(opts):
             _debug_inputs(opts.out)
         if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise typer.Exit(_launch(num_processes))
@@ -184,6 +184,13 @@ def _size(spec: str | None) -> tuple[int, int] | None:
 
 def _debug_paths(out: Path) -> dict:
     return {"base": out / "debug-base", "train": out / "debug-data", "val": out / "debug-val"}
+
+
+def _uses_debug_inputs(opts) -> bool:
+    """Whether the run takes its base, data or validation set from the debug preset (else nothing to build)."""
+    paths = _debug_paths(opts.out)
+    specs = {f"folder={paths['train']}", f"folder={paths['val']}"}
+    return opts.base == str(paths["base"]) or bool(specs & {*opts.data, opts.val_data})
 
 
 def _debug_inputs(out: Path) -> dict:
