@@ -25,6 +25,22 @@ def test_hypersim_distance_to_planar_depth_on_a_fronto_parallel_plane():
     assert D.hypersim_planar_depth(np.ones((768, 1024)))[384, 512] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_face_camera_turns_normals_that_point_away():
+    """The authors' rule (GeoWizard's align_normals): flip n where n . K^-1 (u, v, 1) < 0, principal point
+    (W/2, H/2), Lotus normals against OpenCV rays."""
+    f = 10.0
+    n = np.zeros((4, 6, 3), np.float32)
+    n[..., 2] = -1  # Lotus z points to the camera: -1 faces away everywhere
+    np.testing.assert_array_equal(D.face_camera(n, f)[..., 2], 1)
+    n = np.zeros((4, 6, 3), np.float32)
+    n[..., 0] = 1  # Lotus x left; rays at u = 0 .. 5, cx = 3: u - cx = -3 .. 2
+    got = D.face_camera(n, f)[0, :, 0]
+    np.testing.assert_array_equal(got, [-1, -1, -1, 1, 1, 1])  # u < 3: n . ray = (u - 3) / f < 0 -> turned
+    tilted = np.array([0.6, 0.0, 0.8], np.float32)  # facing the camera, leaning left
+    ray = np.array([(5 - 3) / f, (1 - 2) / f, 1.0])
+    assert tilted @ ray > 0 and (D.face_camera(np.broadcast_to(tilted, (4, 6, 3)).copy(), f)[1, 5] == tilted).all()
+
+
 def test_bottom_centre_crop():
     a = np.arange(5 * 7).reshape(5, 7)
     c = D.bottom_centre_crop(a, 3, 4)  # left offset (7 - 4) // 2 = 1, bottom 3 rows
@@ -178,4 +194,6 @@ def test_hypersim_reader_on_fake_frames(tmp_path):
     assert s["depth"][0, 0] == pytest.approx(corner, rel=2e-3)
     assert s["depth"].max() == pytest.approx(3.0, rel=1e-3)
     np.testing.assert_allclose(s["normal"][50, 5], [-1, 0, 0])  # Lotus x points left
+    # right of the centre the ray has x > 0 (OpenCV): a normal pointing right there faces away and is turned
+    np.testing.assert_allclose(s["normal"][50, 700], [1, 0, 0])
     assert s["valid"].all() and s.get("sky") is None

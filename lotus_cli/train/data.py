@@ -68,6 +68,18 @@ def hypersim_planar_depth(distance: np.ndarray, focal: float = HYPERSIM_FOCAL) -
     return (distance.astype(np.float64) * focal / ray).astype(np.float32)
 
 
+def face_camera(normal: np.ndarray, focal: float = HYPERSIM_FOCAL) -> np.ndarray:
+    """Normals [H, W, 3] (Lotus frame) turned to face the camera: n -> -n where n points away from it, i.e.
+    where n . ray < 0 for the ray K^-1 (u, v, 1) of pixel (u, v) (u, v = 0 .. W-1, H-1; principal point
+    (W/2, H/2); the ray in OpenCV axes, which the Lotus frame mirrors on every axis). Hypersim stores some
+    normals facing away (its issue 26); the authors re-orient them so for normal training."""
+    h, w = normal.shape[:2]
+    u = (np.arange(w) - w / 2) / focal
+    v = (np.arange(h) - h / 2) / focal
+    dot = normal[..., 0] * u[None, :] + normal[..., 1] * v[:, None] + normal[..., 2]  # [H, W]
+    return np.where((dot < 0)[..., None], -normal, normal).astype(normal.dtype)
+
+
 def bottom_centre_crop(a: np.ndarray, height: int, width: int) -> np.ndarray:
     """The bottom ``height`` rows and the central ``width`` columns (left offset (W - width) // 2) of [H, W, ...]."""
     h, w = a.shape[:2]
@@ -190,7 +202,8 @@ class Hypersim:
     """Hypersim: tone-mapped jpg, depth_meters (distance -> planar depth) and normal_cam hdf5, the official
     split csv; frames whose depth has any NaN are dropped (a scan on first use, cached beside the csv or in
     lotus-cli's cache). Resized to 576 x 768. Every pixel is valid: the authors train Hypersim without a mask
-    and take the normalisation's quantiles over the whole frame."""
+    and take the normalisation's quantiles over the whole frame. Normals are turned to face the camera
+    (``face_camera``), as the authors' normal training does."""
 
     name = "hypersim"
 
@@ -246,7 +259,7 @@ class Hypersim:
         fr = self.frames[i]
         depth = hypersim_planar_depth(np.nan_to_num(_h5(self._path(fr, "depth")), nan=0.0))
         n = np.nan_to_num(_h5(self._path(fr, "normal")).astype(np.float32))
-        normal = convert_normals(n, "lotus", "opengl")  # Hypersim camera: x right, y up, z toward the viewer
+        normal = face_camera(convert_normals(n, "lotus", "opengl"))  # Hypersim: x right, y up, z to the viewer
         valid = np.ones(depth.shape, bool)
         s = dict(rgb=_read_rgb(self._path(fr, "rgb")), depth=depth, normal=normal, valid=valid,
                  key="/".join(map(str, fr)))
