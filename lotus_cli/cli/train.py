@@ -81,16 +81,17 @@ def train(
     `lotus depth --model OUT/final`. Every option is checked before any data is built or any folder made."""
     try:
         opts = _options(locals())
-        if preset == "debug" and _uses_debug_inputs(opts):
-            _debug_inputs(opts.out)
+        if preset == "debug":
+            import torch
+
+            # tiny models: a second thread only adds synchronisation, and on a busy machine far more
+            torch.set_num_threads(DEBUG["threads"])
+            if _uses_debug_inputs(opts):
+                _debug_inputs(opts.out)
         if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise typer.Exit(_launch(num_processes))
     except LotusError as e:
         fail(e)
-    if preset == "debug":
-        import torch
-
-        torch.set_num_threads(DEBUG["threads"])  # a tiny model: thread start-up costs more than it saves
     _run(opts)
 
 
