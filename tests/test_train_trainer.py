@@ -141,3 +141,24 @@ def test_normal_training_and_benchmark_evaluation_during_training(world, tmp_pat
     (rec,) = run.evaluation
     assert rec["dataset"] == "scannet" and rec["evaluated"] == 6 and 0 < rec["metrics"]["abs_rel"] < 1
     assert json.loads((tmp_path / "bench" / "eval.jsonl").read_text())["metrics"] == rec["metrics"]
+
+
+@pytest.mark.parametrize("family", ["g", "d"])
+def test_validation_scores_exactly_what_the_predictor_predicts(checkpoints, family):
+    """Validation runs the predictor's own steps: its AbsRel is that of `LotusPredictor.predict`'s maps
+    (42 x 50 px: the decoded 40 x 48 is resized back by the predictor's finish)."""
+    from lotus_cli.evaluate import metrics as M
+    from lotus_cli.predictor import LotusPredictor, PredictOptions
+    from lotus_cli.train.trainer import evaluate_samples
+
+    pred = LotusPredictor.from_pretrained(checkpoints[("depth", family)], device="cpu", channels_last=False,
+                                          pack_weights=False)
+    samples = [dict(render_scene(42, 50, seed=k), valid=np.ones((42, 50), bool)) for k in range(2)]
+    got = evaluate_samples(pred, samples[:1] if family == "g" else samples, StepOptions(family=family))
+    want = []
+    for s in samples[:1] if family == "g" else samples:  # G: sample i gets noise seed i, predict's seed is 0
+        m = pred.predict(s["rgb"], PredictOptions(processing_res=0)).map
+        gt = s["depth"].astype(np.float64)
+        aligned = M.align_depth(m, gt, s["valid"], "disparity", (float(gt.min()), float(gt.max())))
+        want.append(M.depth_metrics(aligned.depth, gt, s["valid"])["abs_rel"])
+    assert got["abs_rel"] == pytest.approx(float(np.mean(want)), rel=1e-9)
