@@ -58,6 +58,7 @@ def invoke_usage_error(args, message, folder):
     (["--out", "x", "--data", "nyu=data"], "unknown dataset 'nyu'"),
     (["--out", "x", "--data", "data", "--val-data", "folder=missing"], "--val-data folder=missing"),
     (["--out", "x", "--data", "data", "--base", "./no-such-base"], "unknown model"),
+    (["--out", "x", "--data", "data"], "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
 ])
 def test_usage_errors_exit_2(args, message, no_work):
     invoke_usage_error(args, message, no_work)

@@ -75,7 +75,8 @@ def train(
                              "(torchrun; one per GPU, gloo on CPU).")] = 1,
     preset: Annotated[Optional[str], Opt("--preset", help="debug: synthetic scenes and a tiny base it "
                       "builds under OUT (default runs/debug); defaults become 300 steps, batch 4, lr 1e-3, 32x32, "
-                      "validation every 100 steps; under a minute on a CPU.", show_default=False)] = None,
+                      "validation every 100 steps; a few minutes on a CPU, most of it fitting the tiny VAE.",
+                      show_default=False)] = None,
 ):
     """Fine-tune Stable Diffusion 2 into a Lotus depth or normal model; the result (OUT/final) loads with
     `lotus depth --model OUT/final`. Every option is checked before any data is built or any folder made."""
