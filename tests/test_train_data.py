@@ -75,6 +75,18 @@ def test_folder_format_round_trip(tmp_path):
     assert small["rgb"].shape == (3, 4, 3) and small["valid"].shape == (3, 4)
 
 
+def test_a_sample_without_the_tasks_map_is_refused(tmp_path):
+    write_synthetic_dataset(tmp_path, 2, (8, 8), holes=False)
+    for p in (tmp_path / "depth").iterdir():
+        p.unlink()
+    ds = D.FolderData(tmp_path)
+    assert ds.load(0)["depth"] is None and D.to_tensors(ds.load(0), False)["depth"].abs().sum() == 0
+    plan = D.BatchPlan((2,), (1.0,), global_batch=2)
+    assert D.StepBatches([ds], plan, 1, task="normal")[0]["normal"].shape == (2, 3, 8, 8)
+    with pytest.raises(UsageError, match="has no depth map"):
+        D.StepBatches([ds], plan, 1, task="depth")[0]
+
+
 def test_flip_mirrors_and_negates_normal_x():
     s = render_scene(8, 10, seed=3)
     s["valid"] = np.ones((8, 10), bool)

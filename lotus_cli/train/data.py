@@ -3,9 +3,10 @@
 Every dataset yields samples of numpy arrays, as the authors' loaders see their data (README "Training"):
 
     rgb     uint8 [H, W, 3]
-    depth   float32 [H, W] metres as stored, also where it is not ``valid`` (0 = no measurement); the
-            annotation is the depth normalisation applied to every pixel, so a pixel without depth holds
-            what the normalisation makes of 0 (+1 for disparity) and is kept out of the loss
+    depth   float32 [H, W] metres as stored, also where it is not ``valid`` (0 = no measurement), or None (a
+            folder sample without a depth map); the annotation is the depth normalisation applied to every
+            pixel, so a pixel without depth holds what the normalisation makes of 0 (+1 for disparity) and is
+            kept out of the loss
     valid   bool [H, W]: measured depth in the dataset's range; these pixels set the 2 % / 98 % range of
             the normalisation and are in the loss (Hypersim: every pixel, as the authors train it)
     sky     bool [H, W] or absent: far background without a usable depth (Virtual KITTI: depth >= 80 m),
@@ -177,8 +178,7 @@ class FolderData:
         key = self.keys[i]
         rgb = _read_rgb(self._rgb[i])
         h, w = rgb.shape[:2]
-        depth = np.zeros((h, w), np.float32)
-        valid = np.ones((h, w), bool)
+        depth, valid = None, np.ones((h, w), bool)
         if (p := _find(self.root / "depth", key)) is not None:
             d = _read_array(p).astype(np.float64)
             d = d / float(self.meta.get("depth_scale", 1000.0)) if p.suffix.lower() == ".png" else d
@@ -372,7 +372,9 @@ def to_tensors(s: dict, flip: bool) -> dict:
     and negates normal x."""
     import torch
 
-    rgb, depth, normal, valid, sky = s["rgb"], s["depth"], s.get("normal"), s["valid"], s.get("sky")
+    rgb, depth, normal, valid, sky = s["rgb"], s.get("depth"), s.get("normal"), s["valid"], s.get("sky")
+    if depth is None:
+        depth = np.zeros(rgb.shape[:2], np.float32)
     if normal is None:
         normal = np.zeros((*rgb.shape[:2], 3), np.float32)
     if sky is None:
@@ -411,9 +413,9 @@ class StepBatches:
 
     def _load(self, ds: int, i: int) -> dict:
         s = self.datasets[ds].load(i)
-        if self.task == "normal" and s.get("normal") is None:
-            raise UsageError(f"{self.datasets[ds].name} sample {s.get('key')} has no normals",
-                             "train normals on data with normal maps")
+        if s.get(self.task) is None:
+            raise UsageError(f"{self.datasets[ds].name} sample {s.get('key')} has no {self.task} map",
+                             f"train {self.task} on data with {self.task} maps")
         return s
 
 

@@ -363,7 +363,11 @@ def _predictor(acc, unet, vae, prompt, opts: TrainOptions, step: int):
 
 def _validation_set(opts: TrainOptions) -> list[dict]:
     ds = D.open_data(opts.val_data, opts.size, "--val-data")
-    return [ds.load(i) for i in range(min(opts.val_samples, len(ds)))]
+    samples = [ds.load(i) for i in range(min(opts.val_samples, len(ds)))]
+    for s in samples:
+        if s.get(opts.step.task) is None:
+            raise UsageError(f"--val-data {opts.val_data}: sample {s.get('key')} has no {opts.step.task} map")
+    return samples
 
 
 def _validate(acc, unet, vae, prompt, samples: list[dict], opts: TrainOptions, step: int, say) -> dict:
