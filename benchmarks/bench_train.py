@@ -35,9 +35,10 @@ ASSUMED_UTILISATION = 0.40  # typical for SD-UNet fine-tuning with checkpointing
 def cpu_speed(steps: int) -> dict:
     from lotus_cli.synthetic import write_synthetic_dataset
     from lotus_cli.train import data as D
-    from lotus_cli.train.step import StepOptions, annotation, draw, loss_mask, training_loss
+    from lotus_cli.train.options import StepOptions, TrainOptions
+    from lotus_cli.train.step import annotation, draw, loss_mask, training_loss
     from lotus_cli.train.surgery import build_tiny_base
-    from lotus_cli.train.trainer import TrainOptions, load_base, train
+    from lotus_cli.train.trainer import load_base, train
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))

@@ -2,6 +2,8 @@
 (exit 2), and the debug preset's progress while it fits its VAE."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -115,3 +117,13 @@ def test_debug_preset_with_its_own_inputs_builds_none(monkeypatch, tmp_path):
     assert (opts.base, opts.data, opts.steps, opts.size) == ("base", ("folder=d",), 300, (32, 32))
     res = runner.invoke(app, ["train", "--preset", "debug", "--base", "base", "--data", "folder=d"])
     assert res.exit_code == 0 and calls[1] == opts.out  # the validation scenes come from the preset
+
+
+def test_option_errors_come_before_torch_is_imported(tmp_path):
+    """The checks import no torch (seconds under load), so a bad option is answered at once."""
+    code = ("import sys; from typer.testing import CliRunner; from lotus_cli.cli import app; "
+            "r = CliRunner().invoke(app, ['train', '--preset', 'debug', '--steps', '0']); "
+            "print(r.exit_code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], out.stderr[-2000:]
+    assert not any(tmp_path.iterdir())

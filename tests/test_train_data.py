@@ -143,7 +143,8 @@ def test_vkitti_reader_on_fake_frames_trains_sky_as_farthest(tmp_path):
     import cv2
     import torch
 
-    from lotus_cli.train.step import StepOptions, annotation, loss_mask
+    from lotus_cli.train.options import StepOptions
+    from lotus_cli.train.step import annotation, loss_mask
 
     for cam in ("Camera_0", "Camera_1"):
         rgb_dir = tmp_path / "Scene02" / "clone" / "frames" / "rgb" / cam

@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from lotus_cli.errors import UsageError
-from lotus_cli.train.step import (StepOptions, alphas_cumprod, annotation, depth_annotation, draw, latent_valid,
-                                  loss_mask, predict_latent, train_timesteps, training_loss)
+from lotus_cli.train.options import StepOptions
+from lotus_cli.train.step import (
+    alphas_cumprod,
+    annotation,
+    depth_annotation,
+    draw,
+    latent_valid,
+    loss_mask,
+    predict_latent,
+    train_timesteps,
+    training_loss,
+)
+
 
 def load(folder):
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -14,9 +14,9 @@ import pytest
 
 from lotus_cli.synthetic import render_scene, write_synthetic_dataset
 from lotus_cli.train import data as D
-from lotus_cli.train.step import StepOptions
+from lotus_cli.train.options import StepOptions, TrainOptions
 from lotus_cli.train.surgery import build_tiny_base
-from lotus_cli.train.trainer import LOG_FILE, TrainOptions, train
+from lotus_cli.train.trainer import LOG_FILE, train
 
 
 @pytest.fixture(scope="module")

@@ -99,8 +99,7 @@ def train(
 def _options(a: dict):
     """The command's options as TrainOptions, every check done; creates nothing. Raises UsageError."""
     from ..train.data import parse_spec
-    from ..train.step import StepOptions
-    from ..train.trainer import TrainOptions, find_checkpoint
+    from ..train.options import StepOptions, TrainOptions, find_checkpoint
 
     dbg = a["preset"] == "debug"
     if a["preset"] not in (None, "debug"):

@@ -6,4 +6,4 @@ mixed precision, checkpointing, resume, validation, final save in the hub layout
 or `accelerate launch -m lotus_cli.train ...` (same options).
 """
 
-from .step import StepOptions  # noqa: F401
+from .options import StepOptions, TrainOptions  # noqa: F401

@@ -232,9 +232,9 @@ class Hypersim:
         return img / f"scene_{cam}_geometry_hdf5" / f"frame.{i:04d}.{name}.hdf5"
 
     def _drop_nan_frames(self, cache: Path) -> list:
-        from .. import models
-
         import hashlib
+
+        from .. import models
 
         fallback = models.cache_dir() / f"hypersim_{hashlib.sha256(str(cache.resolve()).encode()).hexdigest()[:16]}.txt"
         cached = [c for c in (cache, fallback) if c.is_file()]

@@ -30,50 +30,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
 from ..predictor import ANNOTATION, RECONSTRUCTION, TIMESTEP, task_embedding
-
-NORMALISATIONS = {  # name -> output kind of the trained model
-    "trunc_disparity": "disparity",  # 1/depth, 2% / 98% quantiles -> -1 / +1, clipped (the v2 models)
-    "trunc_depth": "depth",  # depth, 2% / 98% quantiles -> -1 / +1, clipped (Marigold; the v1-0 models)
-    "disparity": "disparity",  # 1/depth, min / max -> -1 / +1
-    "depth": "depth",  # depth, min / max -> -1 / +1
-}
-NUM_TRAIN_TIMESTEPS = 1000
-
-
-@dataclass(frozen=True)
-class StepOptions:
-    """What one step does (the paper's Table 3 ablations are these fields); validated once."""
-
-    task: str = "depth"  # "depth" | "normal"
-    family: str = "g"  # "g" (noise input, 8 channels) | "d" (image latent only)
-    prediction: str = "x0"  # "x0" (Lotus) | "eps" (standard diffusion; G only)
-    timesteps: int = 1  # 1 = single step t = 999 (Lotus); N = N evenly spaced steps, DDIM at evaluation (G)
-    detail_preserver: bool = True
-    norm: str = "trunc_disparity"  # depth normalisation, a key of NORMALISATIONS
-    latent: str = "sample"  # "sample" (reference: posterior sample) | "mean"
-
-    def __post_init__(self):
-        checks = [
-            (self.task in ("depth", "normal"), f"--task must be depth or normal, not {self.task!r}"),
-            (self.family in ("g", "d"), f"--family must be g or d, not {self.family!r}"),
-            (self.prediction in ("x0", "eps"), f"--prediction must be x0 or eps, not {self.prediction!r}"),
-            (1 <= self.timesteps <= NUM_TRAIN_TIMESTEPS, f"--timesteps must be in 1..1000, not {self.timesteps}"),
-            (self.norm in NORMALISATIONS, f"--norm must be one of {', '.join(NORMALISATIONS)}, not {self.norm!r}"),
-            (self.latent in ("sample", "mean"), f"--latent must be sample or mean, not {self.latent!r}"),
-            (self.family == "g" or self.prediction == "x0", "--prediction eps needs --family g (D has no noise)"),
-            (self.family == "g" or self.timesteps == 1, "--timesteps > 1 needs --family g (D has no noise)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-
-    @property
-    def kind(self) -> str:
-        """Output kind of the trained model: "disparity", "depth" or "normal"."""
-        return "normal" if self.task == "normal" else NORMALISATIONS[self.norm]
-
+from .options import NORMALISATIONS, NUM_TRAIN_TIMESTEPS, StepOptions
 
 # ------------------------------------------------------------------------------------ schedule
 

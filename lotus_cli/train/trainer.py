@@ -35,81 +35,11 @@ from ..predictor import LotusPredictor
 from ..sinks import write_json
 from ..visualize import colorize_depth, normal_to_rgb
 from . import data as D
-from .step import StepOptions, annotation, draw, loss_mask, predict_latent, training_loss
+from .options import STATE_FILE, StepOptions, TrainOptions, checkpoint_dirs, find_checkpoint
+from .step import annotation, draw, loss_mask, predict_latent, training_loss
 from .surgery import to_lotus
 
 LOG_FILE = "log.jsonl"
-STATE_FILE = "trainer_state.json"
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """A training run (defaults: the paper's recipe per process); validated once, before any work."""
-
-    base: str  # SD2 hub id / folder, or a Lotus checkpoint to continue from
-    out: Path
-    data: tuple[str, ...]  # NAME=PATH (hypersim, vkitti, folder) or PATH (folder format)
-    step: StepOptions = StepOptions()
-    mix: tuple[float, ...] | None = None  # per-batch probabilities, one per --data (default: equal)
-    steps: int = 20_000
-    batch_size: int = 16  # per process and micro-batch
-    grad_accum: int = 1
-    lr: float = 3e-5
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 2000
-    keep_checkpoints: int = 3
-    resume: str | None = None  # "latest" or a checkpoint folder
-    seed: int = 0
-    size: tuple[int, int] | None = None  # (H, W) for folder data
-    flip: bool = True
-    val_data: str | None = None
-    val_every: int = 0  # steps; 0 = only at the start and the end (validation) / the end (evaluation)
-    val_samples: int = 8
-    eval_data: tuple[str, ...] = ()  # NAME=PATH benchmark sets of `lotus eval` (depth: nyuv2, kitti, ...)
-    eval_max_samples: int | None = None
-    log_every: int = 10
-    num_workers: int = 0
-    name: str = ""
-
-    def __post_init__(self):
-        if not self.data:
-            raise UsageError("no training data", "pass --data NAME=PATH (hypersim, vkitti, folder), repeatable")
-        if self.mix is not None and (len(self.mix) != len(self.data) or min(self.mix) < 0 or sum(self.mix) <= 0):
-            raise UsageError(f"--mix {','.join(map(str, self.mix))}: give one non-negative weight per --data "
-                             f"({len(self.data)})")
-        for name, v in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
-                        ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every)):
-            if v < 1:
-                raise UsageError(f"{name} must be >= 1, not {v}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise UsageError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
-        for name, v in (("--keep-checkpoints", self.keep_checkpoints), ("--val-samples", self.val_samples),
-                        ("--eval-max-samples", 1 if self.eval_max_samples is None else self.eval_max_samples)):
-            if v < 1:
-                raise UsageError(f"{name} must be >= 1, not {v}")
-        for name, v in (("--val-every", self.val_every), ("--num-workers", self.num_workers), ("--seed", self.seed)):
-            if v < 0:
-                raise UsageError(f"{name} must be >= 0, not {v}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be > 0, not {self.lr}")
-        if not self.max_grad_norm > 0:
-            raise UsageError(f"--max-grad-norm must be > 0, not {self.max_grad_norm}")
-        if not self.weight_decay >= 0:
-            raise UsageError(f"--weight-decay must be >= 0, not {self.weight_decay}")
-        if self.size is not None and min(self.size) < 1:
-            raise UsageError(f"--size {self.size[0]}x{self.size[1]}: both sides must be >= 1")
-        for spec in self.data:
-            D.parse_spec(spec, "--data", must_exist=False)
-        if self.val_data:
-            D.parse_spec(self.val_data, "--val-data", must_exist=False)
-        if self.eval_data:
-            from ..evaluate.datasets import parse_pairs, spec_for
-
-            for name, _ in parse_pairs(list(self.eval_data), "--eval-data"):
-                spec_for(self.step.task, name)
 
 
 @dataclass
@@ -138,24 +68,6 @@ def load_base(base: str, task: str, family: str, seed: int):
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
     vae.eval().requires_grad_(False)
     return folder, unet, vae, models.empty_prompt_embedding(folder)
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """The complete checkpoints under ``out`` (those with their step file), oldest first."""
-    found = [p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def find_checkpoint(out: Path, resume: str) -> Path:
-    if resume == "latest":
-        found = checkpoint_dirs(out)
-        if not found:
-            raise UsageError(f"--resume latest: no checkpoint in {out / 'checkpoints'}", "start without --resume")
-        return found[-1]
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise UsageError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})", "use --resume latest")
-    return path
 
 
 # ------------------------------------------------------------------------------------------- loop
