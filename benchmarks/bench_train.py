@@ -33,14 +33,16 @@ ASSUMED_UTILISATION = 0.40  # typical for SD-UNet fine-tuning with checkpointing
 
 
 def cpu_speed(steps: int) -> dict:
+    from lotus_cli.synthetic import write_synthetic_dataset
     from lotus_cli.train import data as D
-    from lotus_cli.train.step import StepOptions, annotation, draw, training_loss
+    from lotus_cli.train.options import StepOptions, TrainOptions
+    from lotus_cli.train.step import annotation, draw, loss_mask, training_loss
     from lotus_cli.train.surgery import build_tiny_base
-    from lotus_cli.train.trainer import TrainOptions, load_base, train
+    from lotus_cli.train.trainer import load_base, train
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    data = D.write_synthetic_dataset(root / "data", 64, (32, 32), seed=1)
+    data = write_synthetic_dataset(root / "data", 64, (32, 32), seed=1)
     base = build_tiny_base(root / "base", fit_images=D.autoencoder_images(D.FolderData(data)), fit_steps=20)
     opts = TrainOptions(base=str(base), out=root / "run", data=(f"folder={data}",), steps=steps, batch_size=4,
                         lr=1e-3, checkpoint_every=10**9, log_every=10**9)
@@ -56,7 +58,7 @@ def cpu_speed(steps: int) -> dict:
     d = draw(4, (4, 8, 8), sopts, torch.Generator().manual_seed(0))
     t1 = time.perf_counter()
     for _ in range(steps):
-        loss = training_loss(unet, vae, prompt, batch["rgb"], anno, batch["valid"], sopts, d).total
+        loss = training_loss(unet, vae, prompt, batch["rgb"], anno, loss_mask(batch, sopts), sopts, d).total
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
@@ -70,11 +72,12 @@ def full_plan(batch: int = 16, gpus: int = 8, steps: int = 20_000, hw: tuple[int
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lotus_cli.synthetic import LOTUS_UNET, SD2_UNET, SD2_VAE
+    from lotus_cli.models import LOTUS_CLASS_EMBED
+    from lotus_cli.synthetic import SD2_UNET, SD2_VAE
 
     h, w = hw[0] // 8, hw[1] // 8
     with torch.device("meta"):
-        unet = UNet2DConditionModel(in_channels=8, **SD2_UNET, **LOTUS_UNET)
+        unet = UNet2DConditionModel(in_channels=8, **SD2_UNET, **LOTUS_CLASS_EMBED)
         vae = AutoencoderKL(**SD2_VAE)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_vae = sum(p.numel() for p in vae.parameters())
@@ -126,19 +129,23 @@ def main() -> None:
     args = ap.parse_args()
     cpu = cpu_speed(args.steps)
     print(f"debug preset on this CPU (1 thread, batch 4 of 32x32, Lotus-G + detail preserver, {cpu['steps']} steps):")
-    print(f"  trainer      {cpu['trainer_steps_per_s']:.1f} steps/s  (wall {cpu['trainer_wall_s']:.1f} s incl. loading and saving)")
+    print(f"  trainer      {cpu['trainer_steps_per_s']:.1f} steps/s  "
+          f"(wall {cpu['trainer_wall_s']:.1f} s incl. loading and saving)")
     print(f"  bare step    {cpu['bare_steps_per_s']:.1f} steps/s  (baseline: loss + backward + AdamW, one fixed batch)")
     print(f"  ratio        {cpu['trainer_steps_per_s'] / cpu['bare_steps_per_s']:.2f} (trainer / bare)")
     p = full_plan()
     print("\nplan for the paper's recipe: batch 16/GPU at 576x768, 8 GPUs, 20k steps, fp16 autocast, AdamW")
-    print(f"  UNet parameters            {p['unet_params'] / 1e6:.1f} M (measured; VAE {p['vae_params'] / 1e6:.1f} M, frozen, fp16)")
-    print(f"  latent                     {p['latent'][0]}x{p['latent'][1]}; {p['rows_per_gpu']} UNet rows per GPU (detail preserver doubles 16)")
+    print(f"  UNet parameters            {p['unet_params'] / 1e6:.1f} M "
+          f"(measured; VAE {p['vae_params'] / 1e6:.1f} M, frozen, fp16)")
+    print(f"  latent                     {p['latent'][0]}x{p['latent'][1]}; {p['rows_per_gpu']} UNet rows per GPU "
+          "(detail preserver doubles 16)")
     print(f"  UNet forward               {p['unet_fwd_tflop_per_row']:.3f} TFLOP per row (measured, meta device)")
     print(f"  VAE encode                 {p['vae_encode_tflop_per_image']:.3f} TFLOP per image (measured)")
     print(f"  saved activations / row    {p['saved_act_gb_per_row_fp32']:.2f} GB fp32 plain, "
           f"{p['saved_act_gb_per_row_fp32_ckpt']:.2f} GB with gradient checkpointing (measured)")
     print(f"  weights+grads+AdamW        {p['weights_grads_adam_gb']:.1f} GB (16 B per UNet parameter, fp32 master)")
-    print(f"  per-GPU memory, ckpt       ~{p['per_gpu_gb_ckpt']:.1f} GB (+ CUDA context, workspace ~2-4 GB): fits 40/80 GB")
+    print(f"  per-GPU memory, ckpt       ~{p['per_gpu_gb_ckpt']:.1f} GB "
+          "(+ CUDA context, workspace ~2-4 GB): fits 40/80 GB")
     print(f"  per-GPU memory, no ckpt    ~{p['per_gpu_gb_no_ckpt']:.0f} GB: does not fit; checkpointing is required")
     attn = 5 * (p['latent'][0] * p['latent'][1]) ** 2 * 2  # SD2's 5 heads at the highest resolution, fp16
     print(f"  attention caveat           the meta-device count uses the math attention path; one 72x96 attention "

@@ -1,10 +1,12 @@
-"""Random-weight Lotus checkpoints in the real hub folder layout.
+"""Random-weight Lotus checkpoints in the real hub folder layout, and ray-cast scenes of known geometry.
 
 Model weights cannot be downloaded everywhere (CI, air-gapped machines), so tests, benchmarks and the
 training debug preset build checkpoints here and load them through exactly the code path that loads
 released weights (`lotus --model PATH`). ``size="full"`` gives the real SD2 / Lotus architecture
 (868M-parameter UNet, 84M VAE) for speed and memory measurements; ``size="tiny"`` gives a model of a
-few hundred thousand parameters that runs in milliseconds.
+few hundred thousand parameters that runs in milliseconds. ``render_scene`` draws a room of planes and
+spheres whose depth and normals are exact; ``write_synthetic_dataset`` saves such scenes in the training
+folder format (lotus_cli/train/data.py), which the debug preset trains on.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+from .geometry import convert_normals
 from .models import LOTUS_CLASS_EMBED
 
 # Stable Diffusion 2 (stabilityai/stable-diffusion-2-base) component configs; Lotus adds the projection
@@ -177,3 +182,72 @@ def build_checkpoint(
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
 
+
+# ------------------------------------------------------------------------------------ synthetic scenes
+
+
+def render_scene(height: int, width: int, seed: int) -> dict:
+    """A ray-cast scene of known geometry: a floor, a back wall, a side wall and two spheres, Lambert-shaded
+    with a checker texture. Returns rgb uint8 [H, W, 3], depth float32 [H, W] (z, metres), normal float32
+    [H, W, 3] (Lotus frame), all exact; nothing is invalid (callers may mask)."""
+    rng = np.random.default_rng(seed)
+    f = 0.9 * width
+    u = (np.arange(width) - (width - 1) / 2) / f
+    v = (np.arange(height) - (height - 1) / 2) / f
+    d = np.stack(np.broadcast_arrays(u[None, :], v[:, None], np.ones((height, width))), -1)  # rays, OpenCV, z = 1
+    best = np.full((height, width), np.inf)
+    normal = np.zeros((height, width, 3))
+    albedo = np.zeros((height, width, 3))
+    planes = [((0.0, -1.0, 0.0), rng.uniform(0.6, 1.4)),  # floor below the camera (OpenCV y points down)
+              ((0.0, 0.0, -1.0), rng.uniform(4.0, 8.0)),  # back wall facing the camera
+              ((rng.choice([-1.0, 1.0]) * np.cos(0.3), 0.0, -np.sin(0.3)), rng.uniform(1.5, 3.0))]  # side wall
+    for n, dist in planes:  # plane n . p = -dist, unit normal n facing the camera at the origin
+        n = np.asarray(n)
+        t = -dist / np.where(np.abs(d @ n) > 1e-9, d @ n, np.nan)
+        _hit(best, normal, albedo, t, np.broadcast_to(n, normal.shape), rng.uniform(0.3, 0.9, 3))
+    for _ in range(2):
+        centre = np.array([rng.uniform(-1, 1), rng.uniform(-0.3, 0.6), rng.uniform(2.5, 4.5)])
+        r = rng.uniform(0.3, 0.8)
+        b = d @ centre
+        disc = b ** 2 - (d * d).sum(-1) * (centre @ centre - r ** 2)
+        t = (b - np.sqrt(np.where(disc >= 0, disc, np.nan))) / (d * d).sum(-1)
+        _hit(best, normal, albedo, t, (t[..., None] * d - centre) / r, rng.uniform(0.3, 0.9, 3))
+    p = best[..., None] * d
+    checker = ((np.floor(p[..., 0] * 2) + np.floor(p[..., 1] * 2) + np.floor(p[..., 2] * 2)) % 2) * 0.25 + 0.75
+    light = np.array([0.4, -0.6, -0.7]) / np.linalg.norm([0.4, -0.6, -0.7])  # toward the light, OpenCV frame
+    shade = 0.25 + 0.75 * np.clip(normal @ light, 0, 1)
+    rgb = np.clip(albedo * (shade * checker)[..., None] * 255, 0, 255).astype(np.uint8)
+    return dict(rgb=rgb, depth=best.astype(np.float32),
+                normal=convert_normals(normal.astype(np.float32), "lotus", "opencv"))
+
+
+def _hit(best, normal, albedo, t, n, colour) -> None:
+    closer = np.isfinite(t) & (t > 1e-3) & (t < best)
+    best[closer] = t[closer]
+    normal[closer] = n[closer]
+    albedo[closer] = colour
+
+
+def write_synthetic_dataset(root: str | Path, count: int, size: tuple[int, int] = (32, 32), seed: int = 0,
+                            holes: bool = True) -> Path:
+    """``count`` rendered scenes in the generic folder format under ``root`` (depth npy metres, normals npy
+    in the Lotus frame, and with ``holes`` a mask png with one invalid rectangle per image)."""
+    from PIL import Image
+
+    root = Path(root)
+    for sub in ("rgb", "depth", "normal", "mask"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        s = render_scene(*size, seed=seed * 100_003 + i)
+        key = f"{i:05d}"
+        Image.fromarray(s["rgb"]).save(root / "rgb" / f"{key}.png")
+        np.save(root / "depth" / f"{key}.npy", s["depth"])
+        np.save(root / "normal" / f"{key}.npy", s["normal"])
+        if holes:
+            rng = np.random.default_rng([seed, i])
+            mask = np.full(size, 255, np.uint8)
+            y, x = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
+            mask[y:y + size[0] // 6 + 1, x:x + size[1] // 6 + 1] = 0
+            Image.fromarray(mask).save(root / "mask" / f"{key}.png")
+    (root / "lotus_data.json").write_text(json.dumps({"normal_frame": "lotus", "note": "synthetic scenes"}))
+    return root

@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from lotus_cli.errors import UsageError
-from lotus_cli.train.step import (StepOptions, alphas_cumprod, annotation, depth_annotation, draw, latent_valid,
-                                  predict_latent, train_timesteps, training_loss)
+from lotus_cli.train.options import StepOptions
+from lotus_cli.train.step import (
+    alphas_cumprod,
+    annotation,
+    depth_annotation,
+    draw,
+    latent_valid,
+    loss_mask,
+    predict_latent,
+    train_timesteps,
+    training_loss,
+)
+
 
 def load(folder):
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -37,17 +48,21 @@ def class_labels(s0, s1, n):
 
 
 def reference_loss(unet, vae, prompt, batch, anno, opts, d):
-    """The facts' formula, written out by hand: posterior samples, noisy targets at t, masked latent MSE
-    over cells whose f x f pixels are all valid, reconstruction MSE, 1:1."""
+    """The authors' step, written out by hand: their rgb_latents = encode(cat(rgb, rgb)).sample() and
+    target_latents = encode(cat(anno, rgb)).sample(), so every image latent is its own posterior sample;
+    noisy targets at t, masked latent MSE over cells whose f x f pixels are all valid, reconstruction MSE, 1:1."""
     sf = vae.config.scaling_factor
+    b = batch["rgb"].shape[0]
+    rows = 2 * b if opts.detail_preserver else b
     with torch.no_grad():
         post_i, post_a = vae.encode(batch["rgb"]).latent_dist, vae.encode(anno).latent_dist
-        z_img = (post_i.mean + post_i.std * d.image_eps) * sf
-        z_anno = (post_a.mean + post_a.std * d.anno_eps) * sf
-    b = z_img.shape[0]
-    rows = 2 * b if opts.detail_preserver else b
-    target = torch.cat([z_anno, z_img])[:rows]
-    cond = torch.cat([z_img, z_img])[:rows]
+        cond = torch.cat([(post_i.mean + post_i.std * d.image_eps[k * b:(k + 1) * b]) * sf
+                          for k in range(rows // b)])
+        targets = [(post_a.mean + post_a.std * d.anno_eps) * sf]
+        if opts.detail_preserver:
+            targets.append((post_i.mean + post_i.std * d.target_eps) * sf)
+    z_img = cond[:b]
+    target = torch.cat(targets)
     labels = torch.cat([class_labels(1, 0, b), class_labels(0, 1, b)])[:rows]
     if opts.family == "g":
         a = torch.tensor([scaled_linear_abar(int(t)) for t in d.t], dtype=torch.float32).view(-1, 1, 1, 1)
@@ -116,21 +131,71 @@ def test_schedule_and_timesteps():
     assert len(set(train_timesteps(1000).tolist())) == 1000
 
 
-def test_trunc_disparity_maps_quantiles_to_unit_range():
-    depth = torch.linspace(1.0, 10.0, 100).view(1, 1, 10, 10)
-    valid = torch.ones_like(depth, dtype=torch.bool)
-    valid[0, 0, 0, 0] = False  # depth 1.0, the nearest: excluded from the quantiles and zeroed
+def authors_trunc_disparity(depth: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The authors' Virtual KITTI loader: disparity = 1 / depth on every pixel, 2 % / 98 % quantiles over
+    the valid pixels with depth > 0, ((disparity - min) / (max - min + 1e-5) - 0.5) * 2, clipped to [-1, 1]."""
+    with np.errstate(divide="ignore"):
+        disparity = 1 / depth
+    lo, hi = np.quantile(disparity[valid & (depth > 0)], [0.02, 0.98])
+    return np.clip(((disparity - lo) / (hi - lo + 1e-5) - 0.5) * 2.0, -1, 1)
+
+
+def test_trunc_disparity_is_the_authors_normalisation_with_sky_and_holes():
+    depth = torch.linspace(1.0, 10.0, 100, dtype=torch.float64).view(1, 1, 10, 10).float()
+    depth[0, 0, 0, 0] = 0.0  # no measurement
+    depth[0, 0, 0, 1] = 655.35  # Virtual KITTI sky
+    valid = (depth > 1e-5) & (depth < 80)
     a = depth_annotation(depth, valid, "trunc_disparity")
-    disp = 1 / depth[valid].double().numpy()
-    lo, hi = np.quantile(disp, [0.02, 0.98])
-    expect = np.clip((1 / depth.double().numpy() - lo) / (hi - lo) * 2 - 1, -1, 1)
-    expect[0, 0, 0, 0] = 0
-    assert a.shape == (1, 3, 10, 10)
-    np.testing.assert_allclose(a[0, 0].numpy(), expect[0, 0], atol=1e-6)
-    assert torch.equal(a[:, 0], a[:, 2])
-    assert a[0, 0, 0, 1] == 1.0 and a[0, 0, 9, 9] == -1.0  # near -> +1 for disparity
+    expect = authors_trunc_disparity(depth.double().numpy()[0, 0], valid.numpy()[0, 0])
+    assert a.shape == (1, 3, 10, 10) and torch.equal(a[:, 0], a[:, 2])
+    np.testing.assert_allclose(a[0, 0].numpy(), expect, atol=1e-6)
+    assert a[0, 0, 0, 0] == 1.0  # 1 / 0 clipped to +1, as the authors' annotation holds it
+    assert a[0, 0, 0, 1] == -1.0  # sky: the farthest value
+    assert a[0, 0, 0, 2] == 1.0 and a[0, 0, 9, 9] == -1.0  # near -> +1 for disparity
+    # the 1e-5 in the denominator: a range of 1 maps its top to 2 / (1 + 1e-5) - 1, not to 1
+    flat = torch.tensor([1.0, 1.0, 0.5, 0.5], dtype=torch.float64).view(1, 1, 2, 2)
+    top = depth_annotation(flat, torch.ones_like(flat, dtype=torch.bool), "disparity")[0, 0, 1, 1].item()
+    assert top == pytest.approx(2 / (1 + 1e-5) - 1, abs=1e-12) and top < 1.0
     d = depth_annotation(depth, valid, "trunc_depth")
-    assert d[0, 0, 0, 1] == -1.0 and d[0, 0, 9, 9] == 1.0  # near -> -1 for depth
+    assert d[0, 0, 0, 2] == -1.0 and d[0, 0, 9, 9] == 1.0  # near -> -1 for depth
+    assert d[0, 0, 0, 1] == 1.0  # sky is the farthest value in depth too
+
+
+def test_hypersim_quantiles_come_from_every_pixel():
+    """The authors' Hypersim transform takes the quantiles over the whole frame (no mask); our Hypersim
+    reader marks every pixel valid, so a pixel without a usable normal still sets the range."""
+    g = torch.Generator().manual_seed(0)
+    depth = torch.rand((1, 1, 8, 8), generator=g, dtype=torch.float64) * 9 + 1
+    every = torch.ones_like(depth, dtype=torch.bool)
+    a = depth_annotation(depth, every, "trunc_disparity")[0, 0].numpy()
+    np.testing.assert_allclose(a, authors_trunc_disparity(depth.numpy()[0, 0], every.numpy()[0, 0]), atol=1e-6)
+    fewer = every.clone()
+    fewer[0, 0, :2] = False
+    assert not np.allclose(depth_annotation(depth, fewer, "trunc_disparity")[0, 0].numpy(), a)
+
+
+def test_loss_mask_is_valid_plus_sky_for_depth_and_valid_normals_for_normals():
+    valid = torch.tensor([[True, False, False, True]]).view(1, 1, 1, 4)
+    sky = torch.tensor([[False, True, False, False]]).view(1, 1, 1, 4)
+    normal = torch.zeros((1, 3, 1, 4))
+    normal[:, 2, :, :2] = 1.0  # pixels 0 and 1 have a normal
+    batch = {"valid": valid, "sky": sky, "normal": normal}
+    assert loss_mask(batch, StepOptions()).flatten().tolist() == [True, True, False, True]
+    assert loss_mask(batch, StepOptions(task="normal")).flatten().tolist() == [True, False, False, False]
+    assert loss_mask({"valid": valid}, StepOptions()).flatten().tolist() == [True, False, False, True]
+
+
+def test_every_image_latent_is_its_own_posterior_draw():
+    opts = StepOptions()
+    d = draw(2, (4, 3, 3), opts, torch.Generator().manual_seed(0))
+    assert d.image_eps.shape == (4, 4, 3, 3) and d.anno_eps.shape == d.target_eps.shape == (2, 4, 3, 3)
+    cond_anno, cond_rgb, target = d.image_eps[:2], d.image_eps[2:], d.target_eps
+    assert not torch.equal(cond_anno, cond_rgb) and not torch.equal(cond_anno, target)
+    assert not torch.equal(cond_rgb, target)
+    plain = draw(2, (4, 3, 3), StepOptions(detail_preserver=False), torch.Generator().manual_seed(0))
+    assert plain.image_eps.shape == (2, 4, 3, 3) and plain.target_eps is None
+    mean = draw(2, (4, 3, 3), StepOptions(latent="mean"), torch.Generator().manual_seed(0))
+    assert mean.image_eps is mean.anno_eps is mean.target_eps is None
 
 
 def test_options_are_validated():

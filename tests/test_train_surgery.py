@@ -9,6 +9,7 @@ from lotus_cli.errors import ModelError
 from lotus_cli.synthetic import TINY_UNET
 from lotus_cli.train.surgery import add_class_embedding, is_lotus_unet, to_lotus, widen_conv_in
 
+
 @pytest.fixture(scope="module")
 def sd2_unet():
     from diffusers import UNet2DConditionModel

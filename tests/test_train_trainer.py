@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lotus_cli.synthetic import render_scene, write_synthetic_dataset
 from lotus_cli.train import data as D
-from lotus_cli.train.step import StepOptions
+from lotus_cli.train.options import StepOptions, TrainOptions
 from lotus_cli.train.surgery import build_tiny_base
-from lotus_cli.train.trainer import LOG_FILE, TrainOptions, train
+from lotus_cli.train.trainer import LOG_FILE, train
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,9 @@ def world(tmp_path_factory):
     """Synthetic scenes (train with invalid holes, val and a hole-free set) and a tiny SD2-like base whose
     VAE is fitted to them, so that decoded predictions mean something."""
     root = tmp_path_factory.mktemp("train-world")
-    train_dir = D.write_synthetic_dataset(root / "train", 48, (32, 32), seed=1)
-    val_dir = D.write_synthetic_dataset(root / "val", 6, (32, 32), seed=2, holes=False)
-    full_dir = D.write_synthetic_dataset(root / "full", 8, (32, 32), seed=3, holes=False)
+    train_dir = write_synthetic_dataset(root / "train", 48, (32, 32), seed=1)
+    val_dir = write_synthetic_dataset(root / "val", 6, (32, 32), seed=2, holes=False)
+    full_dir = write_synthetic_dataset(root / "full", 8, (32, 32), seed=3, holes=False)
     base = build_tiny_base(root / "base", fit_images=D.autoencoder_images(D.FolderData(train_dir)), fit_steps=250)
     return {"root": root, "train": train_dir, "val": val_dir, "full": full_dir, "base": base}
 
@@ -133,10 +134,31 @@ def test_normal_training_and_benchmark_evaluation_during_training(world, tmp_pat
     assert all(np.isfinite(r["loss"]) for r in run.losses) and run.validation[0]["error"] > 0
     pred = LotusPredictor.from_pretrained(run.final, device="cpu")
     assert (pred.task, pred.kind, pred.family) == ("normal", "normal", "d")
-    n = pred.predict(np.asarray(D.render_scene(32, 32, 5)["rgb"])).map
+    n = pred.predict(np.asarray(render_scene(32, 32, 5)["rgb"])).map
     np.testing.assert_allclose(np.linalg.norm(n, axis=-1), 1.0, atol=1e-4)
     scannet = fake_scannet(world["val"], tmp_path / "scannet")
     run = train(options(world, tmp_path / "bench", steps=3, eval_data=(f"scannet={scannet}",)))
     (rec,) = run.evaluation
     assert rec["dataset"] == "scannet" and rec["evaluated"] == 6 and 0 < rec["metrics"]["abs_rel"] < 1
     assert json.loads((tmp_path / "bench" / "eval.jsonl").read_text())["metrics"] == rec["metrics"]
+
+
+@pytest.mark.parametrize("family", ["g", "d"])
+def test_validation_scores_exactly_what_the_predictor_predicts(checkpoints, family):
+    """Validation runs the predictor's own steps: its AbsRel is that of `LotusPredictor.predict`'s maps
+    (42 x 50 px: the decoded 40 x 48 is resized back by the predictor's finish)."""
+    from lotus_cli.evaluate import metrics as M
+    from lotus_cli.predictor import LotusPredictor, PredictOptions
+    from lotus_cli.train.trainer import evaluate_samples
+
+    pred = LotusPredictor.from_pretrained(checkpoints[("depth", family)], device="cpu", channels_last=False,
+                                          pack_weights=False)
+    samples = [dict(render_scene(42, 50, seed=k), valid=np.ones((42, 50), bool)) for k in range(2)]
+    got = evaluate_samples(pred, samples[:1] if family == "g" else samples, StepOptions(family=family))
+    want = []
+    for s in samples[:1] if family == "g" else samples:  # G: sample i gets noise seed i, predict's seed is 0
+        m = pred.predict(s["rgb"], PredictOptions(processing_res=0)).map
+        gt = s["depth"].astype(np.float64)
+        aligned = M.align_depth(m, gt, s["valid"], "disparity", (float(gt.min()), float(gt.max())))
+        want.append(M.depth_metrics(aligned.depth, gt, s["valid"])["abs_rel"])
+    assert got["abs_rel"] == pytest.approx(float(np.mean(want)), rel=1e-9)

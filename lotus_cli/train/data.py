@@ -1,15 +1,28 @@
 """Training data: Hypersim, Virtual KITTI 2 and a generic folder format, mixed per batch.
 
-Every dataset yields samples of numpy arrays: ``rgb`` uint8 [H, W, 3]; ``depth`` float32 [H, W] metres (0 =
-no measurement); ``normal`` float32 [H, W, 3] in the Lotus camera frame (x left, y up, z toward the camera)
-or None; ``valid`` bool [H, W]. ``to_tensors`` flips (normal x negated) and converts them.
+Every dataset yields samples of numpy arrays, as the authors' loaders see their data (README "Training"):
+
+    rgb     uint8 [H, W, 3]
+    depth   float32 [H, W] metres as stored, also where it is not ``valid`` (0 = no measurement), or None (a
+            folder sample without a depth map); the annotation is the depth normalisation applied to every
+            pixel, so a pixel without depth holds what the normalisation makes of 0 (+1 for disparity) and is
+            kept out of the loss
+    valid   bool [H, W]: measured depth in the dataset's range; these pixels set the 2 % / 98 % range of
+            the normalisation and are in the loss (Hypersim: every pixel, as the authors train it)
+    sky     bool [H, W] or absent: far background without a usable depth (Virtual KITTI: depth >= 80 m),
+            trained as the farthest value, in the depth loss
+    normal  float32 [H, W, 3] in the Lotus camera frame (x left, y up, z toward the camera), a zero vector
+            where unknown; or None
+
+``to_tensors`` flips (normal x negated) and converts them.
 
 Generic folder format (``--data folder=ROOT``; what `lotus train --preset debug` writes):
 
     ROOT/rgb/<key>.png|jpg            colour image (any size; all samples of one folder share one size,
                                       or pass a training size and they are resized)
     ROOT/depth/<key>.npy|png|exr      depth: npy/exr float metres; png 16-bit, metres = value / depth_scale;
-                                      0, negative or non-finite = no measurement
+                                      0, negative or non-finite = no measurement; outside depth_range = kept
+                                      but not valid
     ROOT/normal/<key>.npy|png|exr     optional normals: npy/exr float [H, W, 3]; png 8- or 16-bit, n = 2 v / max - 1
     ROOT/mask/<key>.png               optional: nonzero = valid pixel
     ROOT/lotus_data.json              optional: {"depth_scale": 1000, "normal_frame": "lotus"|"opengl"|"opencv",
@@ -35,6 +48,7 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg")
 HYPERSIM_FOCAL = 886.81  # px, on the native 1024 x 768 grid
 HYPERSIM_SIZE = (576, 768)  # (H, W) training size (native 768 x 1024 scaled by 3/4)
 VKITTI_SCENES = ("02", "06", "18", "20")
+VKITTI_CAMERAS = ("0", "1")  # the stereo pair: the authors train on both
 VKITTI_CROP = (352, 1216)  # (H, W), bottom centre
 VKITTI_RANGE = (1e-5, 80.0)  # metres
 VKITTI_K = (725.0087, 725.0087, 620.5, 187.0)  # fx, fy, cx, cy of the full 1242 x 375 frame
@@ -55,6 +69,18 @@ def hypersim_planar_depth(distance: np.ndarray, focal: float = HYPERSIM_FOCAL) -
     return (distance.astype(np.float64) * focal / ray).astype(np.float32)
 
 
+def face_camera(normal: np.ndarray, focal: float = HYPERSIM_FOCAL) -> np.ndarray:
+    """Normals [H, W, 3] (Lotus frame) turned to face the camera: n -> -n where n points away from it, i.e.
+    where n . ray < 0 for the ray K^-1 (u, v, 1) of pixel (u, v) (u, v = 0 .. W-1, H-1; principal point
+    (W/2, H/2); the ray in OpenCV axes, which the Lotus frame mirrors on every axis). Hypersim stores some
+    normals facing away (its issue 26); the authors re-orient them so for normal training."""
+    h, w = normal.shape[:2]
+    u = (np.arange(w) - w / 2) / focal
+    v = (np.arange(h) - h / 2) / focal
+    dot = normal[..., 0] * u[None, :] + normal[..., 1] * v[:, None] + normal[..., 2]  # [H, W]
+    return np.where((dot < 0)[..., None], -normal, normal).astype(normal.dtype)
+
+
 def bottom_centre_crop(a: np.ndarray, height: int, width: int) -> np.ndarray:
     """The bottom ``height`` rows and the central ``width`` columns (left offset (W - width) // 2) of [H, W, ...]."""
     h, w = a.shape[:2]
@@ -65,7 +91,7 @@ def bottom_centre_crop(a: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def resize_sample(s: dict, size: tuple[int, int]) -> dict:
-    """Resize a sample to (H, W): rgb bilinear (area when shrinking), depth, normal and valid nearest."""
+    """Resize a sample to (H, W): rgb bilinear (area when shrinking), depth, normal and the masks nearest."""
     import cv2
 
     h, w = size
@@ -76,7 +102,9 @@ def resize_sample(s: dict, size: tuple[int, int]) -> dict:
     for k in ("depth", "normal"):
         if s.get(k) is not None:
             out[k] = cv2.resize(s[k], (w, h), interpolation=cv2.INTER_NEAREST)
-    out["valid"] = cv2.resize(s["valid"].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    for k in ("valid", "sky"):
+        if s.get(k) is not None:
+            out[k] = cv2.resize(s[k].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
     return out
 
 
@@ -85,7 +113,7 @@ def _read_rgb(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
     except OSError as e:
         raise InputError(f"{path}: unreadable image ({e})", "re-extract the dataset") from e
 
@@ -150,14 +178,13 @@ class FolderData:
         key = self.keys[i]
         rgb = _read_rgb(self._rgb[i])
         h, w = rgb.shape[:2]
-        depth = np.zeros((h, w), np.float32)
-        valid = np.ones((h, w), bool)
+        depth, valid = None, np.ones((h, w), bool)
         if (p := _find(self.root / "depth", key)) is not None:
             d = _read_array(p).astype(np.float64)
             d = d / float(self.meta.get("depth_scale", 1000.0)) if p.suffix.lower() == ".png" else d
             lo, hi = self.meta.get("depth_range", (0.0, np.inf))
-            ok = np.isfinite(d) & (d > max(lo, 0.0)) & (d <= hi)
-            depth, valid = np.where(ok, d, 0.0).astype(np.float32), ok
+            measured = np.isfinite(d) & (d > 0)
+            depth, valid = np.where(measured, d, 0.0).astype(np.float32), measured & (d > lo) & (d <= hi)
         normal = None
         if (p := _find(self.root / "normal", key)) is not None:
             n = _read_array(p)
@@ -165,7 +192,6 @@ class FolderData:
                 n = n.astype(np.float64) / np.iinfo(n.dtype).max * 2 - 1
             n = convert_normals(n.astype(np.float32), "lotus", self.meta.get("normal_frame", "lotus"))
             normal = np.nan_to_num(n)
-            valid &= np.linalg.norm(normal, axis=-1) > 0.5
         if (p := _find(self.root / "mask", key, (".png",))) is not None:
             valid &= _read_array(p).reshape(h, w, -1)[..., 0] > 0
         s = dict(rgb=rgb, depth=depth, normal=normal, valid=valid, key=key)
@@ -175,7 +201,9 @@ class FolderData:
 class Hypersim:
     """Hypersim: tone-mapped jpg, depth_meters (distance -> planar depth) and normal_cam hdf5, the official
     split csv; frames whose depth has any NaN are dropped (a scan on first use, cached beside the csv or in
-    lotus-cli's cache). Resized to 576 x 768."""
+    lotus-cli's cache). Resized to 576 x 768. Every pixel is valid: the authors train Hypersim without a mask
+    and take the normalisation's quantiles over the whole frame. Normals are turned to face the camera
+    (``face_camera``), as the authors' normal training does."""
 
     name = "hypersim"
 
@@ -204,9 +232,9 @@ class Hypersim:
         return img / f"scene_{cam}_geometry_hdf5" / f"frame.{i:04d}.{name}.hdf5"
 
     def _drop_nan_frames(self, cache: Path) -> list:
-        from .. import models
-
         import hashlib
+
+        from .. import models
 
         fallback = models.cache_dir() / f"hypersim_{hashlib.sha256(str(cache.resolve()).encode()).hexdigest()[:16]}.txt"
         cached = [c for c in (cache, fallback) if c.is_file()]
@@ -231,9 +259,10 @@ class Hypersim:
         fr = self.frames[i]
         depth = hypersim_planar_depth(np.nan_to_num(_h5(self._path(fr, "depth")), nan=0.0))
         n = np.nan_to_num(_h5(self._path(fr, "normal")).astype(np.float32))
-        normal = convert_normals(n, "lotus", "opengl")  # Hypersim camera: x right, y up, z toward the viewer
-        valid = (depth > 0) & (np.linalg.norm(normal, axis=-1) > 0.5)
-        s = dict(rgb=_read_rgb(self._path(fr, "rgb")), depth=depth, normal=normal, valid=valid, key="/".join(map(str, fr)))
+        normal = face_camera(convert_normals(n, "lotus", "opengl"))  # Hypersim: x right, y up, z to the viewer
+        valid = np.ones(depth.shape, bool)
+        s = dict(rgb=_read_rgb(self._path(fr, "rgb")), depth=depth, normal=normal, valid=valid,
+                 key="/".join(map(str, fr)))
         return resize_sample(s, self.size)
 
 
@@ -247,22 +276,25 @@ def _h5(path: Path) -> np.ndarray:
 
 
 class VKITTI:
-    """Virtual KITTI 2 (scenes 02, 06, 18, 20 by default; all variations, Camera_0): rgb jpg, depth png in
-    cm, bottom-centre crop 1216 x 352, valid 1e-5 .. 80 m; normals derived from the depth (local plane of the
-    back-projected neighbours, geometry.normals_from_depth) since VKITTI has none."""
+    """Virtual KITTI 2 as the authors train on it: scenes 02, 06, 18, 20, every variation, both cameras
+    (Camera_0 and Camera_1); rgb jpg, depth png in cm, bottom-centre crop 1216 x 352. Valid: 1e-5 < d < 80 m;
+    sky: d >= 80 m (the renderer stores 655.35 m), trained as the farthest value. Normals are derived from
+    the valid depth (local plane of the back-projected neighbours, geometry.normals_from_depth)."""
 
     name = "vkitti"
 
-    def __init__(self, root: str | Path, scenes: tuple[str, ...] = VKITTI_SCENES):
+    def __init__(self, root: str | Path, scenes: tuple[str, ...] = VKITTI_SCENES,
+                 cameras: tuple[str, ...] = VKITTI_CAMERAS):
         self.root = Path(root)
         self.items = []
         for sc in scenes:
-            for rgb in sorted(self.root.glob(f"**/Scene{sc}/*/frames/rgb/Camera_0/rgb_*.jpg")):
-                depth = self._depth_path(rgb)
-                if depth is not None:
-                    self.items.append((rgb, depth))
+            for cam in cameras:
+                for rgb in sorted(self.root.glob(f"**/Scene{sc}/*/frames/rgb/Camera_{cam}/rgb_*.jpg")):
+                    depth = self._depth_path(rgb)
+                    if depth is not None:
+                        self.items.append((rgb, depth))
         if not self.items:
-            raise UsageError(f"--data vkitti={root}: no SceneXX/<variation>/frames/rgb/Camera_0/rgb_*.jpg with "
+            raise UsageError(f"--data vkitti={root}: no SceneXX/<variation>/frames/rgb/Camera_N/rgb_*.jpg with "
                              "its depth png", "extract vkitti_2.0.3_rgb and vkitti_2.0.3_depth into this folder")
 
     def _depth_path(self, rgb: Path) -> Path | None:
@@ -280,29 +312,34 @@ class VKITTI:
         rgb_path, depth_path = self.items[i]
         d = _read_array(depth_path).astype(np.float64) / 100.0  # cm -> m
         lo, hi = VKITTI_RANGE
-        valid = (d > lo) & (d < hi)
-        depth = np.where(valid, d, 0.0).astype(np.float32)
-        h, w = depth.shape
+        valid, sky = (d > lo) & (d < hi), (d > lo) & (d >= hi)
+        h, w = d.shape
         fx, fy, cx, cy = VKITTI_K
-        n = normals_from_depth(depth, Intrinsics(fx, fy, cx, cy, w, h))  # OpenCV frame, NaN at holes
-        normal = np.nan_to_num(convert_normals(n, "lotus", "opencv"))
-        valid &= np.isfinite(n).all(-1)
+        n = normals_from_depth(np.where(valid, d, 0.0).astype(np.float32), Intrinsics(fx, fy, cx, cy, w, h))
+        normal = np.nan_to_num(convert_normals(n, "lotus", "opencv"))  # NaN (no normal) at holes and sky -> 0
         crop = lambda a: np.ascontiguousarray(bottom_centre_crop(a, *VKITTI_CROP))  # noqa: E731
-        return dict(rgb=crop(_read_rgb(rgb_path)), depth=crop(depth), normal=crop(normal), valid=crop(valid),
-                    key=rgb_path.stem)
+        return dict(rgb=crop(_read_rgb(rgb_path)), depth=crop(d.astype(np.float32)), normal=crop(normal),
+                    valid=crop(valid), sky=crop(sky), key=rgb_path.relative_to(self.root).with_suffix("").as_posix())
 
 
 READERS = {"folder": FolderData, "hypersim": Hypersim, "vkitti": VKITTI}
 
 
-def open_data(spec: str, size: tuple[int, int] | None = None):
-    """``NAME=PATH`` (NAME: hypersim, vkitti, folder) or a bare PATH (folder format) -> a dataset."""
+def parse_spec(spec: str, option: str = "--data", must_exist: bool = True) -> tuple[str, Path]:
+    """``NAME=PATH`` (NAME: hypersim, vkitti, folder) or a bare PATH (folder format) -> (NAME, PATH); checks
+    the name and, with ``must_exist``, that PATH is a folder (a stat, no listing)."""
     name, _, path = spec.partition("=") if "=" in spec else ("folder", "", spec)
     if name not in READERS:
-        raise UsageError(f"--data {spec}: unknown dataset {name!r}", f"use one of {', '.join(READERS)}=PATH")
-    if not Path(path).expanduser().is_dir():
-        raise UsageError(f"--data {spec}: {path} is not a folder")
+        raise UsageError(f"{option} {spec}: unknown dataset {name!r}", f"use one of {', '.join(READERS)}=PATH")
     root = Path(path).expanduser()
+    if must_exist and not root.is_dir():
+        raise UsageError(f"{option} {spec}: {path} is not a folder")
+    return name, root
+
+
+def open_data(spec: str, size: tuple[int, int] | None = None, option: str = "--data"):
+    """``NAME=PATH`` or a bare PATH (``parse_spec``) -> a dataset."""
+    name, root = parse_spec(spec, option)
     return FolderData(root, size) if name == "folder" else READERS[name](root)
 
 
@@ -331,17 +368,23 @@ class BatchPlan:
 
 def to_tensors(s: dict, flip: bool) -> dict:
     """A sample -> tensors: rgb float32 [3, H, W] in [-1, 1], depth [1, H, W], normal [3, H, W] (zeros when
-    absent), valid bool [1, H, W]. A horizontal flip mirrors every map and negates normal x."""
+    absent), valid and sky bool [1, H, W] (sky all False when absent). A horizontal flip mirrors every map
+    and negates normal x."""
     import torch
 
-    rgb, depth, normal, valid = s["rgb"], s["depth"], s.get("normal"), s["valid"]
+    rgb, depth, normal, valid, sky = s["rgb"], s.get("depth"), s.get("normal"), s["valid"], s.get("sky")
+    if depth is None:
+        depth = np.zeros(rgb.shape[:2], np.float32)
     if normal is None:
         normal = np.zeros((*rgb.shape[:2], 3), np.float32)
+    if sky is None:
+        sky = np.zeros(rgb.shape[:2], bool)
     if flip:
-        rgb, depth, normal, valid = rgb[:, ::-1], depth[:, ::-1], normal[:, ::-1] * np.array([-1, 1, 1], np.float32), valid[:, ::-1]
+        rgb, depth, valid, sky = rgb[:, ::-1], depth[:, ::-1], valid[:, ::-1], sky[:, ::-1]
+        normal = normal[:, ::-1] * np.array([-1, 1, 1], np.float32)
     t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731  (a writable contiguous copy)
     return {"rgb": t(rgb).permute(2, 0, 1).float() / 127.5 - 1, "depth": t(depth.astype(np.float32))[None],
-            "normal": t(normal.astype(np.float32)).permute(2, 0, 1), "valid": t(valid)[None]}
+            "normal": t(normal.astype(np.float32)).permute(2, 0, 1), "valid": t(valid)[None], "sky": t(sky)[None]}
 
 
 class StepBatches:
@@ -353,7 +396,8 @@ class StepBatches:
                  task: str = "depth"):
         if plan.global_batch % world:
             raise UsageError(f"the global batch {plan.global_batch} does not split over {world} processes")
-        self.datasets, self.plan, self.accum, self.rank, self.world, self.task = datasets, plan, accum, rank, world, task
+        self.datasets, self.plan, self.accum, self.task = datasets, plan, accum, task
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return 2**62
@@ -369,80 +413,13 @@ class StepBatches:
 
     def _load(self, ds: int, i: int) -> dict:
         s = self.datasets[ds].load(i)
-        if self.task == "normal" and s.get("normal") is None:
-            raise UsageError(f"{self.datasets[ds].name} sample {s.get('key')} has no normals",
-                             "train normals on data with normal maps")
+        if s.get(self.task) is None:
+            raise UsageError(f"{self.datasets[ds].name} sample {s.get('key')} has no {self.task} map",
+                             f"train {self.task} on data with {self.task} maps")
         return s
 
 
-# ------------------------------------------------------------------------------- synthetic scenes
-
-
-def render_scene(height: int, width: int, seed: int) -> dict:
-    """A ray-cast scene of known geometry: a floor, a back wall, a side wall and two spheres, Lambert-shaded
-    with a checker texture. Returns rgb uint8 [H, W, 3], depth float32 [H, W] (z, metres), normal float32
-    [H, W, 3] (Lotus frame), all exact; nothing is invalid (callers may mask)."""
-    rng = np.random.default_rng(seed)
-    f = 0.9 * width
-    u = (np.arange(width) - (width - 1) / 2) / f
-    v = (np.arange(height) - (height - 1) / 2) / f
-    d = np.stack(np.broadcast_arrays(u[None, :], v[:, None], np.ones((height, width))), -1)  # rays, OpenCV, z = 1
-    best = np.full((height, width), np.inf)
-    normal = np.zeros((height, width, 3))
-    albedo = np.zeros((height, width, 3))
-    planes = [((0.0, -1.0, 0.0), rng.uniform(0.6, 1.4)),  # floor below the camera (OpenCV y points down)
-              ((0.0, 0.0, -1.0), rng.uniform(4.0, 8.0)),  # back wall facing the camera
-              ((rng.choice([-1.0, 1.0]) * np.cos(0.3), 0.0, -np.sin(0.3)), rng.uniform(1.5, 3.0))]  # side wall
-    for n, dist in planes:  # plane n . p = -dist, unit normal n facing the camera at the origin
-        n = np.asarray(n)
-        t = -dist / np.where(np.abs(d @ n) > 1e-9, d @ n, np.nan)
-        _hit(best, normal, albedo, t, np.broadcast_to(n, normal.shape), rng.uniform(0.3, 0.9, 3))
-    for _ in range(2):
-        centre = np.array([rng.uniform(-1, 1), rng.uniform(-0.3, 0.6), rng.uniform(2.5, 4.5)])
-        r = rng.uniform(0.3, 0.8)
-        b = d @ centre
-        disc = b ** 2 - (d * d).sum(-1) * (centre @ centre - r ** 2)
-        t = (b - np.sqrt(np.where(disc >= 0, disc, np.nan))) / (d * d).sum(-1)
-        _hit(best, normal, albedo, t, (t[..., None] * d - centre) / r, rng.uniform(0.3, 0.9, 3))
-    p = best[..., None] * d
-    checker = ((np.floor(p[..., 0] * 2) + np.floor(p[..., 1] * 2) + np.floor(p[..., 2] * 2)) % 2) * 0.25 + 0.75
-    light = np.array([0.4, -0.6, -0.7]) / np.linalg.norm([0.4, -0.6, -0.7])  # toward the light, OpenCV frame
-    shade = 0.25 + 0.75 * np.clip(normal @ light, 0, 1)
-    rgb = np.clip(albedo * (shade * checker)[..., None] * 255, 0, 255).astype(np.uint8)
-    return dict(rgb=rgb, depth=best.astype(np.float32),
-                normal=convert_normals(normal.astype(np.float32), "lotus", "opencv"))
-
-
-def _hit(best, normal, albedo, t, n, colour) -> None:
-    closer = np.isfinite(t) & (t > 1e-3) & (t < best)
-    best[closer] = t[closer]
-    normal[closer] = n[closer]
-    albedo[closer] = colour
-
-
-def write_synthetic_dataset(root: str | Path, count: int, size: tuple[int, int] = (32, 32), seed: int = 0,
-                            holes: bool = True) -> Path:
-    """``count`` rendered scenes in the generic folder format under ``root`` (depth npy metres, normals npy
-    in the Lotus frame, and with ``holes`` a mask png with one invalid rectangle per image)."""
-    from PIL import Image
-
-    root = Path(root)
-    for sub in ("rgb", "depth", "normal", "mask"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        s = render_scene(*size, seed=seed * 100_003 + i)
-        key = f"{i:05d}"
-        Image.fromarray(s["rgb"]).save(root / "rgb" / f"{key}.png")
-        np.save(root / "depth" / f"{key}.npy", s["depth"])
-        np.save(root / "normal" / f"{key}.npy", s["normal"])
-        if holes:
-            rng = np.random.default_rng([seed, i])
-            mask = np.full(size, 255, np.uint8)
-            y, x = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
-            mask[y:y + size[0] // 6 + 1, x:x + size[1] // 6 + 1] = 0
-            Image.fromarray(mask).save(root / "mask" / f"{key}.png")
-    (root / "lotus_data.json").write_text(json.dumps({"normal_frame": "lotus", "note": "synthetic scenes"}))
-    return root
+# ------------------------------------------------------------------------------- debug preset
 
 
 def autoencoder_images(ds, norm: str = "trunc_disparity"):
@@ -454,5 +431,5 @@ def autoencoder_images(ds, norm: str = "trunc_disparity"):
 
     ts = [to_tensors(ds.load(i), False) for i in range(len(ds))]
     stack = lambda k: torch.stack([t[k] for t in ts])  # noqa: E731
-    valid = stack("valid")
-    return torch.cat([stack("rgb"), depth_annotation(stack("depth"), valid, norm), normal_annotation(stack("normal"), valid)])
+    return torch.cat([stack("rgb"), depth_annotation(stack("depth"), stack("valid"), norm),
+                      normal_annotation(stack("normal"))])

@@ -1,17 +1,22 @@
-"""One Lotus training step and its loss, exactly as LOTUS_FACTS.md "Training protocol" states.
+"""One Lotus training step and its loss, as the paper (arXiv 2409.18124, Sec. 4) and the authors' train
+scripts do it (README "Training").
 
-For a batch of B images (rgb [B, 3, H, W] in [-1, 1], annotation [B, 3, H, W] in [-1, 1], valid [B, 1, H, W]):
+For a batch of B images (rgb [B, 3, H, W] in [-1, 1], annotation [B, 3, H, W] in [-1, 1], loss mask
+[B, 1, H, W]):
 
-1. latents: z_img = VAE(rgb), z_anno = VAE(annotation), each ``mean + std * eps`` (the reference's posterior
-   sample; ``latent="mean"`` drops the eps) times the scaling factor; [B, 4, h, w], h = H / f;
-2. targets = [z_anno, z_img] (2B; the second half is the detail preserver, task switch [0, 1]); without the
-   detail preserver only z_anno (B); conditions = z_img for every row;
+1. latents are posterior samples ``mean + std * eps`` times the scaling factor ([B, 4, h, w], h = H / f),
+   each drawn independently as the authors' two ``latent_dist.sample()`` calls draw them: one per condition
+   row (the annotation row's and the reconstruction row's image latents differ), one for the annotation and
+   one for the reconstruction target; ``latent="mean"`` drops every eps;
+2. targets = [z_anno, z_img'] (2B; the second half is the detail preserver, task switch [0, 1]); without the
+   detail preserver only z_anno (B); conditions = an image latent per row;
 3. G: noisy = sqrt(abar_t) * target + sqrt(1 - abar_t) * noise with SD's scaled-linear schedule, t = 999
    (or one of ``timesteps`` evenly spaced steps), UNet input = [condition, noisy] (image first, 8 channels);
    D: UNet input = the condition, t = 999;
 4. the UNet output is the clean target (x0-prediction) or the noise (``prediction="eps"``, G only);
-5. loss = MSE over valid latent cells of the annotation rows (a cell is valid only if all its f x f pixels
-   are: the invalid mask is max-pooled) + MSE over all reconstruction rows, weighted 1 : 1.
+5. loss = MSE over the latent cells of the annotation rows inside the loss mask (a cell counts only if all
+   its f x f pixels do: the outside is max-pooled) + MSE over all reconstruction rows, weighted 1 : 1. The
+   loss mask is ``loss_mask``: depth, valid pixels plus sky; normals, valid pixels with a normal.
 
 Every random number of a step comes from ``draw`` in a fixed order, so a step is a pure function of the
 model, the batch and one generator: resuming and data-parallel training reproduce it exactly.
@@ -25,50 +30,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
 from ..predictor import ANNOTATION, RECONSTRUCTION, TIMESTEP, task_embedding
-
-NORMALISATIONS = {  # name -> output kind of the trained model
-    "trunc_disparity": "disparity",  # 1/depth, 2% / 98% quantiles -> -1 / +1, clipped (the v2 models)
-    "trunc_depth": "depth",  # depth, 2% / 98% quantiles -> -1 / +1, clipped (Marigold; the v1-0 models)
-    "disparity": "disparity",  # 1/depth, min / max -> -1 / +1
-    "depth": "depth",  # depth, min / max -> -1 / +1
-}
-NUM_TRAIN_TIMESTEPS = 1000
-
-
-@dataclass(frozen=True)
-class StepOptions:
-    """What one step does (the paper's Table 3 ablations are these fields); validated once."""
-
-    task: str = "depth"  # "depth" | "normal"
-    family: str = "g"  # "g" (noise input, 8 channels) | "d" (image latent only)
-    prediction: str = "x0"  # "x0" (Lotus) | "eps" (standard diffusion; G only)
-    timesteps: int = 1  # 1 = single step t = 999 (Lotus); N = N evenly spaced steps, DDIM at evaluation (G)
-    detail_preserver: bool = True
-    norm: str = "trunc_disparity"  # depth normalisation, a key of NORMALISATIONS
-    latent: str = "sample"  # "sample" (reference: posterior sample) | "mean"
-
-    def __post_init__(self):
-        checks = [
-            (self.task in ("depth", "normal"), f"--task must be depth or normal, not {self.task!r}"),
-            (self.family in ("g", "d"), f"--family must be g or d, not {self.family!r}"),
-            (self.prediction in ("x0", "eps"), f"--prediction must be x0 or eps, not {self.prediction!r}"),
-            (1 <= self.timesteps <= NUM_TRAIN_TIMESTEPS, f"--timesteps must be in 1..1000, not {self.timesteps}"),
-            (self.norm in NORMALISATIONS, f"--norm must be one of {', '.join(NORMALISATIONS)}, not {self.norm!r}"),
-            (self.latent in ("sample", "mean"), f"--latent must be sample or mean, not {self.latent!r}"),
-            (self.family == "g" or self.prediction == "x0", "--prediction eps needs --family g (D has no noise)"),
-            (self.family == "g" or self.timesteps == 1, "--timesteps > 1 needs --family g (D has no noise)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-
-    @property
-    def kind(self) -> str:
-        """Output kind of the trained model: "disparity", "depth" or "normal"."""
-        return "normal" if self.task == "normal" else NORMALISATIONS[self.norm]
-
+from .options import NORMALISATIONS, NUM_TRAIN_TIMESTEPS, StepOptions
 
 # ------------------------------------------------------------------------------------ schedule
 
@@ -98,33 +61,49 @@ def _quantiles(v: torch.Tensor, q: tuple[float, float]) -> tuple[torch.Tensor, t
     return lo, hi
 
 
+RANGE_EPS = 1e-5  # added to the denominator of the normalisation range, as the authors' loaders do
+
+
 def depth_annotation(depth: torch.Tensor, valid: torch.Tensor, norm: str = "trunc_disparity") -> torch.Tensor:
     """Depth [B, 1, H, W] metres (valid [B, 1, H, W] bool) -> annotation [B, 3, H, W] in [-1, 1], one
-    channel repeated; per image. Disparity norms map near to +1, depth norms map near to -1. 0 off ``valid``."""
+    channel repeated; per image, as the authors' loaders compute it: v = 1 / depth (disparity norms) or depth;
+    lo, hi = its 2 % / 98 % quantiles (min / max for the untruncated norms) over the valid pixels with depth
+    > 0; a = clip(2 (v - lo) / (hi - lo + 1e-5) - 1, -1, 1) on EVERY pixel. Disparity norms map near to +1,
+    depth norms near to -1; a pixel without depth (0) becomes +1 (disparity, 1/0) or -1 (depth), the far sky
+    -1 (disparity) or +1 (depth). An image with no valid pixel gives zeros."""
     out = torch.zeros_like(depth)
     for i in range(depth.shape[0]):
-        m = valid[i] & (depth[i] > 0)
+        d = torch.nan_to_num(depth[i].double(), nan=0.0)
+        m = valid[i] & (d > 0)
         if not m.any():
             continue
-        v = depth[i].double()
-        v = 1.0 / v.clamp_min(1e-12) if NORMALISATIONS[norm] == "disparity" else v
+        v = 1.0 / d if NORMALISATIONS[norm] == "disparity" else d  # 1 / 0 = inf -> +1 after the clip
         q = (0.02, 0.98) if norm.startswith("trunc_") else (0.0, 1.0)
         lo, hi = _quantiles(v[m], q)
-        a = ((v - lo) / (hi - lo).clamp_min(1e-12) * 2 - 1).clamp(-1, 1)
-        out[i] = torch.where(m, a, torch.zeros_like(a)).to(out.dtype)
+        out[i] = ((v - lo) / (hi - lo + RANGE_EPS) * 2 - 1).clamp(-1, 1).to(out.dtype)
     return out.repeat(1, 3, 1, 1)
 
 
-def normal_annotation(normal: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Normals [B, 3, H, W] (Lotus frame: x left, y up, z toward the camera) -> [-1, 1]; 0 off ``valid``."""
-    n = normal / normal.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    return torch.where(valid, n.clamp(-1, 1), torch.zeros_like(n))
+def normal_annotation(normal: torch.Tensor) -> torch.Tensor:
+    """Normals [B, 3, H, W] (Lotus frame: x left, y up, z toward the camera) -> unit vectors in [-1, 1];
+    a zero vector (no normal) stays 0."""
+    return (normal / normal.norm(dim=1, keepdim=True).clamp_min(1e-6)).clamp(-1, 1)
 
 
 def annotation(batch: dict, opts: StepOptions) -> torch.Tensor:
+    """The batch's annotation [B, 3, H, W] in [-1, 1] for ``opts.task``."""
     if opts.task == "normal":
-        return normal_annotation(batch["normal"], batch["valid"])
+        return normal_annotation(batch["normal"])
     return depth_annotation(batch["depth"], batch["valid"], opts.norm)
+
+
+def loss_mask(batch: dict, opts: StepOptions) -> torch.Tensor:
+    """Pixels in the annotation loss [B, 1, H, W] bool: depth, valid pixels plus sky (the authors' mask);
+    normals, valid pixels that have a normal (a zero vector is no target)."""
+    if opts.task == "normal":
+        return batch["valid"] & (batch["normal"].norm(dim=1, keepdim=True) > 0.5)
+    sky = batch.get("sky")
+    return batch["valid"] if sky is None else batch["valid"] | sky
 
 
 def latent_valid(valid: torch.Tensor, factor: int) -> torch.Tensor:
@@ -138,34 +117,40 @@ def latent_valid(valid: torch.Tensor, factor: int) -> torch.Tensor:
 
 @dataclass
 class Draws:
-    """The random numbers of one step. image_eps, anno_eps [B, 4, h, w] (posterior samples); noise
-    [R, 4, h, w] (G; R = 2B with the detail preserver, else B) or None; t [R] int64 time-steps."""
+    """The random numbers of one step, R = 2B rows with the detail preserver, else B. Posterior samples
+    (None with ``latent="mean"``): image_eps [R, 4, h, w], one per condition row; anno_eps [B, 4, h, w];
+    target_eps [B, 4, h, w] for the reconstruction target (None without the detail preserver). noise
+    [R, 4, h, w] (G) or None; t [R] int64 time-steps."""
 
     image_eps: torch.Tensor | None
     anno_eps: torch.Tensor | None
+    target_eps: torch.Tensor | None
     noise: torch.Tensor | None
     t: torch.Tensor
 
 
 def draw(b: int, latent_shape: tuple[int, int, int], opts: StepOptions, generator: torch.Generator) -> Draws:
-    """Draw, in this order: image eps, annotation eps (if ``latent="sample"``), noise (G), time-step indices."""
+    """Draw, in this order: the conditions' image eps, annotation eps, reconstruction-target eps (if
+    ``latent="sample"``), noise (G), time-step indices."""
     rows = 2 * b if opts.detail_preserver else b
-    shape = (b, *latent_shape)
-    image_eps = anno_eps = noise = None
+    image_eps = anno_eps = target_eps = noise = None
     if opts.latent == "sample":
-        image_eps = torch.randn(shape, generator=generator)
-        anno_eps = torch.randn(shape, generator=generator)
+        image_eps = torch.randn((rows, *latent_shape), generator=generator)
+        anno_eps = torch.randn((b, *latent_shape), generator=generator)
+        if opts.detail_preserver:
+            target_eps = torch.randn((b, *latent_shape), generator=generator)
     if opts.family == "g":
         noise = torch.randn((rows, *latent_shape), generator=generator)
     steps = train_timesteps(opts.timesteps)
     t = steps[torch.randint(0, len(steps), (rows,), generator=generator)]
-    return Draws(image_eps, anno_eps, noise, t)
+    return Draws(image_eps, anno_eps, target_eps, noise, t)
 
 
-def encode(vae, x: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
-    """[B, 3, H, W] in [-1, 1] -> scaled latent [B, 4, h, w]: posterior mean (+ std * eps)."""
-    dist = vae.encode(x).latent_dist
-    z = dist.mean if eps is None else dist.mean + dist.std * eps.to(dist.mean)
+def sample(vae, dist, eps: torch.Tensor | None, copies: int = 1) -> torch.Tensor:
+    """``copies`` scaled latents of each image [copies * B, 4, h, w] from a VAE posterior of B images:
+    mean + std * eps, eps [copies * B, 4, h, w] (the mean when ``eps`` is None)."""
+    mean = dist.mean.repeat(copies, 1, 1, 1)
+    z = mean if eps is None else mean + dist.std.repeat(copies, 1, 1, 1) * eps.to(mean)
     return z * vae.config.scaling_factor
 
 
@@ -176,23 +161,22 @@ class Losses:
     rgb: torch.Tensor
 
 
-def training_loss(unet, vae, prompt: torch.Tensor, rgb: torch.Tensor, anno: torch.Tensor, valid: torch.Tensor,
+def training_loss(unet, vae, prompt: torch.Tensor, rgb: torch.Tensor, anno: torch.Tensor, mask: torch.Tensor,
                   opts: StepOptions, draws: Draws) -> Losses:
     """The loss of one step (module doc). prompt [1, T, D] empty-prompt embedding; rgb, anno [B, 3, H, W] in
-    [-1, 1]; valid [B, 1, H, W] bool. The VAE is frozen (no gradient); the UNet gets the gradient."""
+    [-1, 1]; mask [B, 1, H, W] bool, the pixels in the annotation loss (``loss_mask``). The VAE is frozen (no
+    gradient); the UNet gets the gradient."""
     b = rgb.shape[0]
     dev = rgb.device
+    rows = 2 * b if opts.detail_preserver else b
     with torch.no_grad():
-        z_img = encode(vae, rgb, draws.image_eps)  # [B, 4, h, w]
-        z_anno = encode(vae, anno, draws.anno_eps)  # [B, 4, h, w]
-    switch = [task_embedding(ANNOTATION, b, dev)]
-    targets, cond = [z_anno], [z_img]
-    if opts.detail_preserver:
-        targets.append(z_img)
-        cond.append(z_img)
-        switch.append(task_embedding(RECONSTRUCTION, b, dev))
-    target, cond = torch.cat(targets), torch.cat(cond)  # [R, 4, h, w]
-    rows = target.shape[0]
+        image = vae.encode(rgb).latent_dist  # one encoding; its posterior is sampled once per use
+        cond = sample(vae, image, draws.image_eps, rows // b)  # [R, 4, h, w]
+        targets = [sample(vae, vae.encode(anno).latent_dist, draws.anno_eps)]  # [B, 4, h, w]
+        if opts.detail_preserver:
+            targets.append(sample(vae, image, draws.target_eps))  # [B, 4, h, w]
+    target = torch.cat(targets)  # [R, 4, h, w]
+    switch = [task_embedding(ANNOTATION, b, dev)] + [task_embedding(RECONSTRUCTION, b, dev)] * (rows // b - 1)
     t = draws.t.to(dev)
     if opts.family == "g":
         noise = draws.noise.to(target)
@@ -204,10 +188,10 @@ def training_loss(unet, vae, prompt: torch.Tensor, rgb: torch.Tensor, anno: torc
     pred = unet(unet_in, t, encoder_hidden_states=prompt.to(dev).expand(rows, -1, -1),
                 class_labels=torch.cat(switch)).sample.float()  # [R, 4, h, w]
     goal = (noise if opts.prediction == "eps" else target).float()
-    factor = rgb.shape[-1] // z_img.shape[-1]
-    mask = latent_valid(valid, factor).expand(-1, pred.shape[1], -1, -1)  # [B, 4, h, w]
+    factor = rgb.shape[-1] // cond.shape[-1]
+    cells = latent_valid(mask, factor).expand(-1, pred.shape[1], -1, -1)  # [B, 4, h, w]
     sq = (pred[:b] - goal[:b]) ** 2
-    anno_loss = (sq * mask).sum() / mask.sum().clamp_min(1)
+    anno_loss = (sq * cells).sum() / cells.sum().clamp_min(1)
     rgb_loss = F.mse_loss(pred[b:], goal[b:]) if opts.detail_preserver else torch.zeros((), device=dev)
     return Losses(anno_loss + rgb_loss, anno_loss.detach(), rgb_loss.detach())
 

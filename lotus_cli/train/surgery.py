@@ -1,4 +1,4 @@
-"""Model surgery: Stable Diffusion 2's UNet -> a Lotus UNet (paper Sec. 4, LOTUS_FACTS.md "Training").
+"""Model surgery: Stable Diffusion 2's UNet -> a Lotus UNet (paper Sec. 4; README "Training").
 
 Two changes, both exact functions of the SD2 weights apart from the new embedding:
 
@@ -12,6 +12,8 @@ A released Lotus UNet already has both and passes through unchanged (continue tr
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -71,14 +73,15 @@ def to_lotus(unet, family: str, seed: int = 0):
     return unet
 
 
-def build_tiny_base(path, seed: int = 0, fit_images=None, fit_steps: int = 400):
+def build_tiny_base(path, seed: int = 0, fit_images=None, fit_steps: int = 400,
+                    progress: Callable[[int, int, float], None] | None = None):
     """A random tiny Stable-Diffusion-2-like base (no class embedding, 4-channel conv_in) in the hub layout,
     for the debug preset and tests: surgery then runs exactly as on the real SD2 base.
 
     A random VAE does not reconstruct anything (decode(encode(x)) is unrelated to x), so a model trained on
     its latents could not be judged by its decoded maps. With ``fit_images`` ([N, 3, H, W] in [-1, 1]: the
     training images and annotations) the VAE is first fitted as an autoencoder for ``fit_steps`` steps, and
-    its scaling factor set to 1 / std of the latents, as SD's was."""
+    its scaling factor set to 1 / std of the latents, as SD's was; ``progress`` is passed to ``fit_vae``."""
     import shutil
     from pathlib import Path
 
@@ -94,19 +97,21 @@ def build_tiny_base(path, seed: int = 0, fit_images=None, fit_steps: int = 400):
     UNet2DConditionModel(in_channels=4, **TINY_UNET).save_pretrained(path / "unet", safe_serialization=True)
     if fit_images is not None:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        fit_vae(vae, fit_images, fit_steps, seed)
+        fit_vae(vae, fit_images, fit_steps, seed, progress=progress)
         shutil.rmtree(path / "vae")
         vae.save_pretrained(path / "vae", safe_serialization=True)
     return path
 
 
-def fit_vae(vae, images: torch.Tensor, steps: int, seed: int = 0, batch: int = 16) -> None:
+def fit_vae(vae, images: torch.Tensor, steps: int, seed: int = 0, batch: int = 16,
+            progress: Callable[[int, int, float], None] | None = None) -> None:
     """Fit ``vae`` in place to reconstruct ``images`` [N, 3, H, W] in [-1, 1] from posterior samples (MSE plus
-    a small KL term, which keeps the posterior std small as in SD's VAE); then scaling_factor = 1 / std(latents)."""
+    a small KL term, which keeps the posterior std small as in SD's VAE); then scaling_factor = 1 / std(latents).
+    ``progress(step, steps, loss)`` is called after every step (step = 1 .. steps)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     vae.train()
-    for _ in range(steps):
+    for k in range(steps):
         x = images[torch.randint(0, len(images), (batch,), generator=g)]
         dist = vae.encode(x).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
@@ -114,6 +119,8 @@ def fit_vae(vae, images: torch.Tensor, steps: int, seed: int = 0, batch: int = 1
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if progress is not None:
+            progress(k + 1, steps, loss.item())
     vae.eval()
     with torch.no_grad():
         std = float(vae.encode(images[:64]).latent_dist.mean.std())

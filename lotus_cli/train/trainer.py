@@ -25,70 +25,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .. import models
 from ..errors import UsageError
+from ..evaluate import metrics as M
+from ..predictor import LotusPredictor
 from ..sinks import write_json
+from ..visualize import colorize_depth, normal_to_rgb
 from . import data as D
-from .step import StepOptions, annotation, draw, training_loss
+from .options import STATE_FILE, StepOptions, TrainOptions, checkpoint_dirs, find_checkpoint
+from .step import annotation, draw, loss_mask, predict_latent, training_loss
 from .surgery import to_lotus
 
 LOG_FILE = "log.jsonl"
-STATE_FILE = "trainer_state.json"
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """A training run (defaults: the paper's recipe per process); validated once, before any work."""
-
-    base: str  # SD2 hub id / folder, or a Lotus checkpoint to continue from
-    out: Path
-    data: tuple[str, ...]  # NAME=PATH (hypersim, vkitti, folder) or PATH (folder format)
-    step: StepOptions = StepOptions()
-    mix: tuple[float, ...] | None = None  # per-batch probabilities, one per --data (default: equal)
-    steps: int = 20_000
-    batch_size: int = 16  # per process and micro-batch
-    grad_accum: int = 1
-    lr: float = 3e-5
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 2000
-    keep_checkpoints: int = 3
-    resume: str | None = None  # "latest" or a checkpoint folder
-    seed: int = 0
-    size: tuple[int, int] | None = None  # (H, W) for folder data
-    flip: bool = True
-    val_data: str | None = None
-    val_every: int = 0  # steps; 0 = only at the start and the end (validation) / the end (evaluation)
-    val_samples: int = 8
-    eval_data: tuple[str, ...] = ()  # NAME=PATH benchmark sets of `lotus eval` (depth: nyuv2, kitti, ...)
-    eval_max_samples: int | None = None
-    log_every: int = 10
-    num_workers: int = 0
-    name: str = ""
-
-    def __post_init__(self):
-        if not self.data:
-            raise UsageError("no training data", "pass --data NAME=PATH (hypersim, vkitti, folder), repeatable")
-        if self.mix is not None and (len(self.mix) != len(self.data) or min(self.mix) < 0 or sum(self.mix) <= 0):
-            raise UsageError(f"--mix {','.join(map(str, self.mix))}: give one non-negative weight per --data "
-                             f"({len(self.data)})")
-        for name, v in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
-                        ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every)):
-            if v < 1:
-                raise UsageError(f"{name} must be >= 1, not {v}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise UsageError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
-        if not self.lr > 0 or self.weight_decay < 0 or not self.max_grad_norm > 0:
-            raise UsageError("--lr and --max-grad-norm must be > 0, --weight-decay >= 0")
-        if self.eval_data:
-            from ..evaluate.datasets import parse_pairs, spec_for
-
-            for name, _ in parse_pairs(list(self.eval_data), "--eval-data"):
-                spec_for(self.step.task, name)
 
 
 @dataclass
@@ -119,24 +70,6 @@ def load_base(base: str, task: str, family: str, seed: int):
     return folder, unet, vae, models.empty_prompt_embedding(folder)
 
 
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """The complete checkpoints under ``out`` (those with their step file), oldest first."""
-    found = [p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def find_checkpoint(out: Path, resume: str) -> Path:
-    if resume == "latest":
-        found = checkpoint_dirs(out)
-        if not found:
-            raise UsageError(f"--resume latest: no checkpoint in {out / 'checkpoints'}", "start without --resume")
-        return found[-1]
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise UsageError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})", "use --resume latest")
-    return path
-
-
 # ------------------------------------------------------------------------------------------- loop
 
 
@@ -151,7 +84,7 @@ def _local_draws(opts: TrainOptions, step: int, micro: int, world: int, rank: in
         rows.append(slice(world * b + rank * b, world * b + (rank + 1) * b))
     pick = lambda t: None if t is None else torch.cat([t[r] for r in rows])  # noqa: E731
     one = lambda t: None if t is None else t[rows[0]]  # noqa: E731
-    return type(big)(one(big.image_eps), one(big.anno_eps), pick(big.noise), pick(big.t))
+    return type(big)(pick(big.image_eps), one(big.anno_eps), one(big.target_eps), pick(big.noise), pick(big.t))
 
 
 @dataclass
@@ -215,9 +148,10 @@ def _micro_step(p: _Parts, opts: TrainOptions, batch: dict, step: int, micro: in
     draws = _local_draws(opts, step, micro, acc.num_processes, acc.process_index,
                          (vae.config.latent_channels, h // f, w // f))
     last = micro == opts.grad_accum - 1
-    with (acc.no_sync(p.unet) if not last else contextlib.nullcontext()), acc.autocast():  # gradients meet on the last micro-batch
+    # gradients meet (all-reduce) on the last micro-batch only
+    with (acc.no_sync(p.unet) if not last else contextlib.nullcontext()), acc.autocast():
         losses = training_loss(p.unet, vae, p.prompt, batch["rgb"].to(vae.dtype), anno.to(vae.dtype),
-                               batch["valid"], opts.step, draws)
+                               loss_mask(batch, opts.step), opts.step, draws)
         acc.backward(losses.total / opts.grad_accum)
     return torch.stack([losses.total.detach(), losses.anno, losses.rgb]).float()
 
@@ -296,36 +230,28 @@ def _checkpoint(acc, out: Path, step: int, keep: int, say) -> None:
 
 
 @torch.no_grad()
-def evaluate_samples(unet, vae, prompt, samples: list[dict], sopts: StepOptions, image: Path | None = None) -> dict:
-    """Predict each sample as inference does (posterior mean, G noise seed = sample index, DDIM when
-    ``timesteps`` > 1) and score it: depth, AbsRel and delta1 after least-squares scale and shift in the
-    model's kind (disparity or depth); normals, the mean angle in degrees. ``error`` is AbsRel or the mean
-    angle. With ``image``, writes rows of rgb | prediction | ground truth there."""
-    import numpy as np
-
-    from ..evaluate import metrics as M
-    from ..predictor import noise_for
-    from ..visualize import colorize_depth, normal_to_rgb
-    from .step import encode, predict_latent
-
-    dev = next(unet.parameters()).device
+def evaluate_samples(predictor, samples: list[dict], sopts: StepOptions, image: Path | None = None) -> dict:
+    """Predict each sample with ``predictor``'s own steps (encode the posterior mean, G noise seed = sample
+    index, denoise, decode, finish at the sample's size) and score it: depth, AbsRel and delta1 after
+    least-squares scale and shift in the model's kind (disparity or depth); normals, the mean angle in
+    degrees. Models trained with ``timesteps`` > 1 or eps prediction are sampled with DDIM
+    (step.predict_latent) between encode and decode. ``error`` is AbsRel or the mean angle. With ``image``,
+    writes rows of rgb | prediction | ground truth there."""
     scores, rows = [], []
     for i, s in enumerate(samples):
-        x = D.to_tensors(s, False)["rgb"][None].to(dev, vae.dtype)  # [1, 3, H, W]
-        z = encode(vae, x, None)  # [1, 4, h, w]
-        noise = noise_for(i, z.shape) if sopts.family == "g" else None
-        x0 = predict_latent(unet, z, prompt, sopts, noise)  # [1, 4, h, w]
-        y = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample
-        y = torch.nn.functional.interpolate((y.float() / 2 + 0.5).clamp(0, 1), size=s["rgb"].shape[:2],
-                                            mode="bilinear", align_corners=False)[0].cpu().numpy()  # [3, H, W]
+        z = predictor.encode(predictor.to_tensor(s["rgb"]))  # [1, 4, h, w], posterior mean
+        noise = predictor.noise([i], tuple(z.shape[-2:])) if predictor.family == "g" else None
+        if sopts.timesteps == 1 and sopts.prediction == "x0":
+            x0 = predictor.denoise(z, noise)  # [1, 4, h, w]
+        else:
+            x0 = predict_latent(predictor.unet, z, predictor.prompt_embedding, sopts, noise)
+        pred = predictor.finish(predictor.decode(x0), s["rgb"].shape[:2])  # [H, W] or unit normals [H, W, 3]
         valid = s["valid"]
         if sopts.task == "normal":
-            n = np.moveaxis(y * 2 - 1, 0, -1)
-            scores.append({"error": float(M.angular_error(n, s["normal"])[valid].mean())})
-            rows.append([s["rgb"], normal_to_rgb(n / np.linalg.norm(n, axis=-1, keepdims=True).clip(1e-6)),
-                         normal_to_rgb(s["normal"])])
+            scores.append({"error": float(M.angular_error(pred, s["normal"])[valid].mean())})
+            rows.append([s["rgb"], normal_to_rgb(pred), normal_to_rgb(s["normal"])])
             continue
-        pred, gt = y.mean(0), s["depth"].astype(np.float64)
+        gt = s["depth"].astype(np.float64)
         ok = valid & (gt > 0)
         aligned = M.align_depth(pred, gt, ok, sopts.kind, (float(gt[ok].min()), float(gt[ok].max())))
         m = M.depth_metrics(aligned.depth, gt, ok)
@@ -339,18 +265,29 @@ def evaluate_samples(unet, vae, prompt, samples: list[dict], sopts: StepOptions,
     return {k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]}
 
 
+def _predictor(acc, unet, vae, prompt, opts: TrainOptions, step: int):
+    """The model as it is now, as a LotusPredictor (plain modules: the UNet keeps training afterwards)."""
+    entry = models.ModelEntry(name=f"{opts.name or Path(opts.out).name}@{step}", repo_id=str(opts.out),
+                              task=opts.step.task, family=opts.step.family, kind=opts.step.kind)
+    return LotusPredictor(acc.unwrap_model(unet), vae, prompt, entry, acc.device, vae.dtype, channels_last=False,
+                          pack_weights=False, source=f"{opts.out} step {step}")
+
+
 def _validation_set(opts: TrainOptions) -> list[dict]:
-    ds = D.open_data(opts.val_data, opts.size)
-    return [ds.load(i) for i in range(min(opts.val_samples, len(ds)))]
+    ds = D.open_data(opts.val_data, opts.size, "--val-data")
+    samples = [ds.load(i) for i in range(min(opts.val_samples, len(ds)))]
+    for s in samples:
+        if s.get(opts.step.task) is None:
+            raise UsageError(f"--val-data {opts.val_data}: sample {s.get('key')} has no {opts.step.task} map")
+    return samples
 
 
 def _validate(acc, unet, vae, prompt, samples: list[dict], opts: TrainOptions, step: int, say) -> dict:
-    model = acc.unwrap_model(unet)
-    model.eval()
+    predictor = _predictor(acc, unet, vae, prompt, opts, step)
+    predictor.unet.eval()
     with acc.autocast():  # under mixed precision the VAE holds fp16/bf16 weights, the UNet fp32 ones
-        record = evaluate_samples(model, vae, prompt, samples, opts.step,
-                                  Path(opts.out) / "validation" / f"step-{step:07d}.png")
-    model.train()
+        record = evaluate_samples(predictor, samples, opts.step, Path(opts.out) / "validation" / f"step-{step:07d}.png")
+    predictor.unet.train()
     record["step"] = step
     if acc.trackers:
         acc.log({f"val_{k}": v for k, v in record.items() if k != "step"}, step=step)
@@ -369,16 +306,11 @@ def _benchmark(acc, unet, vae, prompt, opts: TrainOptions, step: int, say) -> li
         return []
     from ..evaluate import datasets as ED
     from ..evaluate import run as R
-    from ..predictor import LotusPredictor
 
-    model = acc.unwrap_model(unet)
-    entry = models.ModelEntry(name=f"{opts.name or Path(opts.out).name}@{step}", repo_id=str(opts.out),
-                              task=opts.step.task, family=opts.step.family, kind=opts.step.kind)
-    predictor = LotusPredictor(model, vae, prompt, entry, acc.device, vae.dtype, channels_last=False,
-                               pack_weights=False, source=f"{opts.out} step {step}")
+    predictor = _predictor(acc, unet, vae, prompt, opts, step)
     eopts = R.EvalOptions(task=opts.step.task, max_samples=opts.eval_max_samples)
     records = []
-    model.eval()
+    predictor.unet.eval()
     try:
         for name, path in ED.parse_pairs(list(opts.eval_data), "--eval-data"):
             with acc.autocast():
@@ -389,7 +321,7 @@ def _benchmark(acc, unet, vae, prompt, opts: TrainOptions, step: int, say) -> li
             say("evaluation", record)
             _append_jsonl(Path(opts.out) / "eval.jsonl", record)
     finally:
-        model.train()
+        predictor.unet.train()
     return records
 
 
@@ -415,8 +347,9 @@ def save_final(unet, base_folder: Path, prompt: torch.Tensor, opts: TrainOptions
     for sub in ("vae", "text_encoder", "tokenizer"):
         if (base_folder / sub).is_dir():
             shutil.copytree(base_folder / sub, tmp / sub)
+    prediction_type = "epsilon" if opts.step.prediction == "eps" else "sample"
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type="epsilon" if opts.step.prediction == "eps" else "sample").save_pretrained(tmp / "scheduler")
+                  prediction_type=prediction_type).save_pretrained(tmp / "scheduler")
     index = {"_class_name": f"Lotus{opts.step.family.upper()}Pipeline", "lotus_task": opts.step.task,
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -424,8 +357,9 @@ def save_final(unet, base_folder: Path, prompt: torch.Tensor, opts: TrainOptions
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     meta = {"task": opts.step.task, "kind": opts.step.kind, "name": opts.name or dest.parent.name,
             "family": opts.step.family, "licence": "derived from the base model's licence",
-            "note": f"trained with lotus train from {opts.base}: {opts.steps} steps, prediction {opts.step.prediction}, "
-                    f"timesteps {opts.step.timesteps}, detail preserver {opts.step.detail_preserver}, norm {opts.step.norm}"}
+            "note": f"trained with lotus train from {opts.base}: {opts.steps} steps, prediction "
+                    f"{opts.step.prediction}, timesteps {opts.step.timesteps}, detail preserver "
+                    f"{opts.step.detail_preserver}, norm {opts.step.norm}"}
     (tmp / models.METADATA_FILE).write_text(json.dumps(meta, indent=2))
     save_file({"embedding": prompt.detach().float().cpu().contiguous()}, str(tmp / models.EMBEDDING_FILE))
     shutil.rmtree(dest, ignore_errors=True)
