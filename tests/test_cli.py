@@ -299,3 +299,11 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(photos, tmp_path
                                ("--resample", "cubic", "--resample must be bilinear or nearest")):
         r = lotus("depth", photos / "a", "-m", depth_d, flag_, value, "-o", tmp_path / "o")
         assert r.exit_code == 2 and r.stderr.startswith(f"error: {said}"), r.stderr
+
+
+@pytest.mark.parametrize("command", [["depth"], ["normal"], ["uncertainty"], ["pointcloud"], ["eval", "depth"],
+                                     ["train"], ["models", "list"]])
+def test_no_command_shows_a_boolean_flag_as_taking_a_value(command):
+    text = subprocess.run([sys.executable, "-m", "lotus_cli", *command, "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}).stdout
+    assert "Usage:" in text and "<bool>" not in text

@@ -12,6 +12,7 @@ import typer
 
 from ..errors import LotusError, UsageError
 from . import app, console, fail, say
+from .options import flag
 
 DEBUG = dict(steps=300, batch_size=4, lr=1e-3, checkpoint_every=100, val_every=100, val_samples=8, log_every=10,
              size=(32, 32), train_scenes=64, vae_steps=400, threads=1)
@@ -36,7 +37,7 @@ def train(
     prediction: Annotated[str, Opt("--prediction", help="x0 (Lotus) or eps (standard diffusion, G only).")] = "x0",
     timesteps: Annotated[int, Opt("--timesteps", help="1 = single step at t=999 (Lotus); N = N evenly spaced "
                          "training steps and DDIM at validation (G only).")] = 1,
-    detail_preserver: Annotated[bool, Opt("--detail-preserver/--no-detail-preserver",
+    detail_preserver: Annotated[bool, flag("--detail-preserver/--no-detail-preserver",
                                 help="Also reconstruct the input image (task switch [0, 1]), loss weight 1:1.")] = True,
     norm: Annotated[str, Opt("--norm", help="Depth normalisation: trunc_disparity (v2 models), trunc_depth, "
                     "disparity, depth.")] = "trunc_disparity",
@@ -51,7 +52,7 @@ def train(
     weight_decay: Annotated[float, Opt("--weight-decay")] = 1e-2,
     max_grad_norm: Annotated[float, Opt("--max-grad-norm", help="Gradient clipping.")] = 1.0,
     mixed_precision: Annotated[str, Opt("--mixed-precision", help="no, fp16 (the paper, GPUs) or bf16.")] = "no",
-    gradient_checkpointing: Annotated[bool, Opt("--gradient-checkpointing", help="Trade compute for memory.")] = False,
+    gradient_checkpointing: Annotated[bool, flag("--gradient-checkpointing", help="Trade compute for memory.")] = False,
     checkpoint_every: Annotated[Optional[int], Opt("--checkpoint-every", help="Steps between checkpoints [2000].",
                                 show_default=False)] = None,
     resume: Annotated[Optional[str], Opt("--resume", help="latest, or a checkpoint folder.",
@@ -59,7 +60,7 @@ def train(
     seed: Annotated[int, Opt("--seed")] = 0,
     size: Annotated[Optional[str], Opt("--size", help="HxW training size for folder data (default: as stored).",
                     show_default=False)] = None,
-    flip: Annotated[bool, Opt("--flip/--no-flip", help="Random horizontal flips (normal x negated).")] = True,
+    flip: Annotated[bool, flag("--flip/--no-flip", help="Random horizontal flips (normal x negated).")] = True,
     val_data: Annotated[Optional[str], Opt("--val-data", help="NAME=PATH of validation samples (images and "
                         "AbsRel / mean angle logged).", show_default=False)] = None,
     val_every: Annotated[Optional[int], Opt("--val-every", help="Steps between validations (0 = start and end).",
