@@ -589,3 +589,17 @@ def test_cli_depth_map_of_one_row_fails_with_the_minimum_size(tmp_path):
     r = lotus("pointcloud", "--depth", tmp_path / "chan.npy", "--out", tmp_path / "o", "--edge-threshold", 0)
     assert r.exit_code == 0, r.output
     assert len(read_ply(tmp_path / "o" / "chan.ply")[0]) == 6 * 8
+
+
+def test_cli_skip_existing_redoes_a_cloud_whose_normals_came_from_elsewhere(tmp_path, checkpoints):
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
+    base = ["pointcloud", tmp_path / "x.png", "--model", checkpoints[("depth", "d")], "--processing-res", 32,
+            "--out", tmp_path / "o", "--skip-existing"]
+    assert lotus(*base, "--normals", "depth").exit_code == 0
+    normal_d = checkpoints[("normal", "d")]
+    r = lotus(*base, "--normal-model", normal_d)
+    assert r.exit_code == 0 and "1 done" in r.output, r.output
+    assert f"normal_model None -> {str(normal_d)!r}, normals 'depth' -> 'predict'" in r.output
+    assert json.loads((tmp_path / "o" / "x.json").read_text())["normal_model"] == str(normal_d)
+    r = lotus(*base, "--normal-model", normal_d)
+    assert r.exit_code == 0 and "1 skipped" in r.output, r.output

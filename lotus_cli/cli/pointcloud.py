@@ -283,13 +283,14 @@ class _Job:
     def _options(self, clip: bool = False) -> dict:
         """Every option that changes a cloud (or a clip's clouds), as its sidecar records them and a rerun
         with --skip-existing compares them. Options that cannot act are None: --processing-res without a
-        model, --seed when nothing is random (D models, no --max-points)."""
+        model, --seed when nothing is random (D models, no --max-points). The normal model is here too:
+        ``sinks.reusable`` compares the depth model (``model``) on its own."""
         a = self.a
         models_ = [m for m in (self.depth_model, self.normal_model) if m is not None]
         random = a.max_points > 0 or any(m.family == "g" for m in models_)
         options = {
             "processing_res": a.processing_res if models_ else None, "seed": a.seed if random else None,
-            "normals": self.normals, "fov": a.fov, "focal_px": a.focal_px,
+            "normals": self.normals, "normal_model": self.model["normal_model"], "fov": a.fov, "focal_px": a.focal_px,
             "intrinsics": list(self.camera.intrinsics) if self.camera.intrinsics else None,
             "near": a.near, "far": a.far, "depth_scale": a.depth_scale, "depth_shift": a.depth_shift,
             "align_to": None if a.align_to is None else str(a.align_to), "align_units": a.align_units,
