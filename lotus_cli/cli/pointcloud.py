@@ -19,8 +19,26 @@ import typer
 
 from ..errors import InputError, LotusError, UsageError
 from . import app, fail, load_predictor, say, write_stdout
-from .options import (Device, Dtype, End, Fps, Inputs, Json, MaxFrames, MaxPixels, Model, Out, OutputKind, ProcRes,
-                      Seed, Skip, Start, check_output_kind, flag, option)
+from .options import (
+    Device,
+    Dtype,
+    End,
+    Fps,
+    Inputs,
+    Json,
+    MaxFrames,
+    MaxPixels,
+    Model,
+    Out,
+    OutputKind,
+    ProcRes,
+    Seed,
+    Skip,
+    Start,
+    check_output_kind,
+    flag,
+    option,
+)
 
 
 def _opt(*names: str, help: str, **kw):
@@ -313,8 +331,8 @@ class _Job:
         a = self.a
         key, subject = self.map_key, str(self.items[0].path if self.items else a.depth)
         t0 = time.perf_counter()
-        redone = self._reuse(key, subject)
-        if redone is False:
+        skip, redone = self._reuse(key, subject)
+        if skip:
             return
         try:
             values, info = sources.read_depth_map(Path(a.depth), a.depth_kind, a.depth_units)
@@ -334,7 +352,8 @@ class _Job:
                         "resized to the map (the camera scaled with them)", "yellow")
             else:
                 finite = np.nan_to_num(values, nan=float(np.nanmin(values)) if np.isfinite(values).any() else 0.0)
-                rgb, input_size, exif, rgb_full = visualize.colorize_depth(finite, info["kind"], "Spectral"), None, None, None
+                rgb = visualize.colorize_depth(finite, info["kind"], "Spectral")
+                input_size, exif, rgb_full = None, None, None
             normals = None
             if self.normal_model is not None:
                 normals = resize_to(self.normal_model.predict(rgb_full, self.opts).map, values.shape)
@@ -355,8 +374,8 @@ class _Job:
             if sources.is_video(item.path):
                 return self._one_video(item)
             t0 = time.perf_counter()
-            redone = self._reuse(item.key, str(item.path))
-            if redone is False:
+            skip, redone = self._reuse(item.key, str(item.path))
+            if skip:
                 return
             rgb = sources.read_image(item.path, self.a.max_pixels)
             check_size(rgb.shape[1], rgb.shape[0], str(item.path))
@@ -380,8 +399,8 @@ class _Job:
 
         t0 = time.perf_counter()
         subject = str(item.path)
-        redone = self._reuse(item.key, subject, clip=True)
-        if redone is False:
+        skip, redone = self._reuse(item.key, subject, clip=True)
+        if skip:
             return
         side = self.out / f"{item.key}.json"
         stabilizer, first, written = Stabilizer(), None, []
@@ -416,6 +435,8 @@ class _Job:
         except LotusError as e:
             state["error"] = str(e)
             write_json(side, record(info))
+            if isinstance(e, UsageError):
+                raise  # the command line is wrong for every input: _one_input ends the run
             self._report(subject, "failed", {}, str(e), frames=len(written), redone=redone)
             return
         write_json(side, record(info))
@@ -432,13 +453,13 @@ class _Job:
         names = [".ply", *(FORMATS[f] for f in self.mesh_formats), *([".preview.png"] if self.a.preview else [])]
         return [base.with_name(base.name + n) for n in names]
 
-    def _reuse(self, key: str, subject: str, clip: bool = False):
-        """--skip-existing: False when the outputs of ``key`` stay (reported as skipped); otherwise why they are
-        redone (printed), or None when there is nothing to redo or --skip-existing is off."""
+    def _reuse(self, key: str, subject: str, clip: bool = False) -> tuple[bool, str | None]:
+        """--skip-existing: (True, None) when the outputs of ``key`` stay (reported as skipped); else (False, why
+        they are redone (printed), or None when there was nothing to reuse or --skip-existing is off)."""
         from .. import sinks
 
         if not self.a.skip_existing:
-            return None
+            return False, None
         side = self.out / f"{key}.json"
         files = _listed_files(side, self.out)
         if not files:
@@ -447,10 +468,10 @@ class _Job:
                                    settings={})
         if keep:
             self._report(subject, "skipped", {"json": str(side)}, None, frames=0)
-            return False
+            return True, None
         if why is not None:
             say(f"redone: {subject}: {why}", "yellow")
-        return why
+        return False, why
 
     def _predict_and_write(self, key, subject, rgb, exif, sections, t0, stabilizer=None, reuse=None, redone=None):
         t_model = time.perf_counter()
