@@ -19,26 +19,8 @@ import typer
 
 from ..errors import InputError, LotusError, UsageError
 from . import app, fail, load_predictor, say, write_stdout
-from .options import (
-    Device,
-    Dtype,
-    End,
-    Fps,
-    Inputs,
-    Json,
-    MaxFrames,
-    MaxPixels,
-    Model,
-    Out,
-    OutputKind,
-    ProcRes,
-    Seed,
-    Skip,
-    Start,
-    check_output_kind,
-    flag,
-    option,
-)
+from .options import (Device, Dtype, End, Fps, Inputs, Json, MaxFrames, MaxPixels, Model, Out, OutputKind, ProcRes,
+                      Seed, Skip, Start, check_output_kind, flag, option)
 
 
 def _opt(*names: str, help: str, **kw):
