@@ -337,9 +337,11 @@ def build_cloud(rgb: np.ndarray, depth: np.ndarray, K: g.Intrinsics, normals: np
 
 
 def header_comments(record: dict) -> list[str]:
-    """The PLY header comments: units, frame, camera and every assumption, one line each."""
+    """The PLY header comments: units, frame, camera and every assumption, one line each. ``record``: the
+    cloud's sidecar (``sinks.sidecar``, kind "pointcloud": its ``lotus_cli`` version and ``model``, or the
+    ``depth_input`` map, and ``make_cloud``'s record as sections)."""
     d, cam = record["depth"], record["camera"]
-    lines = [f"lotus-cli {record.get('version', '')} {record.get('model') or record.get('depth_input', '')}".strip(),
+    lines = [f"lotus-cli {record.get('lotus_cli', '')} {record.get('model') or record.get('depth_input', '')}".strip(),
              f"frame {record['cloud']['frame']}",
              f"camera fx {cam['fx']:.3f} fy {cam['fy']:.3f} cx {cam['cx']:.3f} cy {cam['cy']:.3f} "
              f"size {cam['width']}x{cam['height']} from {record['camera_source']}",

@@ -330,7 +330,8 @@ def read_depth_map(path: Path, kind: str | None = None, units: str | None = None
         a, notes, fmt = formats.read_stored(path)
     except (OSError, ValueError) as e:
         raise InputError(f"{option} {path}: unreadable ({e})", "give a .npy, .exr or 16-bit .png depth map") from e
-    a = np.squeeze(a)
+    if a.ndim == 3 and a.shape[-1] == 1:  # a trailing channel axis (an EXR's only channel); a 1 x N map stays 2-D
+        a = a[..., 0]
     if a.ndim != 2:
         raise InputError(f"{option} {path}: shape {list(a.shape)} is not a single-channel map",
                          "give an H x W depth map (normals and colour images do not back-project)")

@@ -447,3 +447,160 @@ def test_real_ground_truth_writes_every_valid_point(tmp_path, name):
     side = json.loads((tmp_path / f"{depth.stem}.json").read_text())
     assert len(read_ply(tmp_path / f"{depth.stem}.ply")[0]) == side["cloud"]["points"] == valid
     assert side["cloud"]["without_normal"] < 0.003 * valid  # isolated pixels only
+
+
+# ---------------------------------------------- issue 12: one sidecar shape, --skip-existing, one CLI vocabulary
+
+
+def test_cli_sidecar_has_the_shared_shape_and_the_header_its_version(tmp_path, depth_d):
+    from lotus_cli import __version__
+
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
+    r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--normals", "depth", "--processing-res", 32,
+              "--near", 2, "--mesh", "--edge-threshold", 0, "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "o" / "x.json").read_text())
+    assert (side["kind"], side["complete"], side["interrupted"], side["error"]) == ("pointcloud", True, False, None)
+    assert side["lotus_cli"] == __version__ and side["model"] == str(depth_d) and side["normal_model"] is None
+    assert side["input"] == str(tmp_path / "x.png") and side["key"] == "x" and side["seconds"] > 0
+    assert side["options"]["near"] == 2.0 and side["options"]["far"] is None and side["options"]["normals"] == "depth"
+    assert side["options"]["mesh_formats"] == ["glb"] and side["options"]["processing_res"] == 32
+    assert side["outputs"] == {"ply": {"file": "x.ply"}, "glb": {"file": "x.glb"}}
+    assert side["depth"]["near_m"] == 2.0 and side["cloud"]["points"] == 24 * 32  # the cloud's own record
+    assert ply_header(tmp_path / "o" / "x.ply").split("\n")[2] == f"comment lotus-cli {__version__} {depth_d}"
+
+
+def test_cli_skip_existing_keeps_only_a_cloud_made_the_same_way(tmp_path):
+    disp = np.tile(np.linspace(0.2, 0.9, 32, dtype=np.float32), (24, 1))
+    np.save(tmp_path / "m.npy", disp)
+    base = ["pointcloud", "--depth", tmp_path / "m.npy", "--depth-kind", "disparity", "--depth-units", "relative",
+            "--out", tmp_path / "o", "--skip-existing"]
+    r = lotus(*base, "--near", 1)
+    assert r.exit_code == 0 and "1 done" in r.output and "redone" not in r.output, r.output
+    made = (tmp_path / "o" / "m.ply").stat().st_mtime_ns
+    r = lotus(*base, "--near", 1, "--json")
+    assert r.exit_code == 0 and "0 done, 0 failed, 1 skipped" in r.output, r.output
+    assert json.loads(r.stdout.splitlines()[-1])["status"] == "skipped"
+    assert (tmp_path / "o" / "m.ply").stat().st_mtime_ns == made
+    r = lotus(*base, "--near", 2, "--json")
+    assert r.exit_code == 0 and "1 done" in r.output, r.output
+    assert f"redone: {tmp_path / 'm.npy'}: made with other options (near 1.0 -> 2.0)" in r.output
+    assert json.loads(r.stdout.splitlines()[-1])["redone"] == "made with other options (near 1.0 -> 2.0)"
+    assert abs(read_ply(tmp_path / "o" / "m.ply")[0][:, 2].min() - 2.0) < 1e-4  # made again, with the new --near
+    r = lotus(*base, "--near", 2, "--preview")
+    assert "made with other options (preview False -> True)" in r.output
+    assert (tmp_path / "o" / "m.preview.png").is_file()
+    (tmp_path / "o" / "m.preview.png").unlink()
+    r = lotus(*base, "--near", 2, "--preview")
+    assert "redone: " in r.output and "m.preview.png missing" in r.output and "1 done" in r.output
+    side = json.loads((tmp_path / "o" / "m.json").read_text())
+    side["complete"], side["error"] = False, "disk full"
+    (tmp_path / "o" / "m.json").write_text(json.dumps(side))
+    r = lotus(*base, "--near", 2, "--preview")
+    assert "its run failed (disk full)" in r.output and "1 done" in r.output
+    r = lotus(*base, "--near", 2, "--preview", "--far", "inf")
+    assert "made with other options (far None -> 'inf')" in r.output
+    json.loads((tmp_path / "o" / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c))  # strict JSON
+
+
+def test_cli_skip_existing_redoes_an_interrupted_clip(tmp_path, depth_d, monkeypatch):
+    from lotus_cli.cli import pointcloud as cli_pc
+
+    from .test_video import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", 3, 10.0, size=(32, 24))
+    args = ["pointcloud", clip, "--model", depth_d, "--normals", "depth", "--processing-res", 32, "--out",
+            tmp_path / "o", "--skip-existing"]
+    real = cli_pc._Job._predict_and_write
+
+    def stop_at_the_second_frame(self, key, *a, **kw):
+        if not key.startswith("clip/000000_"):
+            raise KeyboardInterrupt
+        return real(self, key, *a, **kw)
+
+    monkeypatch.setattr(cli_pc._Job, "_predict_and_write", stop_at_the_second_frame)
+    r = lotus(*args)
+    assert r.exit_code == 130, r.output
+    side = json.loads((tmp_path / "o" / "clip.json").read_text())
+    assert (side["complete"], side["interrupted"], len(side["frames"])) == (False, True, 1)
+    assert side["kind"] == "pointcloud" and side["options"]["fps"] is None and side["video"]["frames"] == 1
+    monkeypatch.setattr(cli_pc._Job, "_predict_and_write", real)
+    r = lotus(*args)
+    assert r.exit_code == 0 and f"redone: {clip}: its run was interrupted" in r.output, r.output
+    side = json.loads((tmp_path / "o" / "clip.json").read_text())
+    assert (side["complete"], side["interrupted"], side["error"], len(side["frames"])) == (True, False, None, 3)
+    frame = json.loads((tmp_path / "o" / f"{side['frames'][2]['key']}.json").read_text())
+    assert frame["kind"] == "pointcloud" and frame["complete"] and frame["frame"] == 2 and frame["input"] == str(clip)
+    r = lotus(*args)
+    assert r.exit_code == 0 and "0 done, 0 failed, 1 skipped" in r.output, r.output
+    (tmp_path / "o" / f"{side['frames'][1]['key']}.ply").unlink()
+    r = lotus(*args)
+    assert r.exit_code == 0 and f"{Path(side['frames'][1]['key']).name}.ply missing" in r.output, r.output
+    r = lotus(*args, "--max-frames", 2)
+    assert "made with other options (max_frames None -> 2)" in r.output
+    assert len(json.loads((tmp_path / "o" / "clip.json").read_text())["frames"]) == 2
+
+
+def test_cli_output_kind_states_what_an_unnamed_checkpoint_outputs(tmp_path, checkpoints):
+    import shutil
+
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
+    mine = tmp_path / "my_weights"
+    shutil.copytree(checkpoints[("depth", "d")], mine)  # model_index.json says depth, nothing says the kind
+    common = ["pointcloud", tmp_path / "x.png", "--model", mine, "--normals", "depth", "--processing-res", 32]
+    r = lotus(*common, "--out", tmp_path / "none")
+    assert r.exit_code == 2 and "state it with --output-kind disparity|depth" in r.output
+    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
+    r = lotus(*common, "--output-kind", "normal", "--out", tmp_path / "n")
+    assert r.exit_code == 2 and "--output-kind must be disparity or depth" in r.output
+    for kind in ("disparity", "depth"):
+        r = lotus(*common, "--output-kind", kind, "--out", tmp_path / kind, "--edge-threshold", 0)
+        assert r.exit_code == 0, r.output
+        side = json.loads((tmp_path / kind / "x.json").read_text())
+        assert side["depth"]["kind"] == kind and side["model"] == str(mine)
+    near, far = (read_ply(tmp_path / k / "x.ply")[0][:, 2] for k in ("disparity", "depth"))
+    # the same map read as disparity (1 = near) or as depth (0 = near): the nearest pixel is another one
+    assert np.argmin(near) != np.argmin(far)
+    np.save(tmp_path / "m.npy", np.full((8, 8), 2.0, np.float32))
+    r = lotus("pointcloud", "--depth", tmp_path / "m.npy", "--output-kind", "depth", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--depth-kind" in r.output
+
+
+def test_cli_normal_model_nothing_describes_is_advised_lotus_json(tmp_path, checkpoints, depth_d):
+    import shutil
+
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
+    mine = tmp_path / "my_normals"
+    shutil.copytree(checkpoints[("normal", "d")], mine)
+    index = json.loads((mine / "model_index.json").read_text())
+    del index["lotus_task"]
+    (mine / "model_index.json").write_text(json.dumps(index))
+    r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--normal-model", mine, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and f"model {mine}: nothing says what it predicts" in r.output
+    assert 'write lotus.json beside unet/: {"task": "normal", "kind": "normal"}' in r.output
+    assert "--output-kind" not in r.output  # that option states what --model outputs, not the normal model
+
+
+def test_cli_depth_map_of_one_row_fails_with_the_minimum_size(tmp_path):
+    np.save(tmp_path / "row.npy", np.full((1, 5), 2.0, np.float32))
+    r = lotus("pointcloud", "--depth", tmp_path / "row.npy", "--out", tmp_path / "o")
+    assert r.exit_code == 1, r.output
+    assert "5x1 pixels is too small for a point cloud (give an image or map of at least 2x2 pixels)" in r.output
+    np.save(tmp_path / "chan.npy", np.full((6, 8, 1), 2.0, np.float32))  # a trailing channel axis is dropped
+    r = lotus("pointcloud", "--depth", tmp_path / "chan.npy", "--out", tmp_path / "o", "--edge-threshold", 0)
+    assert r.exit_code == 0, r.output
+    assert len(read_ply(tmp_path / "o" / "chan.ply")[0]) == 6 * 8
+
+
+def test_cli_skip_existing_redoes_a_cloud_whose_normals_came_from_elsewhere(tmp_path, checkpoints):
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
+    base = ["pointcloud", tmp_path / "x.png", "--model", checkpoints[("depth", "d")], "--processing-res", 32,
+            "--out", tmp_path / "o", "--skip-existing"]
+    assert lotus(*base, "--normals", "depth").exit_code == 0
+    normal_d = checkpoints[("normal", "d")]
+    r = lotus(*base, "--normal-model", normal_d)
+    assert r.exit_code == 0 and "1 done" in r.output, r.output
+    assert f"normal_model None -> {str(normal_d)!r}, normals 'depth' -> 'predict'" in r.output
+    assert json.loads((tmp_path / "o" / "x.json").read_text())["normal_model"] == str(normal_d)
+    r = lotus(*base, "--normal-model", normal_d)
+    assert r.exit_code == 0 and "1 skipped" in r.output, r.output

@@ -1,72 +1,131 @@
-"""`lotus pointcloud`: images, videos or existing depth maps -> metric PLY point clouds with their assumptions."""
+"""`lotus pointcloud`: images, videos or existing depth maps -> metric PLY point clouds with their assumptions.
+
+The shared options (inputs, --out, --model, --output-kind, video range, --skip-existing, ...) come from
+options.py; the ones below are this command's. One frozen ``PointcloudArgs`` holds a call's options; the
+sidecars are ``sinks.sidecar``'s (kind "pointcloud"), so --skip-existing keeps a cloud only when its run
+completed with the same models and options (``sinks.reusable``) and otherwise says why it is redone.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import InputError, LotusError, UsageError
-from . import app, fail, load_predictor, say
-from .predict import Device, Dtype, End, Fps, Inputs, Json, MaxFrames, MaxPixels, Model, Out, ProcRes, Seed, Skip, Start
+from . import app, fail, load_predictor, say, write_stdout
+from .options import (Device, Dtype, End, Fps, Inputs, Json, MaxFrames, MaxPixels, Model, Out, OutputKind, ProcRes,
+                      Seed, Skip, Start, check_output_kind, flag, option)
 
 
-def _opt(name: str, help: str, **kw):
-    return typer.Option(name, help=help, show_default=kw.pop("show_default", False), **kw)
+def _opt(*names: str, help: str, **kw):
+    """A value option of this command; its default is shown only when asked (most are None = "not given")."""
+    return option(*names, help=help, show_default=kw.pop("show_default", False), **kw)
 
 
-Normals = Annotated[str, _opt("--normals", "Per-point normals: predict (the normal model), depth (from the depth "
-                              "map), none, or auto (predict when the normal model is at hand, else depth).",
+Normals = Annotated[str, _opt("--normals", help="Per-point normals: predict (the normal model), depth (from the "
+                              "depth map), none, or auto (predict when the normal model is at hand, else depth).",
                               show_default=True)]
-NormalModel = Annotated[Optional[str], _opt("--normal-model", "Normal model for --normals predict (default normal-d).")]
-Fov = Annotated[Optional[float], _opt("--fov", "Horizontal field of view in degrees.")]
-FocalPx = Annotated[Optional[float], _opt("--focal-px", "Focal length in pixels of the input image.")]
-IntrinsicsOpt = Annotated[Optional[str], _opt("--intrinsics", "fx,fy,cx,cy in pixels of the input image. Without "
-                                              "--fov/--focal-px/--intrinsics: EXIF's 35 mm focal length, else 60 "
-                                              "degrees (stated as assumed).")]
-Up = Annotated[Optional[str], _opt("--up", "y: write the OpenGL frame (x right, y up, z toward the viewer) for "
+NormalModel = Annotated[Optional[str], _opt("--normal-model", help="Normal model for --normals predict (default "
+                                            "normal-d).")]
+Fov = Annotated[Optional[float], _opt("--fov", help="Horizontal field of view in degrees.")]
+FocalPx = Annotated[Optional[float], _opt("--focal-px", help="Focal length in pixels of the input image.")]
+IntrinsicsOpt = Annotated[Optional[str], _opt("--intrinsics", help="fx,fy,cx,cy in pixels of the input image. "
+                                              "Without --fov/--focal-px/--intrinsics: EXIF's 35 mm focal length, "
+                                              "else 60 degrees (stated as assumed).")]
+Up = Annotated[Optional[str], _opt("--up", help="y: write the OpenGL frame (x right, y up, z toward the viewer) for "
                                    "viewers; default: the OpenCV frame (x right, y down, z forward).")]
-Near = Annotated[Optional[float], _opt("--near", "Metres of the nearest predicted point (default 1, assumed).")]
-Far = Annotated[Optional[float], _opt("--far", "Metres of the farthest predicted point (default 10, assumed; inf "
-                                      "for disparity puts it at infinity).")]
-DepthScale = Annotated[Optional[float], _opt("--depth-scale", "Affine depth maps: metres = scale * value + shift.")]
-DepthShift = Annotated[Optional[float], _opt("--depth-shift", "See --depth-scale.")]
-AlignTo = Annotated[Optional[Path], _opt("--align-to", "Metric depth map (npy, or 16-bit png) of the same view, "
+Near = Annotated[Optional[float], _opt("--near", help="Metres of the nearest predicted point (default 1, assumed).")]
+Far = Annotated[Optional[float], _opt("--far", help="Metres of the farthest predicted point (default 10, assumed; "
+                                      "inf for disparity puts it at infinity).")]
+DepthScale = Annotated[Optional[float], _opt("--depth-scale", help="Affine depth maps: metres = scale * value + "
+                                             "shift.")]
+DepthShift = Annotated[Optional[float], _opt("--depth-shift", help="See --depth-scale.")]
+AlignTo = Annotated[Optional[Path], _opt("--align-to", help="Metric depth map (npy, or 16-bit png) of the same view, "
                                          "dense or sparse (0 = none): fit scale and shift to it; one input only.")]
-AlignUnits = Annotated[Optional[str], _opt("--align-units", "Units of --align-to: m, mm, or values per metre "
+AlignUnits = Annotated[Optional[str], _opt("--align-units", help="Units of --align-to: m, mm, or values per metre "
                                            "(default: m for float maps, mm for integer ones such as 16-bit PNG).")]
-ShapeFromNormals = Annotated[bool, _opt("--shape-from-normals", "Fit the depth's unknown shift so the surface's "
+ShapeFromNormals = Annotated[bool, flag("--shape-from-normals", help="Fit the depth's unknown shift so the surface's "
                                         "normals agree with the normal model's; the scale still comes from --near.")]
-DepthIn = Annotated[Optional[Path], _opt("--depth", "Back-project this map instead of running the depth model: a "
-                                         "`lotus depth` .npy or .16bit.png (with its sidecar), or your own map.")]
-DepthKind = Annotated[Optional[str], _opt("--depth-kind", "Kind of a --depth map without a sidecar: depth or "
+DepthIn = Annotated[Optional[Path], _opt("--depth", help="Back-project this map instead of running the depth model: "
+                                         "a `lotus depth` .npy or .16bit.png (with its sidecar), or your own map.")]
+DepthKind = Annotated[Optional[str], _opt("--depth-kind", help="Kind of a --depth map without a sidecar: depth or "
                                           "disparity (default depth).")]
-DepthUnits = Annotated[Optional[str], _opt("--depth-units", "Units of a --depth map without a sidecar: m, mm, "
-                                           "values per metre (e.g. 5000), or relative (affine-invariant); default m for float "
-                                           "maps, mm for integer ones, recorded as assumed.")]
-Edge = Annotated[float, _opt("--edge-threshold", "Drop flying pixels whose depth jumps by more than this fraction "
-                             "to a neighbour (0 = keep all).", show_default=True)]
-Stride = Annotated[int, _opt("--stride", "Keep every N-th row and column.", show_default=True)]
-MaxPoints = Annotated[int, _opt("--max-points", "At most this many points, chosen at random with --seed "
+DepthUnits = Annotated[Optional[str], _opt("--depth-units", help="Units of a --depth map without a sidecar: m, mm, "
+                                           "values per metre (e.g. 5000), or relative (affine-invariant); default m "
+                                           "for float maps, mm for integer ones, recorded as assumed.")]
+Edge = Annotated[float, _opt("--edge-threshold", help="Drop flying pixels whose depth jumps by more than this "
+                             "fraction to a neighbour (0 = keep all).", show_default=True)]
+Stride = Annotated[int, _opt("--stride", help="Keep every N-th row and column.", show_default=True)]
+MaxPoints = Annotated[int, _opt("--max-points", help="At most this many points, chosen at random with --seed "
                                 "(0 = no limit; not with --mesh, which needs the grid: use --stride).",
                                 show_default=True)]
-DropWithoutNormal = Annotated[bool, _opt("--drop-without-normal", "Drop the points that have no normal (no depth "
-                                         "within reach on an axis) instead of giving them one facing the camera.")]
-MeshOpt = Annotated[bool, _opt("--mesh", "Also write a triangle mesh of the pixel grid (see --mesh-format): two "
+DropWithoutNormal = Annotated[bool, flag("--drop-without-normal", help="Drop the points that have no normal (no "
+                                         "depth within reach on an axis) instead of giving them one facing the "
+                                         "camera.")]
+MeshOpt = Annotated[bool, flag("--mesh", help="Also write a triangle mesh of the pixel grid (see --mesh-format): two "
                                "triangles per 2x2 block of kept pixels, none across holes or flying pixels.")]
-MeshFormat = Annotated[Optional[str], _opt("--mesh-format", "Mesh files, a comma list of glb (textured, y up: "
+MeshFormat = Annotated[Optional[str], _opt("--mesh-format", help="Mesh files, a comma list of glb (textured, y up: "
                                            "Blender, web viewers), obj (textured) and ply (vertex colours; "
                                            "x.mesh.ply). Implies --mesh. Default glb.")]
-Preview = Annotated[bool, _opt("--preview", "Also write x.preview.png: the cloud (or the mesh) seen from a few "
+Preview = Annotated[bool, flag("--preview", help="Also write x.preview.png: the cloud (or the mesh) seen from a few "
                                "degrees off the input view, in colour and shaded.")]
+
+KIND = "pointcloud"  # the sidecars' kind
+
+
+@dataclass(frozen=True)
+class PointcloudArgs:
+    """The options of one `lotus pointcloud` call, as given on the command line (defaults: the command's)."""
+
+    inputs: tuple[str, ...] = ()
+    out: Optional[Path] = None
+    model: Optional[str] = None
+    output_kind: Optional[str] = None
+    normals: str = "auto"
+    normal_model: Optional[str] = None
+    fov: Optional[float] = None
+    focal_px: Optional[float] = None
+    intrinsics: Optional[str] = None
+    up: Optional[str] = None
+    near: Optional[float] = None
+    far: Optional[float] = None
+    depth_scale: Optional[float] = None
+    depth_shift: Optional[float] = None
+    align_to: Optional[Path] = None
+    align_units: Optional[str] = None
+    shape_from_normals: bool = False
+    depth: Optional[Path] = None
+    depth_kind: Optional[str] = None
+    depth_units: Optional[str] = None
+    edge_threshold: float = 0.05
+    stride: int = 1
+    max_points: int = 0
+    drop_without_normal: bool = False
+    mesh: bool = False
+    mesh_format: Optional[str] = None
+    preview: bool = False
+    max_pixels: int = 100_000_000
+    processing_res: int = 768
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    fps: Optional[float] = None
+    start: Optional[float] = None
+    end: Optional[float] = None
+    max_frames: Optional[int] = None
+    skip_existing: bool = False
+    json: bool = False
 
 
 @app.command()
-def pointcloud(inputs: Inputs = None, out: Out = None, model: Model = None, normals: Normals = "auto",
-               normal_model: NormalModel = None, fov: Fov = None, focal_px: FocalPx = None,
+def pointcloud(inputs: Inputs = None, out: Out = None, model: Model = None, output_kind: OutputKind = None,
+               normals: Normals = "auto", normal_model: NormalModel = None, fov: Fov = None, focal_px: FocalPx = None,
                intrinsics: IntrinsicsOpt = None, up: Up = None, near: Near = None, far: Far = None,
                depth_scale: DepthScale = None, depth_shift: DepthShift = None, align_to: AlignTo = None,
                align_units: AlignUnits = None, shape_from_normals: ShapeFromNormals = False, depth: DepthIn = None,
@@ -82,93 +141,110 @@ def pointcloud(inputs: Inputs = None, out: Out = None, model: Model = None, norm
     mesh and preview, when asked). Lotus predicts affine-invariant disparity, so the scale and shift come
     from --near/--far (defaults assumed), --align-to, --depth-scale/--depth-shift or --shape-from-normals;
     every assumption is written into the sidecar and the PLY header."""
+    args = PointcloudArgs(
+        inputs=tuple(inputs or ()), out=out, model=model, output_kind=output_kind, normals=normals,
+        normal_model=normal_model, fov=fov, focal_px=focal_px, intrinsics=intrinsics, up=up, near=near, far=far,
+        depth_scale=depth_scale, depth_shift=depth_shift, align_to=align_to, align_units=align_units,
+        shape_from_normals=shape_from_normals, depth=depth, depth_kind=depth_kind, depth_units=depth_units,
+        edge_threshold=edge_threshold, stride=stride, max_points=max_points, drop_without_normal=drop_without_normal,
+        mesh=mesh, mesh_format=mesh_format, preview=preview, max_pixels=max_pixels, processing_res=processing_res,
+        seed=seed, device=device, dtype=dtype, fps=fps, start=start, end=end, max_frames=max_frames,
+        skip_existing=skip_existing, json=json)
     try:
-        job = _Job.validate(locals())
+        job = _Job(args)
     except LotusError as e:
         fail(e)
     job.run()
 
 
 class _Job:
-    """One validated `lotus pointcloud` call."""
+    """One validated `lotus pointcloud` call: every option checked here, before any model loads."""
 
-    @classmethod
-    def validate(cls, a: dict) -> "_Job":
-        from .. import mesh, sinks, sources
+    def __init__(self, a: PointcloudArgs):
+        from .. import mesh, models, sinks, sources
         from ..pointcloud import CameraOptions, CloudOptions, ScaleOptions, parse_intrinsics
         from ..predictor import PredictOptions
         from ..video import FrameSelect
 
-        self = cls()
         self.a = a
-        self.camera = CameraOptions(a["fov"], a["focal_px"], parse_intrinsics(a["intrinsics"]))
-        self.scale = ScaleOptions(a["near"], a["far"], a["depth_scale"], a["depth_shift"], a["shape_from_normals"],
-                                  a["align_to"] is not None)
-        self.cloud = CloudOptions(a["edge_threshold"], a["stride"], a["max_points"], a["seed"], a["up"] or "opencv",
-                                  a["drop_without_normal"])
-        want_mesh = a["mesh"] or a["mesh_format"] is not None
-        self.mesh_formats = mesh.parse_formats(a["mesh_format"] or "glb") if want_mesh else ()
-        if self.mesh_formats and a["max_points"]:
+        self.camera = CameraOptions(a.fov, a.focal_px, parse_intrinsics(a.intrinsics))
+        self.scale = ScaleOptions(a.near, a.far, a.depth_scale, a.depth_shift, a.shape_from_normals,
+                                  a.align_to is not None)
+        self.cloud = CloudOptions(a.edge_threshold, a.stride, a.max_points, a.seed, a.up or "opencv",
+                                  a.drop_without_normal)
+        want_mesh = a.mesh or a.mesh_format is not None
+        self.mesh_formats = mesh.parse_formats(a.mesh_format or "glb") if want_mesh else ()
+        if self.mesh_formats and a.max_points:
             raise UsageError("--max-points thins the cloud at random, and a mesh needs the pixel grid",
                              "decimate with --stride instead")
-        if a["max_pixels"] < 0:
-            raise UsageError(f"--max-pixels must be >= 0, not {a['max_pixels']}", "0 means no limit")
-        if a["normals"] not in ("auto", "predict", "depth", "none"):
-            raise UsageError(f"--normals {a['normals']!r}: expected auto, predict, depth or none")
-        if a["shape_from_normals"] and a["normals"] in ("depth", "none"):
+        if a.max_pixels < 0:
+            raise UsageError(f"--max-pixels must be >= 0, not {a.max_pixels}", "0 means no limit")
+        if a.normals not in ("auto", "predict", "depth", "none"):
+            raise UsageError(f"--normals {a.normals!r}: expected auto, predict, depth or none")
+        if a.shape_from_normals and a.normals in ("depth", "none"):
             raise UsageError("--shape-from-normals needs the normal model's normals", "use --normals predict or auto")
-        if a["depth_kind"] not in (None, "depth", "disparity"):
-            raise UsageError(f"--depth-kind {a['depth_kind']!r}: expected depth or disparity")
-        sources.parse_units(a["depth_units"])
-        sources.parse_units(a["align_units"], "--align-units")
-        if a["align_to"] is not None and not Path(a["align_to"]).is_file():
-            raise UsageError(f"--align-to {a['align_to']}: no such file", "give a metric depth map (.npy or 16-bit .png)")
-        self.opts = PredictOptions(processing_res=a["processing_res"], seed=a["seed"])
-        self.select = FrameSelect(a["fps"], a["start"], a["end"], a["max_frames"])
-        self.out = a["out"] if a["out"] is not None else Path("lotus-pointcloud")
-        inputs, self.problems = a["inputs"] or [], []
-        if a["depth"] is not None:
+        if a.depth_kind not in (None, "depth", "disparity"):
+            raise UsageError(f"--depth-kind {a.depth_kind!r}: expected depth or disparity")
+        check_output_kind(a.output_kind, "depth")
+        if a.depth is not None and a.output_kind is not None:
+            raise UsageError("--output-kind describes the depth model, and --depth runs none",
+                             "state the map's kind with --depth-kind")
+        sources.parse_units(a.depth_units)
+        sources.parse_units(a.align_units, "--align-units")
+        if a.align_to is not None and not Path(a.align_to).is_file():
+            raise UsageError(f"--align-to {a.align_to}: no such file", "give a metric depth map (.npy or 16-bit .png)")
+        self.opts = PredictOptions(processing_res=a.processing_res, seed=a.seed)
+        self.select = FrameSelect(a.fps, a.start, a.end, a.max_frames)
+        # an unknown or wrong-task model (or one nothing describes) fails before any input is read
+        self.depth_ref = None if a.depth is not None else models.resolve(a.model, "depth", a.output_kind)
+        self.out = a.out if a.out is not None else Path("lotus-pointcloud")
+        inputs, self.problems = list(a.inputs), []
+        if a.depth is not None:
             if len(inputs) > 1:
                 raise UsageError("--depth back-projects one map: give at most one image (for the colours)")
-            self.map_key = Path(a["depth"]).name.split(".")[0]  # x.16bit.png -> x: the outputs' name
+            self.map_key = Path(a.depth).name.split(".")[0]  # x.16bit.png -> x: the outputs' name
             self.items = [sources.Item(Path(inputs[0]), self.map_key)] if inputs else []
         else:
             if not inputs:
                 raise UsageError("no inputs given", "pass images, videos, folders, or --depth MAP")
-            self.items, self.problems = sources.expand(inputs, exts=sources.MEDIA_EXTS)
-        if a["align_to"] is not None and (len(self.items) + len(self.problems) > 1 or
-                                          any(sources.is_video(i.path) for i in self.items)):
+            self.items, self.problems = sources.expand(inputs, exts=sources.MEDIA_EXTS, exclude=(self.out,),
+                                                       on_warning=lambda w: say(f"warning: {w}", "yellow"))
+        if a.align_to is not None and (len(self.items) + len(self.problems) > 1 or
+                                       any(sources.is_video(i.path) for i in self.items)):
             raise UsageError("--align-to fits one metric map to one view", "give a single image or --depth map")
         sinks.check_out_dir(self.out)
         self.failed = len(self.problems)
-        self.done = 0
-        return self
+        self.done = self.skipped = 0
 
     # -- running ---------------------------------------------------------------------------------------
 
     def run(self) -> None:
         t0 = time.perf_counter()
+        a = self.a
         for p in self.problems:
             self._report(p.subject, "failed", {}, str(p))
-        a = self.a
-        self.depth_model = None if a["depth"] is not None else load_predictor(a["model"], "depth", a["device"], a["dtype"])
+        self.depth_model = None if self.depth_ref is None else load_predictor(self.depth_ref, "depth", a.device,
+                                                                               a.dtype)
         if self.depth_model is not None:
             try:
                 self.scale.check_kind(self.depth_model.kind)
             except LotusError as e:
                 fail(e)
         self.normal_model = self._normal_model()
-        self.normals = "predict" if self.normal_model is not None else ("none" if a["normals"] == "none" else "depth")
+        self.normals = "predict" if self.normal_model is not None else ("none" if a.normals == "none" else "depth")
+        self.model = self._model_record()
         try:
-            if a["depth"] is not None:
+            if a.depth is not None:
                 self._one_map()
-            for item in ([] if a["depth"] is not None else self.items):
+            for item in ([] if a.depth is not None else self.items):
                 self._one_input(item)
         except KeyboardInterrupt:
             say("interrupted: finished clouds are complete; rerun with --skip-existing to resume", "yellow")
             raise typer.Exit(130)
         colour = "red" if self.failed else "green"
-        say(f"{self.done} done, {self.failed} failed in {time.perf_counter() - t0:.1f} s -> {self.out}", colour)
+        skipped = f", {self.skipped} skipped" if self.skipped else ""
+        say(f"{self.done} done, {self.failed} failed{skipped} in {time.perf_counter() - t0:.1f} s -> {self.out}",
+            colour)
         raise typer.Exit(1 if self.failed else 0)
 
     def _normal_model(self):
@@ -177,21 +253,55 @@ class _Job:
         from .. import models
 
         a = self.a
-        if a["normals"] in ("depth", "none"):
+        if a.normals in ("depth", "none"):
             return None
-        wanted = a["normals"] == "predict" or a["shape_from_normals"] or a["normal_model"] is not None
-        if a["depth"] is not None and not self.items:
+        wanted = a.normals == "predict" or a.shape_from_normals or a.normal_model is not None
+        if a.depth is not None and not self.items:
             if wanted:
                 fail(UsageError("predicted normals need the image", "give the image with --depth, or --normals depth"))
             return None
         try:
-            ref = models.fetch(models.resolve(a["normal_model"], "normal"))
+            ref = models.fetch(models.resolve(a.normal_model, "normal"))
+            models.check_known(ref, "normal")
         except LotusError as e:
             if not wanted:
                 say(f"note: normals from the depth ({e.message})", "dim")
                 return None
             fail(_for_normal_model(e))
-        return load_predictor(ref, "normal", a["device"], a["dtype"])
+        return load_predictor(ref, "normal", a.device, a.dtype)
+
+    def _model_record(self) -> dict:
+        """What makes the clouds, for the sidecars: the depth model (None for a --depth map) and the normal model
+        (None unless normals are predicted), and where they run."""
+        running = self.depth_model or self.normal_model
+        record = {"model": getattr(self.depth_model, "source", None),
+                  "normal_model": getattr(self.normal_model, "source", None)}
+        if running is not None:
+            record.update(device=str(running.device), dtype=str(running.dtype).replace("torch.", ""))
+        return record
+
+    def _options(self, clip: bool = False) -> dict:
+        """Every option that changes a cloud (or a clip's clouds), as its sidecar records them and a rerun
+        with --skip-existing compares them. Options that cannot act are None: --processing-res without a
+        model, --seed when nothing is random (D models, no --max-points). The normal model is here too:
+        ``sinks.reusable`` compares the depth model (``model``) on its own."""
+        a = self.a
+        models_ = [m for m in (self.depth_model, self.normal_model) if m is not None]
+        random = a.max_points > 0 or any(m.family == "g" for m in models_)
+        options = {
+            "processing_res": a.processing_res if models_ else None, "seed": a.seed if random else None,
+            "normals": self.normals, "normal_model": self.model["normal_model"], "fov": a.fov, "focal_px": a.focal_px,
+            "intrinsics": list(self.camera.intrinsics) if self.camera.intrinsics else None,
+            "near": a.near, "far": a.far, "depth_scale": a.depth_scale, "depth_shift": a.depth_shift,
+            "align_to": None if a.align_to is None else str(a.align_to), "align_units": a.align_units,
+            "shape_from_normals": a.shape_from_normals,
+            "depth_kind": a.depth_kind, "depth_units": a.depth_units, "edge_threshold": a.edge_threshold,
+            "stride": a.stride, "max_points": a.max_points, "drop_without_normal": a.drop_without_normal,
+            "up": self.cloud.up, "mesh_formats": list(self.mesh_formats), "preview": a.preview}
+        if clip:
+            options.update(fps=a.fps, start=a.start, end=a.end, max_frames=a.max_frames)
+        # JSON has no infinity (--far inf): such a number is recorded as its text
+        return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in options.items()}
 
     def _one_map(self) -> None:
         """--depth MAP [IMAGE]: back-project a map that exists."""
@@ -201,179 +311,264 @@ class _Job:
         from ..pointcloud import check_size, resize_to
 
         a = self.a
-        key = self.map_key
-        if self._skip(key, str(a["depth"])):
+        key, subject = self.map_key, str(self.items[0].path if self.items else a.depth)
+        t0 = time.perf_counter()
+        skip, redone = self._reuse(key, subject)
+        if skip:
             return
         try:
-            values, info = sources.read_depth_map(Path(a["depth"]), a["depth_kind"], a["depth_units"])
-            check_size(values.shape[1], values.shape[0], f"--depth {a['depth']}")
-            record = {"depth_input": str(a["depth"]), "depth_input_info": info}
+            values, info = sources.read_depth_map(Path(a.depth), a.depth_kind, a.depth_units)
+            check_size(values.shape[1], values.shape[0], f"--depth {a.depth}")
+            sections = {"depth_input": str(a.depth), "depth_input_info": info}
             if self.items:
-                rgb_full = sources.read_image(self.items[0].path, a["max_pixels"])
-                _check_aspect(rgb_full.shape, values.shape, f"{self.items[0].path} and --depth {a['depth']}")
+                rgb_full = sources.read_image(self.items[0].path, a.max_pixels)
+                _check_aspect(rgb_full.shape, values.shape, f"{self.items[0].path} and --depth {a.depth}")
                 input_size = (rgb_full.shape[1], rgb_full.shape[0])
                 exif = sources.exif_focal_35mm(self.items[0].path)
                 rgb = resize_to(rgb_full, values.shape)
-                record["input"] = str(self.items[0].path)
                 if rgb.shape[:2] != rgb_full.shape[:2]:
                     (ih, iw), (mh, mw) = rgb_full.shape[:2], values.shape
-                    record["colours_resized"] = {"from": [iw, ih], "to": [mw, mh], "note": "the image was resized to "
-                                                 "the depth map; the camera was scaled with it"}
-                    say(f"warning: {self.items[0].path} is {iw}x{ih}, --depth {a['depth']} is {mw}x{mh}: colours "
+                    sections["colours_resized"] = {"from": [iw, ih], "to": [mw, mh], "note": "the image was resized "
+                                                   "to the depth map; the camera was scaled with it"}
+                    say(f"warning: {self.items[0].path} is {iw}x{ih}, --depth {a.depth} is {mw}x{mh}: colours "
                         "resized to the map (the camera scaled with them)", "yellow")
             else:
                 finite = np.nan_to_num(values, nan=float(np.nanmin(values)) if np.isfinite(values).any() else 0.0)
-                rgb, input_size, exif, rgb_full = visualize.colorize_depth(finite, info["kind"], "Spectral"), None, None, None
+                rgb = visualize.colorize_depth(finite, info["kind"], "Spectral")
+                input_size, exif, rgb_full = None, None, None
             normals = None
             if self.normal_model is not None:
                 normals = resize_to(self.normal_model.predict(rgb_full, self.opts).map, values.shape)
             units = info["units"] if info["units"].startswith("assumed") else None
-            self._write(key, rgb, values, info["kind"], info["per_metre"], normals, exif, input_size, record,
-                        units_assumed=units, texture=rgb_full)
+            self._write(key, subject, rgb, values, info["kind"], info["per_metre"], normals, exif, input_size,
+                        sections, t0, units_assumed=units, texture=rgb_full, redone=redone)
         except UsageError as e:
             fail(e)
         except LotusError as e:
-            self._report(str(a["depth"]), "failed", {}, str(e))
+            self._report(str(a.depth), "failed", {}, str(e), redone=redone)
 
     def _one_input(self, item) -> None:
         from .. import sources
         from ..pointcloud import check_size
 
+        redone = None
         try:
             if sources.is_video(item.path):
                 return self._one_video(item)
-            if self._skip(item.key, str(item.path)):
+            t0 = time.perf_counter()
+            skip, redone = self._reuse(item.key, str(item.path))
+            if skip:
                 return
-            rgb = sources.read_image(item.path, self.a["max_pixels"])
+            rgb = sources.read_image(item.path, self.a.max_pixels)
             check_size(rgb.shape[1], rgb.shape[0], str(item.path))
-            self._predict_and_write(item.key, rgb, sources.exif_focal_35mm(item.path), {"input": str(item.path)})
+            self._predict_and_write(item.key, str(item.path), rgb, sources.exif_focal_35mm(item.path), {}, t0,
+                                    redone=redone)
         except UsageError as e:
             fail(e)
         except LotusError as e:
-            self._report(str(item.path), "failed", {}, str(e))
+            self._report(str(item.path), "failed", {}, str(e), redone=redone)
 
     def _one_video(self, item) -> None:
         """One PLY per sampled frame, all in one metric frame: the first frame's scale and shift are fitted as
         for an image; each later frame's map is first aligned to the clip's running reference (as
-        `lotus depth --stabilize` does), then given the same scale and shift, so static surfaces stay put."""
+        `lotus depth --stabilize` does), then given the same scale and shift, so static surfaces stay put.
+
+        The clip's sidecar is written first with ``complete`` false and rewritten when the last frame is
+        done (or with ``interrupted`` / ``error`` when it is not), so a rerun redoes a clip that did not finish."""
         from ..runner import frame_name
-        from ..sinks import write_json
+        from ..sinks import sidecar, write_json
         from ..video import Stabilizer, open_video
 
-        if self._skip(item.key, str(item.path), clip=True):
+        t0 = time.perf_counter()
+        subject = str(item.path)
+        skip, redone = self._reuse(item.key, subject, clip=True)
+        if skip:
             return
-        info, frames = open_video(item.path, self.select)
+        side = self.out / f"{item.key}.json"
         stabilizer, first, written = Stabilizer(), None, []
-        for fr in frames:
-            key = f"{item.key}/{frame_name(fr.index, fr.time)}"
-            rec = self._predict_and_write(key, fr.rgb, None, {"input": str(item.path), "frame": fr.index,
-                                                              "time_s": fr.time}, stabilizer=stabilizer, reuse=first)
-            first = first or rec["depth"]
-            written.append(rec)
-        write_json(self.out / f"{item.key}.json", {"input": str(item.path), "frames": written,
-                                                    "fps": info.fps, "size": [info.width, info.height]})
-        self._report(str(item.path), "done", {"ply": str(self.out / item.key)}, None, frames=len(written))
+        state = {"complete": False, "interrupted": False, "error": None}
+
+        def record(info):
+            video = {"fps": info.fps, "source_fps": info.source_fps, "size": [info.width, info.height],
+                     "frames": len(written)}
+            outputs = {"frames": {"folder": item.key, "files": "<index>_<seconds>s.ply (and the mesh and preview "
+                                  "files), each frame with its own sidecar"}}
+            return sidecar(KIND, model=self.model, options=self._options(clip=True), input=subject, key=item.key,
+                           outputs=outputs, seconds=time.perf_counter() - t0, video=video, frames=written, **state)
+
+        try:
+            info, frames = open_video(item.path, self.select)
+        except LotusError as e:
+            self._report(subject, "failed", {}, str(e), redone=redone)
+            return
+        write_json(side, record(info))  # complete: false until the last frame; replaces an earlier run's sidecar
+        try:
+            for fr in frames:
+                key = f"{item.key}/{frame_name(fr.index, fr.time)}"
+                rec = self._predict_and_write(key, subject, fr.rgb, None, {"frame": fr.index, "time_s": fr.time},
+                                              time.perf_counter(), stabilizer=stabilizer, reuse=first)
+                first = first or rec["depth"]
+                written.append(rec)
+            state["complete"] = True
+        except KeyboardInterrupt:
+            state["interrupted"] = True
+            write_json(side, record(info))
+            raise
+        except LotusError as e:
+            state["error"] = str(e)
+            write_json(side, record(info))
+            if isinstance(e, UsageError):
+                raise  # the command line is wrong for every input: _one_input ends the run
+            self._report(subject, "failed", {}, str(e), frames=len(written), redone=redone)
+            return
+        write_json(side, record(info))
+        self._report(subject, "done", {"ply": str(self.out / item.key), "json": str(side)}, None,
+                     frames=len(written), seconds=time.perf_counter() - t0, redone=redone)
+
+    # -- outputs ---------------------------------------------------------------------------------------
 
     def _outputs(self, key: str) -> list[Path]:
-        """The files one frame's cloud is made of, besides its sidecar."""
+        """The files one cloud is made of, besides its sidecar, with the options of this run."""
         from ..mesh import FORMATS
 
         base = self.out / key
-        names = [".ply", *(FORMATS[f] for f in self.mesh_formats), *([".preview.png"] if self.a["preview"] else [])]
+        names = [".ply", *(FORMATS[f] for f in self.mesh_formats), *([".preview.png"] if self.a.preview else [])]
         return [base.with_name(base.name + n) for n in names]
 
-    def _skip(self, key: str, subject: str, clip: bool = False) -> bool:
-        side = self.out / f"{key}.json"
-        done = side.is_file() and (clip or all(p.is_file() for p in self._outputs(key)))
-        if self.a["skip_existing"] and done:
-            self._report(subject, "skipped", {}, None)
-            return True
-        return False
+    def _reuse(self, key: str, subject: str, clip: bool = False) -> tuple[bool, str | None]:
+        """--skip-existing: (True, None) when the outputs of ``key`` stay (reported as skipped); else (False, why
+        they are redone (printed), or None when there was nothing to reuse or --skip-existing is off)."""
+        from .. import sinks
 
-    def _predict_and_write(self, key, rgb, exif, record, stabilizer=None, reuse=None):
-        t0 = time.perf_counter()
+        if not self.a.skip_existing:
+            return False, None
+        side = self.out / f"{key}.json"
+        files = _listed_files(side, self.out)
+        if not files:
+            files = sorted((self.out / key).glob("*.ply")) if clip else self._outputs(key)
+        keep, why = sinks.reusable(side, files, kind=KIND, model=self.model["model"], options=self._options(clip),
+                                   settings={})
+        if keep:
+            self._report(subject, "skipped", {"json": str(side)}, None, frames=0)
+            return True, None
+        if why is not None:
+            say(f"redone: {subject}: {why}", "yellow")
+        return False, why
+
+    def _predict_and_write(self, key, subject, rgb, exif, sections, t0, stabilizer=None, reuse=None, redone=None):
+        t_model = time.perf_counter()
         pred = self.depth_model.predict(rgb, self.opts)
         values = stabilizer(pred.map)[0] if stabilizer is not None else pred.map
         normals = self.normal_model.predict(rgb, self.opts).map if self.normal_model else None
-        record = {**record, "model": self.depth_model.source, "normal_model": getattr(self.normal_model, "source", None),
-                  "processing_res": self.opts.processing_res,
-                  "processing_size": [pred.processing_size[1], pred.processing_size[0]],
-                  "model_seconds": round(time.perf_counter() - t0, 4)}
-        return self._write(key, rgb, values, self.depth_model.kind, None, normals, exif, None, record,
-                           count=stabilizer is None, reuse=reuse)
+        sections = {**sections, "processing_size": [pred.processing_size[1], pred.processing_size[0]],
+                    "model_seconds": round(time.perf_counter() - t_model, 4)}
+        return self._write(key, subject, rgb, values, self.depth_model.kind, None, normals, exif, None, sections, t0,
+                           count=stabilizer is None, reuse=reuse, redone=redone)
 
-    def _write(self, key, rgb, values, kind, per_metre, normals, exif, input_size, record, count=True, reuse=None,
-               units_assumed=None, texture=None):
-        """Cloud, then mesh files and preview when asked, then the sidecar (last: it marks the frame done)."""
-        from .. import __version__, sinks, sources
+    def _write(self, key, subject, rgb, values, kind, per_metre, normals, exif, input_size, sections, t0, count=True,
+               reuse=None, units_assumed=None, texture=None, redone=None):
+        """Cloud, then mesh files and preview when asked, then the sidecar (last: it marks the cloud done)."""
+        from .. import sinks, sources
         from ..pointcloud import header_comments, make_cloud
 
+        a = self.a
         align = None
-        if self.a["align_to"] is not None:
-            align, _ = sources.read_depth_map(Path(self.a["align_to"]), "depth", self.a["align_units"], "--align-to")
-            _check_aspect(values.shape, align.shape, f"the depth map and --align-to {self.a['align_to']}")
+        if a.align_to is not None:
+            align, _ = sources.read_depth_map(Path(a.align_to), "depth", a.align_units, "--align-to")
+            _check_aspect(values.shape, align.shape, f"the depth map and --align-to {a.align_to}")
         try:
             cloud = make_cloud(rgb, values, kind, self.camera, self.scale, self.cloud, per_metre=per_metre,
                                normals=self.normals, normals_lotus=normals, exif_f35=exif, input_size=input_size,
                                align=align, reuse=reuse, units_assumed=units_assumed)
         except ValueError as e:
-            raise InputError(f"{record.get('input') or record.get('depth_input')}: {e}", "check the depth map") from e
-        ply, side = self.out / f"{key}.ply", self.out / f"{key}.json"
-        full = {"version": __version__, **record, **cloud.record, "ply": ply.name}
-        comments = header_comments(full)
-        sinks.write_ply(ply, cloud.points, cloud.colors, cloud.normals, comments)
-        outputs = {"ply": str(ply), **self._mesh_and_preview(key, cloud, full, rgb if texture is None else texture,
-                                                             comments)}
-        sinks.write_json(side, full)
-        if cloud.record["depth"].get("warning"):
-            say(f"warning: {record.get('input') or record.get('depth_input')}: {cloud.record['depth']['warning']}",
-                "yellow")
-        if count:
-            self._report(record.get("input") or record.get("depth_input"), "done", {**outputs, "json": str(side)}, None)
-        return {"file": ply.name, "points": cloud.record["cloud"]["points"], "depth": cloud.record["depth"]}
+            raise InputError(f"{subject}: {e}", "check the depth map") from e
+        base = self.out / key
+        ply, side = base.with_name(base.name + ".ply"), base.with_name(base.name + ".json")
+        side.unlink(missing_ok=True)  # an earlier run's sidecar must not vouch for files this run replaces
 
-    def _mesh_and_preview(self, key, cloud, full, texture, comments) -> dict:
-        """The mesh files and the preview asked for, recorded in the sidecar record ``full``; {name: path}."""
+        def record(outputs: dict, **more) -> dict:
+            return sinks.sidecar(KIND, model=self.model, options=self._options(clip=not count), input=subject,
+                                 key=key, outputs=outputs, seconds=time.perf_counter() - t0, **sections,
+                                 **cloud.record, **more)
+
+        comments = header_comments(record({}))
+        sinks.write_ply(ply, cloud.points, cloud.colors, cloud.normals, comments)
+        outputs = {"ply": {"file": ply.name}}
+        more = self._mesh_and_preview(key, subject, cloud, outputs, rgb if texture is None else texture, comments)
+        sinks.write_json(side, record(outputs, **more))
+        if cloud.record["depth"].get("warning"):
+            say(f"warning: {subject}: {cloud.record['depth']['warning']}", "yellow")
+        if count:
+            paths = {name: str(ply.parent / o["file"]) for name, o in outputs.items()}
+            self._report(subject, "done", {**paths, "json": str(side)}, None, seconds=time.perf_counter() - t0,
+                         redone=redone)
+        return {"key": key, "file": ply.name, "points": cloud.record["cloud"]["points"], "depth": cloud.record["depth"]}
+
+    def _mesh_and_preview(self, key, subject, cloud, outputs, texture, comments) -> dict:
+        """The mesh files and the preview asked for, added to ``outputs`` ({name: {"file": name}}: glb, obj,
+        mesh_ply, preview); returns their sidecar sections ("mesh", "preview")."""
         from .. import mesh, preview, sinks
 
-        outputs, shown = {}, cloud
+        sections, shown = {}, cloud
+        base = self.out / key
         if self.mesh_formats:
             shown = mesh.from_cloud(cloud, self.cloud.stride)
-            ply = self.out / f"{key}.ply"
-            files = mesh.write(shown, self.mesh_formats, ply.parent, ply.name[:-len(".ply")], texture, comments)
-            full["mesh"] = {**shown.record, "files": files, "frame": full["cloud"]["frame"],
-                            "glb_frame": mesh.GLB_FRAME if "glb" in files else None}
-            outputs.update({f: str(ply.parent / name) for f, name in files.items()})
+            files = mesh.write(shown, self.mesh_formats, base.parent, base.name, texture, comments)
+            sections["mesh"] = {**shown.record, "files": files, "frame": cloud.record["cloud"]["frame"],
+                                "glb_frame": mesh.GLB_FRAME if "glb" in files else None}
+            outputs.update({("mesh_ply" if f == "ply" else f): {"file": name} for f, name in files.items()})
             if not files:
-                say(f"warning: {full.get('input') or full.get('depth_input')}: no 2x2 block of kept pixels, so no "
-                    "mesh (lower --edge-threshold or --stride)", "yellow")
-        if self.a["preview"]:
-            png = self.out / f"{key}.preview.png"
+                say(f"warning: {subject}: no 2x2 block of kept pixels, so no mesh (lower --edge-threshold or "
+                    "--stride)", "yellow")
+        if self.a.preview:
+            png = base.with_name(base.name + ".preview.png")
             sinks.write_bytes(png, sinks.encode_png(preview.render_cloud(shown, cloud.K, self.cloud.stride)))
-            full["preview"] = {"file": png.name, **preview.describe()}
-            outputs["preview"] = str(png)
-        return outputs
+            sections["preview"] = {"file": png.name, **preview.describe()}
+            outputs["preview"] = {"file": png.name}
+        return sections
 
-    def _report(self, subject, status, outputs, error, frames=1):
+    def _report(self, subject, status, outputs, error, frames=1, seconds=0.0, redone=None):
         if status == "failed":
             self.failed += 1
             say(f"failed: {error}", "red")
         elif status == "done":
             self.done += 1
-        if self.a["json"]:
+        elif status == "skipped":
+            self.skipped += 1
+        if self.a.json:
             import json
-            import sys
 
-            sys.stdout.write(json.dumps({"input": str(subject), "status": status, "outputs": outputs,
-                                         "error": error, "frames": frames, "kind": "pointcloud"}) + "\n")
-            sys.stdout.flush()
+            write_stdout(json.dumps({"input": str(subject), "status": status, "kind": KIND, "outputs": outputs,
+                                     "frames": frames, "seconds": round(seconds, 4), "error": error,
+                                     "redone": redone}) + "\n")
+
+
+def _listed_files(side: Path, out: Path) -> list[Path]:
+    """The files an earlier run's sidecar ``side`` lists as its outputs (a clip's: each frame's sidecar and the
+    files that lists); [] when it lists none or cannot be read (``sinks.reusable`` says why then)."""
+    import json
+
+    try:
+        old = json.loads(side.read_text())
+        outputs, frames = old.get("outputs") or {}, old.get("frames") or []
+        files = [side.parent / o["file"] for o in outputs.values() if isinstance(o, dict) and "file" in o]
+        for fr in frames:
+            frame_side = out / f"{fr['key']}.json"
+            files += [frame_side, *_listed_files(frame_side, out)]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return []
+    return files
 
 
 def _for_normal_model(e: LotusError) -> LotusError:
-    """A model error about the normal model, its advice given for the option that names it here."""
+    """A model error about the normal model, its advice given for the option that names it here. --output-kind
+    states what --model outputs, so for a normal checkpoint that nothing describes only lotus.json is advised."""
 
     def swap(text):
-        return re.sub(r"(?<![\w-])--model\b", "--normal-model", text) if text else text
+        if not text:
+            return text
+        text = re.sub(r"state it with --output-kind \S+, or write", "write", text)
+        return re.sub(r"(?<![\w-])--model\b", "--normal-model", text)
 
     return type(e)(swap(e.message), swap(e.hint))
 
@@ -385,4 +580,3 @@ def _check_aspect(a_shape, b_shape, what: str) -> None:
     if abs(bw * ah / bh - aw) > 1.0:
         raise InputError(f"{what} differ in aspect ratio ({aw}x{ah} vs {bw}x{bh})",
                          "give maps of the same view, uncropped (resizing is fine)")
-
