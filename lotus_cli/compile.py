@@ -105,6 +105,14 @@ def _inductor_cache_dir_chosen() -> bool:
     return bool(given) and os.path.abspath(given) != os.path.abspath(default_cache_dir())
 
 
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's type and first line (dynamo wraps a backend's error in its own)."""
+    while getattr(e, "inner_exception", None) is not None or e.__cause__ is not None:
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
 class _CompiledOrEager:
     """Stands in for a module's ``_compiled_call_impl``: the compiled call, and at its first failure the
     eager one from then on, with the failure kept as ``reason``."""
@@ -118,8 +126,7 @@ class _CompiledOrEager:
                 return self.compiled(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager model is always right
                 self.compiled = None
-                self.reason = f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); " \
-                              "running eagerly"
+                self.reason = f"torch.compile failed ({_root_cause(e)}); running eagerly"
         return self.module._call_impl(*args, **kwargs)
 
 
