@@ -3,14 +3,15 @@
 Inductor traces the UNet for one input shape, fuses its pointwise work into generated C++ (CPU) or
 Triton (CUDA) kernels and, with ``freezing`` on a CPU, folds the weights into the graph and packs the
 convolution weights for oneDNN itself. The first call for a shape pays for that compilation; its
-artifacts (inductor's FX graph cache and the compiled kernels) go to ``inductor_cache_dir()``, so a later process
-running the same model at the same size loads them instead of compiling. The README ("Compiled path")
+artifacts (inductor's FX graph cache and the compiled kernels) go to ``inductor_cache_dir()``, so a later
+process running the same model at the same size loads them instead of compiling. The README ("Compiled path")
 gives the measured costs and what it buys; ``should_compile`` encodes when it pays.
 
 Weights packed by the predictor for eager oneDNN convolutions cannot be traced (oneDNN's opaque tensor
-layout), so they are unpacked into plain ``nn.Conv2d`` first: freezing then packs them again. The VAE
-stays eager: the predictor runs its high-resolution stages in row strips (memory), which call the VAE's
-submodules one by one and would bypass a compiled decoder.
+layout), so they are unpacked into plain ``nn.Conv2d`` first: freezing then packs them again. With
+``vae=True`` the VAE's encoder and decoder are compiled too, whole: the predictor's row strips (which
+call the VAE's submodules one by one, to save memory) are then switched off; without it the VAE keeps
+its strips and runs eagerly beside the compiled UNet.
 
 When the compiler is missing (no C++ compiler on a CPU, no Triton for CUDA) or compilation fails, the
 model runs eagerly and the reason is returned / recorded as one line.
@@ -64,12 +65,16 @@ def has_cached_artifacts(directory: Path | None = None) -> bool:
     return fx.is_dir() and any(fx.iterdir())
 
 
-def should_compile(n_items: int, is_video: bool = False, device_type: str = "cpu", warm: bool | None = None) -> bool:
-    """``--compile auto``: whether compiling the UNet pays for ``n_items`` predictions of one processing
-    size (video frames or a batch of same-size images). ``warm``: whether compiled artifacts are cached
-    (default: look in ``inductor_cache_dir()``). Videos count like batches: every frame has the clip's size."""
-    if device_type != "cpu":  # measured on CPUs only; on CUDA --compile on asks for it explicitly
+def should_compile(n_items: int | None, is_video: bool = False, device_type: str = "cpu",
+                   warm: bool | None = None) -> bool:
+    """``--compile auto``: whether compiling pays for ``n_items`` predictions of one processing size (the
+    frames of a video, or same-size images). ``None``: a video or stream of unknown length, counted as
+    long. ``warm``: whether compiled artifacts are cached (default: look in ``inductor_cache_dir()``).
+    Only on CPUs, where it was measured; on CUDA compiling is asked for explicitly (--compile on)."""
+    if device_type != "cpu":
         return False
+    if n_items is None:
+        return is_video
     if warm is None:
         warm = has_cached_artifacts()
     return n_items >= (MIN_ITEMS_WARM if warm else MIN_ITEMS_COLD)
@@ -133,12 +138,13 @@ class _CompiledOrEager:
 def compile_predictor(predictor, mode: str = "auto", cache_dir: Path | str | None = None, *, n_items: int = 1,
                       is_video: bool = False, vae: bool = False, backend="inductor",
                       cuda_graphs: bool = False) -> tuple[bool, str]:
-    """Compile ``predictor.unet`` in place (the predictor keeps working through the same object).
+    """Compile ``predictor.unet`` (and with ``vae`` the VAE's encoder and decoder) in place: the predictor
+    keeps working through the same module objects, which keep their weights (unpacked).
 
     ``mode``: "off" leaves it eager, "on" compiles, "auto" compiles when ``should_compile(n_items,
-    is_video)`` says it pays (``n_items`` predictions of one processing size follow). Compilation itself happens at the first call per input shape; artifacts are cached
-    under ``cache_dir`` (default ``inductor_cache_dir()``; this sets TORCHINDUCTOR_CACHE_DIR for the process unless
-    it is set already). ``cuda_graphs``: CUDA only, inductor's "reduce-overhead" mode (CUDA graphs; the
+    is_video)`` says it pays (``n_items`` predictions of one processing size follow). Compilation itself
+    happens at the first call per input shape; artifacts are cached under ``cache_dir`` (default
+    ``inductor_cache_dir()``; this sets TORCHINDUCTOR_CACHE_DIR for the process unless the user set it). ``cuda_graphs``: CUDA only, inductor's "reduce-overhead" mode (CUDA graphs; the
     processing size and batch must then stay fixed to pay). Returns (compiled, one-line reason); a failure
     at the first call falls back to eager and is reported by ``compile_status``.
     """
@@ -178,12 +184,18 @@ def compile_predictor(predictor, mode: str = "auto", cache_dir: Path | str | Non
     return True, f"{what} compiled ({how if backend == 'inductor' else backend}); first call per size compiles"
 
 
+def _compiled_modules(predictor) -> list[torch.nn.Module]:
+    return [m for m in (predictor.unet, predictor.vae.encoder, predictor.vae.decoder)
+            if isinstance(getattr(m, "_compiled_call_impl", None), _CompiledOrEager)]
+
+
 def compile_status(predictor) -> str | None:
-    """The one-line reason a compiled UNet fell back to eager at run time, or None."""
-    impl = getattr(predictor.unet, "_compiled_call_impl", None)
-    return getattr(impl, "reason", None)
+    """The one-line reason a compiled module fell back to eager at run time, or None."""
+    return next((m._compiled_call_impl.reason for m in _compiled_modules(predictor) if m._compiled_call_impl.reason),
+                None)
 
 
 def uncompile(predictor) -> None:
-    """Back to the eager UNet (its weights stay unpacked)."""
-    predictor.unet._compiled_call_impl = None
+    """Back to eager modules (their weights stay unpacked; the VAE's strips stay off)."""
+    for m in _compiled_modules(predictor):
+        m._compiled_call_impl = None

@@ -48,10 +48,10 @@ def test_a_failing_compiler_falls_back_to_eager_at_the_first_call(depth_g, induc
         raise RuntimeError("simulated compiler crash\nwith a long traceback")
 
     assert lc.compile_predictor(pred, "on", backend=broken_backend)[0]
-    np.testing.assert_allclose(pred.predict(img, OPTS).map, eager, atol=1e-5)  # unpacked convs: ~1e-6
+    np.testing.assert_allclose(pred.predict(img, OPTS).map, eager, atol=1e-5)  # unpacked: ~1e-6 apart
     status = lc.compile_status(pred)
     assert status.startswith("torch.compile failed") and "simulated compiler crash" in status and "\n" not in status
-    np.testing.assert_allclose(pred.predict(img, OPTS).map, eager, atol=1e-5)  # unpacked convs: ~1e-6  # and stays eager
+    np.testing.assert_allclose(pred.predict(img, OPTS).map, eager, atol=1e-5)  # and stays eager
 
 
 def test_off_and_auto_below_the_threshold_leave_the_model_alone(depth_g):
@@ -68,6 +68,7 @@ def test_should_compile_pays_only_for_long_runs(tmp_path):
     assert lc.should_compile(lc.MIN_ITEMS_COLD, is_video=True, warm=False)
     assert lc.should_compile(lc.MIN_ITEMS_WARM, warm=True) and not lc.should_compile(lc.MIN_ITEMS_WARM - 1, warm=True)
     assert not lc.should_compile(1000, device_type="cuda")  # not measured there: only --compile on
+    assert lc.should_compile(None, is_video=True) and not lc.should_compile(None)  # a stream of unknown length
     assert not lc.has_cached_artifacts(tmp_path)
     (tmp_path / "fxgraph" / "ab").mkdir(parents=True)
     assert lc.has_cached_artifacts(tmp_path)
@@ -145,7 +146,7 @@ def test_a_second_process_loads_the_compiled_graph_from_the_cache(depth_g, tmp_p
 
     def run():
         out = subprocess.run([sys.executable, "-c", WARM, str(depth_g), str(tmp_path / "cache")], env=env,
-                             capture_output=True, text=True, cwd=ROOT, timeout=1800)
+                             capture_output=True, text=True, cwd=ROOT, timeout=1800, check=False)
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
