@@ -144,8 +144,9 @@ def compile_predictor(predictor, mode: str = "auto", cache_dir: Path | str | Non
     ``mode``: "off" leaves it eager, "on" compiles, "auto" compiles when ``should_compile(n_items,
     is_video)`` says it pays (``n_items`` predictions of one processing size follow). Compilation itself
     happens at the first call per input shape; artifacts are cached under ``cache_dir`` (default
-    ``inductor_cache_dir()``; this sets TORCHINDUCTOR_CACHE_DIR for the process unless the user set it). ``cuda_graphs``: CUDA only, inductor's "reduce-overhead" mode (CUDA graphs; the
-    processing size and batch must then stay fixed to pay). Returns (compiled, one-line reason); a failure
+    ``inductor_cache_dir()``; this sets TORCHINDUCTOR_CACHE_DIR for the process unless the user set it).
+    ``cuda_graphs``: CUDA only, what inductor's "reduce-overhead" mode adds (CUDA graphs; the processing
+    size and batch must then stay fixed to pay). Returns (compiled, one-line reason); a failure
     at the first call falls back to eager and is reported by ``compile_status``.
     """
     if mode not in MODES:
