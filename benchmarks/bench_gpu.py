@@ -93,7 +93,7 @@ class Ours:
         if compile_unet:
             from lotus_cli import compile as lc
 
-            ok, self.note = lc.compile_predictor(self.pred, "on", cuda_graphs=device.type == "cuda")
+            ok, self.note = lc.compile_predictor(self.pred, "on", vae=False, cuda_graphs=device.type == "cuda")
             if not ok:
                 raise RuntimeError(self.note)
         self.opts = lambda res, b: PredictOptions(processing_res=res, resample="nearest", latent="sample", seed=SEED,

@@ -136,7 +136,7 @@ class _CompiledOrEager:
 
 
 def compile_predictor(predictor, mode: str = "auto", cache_dir: Path | str | None = None, *, n_items: int = 1,
-                      is_video: bool = False, vae: bool = False, backend="inductor",
+                      is_video: bool = False, vae: bool = True, backend="inductor",
                       cuda_graphs: bool = False) -> tuple[bool, str]:
     """Compile ``predictor.unet`` (and with ``vae`` the VAE's encoder and decoder) in place: the predictor
     keeps working through the same module objects, which keep their weights (unpacked).
