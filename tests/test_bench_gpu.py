@@ -44,3 +44,18 @@ def test_refuses_to_run_without_cuda_unless_told_cpu(depth_g):
     assert out.returncode == 2
     assert "CUDA is not available" in out.stderr and "--device cpu" in out.stderr
     assert "ours" not in out.stdout  # nothing was measured on the CPU instead
+
+
+def test_vae_dtype_for_leaves_fp16_where_it_overflows(depth_g):
+    from diffusers import AutoencoderKL
+
+    from lotus_cli.gpu import vae_dtype_for
+
+    vae = AutoencoderKL.from_pretrained(depth_g, subfolder="vae", torch_dtype=torch.float16).eval()
+    assert vae_dtype_for(vae, torch.float16, (32, 32)) == (torch.float16, None)  # this one is fine in fp16
+    assert vae_dtype_for(vae, torch.float32, (32, 32)) == (torch.float32, None)  # only fp16 is probed
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(1e6)  # decoded values far beyond fp16's 65504, within bf16's range
+    dtype, reason = vae_dtype_for(vae, torch.float16, (48, 32))
+    assert dtype == torch.bfloat16 and "48x32" not in reason and "32x48 px" in reason and "bfloat16" in reason
+    assert next(vae.parameters()).dtype == torch.float16  # the probe casts back
