@@ -153,3 +153,23 @@ def test_a_second_process_loads_the_compiled_graph_from_the_cache(depth_g, tmp_p
     cold, warm = run(), run()
     assert cold["status"] is None and cold["miss"] >= 1 and cold["hit"] == 0
     assert warm["status"] is None and warm["hit"] >= 1 and warm["miss"] == 0
+
+
+def test_cli_compile_on_without_a_compiler_says_so_once_and_writes_eager_maps(tmp_path, depth_d, monkeypatch,
+                                                                                inductor_env):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lotus_cli.cli import app
+
+    Image.fromarray(make_image(48, 64)).save(tmp_path / "x.png")
+    args = ["depth", str(tmp_path / "x.png"), "-m", str(depth_d), "--processing-res", "64", "-f", "npy"]
+    r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "eager")])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-cxx-for-lotus"))
+    r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "c"), "--compile", "on"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("no C++ compiler") == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "c" / "x.npy"), np.load(tmp_path / "eager" / "x.npy"))
+    r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "d"), "--compile", "sometimes"])
+    assert r.exit_code == 2 and "--compile must be auto, on or off" in r.stderr

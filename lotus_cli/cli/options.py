@@ -86,6 +86,11 @@ ExrHalf = Annotated[bool, flag("--exr-half", help="EXR maps in 16-bit half float
                                "the size) instead of float32.")]
 ExrCompression = Annotated[str, option("--exr-compression", help="EXR compression: zip (lossless), zips, piz, rle, "
                                        "none; lossy: pxr24, b44, b44a, dwaa, dwab.")]
+Compile = Annotated[str, option("--compile", help="torch.compile the model (inductor; on a CPU it needs a C++ "
+                                "compiler): off, on, or auto (videos, and runs of 40+ same-size images, 12+ once "
+                                "compiled code is cached). The first run per processing size spends minutes "
+                                "compiling; the result is cached in ~/.cache/lotus/inductor. Falls back to eager "
+                                "with one line when compiling is impossible.")]
 Skip = Annotated[bool, flag("--skip-existing", help="Keep inputs whose outputs are complete and were made with the "
                             "same model and options (resume an interrupted run); redo the others and say why.")]
 MaxPixels = Annotated[int, option("--max-pixels", help="Refuse images above this many pixels (0 = no limit).")]

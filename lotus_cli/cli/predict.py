@@ -16,7 +16,7 @@ from . import app, console, escape, fail, load_predictor, say, stdout_closed, wr
 
 # The option types are shared with `lotus pointcloud` and `lotus eval` (options.py); re-exported here for
 # the modules that import them from this one.
-from .options import (Batch, Cmap, Device, Dtype, End, ExrCompression, ExrHalf, Format, Fps, Frame, Inputs, Json, Latent,  # noqa: F401
+from .options import (Batch, Cmap, Compile, Device, Dtype, End, ExrCompression, ExrHalf, Format, Fps, Frame, Inputs, Json, Latent,  # noqa: F401
                       MaxFrames,
                       MaxMemory, MaxPixels, Model, NormalOutputKind, Out, Overlap, OutputKind, ProcRes, Raw, RawOut,
                       Resample, Samples, Seed, Skip, SpreadCmap, SpreadRawOut, Stabilize, Start, Task, Tile,
@@ -65,6 +65,7 @@ class PredictArgs:
     uncertainty: bool = False  # `lotus uncertainty`: an ensemble of samples x views
     samples: int = 8
     tta: str = "none"
+    compile_mode: str = "off"  # --compile: off | on | auto (lotus_cli/compile.py)
 
     @property
     def command(self) -> str:
@@ -82,6 +83,8 @@ def _check(a: PredictArgs) -> None:
         raise UsageError(f"--samples must be at least 2, not {a.samples}: a spread needs two predictions or more",
                          "e.g. --samples 8 (or --tta flip, which adds the mirrored view)")
     check_output_kind(a.output_kind, a.task)
+    if a.compile_mode not in ("auto", "on", "off"):
+        raise UsageError(f"--compile must be auto, on or off, not {a.compile_mode!r}")
     if a.raw is not None:
         given = [f for f, on in (("--out", a.out is not None), ("--json", a.json), ("--skip-existing", a.skip_existing))
                  if on]
@@ -142,6 +145,7 @@ def _predict(a: PredictArgs) -> None:
     if a.raw is not None:
         return _raw(a, ref, opts, tiles, ensemble)
     predictor = load_predictor(ref, a.task, a.device, a.dtype)
+    _compile(a, predictor, items)
     if ensemble:
         try:
             predictor.ensemble_seeds(opts, ensemble)  # a D model without --tta is refused before any input is read
@@ -160,6 +164,18 @@ def _changing_options(a: PredictArgs, tiles, ensemble) -> dict:
     if ensemble:
         out.update(samples=a.samples, tta=a.tta)
     return out
+
+
+def _compile(a: PredictArgs, predictor, items=None) -> None:
+    """--compile: compile where it pays; one line saying what was done (or why not, when it was asked for)."""
+    from ..compile import compile_predictor
+    from ..sources import is_video
+
+    stream = items is None or any(is_video(i.path) for i in items)  # a video or a pipe: long, length unknown
+    ok, reason = compile_predictor(predictor, a.compile_mode, n_items=None if stream else len(items),
+                                   is_video=stream)
+    if ok or a.compile_mode == "on":
+        say(reason, "dim" if ok else "yellow")
 
 
 def _check_processing_res(a: PredictArgs, ref) -> None:
@@ -228,6 +244,7 @@ def _raw(a: PredictArgs, ref, opts, tiles=None, ensemble=None) -> None:
     except LotusError as e:
         fail(e)
     predictor = load_predictor(ref, a.task, a.device, a.dtype)
+    _compile(a, predictor, None)
     try:
         if ensemble:
             predictor.ensemble_seeds(opts, ensemble)
@@ -312,6 +329,10 @@ def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, pred
         raise typer.Exit(130)
     except LotusError as e:
         fail(e)
+    from ..compile import compile_status
+
+    if compile_status(predictor):  # compiling failed at the first call: the run went on eagerly
+        say(compile_status(predictor), "yellow")
     failed = summary.failed + n_problems
     colour = "red" if failed else "green"
     say(f"{summary.done} done, {summary.skipped} skipped, {failed} failed in {time.perf_counter() - t0:.1f} s "
@@ -328,7 +349,8 @@ def depth(inputs: Inputs = None, out: Out = None, model: Model = None, output_ki
           max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None, start: Start = None,
           end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True, raw: Raw = None,
           raw_out: RawOut = "f32", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
-          max_memory: MaxMemory = "auto"):
+          max_memory: MaxMemory = "auto",
+          compile_mode: Compile = "off"):
     """Depth maps for images and videos.
 
     Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity, deterministic, best AbsRel in the
@@ -338,7 +360,7 @@ def depth(inputs: Inputs = None, out: Out = None, model: Model = None, output_ki
         exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, cmap=cmap, skip_existing=skip_existing, max_pixels=max_pixels, json=json,
         fps=fps, start=start, end=end, max_frames=max_frames, stabilize=stabilize, raw=raw, raw_out=raw_out,
-        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory))
+        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode))
 
 
 @app.command()
@@ -349,7 +371,8 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, output_k
            dtype: Dtype = "auto", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000,
            json: Json = False, fps: Fps = None, start: Start = None, end: End = None,
            max_frames: MaxFrames = None, raw: Raw = None, raw_out: RawOut = "f32", frame: Frame = "lotus",
-           tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None, max_memory: MaxMemory = "auto"):
+           tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None, max_memory: MaxMemory = "auto",
+          compile_mode: Compile = "off"):
     """Surface-normal maps for images and videos.
 
     Default model: normal-d (jingheya/lotus-normal-d-v1-1, deterministic). Normals are unit vectors, by
@@ -360,7 +383,7 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, output_k
         exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, skip_existing=skip_existing, max_pixels=max_pixels, json=json, fps=fps,
         start=start, end=end, max_frames=max_frames, stabilize=False, raw=raw, raw_out=raw_out, frame=frame,
-        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory))
+        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode))
 
 
 @app.command()
@@ -372,7 +395,8 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
                 json: Json = False, fps: Fps = None, start: Start = None, end: End = None,
                 max_frames: MaxFrames = None, raw: Raw = None, raw_out: SpreadRawOut = "f32",
                 frame: Frame = "lotus", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
-                max_memory: MaxMemory = "auto"):
+                max_memory: MaxMemory = "auto",
+          compile_mode: Compile = "off"):
     """Per-pixel uncertainty of depth or normals (Lotus-G's spread over noise samples).
 
     Paper Sec. 4.4: run a Lotus-G model several times with different noise and write the spread (depth:
@@ -386,5 +410,5 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
         exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, cmap=cmap, skip_existing=skip_existing, max_pixels=max_pixels, json=json,
         fps=fps, start=start, end=end, max_frames=max_frames, stabilize=False, raw=raw, raw_out=raw_out,
-        frame=frame, tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, uncertainty=True,
+        frame=frame, tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode, uncertainty=True,
         samples=samples, tta=tta))
