@@ -115,6 +115,12 @@ class Args:
     overlap: float = 0.25
     tile_res: Optional[int] = None
     max_memory: str = "auto"
+    shard: Optional[str] = None  # scale-out options: see _scale_out
+    engine: str = "local"
+    ray_address: Optional[str] = None
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
 
 
 def _predict(a: Args) -> None:
@@ -141,6 +147,7 @@ def _predict(a: Args) -> None:
         resolve(model, a.task)  # an unknown or wrong-task model fails before inputs are read
         if a.raw is not None:
             return _raw(a, opts, tiles)
+        _scale_out(a, model, opts, ensemble, tiles, video, output)  # returns only when not scaled out
         sinks.check_out_dir(out_dir)
         if not a.inputs:
             raise UsageError("no inputs given", "pass files, folders, globs, or - to read paths from stdin")
@@ -268,6 +275,66 @@ def _run(a: Args, predictor, items, output, opts, video, n_problems, predict=Non
     raise typer.Exit(1 if failed else 0)
 
 
+# ------------------------------------- many processes and machines: lotus_cli/distributed.py, ray_engine.py
+
+ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="Process share K/N of the inputs (0-based K), by a "
+                                                 "stable hash of each output key: for Slurm arrays and hand-launched "
+                                                 "processes. Under torchrun, RANK/WORLD_SIZE shard by themselves.",
+                                                 show_default=False)]
+EngineOpt = Annotated[str, typer.Option("--engine", help="local (this process), or ray (a Ray Data pipeline over "
+                                        "--workers predictor actors; needs the ray extra of lotus-cli).")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: the cluster to join "
+                                                   "(auto = the one `ray start` runs here); default: start a local "
+                                                   "one.", show_default=False)]
+Workers = Annotated[int, typer.Option("--workers", help="With --engine ray: predictor actors (one model each).")]
+GpusPerWorker = Annotated[float, typer.Option("--gpus-per-worker", help="With --engine ray: GPUs per actor.")]
+CpusPerWorker = Annotated[float, typer.Option("--cpus-per-worker", help="With --engine ray: CPUs per actor.")]
+
+
+def _scale_out(a: Args, model, opts, ensemble, tiles, video, output) -> None:
+    """--shard, torchrun, --engine ray, or URL inputs / --out: run through lotus_cli.distributed, report and
+    exit. Returns (nothing done) for a plain run. Scaled-out runs always resume: finished items are skipped."""
+    import functools
+
+    from .. import distributed, models, sources
+
+    scale = distributed.Scale(a.shard, a.engine, a.ray_address, a.workers, a.gpus_per_worker, a.cpus_per_worker)
+    if not distributed.wanted(scale, a.inputs, a.out):
+        return
+    kind = "uncertainty" if ensemble else models.resolve(model, a.task).entry.kind
+    job = distributed.Job(model, a.task, output, opts, video, a.device, a.dtype, a.max_pixels,
+                          kind if ensemble else None, functools.partial(_predict_fn, tiles=tiles, ensemble=ensemble))
+    counts = {"problems": 0}
+
+    def on_problem(p):
+        counts["problems"] += 1
+        say(f"failed: {p}", "red")
+        _emit(a, {"input": p.subject, "status": "failed", "error": str(p), "outputs": {}, "kind": None, "frames": 0,
+                  "seconds": 0.0})
+
+    def on_result(r, name):
+        if r.status == "failed":
+            say(f"failed: {r.error}", "red")
+        _emit(a, {**r.record(kind), "input": name})
+
+    t0 = time.perf_counter()
+    try:
+        s = distributed.dispatch(job, a.inputs or [], a.out or output.out_dir, scale, exts=sources.MEDIA_EXTS,
+                                 on_result=on_result, on_problem=on_problem, load_predictor=load_predictor)
+    except KeyboardInterrupt:
+        say("interrupted: finished outputs are complete; rerun the same command to finish the rest", "yellow")
+        raise typer.Exit(130)
+    except LotusError as e:
+        fail(e)
+    failed = s.failed + counts["problems"]
+    if not (s.done or s.skipped or failed):
+        say("error: no usable inputs" if a.inputs else "error: no inputs given", "red")
+        raise typer.Exit(2)
+    say(f"{s.done} done, {s.skipped} skipped, {failed} failed in {time.perf_counter() - t0:.1f} s -> "
+        f"{a.out or output.out_dir}", "red" if failed else "green")
+    raise typer.Exit(1 if failed else 0)
+
+
 @app.command()
 def depth(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: Format = "png,png16",
           processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean", seed: Seed = 0,
@@ -275,7 +342,9 @@ def depth(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: Form
           skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
           start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
           raw: Raw = None, raw_out: RawOut = "f32", tile: Tile = None, overlap: Overlap = 0.25,
-          tile_res: TileRes = None, max_memory: MaxMemory = "auto"):
+          tile_res: TileRes = None, max_memory: MaxMemory = "auto",
+          shard: ShardOpt = None, engine: EngineOpt = "local", ray_address: RayAddress = None, workers: Workers = 1,
+          gpus_per_worker: GpusPerWorker = 0.0, cpus_per_worker: CpusPerWorker = 1.0):
     """Depth maps for images and videos.
 
     Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity, deterministic, best AbsRel in the
@@ -290,7 +359,9 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, fmt: For
            skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None,
            start: Start = None, end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True,
            raw: Raw = None, raw_out: RawOut = "f32", frame: Frame = "lotus", tile: Tile = None,
-           overlap: Overlap = 0.25, tile_res: TileRes = None, max_memory: MaxMemory = "auto"):
+           overlap: Overlap = 0.25, tile_res: TileRes = None, max_memory: MaxMemory = "auto",
+           shard: ShardOpt = None, engine: EngineOpt = "local", ray_address: RayAddress = None, workers: Workers = 1,
+           gpus_per_worker: GpusPerWorker = 0.0, cpus_per_worker: CpusPerWorker = 1.0):
     """Surface-normal maps for images and videos.
 
     Default model: normal-d (jingheya/lotus-normal-d-v1-1, deterministic). Normals are unit vectors, by
@@ -314,7 +385,9 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
                 = "inferno", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000, json: Json = False,
                 fps: Fps = None, start: Start = None, end: End = None, max_frames: MaxFrames = None,
                 frame: Frame = "lotus", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
-                max_memory: MaxMemory = "auto"):
+                max_memory: MaxMemory = "auto",
+                shard: ShardOpt = None, engine: EngineOpt = "local", ray_address: RayAddress = None, workers: Workers = 1,
+                gpus_per_worker: GpusPerWorker = 0.0, cpus_per_worker: CpusPerWorker = 1.0):
     """Per-pixel uncertainty of depth or normals (Lotus-G's spread over noise samples).
 
     Paper Sec. 4.4: run a Lotus-G model several times with different noise and write the spread (depth:

@@ -1,0 +1,125 @@
+"""``--engine ray``: the work list as a Ray Data pipeline over a fixed pool of predictor actors.
+
+Shape (README "Many GPUs and machines"):
+
+1. the driver lists the work (finished items already left out by ``distributed.dispatch``);
+2. a CPU stage stages each remote input into the node's local cache (only when inputs are URLs);
+3. a fixed pool of ``--workers`` actors (``--gpus-per-worker`` GPUs and ``--cpus-per-worker`` CPUs
+   each; Ray sets ``CUDA_VISIBLE_DEVICES`` so ``auto`` picks the actor's own GPU) each loads one
+   predictor and runs ``distributed.process`` -- the runner's batching, atomic writes and sidecars --
+   on its batches: images in batches of --batch-size, a video whole on one actor (so stabilisation and
+   the clip colour range hold);
+4. only small status rows (key, status, output paths, error) return; the driver reports each.
+
+Faults: the actor pool restarts a dead actor and retries its unfinished batch on a live one (Ray
+Data's actor defaults, max_restarts=-1 and max_task_retries=-1); a retried batch skips the items the
+dead attempt finished (their sidecar exists), so nothing is computed or written twice; writes are atomic,
+so nothing is half-written. A bad input is a failed row, never a failed job.
+
+Ray is imported only here, and this module only under ``--engine ray``. Tested with ray[data] 2.60
+(``compute=ActorPoolStrategy``; no free-form remote args, which Ray drops in 2.64).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import ray
+from ray.data import ActorPoolStrategy
+
+from .distributed import Job, Scale, process
+from .errors import LotusError, UsageError
+from .remote import Inputs, Outputs, fetch
+from .runner import ItemResult
+from .sources import Item
+
+STAGE_CPUS = 0.25  # staging is network-bound; a whole CPU would starve the actors on a small machine
+
+
+def connect(scale: Scale) -> None:
+    """Join the cluster at --ray-address, or start a local one (all of this machine's CPUs and GPUs)."""
+    if not ray.is_initialized():
+        ray.init(address=scale.ray_address, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", configure_logging=True)
+
+
+def check_resources(scale: Scale, stage: bool) -> None:
+    """Refuse a pool the cluster cannot hold (Ray would otherwise wait for it for ever, silently)."""
+    have = ray.cluster_resources()
+    need_cpu = scale.workers * scale.cpus_per_worker + (STAGE_CPUS if stage else 0)
+    need_gpu = scale.workers * scale.gpus_per_worker
+    if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+        raise UsageError(f"--workers {scale.workers} x (--cpus-per-worker {scale.cpus_per_worker:g}, --gpus-per-worker "
+                         f"{scale.gpus_per_worker:g}) needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; the Ray cluster "
+                         f"has {have.get('CPU', 0):g} and {have.get('GPU', 0):g}",
+                         "use fewer workers or fewer resources per worker, or add nodes")
+
+
+def _stage(batch: dict) -> dict:
+    """Fetch remote inputs into this node's cache; a failure becomes the row's error."""
+    errors = []
+    for path, url in zip(batch["path"], batch["url"]):
+        try:
+            if url:
+                fetch(str(url), Path(path))
+            errors.append("")
+        except LotusError as e:
+            errors.append(str(e))
+    return {**batch, "error": np.array(errors, dtype=object)}
+
+
+class _Worker:
+    """One pool actor: one predictor, reused for every batch it is given."""
+
+    def __init__(self, job: Job, outputs: Outputs | None):
+        from .distributed import load
+
+        self.job, self.outputs = job, outputs
+        self.predictor, self.predict = load(job)
+
+    def __call__(self, batch: dict) -> dict:
+        from .distributed import _suffixes
+
+        rows: list[ItemResult] = []
+        todo = []
+        for path, key, error in zip(batch["path"], batch["key"], batch["error"]):
+            item = Item(Path(str(path)), str(key))
+            if error:
+                rows.append(ItemResult(item, "failed", error=str(error)))
+            elif self.outputs and self.outputs.finished(item.key, _suffixes(item, self.job.output)):
+                rows.append(ItemResult(item, "done"))  # published by an earlier attempt of this batch
+            else:
+                todo.append(item)
+        if todo:
+            process(self.predictor, self.predict, todo, self.job,
+                    lambda r: rows.append(self.outputs.publish(r) if self.outputs else r))
+        return {"key": [r.item.key for r in rows], "status": [r.status for r in rows],
+                "outputs": [json.dumps(r.outputs) for r in rows], "error": [r.error or "" for r in rows],
+                "seconds": [r.seconds for r in rows], "frames": [r.frames for r in rows]}
+
+
+def run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outputs | None,
+        report: Callable[[ItemResult], None]) -> None:
+    """Process ``items`` on the Ray cluster; ``report`` hears of each as its status row arrives."""
+    connect(scale)
+    remote_inputs = any(staged.url(i) for i in items)
+    check_resources(scale, remote_inputs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI draws its own progress from the status rows
+    by_key = {i.key: i for i in items}
+    rows = [{"path": str(i.path), "key": i.key, "url": staged.url(i) or "", "error": ""} for i in items]
+    # one block per batch: a block is the unit of scheduling and of retry after a worker dies
+    batch = max(1, job.opts.batch_size)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
+    if remote_inputs:
+        ds = ds.map_batches(_stage, batch_size=batch, num_cpus=STAGE_CPUS)
+    ds = ds.map_batches(_Worker, fn_constructor_args=(job, outputs), batch_size=batch,
+                        compute=ActorPoolStrategy(size=scale.workers), num_cpus=scale.cpus_per_worker,
+                        num_gpus=scale.gpus_per_worker or None)
+    for row in ds.iter_rows():
+        key = str(row["key"])
+        report(ItemResult(by_key[key], str(row["status"]), json.loads(row["outputs"]), row["error"] or None,
+                          float(row["seconds"]), int(row["frames"])))
