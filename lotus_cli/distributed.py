@@ -193,8 +193,11 @@ def wanted(scale: Scale, inputs: Iterable[str], out, environ: Mapping[str, str] 
     """Whether a command needs this module: a shard, torchrun, the Ray engine, or URLs."""
     from . import remote
 
-    return bool(scale != Scale() or env_rank(environ) or (out is not None and remote.is_url(out))
-                or any(remote.is_url(i) for i in inputs or ()))
+    def url(spec) -> bool:  # file:// too: it is read as the local path it names
+        return remote.is_url(spec) or remote.normalise(spec) != str(spec)
+
+    return bool(scale != Scale() or env_rank(environ) or (out is not None and url(out))
+                or any(url(i) for i in inputs or ()))
 
 
 def dispatch(job: Job, inputs: list[str], out, scale: Scale, *, exts: tuple[str, ...],
