@@ -22,7 +22,12 @@ Ray is imported only here, and this module only under ``--engine ray``. Tested w
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -101,9 +106,49 @@ class _Worker:
                 "seconds": [r.seconds for r in rows], "frames": [r.frames for r in rows]}
 
 
+class _MainThreadOnly(io.TextIOBase):
+    """A ``sys.stdout`` that passes the main thread's writes (the CLI's records) to ``data`` and every other
+    thread's (Ray's notices, printed from its listener threads) to ``other``."""
+
+    def __init__(self, data, other):
+        self.data, self.other = data, other
+
+    def write(self, text: str) -> int:
+        return (self.data if threading.current_thread() is threading.main_thread() else self.other).write(text)
+
+    def flush(self) -> None:
+        self.data.flush()
+        self.other.flush()
+
+
+@contextmanager
+def _stdout_kept_for_data():
+    """--json keeps stdout for records, but Ray prints notices there (a dead worker's, from a listener
+    thread; its C++ core writes to file descriptor 1). For the run, descriptor 1 points at stderr and
+    only the main thread's writes reach the real stdout."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    saved = sys.stdout
+    sys.stdout = _MainThreadOnly(open(real, "w", closefd=False), sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = saved
+        os.dup2(real, 1)
+        os.close(real)
+
+
 def run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outputs | None,
         report: Callable[[ItemResult], None]) -> None:
     """Process ``items`` on the Ray cluster; ``report`` hears of each as its status row arrives."""
+    with _stdout_kept_for_data():
+        _run(job, items, scale, staged, outputs, report)
+
+
+def _run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outputs | None,
+         report: Callable[[ItemResult], None]) -> None:
     connect(scale)
     remote_inputs = any(staged.url(i) for i in items)
     check_resources(scale, remote_inputs)

@@ -160,6 +160,8 @@ def test_killed_worker_has_its_items_retried_elsewhere(data, cluster, reference,
         proc.kill()
     assert killed is not None, "the run ended before a worker could be killed"
     assert proc.returncode == 1, stderr[-3000:]
+    # stdout stays NDJSON: Ray's notice of the dead worker goes elsewhere
+    assert not [line for line in stdout.splitlines() if not line.startswith("{")], stdout[-3000:]
     recs = records(stdout)
     assert Counter(x["key"] for x in recs) == KEYS  # every item reported once
     assert Counter(x["status"] for x in recs) == {"done": N_IMAGES + 2, "failed": 1}

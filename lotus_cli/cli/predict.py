@@ -313,14 +313,18 @@ def _scale_out(a: Args, model, opts, ensemble, tiles, video, output) -> None:
                   "seconds": 0.0})
 
     def on_result(r, name):
+        counts[r.status] = counts.get(r.status, 0) + 1
+        status.update(f"{a.task}: {counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, "
+                      f"{counts.get('failed', 0)} failed")
         if r.status == "failed":
             say(f"failed: {r.error}", "red")
         _emit(a, {**r.record(kind), "input": name})
 
     t0 = time.perf_counter()
     try:
-        s = distributed.dispatch(job, a.inputs or [], a.out or output.out_dir, scale, exts=sources.MEDIA_EXTS,
-                                 on_result=on_result, on_problem=on_problem, load_predictor=load_predictor)
+        with console().status(f"{a.task}: listing inputs", spinner="dots") as status:
+            s = distributed.dispatch(job, a.inputs or [], a.out or output.out_dir, scale, exts=sources.MEDIA_EXTS,
+                                     on_result=on_result, on_problem=on_problem, load_predictor=load_predictor)
     except KeyboardInterrupt:
         say("interrupted: finished outputs are complete; rerun the same command to finish the rest", "yellow")
         raise typer.Exit(130)
