@@ -44,11 +44,14 @@ from .sources import Item
 STAGE_CPUS = 0.25  # staging is network-bound; a whole CPU would starve the actors on a small machine
 
 
-def connect(scale: Scale) -> None:
-    """Join the cluster at --ray-address, or start a local one (all of this machine's CPUs and GPUs)."""
-    if not ray.is_initialized():
-        ray.init(address=scale.ray_address, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", configure_logging=True)
+def connect(scale: Scale) -> bool:
+    """Join the cluster at --ray-address, or start a local one (all of this machine's CPUs and GPUs).
+    Returns whether this call connected (a caller's own ray.init is left alone)."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=scale.ray_address, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR", configure_logging=True)
+    return True
 
 
 def check_resources(scale: Scale, stage: bool) -> None:
@@ -144,12 +147,16 @@ def run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outp
         report: Callable[[ItemResult], None]) -> None:
     """Process ``items`` on the Ray cluster; ``report`` hears of each as its status row arrives."""
     with _stdout_kept_for_data():
-        _run(job, items, scale, staged, outputs, report)
+        connected = connect(scale)
+        try:
+            _run(job, items, scale, staged, outputs, report)
+        finally:
+            if connected:  # stops Ray's listener threads, whose late notices would reach stdout
+                ray.shutdown()
 
 
 def _run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outputs | None,
          report: Callable[[ItemResult], None]) -> None:
-    connect(scale)
     remote_inputs = any(staged.url(i) for i in items)
     check_resources(scale, remote_inputs)
     ctx = ray.data.DataContext.get_current()
