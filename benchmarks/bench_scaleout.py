@@ -121,12 +121,14 @@ def main() -> None:
         job = Job(str(ckpt), "depth", OutputSpec(tmp / "unused"), PredictOptions(processing_res=args.res), VideoSpec(),
                   device="cpu")
         print(f"CPU: {cpu()}")
-        print(f"{args.images} images 256x192, --processing-res {args.res}, tiny synthetic Lotus-D, ray {ray.__version__}")
+        print(f"{args.images} images 256x192, --processing-res {args.res}, tiny synthetic Lotus-D, "
+              f"ray {ray.__version__}")
         results = {"plain": timed(job, tmp / "in", tmp / "o-plain", Scale())}
         t0 = time.perf_counter()
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         init_s = time.perf_counter() - t0
-        results["ray x1"] = timed(job, tmp / "in", tmp / "o-ray1", Scale(engine="ray", workers=1, cpus_per_worker=cores))
+        results["ray x1"] = timed(job, tmp / "in", tmp / "o-ray1",
+                                  Scale(engine="ray", workers=1, cpus_per_worker=cores))
         if cores >= 2:
             results["ray x2"] = timed(job, tmp / "in", tmp / "o-ray2",
                                       Scale(engine="ray", workers=2, cpus_per_worker=cores // 2))

@@ -49,7 +49,8 @@ def connect(scale: Scale) -> bool:
     Returns whether this call connected (a caller's own ray.init is left alone)."""
     if ray.is_initialized():
         return False
-    ray.init(address=scale.ray_address, include_dashboard=False, log_to_driver=False,
+    # "local": a fresh cluster for this run, never one that some other `ray start` left running here
+    ray.init(address=scale.ray_address or "local", include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=True)
     return True
 

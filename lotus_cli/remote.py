@@ -99,7 +99,8 @@ def expand(inputs: list[str], exts: tuple[str, ...]) -> tuple[list[Item], list[I
             continue
         pairs = [p for p in pairs if PurePosixPath(p[0]).suffix.lower() in exts]
         if not pairs:
-            problems.append(InputError(f"{url}: holds no supported files", f"supported: {', '.join(exts)}", subject=url))
+            problems.append(InputError(f"{url}: holds no supported files", f"supported: {', '.join(exts)}",
+                                       subject=url))
         for path, rel, by_name in pairs:
             full = fs.unstrip_protocol(path)
             local = cache_root() / "in" / _digest(full) / PurePosixPath(path).name

@@ -390,8 +390,8 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
                 fps: Fps = None, start: Start = None, end: End = None, max_frames: MaxFrames = None,
                 frame: Frame = "lotus", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
                 max_memory: MaxMemory = "auto",
-                shard: ShardOpt = None, engine: EngineOpt = "local", ray_address: RayAddress = None, workers: Workers = 1,
-                gpus_per_worker: GpusPerWorker = 0.0, cpus_per_worker: CpusPerWorker = 1.0):
+                shard: ShardOpt = None, engine: EngineOpt = "local", ray_address: RayAddress = None,
+                workers: Workers = 1, gpus_per_worker: GpusPerWorker = 0.0, cpus_per_worker: CpusPerWorker = 1.0):
     """Per-pixel uncertainty of depth or normals (Lotus-G's spread over noise samples).
 
     Paper Sec. 4.4: run a Lotus-G model several times with different noise and write the spread (depth:
