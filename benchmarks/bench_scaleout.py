@@ -6,13 +6,15 @@
 All three runs go through ``distributed.dispatch`` (what the CLI calls) in this process, on the same inputs,
 each into a fresh output folder, with the tiny random checkpoint of lotus_cli/synthetic.py:
 
-* plain: the local engine, torch's default thread count;
-* ray x1: one actor with --cpus-per-worker = all cores (the same threads as plain);
-* ray x2: two actors with half the cores each.
+* plain: the local engine on one torch thread;
+* ray x1: one actor with --cpus-per-worker 1 (Ray gives it OMP_NUM_THREADS=1: the same work as plain);
+* ray x2: two actors with one CPU each.
 
-Steady-state rate = (items - 1) / (last result - first result): start-up (Python, ray.init, actors loading
-the model) is reported apart as the time to the first result, and ray.init on its own. Goal (issue 16):
-ray x1 >= 0.9 x plain.
+One thread per worker, because two OpenMP threads on two busy shared cores measured up to 20x slower
+than one (their barriers spin while other processes hold the cores), which swamps what is measured here.
+Rounds alternate the three; the best rate of each is quoted. Steady-state rate = (items - 1) / (last result
+- first result): start-up (ray.init, actors loading the model) is reported apart as the time to the first
+result, and ray.init on its own. Goal (issue 16): ray x1 >= 0.9 x plain.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--res", type=int, default=128, help="--processing-res")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
 
     import ray
@@ -123,15 +126,22 @@ def main() -> None:
         print(f"CPU: {cpu()}")
         print(f"{args.images} images 256x192, --processing-res {args.res}, tiny synthetic Lotus-D, "
               f"ray {ray.__version__}")
-        results = {"plain": timed(job, tmp / "in", tmp / "o-plain", Scale())}
+        import torch
+
+        torch.set_num_threads(1)
         t0 = time.perf_counter()
         ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         init_s = time.perf_counter() - t0
-        results["ray x1"] = timed(job, tmp / "in", tmp / "o-ray1",
-                                  Scale(engine="ray", workers=1, cpus_per_worker=cores))
+        runs = {"plain": Scale(), "ray x1": Scale(engine="ray", workers=1)}
         if cores >= 2:
-            results["ray x2"] = timed(job, tmp / "in", tmp / "o-ray2",
-                                      Scale(engine="ray", workers=2, cpus_per_worker=cores // 2))
+            runs["ray x2"] = Scale(engine="ray", workers=2)
+        results: dict = {}
+        for rnd in range(args.rounds):
+            for name, scale in runs.items():
+                r = timed(job, tmp / "in", tmp / f"o-{name}-{rnd}".replace(" ", ""), scale)
+                print(f"  round {rnd}: {name:7} {r['rate']:6.2f} items/s, first result {r['first']:5.1f} s")
+                if name not in results or r["rate"] > results[name]["rate"]:
+                    results[name] = r
         ray.shutdown()
         plain = results["plain"]["rate"]
         print(f"ray.init (local cluster start): {init_s:.1f} s")

@@ -16,6 +16,7 @@ The backend comes from fsspec's registry: s3:// needs ``s3fs``, gs:// ``gcsfs``;
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -169,7 +170,7 @@ class Outputs:
             return result
         fs, _ = filesystem(self.url)
         sidecar = Path(result.outputs["json"])
-        files = sorted({*(Path(v) for v in result.outputs.values()), *sidecar.parent.glob(_stem(sidecar) + ".*")})
+        files = sorted({*(Path(v) for v in result.outputs.values()), *_layer_files(sidecar)})
         files.sort(key=lambda p: (p == sidecar, not p.is_dir()))
         try:
             for local in files:
@@ -187,6 +188,11 @@ class Outputs:
         return replace(result, outputs={k: self.remote(v) for k, v in result.outputs.items()})
 
 
-def _stem(sidecar: Path) -> str:
-    """'x' of the sidecar 'x.json'."""
-    return sidecar.name[: -len(".json")]
+def _layer_files(sidecar: Path) -> list[Path]:
+    """The files of the layers a sidecar lists (``layers.<name>.outputs.<format>.file``, beside it)."""
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return []
+    return [sidecar.with_name(o["file"]) for layer in (record.get("layers") or {}).values()
+            for o in layer.get("outputs", {}).values() if isinstance(o, dict) and "file" in o]

@@ -33,11 +33,13 @@ def png(seed: int, h: int = 30, w: int = 40) -> bytes:
 
 @pytest.fixture
 def bucket(tmp_path):
-    """memory://<name>/in holding a/x.png, a/y.png, b/z.png and a broken png; the same files on disk."""
+    """memory://<name>/in holding a/x.png, a/y.png, b/z.png, b/z.v2.png (whose outputs z.v2.* share z's
+    prefix) and a broken png; the same files on disk."""
     fs = fsspec.filesystem("memory")
     name = f"bucket-{uuid.uuid4().hex[:8]}"
     local = tmp_path / "local-in"
-    files = {"a/x.png": png(1), "a/y.png": png(2, 24), "b/z.png": png(3), "b/broken.png": b"\x89PNG nope"}
+    files = {"a/x.png": png(1), "a/y.png": png(2, 24), "b/z.png": png(3), "b/z.v2.png": png(4),
+             "b/broken.png": b"\x89PNG nope"}
     for rel, data in files.items():
         fs.pipe_file(f"/{name}/in/{rel}", data)
         (local / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +53,7 @@ def test_memory_urls_in_and_out_give_the_local_bytes(bucket, tmp_path, depth_d):
     r = lotus("depth", f"memory://{name}/in", "--out", f"memory://{name}/out", "-m", depth_d, *FAST, "--json")
     assert r.exit_code == 1, r.output  # the broken file
     recs = {x["key"]: x for x in records(r.stdout)}
-    assert set(recs) == {"a/x", "a/y", "b/z", "b/broken"}
+    assert set(recs) == {"a/x", "a/y", "b/z", "b/z.v2", "b/broken"}
     assert recs["b/broken"]["status"] == "failed" and "not a readable image" in recs["b/broken"]["error"]
     assert recs["a/x"]["input"] == f"memory:///{name}/in/a/x.png"  # records name the URL, not the cache
     assert recs["a/x"]["outputs"]["json"] == f"memory://{name}/out/a/x.json"
@@ -68,7 +70,7 @@ def test_memory_urls_in_and_out_give_the_local_bytes(bucket, tmp_path, depth_d):
     again = records(lotus("depth", f"memory://{name}/in", "--out", f"memory://{name}/out", "-m", depth_d, *FAST,
                           "--json").stdout)
     assert {x["key"]: x["status"] for x in again} == {"a/x": "skipped", "a/y": "skipped", "b/z": "skipped",
-                                                       "b/broken": "failed"}
+                                                       "b/z.v2": "skipped", "b/broken": "failed"}
 
 
 def test_uncertainty_layers_are_uploaded_too(bucket, depth_g):
@@ -85,7 +87,8 @@ def test_file_urls_are_local_paths(bucket, tmp_path, depth_d):
     out = tmp_path / "out"
     r = lotus("depth", f"file://{bucket['local']}/a", "--out", f"file://{out}", "-m", depth_d, *FAST, "--json")
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["x.16bit.png", "x.json", "x.png", "y.16bit.png", "y.json", "y.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["x.16bit.png", "x.json", "x.png", "y.16bit.png", "y.json",
+                                                     "y.png"]
 
 
 def test_missing_url_and_missing_backend_say_what_to_do(bucket, tmp_path, depth_d):
