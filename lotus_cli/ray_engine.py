@@ -2,17 +2,18 @@
 
 Shape (README "Many GPUs and machines"):
 
-1. the driver lists the work (finished items already left out by ``distributed.dispatch``);
+1. the driver lists the work (finished items already left out by ``distributed.dispatch``) and cuts it
+   into units (``work_units``): each video alone (a video stays on one actor, so stabilisation and the
+   clip colour range hold), images in runs of up to 16;
 2. a CPU stage stages each remote input into the node's local cache (only when inputs are URLs);
 3. a fixed pool of ``--workers`` actors (``--gpus-per-worker`` GPUs and ``--cpus-per-worker`` CPUs
    each; Ray sets ``CUDA_VISIBLE_DEVICES`` so ``auto`` picks the actor's own GPU) each loads one
-   predictor and runs ``distributed.process`` -- the runner's batching, atomic writes and sidecars --
-   on its batches: images in batches of --batch-size, a video whole on one actor (so stabilisation and
-   the clip colour range hold);
+   predictor and runs ``distributed.process`` on each unit -- the runner's reading, batching by
+   --batch-size, atomic writes and sidecars, overlapped as in one process;
 4. only small status rows (key, status, output paths, error) return; the driver reports each.
 
-Faults: the actor pool restarts a dead actor and retries its unfinished batch on a live one (Ray
-Data's actor defaults, max_restarts=-1 and max_task_retries=-1); a retried batch skips the items the
+Faults: the actor pool restarts a dead actor and retries its unfinished unit on a live one (Ray
+Data's actor defaults, max_restarts=-1 and max_task_retries=-1); a retried unit skips the items the
 dead attempt finished (their sidecar exists), so nothing is computed or written twice; writes are atomic,
 so nothing is half-written. A bad input is a failed row, never a failed job.
 
@@ -39,8 +40,9 @@ from .distributed import Job, Scale, process
 from .errors import LotusError, UsageError
 from .remote import Inputs, Outputs, fetch
 from .runner import ItemResult
-from .sources import Item
+from .sources import Item, is_video
 
+UNIT_IMAGES = 16  # images per actor call at most
 STAGE_CPUS = 0.25  # staging is network-bound; a whole CPU would starve the actors on a small machine
 
 
@@ -68,16 +70,18 @@ def check_resources(scale: Scale, stage: bool) -> None:
 
 
 def _stage(batch: dict) -> dict:
-    """Fetch remote inputs into this node's cache; a failure becomes the row's error."""
-    errors = []
-    for path, url in zip(batch["path"], batch["url"]):
-        try:
-            if url:
-                fetch(str(url), Path(path))
-            errors.append("")
-        except LotusError as e:
-            errors.append(str(e))
-    return {**batch, "error": np.array(errors, dtype=object)}
+    """Fetch a work unit's remote inputs into this node's cache; a failure becomes that item's error."""
+    units = []
+    for unit in batch["unit"]:
+        entries = json.loads(unit)
+        for e in entries:
+            try:
+                if e["url"]:
+                    fetch(e["url"], Path(e["path"]))
+            except LotusError as err:
+                e["error"] = str(err)
+        units.append(json.dumps(entries))
+    return {"unit": np.array(units, dtype=object)}
 
 
 class _Worker:
@@ -94,12 +98,12 @@ class _Worker:
 
         rows: list[ItemResult] = []
         todo = []
-        for path, key, error in zip(batch["path"], batch["key"], batch["error"]):
-            item = Item(Path(str(path)), str(key))
-            if error:
-                rows.append(ItemResult(item, "failed", error=str(error)))
+        for e in (e for unit in batch["unit"] for e in json.loads(unit)):
+            item = Item(Path(e["path"]), e["key"])
+            if e["error"]:
+                rows.append(ItemResult(item, "failed", error=e["error"]))
             elif self.outputs and self.outputs.finished(item.key, _suffixes(item, self.job.output)):
-                rows.append(ItemResult(item, "done"))  # published by an earlier attempt of this batch
+                rows.append(ItemResult(item, "done"))  # published by an earlier attempt of this unit
             else:
                 todo.append(item)
         if todo:
@@ -108,6 +112,18 @@ class _Worker:
         return {"key": [r.item.key for r in rows], "status": [r.status for r in rows],
                 "outputs": [json.dumps(r.outputs) for r in rows], "error": [r.error or "" for r in rows],
                 "seconds": [r.seconds for r in rows], "frames": [r.frames for r in rows]}
+
+
+def work_units(items: list[Item], staged: Inputs, workers: int, batch_size: int) -> list[list[dict]]:
+    """The work cut into units, each one actor call and the unit retried after a worker dies: each video
+    alone; images in runs long enough for the runner to overlap reading, the model and writing (up to
+    UNIT_IMAGES), short enough that every worker gets several."""
+    def entry(i: Item) -> dict:
+        return {"path": str(i.path), "key": i.key, "url": staged.url(i) or "", "error": ""}
+
+    images = [entry(i) for i in items if not is_video(i.path)]
+    size = max(batch_size, min(UNIT_IMAGES, -(-len(images) // (4 * workers))))
+    return [[entry(i)] for i in items if is_video(i.path)] + [images[k:k + size] for k in range(0, len(images), size)]
 
 
 class _MainThreadOnly(io.TextIOBase):
@@ -163,13 +179,12 @@ def _run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Out
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own progress from the status rows
     by_key = {i.key: i for i in items}
-    rows = [{"path": str(i.path), "key": i.key, "url": staged.url(i) or "", "error": ""} for i in items]
-    # one block per batch: a block is the unit of scheduling and of retry after a worker dies
-    batch = max(1, job.opts.batch_size)
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
+    units = work_units(items, staged, scale.workers, job.opts.batch_size)
+    # one block per unit, one unit per call: the unit is what a dead worker's retry redoes
+    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
     if remote_inputs:
-        ds = ds.map_batches(_stage, batch_size=batch, num_cpus=STAGE_CPUS)
-    ds = ds.map_batches(_Worker, fn_constructor_args=(job, outputs), batch_size=batch,
+        ds = ds.map_batches(_stage, batch_size=1, num_cpus=STAGE_CPUS)
+    ds = ds.map_batches(_Worker, fn_constructor_args=(job, outputs), batch_size=1,
                         compute=ActorPoolStrategy(size=scale.workers), num_cpus=scale.cpus_per_worker,
                         num_gpus=scale.gpus_per_worker or None)
     for row in ds.iter_rows():
