@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Callable
 
@@ -168,8 +168,9 @@ def run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outp
         try:
             _run(job, items, scale, staged, outputs, report)
         finally:
-            if connected:  # stops Ray's listener threads, whose late notices would reach stdout
-                ray.shutdown()
+            if connected:  # stops Ray's listener threads; shutdown prints the notices it held back to sys.stdout
+                with redirect_stdout(sys.stderr):
+                    ray.shutdown()
 
 
 def _run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outputs | None,

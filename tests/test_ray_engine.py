@@ -168,6 +168,14 @@ def test_killed_worker_has_its_items_retried_elsewhere(data, cluster, reference,
     same_as_reference(out, reference)  # every output complete, none half-written
 
 
+def _files_of(sidecar: Path) -> list[Path]:
+    """A finished item's files: x.json, x.png, x.16bit.png, or a clip's x.mp4 and its frames in x/."""
+    stem = sidecar.name[: -len(".json")]
+    frames = sidecar.with_name(stem)
+    return [p for p in sidecar.parent.iterdir() if p.is_file() and p.name.split(".")[0] == stem.split(".")[0]
+            and p.name.startswith(stem + ".")] + (list(frames.iterdir()) if frames.is_dir() else [])
+
+
 def test_killed_driver_then_rerun_finishes_only_the_rest(data, cluster, reference, depth_d, tmp_path):
     out = tmp_path / "out"
     args = ["depth", data, "--out", out, "-m", depth_d, *ARGS, *ENGINE, "--ray-address", cluster["address"], "--json"]
@@ -188,7 +196,7 @@ def test_killed_driver_then_rerun_finishes_only_the_rest(data, cluster, referenc
         stable = stable + 0.5 if now == last else 0.0
         last = now
         time.sleep(0.5)
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    before = {p: p.stat().st_mtime_ns for s in _sidecars(out) for p in _files_of(s)}
     finished = len(_sidecars(out))
     assert 8 <= finished < N_IMAGES + 2
 
@@ -197,6 +205,7 @@ def test_killed_driver_then_rerun_finishes_only_the_rest(data, cluster, referenc
     recs = records(r.stdout)
     assert Counter(x["key"] for x in recs) == KEYS
     assert Counter(x["status"] for x in recs) == {"skipped": finished, "done": N_IMAGES + 2 - finished, "failed": 1}
+    assert len(before) >= 3 * 8
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing finished was recomputed
     same_as_reference(out, reference)
 
