@@ -202,3 +202,18 @@ EvalProcRes = Annotated[Optional[int], option(
     "--processing-res", help="Override every dataset's processing resolution (default: native, 768 for ETH3D, "
     "640 for DIODE; 0 = native).", show_default=False)]
 EvalSeed = Annotated[int, option("--seed", help="Noise seed for G models.")]
+
+
+# ------------------------------------------- many processes and machines (README "Many GPUs and machines")
+
+ShardOpt = Annotated[Optional[str], option("--shard", help="Process share K/N of the inputs (0-based K), by a stable "
+                                           "hash of each output key: for Slurm arrays and hand-launched processes. "
+                                           "Under torchrun, RANK/WORLD_SIZE shard by themselves.", show_default=False)]
+EngineOpt = Annotated[str, option("--engine", help="local (this process), or ray (a Ray Data pipeline over --workers "
+                                  "predictor actors; needs the ray extra of lotus-cli).")]
+RayAddress = Annotated[Optional[str], option("--ray-address", help="With --engine ray: the cluster to join (auto = "
+                                             "the one `ray start` runs here); default: start a local one.",
+                                             show_default=False)]
+Workers = Annotated[int, option("--workers", help="With --engine ray: predictor actors (one model each).")]
+GpusPerWorker = Annotated[float, option("--gpus-per-worker", help="With --engine ray: GPUs per actor.")]
+CpusPerWorker = Annotated[float, option("--cpus-per-worker", help="With --engine ray: CPUs per actor.")]

@@ -16,7 +16,8 @@ from . import app, console, escape, fail, load_predictor, say, stdout_closed, wr
 
 # The option types are shared with `lotus pointcloud` and `lotus eval` (options.py); re-exported here for
 # the modules that import them from this one.
-from .options import (Batch, Cmap, Compile, Device, Dtype, End, ExrCompression, ExrHalf, Format, Fps, Frame, Inputs, Json, Latent,  # noqa: F401
+from .options import (Batch, Cmap, Compile, CpusPerWorker, Device, EngineOpt, GpusPerWorker, RayAddress, ShardOpt,
+                      Workers, Dtype, End, ExrCompression, ExrHalf, Format, Fps, Frame, Inputs, Json, Latent,  # noqa: F401
                       MaxFrames,
                       MaxMemory, MaxPixels, Model, NormalOutputKind, Out, Overlap, OutputKind, ProcRes, Raw, RawOut,
                       Resample, Samples, Seed, Skip, SpreadCmap, SpreadRawOut, Stabilize, Start, Task, Tile,
@@ -66,6 +67,12 @@ class PredictArgs:
     samples: int = 8
     tta: str = "none"
     compile_mode: str = "off"  # --compile: off | on | auto (lotus_cli/compile.py)
+    shard: Optional[str] = None  # scale-out (README "Many GPUs and machines"): see _scale_out
+    engine: str = "local"
+    ray_address: Optional[str] = None
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
 
     @property
     def command(self) -> str:
@@ -121,6 +128,7 @@ def _predict(a: PredictArgs) -> None:
         spec = a.model or (models.DEFAULT_G_MODEL[a.task] if ensemble else None)
         ref = models.resolve(spec, a.task, a.output_kind)  # an unknown or wrong-task model fails before inputs are read
         if a.raw is None:
+            _scale_out(a, ref, opts, ensemble, tiles, video, output)  # returns only when not scaled out
             sinks.check_out_dir(out_dir)
             if not a.inputs:
                 raise UsageError("no inputs given", "pass files, folders, globs, or - to read paths from stdin")
@@ -164,6 +172,58 @@ def _changing_options(a: PredictArgs, tiles, ensemble) -> dict:
     if ensemble:
         out.update(samples=a.samples, tta=a.tta)
     return out
+
+
+def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> None:
+    """--shard, torchrun, --engine ray, or URL inputs / --out: run through lotus_cli.distributed, report and
+    exit. Returns (nothing done) for a plain run. Scaled-out runs always resume: finished items are skipped."""
+    import functools
+
+    from .. import distributed, sources
+
+    scale = distributed.Scale(a.shard, a.engine, a.ray_address, a.workers, a.gpus_per_worker, a.cpus_per_worker)
+    if not distributed.wanted(scale, a.inputs, a.out):
+        return
+    kind = "uncertainty" if ensemble else ref.entry.kind
+    job = distributed.Job(ref, a.task, output, opts, video, a.device, a.dtype, a.max_pixels,
+                          kind if ensemble else None, functools.partial(_predict_fn, tiles=tiles, ensemble=ensemble),
+                          _changing_options(a, tiles, ensemble))
+    counts = {"problems": 0}
+
+    def on_problem(p):
+        counts["problems"] += 1
+        say(f"failed: {escape(p)}", "red")
+        _emit(a, {"input": p.subject, "status": "failed", "error": str(p), "outputs": {}, "kind": None, "frames": 0,
+                  "seconds": 0.0})
+
+    def on_result(r, name):
+        counts[r.status] = counts.get(r.status, 0) + 1
+        status.update(f"{a.task}: {counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, "
+                      f"{counts.get('failed', 0)} failed")
+        if r.redone:
+            say(f"redone: {escape(name)}: {escape(r.redone)}", "yellow")
+        if r.status == "failed":
+            say(f"failed: {escape(r.error)}", "red")
+        _emit(a, {**r.record(kind), "input": name})
+
+    t0 = time.perf_counter()
+    try:
+        with console().status(f"{a.task}: listing inputs", spinner="dots") as status:
+            s = distributed.dispatch(job, list(a.inputs or ()), a.out or output.out_dir, scale,
+                                     exts=sources.MEDIA_EXTS, on_result=on_result, on_problem=on_problem,
+                                     load_predictor=load_predictor)
+    except KeyboardInterrupt:
+        say("interrupted: finished outputs are complete; rerun the same command to finish the rest", "yellow")
+        raise typer.Exit(130)
+    except LotusError as e:
+        fail(e)
+    failed = s.failed + counts["problems"]
+    if not (s.done or s.skipped or failed):
+        say("error: no usable inputs" if a.inputs else "error: no inputs given", "red")
+        raise typer.Exit(2)
+    say(f"{s.done} done, {s.skipped} skipped, {failed} failed in {time.perf_counter() - t0:.1f} s -> "
+        f"{a.out or output.out_dir}", "red" if failed else "green")
+    raise typer.Exit(1 if failed else 0)
 
 
 def _compile(a: PredictArgs, predictor, items=None) -> None:
@@ -350,7 +410,9 @@ def depth(inputs: Inputs = None, out: Out = None, model: Model = None, output_ki
           end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True, raw: Raw = None,
           raw_out: RawOut = "f32", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
           max_memory: MaxMemory = "auto",
-          compile_mode: Compile = "off"):
+          compile_mode: Compile = "off", shard: ShardOpt = None, engine: EngineOpt = "local",
+          ray_address: RayAddress = None, workers: Workers = 1, gpus_per_worker: GpusPerWorker = 0.0,
+          cpus_per_worker: CpusPerWorker = 1.0):
     """Depth maps for images and videos.
 
     Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity, deterministic, best AbsRel in the
@@ -360,7 +422,8 @@ def depth(inputs: Inputs = None, out: Out = None, model: Model = None, output_ki
         exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, cmap=cmap, skip_existing=skip_existing, max_pixels=max_pixels, json=json,
         fps=fps, start=start, end=end, max_frames=max_frames, stabilize=stabilize, raw=raw, raw_out=raw_out,
-        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode))
+        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode, shard=shard, engine=engine, ray_address=ray_address, workers=workers,
+        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker))
 
 
 @app.command()
@@ -372,7 +435,9 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, output_k
            json: Json = False, fps: Fps = None, start: Start = None, end: End = None,
            max_frames: MaxFrames = None, raw: Raw = None, raw_out: RawOut = "f32", frame: Frame = "lotus",
            tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None, max_memory: MaxMemory = "auto",
-          compile_mode: Compile = "off"):
+          compile_mode: Compile = "off", shard: ShardOpt = None, engine: EngineOpt = "local",
+          ray_address: RayAddress = None, workers: Workers = 1, gpus_per_worker: GpusPerWorker = 0.0,
+          cpus_per_worker: CpusPerWorker = 1.0):
     """Surface-normal maps for images and videos.
 
     Default model: normal-d (jingheya/lotus-normal-d-v1-1, deterministic). Normals are unit vectors, by
@@ -383,7 +448,8 @@ def normal(inputs: Inputs = None, out: Out = None, model: Model = None, output_k
         exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, skip_existing=skip_existing, max_pixels=max_pixels, json=json, fps=fps,
         start=start, end=end, max_frames=max_frames, stabilize=False, raw=raw, raw_out=raw_out, frame=frame,
-        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode))
+        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode, shard=shard, engine=engine, ray_address=ray_address, workers=workers,
+        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker))
 
 
 @app.command()
@@ -396,7 +462,9 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
                 max_frames: MaxFrames = None, raw: Raw = None, raw_out: SpreadRawOut = "f32",
                 frame: Frame = "lotus", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
                 max_memory: MaxMemory = "auto",
-          compile_mode: Compile = "off"):
+          compile_mode: Compile = "off", shard: ShardOpt = None, engine: EngineOpt = "local",
+          ray_address: RayAddress = None, workers: Workers = 1, gpus_per_worker: GpusPerWorker = 0.0,
+          cpus_per_worker: CpusPerWorker = 1.0):
     """Per-pixel uncertainty of depth or normals (Lotus-G's spread over noise samples).
 
     Paper Sec. 4.4: run a Lotus-G model several times with different noise and write the spread (depth:
@@ -410,5 +478,6 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
         exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
         device=device, dtype=dtype, cmap=cmap, skip_existing=skip_existing, max_pixels=max_pixels, json=json,
         fps=fps, start=start, end=end, max_frames=max_frames, stabilize=False, raw=raw, raw_out=raw_out,
-        frame=frame, tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode, uncertainty=True,
+        frame=frame, tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode, shard=shard, engine=engine, ray_address=ray_address, workers=workers,
+        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, uncertainty=True,
         samples=samples, tta=tta))

@@ -1,0 +1,194 @@
+"""``--engine ray``: the work list as a Ray Data pipeline over a fixed pool of predictor actors.
+
+Shape (README "Many GPUs and machines"):
+
+1. the driver lists the work (finished items already left out by ``distributed.dispatch``) and cuts it
+   into units (``work_units``): each video alone (a video stays on one actor, so stabilisation and the
+   clip colour range hold), images in runs of up to 16;
+2. a CPU stage stages each remote input into the node's local cache (only when inputs are URLs);
+3. a fixed pool of ``--workers`` actors (``--gpus-per-worker`` GPUs and ``--cpus-per-worker`` CPUs
+   each; Ray sets ``CUDA_VISIBLE_DEVICES`` so ``auto`` picks the actor's own GPU) each loads one
+   predictor and runs ``distributed.process`` on each unit -- the runner's reading, batching by
+   --batch-size, atomic writes and sidecars, overlapped as in one process;
+4. only small status rows (key, status, output paths, error) return; the driver reports each.
+
+Faults: the actor pool restarts a dead actor and retries its unfinished unit on a live one (Ray
+Data's actor defaults, max_restarts=-1 and max_task_retries=-1); a retried unit skips the items the
+dead attempt finished (their sidecar exists), so nothing is computed or written twice; writes are atomic,
+so nothing is half-written. A bad input is a failed row, never a failed job.
+
+Ray is imported only here, and this module only under ``--engine ray``. Tested with ray[data] 2.60
+(``compute=ActorPoolStrategy``; no free-form remote args, which Ray drops in 2.64).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import threading
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import ray
+from ray.data import ActorPoolStrategy
+
+from .distributed import Job, Scale, process
+from .errors import LotusError, UsageError
+from .remote import Inputs, Outputs, fetch
+from .runner import ItemResult
+from .sources import Item, is_video
+
+UNIT_IMAGES = 16  # images per actor call at most
+STAGE_CPUS = 0.25  # staging is network-bound; a whole CPU would starve the actors on a small machine
+
+
+def connect(scale: Scale) -> bool:
+    """Join the cluster at --ray-address, or start a local one (all of this machine's CPUs and GPUs).
+    Returns whether this call connected (a caller's own ray.init is left alone)."""
+    if ray.is_initialized():
+        return False
+    # "local": a fresh cluster for this run, never one that some other `ray start` left running here
+    ray.init(address=scale.ray_address or "local", include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR", configure_logging=True)
+    return True
+
+
+def check_resources(scale: Scale, stage: bool) -> None:
+    """Refuse a pool the cluster cannot hold (Ray would otherwise wait for it for ever, silently)."""
+    have = ray.cluster_resources()
+    need_cpu = scale.workers * scale.cpus_per_worker + (STAGE_CPUS if stage else 0)
+    need_gpu = scale.workers * scale.gpus_per_worker
+    if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+        raise UsageError(f"--workers {scale.workers} x (--cpus-per-worker {scale.cpus_per_worker:g}, --gpus-per-worker "
+                         f"{scale.gpus_per_worker:g}) needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; the Ray cluster "
+                         f"has {have.get('CPU', 0):g} and {have.get('GPU', 0):g}",
+                         "use fewer workers or fewer resources per worker, or add nodes")
+
+
+def _stage(batch: dict) -> dict:
+    """Fetch a work unit's remote inputs into this node's cache; a failure becomes that item's error."""
+    units = []
+    for unit in batch["unit"]:
+        entries = json.loads(unit)
+        for e in entries:
+            try:
+                if e["url"]:
+                    fetch(e["url"], Path(e["path"]))
+            except LotusError as err:
+                e["error"] = str(err)
+        units.append(json.dumps(entries))
+    return {"unit": np.array(units, dtype=object)}
+
+
+class _Worker:
+    """One pool actor: one predictor, reused for every batch it is given."""
+
+    def __init__(self, job: Job, outputs: Outputs | None):
+        from .distributed import load
+
+        self.job, self.outputs = job, outputs
+        self.predictor, self.predict = load(job)
+
+    def __call__(self, batch: dict) -> dict:
+        from .distributed import _suffixes
+
+        rows: list[ItemResult] = []
+        todo = []
+        for e in (e for unit in batch["unit"] for e in json.loads(unit)):
+            item = Item(Path(e["path"]), e["key"])
+            if e["error"]:
+                rows.append(ItemResult(item, "failed", error=e["error"]))
+            elif self.outputs and self.outputs.finished(item.key, _suffixes(item, self.job.output)):
+                rows.append(ItemResult(item, "done"))  # published by an earlier attempt of this unit
+            else:
+                todo.append(item)
+        if todo:
+            process(self.predictor, self.predict, todo, self.job,
+                    lambda r: rows.append(self.outputs.publish(r) if self.outputs else r))
+        return {"key": [r.item.key for r in rows], "status": [r.status for r in rows],
+                "outputs": [json.dumps(r.outputs) for r in rows], "error": [r.error or "" for r in rows],
+                "seconds": [r.seconds for r in rows], "frames": [r.frames for r in rows]}
+
+
+def work_units(items: list[Item], staged: Inputs, workers: int, batch_size: int) -> list[list[dict]]:
+    """The work cut into units, each one actor call and the unit retried after a worker dies: each video
+    alone; images in runs long enough for the runner to overlap reading, the model and writing (up to
+    UNIT_IMAGES), short enough that every worker gets several."""
+    def entry(i: Item) -> dict:
+        return {"path": str(i.path), "key": i.key, "url": staged.url(i) or "", "error": ""}
+
+    images = [entry(i) for i in items if not is_video(i.path)]
+    size = max(batch_size, min(UNIT_IMAGES, -(-len(images) // (4 * workers))))
+    return [[entry(i)] for i in items if is_video(i.path)] + [images[k:k + size] for k in range(0, len(images), size)]
+
+
+class _MainThreadOnly(io.TextIOBase):
+    """A ``sys.stdout`` that passes the main thread's writes (the CLI's records) to ``data`` and every other
+    thread's (Ray's notices, printed from its listener threads) to ``other``."""
+
+    def __init__(self, data, other):
+        self.data, self.other = data, other
+
+    def write(self, text: str) -> int:
+        return (self.data if threading.current_thread() is threading.main_thread() else self.other).write(text)
+
+    def flush(self) -> None:
+        self.data.flush()
+        self.other.flush()
+
+
+@contextmanager
+def _stdout_kept_for_data():
+    """--json keeps stdout for records, but Ray prints notices there (a dead worker's, from a listener
+    thread; its C++ core writes to file descriptor 1). For the run, descriptor 1 points at stderr and
+    only the main thread's writes reach the real stdout."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    saved = sys.stdout
+    sys.stdout = _MainThreadOnly(open(real, "w", closefd=False), sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = saved
+        os.dup2(real, 1)
+        os.close(real)
+
+
+def run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outputs | None,
+        report: Callable[[ItemResult], None]) -> None:
+    """Process ``items`` on the Ray cluster; ``report`` hears of each as its status row arrives."""
+    with _stdout_kept_for_data():
+        connected = connect(scale)
+        try:
+            _run(job, items, scale, staged, outputs, report)
+        finally:
+            if connected:  # stops Ray's listener threads; shutdown prints the notices it held back to sys.stdout
+                with redirect_stdout(sys.stderr):
+                    ray.shutdown()
+
+
+def _run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outputs | None,
+         report: Callable[[ItemResult], None]) -> None:
+    remote_inputs = any(staged.url(i) for i in items)
+    check_resources(scale, remote_inputs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI draws its own progress from the status rows
+    by_key = {i.key: i for i in items}
+    units = work_units(items, staged, scale.workers, job.opts.batch_size)
+    # one block per unit, one unit per call: the unit is what a dead worker's retry redoes
+    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+    if remote_inputs:
+        ds = ds.map_batches(_stage, batch_size=1, num_cpus=STAGE_CPUS)
+    ds = ds.map_batches(_Worker, fn_constructor_args=(job, outputs), batch_size=1,
+                        compute=ActorPoolStrategy(size=scale.workers), num_cpus=scale.cpus_per_worker,
+                        num_gpus=scale.gpus_per_worker or None)
+    for row in ds.iter_rows():
+        key = str(row["key"])
+        report(ItemResult(by_key[key], str(row["status"]), json.loads(row["outputs"]), row["error"] or None,
+                          float(row["seconds"]), int(row["frames"])))

@@ -1,0 +1,115 @@
+"""fsspec URLs for inputs and --out: fsspec's in-memory filesystem and file:// stand in for s3:// / gs://."""
+
+import io
+import json
+import uuid
+
+import fsspec
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lotus_cli import remote
+from lotus_cli.cli import app
+
+from .conftest import make_image
+
+FAST = ["--processing-res", "32"]
+
+
+def lotus(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def png(seed: int, h: int = 30, w: int = 40) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(make_image(h, w, seed)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def bucket(tmp_path):
+    """memory://<name>/in holding a/x.png, a/y.png, b/z.png, b/z.v2.png (whose outputs z.v2.* share z's
+    prefix) and a broken png; the same files on disk."""
+    fs = fsspec.filesystem("memory")
+    name = f"bucket-{uuid.uuid4().hex[:8]}"
+    local = tmp_path / "local-in"
+    files = {"a/x.png": png(1), "a/y.png": png(2, 24), "b/z.png": png(3), "b/z.v2.png": png(4),
+             "b/broken.png": b"\x89PNG nope"}
+    for rel, data in files.items():
+        fs.pipe_file(f"/{name}/in/{rel}", data)
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(data)
+    yield {"fs": fs, "name": name, "local": local}
+    fs.rm(f"/{name}", recursive=True)
+
+
+def test_memory_urls_in_and_out_give_the_local_bytes(bucket, tmp_path, depth_d):
+    fs, name = bucket["fs"], bucket["name"]
+    r = lotus("depth", f"memory://{name}/in", "--out", f"memory://{name}/out", "-m", depth_d, *FAST, "--json")
+    assert r.exit_code == 1, r.output  # the broken file
+    recs = {x["key"]: x for x in records(r.stdout)}
+    assert set(recs) == {"a/x", "a/y", "b/z", "b/z.v2", "b/broken"}
+    assert recs["b/broken"]["status"] == "failed" and "not a readable image" in recs["b/broken"]["error"]
+    assert recs["a/x"]["input"] == f"memory:///{name}/in/a/x.png"  # records name the URL, not the cache
+    assert recs["a/x"]["outputs"]["json"] == f"memory://{name}/out/a/x.json"
+    ref = tmp_path / "ref"
+    assert lotus("depth", bucket["local"], "--out", ref, "-m", depth_d, *FAST).exit_code == 1
+    for f in ref.rglob("*.png"):
+        assert fs.cat_file(f"/{name}/out/{f.relative_to(ref).as_posix()}") == f.read_bytes(), f
+    side = json.loads(fs.cat_file(f"/{name}/out/a/y.json"))
+    assert side["input_size"] == [40, 24] and side["kind"] == "disparity"
+    # staged outputs were removed once uploaded
+    staging = remote.Outputs(f"memory://{name}/out").staging
+    assert not [p for p in staging.rglob("*") if p.is_file()]
+    # a rerun finds every finished output at the URL and computes nothing
+    again = records(lotus("depth", f"memory://{name}/in", "--out", f"memory://{name}/out", "-m", depth_d, *FAST,
+                          "--json").stdout)
+    assert {x["key"]: x["status"] for x in again} == {"a/x": "skipped", "a/y": "skipped", "b/z": "skipped",
+                                                       "b/z.v2": "skipped", "b/broken": "failed"}
+
+
+def test_uncertainty_layers_are_uploaded_too(bucket, depth_g):
+    fs, name = bucket["fs"], bucket["name"]
+    r = lotus("uncertainty", f"memory://{name}/in/a/x.png", "--out", f"memory://{name}/u", "-m", depth_g, *FAST,
+              "--samples", "2", "--batch-size", "2")
+    assert r.exit_code == 0, r.output
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.find(f"/{name}/u"))
+    assert names == ["x.16bit.png", "x.json", "x.mean.16bit.png", "x.mean.png", "x.png"]
+    assert json.loads(fs.cat_file(f"/{name}/u/x.json"))["kind"] == "uncertainty"
+
+
+def test_file_urls_are_local_paths(bucket, tmp_path, depth_d):
+    out = tmp_path / "out"
+    r = lotus("depth", f"file://{bucket['local']}/a", "--out", f"file://{out}", "-m", depth_d, *FAST, "--json")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["x.16bit.png", "x.json", "x.png", "y.16bit.png", "y.json",
+                                                     "y.png"]
+
+
+def test_missing_url_and_missing_backend_say_what_to_do(bucket, tmp_path, depth_d):
+    r = lotus("depth", f"memory://{bucket['name']}/nothing", "--out", tmp_path / "o", "-m", depth_d, *FAST)
+    assert r.exit_code == 1 and "no such file or folder" in r.stderr
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        r = lotus("depth", "s3://some-bucket/photos", "--out", tmp_path / "o", "-m", depth_d, *FAST)
+        assert r.exit_code == 2 and "pip install s3fs" in r.stderr
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("s3://b/k/x.jpg", "s3://b/k/x.jpg"),
+    ("s3:/b/k", "s3://b/k"),  # what a Path option leaves of a URL
+    ("gs://b", "gs://b"),
+    ("file:///tmp/x", "/tmp/x"),
+    ("file:/tmp/x", "/tmp/x"),
+    ("photos/a.jpg", "photos/a.jpg"),
+    ("C:/photos", "C:/photos"),
+])
+def test_normalise(given, expected):
+    assert remote.normalise(given) == expected
+    assert remote.is_url(given) == expected.startswith(("s3:", "gs:"))
