@@ -59,7 +59,7 @@ def child(args) -> dict:
 
     base = current_rss_bytes()
     if args.side == "ours":
-        from lotus_cli import prepack
+        from lotus_cli.cpu import prepack
         from lotus_cli.predictor import LotusPredictor, PredictOptions
 
         pred = LotusPredictor.from_pretrained(args.folder, task="depth", device="cpu", dtype="fp32")

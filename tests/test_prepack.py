@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lotus_cli import prepack, strips
+from lotus_cli.cpu import prepack, strips
 from lotus_cli.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image

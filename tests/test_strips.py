@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lotus_cli import strips as _strips_module
+from lotus_cli.cpu import strips as _strips_module
 
 
 @pytest.fixture(autouse=True)
@@ -11,7 +11,7 @@ def all_sizes_in_strips(monkeypatch):
     """Tiny test sizes are below the size from which the VAE runs in strips: lower it, to test the strips."""
     monkeypatch.setattr(_strips_module, "MIN_PIXELS", 0)
 
-from lotus_cli import strips
+from lotus_cli.cpu import strips
 from lotus_cli.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
