@@ -6,24 +6,26 @@ first use, for this model's architecture at the processing size, and cached:
 
 * layout: every distinct convolution of the UNet and VAE (found by a shape-only run on the meta device:
   channels, kernel, stride and input size at the processing size) is timed with random input as NCHW,
-  channels-last and channels-last with a packed weight, with this model's own weight; a layer with more
-  than ``CROP_FLOP`` of work runs on a band of rows, timed at two band heights and extrapolated linearly
-  in the rows (the fixed part, e.g. a weight reorder, is kept once). Each layout's estimate is the sum
-  over the layers, each times its number of uses. The fastest wins, so the choice is never slower than
-  diffusers' plain modules (NCHW, unpacked) by the estimate.
-* strips (strips.py): the decoder's widest full-resolution residual block and the upsampler before it,
-  on a band of rows at the processing width, as diffusers' modules and in strips of ``ROW_CHOICES`` rows,
-  in the chosen layout. Strips exist for memory, so they are kept while within ``STRIP_SLACK`` of the
-  plain modules' time, with the fastest row count.
-* threads: torch's own default (one per core) is kept and reported, not timed (a 2-core machine offers
-  no choice to measure; ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` override it).
+  channels-last and channels-last with a packed weight, with this model's own weight. A layer of more
+  than ``CROP_FLOP`` runs on a band of rows and is scaled up by the rows; where its weight outweighs
+  that band, the per-call part (a weight reorder) is timed on one row and counted once. Each layout's
+  estimate is the sum over the layers times their uses; the fastest wins, so the choice is not slower
+  than diffusers' plain modules (NCHW, unpacked) by the estimate.
+* strips (strips.py): the decoder's last full-resolution residual block and the upsampler before it, on
+  a band of rows at the processing width, as diffusers' modules and in strips of ``ROW_CHOICES`` rows, in
+  the chosen layout. Strips exist for memory, so they are kept while within ``STRIP_SLACK`` of the plain
+  modules' time, with the fastest row count.
+* threads: torch's own default (one per core) is kept and reported, not timed (``OMP_NUM_THREADS`` or
+  ``torch.set_num_threads`` override it).
 
-Whatever the caller fixes (``channels_last`` / ``pack_weights`` given) is not timed. Models smaller than
-``MIN_TIMED_BYTES`` of weights take the rule defaults (channels-last, packed where the build can, strips
-of ``strips.ROWS``): their layers take microseconds, and timings would only pick noise. The cache
-(``calibration.json`` in lotus-cli's cache folder: ``$LOTUS_CACHE``, else ``$XDG_CACHE_HOME/lotus``) is
-keyed by CPU model and flags, torch version, threads, dtype, model architecture and processing size; an
-unreadable cache is ignored and rewritten.
+Whatever the caller fixes (``channels_last`` / ``pack_weights`` given) is not timed. Without timings a
+rule decides (``_rule``: channels-last, packed weights only on AVX-512 CPUs, strips): for models under
+``MIN_TIMED_BYTES`` of weights (their layers take microseconds: timings would pick noise) and when the
+machine is busy (load average above ``BUSY_LOAD`` per core: timings would measure the other processes);
+a busy machine's choice is not cached. The cache (``calibration.json`` in lotus-cli's cache folder:
+``$LOTUS_CACHE``, else ``$XDG_CACHE_HOME/lotus``, else ``~/.cache/lotus``) is keyed by CPU model and
+flags, torch version, threads, dtype, model architecture and processing size; an unreadable one is
+ignored and rewritten.
 """
 
 from __future__ import annotations
@@ -44,11 +46,14 @@ from . import prepack, strips
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the instruction sets that decide the kernels
 CACHE_VERSION = 1
-CROP_FLOP = 0.5e9  # a layer above this many FLOP per call is timed on bands of rows and extrapolated
+CROP_FLOP = 0.25e9  # a layer above this many FLOP per call is timed on a band of rows and extrapolated
+MIN_ROWS = 4  # the smallest band timed
 MIN_TIMED_BYTES = 64 * 2**20  # weights below this: rule defaults, not timings
-ROW_CHOICES = (16, 32, 64)
+ROW_CHOICES = (16, 32)
 STRIP_SLACK = 1.05  # strips (less memory) are kept while at most 5 % slower than the plain modules
-STRIP_BAND = 128  # rows of the decoder stage timed for the strip choice
+BUSY_LOAD = 1.25  # load average per core above which the machine is too busy to time
+STRIP_BAND = 64  # rows (at most STRIP_WIDTH columns) of the decoder stage timed for the strip choice
+STRIP_WIDTH = 512
 LAYOUTS = ("nchw", "channels_last", "channels_last+packed")
 
 
@@ -117,14 +122,17 @@ def choose(unet, vae, device: torch.device, dtype: torch.dtype, *, channels_last
         layouts = ["channels_last" if channels_last is not False else "nchw"]
     weights = prepack.weight_bytes(unet, vae)
     if weights < MIN_TIMED_BYTES:
-        lay = max(layouts, key=LAYOUTS.index)  # the most prepared layout allowed
-        return _choices(lay, strips.ROWS, f"rule: {weights / 2**20:.1f} MB of weights, too small to time")
+        return _rule(layouts, f"{weights / 2**20:.1f} MB of weights, too small to time")
     size = (processing_res, processing_res) if processing_res else (768, 768)
     path = cache or cache_file()
     key = cache_key(unet, vae, dtype, size, layouts)
     found = _read(path).get(key)
     if found is not None:
-        return Choices(**{**found, "size": tuple(found["size"]), "how": "cached"})
+        return Choices(**{**{k: found[k] for k in Choices.__dataclass_fields__ if k in found},
+                          "size": tuple(found["size"]), "how": "cached"})
+    load, cores = busy()
+    if load is not None:  # other processes share the cores: timings would measure them, not the options
+        return _rule(layouts, f"machine busy (load {load:.1f} on {cores} cores), not measured")
     t0 = time.perf_counter()
     times = {"layout": time_layouts(unet, vae, dtype, size, layouts)}
     lay = min(times["layout"], key=times["layout"].get)
@@ -138,6 +146,24 @@ def choose(unet, vae, device: torch.device, dtype: torch.dtype, *, channels_last
     choices = _choices(lay, int(rows), "measured", size, times, time.perf_counter() - t0)
     _write(path, key, choices)
     return choices
+
+
+def busy() -> tuple[float | None, int]:
+    """(load average, cores) when the machine is too busy for timings to mean anything, else (None, cores)."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None, cores
+    return (load, cores) if load > BUSY_LOAD * cores else (None, cores)
+
+
+def _rule(layouts: list[str], why: str) -> Choices:
+    """The choice without timings: channels-last, weights packed only on AVX-512 CPUs (packing gained ~17 %
+    on one, cost ~37 % on an AVX2-only one; README), strips of ``strips.ROWS`` rows (memory)."""
+    wanted = "channels_last+packed" if "avx512f" in machine().flags else "channels_last"
+    lay = wanted if wanted in layouts else max(layouts, key=LAYOUTS.index)
+    return _choices(lay, strips.ROWS, f"rule: {why}")
 
 
 def _choices(layout: str, rows: int, how: str, size=(0, 0), times=None, seconds=0.0) -> Choices:
@@ -180,7 +206,7 @@ def _valid(r) -> bool:
     return (isinstance(r, dict) and isinstance(r.get("channels_last"), bool) and isinstance(r.get("pack_weights"), bool)
             and isinstance(r.get("strip_rows"), int) and r["strip_rows"] >= 0 and isinstance(r.get("times"), dict)
             and isinstance(r.get("threads"), int) and isinstance(r.get("size"), list) and len(r["size"]) == 2
-            and set(r) <= set(Choices.__dataclass_fields__))
+            and set(r) <= {*Choices.__dataclass_fields__, "machine"})
 
 
 def _write(path: Path, key: str, choices: Choices) -> None:
@@ -204,13 +230,17 @@ def cached() -> list[dict]:
 # --------------------------------------------------------------------------------------- the timings
 
 
-def _best(fn, repeats: int = 2) -> float:
-    fn()  # warm-up: oneDNN picks and caches its kernel on the first call of a shape
+_clock = time.perf_counter  # the timings' clock (tests replace it)
+
+
+def _best(fn, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` calls of ``fn`` after a warm-up (oneDNN picks its kernel on the first)."""
+    fn()
     best = math.inf
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, _clock() - t0)
     return best
 
 
@@ -252,28 +282,26 @@ def time_layouts(unet, vae, dtype, size, layouts) -> dict[str, float]:
         for conv, (h, w), uses in trace_convolutions(unet, vae, size):
             weight, bias = conv.weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype)
             out_h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-            flop = 2 * weight.numel() * out_h * ((w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1)
-            # bands of output rows: the whole layer when small, else two heights for a linear fit in the rows
-            band = out_h if flop <= CROP_FLOP else max(1, min(out_h // 2, int(out_h * CROP_FLOP / flop / 2)))
-            heights = [out_h] if band == out_h else [band, 2 * band]
+            out_w = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+            flop = 2 * weight.numel() * out_h * out_w
+            rows = out_h if flop <= CROP_FLOP else min(out_h, max(MIN_ROWS, int(out_h * CROP_FLOP / flop)))
+            heavy = rows < out_h and weight.numel() > conv.in_channels * rows * w  # per-call costs matter
+            x = {}
+            for n in {rows, 1} if heavy else {rows}:
+                in_rows = min(h, max(1, (n - 1) * conv.stride[0] + conv.kernel_size[0] - 2 * conv.padding[0]))
+                x[n] = torch.randn(1, conv.in_channels, in_rows, w, generator=gen).to(dtype)
             for lay in layouts:
                 w_lay = weight.contiguous(memory_format=torch.channels_last) if lay != "nchw" else weight
                 if lay.endswith("packed"):
                     w_lay = prepack.pack(weight, conv.stride, conv.padding, conv.dilation, conv.groups)
-                secs = []
-                for rows in heights:
-                    in_rows = min(h, max(1, (rows - 1) * conv.stride[0] + conv.kernel_size[0] - 2 * conv.padding[0]))
-                    x = torch.randn(1, conv.in_channels, in_rows, w, generator=gen).to(dtype)
-                    if lay != "nchw":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    secs.append(_best(lambda: prepack.conv2d(x, w_lay, bias, conv.stride, conv.padding,
-                                                             conv.dilation, conv.groups)))
-                if len(secs) == 2:  # t = a + b * rows, a >= 0: the per-call part (a weight reorder) counted once
-                    slope = max(secs[1] - secs[0], 0.0) / band
-                    est = max(secs[1] - slope * 2 * band, 0.0) + slope * out_h
-                else:
-                    est = secs[0]
-                totals[lay] += uses * est
+                secs = {}
+                for n, xn in x.items():
+                    xn = xn.contiguous(memory_format=torch.channels_last) if lay != "nchw" else xn
+                    secs[n] = _best(lambda: prepack.conv2d(xn, w_lay, bias, conv.stride, conv.padding,
+                                                           conv.dilation, conv.groups))
+                # a band of rows scales with the rows; a per-call part (a weight reorder) is timed on one row
+                fixed = min(secs.get(1, 0.0), secs[rows])
+                totals[lay] += uses * (fixed + (secs[rows] - fixed) * out_h / rows)
     return totals
 
 
@@ -292,7 +320,7 @@ def time_strips(vae, dtype, size, layout: str) -> dict[str, float]:
     h, w = (size[0] // f) * f, (size[1] // f) * f
     if h * w < strips.MIN_PIXELS:
         return {}
-    band = min(h, STRIP_BAND)
+    band, w = min(h, STRIP_BAND), min(w, STRIP_WIDTH)
     res = copy.deepcopy(ub.resnets[-1]).to(dtype)
     up = copy.deepcopy(ups[-1].upsamplers[0]).to(dtype) if ups else None
     if layout != "nchw":
