@@ -77,6 +77,8 @@ def prepare(unet, vae, device: torch.device, dtype: torch.dtype, *, channels_las
     if c.channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
+        strips.precise_group_norms(unet)  # torch's channels-last GroupNorm rounds more than its NCHW one
+        strips.precise_group_norms(vae)
     # In the VAE every SiLU acts on a fresh GroupNorm output (its resnets take no time embedding), so
     # computing it in place is exact and saves one full-resolution activation at the memory peak.
     # (Not in the UNet: there the same SiLU module also runs on the shared time embedding.)
