@@ -92,6 +92,7 @@ from . import pointcloud as _pointcloud  # noqa: E402,F401
 from . import predict as _predict  # noqa: E402,F401
 from . import train as _train  # noqa: E402,F401
 from . import evaluate as _evaluate  # noqa: E402,F401
+from . import doctor as _doctor  # noqa: E402,F401
 
 
 def run() -> None:
