@@ -7,8 +7,9 @@ first use, for this model's architecture at the processing size, and cached:
 * layout: every distinct convolution of the UNet and VAE (found by a shape-only run on the meta device:
   channels, kernel, stride and input size at the processing size) is timed with random input as NCHW,
   channels-last and channels-last with a packed weight, with this model's own weight. A layer of more
-  than ``CROP_FLOP`` runs on a band of rows and is scaled up by the rows; where its weight outweighs
-  that band, the per-call part (a weight reorder) is timed on one row and counted once. Each layout's
+  than ``CROP_FLOP`` runs on a window of its output rows (and columns) and is scaled up by the pixels;
+  where its weight outweighs that window, the per-call part (a weight reorder) is timed on one output
+  pixel and counted once. Each layout's
   estimate is the sum over the layers times their uses; the fastest wins, so the choice is not slower
   than diffusers' plain modules (NCHW, unpacked) by the estimate.
 * strips (strips.py): the decoder's last full-resolution residual block and the upsampler before it, on
@@ -46,14 +47,13 @@ from . import prepack, strips
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the instruction sets that decide the kernels
 CACHE_VERSION = 1
-CROP_FLOP = 0.25e9  # a layer above this many FLOP per call is timed on a band of rows and extrapolated
-MIN_ROWS = 4  # the smallest band timed
+CROP_FLOP = 0.15e9  # a layer above this many FLOP per call is timed on a window of it and scaled up
 MIN_TIMED_BYTES = 64 * 2**20  # weights below this: rule defaults, not timings
 ROW_CHOICES = (16, 32)
 STRIP_SLACK = 1.05  # strips (less memory) are kept while at most 5 % slower than the plain modules
 BUSY_LOAD = 1.25  # load average per core above which the machine is too busy to time
 STRIP_BAND = 64  # rows (at most STRIP_WIDTH columns) of the decoder stage timed for the strip choice
-STRIP_WIDTH = 512
+STRIP_WIDTH = 128
 LAYOUTS = ("nchw", "channels_last", "channels_last+packed")
 
 
@@ -233,7 +233,7 @@ def cached() -> list[dict]:
 _clock = time.perf_counter  # the timings' clock (tests replace it)
 
 
-def _best(fn, repeats: int = 3) -> float:
+def _best(fn, repeats: int = 2) -> float:
     """The fastest of ``repeats`` calls of ``fn`` after a warm-up (oneDNN picks its kernel on the first)."""
     fn()
     best = math.inf
@@ -281,27 +281,31 @@ def time_layouts(unet, vae, dtype, size, layouts) -> dict[str, float]:
     with torch.inference_mode():
         for conv, (h, w), uses in trace_convolutions(unet, vae, size):
             weight, bias = conv.weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype)
-            out_h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-            out_w = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+            (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+            out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
             flop = 2 * weight.numel() * out_h * out_w
-            rows = out_h if flop <= CROP_FLOP else min(out_h, max(MIN_ROWS, int(out_h * CROP_FLOP / flop)))
-            heavy = rows < out_h and weight.numel() > conv.in_channels * rows * w  # per-call costs matter
-            x = {}
-            for n in {rows, 1} if heavy else {rows}:
-                in_rows = min(h, max(1, (n - 1) * conv.stride[0] + conv.kernel_size[0] - 2 * conv.padding[0]))
-                x[n] = torch.randn(1, conv.in_channels, in_rows, w, generator=gen).to(dtype)
+            # a window of output rows (and columns, when one row is too much) of about CROP_FLOP
+            rows = min(out_h, max(1, int(out_h * CROP_FLOP / flop)))
+            cols = min(out_w, max(1, int(out_w * out_h * CROP_FLOP / flop / rows)))
+            crops = {(rows, cols): None}
+            if weight.numel() > conv.in_channels * rows * cols and (rows, cols) != (out_h, out_w):
+                crops[(1, 1)] = None  # the weight outweighs the window: time its per-call part on one pixel
+            for r, c in crops:
+                in_r = min(h, max(1, (r - 1) * sh + kh - 2 * ph))
+                in_c = min(w, max(1, (c - 1) * sw + kw - 2 * pw))
+                crops[(r, c)] = torch.randn(1, conv.in_channels, in_r, in_c, generator=gen).to(dtype)
             for lay in layouts:
                 w_lay = weight.contiguous(memory_format=torch.channels_last) if lay != "nchw" else weight
                 if lay.endswith("packed"):
                     w_lay = prepack.pack(weight, conv.stride, conv.padding, conv.dilation, conv.groups)
                 secs = {}
-                for n, xn in x.items():
-                    xn = xn.contiguous(memory_format=torch.channels_last) if lay != "nchw" else xn
-                    secs[n] = _best(lambda: prepack.conv2d(xn, w_lay, bias, conv.stride, conv.padding,
-                                                           conv.dilation, conv.groups))
-                # a band of rows scales with the rows; a per-call part (a weight reorder) is timed on one row
-                fixed = min(secs.get(1, 0.0), secs[rows])
-                totals[lay] += uses * (fixed + (secs[rows] - fixed) * out_h / rows)
+                for rc, x in crops.items():
+                    x = x.contiguous(memory_format=torch.channels_last) if lay != "nchw" else x
+                    secs[rc] = _best(lambda: prepack.conv2d(x, w_lay, bias, conv.stride, conv.padding,
+                                                            conv.dilation, conv.groups))
+                # the window scales with its pixels; a per-call part (a weight reorder) counts once
+                fixed = min(secs.get((1, 1), 0.0), secs[(rows, cols)])
+                totals[lay] += uses * (fixed + (secs[(rows, cols)] - fixed) * out_h * out_w / (rows * cols))
     return totals
 
 
