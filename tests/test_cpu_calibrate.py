@@ -208,7 +208,8 @@ def test_the_predictor_runs_as_the_cache_says(depth_g, monkeypatch, tmp_path):
     key = calibrate.cache_key(unet, vae, torch.float32, (64, 64), layouts)
     record = dict(channels_last=False, pack_weights=False, strip_rows=0, threads=2, how="measured", size=[64, 64],
                   times={"layout": {"nchw": 1.0}}, seconds=0.5)
-    (tmp_path / "calibration.json").write_text(json.dumps({"version": calibrate.CACHE_VERSION, "entries": {key: record}}))
+    entries = {"version": calibrate.CACHE_VERSION, "entries": {key: record}}
+    (tmp_path / "calibration.json").write_text(json.dumps(entries))
     pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", processing_res=64)
     assert pred.engine.choices.how == "cached"
     assert not pred.channels_last and not pred.packed and pred.strip_rows == 0

@@ -31,7 +31,8 @@ def test_doctor_shows_the_choice_and_the_measured_times(tmp_path, monkeypatch, d
     record = dict(channels_last=True, pack_weights=False, strip_rows=16, threads=2, how="measured", size=[512, 512],
                   times={"layout": {"nchw": 2.5, "channels_last": 1.25, "channels_last+packed": 1.75},
                          "strips": {"0": 0.5, "16": 0.375}}, seconds=3.2)
-    (tmp_path / "calibration.json").write_text(json.dumps({"version": calibrate.CACHE_VERSION, "entries": {"k": record}}))
+    entries = {"version": calibrate.CACHE_VERSION, "entries": {"k": record}}
+    (tmp_path / "calibration.json").write_text(json.dumps(entries))
     out = doctor().output
     assert "channels-last" in out and "packed" not in out.split("layout")[1].splitlines()[0]
     assert "strips of 16 rows" in out and "measured (3.2 s of timings)" in out

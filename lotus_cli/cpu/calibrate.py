@@ -1,8 +1,8 @@
 """Which CPU fast paths pay on this machine, decided by measuring them there, once, and remembered.
 
-CPUs differ in what pays: packed oneDNN weights (prepack.py) saved ~17 % of a prediction on an AVX-512
-machine and cost ~37 % on an AVX2-only one (README, "Speed and memory"). So the choices are timed on
-first use, for this model's architecture at the processing size, and cached:
+CPUs differ in what pays: packed oneDNN weights (prepack.py) made a prediction faster on an AVX-512
+machine and slower on an AVX2-only one (README, "Speed and memory"). So the choices are timed on first
+use, for this model's architecture at the processing size, and cached:
 
 * layout: every distinct convolution of the UNet and VAE (found by a shape-only run on the meta device:
   channels, kernel, stride and input size at the processing size) is timed with random input as NCHW,
@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import prepack, strips
 
@@ -159,8 +158,8 @@ def busy() -> tuple[float | None, int]:
 
 
 def _rule(layouts: list[str], why: str) -> Choices:
-    """The choice without timings: channels-last, weights packed only on AVX-512 CPUs (packing gained ~17 %
-    on one, cost ~37 % on an AVX2-only one; README), strips of ``strips.ROWS`` rows (memory)."""
+    """The choice without timings: channels-last, weights packed only on AVX-512 CPUs (packing paid on one
+    and cost on an AVX2-only one; README), strips of ``strips.ROWS`` rows (memory)."""
     wanted = "channels_last+packed" if "avx512f" in machine().flags else "channels_last"
     lay = wanted if wanted in layouts else max(layouts, key=LAYOUTS.index)
     return _choices(lay, strips.ROWS, f"rule: {why}")

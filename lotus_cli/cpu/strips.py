@@ -13,8 +13,8 @@ The decoder's upsampling layers run as sub-pixel convolutions of their small inp
 upsampled input is never built, and with 16 instead of 36 multiply-adds.
 
 Differences from diffusers' modules are float rounding only (the GroupNorm is applied as x * a + b, its
-statistics summed per strip in float32 and combined in float64; the sub-pixel taps summed): within 2e-5
-of the plain modules in tests. Any VAE whose structure is not the SD VAE's (other block types, norms,
+statistics summed per strip in float32 and combined in float64; the sub-pixel taps summed; README,
+"Exactness"). Any VAE whose structure is not the SD VAE's (other block types, norms,
 activations or kernel sizes) runs through diffusers unchanged.
 """
 
@@ -264,8 +264,7 @@ def group_stats(x: torch.Tensor, norm: torch.nn.GroupNorm, rows: int) -> tuple[t
 class ChannelsLastGroupNorm(torch.nn.GroupNorm):
     """``nn.GroupNorm`` whose channels-last 4-D inputs are normalised as the strips do (``group_stats``:
     per-channel sums combined in float64, then x * a + b). torch's own channels-last GroupNorm kernel rounds
-    more: it doubled the difference of a whole prediction from the reference's NCHW numbers (README,
-    "Exactness"). Other inputs (NCHW, the attention's [B, C, N]) go to nn.GroupNorm unchanged. Same
+    more (README, "Exactness"). Other inputs (NCHW, the attention's [B, C, N]) go to nn.GroupNorm unchanged. Same
     parameters and state_dict; swapped in by class (``precise_group_norms``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
