@@ -86,7 +86,17 @@ def test_what_the_caller_fixes_is_not_timed(modules, timed, tmp_path):
     costs.update(nchw=0.001, channels_last=0.01)
     c = calibrate.choose(*modules, CPU, torch.float32, channels_last=True, pack_weights=False, processing_res=64,
                          cache=tmp_path / "c.json")
-    assert c.layout == "channels_last" and list(c.times["layout"]) == ["channels_last"]
+    assert c.layout == "channels_last" and c.times["layout"] == {}  # one layout left: nothing to time
+
+
+def test_a_calibration_that_cannot_run_falls_back_to_the_rule(modules, timed, tmp_path, monkeypatch):
+    def broken(*a):
+        raise NotImplementedError("no meta kernel for this op")
+
+    monkeypatch.setattr(calibrate, "trace_convolutions", broken)
+    c = calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=tmp_path / "c.json")
+    assert c.how.startswith("rule: calibration failed (NotImplementedError") and c.channels_last
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_strips_are_kept_unless_slower_than_the_plain_modules(modules, timed, tmp_path, monkeypatch):

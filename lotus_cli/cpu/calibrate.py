@@ -133,9 +133,13 @@ def choose(unet, vae, device: torch.device, dtype: torch.dtype, *, channels_last
     if load is not None:  # other processes share the cores: timings would measure them, not the options
         return _rule(layouts, f"machine busy (load {load:.1f} on {cores} cores), not measured")
     t0 = time.perf_counter()
-    times = {"layout": time_layouts(unet, vae, dtype, size, layouts)}
-    lay = min(times["layout"], key=times["layout"].get)
-    times["strips"] = time_strips(vae, dtype, size, lay)
+    try:
+        times = {"layout": time_layouts(unet, vae, dtype, size, layouts) if len(layouts) > 1 else {}}
+        lay = min(times["layout"], key=times["layout"].get) if len(layouts) > 1 else layouts[0]
+        times["strips"] = time_strips(vae, dtype, size, lay)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError) as e:
+        # an architecture the meta-device trace or the timings cannot run: the rule, not a failed load
+        return _rule(layouts, f"calibration failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
     plain = times["strips"].get("0")
     rows = min((r for r in times["strips"] if r != "0"), key=times["strips"].get, default="0")
     if plain is not None and rows != "0" and times["strips"][rows] > STRIP_SLACK * plain:
