@@ -1,6 +1,6 @@
 """The one shared Lotus predictor: a single x0-prediction step of a Stable Diffusion 2 UNet.
 
-Inference, as in the paper's reference code (see LOTUS_FACTS.md), for an RGB image of H x W:
+Inference, as in the paper (arXiv 2409.18124, Sec. 3-4) and its reference code, for an RGB image of H x W:
 
 1. scale to [-1, 1]; resize so the long side is ``processing_res`` (bilinear, antialias, truncating
    the short side); no padding;
@@ -14,6 +14,8 @@ Inference, as in the paper's reference code (see LOTUS_FACTS.md), for an RGB ima
 The predictor takes and returns arrays; it never sees a path. Noise is drawn per image from
 ``torch.Generator("cpu").manual_seed(seed)`` in the latent size, so an image's result never depends on
 the batch it shares or the images before it, and for a batch of one it is the reference's first draw.
+How the UNet and VAE run on this device (memory format, packed weights, strips, memory trims) is the
+``cpu`` package's business (README, "Speed and memory"); what they compute is the same.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from . import models, prepack, strips
-from .heap import release_freed_memory, trim_before
+from . import cpu, models
+from .cpu import cpu_has_native_bf16
 from .errors import UsageError
 from .geometry import NORMAL_FRAMES, convert_normals
 
@@ -95,14 +97,6 @@ class EnsembleOptions:
 
 
 # ------------------------------------------------------------------------------------ device, dtype
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -205,7 +199,7 @@ class LotusPredictor:
 
     def __init__(self, unet, vae, prompt_embedding: torch.Tensor, entry: models.ModelEntry,
                  device: torch.device, dtype: torch.dtype, *, channels_last: bool | None = None,
-                 pack_weights: bool | None = None, source: str = ""):
+                 pack_weights: bool | None = None, processing_res: int = 768, source: str = ""):
         self.unet, self.vae, self.entry = unet, vae, entry
         self.device, self.dtype, self.source = device, dtype, source
         self.family = "g" if unet.config.in_channels == 8 else "d"
@@ -215,36 +209,36 @@ class LotusPredictor:
         self.latent_channels = int(vae.config.latent_channels)
         self.prompt_embedding = prompt_embedding.to(device=device, dtype=dtype)  # [1, T, D]
         self.warnings: list[str] = []
-        # oneDNN runs NHWC convolutions about twice as fast as NCHW on x86 CPUs.
-        self.channels_last = device.type == "cpu" if channels_last is None else channels_last
-        if self.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
-        # In the VAE every SiLU acts on a fresh GroupNorm output (its resnets take no time embedding), so
-        # computing it in place is exact and saves one full-resolution activation at the memory peak.
-        # (Not in the UNet: there the same SiLU module also runs on the shared time embedding.)
-        for m in self.vae.modules():
-            if isinstance(m, torch.nn.SiLU):
-                m.inplace = True
-        # CPU convolutions with their weights packed once for oneDNN (prepack.py): the same numbers, and the
-        # UNet's 1280-channel convolutions 2-5x faster. Replaces the modules, so not for a model in training.
-        if pack_weights is None:
-            pack_weights = self.channels_last
-        self.packed = pack_weights and prepack.available(device, dtype)
-        if self.packed:
-            prepack.pack_convolutions(self.unet)
-            prepack.pack_convolutions(self.vae)
-            release_freed_memory()  # the dense copies' memory, freed into the heap (55 MB of RSS otherwise)
-        # Output rows per strip in the VAE's high-resolution stages (see strips.py); 0 = diffusers' own.
-        self.strip_rows = strips.ROWS
+        # How the modules run here (None: as measured on this machine at processing_res); pack_weights=False
+        # keeps plain modules (training, torch.compile).
+        self.engine = cpu.prepare(unet, vae, device, dtype, channels_last=channels_last,
+                                  pack_weights=pack_weights, processing_res=processing_res)
+        self.channels_last = self.engine.channels_last
+        self.packed = self.engine.packed  # packed modules are inference-only
+
+    @property
+    def strip_rows(self) -> int:
+        """Output rows per strip in the VAE's high-resolution stages; 0 = diffusers' modules throughout."""
+        return self.engine.strip_rows
+
+    @strip_rows.setter
+    def strip_rows(self, rows: int) -> None:
+        self.engine.strip_rows = rows
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights the UNet and VAE hold."""
+        return self.engine.weight_bytes()
 
     @classmethod
     def from_pretrained(cls, spec: str | Path | models.ModelRef | None = None, *, task: str | None = None,
                         device: str = "auto", dtype: str = "auto", channels_last: bool | None = None,
-                        pack_weights: bool | None = None, kind: str | None = None) -> "LotusPredictor":
+                        pack_weights: bool | None = None, processing_res: int = 768,
+                        kind: str | None = None) -> "LotusPredictor":
         """Resolve ``spec`` (registry name, hub id, folder or a resolved ModelRef), fetch it if needed
         (download with a progress bar on first use) and load it. ``kind`` states the output kind of a
-        checkpoint whose metadata does not (see models.resolve); one that nothing describes is refused."""
+        checkpoint whose metadata does not (see models.resolve); one that nothing describes is refused.
+        ``channels_last``/``pack_weights``: None = what this machine was measured to run fastest at
+        ``processing_res`` (README, "Speed and memory"); ``pack_weights=False`` gives plain diffusers modules."""
         ref = models.fetch(spec if isinstance(spec, models.ModelRef) else models.resolve(spec, task, kind))
         models.check_known(ref, task)
         dev = resolve_device(device)
@@ -252,7 +246,7 @@ class LotusPredictor:
         unet, vae = models.load_unet_vae(ref.folder, dt, dev)
         emb = models.empty_prompt_embedding(ref.folder)
         pred = cls(unet, vae, emb, ref.entry, dev, dt, channels_last=channels_last, pack_weights=pack_weights,
-                   source=ref.label)
+                   processing_res=processing_res, source=ref.label)
         if warning:
             pred.warnings.append(warning)
         if ref.entry.family and ref.entry.family != pred.family:
@@ -261,9 +255,6 @@ class LotusPredictor:
         return pred
 
     # -- the steps, each usable on its own (uncertainty, tiling and training reuse them) -------------
-
-    def _fmt(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @staticmethod
     def to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -284,11 +275,7 @@ class LotusPredictor:
 
     def encode(self, x: torch.Tensor, latent: str = "mean", seeds: Sequence[int] | None = None) -> torch.Tensor:
         """[B, 3, h, w] in [-1, 1] -> scaled image latent [B, 4, h//f, w//f] (f = latent_factor)."""
-        x = self._fmt(x.to(self.device, self.dtype))
-        trim_before(x.shape[-2] * x.shape[-1], self.device.type)  # the previous stage's freed memory (heap.py)
-        moments = (strips.encode(self.vae, x, self.strip_rows) if self.strip_rows
-                   else self.vae.encode(x).latent_dist.parameters)
-        dist = DiagonalGaussianDistribution(moments)
+        dist = DiagonalGaussianDistribution(self.engine.encode(x.to(self.device, self.dtype)))
         if latent == "sample":
             eps = torch.cat([noise_for(s + POSTERIOR_SEED_OFFSET, (1, *dist.mean.shape[1:])) for s in seeds])
             z = dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)  # as DiagonalGaussianDistribution.sample
@@ -308,7 +295,7 @@ class LotusPredictor:
         else:
             unet_in = image_latent  # [B, 4, h, w]
         out = self.unet(
-            self._fmt(unet_in),
+            self.engine.fmt(unet_in),
             torch.tensor(TIMESTEP, device=self.device),
             encoder_hidden_states=self.prompt_embedding.expand(b, -1, -1),  # [B, 2, D]
             class_labels=task_embedding(switch, b, self.device, self.dtype),  # [B, 4]
@@ -317,9 +304,7 @@ class LotusPredictor:
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Predicted latent [B, 4, h, w] -> float32 [B, 3, h*f, w*f] in [0, 1]."""
-        z = self._fmt(latent / self.scaling_factor)
-        trim_before(z.shape[-2] * z.shape[-1] * self.latent_factor ** 2, self.device.type)  # the UNet's freed memory
-        y = strips.decode(self.vae, z, self.strip_rows) if self.strip_rows else self.vae.decode(z).sample
+        y = self.engine.decode(latent / self.scaling_factor, self.latent_factor)  # [B, 3, h*f, w*f]
         return (y.float() / 2 + 0.5).clamp(0, 1)
 
     def noise(self, seeds: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor:

@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import prepack
+from .cpu import release_memory
 from .errors import UsageError
-from .heap import release_freed_memory
 from .predictor import EnsembleOptions, PredictOptions, Prediction, noise_for, processing_size, unflip
 from .geometry import robust_scale_shift
 
@@ -128,7 +127,7 @@ def memory_cost(predictor) -> MemoryCost:
     vae, unet = getattr(predictor, "vae", None), getattr(predictor, "unet", None)
     if vae is None or unet is None:
         return MemoryCost()
-    weights = prepack.weight_bytes(unet, vae)
+    weights = predictor.weight_bytes()
     elem = next(vae.parameters()).element_size()
     return MemoryCost(weights, ACTIVATION_FACTOR * vae.config.block_out_channels[0] * elem)
 
@@ -342,7 +341,7 @@ def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOp
     plan = plan_tiles(h, w, topts, processing_res=opts.processing_res, batch_size=opts.batch_size,
                       cost=cost, budget=budget)
     x = model_input(predictor, rgb, plan.global_size)  # [1, 3, h, w]
-    release_freed_memory()  # the full-width float strips model_input made and freed (tens of MB each)
+    release_memory()  # the full-width float strips model_input made and freed (tens of MB each)
     z_global = predictor.encode(x, opts.latent, [opts.seed])  # [1, 4, ., .]
     del x
     z_tiles = _tile_latents(predictor, rgb, plan, opts)  # [(boxes, [b, 4, lh, lw])], encoded once

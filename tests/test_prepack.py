@@ -7,13 +7,26 @@ import numpy as np
 import pytest
 import torch
 
-from lotus_cli import prepack, strips
+from lotus_cli.cpu import prepack, strips
 from lotus_cli.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
 
 needs_onednn = pytest.mark.skipif(not prepack.available(torch.device("cpu"), torch.float32),
                                   reason="this torch build has no oneDNN convolution operators")
+# bf16 packing needs a CPU with native bf16 (avx512_bf16 / amx_bf16; prepack.available checks that a packed
+# bf16 convolution runs and is right). Where it is absent, the fallback (held dense) is tested instead, and
+# the fallback is also tested here by making the check fail.
+CAN_PACK_BF16 = prepack.available(torch.device("cpu"), torch.bfloat16)
+needs_bf16_packing = pytest.mark.skipif(not CAN_PACK_BF16, reason="this CPU cannot pack bf16 convolutions "
+                                        "(no native bf16: avx512_bf16 or amx_bf16); the fallback is tested")
+
+
+@pytest.fixture
+def no_bf16_packing(monkeypatch):
+    """This machine as a CPU without bf16 packing (an AVX2-only one): the capability check says no."""
+    works = prepack._works
+    monkeypatch.setattr(prepack, "_works", lambda dtype: dtype != torch.bfloat16 and works(dtype))
 
 
 @needs_onednn
@@ -36,7 +49,7 @@ def test_a_packed_convolution_gives_the_convolutions_numbers(cin, cout, k, strid
 
 @needs_onednn
 def test_packing_replaces_the_convolutions_and_keeps_the_predictions(depth_g):
-    packed = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32")  # the CPU default
+    packed = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", pack_weights=True)
     plain = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", pack_weights=False)
     assert packed.packed and not plain.packed and packed.channels_last and plain.channels_last
     mods = [*packed.unet.modules(), *packed.vae.modules()]
@@ -105,19 +118,31 @@ def test_without_working_operators_nothing_is_packed(depth_d, monkeypatch):
 
 
 @needs_onednn
-def test_bf16_packs_too_and_stays_near_fp32(depth_g):
-    assert prepack.available(torch.device("cpu"), torch.bfloat16)
+@pytest.mark.parametrize("capable", [pytest.param(True, marks=needs_bf16_packing), False])
+def test_bf16_packs_where_it_can_and_stays_near_fp32(depth_g, capable, request):
+    if not capable:
+        request.getfixturevalue("no_bf16_packing")
+    assert prepack.available(torch.device("cpu"), torch.bfloat16) == capable
     img, opts = make_image(32, 48, 6), PredictOptions(processing_res=0, seed=1)
     fp32 = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32").predict(img, opts).map
-    pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="bf16")
-    assert pred.packed and pred.unet.conv_in.packed.dtype == torch.bfloat16
+    pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="bf16", pack_weights=True)
+    mods = [*pred.unet.modules(), *pred.vae.modules()]
+    if capable:
+        assert pred.packed and pred.unet.conv_in.packed.dtype == torch.bfloat16
+    else:  # asked to pack, it cannot: the dense bf16 modules run
+        assert not pred.packed and not any(isinstance(m, prepack.PackedConv2d) for m in mods)
+        assert pred.unet.conv_in.weight.dtype == torch.bfloat16
     bf16 = pred.predict(img, opts).map
     assert bf16.dtype == np.float32 and np.abs(bf16 - fp32).max() < 0.05 and bf16.std() > 1e-3
 
 
 @needs_onednn
-def test_a_packed_model_saves_loads_copies_and_moves_like_the_plain_one():
+@pytest.mark.parametrize("capable", [pytest.param(True, marks=needs_bf16_packing), False])
+def test_a_packed_model_saves_loads_copies_and_moves_like_the_plain_one(capable, request):
     import io
+
+    if not capable:
+        request.getfixturevalue("no_bf16_packing")
 
     plain = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 4, 1))
     model = copy.deepcopy(plain)
@@ -133,9 +158,10 @@ def test_a_packed_model_saves_loads_copies_and_moves_like_the_plain_one():
         for other in (copy.deepcopy(model), _pickled(model, io)):
             assert other[0].packed.is_mkldnn
             torch.testing.assert_close(other(x), want, atol=1e-6, rtol=0)
-        # .to(dtype) casts and packs again; a dtype oneDNN cannot pack is held dense and still runs
+        # .to(dtype) casts and packs again where it can; a dtype oneDNN cannot pack is held dense and still runs
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        assert bf16[0].packed.is_mkldnn and bf16[0].packed.dtype == bf16[0].bias.dtype == torch.bfloat16
+        assert bf16[0].packed.is_mkldnn == capable and bf16[0].packed.dtype == bf16[0].bias.dtype == torch.bfloat16
+        torch.testing.assert_close(bf16[0].weight, plain[0].weight.bfloat16(), atol=0, rtol=0)
         torch.testing.assert_close(bf16(x.bfloat16()).float(), want, atol=0.05, rtol=0.05)
         f64 = copy.deepcopy(model).double()
         assert not f64[0].packed.is_mkldnn and f64[0].packed.dtype == torch.float64

@@ -3,18 +3,16 @@
 import pytest
 import torch
 
-from lotus_cli import strips as _strips_module
+from lotus_cli.cpu import strips
+from lotus_cli.predictor import LotusPredictor, PredictOptions
+
+from .conftest import make_image
 
 
 @pytest.fixture(autouse=True)
 def all_sizes_in_strips(monkeypatch):
     """Tiny test sizes are below the size from which the VAE runs in strips: lower it, to test the strips."""
-    monkeypatch.setattr(_strips_module, "MIN_PIXELS", 0)
-
-from lotus_cli import strips
-from lotus_cli.predictor import LotusPredictor, PredictOptions
-
-from .conftest import make_image
+    monkeypatch.setattr(strips, "MIN_PIXELS", 0)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +70,8 @@ def test_predictions_do_not_depend_on_the_strips(depth_d):
     pred.strip_rows = 0
     plain = pred.predict(img, opts).map
     pred.strip_rows = 12
-    torch.testing.assert_close(torch.from_numpy(pred.predict(img, opts).map), torch.from_numpy(plain), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(pred.predict(img, opts).map), torch.from_numpy(plain), atol=1e-5,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("hw,rows", [((104, 80), 16), ((64, 128), 7), ((48, 48), 64)])

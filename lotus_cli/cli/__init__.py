@@ -129,7 +129,8 @@ def escape(text) -> str:
     return _escape(printable(text))
 
 
-def load_predictor(model, task: str | None, device: str, dtype: str, kind: str | None = None):
+def load_predictor(model, task: str | None, device: str, dtype: str, kind: str | None = None,
+                   processing_res: int = 768):
     """Resolve (name, hub id, folder or a resolved ModelRef), fetch with progress bars, load with a spinner,
     say what was loaded; a LotusError becomes the usual one-line error and exit code. ``kind`` is the
     stated output kind (--output-kind) of a checkpoint whose metadata says nothing."""
@@ -141,7 +142,8 @@ def load_predictor(model, task: str | None, device: str, dtype: str, kind: str |
         ref = models.fetch(ref)  # a first download shows its own progress bars
         models.check_known(ref, task)
         with console().status(f"loading {ref.label} ...", spinner="dots"):
-            predictor = LotusPredictor.from_pretrained(ref, device=device, dtype=dtype)
+            predictor = LotusPredictor.from_pretrained(ref, device=device, dtype=dtype,
+                                                       processing_res=processing_res)  # what cpu/ calibrates for
     except LotusError as e:
         fail(e)
     for w in predictor.warnings:
@@ -158,6 +160,7 @@ from . import pointcloud as _pointcloud  # noqa: E402,F401
 from . import predict as _predict  # noqa: E402,F401
 from . import train as _train  # noqa: E402,F401
 from . import evaluate as _evaluate  # noqa: E402,F401
+from . import doctor as _doctor  # noqa: E402,F401
 
 
 def run() -> None:

@@ -152,7 +152,7 @@ def _predict(a: PredictArgs) -> None:
         fail(e)
     if a.raw is not None:
         return _raw(a, ref, opts, tiles, ensemble)
-    predictor = load_predictor(ref, a.task, a.device, a.dtype)
+    predictor = load_predictor(ref, a.task, a.device, a.dtype, processing_res=a.processing_res)
     _compile(a, predictor, items)
     if ensemble:
         try:
@@ -303,7 +303,7 @@ def _raw(a: PredictArgs, ref, opts, tiles=None, ensemble=None) -> None:
                              "uncertainty pipes write the float32 spread" if ensemble else None)
     except LotusError as e:
         fail(e)
-    predictor = load_predictor(ref, a.task, a.device, a.dtype)
+    predictor = load_predictor(ref, a.task, a.device, a.dtype, processing_res=a.processing_res)
     _compile(a, predictor, None)
     try:
         if ensemble:

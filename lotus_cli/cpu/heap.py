@@ -11,10 +11,9 @@ def release_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
 
     Activations freed by one stage (encode, UNet, a VAE block) stay in the process's heap and count in its
-    RSS while the next stage allocates its own. Trimming between the model's stages takes ~20 ms and
-    ~0.25 GB off the peak of a 512 px prediction of the full-size model; trimming also before each VAE
-    block of 512 x 512 px or more (strips.py) takes ~30 ms more and another ~0.1 GB. Allocator settings
-    were tried instead (a fixed mmap threshold) and cost 30% more time."""
+    RSS while the next stage allocates its own: trimming between the model's stages, and before each VAE
+    block of ``TRIM_PIXELS`` or more (strips.py), takes milliseconds and lowers the peak (README, "Speed
+    and memory"). A fixed mmap threshold, tried instead, cost far more time."""
     global _LIBC
     if _LIBC is None:
         try:

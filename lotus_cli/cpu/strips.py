@@ -13,8 +13,8 @@ The decoder's upsampling layers run as sub-pixel convolutions of their small inp
 upsampled input is never built, and with 16 instead of 36 multiply-adds.
 
 Differences from diffusers' modules are float rounding only (the GroupNorm is applied as x * a + b, its
-statistics summed per strip in float32 and combined in float64; the sub-pixel taps summed): within 2e-5
-of the plain modules in tests. Any VAE whose structure is not the SD VAE's (other block types, norms,
+statistics summed per strip in float32 and combined in float64; the sub-pixel taps summed; README,
+"Exactness"). Any VAE whose structure is not the SD VAE's (other block types, norms,
 activations or kernel sizes) runs through diffusers unchanged.
 """
 
@@ -259,6 +259,37 @@ def group_stats(x: torch.Tensor, norm: torch.nn.GroupNorm, rows: int) -> tuple[t
     b = norm.bias.double() if norm.affine else torch.zeros_like(w)
     a = rstd_c * w
     return a.to(x.dtype)[..., None, None], (b - mean_c * a).to(x.dtype)[..., None, None]
+
+
+class ChannelsLastGroupNorm(torch.nn.GroupNorm):
+    """``nn.GroupNorm`` whose channels-last 4-D inputs get float64 statistics (two passes), applied as
+    x * a + b as in the strips. torch's own channels-last GroupNorm kernel rounds more (README,
+    "Exactness"), and float32 sums split across threads would make the result depend on the thread count.
+    Other inputs (NCHW, the attention's [B, C, N]) go to nn.GroupNorm unchanged. Same parameters and
+    state_dict; swapped in by class (``precise_group_norms``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or _format(x) != torch.channels_last:
+            return super().forward(x)
+        bsz, c = x.shape[:2]
+        s = x.double().reshape(bsz, self.num_groups, -1, *x.shape[2:])  # [B, G, C/G, H, W]
+        mean = s.mean(dim=(2, 3, 4), keepdim=True)  # two passes in float64: no digits lost, any thread count
+        rstd = ((s - mean).square().mean(dim=(2, 3, 4), keepdim=True) + self.eps).rsqrt()
+        mean_c, rstd_c = (t.reshape(bsz, self.num_groups).repeat_interleave(c // self.num_groups, 1)
+                          for t in (mean, rstd))  # [B, C]
+        w = self.weight.double() if self.affine else torch.ones(c, dtype=torch.float64, device=x.device)
+        bias = self.bias.double() if self.affine else torch.zeros_like(w)
+        a = rstd_c * w  # [B, C]
+        shift = (bias - mean_c * a).to(x.dtype)[..., None, None]
+        return torch.addcmul(shift, x, a.to(x.dtype)[..., None, None])
+
+
+def precise_group_norms(model: torch.nn.Module) -> int:
+    """Make every plain ``nn.GroupNorm`` of ``model`` a ChannelsLastGroupNorm, in place; returns how many."""
+    norms = [m for m in model.modules() if type(m) is torch.nn.GroupNorm]
+    for m in norms:
+        m.__class__ = ChannelsLastGroupNorm
+    return len(norms)
 
 
 def _norm_act(x: torch.Tensor, stats, dst: torch.Tensor) -> None:

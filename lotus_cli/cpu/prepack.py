@@ -2,12 +2,11 @@
 
 ``F.conv2d`` on a CPU hands oneDNN the weight in PyTorch's layout, and oneDNN reorders it into its own
 blocked layout on every call. For the UNet's 1280-channel convolutions at 8 x 8 and 16 x 16 latent cells
-(59 MB of weights each, little arithmetic) that reorder is most of the time: measured here, 24 -> 5 ms
-at 8 x 8 and 34 -> 15 ms at 16 x 16 when the weight is packed in advance; at 64 x 64 and above it makes
-no difference. Packing is what inductor's ``freezing`` does, without the compile time. The packed weight
-replaces the dense one (same memory). The numbers are the same up to float rounding: for most shapes
-oneDNN runs the very same kernel (the full-size UNet's output at 512 px is bit-identical), for a few
-small ones it picks another (differences ~1e-6; tests/test_prepack.py).
+(large weights, little arithmetic) that reorder is most of the time; at large sizes it makes no
+difference (README, "Speed and memory"). Packing is what inductor's ``freezing`` does, without the
+compile time. The packed weight replaces the dense one (same memory). The numbers are the same up to
+float rounding: for most shapes oneDNN runs the very same kernel, for a few small ones it picks another
+(tests/test_prepack.py). Whether it pays depends on the CPU: calibrate.py decides.
 
 Uses two of PyTorch's oneDNN operators that inductor itself calls (``mkldnn._reorder_convolution_weight``
 and ``mkldnn._convolution_pointwise``); where they are missing, nothing is packed.

@@ -1,0 +1,95 @@
+"""`lotus doctor`: this machine as the model sees it, and which CPU fast paths were chosen for it, and why."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import LotusError
+from . import app, fail, say
+
+
+def _row(label: str, value) -> None:
+    typer.echo(f"{label:<22}{value}")
+
+
+def _describe(choice: dict) -> None:
+    """One calibration record (calibrate.Choices as a dict): what runs, why, and the measured seconds."""
+    layout = "channels-last" if choice["channels_last"] else "NCHW"
+    if choice["pack_weights"]:
+        layout += ", packed weights"
+    strips = f"strips of {choice['strip_rows']} rows" if choice["strip_rows"] else "diffusers' modules (no strips)"
+    size = choice.get("size") or (0, 0)
+    _row("  processing size", f"{size[0]} x {size[1]} px" if size[0] else "-")
+    _row("  layout", layout)
+    _row("  VAE high-res stages", strips)
+    _row("  threads", choice["threads"])
+    _row("  decided by", choice["how"] + (f" ({choice['seconds']:.1f} s of timings)" if choice.get("seconds") else ""))
+    times = choice.get("times") or {}
+    for what, per in times.items():
+        if per:
+            best = min(per.values())
+            shown = ", ".join(f"{k} {v:.3f} s{' *' if v == best else ''}" for k, v in per.items())
+            _row(f"  measured {what}", shown)
+
+
+@app.command()
+def doctor(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also load this model (name, hub id or "
+                                                 "folder) and show its choice, calibrating it if needed.")] = None,
+    processing_res: Annotated[int, typer.Option("--processing-res", help="The size the choice is made for.")] = 768,
+    recalibrate: Annotated[bool, typer.Option("--recalibrate", help="Forget the recorded choices first.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+):
+    """Show the CPU (model, avx2 / avx512f / avx512_bf16 / amx flags, cores), torch and its threads, and the
+    fast paths chosen for this machine (channels-last, packed weights, VAE strips) with the measured times."""
+    import torch
+
+    from ..cpu import calibrate
+
+    m = calibrate.machine()
+    path = calibrate.cache_file()
+    if recalibrate and path.exists():
+        path.unlink()
+    load, cores = calibrate.busy()
+    loaded = None
+    if model is not None:
+        from .. import models
+        from ..predictor import LotusPredictor
+
+        try:
+            ref = models.fetch(models.resolve(model, None))
+            pred = LotusPredictor.from_pretrained(ref, device="cpu", dtype="fp32", processing_res=processing_res)
+        except LotusError as e:
+            fail(e)
+        loaded = {"model": pred.source, **pred.engine.choices.__dict__, "weights_gb": pred.weight_bytes() / 1e9}
+    recorded = calibrate.cached()
+    if as_json:
+        typer.echo(json.dumps({"machine": m.__dict__, "mkldnn": torch.backends.mkldnn.is_available(),
+                               "busy_load": load, "cache": str(path), "calibrations": recorded, "model": loaded},
+                              default=list))
+        return
+    _row("CPU", m.cpu)
+    _row("flags", "  ".join(f"{f} {'yes' if f in m.flags else 'no'}" for f in calibrate.FLAGS))
+    _row("cores", cores)
+    _row("torch", f"{m.torch} (oneDNN {'yes' if torch.backends.mkldnn.is_available() else 'no'})")
+    _row("threads", f"{m.threads} (torch's default is one per core; OMP_NUM_THREADS sets it)")
+    if load is not None:
+        say(f"the machine is busy (load {load:.1f} on {cores} cores): choices made now follow the rule, untimed; "
+            "run `lotus doctor --recalibrate -m MODEL` when it is quiet", "yellow")
+    _row("calibration cache", path)
+    if loaded:
+        typer.echo(f"\n{loaded['model']} ({loaded['weights_gb']:.2f} GB of weights):")
+        _describe(loaded)
+    others = [r for r in recorded if not loaded or r.get("size") != list(loaded["size"])
+              or r.get("times") != loaded["times"]]
+    if others:
+        typer.echo(f"\nrecorded on this machine ({len(others)}):")
+        for r in others:
+            _describe(r)
+            typer.echo("")
+    elif not loaded:
+        typer.echo("\nnothing recorded yet: the first prediction of a model calibrates it (a few seconds), or run "
+                   "`lotus doctor -m MODEL`")

@@ -1,0 +1,361 @@
+"""Which CPU fast paths pay on this machine, decided by measuring them there, once, and remembered.
+
+CPUs differ in what pays: packed oneDNN weights (prepack.py) made a prediction faster on an AVX-512
+machine and slower on an AVX2-only one (README, "Speed and memory"). So the choices are timed on first
+use, for this model's architecture at the processing size, and cached:
+
+* layout: every distinct convolution of the UNet and VAE (found by a shape-only run on the meta device:
+  channels, kernel, stride and input size at the processing size) is timed with random input as NCHW,
+  channels-last and channels-last with a packed weight, with this model's own weight. A layer of more
+  than ``CROP_FLOP`` runs on a window of its output rows (and columns) and is scaled up by the pixels;
+  where its weight outweighs that window, the per-call part (a weight reorder) is timed on one output
+  pixel and counted once. Each layout's
+  estimate is the sum over the layers times their uses; the fastest wins, so the choice is not slower
+  than diffusers' plain modules (NCHW, unpacked) by the estimate.
+* strips (strips.py): the decoder's last full-resolution residual block and the upsampler before it, on
+  a band of rows at the processing width, as diffusers' modules and in strips of ``ROW_CHOICES`` rows, in
+  the chosen layout. Strips exist for memory, so they are kept while within ``STRIP_SLACK`` of the plain
+  modules' time, with the fastest row count.
+* threads: torch's own default (one per core) is kept and reported, not timed (``OMP_NUM_THREADS`` or
+  ``torch.set_num_threads`` override it).
+
+Whatever the caller fixes (``channels_last`` / ``pack_weights`` given) is not timed. Without timings a
+rule decides (``_rule``: channels-last, packed weights only on AVX-512 CPUs, strips): for models under
+``MIN_TIMED_BYTES`` of weights (their layers take microseconds: timings would pick noise) and when the
+machine is busy (load average above ``BUSY_LOAD`` per core: timings would measure the other processes);
+a busy machine's choice is not cached. The cache (``calibration.json`` in lotus-cli's cache folder:
+``$LOTUS_CACHE``, else ``$XDG_CACHE_HOME/lotus``, else ``~/.cache/lotus``) is keyed by CPU model and
+flags, torch version, threads, dtype, model architecture and processing size; an unreadable one is
+ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import prepack, strips
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the instruction sets that decide the kernels
+CACHE_VERSION = 1
+CROP_FLOP = 0.15e9  # a layer above this many FLOP per call is timed on a window of it and scaled up
+MIN_TIMED_BYTES = 64 * 2**20  # weights below this: rule defaults, not timings
+ROW_CHOICES = (16, 32)
+STRIP_SLACK = 1.05  # strips (less memory) are kept while at most 5 % slower than the plain modules
+BUSY_LOAD = 1.25  # load average per core above which the machine is too busy to time
+STRIP_BAND = 64  # rows (at most STRIP_WIDTH columns) of the decoder stage timed for the strip choice
+STRIP_WIDTH = 128
+LAYOUTS = ("nchw", "channels_last", "channels_last+packed")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The CPU as the kernels see it: model name, the FLAGS it has, logical cores; torch and its threads."""
+
+    cpu: str
+    flags: tuple[str, ...]
+    cores: int
+    torch: str
+    threads: int
+
+
+def machine() -> Machine:
+    names, flags = [], set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                names.append(value.strip())
+            elif key.strip() == "flags":
+                flags |= set(value.split())
+    except OSError:  # not Linux: the name platform gives, and no flags known
+        pass
+    cpu = names[0] if names else (platform.processor() or platform.machine())
+    return Machine(cpu, tuple(f for f in FLAGS if f in flags), os.cpu_count() or 1, torch.__version__,
+                   torch.get_num_threads())
+
+
+def cpu_has_native_bf16() -> bool:
+    return any(f in machine().flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+@dataclass
+class Choices:
+    """What runs, and why. ``how``: "measured", "cached" (measured earlier on this machine), or
+    "rule: <reason>"; ``times``: the measured seconds per option ({"layout": {layout: s}, "strips":
+    {rows: s}}, rows "0" = diffusers' modules), estimates for the processing size ``size`` (h, w)."""
+
+    channels_last: bool
+    pack_weights: bool
+    strip_rows: int
+    threads: int
+    how: str
+    size: tuple[int, int] = (0, 0)
+    times: dict = field(default_factory=dict)
+    seconds: float = 0.0  # what the calibration itself took
+
+    @property
+    def layout(self) -> str:
+        return LAYOUTS[self.channels_last + (self.channels_last and self.pack_weights)]
+
+
+def choose(unet, vae, device: torch.device, dtype: torch.dtype, *, channels_last: bool | None = None,
+           pack_weights: bool | None = None, processing_res: int = 768, cache: Path | None = None) -> Choices:
+    """The fast paths for this UNet and VAE (not yet applied), from the cache, a calibration or a rule."""
+    can_pack = prepack.available(device, dtype)
+    if device.type != "cpu":
+        return Choices(bool(channels_last), False, strips.ROWS, torch.get_num_threads(), "rule: not a CPU")
+    layouts = [lay for lay in LAYOUTS
+               if channels_last in (None, lay != "nchw")
+               and pack_weights in (None, lay.endswith("packed"))
+               and (can_pack or not lay.endswith("packed"))]
+    if not layouts:  # packing asked for where it cannot run: channels-last, unpacked (as before)
+        layouts = ["channels_last" if channels_last is not False else "nchw"]
+    weights = prepack.weight_bytes(unet, vae)
+    if weights < MIN_TIMED_BYTES:
+        return _rule(layouts, f"{weights / 2**20:.1f} MB of weights, too small to time")
+    size = (processing_res, processing_res) if processing_res else (768, 768)
+    path = cache or cache_file()
+    key = cache_key(unet, vae, dtype, size, layouts)
+    found = _read(path).get(key)
+    if found is not None:
+        return Choices(**{**{k: found[k] for k in Choices.__dataclass_fields__ if k in found},
+                          "size": tuple(found["size"]), "how": "cached"})
+    load, cores = busy()
+    if load is not None:  # other processes share the cores: timings would measure them, not the options
+        return _rule(layouts, f"machine busy (load {load:.1f} on {cores} cores), not measured")
+    t0 = time.perf_counter()
+    try:
+        times = {"layout": time_layouts(unet, vae, dtype, size, layouts) if len(layouts) > 1 else {}}
+        lay = min(times["layout"], key=times["layout"].get) if len(layouts) > 1 else layouts[0]
+        times["strips"] = time_strips(vae, dtype, size, lay)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError) as e:
+        # an architecture the meta-device trace or the timings cannot run: the rule, not a failed load
+        return _rule(layouts, f"calibration failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+    plain = times["strips"].get("0")
+    rows = min((r for r in times["strips"] if r != "0"), key=times["strips"].get, default="0")
+    if plain is not None and rows != "0" and times["strips"][rows] > STRIP_SLACK * plain:
+        rows = "0"
+    if not times["strips"]:
+        rows = str(strips.ROWS)  # the stages are too small for strips to run at this size: keep the default
+    choices = _choices(lay, int(rows), "measured", size, times, time.perf_counter() - t0)
+    _write(path, key, choices)
+    return choices
+
+
+def busy() -> tuple[float | None, int]:
+    """(load average, cores) when the machine is too busy for timings to mean anything, else (None, cores)."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None, cores
+    return (load, cores) if load > BUSY_LOAD * cores else (None, cores)
+
+
+def _rule(layouts: list[str], why: str) -> Choices:
+    """The choice without timings: channels-last, weights packed only on AVX-512 CPUs (packing paid on one
+    and cost on an AVX2-only one; README), strips of ``strips.ROWS`` rows (memory)."""
+    wanted = "channels_last+packed" if "avx512f" in machine().flags else "channels_last"
+    lay = wanted if wanted in layouts else max(layouts, key=LAYOUTS.index)
+    return _choices(lay, strips.ROWS, f"rule: {why}")
+
+
+def _choices(layout: str, rows: int, how: str, size=(0, 0), times=None, seconds=0.0) -> Choices:
+    return Choices(layout != "nchw", layout.endswith("packed"), rows, torch.get_num_threads(), how, size,
+                   times or {}, seconds)
+
+
+# ------------------------------------------------------------------------------------------ the cache
+
+
+def cache_file() -> Path:
+    from ..models import cache_dir
+
+    return cache_dir() / "calibration.json"
+
+
+def cache_key(unet, vae, dtype, size, layouts) -> str:
+    m = machine()
+    ident = {"cpu": m.cpu, "flags": m.flags, "torch": m.torch, "threads": m.threads, "dtype": str(dtype),
+             "size": list(size), "layouts": list(layouts), "version": CACHE_VERSION,
+             "unet": _config(unet), "vae": _config(vae)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _config(model) -> dict:
+    return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
+def _read(path: Path) -> dict:
+    """{key: record} from the cache; {} when missing, unreadable or not what this version writes."""
+    try:
+        data = json.loads(path.read_text())
+        entries = data["entries"] if data.get("version") == CACHE_VERSION else {}
+        return {k: v for k, v in entries.items() if _valid(v)}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return {}
+
+
+def _valid(r) -> bool:
+    return (isinstance(r, dict) and isinstance(r.get("channels_last"), bool) and isinstance(r.get("pack_weights"), bool)
+            and isinstance(r.get("strip_rows"), int) and r["strip_rows"] >= 0 and isinstance(r.get("times"), dict)
+            and isinstance(r.get("threads"), int) and isinstance(r.get("size"), list) and len(r["size"]) == 2
+            and set(r) <= {*Choices.__dataclass_fields__, "machine"})
+
+
+def _write(path: Path, key: str, choices: Choices) -> None:
+    """Add ``choices`` under ``key``; a cache that cannot be written only costs the next run a calibration."""
+    from ..errors import LotusError
+    from ..sinks import write_json
+
+    entries = _read(path)
+    entries[key] = {**asdict(choices), "how": "measured", "machine": asdict(machine())}
+    try:
+        write_json(path, {"version": CACHE_VERSION, "entries": entries})
+    except (OSError, LotusError):
+        pass
+
+
+def cached() -> list[dict]:
+    """Every calibration recorded in the cache (for `lotus doctor`)."""
+    return list(_read(cache_file()).values())
+
+
+# --------------------------------------------------------------------------------------- the timings
+
+
+_clock = time.perf_counter  # the timings' clock (tests replace it)
+
+
+def _best(fn, repeats: int = 2) -> float:
+    """The fastest of ``repeats`` calls of ``fn`` after a warm-up (oneDNN picks its kernel on the first)."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = _clock()
+        fn()
+        best = min(best, _clock() - t0)
+    return best
+
+
+def trace_convolutions(unet, vae, size: tuple[int, int]) -> list[tuple[torch.nn.Conv2d, tuple, int]]:
+    """Every distinct convolution one prediction at ``size`` (h, w) runs: (a module of ``unet``/``vae`` with
+    that shape, its input's (h, w), its number of uses). Found by a shape-only run on the meta device."""
+    calls: dict[tuple, list] = {}
+    with torch.device("meta"):
+        ghosts = {"unet": type(unet).from_config(unet.config), "vae": type(vae).from_config(vae.config)}
+    hooks = []
+    for part, ghost in ghosts.items():
+        for name, m in ghost.named_modules():
+            if isinstance(m, torch.nn.Conv2d):
+                def record(mod, inp, out, part=part, name=name):
+                    k = (mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                         mod.groups, tuple(inp[0].shape[-2:]))
+                    calls.setdefault(k, [part, name, 0])[2] += 1
+                hooks.append(m.register_forward_hook(record))
+    cfg, f = unet.config, 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = (size[0] // f, size[1] // f)
+    with torch.inference_mode(), torch.device("meta"):
+        ghosts["vae"].encode(torch.empty(1, vae.config.in_channels, *size))
+        labels = (torch.empty(1, cfg.projection_class_embeddings_input_dim)
+                  if cfg.class_embed_type == "projection" else None)
+        out = ghosts["unet"](torch.empty(1, cfg.in_channels, *latent), torch.tensor(999),
+                             encoder_hidden_states=torch.empty(1, 2, cfg.cross_attention_dim), class_labels=labels)
+        ghosts["vae"].decode(torch.empty(1, vae.config.latent_channels, *out.sample.shape[-2:]))
+    for h in hooks:
+        h.remove()
+    real = {"unet": unet, "vae": vae}
+    return [(real[part].get_submodule(name), k[-1], n) for k, (part, name, n) in calls.items()]
+
+
+def time_layouts(unet, vae, dtype, size, layouts) -> dict[str, float]:
+    """Estimated seconds of all the convolutions of one prediction at ``size``, per layout (module doc)."""
+    gen = torch.Generator().manual_seed(0)
+    totals = dict.fromkeys(layouts, 0.0)
+    with torch.inference_mode():
+        for conv, (h, w), uses in trace_convolutions(unet, vae, size):
+            weight, bias = conv.weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype)
+            (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+            out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+            flop = 2 * weight.numel() * out_h * out_w
+            # a window of output rows (and columns, when one row is too much) of about CROP_FLOP
+            rows = min(out_h, max(1, int(out_h * CROP_FLOP / flop)))
+            cols = min(out_w, max(1, int(out_w * out_h * CROP_FLOP / flop / rows)))
+            crops = {(rows, cols): None}
+            if weight.numel() > conv.in_channels * rows * cols and (rows, cols) != (out_h, out_w):
+                crops[(1, 1)] = None  # the weight outweighs the window: time its per-call part on one pixel
+            for r, c in crops:
+                in_r = min(h, max(1, (r - 1) * sh + kh - 2 * ph))
+                in_c = min(w, max(1, (c - 1) * sw + kw - 2 * pw))
+                crops[(r, c)] = torch.randn(1, conv.in_channels, in_r, in_c, generator=gen).to(dtype)
+            for lay in layouts:
+                w_lay = weight.contiguous(memory_format=torch.channels_last) if lay != "nchw" else weight
+                if lay.endswith("packed"):
+                    w_lay = prepack.pack(weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+                secs = {}
+                for rc, x in crops.items():
+                    x = x.contiguous(memory_format=torch.channels_last) if lay != "nchw" else x
+                    secs[rc] = _best(lambda: prepack.conv2d(x, w_lay, bias, conv.stride, conv.padding,
+                                                            conv.dilation, conv.groups))
+                # the window scales with its pixels; a per-call part (a weight reorder) counts once
+                fixed = min(secs.get((1, 1), 0.0), secs[(rows, cols)])
+                totals[lay] += uses * (fixed + (secs[(rows, cols)] - fixed) * out_h * out_w / (rows * cols))
+    return totals
+
+
+def time_strips(vae, dtype, size, layout: str) -> dict[str, float]:
+    """Seconds of the decoder's last full-resolution stage (its upsampler and a residual block) on a band
+    of ``STRIP_BAND`` rows at the processing width, in ``layout``: {"0": diffusers' modules, "R": strips
+    of R rows}. {} when the VAE is not one strips.py runs, or the stage is too small to run in strips."""
+    import copy
+
+    dec = getattr(vae, "decoder", None)
+    if not strips.supported(vae) or not dec.up_blocks:
+        return {}
+    ups = [ub for ub in dec.up_blocks if ub.upsamplers]
+    ub = dec.up_blocks[-1]
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    h, w = (size[0] // f) * f, (size[1] // f) * f
+    if h * w < strips.MIN_PIXELS:
+        return {}
+    band, w = min(h, STRIP_BAND), min(w, STRIP_WIDTH)
+    res = copy.deepcopy(ub.resnets[-1]).to(dtype)
+    up = copy.deepcopy(ups[-1].upsamplers[0]).to(dtype) if ups else None
+    if layout != "nchw":
+        res, up = (m if m is None else m.to(memory_format=torch.channels_last) for m in (res, up))
+    if layout.endswith("packed"):
+        for m in (res, up):
+            if m is not None:
+                prepack.pack_convolutions(m)
+    fmt = torch.channels_last if layout != "nchw" else torch.contiguous_format
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, res.in_channels, band, w, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    xu = None if up is None else torch.randn(1, up.channels, band // 2, w // 2, generator=gen).to(dtype).contiguous(
+        memory_format=fmt)
+    out = {}
+    with torch.inference_mode():
+        def plain():
+            res(x, None)
+            if up is not None:
+                up(xu)
+        out["0"] = _best(plain)
+        for rows in ROW_CHOICES:
+            if rows >= band:
+                continue
+
+            def striped(rows=rows):
+                strips.resnet(res, x.clone(memory_format=fmt), rows)  # it consumes its input
+                if up is not None:
+                    strips.upsample(up, xu, rows)
+            clone = _best(lambda: x.clone(memory_format=fmt))
+            out[str(rows)] = max(_best(striped) - clone, 0.0)
+    return out

@@ -1,0 +1,229 @@
+"""The per-machine choice of CPU fast paths (lotus_cli/cpu/calibrate.py): it picks what its timings say is
+fastest, remembers it, survives a broken cache, and falls back to its rule where timings cannot be trusted.
+
+Timings are made deterministic with a fake clock that only the (wrapped) convolutions advance, so the
+tests assert the decision logic, not this machine's speed."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from lotus_cli import models
+from lotus_cli.cpu import calibrate, prepack, strips
+from lotus_cli.predictor import LotusPredictor, PredictOptions
+
+from .conftest import make_image
+
+CPU = torch.device("cpu")
+needs_onednn = pytest.mark.skipif(not prepack.available(CPU, torch.float32),
+                                  reason="this torch build has no oneDNN convolution operators")
+
+
+class FakeClock:
+    """A clock that stands still except when ``tick`` moves it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def tick(self, seconds):
+        self.now += seconds
+
+
+def layout_of(x, weight) -> str:
+    if weight.is_mkldnn:
+        return "channels_last+packed"
+    cl = x.dim() == 4 and x.stride()[1] == 1 and x.shape[1] > 1
+    return "channels_last" if cl else "nchw"
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """Timings allowed on the tiny models (and on this shared, busy machine), on a fake clock; returns a
+    function that sets each layout's cost per convolution call."""
+    clock = FakeClock()
+    monkeypatch.setattr(calibrate, "_clock", clock)
+    monkeypatch.setattr(calibrate, "MIN_TIMED_BYTES", 0)
+    monkeypatch.setattr(calibrate, "busy", lambda: (None, 2))
+    costs = {}
+    real = prepack.conv2d
+
+    def conv2d(x, weight, *args, **kwargs):
+        clock.tick(costs.get(layout_of(x, weight), 0.0))
+        return real(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(prepack, "conv2d", conv2d)
+    return clock, costs
+
+
+@pytest.fixture(scope="module")
+def modules(depth_g):
+    return models.load_unet_vae(depth_g, torch.float32, CPU)
+
+
+@pytest.mark.parametrize("fast", [pytest.param("nchw"), pytest.param("channels_last"),
+                                  pytest.param("channels_last+packed", marks=needs_onednn)])
+def test_the_layout_that_times_fastest_is_chosen(modules, timed, tmp_path, fast):
+    clock, costs = timed
+    costs.update({lay: 0.01 for lay in calibrate.LAYOUTS}, **{fast: 0.001})
+    c = calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=tmp_path / "c.json")
+    assert c.how == "measured" and c.layout == fast
+    est = c.times["layout"]
+    assert set(est) == set(calibrate.LAYOUTS if prepack.available(CPU, torch.float32) else calibrate.LAYOUTS[:2])
+    assert est[fast] == min(est.values()) and est[fast] > 0
+    # the estimates count every convolution of a prediction: 10x the cost per call, 10x the estimate
+    other = next(lay for lay in est if lay != fast)
+    assert est[other] == pytest.approx(10 * est[fast], rel=1e-6)
+
+
+def test_what_the_caller_fixes_is_not_timed(modules, timed, tmp_path):
+    clock, costs = timed
+    costs.update(nchw=0.001, channels_last=0.01)
+    c = calibrate.choose(*modules, CPU, torch.float32, channels_last=True, pack_weights=False, processing_res=64,
+                         cache=tmp_path / "c.json")
+    assert c.layout == "channels_last" and c.times["layout"] == {}  # one layout left: nothing to time
+
+
+def test_a_calibration_that_cannot_run_falls_back_to_the_rule(modules, timed, tmp_path, monkeypatch):
+    def broken(*a):
+        raise NotImplementedError("no meta kernel for this op")
+
+    monkeypatch.setattr(calibrate, "trace_convolutions", broken)
+    c = calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=tmp_path / "c.json")
+    assert c.how.startswith("rule: calibration failed (NotImplementedError") and c.channels_last
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_strips_are_kept_unless_slower_than_the_plain_modules(modules, timed, tmp_path, monkeypatch):
+    """Strips (less memory) win while within STRIP_SLACK of diffusers' modules; the fastest row count."""
+    clock, costs = timed
+    res_type = type(modules[1].decoder.up_blocks[-1].resnets[-1])
+    plain_forward, real_resnet = res_type.forward, strips.resnet
+    per_call = {"plain": 1.0, 16: 0.2, 32: 0.1}
+
+    def plain(self, *a, **k):
+        clock.tick(per_call["plain"])
+        return plain_forward(self, *a, **k)
+
+    def striped(res, x, rows):
+        clock.tick(per_call[rows])
+        return real_resnet(res, x, rows)
+
+    monkeypatch.setattr(res_type, "forward", plain)
+    monkeypatch.setattr(strips, "resnet", striped)
+    monkeypatch.setattr(calibrate, "ROW_CHOICES", (16, 32))
+    # the tiny VAE has 4 pixels per latent cell: 256 px reaches the size from which strips run
+    c = calibrate.choose(*modules, CPU, torch.float32, processing_res=256, cache=tmp_path / "a.json")
+    assert c.strip_rows == 32 and set(c.times["strips"]) == {"0", "16", "32"}
+    per_call.update({"plain": 0.1, 16: 0.2, 32: 0.12})  # strips 20 % slower than the modules: not worth it
+    c = calibrate.choose(*modules, CPU, torch.float32, processing_res=256, cache=tmp_path / "b.json")
+    assert c.strip_rows == 0
+    per_call.update({"plain": 0.1, 16: 0.2, 32: 0.104})  # 4 % slower: kept for the memory
+    c = calibrate.choose(*modules, CPU, torch.float32, processing_res=256, cache=tmp_path / "c.json")
+    assert c.strip_rows == 32
+
+
+def test_the_cache_is_written_reused_and_a_corrupt_one_ignored(modules, timed, tmp_path, monkeypatch):
+    clock, costs = timed
+    costs.update(nchw=0.001, channels_last=0.01, **{"channels_last+packed": 0.01})
+    path = tmp_path / "lotus" / "calibration.json"
+    first = calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=path)
+    data = json.loads(path.read_text())
+    (entry,) = data["entries"].values()
+    assert first.how == "measured" and entry["channels_last"] is False and entry["machine"]["cpu"]
+    # reused: no timing at all the second time, the same choice
+    monkeypatch.setattr(calibrate, "time_layouts", lambda *a: pytest.fail("timed again despite the cache"))
+    again = calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=path)
+    assert again.how == "cached" and again.layout == first.layout == "nchw" and again.times == first.times
+    # a corrupt file, or entries not of the shape this version writes, are ignored and rewritten
+    monkeypatch.undo()
+    for garbage in ("{not json", json.dumps({"version": 1, "entries": {k: {"channels_last": "yes"} for k in
+                                                                      data["entries"]}}), "[]", ""):
+        path.write_text(garbage)
+        c = _timed_choose(modules, path, monkeypatch)
+        assert c.how == "measured" and c.layout == "channels_last"
+        assert json.loads(path.read_text())["entries"]  # rewritten, readable
+
+
+def _timed_choose(modules, path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(calibrate, "_clock", clock)
+    monkeypatch.setattr(calibrate, "MIN_TIMED_BYTES", 0)
+    monkeypatch.setattr(calibrate, "busy", lambda: (None, 2))
+    real = prepack.conv2d
+    costs = {"nchw": 0.01, "channels_last": 0.001, "channels_last+packed": 0.01}
+    monkeypatch.setattr(prepack, "conv2d",
+                        lambda x, w, *a, **k: (clock.tick(costs[layout_of(x, w)]), real(x, w, *a, **k))[1])
+    return calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=path)
+
+
+def test_the_cache_lives_in_lotus_cache_or_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOTUS_CACHE", str(tmp_path / "a"))
+    assert calibrate.cache_file() == tmp_path / "a" / "calibration.json"
+    monkeypatch.delenv("LOTUS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert calibrate.cache_file() == tmp_path / "x" / "lotus" / "calibration.json"
+
+
+def test_without_timings_the_rule_decides(modules, monkeypatch, tmp_path):
+    """Tiny models and busy machines take the rule: packed weights only on AVX-512; a busy machine's
+    choice is not cached."""
+    path = tmp_path / "c.json"
+    monkeypatch.setattr(calibrate, "time_layouts", lambda *a: pytest.fail("timed"))
+    c = calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=path)
+    assert c.how.startswith("rule:") and "too small" in c.how and c.channels_last and c.strip_rows == strips.ROWS
+    monkeypatch.setattr(calibrate, "MIN_TIMED_BYTES", 0)
+    monkeypatch.setattr(calibrate, "busy", lambda: (9.5, 2))
+    for flags, packed in ((("avx2",), False), (("avx2", "avx512f"), prepack.available(CPU, torch.float32))):
+        monkeypatch.setattr(calibrate, "machine", lambda flags=flags: calibrate.Machine("cpu", flags, 2, "t", 2))
+        c = calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=path)
+        assert "busy" in c.how and c.channels_last and c.pack_weights == packed
+    assert not path.exists()
+
+
+def test_the_traced_convolutions_are_the_ones_a_prediction_runs(modules):
+    """The meta-device trace finds every convolution call of encode, UNet and decode, with its input size."""
+    unet, vae = modules
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append((m, tuple(i[0].shape[-2:]))))
+             for m in (*unet.modules(), *vae.modules()) if isinstance(m, torch.nn.Conv2d)]
+    pred_size = (48, 64)
+    with torch.inference_mode():
+        z = vae.encode(torch.zeros(1, 3, *pred_size)).latent_dist.mean
+        out = unet(torch.zeros(1, 8, *z.shape[-2:]), torch.tensor(999), encoder_hidden_states=torch.zeros(1, 2, 32),
+                   class_labels=torch.zeros(1, 4)).sample
+        vae.decode(out)
+    for h in hooks:
+        h.remove()
+    want = Counter((m.in_channels, m.out_channels, m.kernel_size, m.stride, hw) for m, hw in calls)
+    got = Counter()
+    for conv, hw, uses in calibrate.trace_convolutions(unet, vae, pred_size):
+        got[(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, hw)] += uses
+        assert any(conv is m for m in (*unet.modules(), *vae.modules()))  # the real module, for its weight
+    assert sum(got.values()) == sum(want.values()) > 20
+    assert got == want
+
+
+def test_the_predictor_runs_as_the_cache_says(depth_g, monkeypatch, tmp_path):
+    """A choice found in the cache is what the predictor applies; the numbers stay."""
+    monkeypatch.setattr(calibrate, "MIN_TIMED_BYTES", 0)
+    monkeypatch.setenv("LOTUS_CACHE", str(tmp_path))
+    unet, vae = models.load_unet_vae(depth_g, torch.float32, CPU)
+    layouts = list(calibrate.LAYOUTS if prepack.available(CPU, torch.float32) else calibrate.LAYOUTS[:2])
+    key = calibrate.cache_key(unet, vae, torch.float32, (64, 64), layouts)
+    record = dict(channels_last=False, pack_weights=False, strip_rows=0, threads=2, how="measured", size=[64, 64],
+                  times={"layout": {"nchw": 1.0}}, seconds=0.5)
+    entries = {"version": calibrate.CACHE_VERSION, "entries": {key: record}}
+    (tmp_path / "calibration.json").write_text(json.dumps(entries))
+    pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", processing_res=64)
+    assert pred.engine.choices.how == "cached"
+    assert not pred.channels_last and not pred.packed and pred.strip_rows == 0
+    assert not any(isinstance(m, prepack.PackedConv2d) for m in pred.vae.modules())
+    img, opts = make_image(40, 64, 2), PredictOptions(processing_res=64, seed=3)
+    fixed = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", channels_last=True)
+    assert np.abs(pred.predict(img, opts).map - fixed.predict(img, opts).map).max() < 1e-5  # NCHW kernels: rounding
