@@ -11,7 +11,7 @@ install: system-deps
 	# the pinned CPU build first, so the loose torch>= range in pyproject is already met
 	# (a bare `torch` requirement would pull a multi-GB CUDA build)
 	$(PIP) install --disable-pip-version-check "torch==$(TORCH_VERSION)" || $(PIP) install --disable-pip-version-check "torch>=2.4"
-	$(PIP) install --disable-pip-version-check -e ".[all]"
+	$(PIP) install --disable-pip-version-check -e ".[all,dev]"
 
 # Open3D (point clouds) loads libusb at import; install it when apt is there and we may use it.
 system-deps:

@@ -74,25 +74,58 @@ def child(args) -> dict:
     from torch._dynamo.utils import counters
 
     np.save(Path(args.out) / f"{args.variant}-{args.tag}.npy", np.stack(maps))
-    return {"variant": args.variant, "tag": args.tag, "reason": reason, "load": t_ready - T_PROCESS,
-            "start": t_first - T_PROCESS, "first": times[0], "steady": statistics.median(times[1:] or times),
-            "all": times, "fps_e2e": args.frames / (t_end - T_PROCESS), "peak_rss": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss * 1024, "fx_hit": counters["inductor"]["fxgraph_cache_hit"],
-            "fx_miss": counters["inductor"]["fxgraph_cache_miss"], "threads": torch.get_num_threads()}
+    return {
+        "variant": args.variant,
+        "tag": args.tag,
+        "reason": reason,
+        "load": t_ready - T_PROCESS,
+        "start": t_first - T_PROCESS,
+        "first": times[0],
+        "steady": statistics.median(times[1:] or times),
+        "all": times,
+        "fps_e2e": args.frames / (t_end - T_PROCESS),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "fx_hit": counters["inductor"]["fxgraph_cache_hit"],
+        "fx_miss": counters["inductor"]["fxgraph_cache_miss"],
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_child(variant: str, tag: str, args, cache: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--tag", tag, "--folder", args.folder, "--res",
-           str(args.res), "--frames", str(args.frames), "--cache", cache, "--out", args.out]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LOTUS_CACHE": str(Path(args.folder) / ".lotus-cache"),
-           "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--tag",
+        tag,
+        "--folder",
+        args.folder,
+        "--res",
+        str(args.res),
+        "--frames",
+        str(args.frames),
+        "--cache",
+        cache,
+        "--out",
+        args.out,
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "LOTUS_CACHE": str(Path(args.folder) / ".lotus-cache"),
+        "PYTHONPATH": str(ROOT),
+    }
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{variant} ({tag}) failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {variant:6} {tag:5} start {r['start']:7.1f} s, steady {r['steady']:6.2f} s/frame, "
-          f"fx cache hit/miss {r['fx_hit']}/{r['fx_miss']}", flush=True)
+    print(
+        f"  {variant:6} {tag:5} start {r['start']:7.1f} s, steady {r['steady']:6.2f} s/frame, "
+        f"fx cache hit/miss {r['fx_hit']}/{r['fx_miss']}",
+        flush=True,
+    )
     return r
 
 
@@ -125,21 +158,30 @@ def main() -> None:
     cache = str(Path(work.name) / "inductor")  # empty: the first compiled run starts cold
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.frames} frames of {args.res} px, "
-          f"compiling: {args.what}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.frames} frames of {args.res} px, "
+        f"compiling: {args.what}"
+    )
     saved, args.frames = args.frames, 1
     run_child("eager", "prompt", args, cache)  # computes and caches the empty-prompt embedding once
     args.frames = saved
-    runs = [run_child("eager", "", args, cache), run_child(args.what, "cold", args, cache),
-            run_child(args.what, "warm", args, cache)]
+    runs = [
+        run_child("eager", "", args, cache),
+        run_child(args.what, "cold", args, cache),
+        run_child(args.what, "warm", args, cache),
+    ]
     eager = runs[0]
     print()
-    print(f"{'':22}{'start s':>9}{'first s':>9}{'steady s/frame':>16}{'frames/s e2e':>14}{'vs eager':>10}"
-          f"{'peak RSS GB':>13}")
+    print(
+        f"{'':22}{'start s':>9}{'first s':>9}{'steady s/frame':>16}{'frames/s e2e':>14}{'vs eager':>10}"
+        f"{'peak RSS GB':>13}"
+    )
     for r in runs:
         name = "eager" if r["variant"] == "eager" else f"compiled {r['variant']}, {r['tag']}"
-        print(f"{name:22}{r['start']:>9.1f}{r['first']:>9.1f}{r['steady']:>16.2f}{r['fps_e2e']:>14.4f}"
-              f"{r['fps_e2e'] / eager['fps_e2e']:>10.2f}{r['peak_rss'] / 1e9:>13.2f}")
+        print(
+            f"{name:22}{r['start']:>9.1f}{r['first']:>9.1f}{r['steady']:>16.2f}{r['fps_e2e']:>14.4f}"
+            f"{r['fps_e2e'] / eager['fps_e2e']:>10.2f}{r['peak_rss'] / 1e9:>13.2f}"
+        )
     ref = np.load(Path(work.name) / "eager-.npy")
     for r in runs[1:]:
         diff = np.abs(np.load(Path(work.name) / f"{r['variant']}-{r['tag']}.npy") - ref).max()
@@ -147,9 +189,11 @@ def main() -> None:
     cold, warm = runs[1], runs[2]
     gain = max(eager["steady"] - warm["steady"], 1e-9)  # seconds saved per frame once compiled
     cost_cold, cost_warm = cold["first"] - cold["steady"], warm["first"] - warm["steady"]
-    print(f"steady-state speed-up: {eager['steady'] / warm['steady']:.2f}x; compile cost on the first frame: "
-          f"cold {cost_cold:.0f} s, warm {cost_warm:.0f} s; break-even after {cost_warm / gain:.1f} (warm) / "
-          f"{cost_cold / gain:.1f} (cold) frames")
+    print(
+        f"steady-state speed-up: {eager['steady'] / warm['steady']:.2f}x; compile cost on the first frame: "
+        f"cold {cost_cold:.0f} s, warm {cost_warm:.0f} s; break-even after {cost_warm / gain:.1f} (warm) / "
+        f"{cost_cold / gain:.1f} (cold) frames"
+    )
     work.cleanup()
 
 

@@ -85,8 +85,9 @@ class Ours:
     def __init__(self, folder, device, dtype: str, compile_unet: bool = False):
         from lotus_cli.predictor import LotusPredictor, PredictOptions
 
-        self.pred = LotusPredictor.from_pretrained(str(folder), task="depth", device=str(device), dtype=dtype,
-                                                   channels_last=True)
+        self.pred = LotusPredictor.from_pretrained(
+            str(folder), task="depth", device=str(device), dtype=dtype, channels_last=True
+        )
         if device.type == "cuda":
             self.pred.strip_rows = 0  # row strips save CPU RSS; on a GPU they only add kernel launches
         self.note = ""
@@ -96,8 +97,9 @@ class Ours:
             ok, self.note = lc.compile_predictor(self.pred, "on", vae=False, cuda_graphs=device.type == "cuda")
             if not ok:
                 raise RuntimeError(self.note)
-        self.opts = lambda res, b: PredictOptions(processing_res=res, resample="nearest", latent="sample", seed=SEED,
-                                                  batch_size=b)
+        self.opts = lambda res, b: PredictOptions(
+            processing_res=res, resample="nearest", latent="sample", seed=SEED, batch_size=b
+        )
 
     def run(self, images, res):
         return [p.map for p in self.pred.predict_batch(images, self.opts(res, len(images)))]
@@ -144,14 +146,20 @@ class Reference:
             task = torch.cat([torch.sin(s), torch.cos(s)], -1).repeat(len(images), 1).to(dev, dt)  # [B, 4]
             factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
             h, w = x.shape[-2] // factor, x.shape[-1] // factor
-            noise = torch.cat([torch.randn((1, 4, h, w), generator=torch.Generator("cpu").manual_seed(SEED))
-                               for _ in images]).to(dev, dt)
+            noise = torch.cat(
+                [torch.randn((1, 4, h, w), generator=torch.Generator("cpu").manual_seed(SEED)) for _ in images]
+            ).to(dev, dt)
             dist = self.vae.encode(x.to(dev, dt)).latent_dist
-            eps = torch.cat([torch.randn((1, 4, h, w), generator=torch.Generator("cpu").manual_seed(
-                SEED + POSTERIOR_SEED_OFFSET)) for _ in images]).to(dev, dt)
+            eps = torch.cat(
+                [
+                    torch.randn(
+                        (1, 4, h, w), generator=torch.Generator("cpu").manual_seed(SEED + POSTERIOR_SEED_OFFSET)
+                    )
+                    for _ in images
+                ]
+            ).to(dev, dt)
             latent = (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
-            pred = self.unet(torch.cat([latent, noise], 1), 999, encoder_hidden_states=prompt,
-                             class_labels=task).sample
+            pred = self.unet(torch.cat([latent, noise], 1), 999, encoder_hidden_states=prompt, class_labels=task).sample
             y = (self.vae.decode(pred / self.vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
             y = F.interpolate(y, size=(H, W), mode="nearest-exact")
             return [m for m in y.mean(1).cpu().numpy().astype(np.float32)]
@@ -230,8 +238,11 @@ def main() -> None:
     import torch
 
     if not args.device.startswith("cpu") and not torch.cuda.is_available():
-        fail(2, f"CUDA is not available here (torch {torch.__version__}, device {args.device!r}); "
-                "this benchmark measures a GPU. Run it with --device cpu only to check the script itself.")
+        fail(
+            2,
+            f"CUDA is not available here (torch {torch.__version__}, device {args.device!r}); "
+            "this benchmark measures a GPU. Run it with --device cpu only to check the script itself.",
+        )
     device = torch.device(args.device)
     if device.type not in ("cuda", "cpu"):
         fail(2, f"--device {args.device}: use cuda, cuda:N or cpu")
@@ -261,8 +272,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base = measure("ours fp32", lambda: Ours(folder, device, "fp32"), device, res, batches, args.repeats, None)
     rows.append(base)
-    plan = [("ours fp16", lambda: Ours(folder, device, "fp16")),
-            ("ours bf16", lambda: Ours(folder, device, "bf16"))]
+    plan = [("ours fp16", lambda: Ours(folder, device, "fp16")), ("ours bf16", lambda: Ours(folder, device, "bf16"))]
     if args.compile:
         plan.append(("ours fp16 compiled", lambda: Ours(folder, device, "fp16", compile_unet=True)))
     plan.append(("reference fp16", lambda: Reference(folder, device, torch.float16)))

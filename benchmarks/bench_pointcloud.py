@@ -28,8 +28,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RGBD = next((p / "shared" / "data" / "rgbd" for p in ROOT.parents[:2] if (p / "shared" / "data" / "rgbd").is_dir()),
-            ROOT.parent / "shared" / "data" / "rgbd")  # beside the clone (a git worktree sits one level deeper)
+RGBD = next(
+    (p / "shared" / "data" / "rgbd" for p in ROOT.parents[:2] if (p / "shared" / "data" / "rgbd").is_dir()),
+    ROOT.parent / "shared" / "data" / "rgbd",
+)  # beside the clone (a git worktree sits one level deeper)
 
 from lotus_cli import geometry as g  # noqa: E402
 from lotus_cli.pointcloud import ScaleOptions, metric_depth  # noqa: E402
@@ -39,7 +41,11 @@ def frames():
     nyu = g.Intrinsics(518.8579, 519.46961, 325.58245, 253.73617, 640, 480)
     for i in ("00000", "00050", "00100"):
         yield f"nyu {i}", np.asarray(Image.open(RGBD / "nyu" / f"depth_{i}.png")) / 1000.0, nyu
-    yield "tum", np.asarray(Image.open(RGBD / "tum" / "depth.png")) / 5000.0, g.Intrinsics(525, 525, 319.5, 239.5, 640, 480)
+    yield (
+        "tum",
+        np.asarray(Image.open(RGBD / "tum" / "depth.png")) / 5000.0,
+        g.Intrinsics(525, 525, 319.5, 239.5, 640, 480),
+    )
 
 
 def quarter(z, K):
@@ -79,8 +85,9 @@ def degraded(n, target_deg=16.9, seed=0):
     import cv2
 
     rng = np.random.default_rng(seed)
-    smooth = np.stack([cv2.GaussianBlur(rng.normal(size=n.shape[:2]).astype(np.float32), (0, 0), 6.0)
-                       for _ in range(3)], -1)
+    smooth = np.stack(
+        [cv2.GaussianBlur(rng.normal(size=n.shape[:2]).astype(np.float32), (0, 0), 6.0) for _ in range(3)], -1
+    )
     noise = smooth / smooth.std() + rng.normal(size=n.shape)
     lo, hi = 0.0, 2.0
     for _ in range(30):  # bisection on the noise level
@@ -108,8 +115,10 @@ def scores(z_est, z_true, K, n_true, masks):
 def main() -> None:
     if not RGBD.is_dir():
         raise SystemExit(f"{RGBD} is absent")
-    print(f"{'frame':<10}{'kind':<10}{'method':<22}{'normal err':>11}{'AbsRel':>9}{'planarity':>11}"
-          f"{'plane angle':>13}{'seconds':>9}")
+    print(
+        f"{'frame':<10}{'kind':<10}{'method':<22}{'normal err':>11}{'AbsRel':>9}{'planarity':>11}"
+        f"{'plane angle':>13}{'seconds':>9}"
+    )
     rows = []
     for name, z_full, K_full in frames():
         z, K = quarter(z_full, K_full)
@@ -117,29 +126,37 @@ def main() -> None:
         masks = planes(z, K)
         n_noisy, noisy_err = degraded(n_true)
         truth = scores(z, z, K, n_true, masks)
-        print(f"{name:<10}{'':<10}{'ground truth':<22}{truth[0]:>10.2f}°{truth[1]:>9.4f}{truth[2]:>11.4f}"
-              f"{truth[3]:>12.1f}°")
+        print(
+            f"{name:<10}{'':<10}{'ground truth':<22}{truth[0]:>10.2f}°{truth[1]:>9.4f}{truth[2]:>11.4f}"
+            f"{truth[3]:>12.1f}°"
+        )
         for kind in ("disparity", "depth"):
             t = 1 / z if kind == "disparity" else z
             values = (t - np.nanmin(t)) / (np.nanmax(t) - np.nanmin(t))  # a model's affine-invariant output
             near = float(np.nanmin(z))
             sfn = ScaleOptions(near=near, shape_from_normals=True)
-            for method, opts, normals in (("--near 1 --far 10", ScaleOptions(), None),
-                                          ("--shape-from-normals", sfn, n_true),
-                                          (f"  normals {noisy_err:.1f}° off", sfn, n_noisy)):
+            for method, opts, normals in (
+                ("--near 1 --far 10", ScaleOptions(), None),
+                ("--shape-from-normals", sfn, n_true),
+                (f"  normals {noisy_err:.1f}° off", sfn, n_noisy),
+            ):
                 t0 = time.perf_counter()
                 z_est, rec = metric_depth(values, kind, opts, K=K, normals=normals)
                 sec = time.perf_counter() - t0
                 sc = scores(z_est, z, K, n_true, masks)
                 rows.append((name, kind, method, *sc))
-                print(f"{'':<10}{kind:<10}{method:<22}{sc[0]:>10.2f}°{sc[1]:>9.4f}{sc[2]:>11.4f}{sc[3]:>12.1f}°"
-                      f"{sec:>9.2f}")
+                print(
+                    f"{'':<10}{kind:<10}{method:<22}{sc[0]:>10.2f}°{sc[1]:>9.4f}{sc[2]:>11.4f}{sc[3]:>12.1f}°"
+                    f"{sec:>9.2f}"
+                )
     print()
     for kind in ("disparity", "depth"):
         for method in ("--near 1 --far 10", "--shape-from-normals", "  normals"):
             r = [x for x in rows if x[1] == kind and x[2].startswith(method)]
-            print(f"mean over frames, {kind:<9} {method:<21}: normal error {np.mean([x[3] for x in r]):6.2f}°, "
-                  f"AbsRel {np.mean([x[4] for x in r]):.4f}, planarity {np.mean([x[5] for x in r]):.4f}")
+            print(
+                f"mean over frames, {kind:<9} {method:<21}: normal error {np.mean([x[3] for x in r]):6.2f}°, "
+                f"AbsRel {np.mean([x[4] for x in r]):.4f}, planarity {np.mean([x[5] for x in r]):.4f}"
+            )
 
 
 def kinect_sigma(z):
@@ -158,8 +175,10 @@ def meshes() -> None:
     from lotus_cli import preview
     from lotus_cli.pointcloud import CameraOptions, CloudOptions, make_cloud
 
-    print(f"{'frame':<10}{'valid':>8}{'written':>9}{'no normal':>10}  {'threshold':<10}{'triangles':>10}"
-          f"{'median':>8}{'p99':>8}{'p99.9':>8}{'max':>7} mm{'stretch>10':>12}{'>50':>6}")
+    print(
+        f"{'frame':<10}{'valid':>8}{'written':>9}{'no normal':>10}  {'threshold':<10}{'triangles':>10}"
+        f"{'median':>8}{'p99':>8}{'p99.9':>8}{'max':>7} mm{'stretch>10':>12}{'>50':>6}"
+    )
     for name, z, K in frames():
         z = np.where(z > 0, z, np.nan)
         rgb = np.zeros(z.shape + (3,), np.uint8)
@@ -170,16 +189,19 @@ def meshes() -> None:
         c = cloud0.record["cloud"]
         head = f"{name:<10}{c['with_depth']:>8}{c['points']:>9}{c['without_normal']:>10}  "
         for t in (0.0, 0.05):
-            cloud = cloud0 if t == 0 else make_cloud(rgb, z, "depth", cams, ScaleOptions(), CloudOptions(),
-                                                     per_metre=1.0)
+            cloud = (
+                cloud0 if t == 0 else make_cloud(rgb, z, "depth", cams, ScaleOptions(), CloudOptions(), per_metre=1.0)
+            )
             t0 = time.perf_counter()
             mesh = M.from_cloud(cloud)
             t_mesh = time.perf_counter() - t0
             longest = M.edge_lengths(mesh.vertices, mesh.faces).max(-1)
             stretch = longest / (mesh.vertices[mesh.faces][..., 2].min(-1) / K.fx)
             q = 1000 * np.percentile(longest, [50, 99, 99.9, 100])
-            print(f"{head if t == 0 else ' ' * len(head)}{t:<10g}{len(mesh.faces):>10}{q[0]:>8.1f}{q[1]:>8.1f}"
-                  f"{q[2]:>8.1f}{q[3]:>7.0f}   {(stretch > 10).sum():>10}{(stretch > 50).sum():>6}")
+            print(
+                f"{head if t == 0 else ' ' * len(head)}{t:<10g}{len(mesh.faces):>10}{q[0]:>8.1f}{q[1]:>8.1f}"
+                f"{q[2]:>8.1f}{q[3]:>7.0f}   {(stretch > 10).sum():>10}{(stretch > 50).sum():>6}"
+            )
         o3d.utility.random.seed(0)
         pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(mesh.vertices[::4].astype(np.float64)))
         _, inl = pc.segment_plane(distance_threshold=0.03, ransac_n=3, num_iterations=500)
@@ -192,9 +214,11 @@ def meshes() -> None:
         t0 = time.perf_counter()
         preview.render_cloud(mesh, K)
         t_prev = time.perf_counter() - t0
-        print(f"{'':<10}largest plane: {len(plane) / len(mesh.vertices[::4]):.0%} of the vertices, RMS {1000 * rms:.1f}"
-              f" mm, sensor noise there {1000 * noise:.1f} mm; seconds: cloud {t_cloud:.2f}, mesh {t_mesh:.2f}, "
-              f"glb {t_glb:.2f}, preview {t_prev:.2f}")
+        print(
+            f"{'':<10}largest plane: {len(plane) / len(mesh.vertices[::4]):.0%} of the vertices, RMS {1000 * rms:.1f}"
+            f" mm, sensor noise there {1000 * noise:.1f} mm; seconds: cloud {t_cloud:.2f}, mesh {t_mesh:.2f}, "
+            f"glb {t_glb:.2f}, preview {t_prev:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,9 @@ def child(args) -> dict:
         from lotus_cli.predictor import LotusPredictor, PredictOptions
 
         fixed = dict(channels_last=False, pack_weights=False) if args.side == "plain" else {}
-        pred = LotusPredictor.from_pretrained(args.folder, task="depth", device="cpu", dtype="fp32",
-                                              processing_res=args.res, **fixed)
+        pred = LotusPredictor.from_pretrained(
+            args.folder, task="depth", device="cpu", dtype="fp32", processing_res=args.res, **fixed
+        )
         if args.side == "plain":
             pred.strip_rows = 0
         c = pred.engine.choices
@@ -88,8 +89,15 @@ def child(args) -> dict:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    return {"side": args.side, "seconds": min(times), "all_seconds": times, "peak_rss": peak_rss_bytes(),
-            "weights": weights, "base_rss": base, "chosen": chosen}
+    return {
+        "side": args.side,
+        "seconds": min(times),
+        "all_seconds": times,
+        "peak_rss": peak_rss_bytes(),
+        "weights": weights,
+        "base_rss": base,
+        "chosen": chosen,
+    }
 
 
 def gemm_rate(n: int = 2048, repeats: int = 10) -> float:
@@ -191,10 +199,14 @@ def main() -> None:
     from lotus_cli.cpu.calibrate import FLAGS, machine
 
     m = machine()
-    print(f"CPU: {m.cpu}; flags: {' '.join(f for f in FLAGS if f in m.flags) or 'none of ' + ', '.join(FLAGS)}; "
-          f"{m.cores} cores; load average {os.getloadavg()[0]:.1f}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.res} px, best of "
-          f"{args.rounds} alternating rounds x {args.repeats} run(s), each after a warm-up")
+    print(
+        f"CPU: {m.cpu}; flags: {' '.join(f for f in FLAGS if f in m.flags) or 'none of ' + ', '.join(FLAGS)}; "
+        f"{m.cores} cores; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.res} px, best of "
+        f"{args.rounds} alternating rounds x {args.repeats} run(s), each after a warm-up"
+    )
     run_child("ours", folder, 64, 1)  # computes and caches the empty-prompt embedding once
     # Alternate the two sides, each in a fresh process, and keep each side's best time (and its worst
     # peak RSS): a burst of load from elsewhere on the machine then hurts one round, not one side.
@@ -202,8 +214,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for side in runs:
             runs[side].append(run_child(side, folder, args.res, args.repeats))
-    best = {s: min(runs[s], key=lambda r: r["seconds"]) | {"peak_rss": max(r["peak_rss"] for r in runs[s])}
-            for s in runs}
+    best = {
+        s: min(runs[s], key=lambda r: r["seconds"]) | {"peak_rss": max(r["peak_rss"] for r in runs[s])} for s in runs
+    }
     ref, ours = best["reference"], best["ours"]
     gemm = gemm_rate()
     flops = flops_per_image(folder, args.res)
@@ -217,28 +230,40 @@ def main() -> None:
         if side in best:
             r = best[side]
             every = ", ".join(f"{x['seconds']:.1f}" for x in runs[side])
-            print(f"{names[side]:28}{r['seconds']:>10.2f}{every:>18}{r['peak_rss'] / gb:>13.2f}"
-                  f"{r['weights'] / gb:>12.2f}{r['peak_rss'] / r['weights']:>13.2f}")
+            print(
+                f"{names[side]:28}{r['seconds']:>10.2f}{every:>18}{r['peak_rss'] / gb:>13.2f}"
+                f"{r['weights'] / gb:>12.2f}{r['peak_rss'] / r['weights']:>13.2f}"
+            )
     c = ours["chosen"]
-    print(f"\n(a) ran: {c['layout']}, strip rows {c['strip_rows']}, decided by {c['how']}"
-          + (f" ({c['seconds']:.1f} s of timings)" if c["seconds"] else ""))
+    print(
+        f"\n(a) ran: {c['layout']}, strip rows {c['strip_rows']}, decided by {c['how']}"
+        + (f" ({c['seconds']:.1f} s of timings)" if c["seconds"] else "")
+    )
     ratio = ours["seconds"] / ref["seconds"]
     print(f"time ratio (a)/(b): {ratio:.3f}   (target <= 0.8)")
     print(f"peak RSS ratio (a)/(b): {ours['peak_rss'] / ref['peak_rss']:.3f}   (target <= 0.75)")
     if "plain" in best:
         print(f"time ratio (a)/(c): {ours['seconds'] / best['plain']['seconds']:.3f}   (target <= 1)")
-    print(f"FLOPs per image: {flops['total'] / 1e12:.3f} TFLOP (VAE encode {flops['vae_encode'] / 1e12:.3f}, "
-          f"UNet {flops['unet'] / 1e12:.3f}, VAE decode {flops['vae_decode'] / 1e12:.3f})")
+    print(
+        f"FLOPs per image: {flops['total'] / 1e12:.3f} TFLOP (VAE encode {flops['vae_encode'] / 1e12:.3f}, "
+        f"UNet {flops['unet'] / 1e12:.3f}, VAE decode {flops['vae_decode'] / 1e12:.3f})"
+    )
     achieved = flops["total"] / ours["seconds"]
-    print(f"fp32 GEMM rate (2048^3 matmul): {gemm / 1e9:.1f} GFLOP/s; ours achieves {achieved / 1e9:.1f} GFLOP/s "
-          f"= {achieved / gemm:.2f} of it (target >= 0.8); reference {flops['total'] / ref['seconds'] / 1e9:.1f} GFLOP/s")
-    print(f"peak RSS / weights held (ours): {ours['peak_rss'] / ours['weights']:.2f} (target <= 1.3); "
-          f"{(ours['peak_rss'] - ours['base_rss']) / ours['weights']:.2f} above the {ours['base_rss'] / gb:.2f} GB "
-          f"the imported libraries take before any model loads (reference: "
-          f"{(ref['peak_rss'] - ref['base_rss']) / ref['weights']:.2f})")
-    print(f"one conv layer under the reference's CPU autocast (bf16): {conv['slowdown']:.2f}x the fp32 time "
-          f"(fp32 {conv['fp32_s'] * 1e3:.1f} ms, autocast {conv['autocast_bf16_s'] * 1e3:.1f} ms; "
-          f"native bf16 on this CPU: {conv['native_bf16']})")
+    print(
+        f"fp32 GEMM rate (2048^3 matmul): {gemm / 1e9:.1f} GFLOP/s; ours achieves {achieved / 1e9:.1f} GFLOP/s "
+        f"= {achieved / gemm:.2f} of it (target >= 0.8); reference {flops['total'] / ref['seconds'] / 1e9:.1f} GFLOP/s"
+    )
+    print(
+        f"peak RSS / weights held (ours): {ours['peak_rss'] / ours['weights']:.2f} (target <= 1.3); "
+        f"{(ours['peak_rss'] - ours['base_rss']) / ours['weights']:.2f} above the {ours['base_rss'] / gb:.2f} GB "
+        f"the imported libraries take before any model loads (reference: "
+        f"{(ref['peak_rss'] - ref['base_rss']) / ref['weights']:.2f})"
+    )
+    print(
+        f"one conv layer under the reference's CPU autocast (bf16): {conv['slowdown']:.2f}x the fp32 time "
+        f"(fp32 {conv['fp32_s'] * 1e3:.1f} ms, autocast {conv['autocast_bf16_s'] * 1e3:.1f} ms; "
+        f"native bf16 on this CPU: {conv['native_bf16']})"
+    )
     if tmp is not None:
         tmp.cleanup()
 

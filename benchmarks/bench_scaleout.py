@@ -35,8 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 def cpu() -> str:
     name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    flags = subprocess.run("grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u",
-                           shell=True, capture_output=True, text=True).stdout.split()
+    flags = subprocess.run(
+        "grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u",
+        shell=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     return f"{name} ({os.cpu_count()} cores; {' '.join(flags)})"
 
 
@@ -68,8 +72,16 @@ def timed(job, inputs: Path, out: Path, scale) -> float:
     def load_predictor(model, task, device, dtype):
         return distributed.load(distributed.Job(model, task, job.output, job.opts, job.video, device, dtype))[0]
 
-    distributed.dispatch(job, [str(inputs)], out, scale, exts=MEDIA_EXTS, on_result=on_result,
-                         on_problem=lambda p: None, load_predictor=load_predictor)
+    distributed.dispatch(
+        job,
+        [str(inputs)],
+        out,
+        scale,
+        exts=MEDIA_EXTS,
+        on_result=on_result,
+        on_problem=lambda p: None,
+        load_predictor=load_predictor,
+    )
     return last[0]
 
 
@@ -122,11 +134,18 @@ def main() -> None:
         tmp = Path(tmp)
         ckpt = build_checkpoint(tmp / "lotus-depth-d-v2-0-disparity", family="d", task="depth", seed=2)
         make_inputs(tmp / "in", args.images, (192, 256))
-        job = Job(str(ckpt), "depth", OutputSpec(tmp / "unused"), PredictOptions(processing_res=args.res), VideoSpec(),
-                  device="cpu")
+        job = Job(
+            str(ckpt),
+            "depth",
+            OutputSpec(tmp / "unused"),
+            PredictOptions(processing_res=args.res),
+            VideoSpec(),
+            device="cpu",
+        )
         print(f"CPU: {cpu()}")
-        print(f"{args.images} images 256x192, --processing-res {args.res}, tiny synthetic Lotus-D, "
-              f"ray {ray.__version__}")
+        print(
+            f"{args.images} images 256x192, --processing-res {args.res}, tiny synthetic Lotus-D, ray {ray.__version__}"
+        )
         import torch
 
         torch.set_num_threads(1)
@@ -148,8 +167,10 @@ def main() -> None:
                 t_all = timed(job, tmp / "in", tmp / f"o-{name}-{rnd}".replace(" ", ""), scale)
                 rate = (args.images - n_small) / (t_all - t_small)
                 r = {"rate": rate, "startup": t_small - n_small / rate, "total": t_all}
-                print(f"  round {rnd}: {name:7} {rate:6.2f} items/s, start-up {r['startup']:5.1f} s "
-                      f"({n_small} items {t_small:.1f} s, {args.images} items {t_all:.1f} s)")
+                print(
+                    f"  round {rnd}: {name:7} {rate:6.2f} items/s, start-up {r['startup']:5.1f} s "
+                    f"({n_small} items {t_small:.1f} s, {args.images} items {t_all:.1f} s)"
+                )
                 if name not in results or rate > results[name]["rate"]:
                     results[name] = r
         ray.shutdown()
@@ -160,11 +181,15 @@ def main() -> None:
             print(f"{name:8} {r['rate']:8.2f} {r['rate'] / plain:9.2f} {r['startup']:11.1f} {r['total']:12.1f}")
         if "ray x2" in results:
             print(f"ray x2 / ray x1: {results['ray x2']['rate'] / results['ray x1']['rate']:.2f}")
-        print(f"engine start-up cost (ray x1 - plain): {results['ray x1']['startup'] - results['plain']['startup']:.1f}"
-              f" s per run, plus ray.init {init_s:.1f} s once per driver")
+        print(
+            f"engine start-up cost (ray x1 - plain): {results['ray x1']['startup'] - results['plain']['startup']:.1f}"
+            f" s per run, plus ray.init {init_s:.1f} s once per driver"
+        )
         io = per_item_io(tmp)
-        print(f"per item at 4000x3000 on one core: JPEG decode {io['decode'] * 1000:.0f} ms, png+png16+json write "
-              f"{io['write'] * 1000:.0f} ms; {io['in_mb']:.1f} MB in, {io['out_mb']:.1f} MB out")
+        print(
+            f"per item at 4000x3000 on one core: JPEG decode {io['decode'] * 1000:.0f} ms, png+png16+json write "
+            f"{io['write'] * 1000:.0f} ms; {io['in_mb']:.1f} MB in, {io['out_mb']:.1f} MB out"
+        )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def make_image(h: int, w: int):
     for y in range(0, h, 256):
         yy = (np.arange(y, min(h, y + 256), dtype=np.float32) / h)[:, None]
         base = np.stack([xx + 0 * yy, yy + 0 * xx, 1 - xx * yy], -1) * 200
-        img[y:y + 256] = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        img[y : y + 256] = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
     return img
 
 
@@ -62,7 +62,7 @@ def child(a) -> dict:
     import torch
 
     from lotus_cli.predictor import LotusPredictor, PredictOptions
-    from lotus_cli.tiling import TileOptions, memory_cost, plan_tiles, predict_tiled
+    from lotus_cli.tiling import TileOptions, memory_cost, predict_tiled
 
     torch.manual_seed(0)
     pred = LotusPredictor.from_pretrained(a.folder, device="cpu", dtype="fp32")
@@ -78,13 +78,34 @@ def child(a) -> dict:
         out = predict_tiled(pred, [img], opts, topts)[0]
         tiles, est = out.extra["tiling"]["tiles"], out.extra["tiling"]["estimated_peak_bytes"]
     seconds = time.perf_counter() - t0
-    return {"mode": a.mode, "mp": h * w / 1e6, "size": [w, h], "tiles": tiles, "seconds": seconds,
-            "peak_rss": peak_rss(), "base_rss": base, "buffers": img.nbytes + out.map.nbytes, "estimated": est}
+    return {
+        "mode": a.mode,
+        "mp": h * w / 1e6,
+        "size": [w, h],
+        "tiles": tiles,
+        "seconds": seconds,
+        "peak_rss": peak_rss(),
+        "base_rss": base,
+        "buffers": img.nbytes + out.map.nbytes,
+        "estimated": est,
+    }
 
 
 def run(folder: str, mode: str, mp: float, tile: int, processing_res: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--folder", folder, "--mp", str(mp), "--tile", str(tile),
-           "--processing-res", str(processing_res)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--folder",
+        folder,
+        "--mp",
+        str(mp),
+        "--tile",
+        str(tile),
+        "--processing-res",
+        str(processing_res),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LOTUS_CACHE": str(Path(folder).parent / ".lotus-cache")}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
@@ -104,11 +125,15 @@ def fits_natively(folder: str, mp: float) -> tuple[bool, float]:
 
 
 def table(rows: list[dict]) -> None:
-    print(f"{'run':>8}{'MP':>7}{'tiles':>7}{'seconds':>10}{'s/MP':>8}{'peak RSS GB':>13}{'less image+map GB':>19}"
-          f"{'estimate GB':>13}")
+    print(
+        f"{'run':>8}{'MP':>7}{'tiles':>7}{'seconds':>10}{'s/MP':>8}{'peak RSS GB':>13}{'less image+map GB':>19}"
+        f"{'estimate GB':>13}"
+    )
     for r in rows:
-        print(f"{r['mode']:>8}{r['mp']:>7.1f}{r['tiles']:>7}{r['seconds']:>10.1f}{r['seconds'] / r['mp']:>8.2f}"
-              f"{r['peak_rss'] / GB:>13.2f}{(r['peak_rss'] - r['buffers']) / GB:>19.2f}{r['estimated'] / GB:>13.2f}")
+        print(
+            f"{r['mode']:>8}{r['mp']:>7.1f}{r['tiles']:>7}{r['seconds']:>10.1f}{r['seconds'] / r['mp']:>8.2f}"
+            f"{r['peak_rss'] / GB:>13.2f}{(r['peak_rss'] - r['buffers']) / GB:>19.2f}{r['estimated'] / GB:>13.2f}"
+        )
 
 
 def summary(tiled: list[dict]) -> None:
@@ -128,8 +153,12 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=256, help="tile size in input pixels, and its tile_res")
     ap.add_argument("--processing-res", type=int, default=256, help="the global pass's long side")
     ap.add_argument("--sizes", help="comma list of megapixels (default: 1,4,16,64 small; 1,4 full)")
-    ap.add_argument("--single", default="1", help="comma list of megapixels for the single native pass (its "
-                    "attention grows with the square of the pixels: keep it small)")
+    ap.add_argument(
+        "--single",
+        default="1",
+        help="comma list of megapixels for the single native pass (its "
+        "attention grows with the square of the pixels: keep it small)",
+    )
     ap.add_argument("--folder", help="reuse a checkpoint folder")
     ap.add_argument("--child", choices=("tiled", "single"), dest="mode")
     ap.add_argument("--mp", type=float)
@@ -150,8 +179,10 @@ def main() -> None:
         build_checkpoint(folder, family="d", task="depth", size=size)
         print(f"built a random {size} Lotus-D checkpoint in {time.perf_counter() - t0:.0f} s")
     sizes = [float(s) for s in (a.sizes or ("1,4,16,64" if a.part == "small" else "1,4")).split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tiles {a.tile} px at tile_res {a.tile}, "
-          f"overlap 0.25, global pass at {a.processing_res} px, fp32, one tile per call")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; tiles {a.tile} px at tile_res {a.tile}, "
+        f"overlap 0.25, global pass at {a.processing_res} px, fp32, one tile per call"
+    )
     run(folder, "tiled", 0.05, a.tile, a.processing_res)  # caches the empty-prompt embedding
     rows, tiled = [], []
     for mp in sizes:
@@ -163,14 +194,19 @@ def main() -> None:
         if ok:
             rows.append(run(folder, "single", mp, a.tile, 0))
         else:
-            print(f"single native pass at {mp:g} MP skipped: estimated peak {est / GB:.1f} GB exceeds half the free memory")
+            print(
+                f"single native pass at {mp:g} MP skipped: "
+                f"estimated peak {est / GB:.1f} GB exceeds half the free memory"
+            )
     print()
     table(rows)
     summary(tiled)
     for s in (r for r in rows if r["mode"] == "single"):
         t = min(tiled, key=lambda r: abs(r["mp"] - s["mp"]))
-        print(f"{s['mp']:.1f} MP tiled / single native pass: time {t['seconds'] / s['seconds']:.2f}x, "
-              f"peak RSS {t['peak_rss'] / s['peak_rss']:.2f}x")
+        print(
+            f"{s['mp']:.1f} MP tiled / single native pass: time {t['seconds'] / s['seconds']:.2f}x, "
+            f"peak RSS {t['peak_rss'] / s['peak_rss']:.2f}x"
+        )
     tmp.cleanup()
 
 

@@ -44,8 +44,16 @@ def cpu_speed(steps: int) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     data = write_synthetic_dataset(root / "data", 64, (32, 32), seed=1)
     base = build_tiny_base(root / "base", fit_images=D.autoencoder_images(D.FolderData(data)), fit_steps=20)
-    opts = TrainOptions(base=str(base), out=root / "run", data=(f"folder={data}",), steps=steps, batch_size=4,
-                        lr=1e-3, checkpoint_every=10**9, log_every=10**9)
+    opts = TrainOptions(
+        base=str(base),
+        out=root / "run",
+        data=(f"folder={data}",),
+        steps=steps,
+        batch_size=4,
+        lr=1e-3,
+        checkpoint_every=10**9,
+        log_every=10**9,
+    )
     t0 = time.perf_counter()
     run = train(opts)
     loop = run.losses[-1]["seconds"]  # first step to last, excluding loading and the final save
@@ -64,8 +72,12 @@ def cpu_speed(steps: int) -> dict:
         opt.step()
         opt.zero_grad()
     bare = time.perf_counter() - t1
-    return {"steps": steps, "trainer_steps_per_s": (steps - 1) / loop, "bare_steps_per_s": steps / bare,
-            "trainer_wall_s": total}
+    return {
+        "steps": steps,
+        "trainer_steps_per_s": (steps - 1) / loop,
+        "bare_steps_per_s": steps / bare,
+        "trainer_wall_s": total,
+    }
 
 
 def full_plan(batch: int = 16, gpus: int = 8, steps: int = 20_000, hw: tuple[int, int] = (576, 768)) -> dict:
@@ -97,10 +109,17 @@ def full_plan(batch: int = 16, gpus: int = 8, steps: int = 20_000, hw: tuple[int
         unet.train()
         if checkpointing:
             unet.enable_gradient_checkpointing()
-        with torch.device("meta"), FlopCounterMode(display=False) as fc, \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            unet(torch.randn(1, 8, h, w), torch.tensor([999]), encoder_hidden_states=torch.randn(1, 2, 1024),
-                 class_labels=torch.randn(1, 4))
+        with (
+            torch.device("meta"),
+            FlopCounterMode(display=False) as fc,
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x),
+        ):
+            unet(
+                torch.randn(1, 8, h, w),
+                torch.tensor([999]),
+                encoder_hidden_states=torch.randn(1, 2, 1024),
+                class_labels=torch.randn(1, 4),
+            )
         return fc.get_total_flops(), saved[0]
 
     fwd, act_plain = row(False)
@@ -114,13 +133,24 @@ def full_plan(batch: int = 16, gpus: int = 8, steps: int = 20_000, hw: tuple[int
     act16_ckpt, act16_plain = act_ckpt / 2 * rows, act_plain / 2 * rows
     flops_step = rows * fwd * 4 + 2 * batch * enc  # fwd + bwd (2x) + recompute (1x); VAE encodes rgb and annotation
     seconds = flops_step / (ASSUMED_GPU_TFLOPS * 1e12 * ASSUMED_UTILISATION)
-    return {"unet_params": n_unet, "vae_params": n_vae, "latent": (h, w), "rows_per_gpu": rows,
-            "unet_fwd_tflop_per_row": fwd / 1e12, "vae_encode_tflop_per_image": enc / 1e12,
-            "saved_act_gb_per_row_fp32": act_plain / GB, "saved_act_gb_per_row_fp32_ckpt": act_ckpt / GB,
-            "weights_grads_adam_gb": state / GB, "per_gpu_gb_ckpt": (state + act16_ckpt) / GB,
-            "per_gpu_gb_no_ckpt": (state + act16_plain) / GB, "tflop_per_gpu_step": flops_step / 1e12,
-            "step_s": seconds, "hours": seconds * steps / 3600, "gpu_hours": seconds * steps * gpus / 3600,
-            "images_seen": batch * gpus * steps}
+    return {
+        "unet_params": n_unet,
+        "vae_params": n_vae,
+        "latent": (h, w),
+        "rows_per_gpu": rows,
+        "unet_fwd_tflop_per_row": fwd / 1e12,
+        "vae_encode_tflop_per_image": enc / 1e12,
+        "saved_act_gb_per_row_fp32": act_plain / GB,
+        "saved_act_gb_per_row_fp32_ckpt": act_ckpt / GB,
+        "weights_grads_adam_gb": state / GB,
+        "per_gpu_gb_ckpt": (state + act16_ckpt) / GB,
+        "per_gpu_gb_no_ckpt": (state + act16_plain) / GB,
+        "tflop_per_gpu_step": flops_step / 1e12,
+        "step_s": seconds,
+        "hours": seconds * steps / 3600,
+        "gpu_hours": seconds * steps * gpus / 3600,
+        "images_seen": batch * gpus * steps,
+    }
 
 
 def main() -> None:
@@ -129,33 +159,47 @@ def main() -> None:
     args = ap.parse_args()
     cpu = cpu_speed(args.steps)
     print(f"debug preset on this CPU (1 thread, batch 4 of 32x32, Lotus-G + detail preserver, {cpu['steps']} steps):")
-    print(f"  trainer      {cpu['trainer_steps_per_s']:.1f} steps/s  "
-          f"(wall {cpu['trainer_wall_s']:.1f} s incl. loading and saving)")
+    print(
+        f"  trainer      {cpu['trainer_steps_per_s']:.1f} steps/s  "
+        f"(wall {cpu['trainer_wall_s']:.1f} s incl. loading and saving)"
+    )
     print(f"  bare step    {cpu['bare_steps_per_s']:.1f} steps/s  (baseline: loss + backward + AdamW, one fixed batch)")
     print(f"  ratio        {cpu['trainer_steps_per_s'] / cpu['bare_steps_per_s']:.2f} (trainer / bare)")
     p = full_plan()
     print("\nplan for the paper's recipe: batch 16/GPU at 576x768, 8 GPUs, 20k steps, fp16 autocast, AdamW")
-    print(f"  UNet parameters            {p['unet_params'] / 1e6:.1f} M "
-          f"(measured; VAE {p['vae_params'] / 1e6:.1f} M, frozen, fp16)")
-    print(f"  latent                     {p['latent'][0]}x{p['latent'][1]}; {p['rows_per_gpu']} UNet rows per GPU "
-          "(detail preserver doubles 16)")
+    print(
+        f"  UNet parameters            {p['unet_params'] / 1e6:.1f} M "
+        f"(measured; VAE {p['vae_params'] / 1e6:.1f} M, frozen, fp16)"
+    )
+    print(
+        f"  latent                     {p['latent'][0]}x{p['latent'][1]}; {p['rows_per_gpu']} UNet rows per GPU "
+        "(detail preserver doubles 16)"
+    )
     print(f"  UNet forward               {p['unet_fwd_tflop_per_row']:.3f} TFLOP per row (measured, meta device)")
     print(f"  VAE encode                 {p['vae_encode_tflop_per_image']:.3f} TFLOP per image (measured)")
-    print(f"  saved activations / row    {p['saved_act_gb_per_row_fp32']:.2f} GB fp32 plain, "
-          f"{p['saved_act_gb_per_row_fp32_ckpt']:.2f} GB with gradient checkpointing (measured)")
+    print(
+        f"  saved activations / row    {p['saved_act_gb_per_row_fp32']:.2f} GB fp32 plain, "
+        f"{p['saved_act_gb_per_row_fp32_ckpt']:.2f} GB with gradient checkpointing (measured)"
+    )
     print(f"  weights+grads+AdamW        {p['weights_grads_adam_gb']:.1f} GB (16 B per UNet parameter, fp32 master)")
-    print(f"  per-GPU memory, ckpt       ~{p['per_gpu_gb_ckpt']:.1f} GB "
-          "(+ CUDA context, workspace ~2-4 GB): fits 40/80 GB")
+    print(
+        f"  per-GPU memory, ckpt       ~{p['per_gpu_gb_ckpt']:.1f} GB "
+        "(+ CUDA context, workspace ~2-4 GB): fits 40/80 GB"
+    )
     print(f"  per-GPU memory, no ckpt    ~{p['per_gpu_gb_no_ckpt']:.0f} GB: does not fit; checkpointing is required")
-    attn = 5 * (p['latent'][0] * p['latent'][1]) ** 2 * 2  # SD2's 5 heads at the highest resolution, fp16
-    print(f"  attention caveat           the meta-device count uses the math attention path; one 72x96 attention "
-          f"map is 5 x {p['latent'][0] * p['latent'][1]}^2 x 2 B = {attn / GB:.2f} GB per row "
-          f"({attn * p['rows_per_gpu'] / GB:.0f} GB for {p['rows_per_gpu']} rows) unless flash / memory-efficient "
-          "SDPA is used (torch's default on CUDA): the plan assumes it")
+    attn = 5 * (p["latent"][0] * p["latent"][1]) ** 2 * 2  # SD2's 5 heads at the highest resolution, fp16
+    print(
+        f"  attention caveat           the meta-device count uses the math attention path; one 72x96 attention "
+        f"map is 5 x {p['latent'][0] * p['latent'][1]}^2 x 2 B = {attn / GB:.2f} GB per row "
+        f"({attn * p['rows_per_gpu'] / GB:.0f} GB for {p['rows_per_gpu']} rows) unless flash / memory-efficient "
+        "SDPA is used (torch's default on CUDA): the plan assumes it"
+    )
     print(f"  compute per GPU step       {p['tflop_per_gpu_step']:.0f} TFLOP (4x forward with recompute + encodes)")
-    print(f"  ASSUMED A100 {ASSUMED_GPU_TFLOPS:.0f} TFLOPS peak at {ASSUMED_UTILISATION:.0%} utilisation -> "
-          f"{p['step_s']:.2f} s/step, {p['hours']:.1f} h for 20k steps ({p['gpu_hours']:.0f} GPU-hours), "
-          f"{p['images_seen'] / 1e6:.2f} M images seen (~{p['images_seen'] / 39e3:.0f} epochs of 39K Hypersim)")
+    print(
+        f"  ASSUMED A100 {ASSUMED_GPU_TFLOPS:.0f} TFLOPS peak at {ASSUMED_UTILISATION:.0%} utilisation -> "
+        f"{p['step_s']:.2f} s/step, {p['hours']:.1f} h for 20k steps ({p['gpu_hours']:.0f} GPU-hours), "
+        f"{p['images_seen'] / 1e6:.2f} M images seen (~{p['images_seen'] / 39e3:.0f} epochs of 39K Hypersim)"
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ def main() -> None:
             ck = build_checkpoint(Path(tmp) / f"{size}-g", family="g", size=size)
             pred = LotusPredictor.from_pretrained(ck, device="cpu", kind="disparity")  # its folder says nothing
             opts = PredictOptions(processing_res=res, batch_size=args.samples)
-            one = best(lambda: pred.predict(img, opts))
-            ens = best(lambda: pred.predict_ensemble(img, opts, EnsembleOptions(samples=args.samples)))
+            one = best(lambda pred=pred, opts=opts: pred.predict(img, opts))
+            ens = best(
+                lambda pred=pred, opts=opts: pred.predict_ensemble(img, opts, EnsembleOptions(samples=args.samples))
+            )
             rows.append((f"{size} G at {res} px", one, ens))
 
     n = args.samples

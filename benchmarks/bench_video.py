@@ -25,8 +25,9 @@ def make_clip(path: Path, n: int, size: tuple[int, int], fps: float = 24.0) -> P
     import numpy as np
 
     w, h = size
-    gen = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", macro_block_size=1,
-                                      ffmpeg_log_level="error")
+    gen = imageio_ffmpeg.write_frames(
+        str(path), (w, h), fps=fps, codec="libx264", macro_block_size=1, ffmpeg_log_level="error"
+    )
     gen.send(None)
     yy, xx = np.mgrid[0:h, 0:w]
     for i in range(n):
@@ -80,8 +81,12 @@ def main() -> None:
             full = build_checkpoint(tmp / "lotus-depth-g-v2-1-disparity", family="g", size="full")
             pred = LotusPredictor.from_pretrained(full, device="cpu")
             clip = make_clip(tmp / "clip320.mp4", 24, (320, 180))
-            rows.append(("full-size G, 320x180 clip, 128 px",
-                         *measure(pred, clip, tmp / "o2", PredictOptions(processing_res=128), 24)))
+            rows.append(
+                (
+                    "full-size G, 320x180 clip, 128 px",
+                    *measure(pred, clip, tmp / "o2", PredictOptions(processing_res=128), 24),
+                )
+            )
     print(f"\n{'':40}{'model-only fps':>16}{'end-to-end fps':>16}{'ratio':>8}")
     for name, m, e in rows:
         print(f"{name:40}{m:>16.3f}{e:>16.3f}{e / m:>8.3f}")

@@ -66,8 +66,9 @@ def has_cached_artifacts(directory: Path | None = None) -> bool:
     return fx.is_dir() and any(fx.iterdir())
 
 
-def should_compile(n_items: int | None, is_video: bool = False, device_type: str = "cpu",
-                   warm: bool | None = None) -> bool:
+def should_compile(
+    n_items: int | None, is_video: bool = False, device_type: str = "cpu", warm: bool | None = None
+) -> bool:
     """``--compile auto``: whether compiling pays for ``n_items`` predictions of one processing size (the
     frames of a video, or same-size images). ``None``: a video or stream of unknown length, counted as
     long. ``warm``: whether compiled artifacts are cached (default: look in ``inductor_cache_dir()``).
@@ -84,15 +85,27 @@ def should_compile(n_items: int | None, is_video: bool = False, device_type: str
 def unpack_convolutions(model: torch.nn.Module) -> int:
     """Replace every packed convolution (prepack.PackedConv2d: any module holding a ``packed`` weight) in
     ``model`` by a plain ``nn.Conv2d`` with the same dense weight, in place; returns how many."""
-    names = [name for name, m in model.named_modules() if hasattr(m, "packed") and hasattr(m, "kernel_size")
-             and not isinstance(m, torch.nn.Conv2d)]
+    names = [
+        name
+        for name, m in model.named_modules()
+        if hasattr(m, "packed") and hasattr(m, "kernel_size") and not isinstance(m, torch.nn.Conv2d)
+    ]
     for name in names:  # one at a time: a single extra dense copy at any moment
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
         weight = old.weight
-        conv = torch.nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                               old.dilation, old.groups, bias=old.bias is not None, device="meta")
+        conv = torch.nn.Conv2d(
+            old.in_channels,
+            old.out_channels,
+            old.kernel_size,
+            old.stride,
+            old.padding,
+            old.dilation,
+            old.groups,
+            bias=old.bias is not None,
+            device="meta",
+        )
         conv.weight = torch.nn.Parameter(weight, requires_grad=False)
         if old.bias is not None:
             conv.bias = torch.nn.Parameter(old.bias.detach(), requires_grad=False)
@@ -136,9 +149,17 @@ class _CompiledOrEager:
         return self.module._call_impl(*args, **kwargs)
 
 
-def compile_predictor(predictor, mode: str = "auto", cache_dir: Path | str | None = None, *, n_items: int = 1,
-                      is_video: bool = False, vae: bool = True, backend="inductor",
-                      cuda_graphs: bool = False) -> tuple[bool, str]:
+def compile_predictor(
+    predictor,
+    mode: str = "auto",
+    cache_dir: Path | str | None = None,
+    *,
+    n_items: int = 1,
+    is_video: bool = False,
+    vae: bool = True,
+    backend="inductor",
+    cuda_graphs: bool = False,
+) -> tuple[bool, str]:
     """Compile ``predictor.unet`` (and with ``vae`` the VAE's encoder and decoder) in place: the predictor
     keeps working through the same module objects, which keep their weights (unpacked).
 
@@ -179,22 +200,27 @@ def compile_predictor(predictor, mode: str = "auto", cache_dir: Path | str | Non
         if cuda_graphs and device_type == "cuda":
             options["triton.cudagraphs"] = True
     for m in modules:
-        m._compiled_call_impl = _CompiledOrEager(m, torch.compile(m._call_impl, backend=backend, dynamic=False,
-                                                                  options=options))
+        m._compiled_call_impl = _CompiledOrEager(
+            m, torch.compile(m._call_impl, backend=backend, dynamic=False, options=options)
+        )
     how = "inductor, freezing" + (", CUDA graphs" if options and "triton.cudagraphs" in options else "")
     what = "UNet and VAE" if vae else "UNet"
     return True, f"{what} compiled ({how if backend == 'inductor' else backend}); first call per size compiles"
 
 
 def _compiled_modules(predictor) -> list[torch.nn.Module]:
-    return [m for m in (predictor.unet, predictor.vae.encoder, predictor.vae.decoder)
-            if isinstance(getattr(m, "_compiled_call_impl", None), _CompiledOrEager)]
+    return [
+        m
+        for m in (predictor.unet, predictor.vae.encoder, predictor.vae.decoder)
+        if isinstance(getattr(m, "_compiled_call_impl", None), _CompiledOrEager)
+    ]
 
 
 def compile_status(predictor) -> str | None:
     """The one-line reason a compiled module fell back to eager at run time, or None."""
-    return next((m._compiled_call_impl.reason for m in _compiled_modules(predictor) if m._compiled_call_impl.reason),
-                None)
+    return next(
+        (m._compiled_call_impl.reason for m in _compiled_modules(predictor) if m._compiled_call_impl.reason), None
+    )
 
 
 def uncompile(predictor) -> None:

@@ -59,8 +59,10 @@ class Style:
 
     def __post_init__(self):
         if self.exr_compression not in EXR_COMPRESSIONS:
-            raise UsageError(f"--exr-compression {self.exr_compression!r} is not an EXR compression",
-                             f"use one of {', '.join(EXR_COMPRESSIONS)} (zip, the default, is lossless)")
+            raise UsageError(
+                f"--exr-compression {self.exr_compression!r} is not an EXR compression",
+                f"use one of {', '.join(EXR_COMPRESSIONS)} (zip, the default, is lossless)",
+            )
 
 
 def meaning(kind: str) -> str:
@@ -110,8 +112,9 @@ class Format:
         when a rerun keeps existing outputs)."""
         return {}
 
-    def encode(self, value: np.ndarray, kind: str, style: Style = Style(), about: dict | None = None
-               ) -> tuple[bytes, dict]:
+    def encode(
+        self, value: np.ndarray, kind: str, style: Style = Style(), about: dict | None = None
+    ) -> tuple[bytes, dict]:
         """``value`` -> (file bytes, the sidecar's note)."""
         stored, info = self.pixels(value, kind, style)
         buf = io.BytesIO()
@@ -173,8 +176,11 @@ class Png16(Png):
     def pixels(self, value, kind, style):
         if kind == "normal":
             return visualize.normal_to_uint16(value), {"encoding": "n = png / 65535 * 2 - 1"}
-        lo, hi = _spread_range(value, style) if kind == "uncertainty" else (
-            style.vrange if style.vrange is not None else visualize.value_range(value))
+        lo, hi = (
+            _spread_range(value, style)
+            if kind == "uncertainty"
+            else (style.vrange if style.vrange is not None else visualize.value_range(value))
+        )
         info = {"min": lo, "max": hi, "decode": "value = min + png / 65535 * (max - min)"}
         return visualize.encode16(value, lo, hi), info
 
@@ -207,8 +213,12 @@ class Exr(Format):
     def pixels(self, value, kind, style):
         dtype = np.float16 if style.exr_half else np.float32
         stored = value.astype(dtype, copy=False)
-        info = {"dtype": np.dtype(dtype).name, "channels": _exr_channels(kind), "compression": style.exr_compression,
-                "shape": list(value.shape)}
+        info = {
+            "dtype": np.dtype(dtype).name,
+            "channels": _exr_channels(kind),
+            "compression": style.exr_compression,
+            "shape": list(value.shape),
+        }
         if kind in DEPTH_KINDS:
             info["Y"] = "a copy of Z, for readers that load only colour or luminance (OpenCV)"
         return stored, info
@@ -219,8 +229,12 @@ class Exr(Format):
             channels = {c: np.ascontiguousarray(stored[..., i]) for i, c in enumerate("RGB")}
         else:
             channels = dict.fromkeys(_exr_channels(kind), np.ascontiguousarray(stored))
-        header = {"compression": getattr(OpenEXR, f"{style.exr_compression.upper()}_COMPRESSION"),
-                  "type": OpenEXR.scanlineimage, "comments": meaning(kind), **exr_attributes(kind, about)}
+        header = {
+            "compression": getattr(OpenEXR, f"{style.exr_compression.upper()}_COMPRESSION"),
+            "type": OpenEXR.scanlineimage,
+            "comments": meaning(kind),
+            **exr_attributes(kind, about),
+        }
         with OpenEXR.File(header, channels) as exr:
             try:
                 exr.write(f)  # streams: OpenEXR >= 3.5
@@ -235,15 +249,16 @@ class Exr(Format):
                 header = dict(exr.header())  # the bindings empty the live dict on close
         except RuntimeError as e:  # the bindings raise RuntimeError for unreadable files
             raise ValueError(str(e).strip() or "not a readable EXR") from e
-        notes = {k[len("lotus:"):]: v for k, v in header.items() if k.startswith("lotus:")}
+        notes = {k[len("lotus:") :]: v for k, v in header.items() if k.startswith("lotus:")}
         if "Z" in channels:
             return channels["Z"], notes
         if all(c in channels for c in "RGB"):
             return np.stack([channels[c] for c in "RGB"], axis=-1), notes
         if len(channels) == 1:
             return next(iter(channels.values())), notes
-        raise ValueError(f"channels {', '.join(sorted(channels))}: not a depth (Z), normal (R, G, B) or "
-                         "one-channel map")
+        raise ValueError(
+            f"channels {', '.join(sorted(channels))}: not a depth (Z), normal (R, G, B) or one-channel map"
+        )
 
     def settings(self, kind, style):
         return {"dtype": "float16" if style.exr_half else "float32", "compression": style.exr_compression}
@@ -312,8 +327,9 @@ def parse_formats(spec: str) -> tuple[str, ...]:
         names = list(FORMATS)
     bad = [n for n in names if n not in FORMATS and n != "json"]
     if bad or not names:
-        raise UsageError(f"unknown --format {', '.join(bad) or spec!r}",
-                         f"use a comma list of {', '.join(FORMATS)} (or all)")
+        raise UsageError(
+            f"unknown --format {', '.join(bad) or spec!r}", f"use a comma list of {', '.join(FORMATS)} (or all)"
+        )
     if "exr" in names and importlib.util.find_spec("OpenEXR") is None:  # said once, before any model loads
         raise UsageError("--format exr needs the OpenEXR package", _EXR_HINT)
     return tuple(dict.fromkeys(n for n in names if n != "json"))

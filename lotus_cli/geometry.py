@@ -53,12 +53,13 @@ class Intrinsics:
     width: int
     height: int
 
-    def resized(self, width: int, height: int) -> "Intrinsics":
+    def resized(self, width: int, height: int) -> Intrinsics:
         """The same camera for the image resized to width x height: pixel edges scale, so a centre at u maps
         to (u + 0.5) * sx - 0.5."""
         sx, sy = width / self.width, height / self.height
-        return Intrinsics(self.fx * sx, self.fy * sy, (self.cx + 0.5) * sx - 0.5, (self.cy + 0.5) * sy - 0.5,
-                          width, height)
+        return Intrinsics(
+            self.fx * sx, self.fy * sy, (self.cx + 0.5) * sx - 0.5, (self.cy + 0.5) * sy - 0.5, width, height
+        )
 
     @property
     def hfov(self) -> float:
@@ -66,8 +67,15 @@ class Intrinsics:
         return math.degrees(2 * math.atan(self.width / 2 / self.fx))
 
     def to_json(self) -> dict:
-        return {"fx": self.fx, "fy": self.fy, "cx": self.cx, "cy": self.cy, "width": self.width,
-                "height": self.height, "hfov_deg": round(self.hfov, 4)}
+        return {
+            "fx": self.fx,
+            "fy": self.fy,
+            "cx": self.cx,
+            "cy": self.cy,
+            "width": self.width,
+            "height": self.height,
+            "hfov_deg": round(self.hfov, 4),
+        }
 
 
 def intrinsics_from_focal(width: int, height: int, fx: float, fy: float | None = None) -> Intrinsics:
@@ -168,8 +176,9 @@ def disparity_to_depth(disparity: np.ndarray, min_disparity: float = 1e-6) -> np
     return np.where(ok, 1.0 / np.where(ok, d, 1.0), np.nan).astype(np.float32)
 
 
-def to_depth(values: np.ndarray, kind: str, scale: float = 1.0, shift: float = 0.0,
-             min_disparity: float = 1e-6) -> np.ndarray:
+def to_depth(
+    values: np.ndarray, kind: str, scale: float = 1.0, shift: float = 0.0, min_disparity: float = 1e-6
+) -> np.ndarray:
     """An affine-invariant map [H, W] and its (scale, shift) -> metric depth [H, W] float32 (NaN = none).
     kind "disparity": depth = 1 / (scale * v + shift); kind "depth": depth = scale * v + shift (<= 0 -> NaN)."""
     m = scale * np.asarray(values, np.float64) + shift
@@ -180,8 +189,9 @@ def to_depth(values: np.ndarray, kind: str, scale: float = 1.0, shift: float = 0
     raise ValueError(f"kind must be depth or disparity, not {kind!r}")
 
 
-def near_far_affine(values: np.ndarray, kind: str, near: float, far: float,
-                    mask: np.ndarray | None = None) -> tuple[float, float]:
+def near_far_affine(
+    values: np.ndarray, kind: str, near: float, far: float, mask: np.ndarray | None = None
+) -> tuple[float, float]:
     """(scale, shift) putting the nearest predicted value at ``near`` metres and the farthest at ``far``
     (``far`` may be inf for disparity: the farthest value becomes infinitely far). Nearest = highest
     disparity / lowest depth over ``mask`` (default: all finite values)."""
@@ -222,7 +232,9 @@ def fit_scale_shift(src: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = 
     return float(s), float(ym - s * xm)
 
 
-def robust_scale_shift(src: np.ndarray, ref: np.ndarray, iters: int = 3, k: float = 2.5) -> tuple[float, float, np.ndarray]:
+def robust_scale_shift(
+    src: np.ndarray, ref: np.ndarray, iters: int = 3, k: float = 2.5
+) -> tuple[float, float, np.ndarray]:
     """(s, b, inliers) for s * src + b ~ ref, robust to outlying pixels (moving objects, occlusions).
 
     Starts from medians and median absolute deviations (unmoved by a minority of outliers), then refits by
@@ -242,8 +254,9 @@ def robust_scale_shift(src: np.ndarray, ref: np.ndarray, iters: int = 3, k: floa
     return s, b, inliers
 
 
-def align_to_metric(values: np.ndarray, kind: str, metric: np.ndarray,
-                    min_disparity: float = 1e-3) -> tuple[float, float, float]:
+def align_to_metric(
+    values: np.ndarray, kind: str, metric: np.ndarray, min_disparity: float = 1e-3
+) -> tuple[float, float, float]:
     """(scale, shift, rmse_m) fitting an affine-invariant map [H, W] to a metric depth map [H, W] (metres;
     NaN or <= 0 = no measurement, so sparse maps work) by least squares in the map's own space: disparity
     against 1 / metric (aligned disparity below ``min_disparity`` has no finite depth: NaN),
@@ -269,8 +282,14 @@ def angular_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip((p * q).sum(-1) / norm, -1.0, 1.0)))
 
 
-def shape_from_normals(values: np.ndarray, kind: str, normals: np.ndarray, K: Intrinsics,
-                       mask: np.ndarray | None = None, max_side: int = 160) -> tuple[float, dict]:
+def shape_from_normals(
+    values: np.ndarray,
+    kind: str,
+    normals: np.ndarray,
+    K: Intrinsics,
+    mask: np.ndarray | None = None,
+    max_side: int = 160,
+) -> tuple[float, dict]:
     """The shift that an affine-invariant map lacks, recovered from predicted normals.
 
     The shape of 1 / (v + c) (disparity) or of v + c (depth) depends only on c = shift / scale (the scale
@@ -283,10 +302,10 @@ def shape_from_normals(values: np.ndarray, kind: str, normals: np.ndarray, K: In
     h, w = values.shape
     f = max(1, math.ceil(max(h, w) / max_side))
     hs, ws = h // f, w // f
-    v = values[:hs * f, :ws * f].reshape(hs, f, ws, f).mean(axis=(1, 3))
-    n = normals[:hs * f, :ws * f].reshape(hs, f, ws, f, 3).mean(axis=(1, 3))
+    v = values[: hs * f, : ws * f].reshape(hs, f, ws, f).mean(axis=(1, 3))
+    n = normals[: hs * f, : ws * f].reshape(hs, f, ws, f, 3).mean(axis=(1, 3))
     n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-9)
-    m = np.ones((hs, ws), bool) if mask is None else mask[:hs * f, :ws * f].reshape(hs, f, ws, f).all(axis=(1, 3))
+    m = np.ones((hs, ws), bool) if mask is None else mask[: hs * f, : ws * f].reshape(hs, f, ws, f).all(axis=(1, 3))
     Ks = Intrinsics(K.fx, K.fy, K.cx, K.cy, ws * f, hs * f).resized(ws, hs)  # the top-left crop, averaged down
     m &= np.isfinite(v) & np.isfinite(n).all(-1)
     lo, span = float(np.nanmin(v[m])), float(np.nanmax(v[m]) - np.nanmin(v[m])) or 1.0
@@ -311,8 +330,14 @@ def shape_from_normals(values: np.ndarray, kind: str, normals: np.ndarray, K: In
             a = c1
     t = (a + b) / 2
     c = math.exp(t) * span - lo
-    return c, {"shift_over_scale": c, "median_angle_deg": cost(t), "median_angle_deg_flat": costs[-1],
-               "at_grid_edge": i in (0, len(ts) - 1), "grid_points": len(ts), "working_size": [ws, hs]}
+    return c, {
+        "shift_over_scale": c,
+        "median_angle_deg": cost(t),
+        "median_angle_deg_flat": costs[-1],
+        "at_grid_edge": i in (0, len(ts) - 1),
+        "grid_points": len(ts),
+        "working_size": [ws, hs],
+    }
 
 
 # ------------------------------------------------------------------------------ cleaning and stats
@@ -359,4 +384,4 @@ def plane_fit(points: np.ndarray) -> tuple[np.ndarray, float, float]:
     q = p - p.mean(0)
     _, s, vt = np.linalg.svd(q, full_matrices=False)
     rms = float(s[-1] / math.sqrt(len(p)))
-    return vt[-1], rms, float(s[-1] / math.sqrt((s ** 2).sum()))
+    return vt[-1], rms, float(s[-1] / math.sqrt((s**2).sum()))

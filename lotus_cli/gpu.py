@@ -51,8 +51,9 @@ def vae_finite(vae, dtype: torch.dtype, size: tuple[int, int], channels_last: bo
         vae.to(before)
 
 
-def vae_dtype_for(vae, dtype: torch.dtype, size: tuple[int, int], *, channels_last: bool = False
-                  ) -> tuple[torch.dtype, str | None]:
+def vae_dtype_for(
+    vae, dtype: torch.dtype, size: tuple[int, int], *, channels_last: bool = False
+) -> tuple[torch.dtype, str | None]:
     """The dtype to run ``vae`` in at processing size ``size`` (h, w) when the model runs in ``dtype``:
     ``dtype`` itself unless it is fp16 and fp16 gives inf/NaN there; then bf16 where supported, else fp32.
     Returns (dtype, one-line reason or None). Probed once per (vae, size, dtype), one encode and decode."""

@@ -50,8 +50,9 @@ def parse_formats(spec: str) -> tuple[str, ...]:
     names = [s.strip().lower() for s in spec.split(",") if s.strip()]
     bad = [n for n in names if n not in FORMATS]
     if bad or not names:
-        raise UsageError(f"--mesh-format {spec!r}: expected a comma list of ply, glb, obj",
-                         "e.g. --mesh-format glb,ply")
+        raise UsageError(
+            f"--mesh-format {spec!r}: expected a comma list of ply, glb, obj", "e.g. --mesh-format glb,ply"
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -92,11 +93,17 @@ def from_cloud(cloud, stride: int = 1) -> Mesh:
     rows, cols = np.divmod(pix, w)
     uvs = np.stack([(cols + 0.5) / w, 1 - (rows + 0.5) / h], -1).astype(np.float32)
     normals = cloud.normals[used] if cloud.normals is not None else None
-    record = {"vertices": len(used), "triangles": len(tri), "blocks": int(ok.size),
-              "points_in_no_triangle": len(cloud.points) - len(used), "stride": s,
-              "rule": "two triangles per 2x2 block of grid points whose pixels all passed the flying-pixel test"}
-    return Mesh(cloud.points[used], remap[tri].astype(np.int32), normals, cloud.colors[used], uvs, used,
-                cloud.up, record)
+    record = {
+        "vertices": len(used),
+        "triangles": len(tri),
+        "blocks": int(ok.size),
+        "points_in_no_triangle": len(cloud.points) - len(used),
+        "stride": s,
+        "rule": "two triangles per 2x2 block of grid points whose pixels all passed the flying-pixel test",
+    }
+    return Mesh(
+        cloud.points[used], remap[tri].astype(np.int32), normals, cloud.colors[used], uvs, used, cloud.up, record
+    )
 
 
 def triangle_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -115,8 +122,9 @@ def edge_lengths(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- files
 
 
-def encode(mesh: Mesh, fmt: str, name: str, texture: np.ndarray | None = None,
-           comments: list[str] = ()) -> dict[str, bytes]:
+def encode(
+    mesh: Mesh, fmt: str, name: str, texture: np.ndarray | None = None, comments: list[str] = ()
+) -> dict[str, bytes]:
     """The file(s) of one format: {file name: bytes}, the main file last (write it last: its presence marks
     a finished mesh). ``name`` is the files' stem (x -> x.mesh.ply, x.glb, or x.obj + x.mtl + x_albedo.png);
     ``texture`` uint8 [h, w, 3], an image of the map's aspect ratio (needed for GLB and OBJ); ``comments``
@@ -125,8 +133,10 @@ def encode(mesh: Mesh, fmt: str, name: str, texture: np.ndarray | None = None,
     try:
         import open3d as o3d
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise UsageError(f"meshes need Open3D ({e})", "pip install 'lotus-cli[pointcloud]' (Linux also needs "
-                         "libusb-1.0: apt-get install libusb-1.0-0)")
+        raise UsageError(
+            f"meshes need Open3D ({e})",
+            "pip install 'lotus-cli[pointcloud]' (Linux also needs libusb-1.0: apt-get install libusb-1.0-0)",
+        ) from e
     v, n = mesh.vertices, mesh.normals
     if fmt == "glb" and mesh.up == "opencv":
         v, n = v * TO_OPENGL, (n * TO_OPENGL if n is not None else None)
@@ -170,8 +180,9 @@ def _ply_comments(data: bytes, comments: list[str]) -> bytes:
     return b"\n".join(lines[:2] + extra + lines[2:]) + sep + body
 
 
-def write(mesh: Mesh, formats: tuple[str, ...], folder: Path, name: str, texture: np.ndarray,
-          comments: list[str] = ()) -> dict[str, str]:
+def write(
+    mesh: Mesh, formats: tuple[str, ...], folder: Path, name: str, texture: np.ndarray, comments: list[str] = ()
+) -> dict[str, str]:
     """Each format's files written atomically into ``folder`` (``encode``); returns {format: main file name}.
     A mesh without triangles writes nothing (Open3D's glTF and OBJ writers crash on one): {}."""
     written = {}

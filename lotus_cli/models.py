@@ -73,22 +73,79 @@ class ModelEntry:
 # weights are fine-tuned from Stable Diffusion 2, released under CreativeML Open RAIL++-M). Sizes are
 # those of the whole hub repos (G repo ~4.3 GB: UNet fp32 3.47 GB, VAE and text encoder fp16).
 CARD_LICENCE = "not stated"
-LICENCE_NOTE = ("The Lotus model cards state no licence; the Lotus code is Apache-2.0 and the weights are "
-                "fine-tuned from Stable Diffusion 2 (CreativeML Open RAIL++-M): check both before commercial use.")
-REGISTRY: tuple[ModelEntry, ...] = tuple(replace(e, source="registry entry") for e in (
-    ModelEntry("depth-g-v2-1-disparity", f"{HUB_OWNER}/lotus-depth-g-v2-1-disparity", "depth", "g",
-               "disparity", CARD_LICENCE, 4.3, "generative; uncertainty maps", ("depth-g",)),
-    ModelEntry("depth-d-v2-0-disparity", f"{HUB_OWNER}/lotus-depth-d-v2-0-disparity", "depth", "d",
-               "disparity", CARD_LICENCE, 4.3, "deterministic; default for depth", ("depth-d",)),
-    ModelEntry("normal-g-v1-1", f"{HUB_OWNER}/lotus-normal-g-v1-1", "normal", "g", "normal",
-               CARD_LICENCE, 4.3, "generative; uncertainty maps", ("normal-g",)),
-    ModelEntry("normal-d-v1-1", f"{HUB_OWNER}/lotus-normal-d-v1-1", "normal", "d", "normal",
-               CARD_LICENCE, 4.3, "deterministic; default for normals", ("normal-d",)),
-    ModelEntry("depth-g-v1-0", f"{HUB_OWNER}/lotus-depth-g-v1-0", "depth", "g", "depth",
-               CARD_LICENCE, 4.3, "older; affine-invariant depth"),
-    ModelEntry("depth-d-v1-0", f"{HUB_OWNER}/lotus-depth-d-v1-0", "depth", "d", "depth",
-               CARD_LICENCE, 4.3, "older; affine-invariant depth"),
-))
+LICENCE_NOTE = (
+    "The Lotus model cards state no licence; the Lotus code is Apache-2.0 and the weights are "
+    "fine-tuned from Stable Diffusion 2 (CreativeML Open RAIL++-M): check both before commercial use."
+)
+REGISTRY: tuple[ModelEntry, ...] = tuple(
+    replace(e, source="registry entry")
+    for e in (
+        ModelEntry(
+            "depth-g-v2-1-disparity",
+            f"{HUB_OWNER}/lotus-depth-g-v2-1-disparity",
+            "depth",
+            "g",
+            "disparity",
+            CARD_LICENCE,
+            4.3,
+            "generative; uncertainty maps",
+            ("depth-g",),
+        ),
+        ModelEntry(
+            "depth-d-v2-0-disparity",
+            f"{HUB_OWNER}/lotus-depth-d-v2-0-disparity",
+            "depth",
+            "d",
+            "disparity",
+            CARD_LICENCE,
+            4.3,
+            "deterministic; default for depth",
+            ("depth-d",),
+        ),
+        ModelEntry(
+            "normal-g-v1-1",
+            f"{HUB_OWNER}/lotus-normal-g-v1-1",
+            "normal",
+            "g",
+            "normal",
+            CARD_LICENCE,
+            4.3,
+            "generative; uncertainty maps",
+            ("normal-g",),
+        ),
+        ModelEntry(
+            "normal-d-v1-1",
+            f"{HUB_OWNER}/lotus-normal-d-v1-1",
+            "normal",
+            "d",
+            "normal",
+            CARD_LICENCE,
+            4.3,
+            "deterministic; default for normals",
+            ("normal-d",),
+        ),
+        ModelEntry(
+            "depth-g-v1-0",
+            f"{HUB_OWNER}/lotus-depth-g-v1-0",
+            "depth",
+            "g",
+            "depth",
+            CARD_LICENCE,
+            4.3,
+            "older; affine-invariant depth",
+        ),
+        ModelEntry(
+            "depth-d-v1-0",
+            f"{HUB_OWNER}/lotus-depth-d-v1-0",
+            "depth",
+            "d",
+            "depth",
+            CARD_LICENCE,
+            4.3,
+            "older; affine-invariant depth",
+        ),
+    )
+)
 DEFAULT_MODEL = {"depth": "depth-d", "normal": "normal-d"}
 DEFAULT_G_MODEL = {"depth": "depth-g", "normal": "normal-g"}
 
@@ -118,7 +175,7 @@ KINDS = {"depth": ("disparity", "depth"), "normal": ("normal",)}  # output kinds
 
 
 def task_of_kind(kind: str) -> str:
-    """"disparity" / "depth" -> "depth"; "normal" -> "normal"."""
+    """ "disparity" / "depth" -> "depth"; "normal" -> "normal"."""
     return "normal" if kind == "normal" else "depth"
 
 
@@ -166,12 +223,16 @@ def _stated(ref: ModelRef, kind: str | None) -> ModelEntry:
     if kind is None:
         return e
     if e.task is not None and e.task != task_of_kind(kind):
-        raise ModelError(f"model {ref.label} predicts {e.task}, not {kind} (from its {e.source})",
-                         f"drop the output kind, or use a {task_of_kind(kind)} model")
+        raise ModelError(
+            f"model {ref.label} predicts {e.task}, not {kind} (from its {e.source})",
+            f"drop the output kind, or use a {task_of_kind(kind)} model",
+        )
     if e.kind is not None:
         if e.kind != kind:
-            raise ModelError(f"model {ref.label} outputs {e.kind}, not {kind} (from its {e.source})",
-                             "drop the output kind: the checkpoint's metadata says what it outputs")
+            raise ModelError(
+                f"model {ref.label} outputs {e.kind}, not {kind} (from its {e.source})",
+                "drop the output kind: the checkpoint's metadata says what it outputs",
+            )
         return e
     return replace(e, task=task_of_kind(kind), kind=kind, source="given")
 
@@ -190,23 +251,27 @@ def check_known(ref: ModelRef, task: str | None = None) -> None:
     (ModelError naming how to state it)."""
     e = ref.entry
     if task is not None and e.task is not None and e.task != task:
-        raise ModelError(f"model {ref.label} predicts {e.task}, not {task} (from its {e.source})",
-                         f"use a {task} model such as {DEFAULT_MODEL[task]}")
+        raise ModelError(
+            f"model {ref.label} predicts {e.task}, not {task} (from its {e.source})",
+            f"use a {task} model such as {DEFAULT_MODEL[task]}",
+        )
     if e.known:
         return
     task = e.task or task
     kinds = KINDS[task] if task else (*KINDS["depth"], *KINDS["normal"])
     what = f"which {task} it outputs ({' or '.join(kinds)})" if e.task else "what it predicts"
     example = json.dumps({"task": task or "depth", "kind": kinds[0]})
-    raise ModelError(f"model {ref.label}: nothing says {what} (no lotus.json, not a registry model)",
-                     f"state it with --output-kind {'|'.join(kinds)}, or write {METADATA_FILE} beside unet/: {example}")
+    raise ModelError(
+        f"model {ref.label}: nothing says {what} (no lotus.json, not a registry model)",
+        f"state it with --output-kind {'|'.join(kinds)}, or write {METADATA_FILE} beside unet/: {example}",
+    )
 
 
 def _hub_id_of(path: Path) -> str | None:
     """The hub id of a folder in the Hugging Face cache layout (.../models--owner--name/snapshots/<commit>)."""
     parts = path.resolve().parts
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        owner_name = parts[-3][len("models--"):].split("--", 1)
+        owner_name = parts[-3][len("models--") :].split("--", 1)
         if len(owner_name) == 2:
             return "/".join(owner_name)
     return None
@@ -226,12 +291,21 @@ def _folder_entry(path: Path) -> ModelEntry:
             kind = meta.get("kind", "normal" if t == "normal" else None)
             if kind is not None and kind not in KINDS[t]:
                 raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS[t])}")
-            return ModelEntry(name=meta.get("name", path.name), repo_id=str(path), task=t,
-                              family=meta.get("family"), kind=kind, licence=meta.get("licence", "unknown"),
-                              note=meta.get("note", ""), source=METADATA_FILE)
+            return ModelEntry(
+                name=meta.get("name", path.name),
+                repo_id=str(path),
+                task=t,
+                family=meta.get("family"),
+                kind=kind,
+                licence=meta.get("licence", "unknown"),
+                note=meta.get("note", ""),
+                source=METADATA_FILE,
+            )
         except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"{meta_file}: unreadable model metadata ({e})",
-                             'fix or delete the file; it holds {"task": "depth"|"normal", "kind": ...}') from e
+            raise ModelError(
+                f"{meta_file}: unreadable model metadata ({e})",
+                'fix or delete the file; it holds {"task": "depth"|"normal", "kind": ...}',
+            ) from e
     table = _lookup()
     for key, how in ((_hub_id_of(path), "hub cache path"), (path.name, "folder name = hub repo name")):
         if key and key.lower() in table:
@@ -282,15 +356,19 @@ def fetch(ref: ModelRef) -> ModelRef:
     repo = ref.repo_id
     folder = cached_folder(repo)
     if folder is None:
-        pull_hint = (f"run `lotus models pull {ref.entry.name}` on a machine with network "
-                     f"(or with HF_HUB_OFFLINE unset), or pass --model /path/to/a/downloaded/folder")
+        pull_hint = (
+            f"run `lotus models pull {ref.entry.name}` on a machine with network "
+            f"(or with HF_HUB_OFFLINE unset), or pass --model /path/to/a/downloaded/folder"
+        )
         if hub_offline():
             raise ModelError(f"model {repo} is not in the local cache and HF_HUB_OFFLINE is set", pull_hint)
         try:
             folder = Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS))
         except (RepositoryNotFoundError, GatedRepoError) as e:
-            raise ModelError(f"model {repo} was not found on the hub or is gated ({type(e).__name__})",
-                             "check the id with `lotus models list`, or log in with `hf auth login`") from e
+            raise ModelError(
+                f"model {repo} was not found on the hub or is gated ({type(e).__name__})",
+                "check the id with `lotus models list`, or log in with `hf auth login`",
+            ) from e
         except (HfHubHTTPError, OSError, ValueError) as e:
             raise ModelError(f"cannot download model {repo}: {str(e).splitlines()[0]}", pull_hint) from e
     if ref.entry.source in ("unknown", "given"):  # a hub repo outside the registry: its own metadata, if any
@@ -325,8 +403,9 @@ def pixels_per_latent(folder: Path) -> int:
         cfg = json.loads((folder / "vae" / "config.json").read_text())
         return 2 ** (len(cfg["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{folder}/vae/config.json: unreadable ({e})",
-                         "pass a folder in the hub layout (unet/, vae/, ...)") from e
+        raise ModelError(
+            f"{folder}/vae/config.json: unreadable ({e})", "pass a folder in the hub layout (unet/, vae/, ...)"
+        ) from e
 
 
 def cache_dir() -> Path:
@@ -340,8 +419,12 @@ def _embedding_key(folder: Path) -> str:
     """Identity of the text encoder + tokenizer files; hub blobs are content-addressed, so their real
     paths already change with their contents, and local edits change size or mtime."""
     h = hashlib.sha256()
-    for name in ("text_encoder/model.safetensors", "text_encoder/config.json", "tokenizer/vocab.json",
-                 "tokenizer/tokenizer_config.json"):
+    for name in (
+        "text_encoder/model.safetensors",
+        "text_encoder/config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/tokenizer_config.json",
+    ):
         f = folder / name
         if f.exists():
             st = f.stat()
@@ -385,8 +468,10 @@ def compute_empty_prompt_embedding(folder: Path):
 
     for sub in ("text_encoder", "tokenizer"):
         if not (folder / sub).is_dir():
-            raise ModelError(f"{folder} has no {sub}/ and no cached empty-prompt embedding",
-                             "use a complete checkpoint folder (hub layout)")
+            raise ModelError(
+                f"{folder} has no {sub}/ and no cached empty-prompt embedding",
+                "use a complete checkpoint folder (hub layout)",
+            )
     _quiet_transformers()
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32, use_safetensors=True)
@@ -414,8 +499,18 @@ def _quiet_transformers() -> None:
         pass
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def read_safetensors(path: Path, dtype=None) -> dict:
@@ -490,13 +585,17 @@ def load_unet_vae(folder: Path, dtype, device):
     try:
         unet = _load_component(UNet2DConditionModel, folder, "unet", dtype)
         vae = _load_component(AutoencoderKL, folder, "vae", dtype)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelError(f"cannot load {folder}: {str(e).splitlines()[0]}",
-                         "re-download with `lotus models pull NAME` or check the folder") from e
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"cannot load {folder}: {str(e).splitlines()[0]}",
+            "re-download with `lotus models pull NAME` or check the folder",
+        ) from e
     cfg = unet.config
     if not is_lotus_unet(unet):
-        raise ModelError(f"{folder}/unet is not a Lotus UNet (no 4-input projection class embedding)",
-                         "pass a Lotus checkpoint; plain Stable Diffusion weights go through `lotus train`")
+        raise ModelError(
+            f"{folder}/unet is not a Lotus UNet (no 4-input projection class embedding)",
+            "pass a Lotus checkpoint; plain Stable Diffusion weights go through `lotus train`",
+        )
     if cfg.in_channels not in (4, 8):
         raise ModelError(f"{folder}/unet has {cfg.in_channels} input channels; Lotus uses 8 (G) or 4 (D)")
     unet.eval().requires_grad_(False)

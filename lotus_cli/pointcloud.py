@@ -17,8 +17,10 @@ from . import geometry as g
 from .errors import InputError, UsageError
 
 DEFAULT_NEAR, DEFAULT_FAR = 1.0, 10.0  # metres: an indoor-to-street guess, stated as assumed in every output
-FRAMES = {"opencv": "OpenCV camera frame: x right, y down, z forward (away from the camera), metres",
-          "y": "OpenGL camera frame: x right, y up, z toward the viewer (the camera looks down -z), metres"}
+FRAMES = {
+    "opencv": "OpenCV camera frame: x right, y down, z forward (away from the camera), metres",
+    "y": "OpenGL camera frame: x right, y up, z toward the viewer (the camera looks down -z), metres",
+}
 
 
 # ------------------------------------------------------------------------------------------- camera
@@ -35,8 +37,11 @@ class CameraOptions:
     intrinsics: tuple[float, float, float, float] | None = None
 
     def __post_init__(self):
-        given = [n for n, v in (("--fov", self.fov), ("--focal-px", self.focal_px),
-                                ("--intrinsics", self.intrinsics)) if v is not None]
+        given = [
+            n
+            for n, v in (("--fov", self.fov), ("--focal-px", self.focal_px), ("--intrinsics", self.intrinsics))
+            if v is not None
+        ]
         if len(given) > 1:
             raise UsageError(f"{' and '.join(given)} both describe the camera", "give only one of them")
         if self.fov is not None and not 0 < self.fov < 180:
@@ -44,8 +49,10 @@ class CameraOptions:
         if self.focal_px is not None and not self.focal_px > 0:
             raise UsageError(f"--focal-px {self.focal_px}: must be positive", "focal length in pixels, e.g. 1000")
         if self.intrinsics is not None and (len(self.intrinsics) != 4 or min(self.intrinsics[:2]) <= 0):
-            raise UsageError(f"--intrinsics {self.intrinsics}: expected fx,fy,cx,cy with positive fx, fy",
-                             "e.g. --intrinsics 518.9,519.5,325.6,253.7")
+            raise UsageError(
+                f"--intrinsics {self.intrinsics}: expected fx,fy,cx,cy with positive fx, fy",
+                "e.g. --intrinsics 518.9,519.5,325.6,253.7",
+            )
 
 
 def parse_intrinsics(text: str | None) -> tuple[float, float, float, float] | None:
@@ -64,8 +71,13 @@ CENTRED = "principal point at the image centre"
 SQUARE = "square pixels (fy = fx)"
 
 
-def camera(width: int, height: int, opts: CameraOptions, exif_f35: float | None = None,
-           input_size: tuple[int, int] | None = None) -> tuple[g.Intrinsics, str, list[str]]:
+def camera(
+    width: int,
+    height: int,
+    opts: CameraOptions,
+    exif_f35: float | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> tuple[g.Intrinsics, str, list[str]]:
     """The intrinsics of a ``width`` x ``height`` map, where they came from, and what about them was assumed
     (everything but --intrinsics leaves the principal point and fy to assumption). Intrinsics the user gave
     are for the input image (``input_size`` (w, h), default the map's own size) and are scaled to the map."""
@@ -94,8 +106,10 @@ MIN_SIDE = 2  # pixels: normals and the flying-pixel test compare each pixel wit
 def check_size(width: int, height: int, what: str) -> None:
     """InputError naming ``what`` when a map or image is too small to back-project."""
     if min(width, height) < MIN_SIDE:
-        raise InputError(f"{what}: {width}x{height} pixels is too small for a point cloud",
-                         f"give an image or map of at least {MIN_SIDE}x{MIN_SIDE} pixels")
+        raise InputError(
+            f"{what}: {width}x{height} pixels is too small for a point cloud",
+            f"give an image or map of at least {MIN_SIDE}x{MIN_SIDE} pixels",
+        )
 
 
 # ------------------------------------------------------------------------------------ scale and shift
@@ -120,22 +134,33 @@ class ScaleOptions:
         if not 0 < near < far:
             raise UsageError(f"--near {near:g} --far {far:g}: need 0 < near < far", "e.g. --near 0.5 --far 20")
         affine = self.depth_scale is not None or self.depth_shift is not None
-        fixed = [n for n, on in (("--align-to", self.align), ("--depth-scale/--depth-shift", affine),
-                                 ("--shape-from-normals", self.shape_from_normals)) if on]
+        fixed = [
+            n
+            for n, on in (
+                ("--align-to", self.align),
+                ("--depth-scale/--depth-shift", affine),
+                ("--shape-from-normals", self.shape_from_normals),
+            )
+            if on
+        ]
         if len(fixed) > 1:
             raise UsageError(f"{' and '.join(fixed)} each fix the scale and shift", "give only one of them")
         unused = [n for n, v in (("--near", self.near), ("--far", self.far)) if v is not None]
         if fixed and unused and not (self.shape_from_normals and unused == ["--near"]):
-            raise UsageError(f"{' and '.join(unused)} would be ignored: {fixed[0]} fixes the scale and shift",
-                             "drop them" + (" (--shape-from-normals takes only --near)" if self.shape_from_normals else ""))
+            raise UsageError(
+                f"{' and '.join(unused)} would be ignored: {fixed[0]} fixes the scale and shift",
+                "drop them" + (" (--shape-from-normals takes only --near)" if self.shape_from_normals else ""),
+            )
         if self.depth_scale is not None and not self.depth_scale > 0:
             raise UsageError(f"--depth-scale {self.depth_scale}: must be positive", "metres per unit of the map")
 
     def check_kind(self, kind: str) -> None:
         """UsageError for options that cannot apply to a map of ``kind`` (known once the model or map is)."""
         if kind == "depth" and math.isinf(self.far_m):
-            raise UsageError("--far inf: only a disparity map can put its farthest value at infinity; this map is "
-                             "depth", "give a finite --far (metres)")
+            raise UsageError(
+                "--far inf: only a disparity map can put its farthest value at infinity; this map is depth",
+                "give a finite --far (metres)",
+            )
 
     @property
     def near_m(self) -> float:
@@ -148,22 +173,39 @@ class ScaleOptions:
     @property
     def given(self) -> list[str]:
         """The options that set scale or shift, as typed (for messages about metric maps)."""
-        return [n for n, on in (("--near", self.near is not None), ("--far", self.far is not None),
-                                ("--depth-scale/--depth-shift", self.depth_scale is not None or self.depth_shift is not None),
-                                ("--align-to", self.align), ("--shape-from-normals", self.shape_from_normals)) if on]
+        return [
+            n
+            for n, on in (
+                ("--near", self.near is not None),
+                ("--far", self.far is not None),
+                ("--depth-scale/--depth-shift", self.depth_scale is not None or self.depth_shift is not None),
+                ("--align-to", self.align),
+                ("--shape-from-normals", self.shape_from_normals),
+            )
+            if on
+        ]
 
 
 MIN_NORMAL_GAIN_DEG = 1.0  # shape from normals must beat a flat scene by this much to be trusted
 
 
-def metric_depth(values: np.ndarray, kind: str, opts: ScaleOptions, *, per_metre: float | None = None,
-                 units_assumed: str | None = None, K: g.Intrinsics | None = None, normals: np.ndarray | None = None,
-                 align: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+def metric_depth(
+    values: np.ndarray,
+    kind: str,
+    opts: ScaleOptions,
+    *,
+    per_metre: float | None = None,
+    units_assumed: str | None = None,
+    K: g.Intrinsics | None = None,
+    normals: np.ndarray | None = None,
+    align: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict]:
     """values [H, W] of ``kind`` (disparity / depth) -> metric depth [H, W] float32 (NaN = none) and a record
     whose "assumed" lists every number that was not measured or given (empty: none).
 
     ``per_metre`` not None: the map is metric already (depth in metres, or disparity in 1/metres), its units
-    as ``units_assumed`` says when they were not given. ``align``: a metric depth map [H, W] to fit against (NaN or 0 = no measurement).
+    as ``units_assumed`` says when they were not given. ``align``: a metric depth map [H, W] to fit against
+    (NaN or 0 = no measurement).
     ``normals``: [H, W, 3] OpenCV-frame unit normals for ``opts.shape_from_normals`` (with ``K``).
     Raises InputError for maps without finite values and fits that invert the depth order, UsageError for
     options the map cannot take (--far inf on depth, scale options on a metric map).
@@ -172,29 +214,48 @@ def metric_depth(values: np.ndarray, kind: str, opts: ScaleOptions, *, per_metre
         raise InputError("the depth map has no finite values", "check the map and --depth-units/--depth-kind")
     if per_metre is not None:
         if opts.given:
-            raise UsageError(f"{', '.join(opts.given)}: the map is metric already (--depth-units), so nothing is "
-                             "scaled", "drop them, or give --depth-units relative for an affine-invariant map")
-        return g.to_depth(values, kind), {"method": "metric input", "kind": kind,
-                                          "assumed": [f"units {units_assumed}"] if units_assumed else []}
+            raise UsageError(
+                f"{', '.join(opts.given)}: the map is metric already (--depth-units), so nothing is scaled",
+                "drop them, or give --depth-units relative for an affine-invariant map",
+            )
+        return g.to_depth(values, kind), {
+            "method": "metric input",
+            "kind": kind,
+            "assumed": [f"units {units_assumed}"] if units_assumed else [],
+        }
     opts.check_kind(kind)
     if opts.align:
         fit_values = resize_to(values, align.shape, area=False)
         s, b, rmse = g.align_to_metric(fit_values, kind, align)  # at the metric map's own pixels
         if not s > 0:
-            raise InputError(f"the --align-to map orders depth the other way (fitted scale {s:.3g} <= 0)",
-                             "check that it shows the same view, and --depth-kind / --align-units")
+            raise InputError(
+                f"the --align-to map orders depth the other way (fitted scale {s:.3g} <= 0)",
+                "check that it shows the same view, and --depth-kind / --align-units",
+            )
         return g.to_depth(values, kind, s, b, 1e-3), {
             "method": f"least-squares scale and shift fitted in {kind} space to the --align-to map",
-            "kind": kind, "scale": s, "shift": b, "rmse_m": rmse,
-            "aligned_pixels": int((np.isfinite(align) & (align > 0)).sum()), "assumed": []}
+            "kind": kind,
+            "scale": s,
+            "shift": b,
+            "rmse_m": rmse,
+            "aligned_pixels": int((np.isfinite(align) & (align > 0)).sum()),
+            "assumed": [],
+        }
     if opts.depth_scale is not None or opts.depth_shift is not None:
         if kind != "depth":
-            raise UsageError("--depth-scale/--depth-shift apply to depth maps, and this map is disparity",
-                             "use --near/--far or --align-to for disparity")
+            raise UsageError(
+                "--depth-scale/--depth-shift apply to depth maps, and this map is disparity",
+                "use --near/--far or --align-to for disparity",
+            )
         s = 1.0 if opts.depth_scale is None else opts.depth_scale
         b = 0.0 if opts.depth_shift is None else opts.depth_shift
-        return g.to_depth(values, kind, s, b), {"method": "depth = scale * value + shift, as given",
-                                                "kind": kind, "scale": s, "shift": b, "assumed": []}
+        return g.to_depth(values, kind, s, b), {
+            "method": "depth = scale * value + shift, as given",
+            "kind": kind,
+            "scale": s,
+            "shift": b,
+            "assumed": [],
+        }
     near = opts.near_m
     warning = None
     if opts.shape_from_normals:
@@ -203,18 +264,33 @@ def metric_depth(values: np.ndarray, kind: str, opts: ScaleOptions, *, per_metre
         if gain >= MIN_NORMAL_GAIN_DEG and not rec["at_grid_edge"]:
             s, b = _scale_for_near(values, kind, c, near)
             depth = g.to_depth(values, kind, s, b)
-            return depth, {"method": "shift from the predicted normals (shape from normals); scale from --near",
-                           "kind": kind, "near_m": near, "far_m": _finite_or_none(np.nanmax(depth)), "scale": s,
-                           "shift": b, "assumed": [] if opts.near is not None else [f"--near {near:g} m (the scale)"],
-                           **rec}
-        warning = (f"shape from normals found no shift the normals prefer (median angle {rec['median_angle_deg']:.1f}"
-                   f" vs {rec['median_angle_deg_flat']:.1f} degrees for a flat scene"
-                   f"{', at the edge of the search' if rec['at_grid_edge'] else ''}); used --near/--far instead")
+            return depth, {
+                "method": "shift from the predicted normals (shape from normals); scale from --near",
+                "kind": kind,
+                "near_m": near,
+                "far_m": _finite_or_none(np.nanmax(depth)),
+                "scale": s,
+                "shift": b,
+                "assumed": [] if opts.near is not None else [f"--near {near:g} m (the scale)"],
+                **rec,
+            }
+        warning = (
+            f"shape from normals found no shift the normals prefer (median angle {rec['median_angle_deg']:.1f}"
+            f" vs {rec['median_angle_deg_flat']:.1f} degrees for a flat scene"
+            f"{', at the edge of the search' if rec['at_grid_edge'] else ''}); used --near/--far instead"
+        )
     far = opts.far_m
     s, b = g.near_far_affine(values, kind, near, far)
     assumed = [f"--{n} {v:g} m" for n, v, given in (("near", near, opts.near), ("far", far, opts.far)) if given is None]
-    record = {"method": "nearest predicted value at --near, farthest at --far", "kind": kind, "near_m": near,
-              "far_m": _finite_or_none(far), "scale": s, "shift": b, "assumed": assumed}
+    record = {
+        "method": "nearest predicted value at --near, farthest at --far",
+        "kind": kind,
+        "near_m": near,
+        "far_m": _finite_or_none(far),
+        "scale": s,
+        "shift": b,
+        "assumed": assumed,
+    }
     if warning:
         record["warning"] = warning
     return g.to_depth(values, kind, s, b), record
@@ -298,8 +374,9 @@ class Cloud:
     K: g.Intrinsics | None = None  # the camera of the map the points came from
 
 
-def build_cloud(rgb: np.ndarray, depth: np.ndarray, K: g.Intrinsics, normals: np.ndarray | None,
-                opts: CloudOptions = CloudOptions()) -> Cloud:
+def build_cloud(
+    rgb: np.ndarray, depth: np.ndarray, K: g.Intrinsics, normals: np.ndarray | None, opts: CloudOptions = CloudOptions()
+) -> Cloud:
     """rgb uint8 [H, W, 3], metric depth [H, W] (NaN = none), normals [H, W, 3] (OpenCV frame; NaN = none) or
     None (a cloud without normals) -> the cloud of the kept pixels, in ``opts.up``'s frame.
 
@@ -312,9 +389,11 @@ def build_cloud(rgb: np.ndarray, depth: np.ndarray, K: g.Intrinsics, normals: np
     keep = smooth & has_normal if opts.drop_without_normal else smooth
     chosen = g.subsample(keep, opts.stride, opts.max_points, opts.seed)
     if not chosen.any():
-        raise InputError(f"no points left ({int(finite.sum())} of {depth.size} pixels have a depth, "
-                         f"{int((finite & smooth).sum())} pass --edge-threshold {opts.edge_threshold:g})",
-                         "check --depth-units/--depth-kind, or lower --edge-threshold (0 keeps all)")
+        raise InputError(
+            f"no points left ({int(finite.sum())} of {depth.size} pixels have a depth, "
+            f"{int((finite & smooth).sum())} pass --edge-threshold {opts.edge_threshold:g})",
+            "check --depth-units/--depth-kind, or lower --edge-threshold (0 keeps all)",
+        )
     pts = g.backproject(np.where(finite, depth, 0), K)[chosen]
     nrm = None
     if normals is not None:
@@ -325,12 +404,18 @@ def build_cloud(rgb: np.ndarray, depth: np.ndarray, K: g.Intrinsics, normals: np
         flip = np.array([1, -1, -1], np.float32)
         pts, nrm = pts * flip, (nrm * flip if nrm is not None else None)
     no_normal = finite & smooth & ~has_normal
-    record = {"pixels": int(depth.size), "with_depth": int(finite.sum()),
-              "removed_at_edges": int((finite & ~smooth).sum()),
-              "removed_without_normal": int(no_normal.sum()) if opts.drop_without_normal else 0,
-              "without_normal": 0 if opts.drop_without_normal else int((no_normal & chosen).sum()),
-              "points": int(chosen.sum()), "edge_threshold": opts.edge_threshold, "stride": opts.stride,
-              "max_points": opts.max_points, "frame": FRAMES[opts.up]}
+    record = {
+        "pixels": int(depth.size),
+        "with_depth": int(finite.sum()),
+        "removed_at_edges": int((finite & ~smooth).sum()),
+        "removed_without_normal": int(no_normal.sum()) if opts.drop_without_normal else 0,
+        "without_normal": 0 if opts.drop_without_normal else int((no_normal & chosen).sum()),
+        "points": int(chosen.sum()),
+        "edge_threshold": opts.edge_threshold,
+        "stride": opts.stride,
+        "max_points": opts.max_points,
+        "frame": FRAMES[opts.up],
+    }
     if record["without_normal"]:
         record["normal_fallback"] = NORMAL_FALLBACK
     return Cloud(pts, rgb[chosen], nrm, record, np.flatnonzero(chosen), keep, opts.up)
@@ -341,11 +426,13 @@ def header_comments(record: dict) -> list[str]:
     cloud's sidecar (``sinks.sidecar``, kind "pointcloud": its ``lotus_cli`` version and ``model``, or the
     ``depth_input`` map, and ``make_cloud``'s record as sections)."""
     d, cam = record["depth"], record["camera"]
-    lines = [f"lotus-cli {record.get('lotus_cli', '')} {record.get('model') or record.get('depth_input', '')}".strip(),
-             f"frame {record['cloud']['frame']}",
-             f"camera fx {cam['fx']:.3f} fy {cam['fy']:.3f} cx {cam['cx']:.3f} cy {cam['cy']:.3f} "
-             f"size {cam['width']}x{cam['height']} from {record['camera_source']}",
-             f"depth {d['method']} ({d['kind']})"]
+    lines = [
+        f"lotus-cli {record.get('lotus_cli', '')} {record.get('model') or record.get('depth_input', '')}".strip(),
+        f"frame {record['cloud']['frame']}",
+        f"camera fx {cam['fx']:.3f} fy {cam['fy']:.3f} cx {cam['cx']:.3f} cy {cam['cy']:.3f} "
+        f"size {cam['width']}x{cam['height']} from {record['camera_source']}",
+        f"depth {d['method']} ({d['kind']})",
+    ]
     if "scale" in d:
         lines.append(f"depth scale {d['scale']:.6g} shift {d['shift']:.6g}")
     lines.append("assumed " + ("; ".join(record["assumed"]) if record["assumed"] else "nothing"))
@@ -355,17 +442,31 @@ def header_comments(record: dict) -> list[str]:
     return lines
 
 
-NORMAL_SOURCES = {"predict": "predicted by the normal model, converted from Lotus's frame",
-                  "depth": "from the depth (differences of the back-projected points over up to +-{w} pixels, "
-                           "shorter or one-sided next to holes and borders)",
-                  "none": "none written"}
+NORMAL_SOURCES = {
+    "predict": "predicted by the normal model, converted from Lotus's frame",
+    "depth": "from the depth (differences of the back-projected points over up to +-{w} pixels, "
+    "shorter or one-sided next to holes and borders)",
+    "none": "none written",
+}
 
 
-def make_cloud(rgb: np.ndarray, values: np.ndarray, kind: str, camera_opts: CameraOptions, scale_opts: ScaleOptions,
-               cloud_opts: CloudOptions = CloudOptions(), *, per_metre: float | None = None,
-               normals: str = "depth", normals_lotus: np.ndarray | None = None, exif_f35: float | None = None,
-               input_size: tuple[int, int] | None = None, align: np.ndarray | None = None,
-               reuse: dict | None = None, units_assumed: str | None = None) -> Cloud:
+def make_cloud(
+    rgb: np.ndarray,
+    values: np.ndarray,
+    kind: str,
+    camera_opts: CameraOptions,
+    scale_opts: ScaleOptions,
+    cloud_opts: CloudOptions = CloudOptions(),
+    *,
+    per_metre: float | None = None,
+    normals: str = "depth",
+    normals_lotus: np.ndarray | None = None,
+    exif_f35: float | None = None,
+    input_size: tuple[int, int] | None = None,
+    align: np.ndarray | None = None,
+    reuse: dict | None = None,
+    units_assumed: str | None = None,
+) -> Cloud:
     """One frame: a map [H, W] of ``kind`` and the colours rgb [H, W, 3] (same size) -> the cloud, with the
     camera, the depth's scale/shift and the normals' source in ``record``.
 
@@ -380,17 +481,36 @@ def make_cloud(rgb: np.ndarray, values: np.ndarray, kind: str, camera_opts: Came
         raise UsageError("--shape-from-normals needs predicted normals", "drop --normals depth/none")
     if reuse is not None:
         depth = g.to_depth(values, kind, reuse["scale"], reuse["shift"])
-        depth_record = {"method": "the clip's first frame's scale and shift, this frame's map aligned to the "
-                        "clip (robust fit on stable pixels)", "kind": kind, "scale": reuse["scale"],
-                        "shift": reuse["shift"], "assumed": reuse["assumed"]}
+        depth_record = {
+            "method": "the clip's first frame's scale and shift, this frame's map aligned to the "
+            "clip (robust fit on stable pixels)",
+            "kind": kind,
+            "scale": reuse["scale"],
+            "shift": reuse["shift"],
+            "assumed": reuse["assumed"],
+        }
     else:
-        depth, depth_record = metric_depth(values, kind, scale_opts, per_metre=per_metre, K=K, normals=predicted,
-                                           align=align, units_assumed=units_assumed)
+        depth, depth_record = metric_depth(
+            values,
+            kind,
+            scale_opts,
+            per_metre=per_metre,
+            K=K,
+            normals=predicted,
+            align=align,
+            units_assumed=units_assumed,
+        )
     window = max(1, round(min(h, w) / 120))  # wider differences average out quantised sensor depth (NYU: 22 -> 10 deg)
     chosen = g.normals_from_depth(depth, K, window) if normals == "depth" else predicted  # None for "none"
     cloud = build_cloud(rgb, depth, K, chosen, cloud_opts)
     cloud.K = K
-    cloud.record = {"camera": K.to_json(), "camera_source": source, "depth": depth_record,
-                    "normals": NORMAL_SOURCES[normals].format(w=window), "cloud": cloud.record, "units": "metres",
-                    "assumed": [f"camera: {a}" for a in camera_assumed] + depth_record["assumed"]}
+    cloud.record = {
+        "camera": K.to_json(),
+        "camera_source": source,
+        "depth": depth_record,
+        "normals": NORMAL_SOURCES[normals].format(w=window),
+        "cloud": cloud.record,
+        "units": "metres",
+        "assumed": [f"camera: {a}" for a in camera_assumed] + depth_record["assumed"],
+    }
     return cloud

@@ -21,9 +21,9 @@ How the UNet and VAE run on this device (memory format, packed weights, strips, 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -119,8 +119,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | None]:
@@ -197,9 +204,20 @@ class LotusPredictor:
     cell, read from the VAE config), ``entry`` (registry metadata), ``warnings`` (for the caller to show).
     """
 
-    def __init__(self, unet, vae, prompt_embedding: torch.Tensor, entry: models.ModelEntry,
-                 device: torch.device, dtype: torch.dtype, *, channels_last: bool | None = None,
-                 pack_weights: bool | None = None, processing_res: int = 768, source: str = ""):
+    def __init__(
+        self,
+        unet,
+        vae,
+        prompt_embedding: torch.Tensor,
+        entry: models.ModelEntry,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        channels_last: bool | None = None,
+        pack_weights: bool | None = None,
+        processing_res: int = 768,
+        source: str = "",
+    ):
         self.unet, self.vae, self.entry = unet, vae, entry
         self.device, self.dtype, self.source = device, dtype, source
         self.family = "g" if unet.config.in_channels == 8 else "d"
@@ -211,8 +229,15 @@ class LotusPredictor:
         self.warnings: list[str] = []
         # How the modules run here (None: as measured on this machine at processing_res); pack_weights=False
         # keeps plain modules (training, torch.compile).
-        self.engine = cpu.prepare(unet, vae, device, dtype, channels_last=channels_last,
-                                  pack_weights=pack_weights, processing_res=processing_res)
+        self.engine = cpu.prepare(
+            unet,
+            vae,
+            device,
+            dtype,
+            channels_last=channels_last,
+            pack_weights=pack_weights,
+            processing_res=processing_res,
+        )
         self.channels_last = self.engine.channels_last
         self.packed = self.engine.packed  # packed modules are inference-only
 
@@ -230,10 +255,18 @@ class LotusPredictor:
         return self.engine.weight_bytes()
 
     @classmethod
-    def from_pretrained(cls, spec: str | Path | models.ModelRef | None = None, *, task: str | None = None,
-                        device: str = "auto", dtype: str = "auto", channels_last: bool | None = None,
-                        pack_weights: bool | None = None, processing_res: int = 768,
-                        kind: str | None = None) -> "LotusPredictor":
+    def from_pretrained(
+        cls,
+        spec: str | Path | models.ModelRef | None = None,
+        *,
+        task: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        channels_last: bool | None = None,
+        pack_weights: bool | None = None,
+        processing_res: int = 768,
+        kind: str | None = None,
+    ) -> LotusPredictor:
         """Resolve ``spec`` (registry name, hub id, folder or a resolved ModelRef), fetch it if needed
         (download with a progress bar on first use) and load it. ``kind`` states the output kind of a
         checkpoint whose metadata does not (see models.resolve); one that nothing describes is refused.
@@ -245,13 +278,25 @@ class LotusPredictor:
         dt, warning = resolve_dtype(dtype, dev)
         unet, vae = models.load_unet_vae(ref.folder, dt, dev)
         emb = models.empty_prompt_embedding(ref.folder)
-        pred = cls(unet, vae, emb, ref.entry, dev, dt, channels_last=channels_last, pack_weights=pack_weights,
-                   processing_res=processing_res, source=ref.label)
+        pred = cls(
+            unet,
+            vae,
+            emb,
+            ref.entry,
+            dev,
+            dt,
+            channels_last=channels_last,
+            pack_weights=pack_weights,
+            processing_res=processing_res,
+            source=ref.label,
+        )
         if warning:
             pred.warnings.append(warning)
         if ref.entry.family and ref.entry.family != pred.family:
-            pred.warnings.append(f"{ref.label}: registry says family {ref.entry.family.upper()}, weights say "
-                                 f"{pred.family.upper()} (in_channels {unet.config.in_channels}); using the weights")
+            pred.warnings.append(
+                f"{ref.label}: registry says family {ref.entry.family.upper()}, weights say "
+                f"{pred.family.upper()} (in_channels {unet.config.in_channels}); using the weights"
+            )
         return pred
 
     # -- the steps, each usable on its own (uncertainty, tiling and training reuse them) -------------
@@ -283,8 +328,9 @@ class LotusPredictor:
             z = dist.mean
         return z * self.scaling_factor
 
-    def denoise(self, image_latent: torch.Tensor, noise: torch.Tensor | None = None,
-                switch: Sequence[float] = ANNOTATION) -> torch.Tensor:
+    def denoise(
+        self, image_latent: torch.Tensor, noise: torch.Tensor | None = None, switch: Sequence[float] = ANNOTATION
+    ) -> torch.Tensor:
         """One x0-prediction step. image_latent [B, 4, h, w]; noise [B, 4, h, w] for G, None for D.
         Returns the predicted clean latent [B, 4, h, w]."""
         b = image_latent.shape[0]
@@ -311,8 +357,9 @@ class LotusPredictor:
         """Per-image G noise [B, 4, h, w]: image i gets the first draw of Generator(seeds[i])."""
         return torch.cat([noise_for(s, (1, self.latent_channels, *latent_hw)) for s in seeds])
 
-    def finish(self, decoded: torch.Tensor, size: tuple[int, int], resample: str = "bilinear",
-               frame: str = "lotus") -> np.ndarray:
+    def finish(
+        self, decoded: torch.Tensor, size: tuple[int, int], resample: str = "bilinear", frame: str = "lotus"
+    ) -> np.ndarray:
         """Decoded [1, 3, h, w] in [0, 1] -> the task's map at ``size`` (depth [H, W] / normal [H, W, 3],
         normals in camera frame ``frame``, Lotus's own by default)."""
         y = self.resize(decoded, size, resample)[0]  # [3, H, W]
@@ -342,7 +389,7 @@ class LotusPredictor:
         z = self.encode(x, opts.latent, seeds)  # [B, 4, h/f, w/f]
         noise = self.noise(seeds, tuple(z.shape[-2:])) if self.family == "g" else None
         decoded = self.decode(self.denoise(z, noise))  # [B, 3, f*(h//f), f*(w//f)]
-        maps = [self.finish(decoded[i:i + 1], sizes[i], opts.resample, opts.frame) for i in range(len(images))]
+        maps = [self.finish(decoded[i : i + 1], sizes[i], opts.resample, opts.frame) for i in range(len(images))]
         per_image = (time.perf_counter() - t0) / len(images)
         return [Prediction(m, proc_hw, per_image) for m in maps]
 
@@ -350,8 +397,9 @@ class LotusPredictor:
         return self.predict_batch([image], opts)[0]
 
     @torch.inference_mode()
-    def predict_ensemble(self, image: np.ndarray, opts: PredictOptions = PredictOptions(),
-                         eopts: EnsembleOptions = EnsembleOptions()) -> Prediction:
+    def predict_ensemble(
+        self, image: np.ndarray, opts: PredictOptions = PredictOptions(), eopts: EnsembleOptions = EnsembleOptions()
+    ) -> Prediction:
         """Uncertainty (paper Sec. 4.4): the per-pixel spread of several predictions of one image.
 
         The image latent is encoded once per view and shared by all noise samples, which run through
@@ -370,12 +418,12 @@ class LotusPredictor:
         for flipped, view in enumerate(views):
             z = self.encode(view, opts.latent, [opts.seed])  # [1, 4, h/f, w/f], shared by the samples
             for i in range(0, len(seeds), opts.batch_size):
-                chunk = seeds[i:i + opts.batch_size]
+                chunk = seeds[i : i + opts.batch_size]
                 zb = z.expand(len(chunk), -1, -1, -1)  # [n, 4, h/f, w/f]
                 noise = self.noise(chunk, tuple(z.shape[-2:])) if self.family == "g" else None
                 decoded = self.decode(self.denoise(zb, noise))  # [n, 3, h', w']
                 for j in range(len(chunk)):
-                    m = self.finish(decoded[j:j + 1], size, opts.resample, opts.frame)
+                    m = self.finish(decoded[j : j + 1], size, opts.resample, opts.frame)
                     maps.append(unflip(m, self.task) if flipped else m)
         return self.ensemble_prediction(maps, seeds, eopts, proc_hw, time.perf_counter() - t0)
 
@@ -383,17 +431,31 @@ class LotusPredictor:
         """The noise seeds of an ensemble (``opts.seed + k``; one for a D model, whose only views are
         flips). Raises UsageError for a D model without test-time augmentation: its samples would agree."""
         if self.family == "d" and eopts.tta == "none":
-            raise UsageError(f"{self.source} is a Lotus-D model: it takes no noise, so its samples would all agree",
-                             "use a G model (depth-g, normal-g) or add --tta flip")
+            raise UsageError(
+                f"{self.source} is a Lotus-D model: it takes no noise, so its samples would all agree",
+                "use a G model (depth-g, normal-g) or add --tta flip",
+            )
         return [opts.seed + k for k in range(eopts.samples)] if self.family == "g" else [opts.seed]
 
-    def ensemble_prediction(self, maps: Sequence[np.ndarray], seeds: list[int], eopts: EnsembleOptions,
-                            proc_hw: tuple[int, int], seconds: float, **extra) -> Prediction:
+    def ensemble_prediction(
+        self,
+        maps: Sequence[np.ndarray],
+        seeds: list[int],
+        eopts: EnsembleOptions,
+        proc_hw: tuple[int, int],
+        seconds: float,
+        **extra,
+    ) -> Prediction:
         """The ensemble's Prediction from its maps (every view and seed, in the model's kind): map = spread,
         layers["mean"], and the statistic and seeds in extra["uncertainty"] beside any further ``extra``."""
         mean, spread, statistic = ensemble_stats(self.task, maps)
-        extra["uncertainty"] = {"statistic": statistic, "samples": len(maps), "noise_samples": len(seeds),
-                                "tta": eopts.tta, "seeds": seeds if self.family == "g" else None}
+        extra["uncertainty"] = {
+            "statistic": statistic,
+            "samples": len(maps),
+            "noise_samples": len(seeds),
+            "tta": eopts.tta,
+            "seeds": seeds if self.family == "g" else None,
+        }
         return Prediction(spread, proc_hw, seconds, extra, {"mean": (mean, self.kind)})
 
     def describe(self) -> dict:
@@ -408,4 +470,3 @@ class LotusPredictor:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
         }
-

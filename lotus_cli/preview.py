@@ -49,9 +49,17 @@ def _samples(vertices: np.ndarray, faces: np.ndarray, pixel_len: np.ndarray, *ex
     return [np.concatenate(o) if o else np.zeros((0, a.shape[-1]), np.float32) for o, a in zip(out, (vertices, *extra))]
 
 
-def render(points: np.ndarray, colors: np.ndarray, normals: np.ndarray | None, K: Intrinsics,
-           faces: np.ndarray | None = None, yaw: float = YAW, pitch: float = PITCH, splat: int = 1,
-           max_side: int = 1024) -> np.ndarray:
+def render(
+    points: np.ndarray,
+    colors: np.ndarray,
+    normals: np.ndarray | None,
+    K: Intrinsics,
+    faces: np.ndarray | None = None,
+    yaw: float = YAW,
+    pitch: float = PITCH,
+    splat: int = 1,
+    max_side: int = 1024,
+) -> np.ndarray:
     """The preview, uint8 [h, 2 w, 3] (colours | shading), of points [N, 3] (metres, OpenCV camera frame of
     the camera ``K``), colors [N, 3] uint8 and unit normals [N, 3] (None: shading by depth, near bright).
     With ``faces`` [F, 3] the points are a mesh's vertices and its triangles are drawn; else each point
@@ -112,6 +120,9 @@ def render_cloud(shown, K: Intrinsics, stride: int = 1) -> np.ndarray:
 
 def describe() -> dict:
     """What the preview shows, for the sidecar."""
-    return {"panels": "colours | grey shading by the normals (lamp above left of the viewer)",
-            "view": f"the input camera turned {YAW:g} degrees right and {PITCH:g} degrees up around the scene's "
-                    "median depth", "renderer": "numpy z-buffer (points as squares, mesh triangles sampled)"}
+    return {
+        "panels": "colours | grey shading by the normals (lamp above left of the viewer)",
+        "view": f"the input camera turned {YAW:g} degrees right and {PITCH:g} degrees up around the scene's "
+        "median depth",
+        "renderer": "numpy z-buffer (points as squares, mesh triangles sampled)",
+    }

@@ -21,9 +21,10 @@ from __future__ import annotations
 import glob
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, TextIO
+from typing import TextIO
 
 import numpy as np
 
@@ -112,8 +113,14 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-def expand(inputs: Iterable[str], stdin: TextIO | None = None, exts: tuple[str, ...] = IMAGE_EXTS, *,
-           exclude: Iterable[str | os.PathLike] = (), on_warning=None) -> tuple[list[Item], list[InputError]]:
+def expand(
+    inputs: Iterable[str],
+    stdin: TextIO | None = None,
+    exts: tuple[str, ...] = IMAGE_EXTS,
+    *,
+    exclude: Iterable[str | os.PathLike] = (),
+    on_warning=None,
+) -> tuple[list[Item], list[InputError]]:
     """Expand command-line inputs into items (in order, without duplicates) and problems.
 
     ``exts``: the accepted file extensions (any case), e.g. IMAGE_EXTS or MEDIA_EXTS. ``exclude``: folders
@@ -122,6 +129,7 @@ def expand(inputs: Iterable[str], stdin: TextIO | None = None, exts: tuple[str, 
     are skipped. ``on_warning(text)`` hears of symlink loops in folder walks.
     A problem (missing path, glob matching nothing, unsupported file) is reported, never fatal.
     """
+
     def accept(p: Path) -> bool:
         return p.suffix.lower() in exts
 
@@ -150,16 +158,20 @@ def expand(inputs: Iterable[str], stdin: TextIO | None = None, exts: tuple[str, 
             for d in (p for p in hits if p.is_dir()):
                 files.extend(_walk(d, accept, excluded, on_warning))
             if not files:
-                problems.append(InputError(f"{arg}: pattern matches no supported files",
-                                           "check the pattern and quoting", subject=arg))
+                problems.append(
+                    InputError(
+                        f"{arg}: pattern matches no supported files", "check the pattern and quoting", subject=arg
+                    )
+                )
             raw.extend((p, p.relative_to(base).as_posix() if p.is_relative_to(base) else p.name, False) for p in files)
         else:
             raw.extend(_one_file(path, problems, accept, supported, excluded))
     return _assign_keys(raw), problems
 
 
-def _one_file(path: Path, problems: list, accept, supported: str,
-              excluded: frozenset[str] = frozenset()) -> list[tuple[Path, str, bool]]:
+def _one_file(
+    path: Path, problems: list, accept, supported: str, excluded: frozenset[str] = frozenset()
+) -> list[tuple[Path, str, bool]]:
     if not path.exists():
         problems.append(InputError(f"{path}: no such file or folder", "check the path", subject=str(path)))
         return []
@@ -167,12 +179,18 @@ def _one_file(path: Path, problems: list, accept, supported: str,
         problems.append(InputError(f"{path}: not a regular file", "pass files, folders or globs", subject=str(path)))
         return []
     if not accept(path):
-        problems.append(InputError(f"{path}: unsupported file type {path.suffix or '(none)'}", supported,
-                                   subject=str(path)))
+        problems.append(
+            InputError(f"{path}: unsupported file type {path.suffix or '(none)'}", supported, subject=str(path))
+        )
         return []
     if _inside(path, excluded):
-        problems.append(InputError(f"{path}: inside the output folder; outputs are never read as inputs",
-                                   "give the original file, or another --out", subject=str(path)))
+        problems.append(
+            InputError(
+                f"{path}: inside the output folder; outputs are never read as inputs",
+                "give the original file, or another --out",
+                subject=str(path),
+            )
+        )
         return []
     return [(path, path.name, True)]
 
@@ -201,7 +219,7 @@ def _assign_keys(raw: list[tuple[Path, str, bool]]) -> list[Item]:
         for e in clashing:
             parts = e[0].resolve().parts
             if len(parts) > level:
-                e[1] = PurePosixPath(*parts[-(level + 1):]).as_posix().lstrip("/")
+                e[1] = PurePosixPath(*parts[-(level + 1) :]).as_posix().lstrip("/")
                 grew = True
         if not grew:
             break
@@ -239,8 +257,10 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         with Image.open(path) as img:
             w, h = img.size
             if max_pixels and w * h > max_pixels:
-                raise InputError(f"{path}: {w}x{h} is {w * h / 1e6:.1f} MP, above the {max_pixels / 1e6:.0f} MP limit",
-                                 "raise --max-pixels (0 = no limit) or downscale the image")
+                raise InputError(
+                    f"{path}: {w}x{h} is {w * h / 1e6:.1f} MP, above the {max_pixels / 1e6:.0f} MP limit",
+                    "raise --max-pixels (0 = no limit) or downscale the image",
+                )
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb8(img)
@@ -301,8 +321,9 @@ def sidecar_of(path: Path) -> Path:
     return formats.sidecar_of(path)
 
 
-def read_depth_map(path: Path, kind: str | None = None, units: str | None = None,
-                   option: str = "--depth") -> tuple[np.ndarray, dict]:
+def read_depth_map(
+    path: Path, kind: str | None = None, units: str | None = None, option: str = "--depth"
+) -> tuple[np.ndarray, dict]:
     """A depth or disparity map from .npy (float or integer [H, W]), .exr (the ``Z`` or only channel) or a
     16-bit PNG -> (float32 [H, W], info), read through the format registry (``formats``).
 
@@ -333,8 +354,10 @@ def read_depth_map(path: Path, kind: str | None = None, units: str | None = None
     if a.ndim == 3 and a.shape[-1] == 1:  # a trailing channel axis (an EXR's only channel); a 1 x N map stays 2-D
         a = a[..., 0]
     if a.ndim != 2:
-        raise InputError(f"{option} {path}: shape {list(a.shape)} is not a single-channel map",
-                         "give an H x W depth map (normals and colour images do not back-project)")
+        raise InputError(
+            f"{option} {path}: shape {list(a.shape)} is not a single-channel map",
+            "give an H x W depth map (normals and colour images do not back-project)",
+        )
     said_kind, source = None, None
     if meta is not None and isinstance(meta.get("kind"), str):
         said_kind, source = meta["kind"], f"its sidecar {side.name}"
@@ -342,18 +365,27 @@ def read_depth_map(path: Path, kind: str | None = None, units: str | None = None
         said_kind, source = notes["kind"], "its EXR header"
     if said_kind is not None and units in (None, "relative"):
         if said_kind not in formats.DEPTH_KINDS:
-            raise InputError(f"{option} {path}: {source} says it is a {said_kind} map",
-                             "give a depth or disparity map (lotus depth output)")
+            raise InputError(
+                f"{option} {path}: {source} says it is a {said_kind} map",
+                "give a depth or disparity map (lotus depth output)",
+            )
         info = (meta or {}).get("outputs", {}).get(fmt.name) if fmt is not None else None
         values = fmt.decode(a, said_kind, info) if info else a  # a png16's stated range; npy, exr: as stored
         unit = notes.get("scale") == "metric" and meta is None and notes.get("unit")
         if unit:  # a metric EXR of ours: depth in m, or disparity in 1/m
             per_metre = parse_units(unit.removeprefix("1/"))
-            return _metric(values, said_kind, per_metre), {"kind": said_kind, "per_metre": per_metre, "sidecar": None,
-                                                            "units": f"{unit}, from its EXR header"}
-        return values.astype(np.float32), {"kind": said_kind, "per_metre": None,
-                                           "sidecar": str(side) if meta is not None else None,
-                                           "units": f"relative (affine-invariant), from {source}"}
+            return _metric(values, said_kind, per_metre), {
+                "kind": said_kind,
+                "per_metre": per_metre,
+                "sidecar": None,
+                "units": f"{unit}, from its EXR header",
+            }
+        return values.astype(np.float32), {
+            "kind": said_kind,
+            "per_metre": None,
+            "sidecar": str(side) if meta is not None else None,
+            "units": f"relative (affine-invariant), from {source}",
+        }
     if a.dtype.kind not in "fui":
         raise InputError(f"{option} {path}: {a.dtype} values are not depths", "give a float .npy or a 16-bit PNG")
     if units is not None:

@@ -124,8 +124,14 @@ def _write_tokenizer(folder: Path, vocab_size: int) -> None:
         )
     )
     (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                    "pad_token": "<|endoftext|>"})
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
     )
 
 
@@ -166,8 +172,9 @@ def build_checkpoint(
     if "tokenizer" in components:
         _write_tokenizer(path / "tokenizer", text_cfg["vocab_size"])
     if "scheduler" in components:
-        DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                      prediction_type="sample").save_pretrained(path / "scheduler")
+        DDIMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="sample"
+        ).save_pretrained(path / "scheduler")
     index = {
         # Real repos name classes that exist nowhere; the loader must not depend on this.
         "_class_name": f"Lotus{family.upper()}Pipeline",
@@ -198,9 +205,11 @@ def render_scene(height: int, width: int, seed: int) -> dict:
     best = np.full((height, width), np.inf)
     normal = np.zeros((height, width, 3))
     albedo = np.zeros((height, width, 3))
-    planes = [((0.0, -1.0, 0.0), rng.uniform(0.6, 1.4)),  # floor below the camera (OpenCV y points down)
-              ((0.0, 0.0, -1.0), rng.uniform(4.0, 8.0)),  # back wall facing the camera
-              ((rng.choice([-1.0, 1.0]) * np.cos(0.3), 0.0, -np.sin(0.3)), rng.uniform(1.5, 3.0))]  # side wall
+    planes = [
+        ((0.0, -1.0, 0.0), rng.uniform(0.6, 1.4)),  # floor below the camera (OpenCV y points down)
+        ((0.0, 0.0, -1.0), rng.uniform(4.0, 8.0)),  # back wall facing the camera
+        ((rng.choice([-1.0, 1.0]) * np.cos(0.3), 0.0, -np.sin(0.3)), rng.uniform(1.5, 3.0)),
+    ]  # side wall
     for n, dist in planes:  # plane n . p = -dist, unit normal n facing the camera at the origin
         n = np.asarray(n)
         t = -dist / np.where(np.abs(d @ n) > 1e-9, d @ n, np.nan)
@@ -209,7 +218,7 @@ def render_scene(height: int, width: int, seed: int) -> dict:
         centre = np.array([rng.uniform(-1, 1), rng.uniform(-0.3, 0.6), rng.uniform(2.5, 4.5)])
         r = rng.uniform(0.3, 0.8)
         b = d @ centre
-        disc = b ** 2 - (d * d).sum(-1) * (centre @ centre - r ** 2)
+        disc = b**2 - (d * d).sum(-1) * (centre @ centre - r**2)
         t = (b - np.sqrt(np.where(disc >= 0, disc, np.nan))) / (d * d).sum(-1)
         _hit(best, normal, albedo, t, (t[..., None] * d - centre) / r, rng.uniform(0.3, 0.9, 3))
     p = best[..., None] * d
@@ -217,8 +226,9 @@ def render_scene(height: int, width: int, seed: int) -> dict:
     light = np.array([0.4, -0.6, -0.7]) / np.linalg.norm([0.4, -0.6, -0.7])  # toward the light, OpenCV frame
     shade = 0.25 + 0.75 * np.clip(normal @ light, 0, 1)
     rgb = np.clip(albedo * (shade * checker)[..., None] * 255, 0, 255).astype(np.uint8)
-    return dict(rgb=rgb, depth=best.astype(np.float32),
-                normal=convert_normals(normal.astype(np.float32), "lotus", "opencv"))
+    return dict(
+        rgb=rgb, depth=best.astype(np.float32), normal=convert_normals(normal.astype(np.float32), "lotus", "opencv")
+    )
 
 
 def _hit(best, normal, albedo, t, n, colour) -> None:
@@ -228,8 +238,9 @@ def _hit(best, normal, albedo, t, n, colour) -> None:
     albedo[closer] = colour
 
 
-def write_synthetic_dataset(root: str | Path, count: int, size: tuple[int, int] = (32, 32), seed: int = 0,
-                            holes: bool = True) -> Path:
+def write_synthetic_dataset(
+    root: str | Path, count: int, size: tuple[int, int] = (32, 32), seed: int = 0, holes: bool = True
+) -> Path:
     """``count`` rendered scenes in the generic folder format under ``root`` (depth npy metres, normals npy
     in the Lotus frame, and with ``holes`` a mask png with one invalid rectangle per image)."""
     from PIL import Image
@@ -247,7 +258,7 @@ def write_synthetic_dataset(root: str | Path, count: int, size: tuple[int, int] 
             rng = np.random.default_rng([seed, i])
             mask = np.full(size, 255, np.uint8)
             y, x = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
-            mask[y:y + size[0] // 6 + 1, x:x + size[1] // 6 + 1] = 0
+            mask[y : y + size[0] // 6 + 1, x : x + size[1] // 6 + 1] = 0
             Image.fromarray(mask).save(root / "mask" / f"{key}.png")
     (root / "lotus_data.json").write_text(json.dumps({"normal_frame": "lotus", "note": "synthetic scenes"}))
     return root

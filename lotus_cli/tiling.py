@@ -35,8 +35,8 @@ import numpy as np
 
 from .cpu import release_memory
 from .errors import UsageError
-from .predictor import EnsembleOptions, PredictOptions, Prediction, noise_for, processing_size, unflip
 from .geometry import robust_scale_shift
+from .predictor import EnsembleOptions, Prediction, PredictOptions, noise_for, processing_size, unflip
 
 DEFAULT_TILE_RES = 768  # Lotus's training resolution, used when processing_res is 0 (native)
 MIN_TILE = 32  # input pixels; below this a tile holds too few latent cells to mean anything
@@ -93,12 +93,16 @@ class TileOptions:
         if isinstance(tile, str):
             tile = tile.strip().lower()
         if tile != "auto" and not (isinstance(tile, int) and tile >= MIN_TILE):
-            raise UsageError(f"--tile must be auto or a size of at least {MIN_TILE} pixels, not {self.tile!r}",
-                             "e.g. --tile auto or --tile 768")
+            raise UsageError(
+                f"--tile must be auto or a size of at least {MIN_TILE} pixels, not {self.tile!r}",
+                "e.g. --tile auto or --tile 768",
+            )
         object.__setattr__(self, "tile", tile)
         if not 0.0 <= self.overlap <= 0.5:
-            raise UsageError(f"--overlap must be a fraction in 0 .. 0.5, not {self.overlap}",
-                             "0.25 is a good default; above 0.5 a pixel would lie in three tiles")
+            raise UsageError(
+                f"--overlap must be a fraction in 0 .. 0.5, not {self.overlap}",
+                "0.25 is a good default; above 0.5 a pixel would lie in three tiles",
+            )
         if self.tile_res is not None and self.tile_res < MIN_TILE:
             raise UsageError(f"--tile-res must be at least {MIN_TILE}, not {self.tile_res}", "Lotus was trained at 768")
         budget = parse_bytes(self.max_memory)
@@ -178,8 +182,10 @@ class TilePlan:
 
     def overlap_px(self) -> tuple[int, int]:
         """The narrowest band shared by neighbouring tiles, (rows, columns); 0 with one tile per axis."""
+
         def narrowest(starts, t):
             return min((a + t - b for a, b in zip(starts, starts[1:])), default=0)
+
         return narrowest(self.ys, self.tile_size[0]), narrowest(self.xs, self.tile_size[1])
 
     def weights(self, y0: int, x0: int) -> np.ndarray:
@@ -192,15 +198,25 @@ class TilePlan:
         """The sidecar record; sizes as [w, h] like the sidecar's input_size."""
         ov = self.overlap_px()
         d = asdict(self)
-        return {"mode": self.mode, "input_size": [self.width, self.height],
-                "global_processing_size": [self.global_size[1], self.global_size[0]],
-                "tile_size": [self.tile_size[1], self.tile_size[0]],
-                "tile_processing_size": [self.tile_processing_size[1], self.tile_processing_size[0]],
-                "tile_res": self.tile_res, "working_scale": round(self.tile_processing_size[1] / self.tile_size[1], 6),
-                "overlap": self.overlap, "overlap_px": [ov[1], ov[0]], "grid": [len(self.xs), len(self.ys)],
-                "tiles": len(self.xs) * len(self.ys), "x_starts": list(d["xs"]), "y_starts": list(d["ys"]),
-                "batch": self.batch, "budget_bytes": self.budget, "estimated_peak_bytes": self.estimated_peak,
-                "blend": "smoothstep ramps across each shared band, weights summing to 1"}
+        return {
+            "mode": self.mode,
+            "input_size": [self.width, self.height],
+            "global_processing_size": [self.global_size[1], self.global_size[0]],
+            "tile_size": [self.tile_size[1], self.tile_size[0]],
+            "tile_processing_size": [self.tile_processing_size[1], self.tile_processing_size[0]],
+            "tile_res": self.tile_res,
+            "working_scale": round(self.tile_processing_size[1] / self.tile_size[1], 6),
+            "overlap": self.overlap,
+            "overlap_px": [ov[1], ov[0]],
+            "grid": [len(self.xs), len(self.ys)],
+            "tiles": len(self.xs) * len(self.ys),
+            "x_starts": list(d["xs"]),
+            "y_starts": list(d["ys"]),
+            "batch": self.batch,
+            "budget_bytes": self.budget,
+            "estimated_peak_bytes": self.estimated_peak,
+            "blend": "smoothstep ramps across each shared band, weights summing to 1",
+        }
 
 
 def axis_starts(length: int, tile: int, overlap: float) -> tuple[int, ...]:
@@ -243,8 +259,16 @@ def axis_weights(starts: tuple[int, ...], tile: int, i: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def plan_tiles(height: int, width: int, topts: TileOptions = TileOptions(), *, processing_res: int = 768,
-               batch_size: int = 1, cost: MemoryCost = MemoryCost(), budget: int | None = None) -> TilePlan:
+def plan_tiles(
+    height: int,
+    width: int,
+    topts: TileOptions = TileOptions(),
+    *,
+    processing_res: int = 768,
+    batch_size: int = 1,
+    cost: MemoryCost = MemoryCost(),
+    budget: int | None = None,
+) -> TilePlan:
     """The tiling of an H x W image. Pure: ``budget`` (bytes, None = unbounded) comes from the caller.
 
     auto: none when the global pass already sees the image at MIN_DETAIL (1.3) input pixels per model pixel
@@ -257,31 +281,51 @@ def plan_tiles(height: int, width: int, topts: TileOptions = TileOptions(), *, p
     auto = topts.tile == "auto"
     res = topts.tile_res or processing_res or DEFAULT_TILE_RES
     gsize = processing_size(height, width, processing_res)
-    fits = (lambda px, b=1: budget is None or cost.peak(px, b) <= budget)
+    fits = lambda px, b=1: budget is None or cost.peak(px, b) <= budget
     if not fits(gsize[0] * gsize[1]):
-        raise UsageError(f"the global pass at --processing-res {processing_res} needs about "
-                         f"{_gb(cost.peak(gsize[0] * gsize[1]))} but --max-memory is {_gb(budget)}",
-                         "lower --processing-res or raise --max-memory")
+        raise UsageError(
+            f"the global pass at --processing-res {processing_res} needs about "
+            f"{_gb(cost.peak(gsize[0] * gsize[1]))} but --max-memory is {_gb(budget)}",
+            "lower --processing-res or raise --max-memory",
+        )
     detail = max(height, width) / processing_res if processing_res else 1.0  # input px per global model px
     global_sees_all = detail < MIN_DETAIL
     while not (auto and global_sees_all) and not fits(res * res):
         if not (auto and topts.tile_res is None) or res - 64 < MIN_AUTO_TILE_RES:
-            raise UsageError(f"a tile at --tile-res {res} needs about {_gb(cost.peak(res * res))} but --max-memory "
-                             f"is {_gb(budget)}", "lower --tile-res or raise --max-memory")
+            raise UsageError(
+                f"a tile at --tile-res {res} needs about {_gb(cost.peak(res * res))} but --max-memory is {_gb(budget)}",
+                "lower --tile-res or raise --max-memory",
+            )
         res -= 64
     tile = round(res * max(1.0, detail / MAX_DETAIL)) if auto else topts.tile
     th, tw = min(tile, height), min(tile, width)
     tproc = processing_size(th, tw, res)
-    ys, xs = ((), ()) if (auto and global_sees_all) else \
-        (axis_starts(height, th, topts.overlap), axis_starts(width, tw, topts.overlap))
+    ys, xs = (
+        ((), ())
+        if (auto and global_sees_all)
+        else (axis_starts(height, th, topts.overlap), axis_starts(width, tw, topts.overlap))
+    )
     n = len(ys) * len(xs)
     tile_px = tproc[0] * tproc[1]
     batch = max(1, min(batch_size, n or 1))
     while batch > 1 and not fits(tile_px, batch):
         batch -= 1
     peak = max(cost.peak(gsize[0] * gsize[1]), cost.peak(tile_px, batch) if n else 0)
-    return TilePlan(height, width, "auto" if auto else "fixed", gsize, (th, tw), tproc, res, topts.overlap,
-                    ys, xs, batch, budget, peak)
+    return TilePlan(
+        height,
+        width,
+        "auto" if auto else "fixed",
+        gsize,
+        (th, tw),
+        tproc,
+        res,
+        topts.overlap,
+        ys,
+        xs,
+        batch,
+        budget,
+        peak,
+    )
 
 
 def _gb(n: int | None) -> str:
@@ -293,8 +337,9 @@ def _gb(n: int | None) -> str:
 # ---------------------------------------------------------------------------------------- prediction
 
 
-def predict_tiled(predictor, images: list[np.ndarray], opts: PredictOptions = PredictOptions(),
-                  topts: TileOptions = TileOptions()) -> list[Prediction]:
+def predict_tiled(
+    predictor, images: list[np.ndarray], opts: PredictOptions = PredictOptions(), topts: TileOptions = TileOptions()
+) -> list[Prediction]:
     """Tiled prediction of uint8 RGB images [H, W, 3], one image at a time; the contract of
     ``LotusPredictor.predict_batch`` (maps at each input's full size, in the predictor's kind and
     ``opts.frame``), with the plan and the per-tile depth fits in ``extra["tiling"]``.
@@ -306,9 +351,13 @@ def predict_tiled(predictor, images: list[np.ndarray], opts: PredictOptions = Pr
         return [_predict_one(predictor, im, opts, topts)[0] for im in images]
 
 
-def predict_tiled_ensemble(predictor, images: list[np.ndarray], opts: PredictOptions = PredictOptions(),
-                           topts: TileOptions = TileOptions(),
-                           eopts: EnsembleOptions = EnsembleOptions()) -> list[Prediction]:
+def predict_tiled_ensemble(
+    predictor,
+    images: list[np.ndarray],
+    opts: PredictOptions = PredictOptions(),
+    topts: TileOptions = TileOptions(),
+    eopts: EnsembleOptions = EnsembleOptions(),
+) -> list[Prediction]:
     """Uncertainty with tiling: the contract of ``LotusPredictor.predict_ensemble`` (map = spread, layers["mean"]),
     each sample a whole tiled prediction with seed ``opts.seed + k`` (and, with ``tta="flip"``, of the mirrored
     image too). As in the untiled ensemble, the latents (the global pass's and every tile's) are encoded
@@ -324,13 +373,17 @@ def predict_tiled_ensemble(predictor, images: list[np.ndarray], opts: PredictOpt
                 for p in _predict_one(predictor, np.ascontiguousarray(view), opts, topts, seeds):
                     maps.append(unflip(p.map, predictor.task) if flipped else p.map)
                     plan = plan or p.extra["tiling"]
-            out.append(predictor.ensemble_prediction(maps, seeds, eopts, p.processing_size,
-                                                     time.perf_counter() - t0, tiling=plan))
+            out.append(
+                predictor.ensemble_prediction(
+                    maps, seeds, eopts, p.processing_size, time.perf_counter() - t0, tiling=plan
+                )
+            )
     return out
 
 
-def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOptions,
-                 seeds: list[int] | None = None) -> list[Prediction]:
+def _predict_one(
+    predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOptions, seeds: list[int] | None = None
+) -> list[Prediction]:
     """One image, one tiled prediction per seed in ``seeds`` (default: ``[opts.seed]``); the global pass's and
     the tiles' latents are encoded once and shared by the seeds (G noise differs per seed)."""
     t0 = time.perf_counter()
@@ -338,8 +391,9 @@ def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOp
     seeds = [opts.seed] if seeds is None else seeds
     cost = memory_cost(predictor)
     budget = topts.max_memory if topts.max_memory is not None else device_budget(predictor.device, cost)
-    plan = plan_tiles(h, w, topts, processing_res=opts.processing_res, batch_size=opts.batch_size,
-                      cost=cost, budget=budget)
+    plan = plan_tiles(
+        h, w, topts, processing_res=opts.processing_res, batch_size=opts.batch_size, cost=cost, budget=budget
+    )
     x = model_input(predictor, rgb, plan.global_size)  # [1, 3, h, w]
     release_memory()  # the full-width float strips model_input made and freed (tens of MB each)
     z_global = predictor.encode(x, opts.latent, [opts.seed])  # [1, 4, ., .]
@@ -380,8 +434,12 @@ def _blend(predictor, decoded, z_tiles, plan: TilePlan, opts: PredictOptions, se
         out[y0:y1, x0:x1] += wt * m if depth else wt[..., None] * m
     if depth:
         np.clip(out, 0.0, 1.0, out=out)
-        record["depth_fit"] = {"space": predictor.kind, "method": "robust least squares (median/MAD start, "
-                               "3 trimmed refits) against the global pass at its resolution", "scale_shift": fits}
+        record["depth_fit"] = {
+            "space": predictor.kind,
+            "method": "robust least squares (median/MAD start, "
+            "3 trimmed refits) against the global pass at its resolution",
+            "scale_shift": fits,
+        }
     else:
         out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-6)
         if opts.frame != "lotus":
@@ -398,8 +456,10 @@ def model_input(predictor, rgb: np.ndarray, size: tuple[int, int], rows: int = 5
 
     if rgb.shape[0] <= rows:
         return predictor.resize(predictor.to_tensor(rgb), size)
-    strips = [predictor.resize(predictor.to_tensor(rgb[i:i + rows]), (min(rows, rgb.shape[0] - i), size[1]))
-              for i in range(0, rgb.shape[0], rows)]
+    strips = [
+        predictor.resize(predictor.to_tensor(rgb[i : i + rows]), (min(rows, rgb.shape[0] - i), size[1]))
+        for i in range(0, rgb.shape[0], rows)
+    ]
     return predictor.resize(torch.cat(strips, dim=2), size)  # [1, C, H, w] -> [1, C, h, w]
 
 
@@ -415,9 +475,13 @@ def _tile_latents(predictor, rgb, plan: TilePlan, opts):
 
     tiles = plan.tiles
     for i in range(0, len(tiles), plan.batch):
-        boxes = tiles[i:i + plan.batch]
-        x = torch.cat([predictor.resize(predictor.to_tensor(rgb[y0:y1, x0:x1]), plan.tile_processing_size)
-                       for y0, y1, x0, x1 in boxes])  # [b, 3, th', tw']
+        boxes = tiles[i : i + plan.batch]
+        x = torch.cat(
+            [
+                predictor.resize(predictor.to_tensor(rgb[y0:y1, x0:x1]), plan.tile_processing_size)
+                for y0, y1, x0, x1 in boxes
+            ]
+        )  # [b, 3, th', tw']
         yield boxes, predictor.encode(x, opts.latent, [opts.seed] * len(boxes))  # [b, 4, lh, lw]
 
 
@@ -431,7 +495,7 @@ def _tile_maps(predictor, z_tiles, plan: TilePlan, opts, seed: int):
         noise = None if field is None else torch.cat([_crop_noise(field, plan, box, z.shape[-2:]) for box in boxes])
         decoded = predictor.decode(predictor.denoise(z, noise))  # [b, 3, lh*f, lw*f]
         for j, (y0, y1, x0, x1) in enumerate(boxes):
-            yield predictor.finish(decoded[j:j + 1], (y1 - y0, x1 - x0), opts.resample, "lotus"), boxes[j]
+            yield predictor.finish(decoded[j : j + 1], (y1 - y0, x1 - x0), opts.resample, "lotus"), boxes[j]
 
 
 def _noise_field(predictor, plan: TilePlan, seed: int):
@@ -451,7 +515,7 @@ def _crop_noise(field, plan: TilePlan, box, latent_hw):
     cell = plan.tile_processing_size[0] / lh, plan.tile_processing_size[1] / lw  # model pixels per cell
     ly = min(round(box[0] * f[0] / cell[0]), field.shape[2] - lh)
     lx = min(round(box[2] * f[1] / cell[1]), field.shape[3] - lw)
-    return field[:, :, ly:ly + lh, lx:lx + lw]
+    return field[:, :, ly : ly + lh, lx : lx + lw]
 
 
 def sample_layout(layout, box, size, out_hw):
@@ -483,8 +547,9 @@ def _fit(m: np.ndarray, layout, box, size) -> tuple[float, float]:
         oh, ow = max(2, int(oh / k)), max(2, int(ow / k))
     ref = sample_layout(layout, box, size, m.shape)  # [1, th, tw]
     both = torch.from_numpy(np.stack([m, ref[0]]))[:, None]  # [2, 1, th, tw]
-    coarse, ref_c = F.interpolate(both, size=(oh, ow), mode="bilinear", align_corners=False,
-                                  antialias=True)[:, 0].numpy()
+    coarse, ref_c = F.interpolate(both, size=(oh, ow), mode="bilinear", align_corners=False, antialias=True)[
+        :, 0
+    ].numpy()
     s, b, _ = robust_scale_shift(coarse, ref_c)
     flat = np.std(coarse) < FLAT_TILE * max(np.std(ref_c), 1e-6)
     if flat or not (np.isfinite(s) and 0 < s <= MAX_TILE_SCALE):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -104,16 +104,25 @@ def open_video(path: Path, select: FrameSelect = FrameSelect()) -> tuple[VideoIn
         meta = next(gen)
     except (RuntimeError, OSError, StopIteration) as e:
         gen.close()
-        raise InputError(f"{path}: not a readable video ({_ffmpeg_reason(e)})",
-                         "check that it is a video file with a video stream (mp4, mov, mkv, avi, webm)") from e
+        raise InputError(
+            f"{path}: not a readable video ({_ffmpeg_reason(e)})",
+            "check that it is a video file with a video stream (mp4, mov, mkv, avi, webm)",
+        ) from e
     w, h = (int(v) for v in meta["size"])
     src_fps = float(meta.get("fps") or 0.0)
     if select.fps and src_fps and select.fps > src_fps * 1.001:
         # more frames than the source has would only repeat frames: keep the source rate
         gen.close()
         return open_video(path, replace(select, fps=None))
-    info = VideoInfo(w, h, float(select.fps or src_fps or 25.0), src_fps, float(meta.get("duration") or 0.0),
-                     str(meta.get("codec", "?")), float(select.start or 0.0))
+    info = VideoInfo(
+        w,
+        h,
+        float(select.fps or src_fps or 25.0),
+        src_fps,
+        float(meta.get("duration") or 0.0),
+        str(meta.get("codec", "?")),
+        float(select.start or 0.0),
+    )
     return info, _frames(path, gen, info, info.expected_frames(select))
 
 
@@ -127,8 +136,10 @@ def _frames(path: Path, gen, info: VideoInfo, expected: int | None) -> Iterator[
             except StopIteration:
                 break
             except (RuntimeError, OSError) as e:
-                raise InputError(f"{path}: decoding failed at frame {i} ({_ffmpeg_reason(e)})",
-                                 "the frames before it were processed; re-encode or repair the file") from e
+                raise InputError(
+                    f"{path}: decoding failed at frame {i} ({_ffmpeg_reason(e)})",
+                    "the frames before it were processed; re-encode or repair the file",
+                ) from e
             if len(raw) != nbytes:
                 raise InputError(f"{path}: short frame {i} ({len(raw)} of {nbytes} bytes)", "the file is damaged")
             rgb = np.frombuffer(raw, np.uint8).reshape(info.height, info.width, 3).copy()  # writable for torch
@@ -137,13 +148,17 @@ def _frames(path: Path, gen, info: VideoInfo, expected: int | None) -> Iterator[
     finally:
         gen.close()
     if i == 0:
-        raise InputError(f"{path}: the video has no frames in the selected range",
-                         "check --start/--end, or that the clip is not empty")
+        raise InputError(
+            f"{path}: the video has no frames in the selected range",
+            "check --start/--end, or that the clip is not empty",
+        )
     # A stream cut short (an interrupted download or copy) ends cleanly for the demuxer; its container
     # still states the full duration, so a clear shortfall is damage, not the end of the clip.
     if expected and i < 0.9 * expected and expected - i >= 2:
-        raise InputError(f"{path}: the stream ended at frame {i} of the {expected} its duration announces "
-                         "(truncated or damaged)", "the frames before it were processed; re-download or repair it")
+        raise InputError(
+            f"{path}: the stream ended at frame {i} of the {expected} its duration announces (truncated or damaged)",
+            "the frames before it were processed; re-download or repair it",
+        )
 
 
 def _ffmpeg_reason(e: BaseException) -> str:
@@ -175,9 +190,16 @@ class VideoWriter:
         self.pad = (height % 2, width % 2)
         self.tmp = temporary_path(path)
         self.gen = imageio_ffmpeg.write_frames(
-            str(self.tmp), self.size, fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1,
-            quality=None, output_params=["-crf", "18", "-threads", "1", "-movflags", "+faststart", "-f", "mp4"],
-            ffmpeg_log_level="error")
+            str(self.tmp),
+            self.size,
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            macro_block_size=1,
+            quality=None,
+            output_params=["-crf", "18", "-threads", "1", "-movflags", "+faststart", "-f", "mp4"],
+            ffmpeg_log_level="error",
+        )
         self.gen.send(None)
         self.frames = 0
 

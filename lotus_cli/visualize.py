@@ -21,7 +21,9 @@ def colormap_lut(name: str = "Spectral") -> np.ndarray:
     except KeyError as e:
         from .errors import UsageError
 
-        raise UsageError(f"unknown colour map {name!r}", "use a matplotlib name such as Spectral, turbo, viridis") from e
+        raise UsageError(
+            f"unknown colour map {name!r}", "use a matplotlib name such as Spectral, turbo, viridis"
+        ) from e
     lut = cmap(np.arange(cmap.N))[:, :3]
     if cmap.N != 256:
         lut = cmap(np.linspace(0, 1, 256))[:, :3]
@@ -47,8 +49,9 @@ def colorize(t: np.ndarray, cmap: str = "Spectral") -> np.ndarray:
     return colormap_lut(cmap)[idx]
 
 
-def colorize_depth(d: np.ndarray, kind: str, cmap: str = "Spectral",
-                   vrange: tuple[float, float] | None = None) -> np.ndarray:
+def colorize_depth(
+    d: np.ndarray, kind: str, cmap: str = "Spectral", vrange: tuple[float, float] | None = None
+) -> np.ndarray:
     """Depth or disparity [H, W] -> uint8 RGB, near warm (red with Spectral) for either kind.
 
     ``vrange`` defaults to the map's own min and max (per image, as the reference); videos pass one

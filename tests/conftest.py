@@ -80,7 +80,9 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     reasons = {
-        "weights": None if os.environ.get("LOTUS_TEST_WEIGHTS") == "1" else "needs released weights: LOTUS_TEST_WEIGHTS=1",
+        "weights": None
+        if os.environ.get("LOTUS_TEST_WEIGHTS") == "1"
+        else "needs released weights: LOTUS_TEST_WEIGHTS=1",
         "gpu": None if torch.cuda.is_available() else "needs a CUDA device",
         "slow": None if os.environ.get("LOTUS_TEST_SLOW") == "1" else "slow: LOTUS_TEST_SLOW=1",
     }

@@ -14,18 +14,39 @@ SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
 
 def run(*args, timeout=600):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT, check=False)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def test_runs_end_to_end_on_a_cpu_and_prints_every_row(depth_g, tmp_path):
-    out = run("--device", "cpu", "--checkpoint", str(depth_g), "--res", "32", "--batches", "1,2",
-              "--repeats", "1", "--vae-sizes", "32,48", "--budget", "100000")
+    out = run(
+        "--device",
+        "cpu",
+        "--checkpoint",
+        str(depth_g),
+        "--res",
+        "32",
+        "--batches",
+        "1,2",
+        "--repeats",
+        "1",
+        "--vae-sizes",
+        "32,48",
+        "--budget",
+        "100000",
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if "s/image 32px" in line)
     assert "img/s b=1" in lines[header] and "img/s b=2" in lines[header] and "peak GPU GB" in lines[header]
-    rows = {line[:22].strip(): line[22:].split() for line in lines[header + 1:] if line[:22].strip()}
+    rows = {line[:22].strip(): line[22:].split() for line in lines[header + 1 :] if line[:22].strip()}
     for name in ("ours fp32", "ours fp16", "ours bf16", "reference fp16"):
         cells = rows[name]
         assert float(cells[0]) > 0 and float(cells[1]) > 0 and float(cells[2]) > 0  # s/image, img/s at b=1, 2

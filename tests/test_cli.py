@@ -72,8 +72,9 @@ def test_normal_outputs_unit_vectors(photos, tmp_path, checkpoints):
     # another frame on request: the same vectors with axes reversed, and the sidecar says which
     for frame, signs in (("opencv", (-1, -1, -1)), ("opengl", (-1, 1, 1))):
         o = tmp_path / frame
-        r = lotus("normal", photos / "a", "-o", o, "-m", checkpoints[("normal", "g")], "-f", "npy", "--frame", frame,
-                  *FAST)
+        r = lotus(
+            "normal", photos / "a", "-o", o, "-m", checkpoints[("normal", "g")], "-f", "npy", "--frame", frame, *FAST
+        )
         assert r.exit_code == 0, r.output
         np.testing.assert_allclose(np.load(o / "x.npy"), n * np.array(signs, np.float32), atol=1e-6)
         assert json.loads((o / "x.json").read_text())["normal_frame"] == frame
@@ -124,8 +125,13 @@ def test_usage_errors_exit_2_with_one_line(photos, tmp_path, depth_d):
 def test_installed_command_reads_stdin_and_keeps_stdout_clean(photos, tmp_path, depth_d):
     listing = f"{photos / 'a' / 'x.jpg'}\n{photos / 'b' / 'x.jpg'}\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run(["lotus", "depth", "-", "-o", str(tmp_path / "p"), "-m", str(depth_d), *FAST, "-f", "npy"],
-                       input=listing, capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        ["lotus", "depth", "-", "-o", str(tmp_path / "p"), "-m", str(depth_d), *FAST, "-f", "npy"],
+        input=listing,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout == ""
     assert (tmp_path / "p" / "a" / "x.npy").is_file() and (tmp_path / "p" / "b" / "x.npy").is_file()
@@ -134,7 +140,9 @@ def test_installed_command_reads_stdin_and_keeps_stdout_clean(photos, tmp_path, 
 def test_help_does_not_import_torch():
     code = "import sys, lotus_cli.cli; sys.exit(1 if 'torch' in sys.modules or 'numpy' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
-    h = subprocess.run(["lotus", "depth", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    h = subprocess.run(
+        ["lotus", "depth", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
+    )
     assert "depth-d" in h.stdout and "--processing-res" in h.stdout and "--skip-existing" in h.stdout
 
 
@@ -150,7 +158,10 @@ def test_rerun_on_the_current_folder_never_reads_the_default_output(tmp_path, de
         assert r.exit_code == 0, r.output
         assert "1 done, 0 skipped, 0 failed" in r.stderr
     assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "lotus-depth").rglob("*")) == [
-        "lotus-depth/x.16bit.png", "lotus-depth/x.json", "lotus-depth/x.png"]
+        "lotus-depth/x.16bit.png",
+        "lotus-depth/x.json",
+        "lotus-depth/x.png",
+    ]
 
 
 def test_checkpoint_meaning_comes_from_metadata_and_is_recorded(tmp_path, photos, checkpoints):
@@ -196,8 +207,19 @@ def test_processing_res_below_the_model_minimum(photos, tmp_path, depth_d):
     assert r.exit_code == 0, r.output  # 4x4 px: one latent cell
     assert np.load(tmp_path / "p" / "square.npy").shape == (20, 20)
     Image.fromarray(make_image(8, 64)).save(tmp_path / "wide.png")  # 8:1 -> 16x2 at --processing-res 16
-    r = lotus("depth", tmp_path / "wide.png", photos / "top.PNG", "-m", depth_d, "--processing-res", 16,
-              "-o", tmp_path / "w", "-f", "npy")
+    r = lotus(
+        "depth",
+        tmp_path / "wide.png",
+        photos / "top.PNG",
+        "-m",
+        depth_d,
+        "--processing-res",
+        16,
+        "-o",
+        tmp_path / "w",
+        "-f",
+        "npy",
+    )
     assert r.exit_code == 1
     failed = [line for line in r.stderr.splitlines() if line.startswith("failed:")]
     assert len(failed) == 1 and "wide.png" in failed[0] and "below the model's minimum of 4 px" in failed[0]
@@ -205,8 +227,11 @@ def test_processing_res_below_the_model_minimum(photos, tmp_path, depth_d):
 
 
 def test_raw_refuses_file_options_and_inputs(tmp_path, depth_d):
-    for extra, named in ((["--json"], "--json"), (["--out", tmp_path / "o"], "--out"), (["--skip-existing"],
-                                                                                        "--skip-existing")):
+    for extra, named in (
+        (["--json"], "--json"),
+        (["--out", tmp_path / "o"], "--out"),
+        (["--skip-existing"], "--skip-existing"),
+    ):
         r = runner.invoke(app, ["depth", "--raw", "32x24", "-m", str(depth_d), *map(str, extra)], input=b"")
         assert r.exit_code == 2 and named in r.stderr and "--raw" in r.stderr
     assert not (tmp_path / "o").exists()
@@ -216,8 +241,11 @@ def test_uncertainty_raw_pipe_writes_the_spread(depth_g):
     from lotus_cli.predictor import EnsembleOptions
 
     frames = [make_image(24, 32, s) for s in (1, 2)]
-    r = runner.invoke(app, ["uncertainty", "--raw", "32x24", "-m", str(depth_g), "-n", "3", *FAST],
-                      input=b"".join(f.tobytes() for f in frames))
+    r = runner.invoke(
+        app,
+        ["uncertainty", "--raw", "32x24", "-m", str(depth_g), "-n", "3", *FAST],
+        input=b"".join(f.tobytes() for f in frames),
+    )
     assert r.exit_code == 0, r.stderr
     got = np.frombuffer(r.stdout_bytes, "<f4").reshape(2, 24, 32)
     pred = LotusPredictor.from_pretrained(depth_g, device="cpu")
@@ -231,8 +259,13 @@ def test_uncertainty_raw_pipe_writes_the_spread(depth_g):
 
 def _popen(args, **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lotus_cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lotus_cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        **kw,
+    )
 
 
 def test_closed_stdout_stops_at_once_with_status_141(tmp_path, depth_d):
@@ -275,10 +308,12 @@ def test_names_are_escaped_on_stderr_and_ndjson_stays_utf8(tmp_path, depth_d):
 
 def test_help_shows_flags_as_flags_and_each_command_its_own_options(tmp_path, photos, depth_d):
     env = {**os.environ, "COLUMNS": "200"}
-    depth = subprocess.run([sys.executable, "-m", "lotus_cli", "depth", "--help"], capture_output=True, text=True,
-                           env=env).stdout
-    normal = subprocess.run([sys.executable, "-m", "lotus_cli", "normal", "--help"], capture_output=True, text=True,
-                            env=env).stdout
+    depth = subprocess.run(
+        [sys.executable, "-m", "lotus_cli", "depth", "--help"], capture_output=True, text=True, env=env
+    ).stdout
+    normal = subprocess.run(
+        [sys.executable, "-m", "lotus_cli", "normal", "--help"], capture_output=True, text=True, env=env
+    ).stdout
     assert "<bool>" not in depth and "<bool>" not in normal
     assert "--skip-existing" in normal and "--cmap" in depth and "--stabilize" in depth
     assert "--cmap" not in normal and "--stabilize" not in normal and "depth PNGs" not in normal
@@ -294,16 +329,24 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(photos, tmp_path
         PredictOptions(processing_res=-1)
     with pytest.raises(UsageError, match="^batch_size must be >= 1"):
         PredictOptions(batch_size=0)
-    for flag_, value, said in (("--processing-res", -1, "--processing-res must be >= 0"),
-                               ("--batch-size", 0, "--batch-size must be >= 1"),
-                               ("--resample", "cubic", "--resample must be bilinear or nearest")):
+    for flag_, value, said in (
+        ("--processing-res", -1, "--processing-res must be >= 0"),
+        ("--batch-size", 0, "--batch-size must be >= 1"),
+        ("--resample", "cubic", "--resample must be bilinear or nearest"),
+    ):
         r = lotus("depth", photos / "a", "-m", depth_d, flag_, value, "-o", tmp_path / "o")
         assert r.exit_code == 2 and r.stderr.startswith(f"error: {said}"), r.stderr
 
 
-@pytest.mark.parametrize("command", [["depth"], ["normal"], ["uncertainty"], ["pointcloud"], ["eval", "depth"],
-                                     ["train"], ["models", "list"]])
+@pytest.mark.parametrize(
+    "command",
+    [["depth"], ["normal"], ["uncertainty"], ["pointcloud"], ["eval", "depth"], ["train"], ["models", "list"]],
+)
 def test_no_command_shows_a_boolean_flag_as_taking_a_value(command):
-    text = subprocess.run([sys.executable, "-m", "lotus_cli", *command, "--help"], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"}).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "lotus_cli", *command, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
     assert "Usage:" in text and "<bool>" not in text

@@ -145,8 +145,15 @@ def test_a_second_process_loads_the_compiled_graph_from_the_cache(depth_g, tmp_p
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
     def run():
-        out = subprocess.run([sys.executable, "-c", WARM, str(depth_g), str(tmp_path / "cache")], env=env,
-                             capture_output=True, text=True, cwd=ROOT, timeout=1800, check=False)
+        out = subprocess.run(
+            [sys.executable, "-c", WARM, str(depth_g), str(tmp_path / "cache")],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=1800,
+            check=False,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -155,8 +162,9 @@ def test_a_second_process_loads_the_compiled_graph_from_the_cache(depth_g, tmp_p
     assert warm["status"] is None and warm["hit"] >= 1 and warm["miss"] == 0
 
 
-def test_cli_compile_on_without_a_compiler_says_so_once_and_writes_eager_maps(tmp_path, depth_d, monkeypatch,
-                                                                                inductor_env):
+def test_cli_compile_on_without_a_compiler_says_so_once_and_writes_eager_maps(
+    tmp_path, depth_d, monkeypatch, inductor_env
+):
     from PIL import Image
     from typer.testing import CliRunner
 

@@ -18,8 +18,9 @@ from lotus_cli.predictor import LotusPredictor, PredictOptions
 from .conftest import make_image
 
 CPU = torch.device("cpu")
-needs_onednn = pytest.mark.skipif(not prepack.available(CPU, torch.float32),
-                                  reason="this torch build has no oneDNN convolution operators")
+needs_onednn = pytest.mark.skipif(
+    not prepack.available(CPU, torch.float32), reason="this torch build has no oneDNN convolution operators"
+)
 
 
 class FakeClock:
@@ -66,8 +67,10 @@ def modules(depth_g):
     return models.load_unet_vae(depth_g, torch.float32, CPU)
 
 
-@pytest.mark.parametrize("fast", [pytest.param("nchw"), pytest.param("channels_last"),
-                                  pytest.param("channels_last+packed", marks=needs_onednn)])
+@pytest.mark.parametrize(
+    "fast",
+    [pytest.param("nchw"), pytest.param("channels_last"), pytest.param("channels_last+packed", marks=needs_onednn)],
+)
 def test_the_layout_that_times_fastest_is_chosen(modules, timed, tmp_path, fast):
     clock, costs = timed
     costs.update({lay: 0.01 for lay in calibrate.LAYOUTS}, **{fast: 0.001})
@@ -84,8 +87,15 @@ def test_the_layout_that_times_fastest_is_chosen(modules, timed, tmp_path, fast)
 def test_what_the_caller_fixes_is_not_timed(modules, timed, tmp_path):
     clock, costs = timed
     costs.update(nchw=0.001, channels_last=0.01)
-    c = calibrate.choose(*modules, CPU, torch.float32, channels_last=True, pack_weights=False, processing_res=64,
-                         cache=tmp_path / "c.json")
+    c = calibrate.choose(
+        *modules,
+        CPU,
+        torch.float32,
+        channels_last=True,
+        pack_weights=False,
+        processing_res=64,
+        cache=tmp_path / "c.json",
+    )
     assert c.layout == "channels_last" and c.times["layout"] == {}  # one layout left: nothing to time
 
 
@@ -142,8 +152,12 @@ def test_the_cache_is_written_reused_and_a_corrupt_one_ignored(modules, timed, t
     assert again.how == "cached" and again.layout == first.layout == "nchw" and again.times == first.times
     # a corrupt file, or entries not of the shape this version writes, are ignored and rewritten
     monkeypatch.undo()
-    for garbage in ("{not json", json.dumps({"version": 1, "entries": {k: {"channels_last": "yes"} for k in
-                                                                      data["entries"]}}), "[]", ""):
+    for garbage in (
+        "{not json",
+        json.dumps({"version": 1, "entries": {k: {"channels_last": "yes"} for k in data["entries"]}}),
+        "[]",
+        "",
+    ):
         path.write_text(garbage)
         c = _timed_choose(modules, path, monkeypatch)
         assert c.how == "measured" and c.layout == "channels_last"
@@ -157,8 +171,9 @@ def _timed_choose(modules, path, monkeypatch):
     monkeypatch.setattr(calibrate, "busy", lambda: (None, 2))
     real = prepack.conv2d
     costs = {"nchw": 0.01, "channels_last": 0.001, "channels_last+packed": 0.01}
-    monkeypatch.setattr(prepack, "conv2d",
-                        lambda x, w, *a, **k: (clock.tick(costs[layout_of(x, w)]), real(x, w, *a, **k))[1])
+    monkeypatch.setattr(
+        prepack, "conv2d", lambda x, w, *a, **k: (clock.tick(costs[layout_of(x, w)]), real(x, w, *a, **k))[1]
+    )
     return calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=path)
 
 
@@ -190,13 +205,20 @@ def test_the_traced_convolutions_are_the_ones_a_prediction_runs(modules):
     """The meta-device trace finds every convolution call of encode, UNet and decode, with its input size."""
     unet, vae = modules
     calls = []
-    hooks = [m.register_forward_hook(lambda m, i, o: calls.append((m, tuple(i[0].shape[-2:]))))
-             for m in (*unet.modules(), *vae.modules()) if isinstance(m, torch.nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: calls.append((m, tuple(i[0].shape[-2:]))))
+        for m in (*unet.modules(), *vae.modules())
+        if isinstance(m, torch.nn.Conv2d)
+    ]
     pred_size = (48, 64)
     with torch.inference_mode():
         z = vae.encode(torch.zeros(1, 3, *pred_size)).latent_dist.mean
-        out = unet(torch.zeros(1, 8, *z.shape[-2:]), torch.tensor(999), encoder_hidden_states=torch.zeros(1, 2, 32),
-                   class_labels=torch.zeros(1, 4)).sample
+        out = unet(
+            torch.zeros(1, 8, *z.shape[-2:]),
+            torch.tensor(999),
+            encoder_hidden_states=torch.zeros(1, 2, 32),
+            class_labels=torch.zeros(1, 4),
+        ).sample
         vae.decode(out)
     for h in hooks:
         h.remove()
@@ -216,8 +238,16 @@ def test_the_predictor_runs_as_the_cache_says(depth_g, monkeypatch, tmp_path):
     unet, vae = models.load_unet_vae(depth_g, torch.float32, CPU)
     layouts = list(calibrate.LAYOUTS if prepack.available(CPU, torch.float32) else calibrate.LAYOUTS[:2])
     key = calibrate.cache_key(unet, vae, torch.float32, (64, 64), layouts)
-    record = dict(channels_last=False, pack_weights=False, strip_rows=0, threads=2, how="measured", size=[64, 64],
-                  times={"layout": {"nchw": 1.0}}, seconds=0.5)
+    record = dict(
+        channels_last=False,
+        pack_weights=False,
+        strip_rows=0,
+        threads=2,
+        how="measured",
+        size=[64, 64],
+        times={"layout": {"nchw": 1.0}},
+        seconds=0.5,
+    )
     entries = {"version": calibrate.CACHE_VERSION, "entries": {key: record}}
     (tmp_path / "calibration.json").write_text(json.dumps(entries))
     pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", processing_res=64)

@@ -24,8 +24,9 @@ def difference(pred, folder, task, img, seed=5) -> float:
     """Max difference of ``pred`` from the reference at native size: depth maps, or normals in raw units."""
     h, w = img.shape[:2]
     opts = PredictOptions(processing_res=max(h, w), resample="nearest", latent="sample", seed=seed)
-    y = reference_predict(load(folder), img, processing_res=max(h, w), seed=seed,
-                          posterior_seed=seed + POSTERIOR_SEED_OFFSET)  # [3, H, W] in [0, 1]
+    y = reference_predict(
+        load(folder), img, processing_res=max(h, w), seed=seed, posterior_seed=seed + POSTERIOR_SEED_OFFSET
+    )  # [3, H, W] in [0, 1]
     ours = pred.predict(img, opts).map
     if task == "depth":
         return float(np.abs(ours - y.mean(0).numpy()).max())
@@ -59,7 +60,8 @@ def test_channels_last_group_norm_is_the_modules_and_rounds_less(depth_d):
         norm.weight.uniform_(0.5, 2)
         norm.bias.normal_()
     x = torch.randn(1, 64, 96, 80, generator=torch.Generator().manual_seed(0)).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     with torch.inference_mode():
         truth = torch.nn.functional.group_norm(x.double(), 8, norm.weight.double(), norm.bias.double(), norm.eps)
         theirs = norm(x)

@@ -28,9 +28,19 @@ def test_doctor_names_the_machine(tmp_path, monkeypatch):
 
 def test_doctor_shows_the_choice_and_the_measured_times(tmp_path, monkeypatch, depth_d):
     monkeypatch.setenv("LOTUS_CACHE", str(tmp_path))
-    record = dict(channels_last=True, pack_weights=False, strip_rows=16, threads=2, how="measured", size=[512, 512],
-                  times={"layout": {"nchw": 2.5, "channels_last": 1.25, "channels_last+packed": 1.75},
-                         "strips": {"0": 0.5, "16": 0.375}}, seconds=3.2)
+    record = dict(
+        channels_last=True,
+        pack_weights=False,
+        strip_rows=16,
+        threads=2,
+        how="measured",
+        size=[512, 512],
+        times={
+            "layout": {"nchw": 2.5, "channels_last": 1.25, "channels_last+packed": 1.75},
+            "strips": {"0": 0.5, "16": 0.375},
+        },
+        seconds=3.2,
+    )
     entries = {"version": calibrate.CACHE_VERSION, "entries": {"k": record}}
     (tmp_path / "calibration.json").write_text(json.dumps(entries))
     out = doctor().output

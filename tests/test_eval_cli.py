@@ -127,8 +127,18 @@ def test_cli_scores_predictions_writes_json_and_csv_and_reports_missing_ones(tmp
     write_predictions(tmp_path / "pred", ds, [0.5 * g + 1 for g in gts])
     (tmp_path / "pred" / f"{ds.samples[2].key}.npy").unlink()
     out = tmp_path / "out"
-    r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}", "--out", out,
-              "--alignment", "depth")
+    r = lotus(
+        "eval",
+        "depth",
+        "--predictions",
+        tmp_path / "pred",
+        "--dataset",
+        f"scannet={path}",
+        "--out",
+        out,
+        "--alignment",
+        "depth",
+    )
     assert r.exit_code == 1, r.output  # one sample had no prediction
     assert "no prediction for scene02/color/000002" in r.output and "ScanNet" in r.output
     res = json.loads((out / "results.json").read_text())
@@ -145,9 +155,22 @@ def test_cli_max_samples_and_a_missing_dataset_among_good_ones(tmp_path):
     path, gts = write_depth_set(tmp_path / "data", "scannet", n=3)
     ds = D.open_dataset("depth", "scannet", path)
     write_predictions(tmp_path / "pred", ds, [g + 1 for g in gts])
-    r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}",
-              "--dataset", f"kitti={tmp_path / 'missing'}", "--max-samples", "1", "--out", tmp_path / "o",
-              "--alignment", "depth")
+    r = lotus(
+        "eval",
+        "depth",
+        "--predictions",
+        tmp_path / "pred",
+        "--dataset",
+        f"scannet={path}",
+        "--dataset",
+        f"kitti={tmp_path / 'missing'}",
+        "--max-samples",
+        "1",
+        "--out",
+        tmp_path / "o",
+        "--alignment",
+        "depth",
+    )
     assert r.exit_code == 1, r.output
     assert "kitti_eigen_split_test.tar" in r.output  # the message names the expected layout
     res = json.loads((tmp_path / "o" / "results.json").read_text())
@@ -160,13 +183,24 @@ def test_cli_maps_without_sidecar_need_alignment_stated(tmp_path):
     path, gts = write_depth_set(tmp_path / "data", "scannet", n=2)
     ds = D.open_dataset("depth", "scannet", path)
     write_predictions(tmp_path / "pred", ds, [0.02 * disparity(g) + 0.1 for g in gts])
-    r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}",
-              "--out", tmp_path / "o")
+    r = lotus(
+        "eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}", "--out", tmp_path / "o"
+    )
     assert r.exit_code == 2, r.output
     assert "--alignment" in r.stderr and "depth or disparity" in r.stderr
     assert not (tmp_path / "o" / "results.json").exists()
-    r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}",
-              "--out", tmp_path / "o", "--alignment", "disparity")
+    r = lotus(
+        "eval",
+        "depth",
+        "--predictions",
+        tmp_path / "pred",
+        "--dataset",
+        f"scannet={path}",
+        "--out",
+        tmp_path / "o",
+        "--alignment",
+        "disparity",
+    )
     assert r.exit_code == 0, r.output
     assert "ScanNet (disparity)" in r.stderr and "disparity alignment (from --alignment)" in r.stderr
     d = json.loads((tmp_path / "o" / "results.json").read_text())["datasets"]["scannet"]
@@ -175,23 +209,27 @@ def test_cli_maps_without_sidecar_need_alignment_stated(tmp_path):
     # a sidecar that says so is enough, and named as the source
     for m in (tmp_path / "pred").rglob("*.npy"):
         m.with_name(m.name.split(".")[0] + ".json").write_text(json.dumps({"kind": "disparity"}))
-    r = lotus("eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}",
-              "--out", tmp_path / "o2")
+    r = lotus(
+        "eval", "depth", "--predictions", tmp_path / "pred", "--dataset", f"scannet={path}", "--out", tmp_path / "o2"
+    )
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "o2" / "results.json").read_text())["datasets"]["scannet"]
     assert d["alignment"] == "disparity" and d["alignment_source"].startswith("sidecar ")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--dataset", "nyu3=/x"], "unknown depth dataset 'nyu3'"),
-    (["--dataset", "nyuv2"], "not NAME=PATH"),
-    (["--dataset", "nyuv2=/x", "--model", "depth-d", "--predictions", "/tmp"], "exclude each other"),
-    (["--dataset", "nyuv2=/x", "--save-predictions"], "needs --out"),
-    (["--dataset", "nyuv2=/x", "--alignment", "affine"], "--alignment must be one of"),
-    (["--dataset", "nyuv2=/x", "--dataset", "nyu=/y"], "--dataset nyuv2 given more than once"),
-    (["--dataset", "nyuv2=/x", "--model", "depth-q"], "unknown model 'depth-q'"),
-    (["--dataset", "nyuv2=/x", "--model", "normal-d"], "predicts normal, not depth"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "nyu3=/x"], "unknown depth dataset 'nyu3'"),
+        (["--dataset", "nyuv2"], "not NAME=PATH"),
+        (["--dataset", "nyuv2=/x", "--model", "depth-d", "--predictions", "/tmp"], "exclude each other"),
+        (["--dataset", "nyuv2=/x", "--save-predictions"], "needs --out"),
+        (["--dataset", "nyuv2=/x", "--alignment", "affine"], "--alignment must be one of"),
+        (["--dataset", "nyuv2=/x", "--dataset", "nyu=/y"], "--dataset nyuv2 given more than once"),
+        (["--dataset", "nyuv2=/x", "--model", "depth-q"], "unknown model 'depth-q'"),
+        (["--dataset", "nyuv2=/x", "--model", "normal-d"], "predicts normal, not depth"),
+    ],
+)
 def test_cli_usage_errors_exit_2_before_any_work(args, message):
     r = lotus("eval", "depth", *args)
     assert r.exit_code == 2, r.output
@@ -220,8 +258,21 @@ def test_cli_tiny_depth_model_on_three_real_nyu_frames(tmp_path, depth_d):
         lines.append(f"test/room/rgb_{i}.jpg test/room/depth_{i}.png")
     (data / "filename_list_test.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    r = lotus("eval", "depth", "--model", depth_d, "--dataset", f"nyuv2={data}", "--out", out,
-              "--save-predictions", "--processing-res", "64", "--device", "cpu")
+    r = lotus(
+        "eval",
+        "depth",
+        "--model",
+        depth_d,
+        "--dataset",
+        f"nyuv2={data}",
+        "--out",
+        out,
+        "--save-predictions",
+        "--processing-res",
+        "64",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     assert "NYUv2 test (disparity)" in r.output  # the paper's figures beside ours:
     assert "(paper 5.1)" in r.output and "(paper 97.1)" in r.output
@@ -231,8 +282,18 @@ def test_cli_tiny_depth_model_on_three_real_nyu_frames(tmp_path, depth_d):
     assert 0 < first["metrics"]["abs_rel"] < 10 and 0 <= first["metrics"]["delta1"] <= 1
     saved = out / "predictions" / "nyuv2" / "test" / "room" / "rgb_00050.npy"
     assert np.load(saved).shape == (480, 640)
-    r2 = lotus("eval", "depth", "--predictions", out / "predictions", "--dataset", f"nyuv2={data}",
-               "--alignment", "disparity", "--out", tmp_path / "again")
+    r2 = lotus(
+        "eval",
+        "depth",
+        "--predictions",
+        out / "predictions",
+        "--dataset",
+        f"nyuv2={data}",
+        "--alignment",
+        "disparity",
+        "--out",
+        tmp_path / "again",
+    )
     assert r2.exit_code == 0, r2.output
     again = json.loads((tmp_path / "again" / "results.json").read_text())["datasets"]["nyuv2"]
     assert again["metrics"] == pytest.approx(first["metrics"], rel=1e-9)
@@ -241,8 +302,18 @@ def test_cli_tiny_depth_model_on_three_real_nyu_frames(tmp_path, depth_d):
 def test_maps_written_by_lotus_depth_on_the_unpacked_set_are_found_and_read_as_disparity(tmp_path, depth_d):
     path, _ = write_depth_set(tmp_path / "data", "scannet", n=1)
     preds = tmp_path / "preds"
-    r = lotus("depth", path / "scene00" / "color", "--out", preds / "scene00" / "color", "--format", "npy",
-              "--model", depth_d, "--processing-res", "32")
+    r = lotus(
+        "depth",
+        path / "scene00" / "color",
+        "--out",
+        preds / "scene00" / "color",
+        "--format",
+        "npy",
+        "--model",
+        depth_d,
+        "--processing-res",
+        "32",
+    )
     assert r.exit_code == 0, r.output
     r = lotus("eval", "depth", "--predictions", preds, "--dataset", f"scannet={path}", "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
@@ -263,8 +334,18 @@ def test_released_depth_d_reaches_the_paper_on_full_nyuv2(tmp_path):
     """The released depth-d checkpoint on the 654 NYUv2 test frames: AbsRel within 0.2 points of the
     paper's 5.1 (delta1 there: 97.1)."""
     out = tmp_path / "out"
-    r = lotus("eval", "depth", "--model", "depth-d", "--dataset", f"nyuv2={os.environ['LOTUS_EVAL_NYU']}",
-              "--out", out, "--device", "cuda")
+    r = lotus(
+        "eval",
+        "depth",
+        "--model",
+        "depth-d",
+        "--dataset",
+        f"nyuv2={os.environ['LOTUS_EVAL_NYU']}",
+        "--out",
+        out,
+        "--device",
+        "cuda",
+    )
     assert r.exit_code == 0, r.output
     d = json.loads((out / "results.json").read_text())["datasets"]["nyuv2"]
     assert d["evaluated"] == 654

@@ -29,8 +29,6 @@ def smooth_depth(h: int, w: int, seed: int, lo: float = 0.8, hi: float = 6.0) ->
     return d
 
 
-
-
 def _jpg(a: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".jpg", a[:, :, ::-1])
     assert ok
@@ -79,8 +77,10 @@ def depth_files(name: str, n: int) -> tuple[dict[str, bytes], list[str], list[np
             f[0, :3] = np.inf  # ETH3D marks no measurement with inf
             files[f"rgb/office/images/dslr_images/DSC_000{i}.JPG"] = _jpg(_rgb(h, w, i))
             files[f"depth/office/ground_truth_depth/dslr_images/DSC_000{i}.JPG"] = f.tobytes()
-            lines.append(f"rgb/office/images/dslr_images/DSC_000{i}.JPG "
-                         f"depth/office/ground_truth_depth/dslr_images/DSC_000{i}.JPG")
+            lines.append(
+                f"rgb/office/images/dslr_images/DSC_000{i}.JPG "
+                f"depth/office/ground_truth_depth/dslr_images/DSC_000{i}.JPG"
+            )
             gts.append(np.where(np.isinf(f), 0.0, f).astype(np.float64))
         elif name == "diode":
             base = f"val/indoors/scene_0001/scan_0001/00001_0001_indoors_000_00{i}"
@@ -120,8 +120,9 @@ def unit_normals(h: int, w: int, seed: int) -> np.ndarray:
     return n / np.linalg.norm(n, axis=-1, keepdims=True)
 
 
-def write_normal_set(root: Path, name: str, n: int = 2, h: int = 24, w: int = 32,
-                     split: bool = True) -> tuple[Path, list[tuple[np.ndarray, np.ndarray]]]:
+def write_normal_set(
+    root: Path, name: str, n: int = 2, h: int = 24, w: int = 32, split: bool = True
+) -> tuple[Path, list[tuple[np.ndarray, np.ndarray]]]:
     """A tiny DSINE-format set; returns (folder, [(decoded GT normals, valid mask)])."""
     spec = D.NORMAL_SETS[name]
     root.mkdir(parents=True, exist_ok=True)
@@ -148,14 +149,14 @@ def write_normal_set(root: Path, name: str, n: int = 2, h: int = 24, w: int = 32
             gt, valid = f, np.linalg.norm(f, axis=-1) > 0.5
         else:  # OASIS: the ROI box rows 3..h-3, cols 2..w-5 inclusive
             y0, y1, x0, x1 = 3, h - 3, 2, w - 5
-            roi = nrm[y0:y1 + 1, x0:x1 + 1].astype(np.float32)
+            roi = nrm[y0 : y1 + 1, x0 : x1 + 1].astype(np.float32)
             roi[0, 0] = 0
             with open(base.with_name(base.name + "_normal.pkl"), "wb") as fh:
                 pickle.dump({"min_y": y0, "max_y": y1, "min_x": x0, "max_x": x1, "normal": roi}, fh)
             gt = np.zeros((h, w, 3))
-            gt[y0:y1 + 1, x0:x1 + 1] = roi * [-1, -1, 1]
+            gt[y0 : y1 + 1, x0 : x1 + 1] = roi * [-1, -1, 1]
             valid = np.zeros((h, w), bool)
-            valid[y0:y1 + 1, x0:x1 + 1] = True
+            valid[y0 : y1 + 1, x0 : x1 + 1] = True
             valid[y0, x0] = False
         lines.append(rel)
         out.append((gt, valid))
@@ -181,9 +182,9 @@ def test_depth_sets_decode_ground_truth_and_masks(tmp_path, name, tar):
         lo, hi = spec.depth_range
         expect_valid = (gt > lo) & (gt < hi) if name != "diode" else gt > 0
         if name == "kitti":
-            gt, expect_valid = gt[375 - 352:, 13:13 + 1216], expect_valid[375 - 352:, 13:13 + 1216]
+            gt, expect_valid = gt[375 - 352 :, 13 : 13 + 1216], expect_valid[375 - 352 :, 13 : 13 + 1216]
             win = np.zeros_like(expect_valid)
-            win[int(0.3324324 * 352):int(0.91351351 * 352), int(0.0359477 * 1216):int(0.96405229 * 1216)] = True
+            win[int(0.3324324 * 352) : int(0.91351351 * 352), int(0.0359477 * 1216) : int(0.96405229 * 1216)] = True
             expect_valid &= win
         if name == "nyuv2":
             win = np.zeros_like(expect_valid)
@@ -193,11 +194,16 @@ def test_depth_sets_decode_ground_truth_and_masks(tmp_path, name, tar):
         np.testing.assert_allclose(item.gt, gt, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(item.valid, expect_valid)
         assert expect_valid.sum() > 0.3 * expect_valid.size * (0.4 if name == "kitti" else 1)
-    assert ds.samples[0].key == {"nyuv2": "test/kitchen_0000/rgb_0000",
-                                 "kitti": "2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000000",
-                                 "scannet": "scene00/color/000000",
-                                 "eth3d": "rgb/office/images/dslr_images/DSC_0000",
-                                 "diode": "val/indoors/scene_0001/scan_0001/00001_0001_indoors_000_000"}[name]
+    assert (
+        ds.samples[0].key
+        == {
+            "nyuv2": "test/kitchen_0000/rgb_0000",
+            "kitti": "2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000000",
+            "scannet": "scene00/color/000000",
+            "eth3d": "rgb/office/images/dslr_images/DSC_0000",
+            "diode": "val/indoors/scene_0001/scan_0001/00001_0001_indoors_000_000",
+        }[name]
+    )
 
 
 def test_the_archive_can_be_passed_itself_and_the_split_given_elsewhere(tmp_path):
@@ -241,7 +247,9 @@ def test_a_diode_mask_of_another_shape_is_refused(tmp_path, mask_shape):
     path, _ = write_depth_set(tmp_path / "d", "diode", n=1)
     ds = D.open_dataset("depth", "diode", path)
     (path / ds.samples[0].extra).write_bytes(_npy(np.ones(mask_shape, np.float32)))
-    with pytest.raises(InputError, match=r"_depth_mask.npy: mask shape \(%d, %d\) != depth \(30, 40\)" % mask_shape):
+    with pytest.raises(
+        InputError, match=rf"_depth_mask.npy: mask shape \({mask_shape[0]}, {mask_shape[1]}\) != depth \(30, 40\)"
+    ):
         ds.load(ds.samples[0])
 
 

@@ -26,7 +26,7 @@ def test_depth_metrics_by_hand():
     assert (m["delta1"], m["delta2"], m["delta3"]) == (0.25, 0.5, 0.5)
     assert m["i_rmse"] == pytest.approx(math.sqrt((0.25 + 0 + 0.25 + (1 / 3 - 1 / 2) ** 2) / 4))
     mean_d = sum(d) / 4
-    assert m["silog"] == pytest.approx(100 * math.sqrt(sum(x * x for x in d) / 4 - mean_d ** 2))
+    assert m["silog"] == pytest.approx(100 * math.sqrt(sum(x * x for x in d) / 4 - mean_d**2))
 
 
 def test_perfect_prediction_scores_zero_error():
@@ -60,8 +60,13 @@ def test_align_depth_space_recovers_the_map_and_clips_to_the_range():
     a = M.align_depth(pred, gt, valid, "depth", (1e-3, 10.0))
     assert (a.scale, a.shift) == (pytest.approx(2.0), pytest.approx(1.0))
     np.testing.assert_allclose(a.depth, [[1, 2], [3, 10]])
-    low = M.align_depth(np.array([[-5.0, 0.0], [1.0, 2.0]]), np.array([[1.0, 1.0], [3.0, 5.0]]),
-                        np.array([[False, True], [True, True]]), "depth", (0.5, 10.0))
+    low = M.align_depth(
+        np.array([[-5.0, 0.0], [1.0, 2.0]]),
+        np.array([[1.0, 1.0], [3.0, 5.0]]),
+        np.array([[False, True], [True, True]]),
+        "depth",
+        (0.5, 10.0),
+    )
     assert low.depth[0, 0] == 0.5  # 2 * -5 + 1 < 0.5: clipped up to the dataset's minimum
 
 

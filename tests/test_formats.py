@@ -161,9 +161,21 @@ def test_opencv_reads_our_exr(tmp_path):
     dp, np_ = sinks.output_paths(tmp_path, "d", ("exr",)), sinks.output_paths(tmp_path, "n", ("exr",))
     sinks.write_outputs(dp, d, "disparity", {})
     sinks.write_outputs(np_, n, "normal", {})
-    out = subprocess.run([sys.executable, "-c", OPENCV_SCRIPT, str(dp["exr"]), str(np_["exr"]),
-                          str(tmp_path / "d.npy"), str(tmp_path / "n.npy")],
-                         capture_output=True, text=True, env={**os.environ}, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            OPENCV_SCRIPT,
+            str(dp["exr"]),
+            str(np_["exr"]),
+            str(tmp_path / "d.npy"),
+            str(tmp_path / "n.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     if out.stdout.startswith("SKIP"):
         pytest.skip(out.stdout.strip() + " (opencv-python-headless 4.x wheels have it)")
@@ -178,14 +190,40 @@ def test_cli_writes_exr_for_images_videos_and_tiles(tmp_path, checkpoints):
 
     depth_d = checkpoints[("depth", "d")]
     Image.fromarray(make_image(40, 56)).save(tmp_path / "x.png")
-    r = runner.invoke(app, ["depth", str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "-m", str(depth_d),
-                            "--processing-res", "32", "-f", "exr,npy"])
+    r = runner.invoke(
+        app,
+        [
+            "depth",
+            str(tmp_path / "x.png"),
+            "-o",
+            str(tmp_path / "o"),
+            "-m",
+            str(depth_d),
+            "--processing-res",
+            "32",
+            "-f",
+            "exr,npy",
+        ],
+    )
     assert r.exit_code == 0, r.output
     ch, _ = exr_channels(tmp_path / "o" / "x.exr")
     assert np.array_equal(ch["Z"], np.load(tmp_path / "o" / "x.npy"))
     make_clip(tmp_path / "c.mp4", n=5, fps=5)
-    r = runner.invoke(app, ["normal", str(tmp_path / "c.mp4"), "-o", str(tmp_path / "v"), "-m",
-                            str(checkpoints[("normal", "d")]), "--processing-res", "32", "-f", "exr,npy"])
+    r = runner.invoke(
+        app,
+        [
+            "normal",
+            str(tmp_path / "c.mp4"),
+            "-o",
+            str(tmp_path / "v"),
+            "-m",
+            str(checkpoints[("normal", "d")]),
+            "--processing-res",
+            "32",
+            "-f",
+            "exr,npy",
+        ],
+    )
     assert r.exit_code == 0, r.output
     exrs = sorted((tmp_path / "v" / "c").glob("*.exr"))
     npys = sorted((tmp_path / "v" / "c").glob("*.npy"))
@@ -195,8 +233,25 @@ def test_cli_writes_exr_for_images_videos_and_tiles(tmp_path, checkpoints):
     side = json.loads((tmp_path / "v" / "c.json").read_text())
     assert side["outputs"]["exr"]["channels"] == ["R", "G", "B"] and side["outputs"]["exr"]["folder"] == "c"
     Image.fromarray(make_image(96, 128, 7)).save(tmp_path / "big.png")
-    r = runner.invoke(app, ["depth", str(tmp_path / "big.png"), "-o", str(tmp_path / "t"), "-m", str(depth_d),
-                            "-f", "exr,npy", "--processing-res", "32", "--tile", "48", "--tile-res", "32"])
+    r = runner.invoke(
+        app,
+        [
+            "depth",
+            str(tmp_path / "big.png"),
+            "-o",
+            str(tmp_path / "t"),
+            "-m",
+            str(depth_d),
+            "-f",
+            "exr,npy",
+            "--processing-res",
+            "32",
+            "--tile",
+            "48",
+            "--tile-res",
+            "32",
+        ],
+    )
     assert r.exit_code == 0, r.output
     ch, _ = exr_channels(tmp_path / "t" / "big.exr")
     assert ch["Z"].shape == (96, 128) and np.array_equal(ch["Z"], np.load(tmp_path / "t" / "big.npy"))

@@ -30,8 +30,9 @@ def full_g(tmp_path_factory) -> Path:
         return Path(given)
     from lotus_cli.synthetic import build_checkpoint
 
-    return build_checkpoint(tmp_path_factory.mktemp("full") / "lotus-depth-g-v2-1-disparity", family="g",
-                            task="depth", size="full")
+    return build_checkpoint(
+        tmp_path_factory.mktemp("full") / "lotus-depth-g-v2-1-disparity", family="g", task="depth", size="full"
+    )
 
 
 @pytest.fixture
@@ -49,12 +50,14 @@ def test_full_size_default_path_matches_the_reference(full_g, all_threads):
     yy, xx = np.mgrid[0:512, 0:512]
     img = np.clip(np.stack([xx / 2, yy / 2, (xx + yy) / 4], -1) + rng.normal(0, 20, (512, 512, 3)), 0, 255)
     img = img.astype(np.uint8)
-    ref = as_depth(reference_predict(load(full_g), img, processing_res=512, seed=3,
-                                     posterior_seed=3 + POSTERIOR_SEED_OFFSET))
+    ref = as_depth(
+        reference_predict(load(full_g), img, processing_res=512, seed=3, posterior_seed=3 + POSTERIOR_SEED_OFFSET)
+    )
     # every fast path this CPU offers, whatever the calibration would choose (it may leave some out)
     can_pack = prepack.available(torch.device("cpu"), torch.float32)
-    pred = LotusPredictor.from_pretrained(str(full_g), device="cpu", dtype="fp32", channels_last=True,
-                                          pack_weights=can_pack)
+    pred = LotusPredictor.from_pretrained(
+        str(full_g), device="cpu", dtype="fp32", channels_last=True, pack_weights=can_pack
+    )
     pred.strip_rows = strips.ROWS
     assert pred.packed == can_pack and pred.channels_last and pred.strip_rows > 0
     ours = pred.predict(img, PredictOptions(processing_res=512, resample="nearest", latent="sample", seed=3)).map

@@ -25,7 +25,7 @@ def plane_depth(K, normal, offset):
 def sphere_depth(K, centre, radius):
     """z of the near side of a sphere along every pixel's ray (NaN where the ray misses)."""
     d = rays(K)
-    a, b, c = (d * d).sum(-1), -2 * d @ centre, centre @ centre - radius ** 2
+    a, b, c = (d * d).sum(-1), -2 * d @ centre, centre @ centre - radius**2
     disc = b * b - 4 * a * c
     return np.where(disc >= 0, (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a), np.nan)
 

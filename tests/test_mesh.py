@@ -27,8 +27,9 @@ def lotus(*args):
 def cloud_of(z, rgb=None, fov=60.0, **opts):
     h, w = z.shape
     rgb = make_image(h, w) if rgb is None else rgb
-    return make_cloud(rgb, z.astype(np.float32), "depth", CameraOptions(fov=fov), ScaleOptions(), CloudOptions(**opts),
-                      per_metre=1.0)
+    return make_cloud(
+        rgb, z.astype(np.float32), "depth", CameraOptions(fov=fov), ScaleOptions(), CloudOptions(**opts), per_metre=1.0
+    )
 
 
 def box_before_wall(h=48, w=64):
@@ -57,8 +58,9 @@ def test_fronto_parallel_plane_is_flat_and_faces_the_camera():
         mesh = M.from_cloud(cloud_of(z, up=up))
         assert len(mesh.faces) == 2 * (29 * 39 - 4 * 5)
         np.testing.assert_allclose(mesh.vertices[:, 2], 2.0 if up == "opencv" else -2.0, atol=1e-6)
-        np.testing.assert_allclose(M.triangle_normals(mesh.vertices, mesh.faces),
-                                   np.broadcast_to(facing, (len(mesh.faces), 3)), atol=1e-6)
+        np.testing.assert_allclose(
+            M.triangle_normals(mesh.vertices, mesh.faces), np.broadcast_to(facing, (len(mesh.faces), 3)), atol=1e-6
+        )
         np.testing.assert_allclose(mesh.normals, np.broadcast_to(facing, mesh.normals.shape), atol=1e-5)
 
 
@@ -85,8 +87,9 @@ def test_vertices_are_the_clouds_points_and_stride_decimates():
     np.testing.assert_array_equal(mesh.vertices, cloud.points)
     np.testing.assert_array_equal(mesh.colors, cloud.colors)
     np.testing.assert_allclose(mesh.vertices @ normal, -2.0, atol=1e-5)
-    np.testing.assert_allclose(M.triangle_normals(mesh.vertices, mesh.faces),
-                               np.broadcast_to(normal, (len(mesh.faces), 3)), atol=1e-5)
+    np.testing.assert_allclose(
+        M.triangle_normals(mesh.vertices, mesh.faces), np.broadcast_to(normal, (len(mesh.faces), 3)), atol=1e-5
+    )
     z[7, 9] = np.nan  # between grid points of stride 2: the blocks covering it go, its grid neighbours stay
     coarse = cloud_of(z, fov=70.0, stride=2, edge_threshold=0)  # (the plane is steep enough to lose pixels)
     mesh2 = M.from_cloud(coarse, 2)
@@ -145,8 +148,21 @@ def test_cli_writes_meshes_beside_the_cloud(tmp_path):
     z, _ = box_before_wall(30, 40)
     np.save(tmp_path / "m.npy", z.astype(np.float32))
     Image.fromarray(make_image(30, 40)).save(tmp_path / "m.png")
-    r = lotus("pointcloud", tmp_path / "m.png", "--depth", tmp_path / "m.npy", "--fov", 60, "--out", tmp_path / "o",
-              "--normals", "depth", "--mesh-format", "glb,ply", "--json")
+    r = lotus(
+        "pointcloud",
+        tmp_path / "m.png",
+        "--depth",
+        tmp_path / "m.npy",
+        "--fov",
+        60,
+        "--out",
+        tmp_path / "o",
+        "--normals",
+        "depth",
+        "--mesh-format",
+        "glb,ply",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "o" / "m.json").read_text())
     assert side["mesh"]["files"] == {"glb": "m.glb", "ply": "m.mesh.ply"}
@@ -158,11 +174,21 @@ def test_cli_writes_meshes_beside_the_cloud(tmp_path):
     np.testing.assert_allclose(back.vertex.positions.numpy(), used, atol=1e-6)  # the cloud's points, in order
     assert len(pts) - len(used) == side["mesh"]["points_in_no_triangle"]
     assert json.loads(r.stdout.splitlines()[-1])["outputs"]["glb"].endswith("m.glb")
-    r = lotus("pointcloud", tmp_path / "m.png", "--depth", tmp_path / "m.npy", "--out", tmp_path / "o", "--mesh",
-              "--max-points", 100)
+    r = lotus(
+        "pointcloud",
+        tmp_path / "m.png",
+        "--depth",
+        tmp_path / "m.npy",
+        "--out",
+        tmp_path / "o",
+        "--mesh",
+        "--max-points",
+        100,
+    )
     assert r.exit_code == 2 and "use --stride" not in r.output and "decimate with --stride" in r.output
-    r = lotus("pointcloud", tmp_path / "m.png", "--depth", tmp_path / "m.npy", "--out", tmp_path / "o",
-              "--mesh-format", "stl")
+    r = lotus(
+        "pointcloud", tmp_path / "m.png", "--depth", tmp_path / "m.npy", "--out", tmp_path / "o", "--mesh-format", "stl"
+    )
     assert r.exit_code == 2 and "--mesh-format 'stl'" in r.output
 
 
@@ -170,8 +196,26 @@ def test_cli_video_writes_one_mesh_per_frame(tmp_path, depth_d):
     from .test_video import make_clip
 
     clip = make_clip(tmp_path / "clip.mp4", 4, 10.0, size=(32, 24))
-    r = lotus("pointcloud", clip, "--model", depth_d, "--normals", "depth", "--processing-res", 32, "--fps", 5,
-              "--out", tmp_path / "o", "--stride", 2, "--mesh", "--preview", "--edge-threshold", 0)
+    r = lotus(
+        "pointcloud",
+        clip,
+        "--model",
+        depth_d,
+        "--normals",
+        "depth",
+        "--processing-res",
+        32,
+        "--fps",
+        5,
+        "--out",
+        tmp_path / "o",
+        "--stride",
+        2,
+        "--mesh",
+        "--preview",
+        "--edge-threshold",
+        0,
+    )
     assert r.exit_code == 0, r.output
     frames = json.loads((tmp_path / "o" / "clip.json").read_text())["frames"]
     glbs = sorted((tmp_path / "o" / "clip").glob("*.glb"))

@@ -156,8 +156,12 @@ def test_family_from_in_channels_not_name(checkpoints, tmp_path):
 
 def test_cli_models_list_and_path():
     """The table is data: on stdout, with full names when piped, whatever the terminal width."""
-    out = subprocess.run([sys.executable, "-m", "lotus_cli", "models", "list"], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "40"})
+    out = subprocess.run(
+        [sys.executable, "-m", "lotus_cli", "models", "list"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "40"},
+    )
     assert out.returncode == 0
     lines = out.stdout.splitlines()
     assert lines[0].split("\t")[:3] == ["name", "aliases", "hub id"]
@@ -165,9 +169,14 @@ def test_cli_models_list_and_path():
     for e in models.REGISTRY:
         assert rows[e.name][2] == e.repo_id and rows[e.name][5] == e.kind
     assert "not stated" in out.stdout and "Open RAIL++-M" in out.stderr
-    grep = subprocess.run(f"{sys.executable} -m lotus_cli models list | grep depth-d-v2-0-disparity", shell=True,
-                          capture_output=True, text=True)
+    grep = subprocess.run(
+        f"{sys.executable} -m lotus_cli models list | grep depth-d-v2-0-disparity",
+        shell=True,
+        capture_output=True,
+        text=True,
+    )
     assert grep.returncode == 0 and "jingheya/lotus-depth-d-v2-0-disparity" in grep.stdout
-    missing = subprocess.run([sys.executable, "-m", "lotus_cli", "models", "path", "depth-g"], capture_output=True,
-                             text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "lotus_cli", "models", "path", "depth-g"], capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "lotus models pull depth-g" in missing.stderr and missing.stdout == ""

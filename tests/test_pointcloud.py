@@ -20,8 +20,14 @@ from .test_geometry import plane_depth
 
 o3d = pytest.importorskip("open3d")
 # ../shared/data beside the clone (a git worktree sits one level deeper: look there too)
-RGBD = next((p / "shared" / "data" / "rgbd" for p in Path(__file__).resolve().parents[2:4]
-             if (p / "shared" / "data" / "rgbd").is_dir()), Path("../shared/data/rgbd"))
+RGBD = next(
+    (
+        p / "shared" / "data" / "rgbd"
+        for p in Path(__file__).resolve().parents[2:4]
+        if (p / "shared" / "data" / "rgbd").is_dir()
+    ),
+    Path("../shared/data/rgbd"),
+)
 NYU_K = (518.8579, 519.46961, 325.58245, 253.73617)
 
 
@@ -42,8 +48,15 @@ def test_ply_round_trip_through_open3d(tmp_path):
     K = g.intrinsics_from_fov(40, 30, 70.0)
     z = plane_depth(K, np.array([0.0, 0.0, -1.0]), -3.0)  # a wall 3 m ahead
     rgb = make_image(30, 40)
-    cloud = make_cloud(rgb, z.astype(np.float32), "depth", CameraOptions(fov=70.0), ScaleOptions(),
-                       CloudOptions(stride=2), per_metre=1.0)
+    cloud = make_cloud(
+        rgb,
+        z.astype(np.float32),
+        "depth",
+        CameraOptions(fov=70.0),
+        ScaleOptions(),
+        CloudOptions(stride=2),
+        per_metre=1.0,
+    )
     from lotus_cli.sinks import write_ply
 
     write_ply(tmp_path / "c.ply", cloud.points, cloud.colors, cloud.normals, ["units metres"])
@@ -67,14 +80,31 @@ def test_up_y_is_the_opengl_frame():
 
 def test_cli_image_to_cloud_states_what_it_assumed(tmp_path, depth_d):
     Image.fromarray(make_image(36, 48)).save(tmp_path / "room.png")
-    r = lotus("pointcloud", tmp_path / "room.png", "--model", depth_d, "--normals", "depth", "--processing-res", 32,
-              "--out", tmp_path / "pc", "--edge-threshold", 0)
+    r = lotus(
+        "pointcloud",
+        tmp_path / "room.png",
+        "--model",
+        depth_d,
+        "--normals",
+        "depth",
+        "--processing-res",
+        32,
+        "--out",
+        tmp_path / "pc",
+        "--edge-threshold",
+        0,
+    )
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "pc" / "room.json").read_text())
     assert side["camera_source"].startswith("assumed") and abs(side["camera"]["hfov_deg"] - g.DEFAULT_FOV) < 1e-6
     assert side["depth"]["assumed"] == ["--near 1 m", "--far 10 m"] and side["depth"]["kind"] == "disparity"
-    assert side["assumed"] == ["camera: 60 degree horizontal field of view", f"camera: {CENTRED}", f"camera: {SQUARE}",
-                               "--near 1 m", "--far 10 m"]
+    assert side["assumed"] == [
+        "camera: 60 degree horizontal field of view",
+        f"camera: {CENTRED}",
+        f"camera: {SQUARE}",
+        "--near 1 m",
+        "--far 10 m",
+    ]
     pts, cols, nrm = read_ply(tmp_path / "pc" / "room.ply")
     assert len(pts) == 36 * 48
     assert abs(pts[:, 2].min() - 1.0) < 1e-4 and abs(pts[:, 2].max() - 10.0) < 1e-3  # near and far as stated
@@ -85,14 +115,37 @@ def test_cli_image_to_cloud_states_what_it_assumed(tmp_path, depth_d):
 
 def test_cli_backprojects_a_map_lotus_depth_wrote(tmp_path, depth_d):
     Image.fromarray(make_image(30, 40, 2)).save(tmp_path / "x.png")
-    r = lotus("depth", tmp_path / "x.png", "--model", depth_d, "--out", tmp_path / "d", "--format", "npy,png16",
-              "--processing-res", 32)
+    r = lotus(
+        "depth",
+        tmp_path / "x.png",
+        "--model",
+        depth_d,
+        "--out",
+        tmp_path / "d",
+        "--format",
+        "npy,png16",
+        "--processing-res",
+        32,
+    )
     assert r.exit_code == 0, r.output
     clouds = {}
     for name in ("x.npy", "x.16bit.png"):
         out = tmp_path / name.replace(".", "_")
-        r = lotus("pointcloud", "--depth", tmp_path / "d" / name, "--out", out, "--near", 2, "--far", 5,
-                  "--edge-threshold", 0, "--fov", 50)
+        r = lotus(
+            "pointcloud",
+            "--depth",
+            tmp_path / "d" / name,
+            "--out",
+            out,
+            "--near",
+            2,
+            "--far",
+            5,
+            "--edge-threshold",
+            0,
+            "--fov",
+            50,
+        )
         assert r.exit_code == 0, r.output
         side = json.loads((out / "x.json").read_text())
         assert side["depth_input_info"]["kind"] == "disparity" and side["depth"]["near_m"] == 2.0
@@ -105,8 +158,9 @@ def test_cli_metric_png16_in_mm_gives_metres(tmp_path):
     K = g.intrinsics_from_fov(40, 30, 90.0)
     z = plane_depth(K, np.array([0.0, -0.6, -0.8]), -1.6)  # a floor seen from above
     Image.fromarray(np.round(z * 1000).astype(np.uint16)).save(tmp_path / "floor.png")
-    r = lotus("pointcloud", "--depth", tmp_path / "floor.png", "--fov", 90, "--out", tmp_path / "o",
-              "--edge-threshold", 0)
+    r = lotus(
+        "pointcloud", "--depth", tmp_path / "floor.png", "--fov", 90, "--out", tmp_path / "o", "--edge-threshold", 0
+    )
     assert r.exit_code == 0, r.output
     pts, _, nrm = read_ply(tmp_path / "o" / "floor.ply")
     np.testing.assert_allclose(pts @ np.array([0.0, -0.6, -0.8]), -1.6, atol=2e-3)  # mm quantisation
@@ -119,8 +173,23 @@ def test_cli_align_to_turns_affine_disparity_into_the_true_geometry(tmp_path):
     disp = 1 / z
     np.save(tmp_path / "pred.npy", ((disp - disp.min()) / (disp.max() - disp.min())).astype(np.float32))
     np.save(tmp_path / "metric.npy", np.where(np.random.default_rng(0).random(z.shape) < 0.1, z, 0).astype(np.float32))
-    r = lotus("pointcloud", "--depth", tmp_path / "pred.npy", "--depth-kind", "disparity", "--depth-units", "relative",
-              "--align-to", tmp_path / "metric.npy", "--fov", 60, "--out", tmp_path / "o", "--edge-threshold", 0)
+    r = lotus(
+        "pointcloud",
+        "--depth",
+        tmp_path / "pred.npy",
+        "--depth-kind",
+        "disparity",
+        "--depth-units",
+        "relative",
+        "--align-to",
+        tmp_path / "metric.npy",
+        "--fov",
+        60,
+        "--out",
+        tmp_path / "o",
+        "--edge-threshold",
+        0,
+    )
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "o" / "pred.json").read_text())
     assert side["depth"]["rmse_m"] < 1e-4 and side["depth"]["assumed"] == []
@@ -155,8 +224,24 @@ def test_cli_video_writes_one_cloud_per_frame(tmp_path, depth_d):
     from .test_video import make_clip
 
     clip = make_clip(tmp_path / "clip.mp4", 6, 10.0, size=(32, 24))
-    r = lotus("pointcloud", clip, "--model", depth_d, "--normals", "depth", "--processing-res", 32, "--fps", 5,
-              "--out", tmp_path / "o", "--stride", 2, "--edge-threshold", 0)
+    r = lotus(
+        "pointcloud",
+        clip,
+        "--model",
+        depth_d,
+        "--normals",
+        "depth",
+        "--processing-res",
+        32,
+        "--fps",
+        5,
+        "--out",
+        tmp_path / "o",
+        "--stride",
+        2,
+        "--edge-threshold",
+        0,
+    )
     assert r.exit_code == 0, r.output
     plys = sorted((tmp_path / "o" / "clip").glob("*.ply"))
     side = json.loads((tmp_path / "o" / "clip.json").read_text())
@@ -184,8 +269,19 @@ def test_cli_refuses_what_it_would_get_wrong(tmp_path):
     np.save(tmp_path / "tilted.npy", tilted.astype(np.float32))
     disp = 1 / tilted  # a disparity map declared as depth: fitting it would turn the scene inside out
     np.save(tmp_path / "pred.npy", ((disp - disp.min()) / np.ptp(disp)).astype(np.float32))
-    r = lotus("pointcloud", "--depth", tmp_path / "pred.npy", "--depth-units", "relative", "--depth-kind", "depth",
-              "--align-to", tmp_path / "tilted.npy", "--out", tmp_path / "o")
+    r = lotus(
+        "pointcloud",
+        "--depth",
+        tmp_path / "pred.npy",
+        "--depth-units",
+        "relative",
+        "--depth-kind",
+        "depth",
+        "--align-to",
+        tmp_path / "tilted.npy",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.exit_code == 1 and "orders depth the other way" in r.output
     assert not list((tmp_path / "o").glob("*.ply"))
 
@@ -198,17 +294,36 @@ def test_cli_normals_none_predicted_and_frames(tmp_path, checkpoints):
     assert r.exit_code == 0, r.output
     assert "property float nx" not in ply_header(tmp_path / "none" / "x.ply")
     assert json.loads((tmp_path / "none" / "x.json").read_text())["normals"] == "none written"
-    r = lotus("pointcloud", tmp_path / "x.png", "--normal-model", checkpoints[("normal", "d")], "--out", tmp_path / "p",
-              *common)
+    r = lotus(
+        "pointcloud",
+        tmp_path / "x.png",
+        "--normal-model",
+        checkpoints[("normal", "d")],
+        "--out",
+        tmp_path / "p",
+        *common,
+    )
     assert r.exit_code == 0, r.output
     from lotus_cli.predictor import LotusPredictor, PredictOptions
 
-    lotus_frame = LotusPredictor.from_pretrained(checkpoints[("normal", "d")], device="cpu").predict(
-        img, PredictOptions(processing_res=32)).map
+    lotus_frame = (
+        LotusPredictor.from_pretrained(checkpoints[("normal", "d")], device="cpu")
+        .predict(img, PredictOptions(processing_res=32))
+        .map
+    )
     _, _, nrm = read_ply(tmp_path / "p" / "x.ply")
     np.testing.assert_allclose(nrm, g.convert_normals(lotus_frame, "opencv").reshape(-1, 3), atol=1e-5)
-    r = lotus("pointcloud", tmp_path / "x.png", "--normal-model", checkpoints[("normal", "d")], "--up", "y",
-              "--out", tmp_path / "y", *common)
+    r = lotus(
+        "pointcloud",
+        tmp_path / "x.png",
+        "--normal-model",
+        checkpoints[("normal", "d")],
+        "--up",
+        "y",
+        "--out",
+        tmp_path / "y",
+        *common,
+    )
     assert r.exit_code == 0, r.output
     pts_cv, _, _ = read_ply(tmp_path / "p" / "x.ply")
     pts_gl, _, nrm_gl = read_ply(tmp_path / "y" / "x.ply")
@@ -231,15 +346,28 @@ def test_shape_from_normals_says_when_it_found_nothing():
 
 def test_cli_shape_from_normals_records_its_fit(tmp_path, checkpoints):
     Image.fromarray(make_image(24, 32, 5)).save(tmp_path / "x.png")
-    r = lotus("pointcloud", tmp_path / "x.png", "--model", checkpoints[("depth", "d")], "--normal-model",
-              checkpoints[("normal", "d")], "--shape-from-normals", "--processing-res", 32, "--out", tmp_path / "o")
+    r = lotus(
+        "pointcloud",
+        tmp_path / "x.png",
+        "--model",
+        checkpoints[("depth", "d")],
+        "--normal-model",
+        checkpoints[("normal", "d")],
+        "--shape-from-normals",
+        "--processing-res",
+        32,
+        "--out",
+        tmp_path / "o",
+    )
     assert r.exit_code == 0, r.output
     depth = json.loads((tmp_path / "o" / "x.json").read_text())["depth"]
     header = ply_header(tmp_path / "o" / "x.ply")
     if "warning" in depth:  # random weights: either the fit found a shift (and says how well) or it says why not
         assert "warning shape from normals found no shift" in header
     else:
-        assert depth["median_angle_deg"] + 1.0 <= depth["median_angle_deg_flat"] and "the shift was fitted" not in header
+        assert (
+            depth["median_angle_deg"] + 1.0 <= depth["median_angle_deg_flat"] and "the shift was fitted" not in header
+        )
         assert depth["method"].startswith("shift from the predicted normals")
 
 
@@ -249,14 +377,26 @@ def test_cli_camera_from_exif_and_scaled_intrinsics(tmp_path):
     exif = Image.Exif()
     exif.get_ifd(0x8769)[41989] = 28  # FocalLengthIn35mmFilm
     Image.fromarray(make_image(60, 80)).save(tmp_path / "cam.jpg", exif=exif)  # the photo: twice the map's size
-    r = lotus("pointcloud", tmp_path / "cam.jpg", "--depth", tmp_path / "m.npy", "--out", tmp_path / "e", "--normals", "depth")
+    r = lotus(
+        "pointcloud", tmp_path / "cam.jpg", "--depth", tmp_path / "m.npy", "--out", tmp_path / "e", "--normals", "depth"
+    )
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "e" / "m.json").read_text())
     assert side["camera_source"] == "EXIF FocalLengthIn35mmFilm 28 mm"
     want = g.focal_px_from_35mm(28, 80, 60) / 2  # focal of the 80 x 60 photo, on the 40 x 30 map
     assert abs(side["camera"]["fx"] - want) < 1e-6
-    r = lotus("pointcloud", tmp_path / "cam.jpg", "--depth", tmp_path / "m.npy", "--intrinsics", "100,90,39.5,29.5",
-              "--out", tmp_path / "i", "--normals", "depth")
+    r = lotus(
+        "pointcloud",
+        tmp_path / "cam.jpg",
+        "--depth",
+        tmp_path / "m.npy",
+        "--intrinsics",
+        "100,90,39.5,29.5",
+        "--out",
+        tmp_path / "i",
+        "--normals",
+        "depth",
+    )
     assert r.exit_code == 0, r.output
     cam = json.loads((tmp_path / "i" / "m.json").read_text())["camera"]
     assert (cam["fx"], cam["fy"], cam["cx"], cam["cy"]) == (50.0, 45.0, 19.5, 14.5)  # centre stays the centre
@@ -266,8 +406,20 @@ def test_cli_video_frames_share_one_metric_frame(tmp_path, depth_d):
     from .test_video import make_clip
 
     clip = make_clip(tmp_path / "clip.mp4", 4, 10.0, size=(32, 24))
-    r = lotus("pointcloud", clip, "--model", depth_d, "--normals", "depth", "--processing-res", 32,
-              "--out", tmp_path / "o", "--far", "inf")
+    r = lotus(
+        "pointcloud",
+        clip,
+        "--model",
+        depth_d,
+        "--normals",
+        "depth",
+        "--processing-res",
+        32,
+        "--out",
+        tmp_path / "o",
+        "--far",
+        "inf",
+    )
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "o" / "clip.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     scales = {(f["depth"]["scale"], f["depth"]["shift"]) for f in side["frames"]}
@@ -347,8 +499,19 @@ def test_cli_plane_with_holes_keeps_every_valid_point_and_its_exact_normal(tmp_p
     z = plane_depth(K, normal, -2.0)
     z[holes(z.shape)] = 0  # metric map: 0 = no measurement
     np.save(tmp_path / "p.npy", z.astype(np.float32))
-    r = lotus("pointcloud", "--depth", tmp_path / "p.npy", "--fov", 60, "--normals", "depth", "--edge-threshold", 0,
-              "--out", tmp_path / "o")
+    r = lotus(
+        "pointcloud",
+        "--depth",
+        tmp_path / "p.npy",
+        "--fov",
+        60,
+        "--normals",
+        "depth",
+        "--edge-threshold",
+        0,
+        "--out",
+        tmp_path / "o",
+    )
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "o" / "p.json").read_text())
     pts, _, nrm = read_ply(tmp_path / "o" / "p.ply")
@@ -358,8 +521,20 @@ def test_cli_plane_with_holes_keeps_every_valid_point_and_its_exact_normal(tmp_p
     fallback = -pts[~exact] / np.linalg.norm(pts[~exact], axis=-1, keepdims=True)
     np.testing.assert_allclose(nrm[~exact], fallback, atol=1e-5)
     assert "normals without a neighbour" not in r.output
-    r = lotus("pointcloud", "--depth", tmp_path / "p.npy", "--fov", 60, "--normals", "depth", "--edge-threshold", 0,
-              "--drop-without-normal", "--out", tmp_path / "d")
+    r = lotus(
+        "pointcloud",
+        "--depth",
+        tmp_path / "p.npy",
+        "--fov",
+        60,
+        "--normals",
+        "depth",
+        "--edge-threshold",
+        0,
+        "--drop-without-normal",
+        "--out",
+        tmp_path / "d",
+    )
     side = json.loads((tmp_path / "d" / "p.json").read_text())
     assert side["cloud"]["removed_without_normal"] == int((~exact).sum()) and side["cloud"]["without_normal"] == 0
     assert len(read_ply(tmp_path / "d" / "p.ply")[0]) == int(exact.sum())
@@ -380,11 +555,23 @@ def test_cli_lists_the_camera_assumptions(tmp_path):
 def test_cli_tiny_inputs_fail_with_the_minimum_size(tmp_path, depth_d):
     Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tmp_path / "dot.png")
     Image.fromarray(make_image(8, 8)).save(tmp_path / "ok.png")
-    r = lotus("pointcloud", tmp_path / "dot.png", tmp_path / "ok.png", "--model", depth_d, "--processing-res", 32,
-              "--normals", "depth", "--out", tmp_path / "o")
+    r = lotus(
+        "pointcloud",
+        tmp_path / "dot.png",
+        tmp_path / "ok.png",
+        "--model",
+        depth_d,
+        "--processing-res",
+        32,
+        "--normals",
+        "depth",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.exit_code == 1, r.output
-    assert "dot.png: 1x1 pixels is too small for a point cloud (give an image or map of at least 2x2 pixels)" \
-        in r.output
+    assert (
+        "dot.png: 1x1 pixels is too small for a point cloud (give an image or map of at least 2x2 pixels)" in r.output
+    )
     assert (tmp_path / "o" / "ok.ply").is_file() and "1 done, 1 failed" in r.output  # the batch goes on
 
 
@@ -392,8 +579,20 @@ def test_cli_max_pixels_exists_and_is_what_the_message_advises(tmp_path, depth_d
     Image.fromarray(make_image(20, 30)).save(tmp_path / "x.png")
     r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--max-pixels", 100, "--out", tmp_path / "o")
     assert r.exit_code == 1 and "raise --max-pixels" in r.output
-    r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--max-pixels", 600, "--processing-res", 32,
-              "--normals", "depth", "--out", tmp_path / "o")
+    r = lotus(
+        "pointcloud",
+        tmp_path / "x.png",
+        "--model",
+        depth_d,
+        "--max-pixels",
+        600,
+        "--processing-res",
+        32,
+        "--normals",
+        "depth",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.exit_code == 0, r.output
     r = lotus("pointcloud", tmp_path / "x.png", "--max-pixels", -1, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "--max-pixels must be >= 0" in r.output
@@ -404,8 +603,9 @@ def test_cli_normal_model_errors_name_normal_model(tmp_path, depth_d):
     r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--normals", "predict", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "HF_HUB_OFFLINE" in r.output  # the default normal model is not cached here
     assert "--normal-model /path/to/a/downloaded/folder" in r.output and " --model " not in r.output
-    r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--normal-model", "no-such-model",
-              "--out", tmp_path / "o")
+    r = lotus(
+        "pointcloud", tmp_path / "x.png", "--model", depth_d, "--normal-model", "no-such-model", "--out", tmp_path / "o"
+    )
     assert r.exit_code == 2 and "or pass --normal-model /path/to/checkpoint" in r.output
 
 
@@ -437,11 +637,28 @@ def test_cli_says_and_records_when_colours_are_resized(tmp_path):
 @pytest.mark.parametrize("name", ["00000", "tum"])
 def test_real_ground_truth_writes_every_valid_point(tmp_path, name):
     """Issue 14: measured depth with holes, --normals depth --edge-threshold 0 writes one point per valid pixel."""
-    depth, image, units = ((RGBD / "tum" / "depth.png", RGBD / "tum" / "color.png", 5000) if name == "tum" else
-                           (RGBD / "nyu" / f"depth_{name}.png", RGBD / "nyu" / f"rgb_{name}.jpg", 1000))
+    depth, image, units = (
+        (RGBD / "tum" / "depth.png", RGBD / "tum" / "color.png", 5000)
+        if name == "tum"
+        else (RGBD / "nyu" / f"depth_{name}.png", RGBD / "nyu" / f"rgb_{name}.jpg", 1000)
+    )
     _, K = load_rgbd(name)
-    r = lotus("pointcloud", image, "--depth", depth, "--depth-units", units, "--normals", "depth",
-              "--edge-threshold", 0, "--intrinsics", f"{K.fx},{K.fy},{K.cx},{K.cy}", "--out", tmp_path)
+    r = lotus(
+        "pointcloud",
+        image,
+        "--depth",
+        depth,
+        "--depth-units",
+        units,
+        "--normals",
+        "depth",
+        "--edge-threshold",
+        0,
+        "--intrinsics",
+        f"{K.fx},{K.fy},{K.cx},{K.cy}",
+        "--out",
+        tmp_path,
+    )
     assert r.exit_code == 0, r.output
     valid = int((np.asarray(Image.open(depth)) > 0).sum())
     side = json.loads((tmp_path / f"{depth.stem}.json").read_text())
@@ -456,8 +673,23 @@ def test_cli_sidecar_has_the_shared_shape_and_the_header_its_version(tmp_path, d
     from lotus_cli import __version__
 
     Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
-    r = lotus("pointcloud", tmp_path / "x.png", "--model", depth_d, "--normals", "depth", "--processing-res", 32,
-              "--near", 2, "--mesh", "--edge-threshold", 0, "--out", tmp_path / "o")
+    r = lotus(
+        "pointcloud",
+        tmp_path / "x.png",
+        "--model",
+        depth_d,
+        "--normals",
+        "depth",
+        "--processing-res",
+        32,
+        "--near",
+        2,
+        "--mesh",
+        "--edge-threshold",
+        0,
+        "--out",
+        tmp_path / "o",
+    )
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "o" / "x.json").read_text())
     assert (side["kind"], side["complete"], side["interrupted"], side["error"]) == ("pointcloud", True, False, None)
@@ -473,8 +705,18 @@ def test_cli_sidecar_has_the_shared_shape_and_the_header_its_version(tmp_path, d
 def test_cli_skip_existing_keeps_only_a_cloud_made_the_same_way(tmp_path):
     disp = np.tile(np.linspace(0.2, 0.9, 32, dtype=np.float32), (24, 1))
     np.save(tmp_path / "m.npy", disp)
-    base = ["pointcloud", "--depth", tmp_path / "m.npy", "--depth-kind", "disparity", "--depth-units", "relative",
-            "--out", tmp_path / "o", "--skip-existing"]
+    base = [
+        "pointcloud",
+        "--depth",
+        tmp_path / "m.npy",
+        "--depth-kind",
+        "disparity",
+        "--depth-units",
+        "relative",
+        "--out",
+        tmp_path / "o",
+        "--skip-existing",
+    ]
     r = lotus(*base, "--near", 1)
     assert r.exit_code == 0 and "1 done" in r.output and "redone" not in r.output, r.output
     made = (tmp_path / "o" / "m.ply").stat().st_mtime_ns
@@ -509,8 +751,19 @@ def test_cli_skip_existing_redoes_an_interrupted_clip(tmp_path, depth_d, monkeyp
     from .test_video import make_clip
 
     clip = make_clip(tmp_path / "clip.mp4", 3, 10.0, size=(32, 24))
-    args = ["pointcloud", clip, "--model", depth_d, "--normals", "depth", "--processing-res", 32, "--out",
-            tmp_path / "o", "--skip-existing"]
+    args = [
+        "pointcloud",
+        clip,
+        "--model",
+        depth_d,
+        "--normals",
+        "depth",
+        "--processing-res",
+        32,
+        "--out",
+        tmp_path / "o",
+        "--skip-existing",
+    ]
     real = cli_pc._Job._predict_and_write
 
     def stop_at_the_second_frame(self, key, *a, **kw):
@@ -594,8 +847,17 @@ def test_cli_depth_map_of_one_row_fails_with_the_minimum_size(tmp_path):
 
 def test_cli_skip_existing_redoes_a_cloud_whose_normals_came_from_elsewhere(tmp_path, checkpoints):
     Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
-    base = ["pointcloud", tmp_path / "x.png", "--model", checkpoints[("depth", "d")], "--processing-res", 32,
-            "--out", tmp_path / "o", "--skip-existing"]
+    base = [
+        "pointcloud",
+        tmp_path / "x.png",
+        "--model",
+        checkpoints[("depth", "d")],
+        "--processing-res",
+        32,
+        "--out",
+        tmp_path / "o",
+        "--skip-existing",
+    ]
     assert lotus(*base, "--normals", "depth").exit_code == 0
     normal_d = checkpoints[("normal", "d")]
     r = lotus(*base, "--normal-model", normal_d)

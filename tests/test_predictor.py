@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from lotus_cli import models
-from lotus_cli.predictor import (POSTERIOR_SEED_OFFSET, LotusPredictor, PredictOptions, noise_for,
-                                 processing_size, resolve_dtype, task_embedding)
+from lotus_cli.predictor import (
+    POSTERIOR_SEED_OFFSET,
+    LotusPredictor,
+    PredictOptions,
+    noise_for,
+    processing_size,
+    resolve_dtype,
+    task_embedding,
+)
 
 from .conftest import make_image
 from .reference import as_depth, as_normal, load, reference_predict
@@ -19,8 +26,7 @@ def test_matches_reference_sequence(checkpoints, task, family):
     pred = LotusPredictor.from_pretrained(str(folder), task=task, device="cpu", dtype="fp32")
     assert pred.family == family
     ours = pred.predict(img, PredictOptions(processing_res=52, resample="nearest", latent="sample", seed=seed)).map
-    y = reference_predict(load(folder), img, processing_res=52, seed=seed,
-                          posterior_seed=seed + POSTERIOR_SEED_OFFSET)
+    y = reference_predict(load(folder), img, processing_res=52, seed=seed, posterior_seed=seed + POSTERIOR_SEED_OFFSET)
     ref = as_depth(y) if task == "depth" else as_normal(y)
     assert ours.shape == ref.shape and ours.dtype == np.float32
     if task == "depth":
@@ -47,8 +53,9 @@ def test_reference_equivalence_with_resize(depth_g):
     img = make_image(50, 70, seed=5)
     pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32")
     ours = pred.predict(img, PredictOptions(processing_res=33, resample="nearest", latent="sample", seed=7)).map
-    ref = as_depth(reference_predict(load(depth_g), img, processing_res=33, seed=7,
-                                     posterior_seed=7 + POSTERIOR_SEED_OFFSET))
+    ref = as_depth(
+        reference_predict(load(depth_g), img, processing_res=33, seed=7, posterior_seed=7 + POSTERIOR_SEED_OFFSET)
+    )
     assert np.abs(ours - ref).max() < 1e-5
 
 
@@ -116,8 +123,11 @@ def test_empty_prompt_embedding_two_tokens_and_cached(depth_g, monkeypatch):
     assert emb.shape == expected.shape and torch.allclose(emb, expected, atol=1e-6)
     assert not torch.allclose(padded[:, :2], expected, atol=1e-4) or padded.shape[1] == 77
     # the second load reads the disk cache and never builds the text encoder
-    monkeypatch.setattr(models, "compute_empty_prompt_embedding",
-                        lambda folder: (_ for _ in ()).throw(AssertionError("text encoder loaded again")))
+    monkeypatch.setattr(
+        models,
+        "compute_empty_prompt_embedding",
+        lambda folder: (_ for _ in ()).throw(AssertionError("text encoder loaded again")),
+    )
     assert torch.equal(models.empty_prompt_embedding(depth_g), emb)
     pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu")
     assert not any("text" in name for name, _ in pred.__dict__.items() if not name.startswith("prompt"))

@@ -12,14 +12,18 @@ from lotus_cli.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
 
-needs_onednn = pytest.mark.skipif(not prepack.available(torch.device("cpu"), torch.float32),
-                                  reason="this torch build has no oneDNN convolution operators")
+needs_onednn = pytest.mark.skipif(
+    not prepack.available(torch.device("cpu"), torch.float32),
+    reason="this torch build has no oneDNN convolution operators",
+)
 # bf16 packing needs a CPU with native bf16 (avx512_bf16 / amx_bf16; prepack.available checks that a packed
 # bf16 convolution runs and is right). Where it is absent, the fallback (held dense) is tested instead, and
 # the fallback is also tested here by making the check fail.
 CAN_PACK_BF16 = prepack.available(torch.device("cpu"), torch.bfloat16)
-needs_bf16_packing = pytest.mark.skipif(not CAN_PACK_BF16, reason="this CPU cannot pack bf16 convolutions "
-                                        "(no native bf16: avx512_bf16 or amx_bf16); the fallback is tested")
+needs_bf16_packing = pytest.mark.skipif(
+    not CAN_PACK_BF16,
+    reason="this CPU cannot pack bf16 convolutions (no native bf16: avx512_bf16 or amx_bf16); the fallback is tested",
+)
 
 
 @pytest.fixture
@@ -30,8 +34,10 @@ def no_bf16_packing(monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("cin,cout,k,stride,padding,bias", [
-    (16, 24, 3, 1, 1, True), (16, 24, 1, 1, 0, False), (8, 16, 3, 2, 1, True), (12, 20, 3, 1, (0, 1), True)])
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,padding,bias",
+    [(16, 24, 3, 1, 1, True), (16, 24, 1, 1, 0, False), (8, 16, 3, 2, 1, True), (12, 20, 3, 1, (0, 1), True)],
+)
 def test_a_packed_convolution_gives_the_convolutions_numbers(cin, cout, k, stride, padding, bias):
     conv = torch.nn.Conv2d(cin, cout, k, stride, padding, bias=bias).eval()
     packed = prepack.PackedConv2d(conv)
@@ -102,11 +108,11 @@ def test_a_packed_vae_in_strips_equals_the_plain_vae(depth_d, monkeypatch):
     z = torch.randn(2, 4, 11, 7, generator=torch.Generator().manual_seed(2))
     z = z.contiguous(memory_format=torch.channels_last)
     x = (torch.rand(1, 3, 40, 24, generator=torch.Generator().manual_seed(3)) * 2 - 1).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     with torch.inference_mode():
         torch.testing.assert_close(strips.decode(packed, z, 6), vae.decode(z).sample, atol=2e-5, rtol=0)
-        torch.testing.assert_close(strips.encode(packed, x, 6), vae.encode(x).latent_dist.parameters,
-                                   atol=2e-5, rtol=0)
+        torch.testing.assert_close(strips.encode(packed, x, 6), vae.encode(x).latent_dist.parameters, atol=2e-5, rtol=0)
 
 
 def test_without_working_operators_nothing_is_packed(depth_d, monkeypatch):
@@ -148,7 +154,8 @@ def test_a_packed_model_saves_loads_copies_and_moves_like_the_plain_one(capable,
     model = copy.deepcopy(plain)
     prepack.pack_convolutions(model)
     x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(5)).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     with torch.inference_mode():
         want = plain(x)
         # state_dict: the same keys and values as the plain model (a saved packed model loses nothing)

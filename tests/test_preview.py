@@ -69,8 +69,9 @@ def test_a_mesh_keeps_its_holes_and_points_are_splatted_over_them():
 
     z = np.full((48, 64), 3.0, np.float32)
     z[20:28, 28:36] = np.nan  # an 8 x 8 hole
-    cloud = make_cloud(make_image(48, 64), z, "depth", CameraOptions(fov=60.0), ScaleOptions(), CloudOptions(),
-                       per_metre=1.0)
+    cloud = make_cloud(
+        make_image(48, 64), z, "depth", CameraOptions(fov=60.0), ScaleOptions(), CloudOptions(), per_metre=1.0
+    )
     mesh = M.from_cloud(cloud)
     m = P.render(mesh.vertices, mesh.colors, mesh.normals, K, mesh.faces, yaw=0, pitch=0)[:, 64:]
     c = P.render(cloud.points, cloud.colors, cloud.normals, K, yaw=0, pitch=0, splat=1)[:, 64:]
@@ -82,8 +83,23 @@ def test_cli_writes_the_preview_beside_the_ply(tmp_path):
     z = np.full((30, 40), 2.0, np.float32)
     np.save(tmp_path / "m.npy", z)
     Image.fromarray(make_image(30, 40)).save(tmp_path / "m.png")
-    r = CliRunner().invoke(app, [str(a) for a in ("pointcloud", tmp_path / "m.png", "--depth", tmp_path / "m.npy",
-                                                   "--out", tmp_path / "o", "--preview", "--up", "y")])
+    r = CliRunner().invoke(
+        app,
+        [
+            str(a)
+            for a in (
+                "pointcloud",
+                tmp_path / "m.png",
+                "--depth",
+                tmp_path / "m.npy",
+                "--out",
+                tmp_path / "o",
+                "--preview",
+                "--up",
+                "y",
+            )
+        ],
+    )
     assert r.exit_code == 0, r.output
     png = np.asarray(Image.open(tmp_path / "o" / "m.preview.png"))
     assert png.shape == (30, 80, 3)

@@ -10,8 +10,23 @@ from .conftest import make_image
 def test_raw_pipe_f32_equals_library(depth_d):
     frames = [make_image(24, 32, seed=s) for s in range(3)]
     data = b"".join(f.tobytes() for f in frames)
-    p = subprocess.run(["lotus", "depth", "--raw", "32x24", "--raw-out", "f32", "--no-stabilize", "-m", str(depth_d),
-                        "--processing-res", "32"], input=data, capture_output=True)
+    p = subprocess.run(
+        [
+            "lotus",
+            "depth",
+            "--raw",
+            "32x24",
+            "--raw-out",
+            "f32",
+            "--no-stabilize",
+            "-m",
+            str(depth_d),
+            "--processing-res",
+            "32",
+        ],
+        input=data,
+        capture_output=True,
+    )
     assert p.returncode == 0, p.stderr.decode()
     out = np.frombuffer(p.stdout, "<f4").reshape(3, 24, 32)
     pred = LotusPredictor.from_pretrained(depth_d, device="cpu")
@@ -21,9 +36,22 @@ def test_raw_pipe_f32_equals_library(depth_d):
 
 def test_raw_pipe_rgb_and_short_frame(checkpoints):
     frame = make_image(24, 32).tobytes()
-    p = subprocess.run(["lotus", "normal", "--raw", "32x24", "--raw-out", "rgb", "-m",
-                        str(checkpoints[("normal", "d")]), "--processing-res", "32"],
-                       input=frame * 2 + frame[:100], capture_output=True)
+    p = subprocess.run(
+        [
+            "lotus",
+            "normal",
+            "--raw",
+            "32x24",
+            "--raw-out",
+            "rgb",
+            "-m",
+            str(checkpoints[("normal", "d")]),
+            "--processing-res",
+            "32",
+        ],
+        input=frame * 2 + frame[:100],
+        capture_output=True,
+    )
     assert p.returncode == 1 and b"frame 2 has 100 of 2304 bytes" in p.stderr
     assert len(p.stdout) == 2 * 24 * 32 * 3  # the whole frames before the short one came through
     bad = subprocess.run(["lotus", "depth", "--raw", "32by24"], input=b"", capture_output=True)

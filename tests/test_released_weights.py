@@ -1,6 +1,7 @@
 """Checks on the released checkpoints; skipped unless LOTUS_TEST_WEIGHTS=1 (they download ~4.3 GB each).
 
-Run with network (or a filled cache): LOTUS_TEST_WEIGHTS=1 HF_HUB_OFFLINE=0 python -m pytest tests/test_released_weights.py
+Run with network (or a filled cache):
+LOTUS_TEST_WEIGHTS=1 HF_HUB_OFFLINE=0 python -m pytest tests/test_released_weights.py
 """
 
 import os
@@ -28,8 +29,9 @@ def test_released_checkpoint_matches_reference(name):
     img = read_image(Path(SAMPLE))[:256, :256]  # 256 px keeps a CPU run in minutes
     pred = LotusPredictor.from_pretrained(name, device="cpu", dtype="fp32", channels_last=False)
     ours = pred.predict(img, PredictOptions(processing_res=256, resample="nearest", latent="sample", seed=3)).map
-    y = reference_predict(load(_folder(name)), img, processing_res=256, seed=3,
-                          posterior_seed=3 + POSTERIOR_SEED_OFFSET)
+    y = reference_predict(
+        load(_folder(name)), img, processing_res=256, seed=3, posterior_seed=3 + POSTERIOR_SEED_OFFSET
+    )
     ref = as_normal(y) if pred.task == "normal" else as_depth(y)
     assert np.abs(ours - ref).max() < 1e-5
 

@@ -87,10 +87,15 @@ def test_stale_temporaries_of_ours_are_cleared_young_and_foreign_ones_stay(tmp_p
     folder = tmp_path / "out"
     folder.mkdir()
     old = time.time() - 2 * sinks.STALE_AFTER
-    names = {".x.npy.k3j_9a2b.tmp": True,  # ours, left by a killed run: removed
-             ".clip.mp4.ab12cd34.tmp": True,
-             ".y.npy.zz99yy88.tmp": False,  # ours but young (a concurrent run's): kept, see below
-             ".notes.tmp": False, "x.ab12cd34.tmp": False, ".x.npy.AB12CD34.tmp": False, "keep.npy": False}
+    names = {
+        ".x.npy.k3j_9a2b.tmp": True,  # ours, left by a killed run: removed
+        ".clip.mp4.ab12cd34.tmp": True,
+        ".y.npy.zz99yy88.tmp": False,  # ours but young (a concurrent run's): kept, see below
+        ".notes.tmp": False,
+        "x.ab12cd34.tmp": False,
+        ".x.npy.AB12CD34.tmp": False,
+        "keep.npy": False,
+    }
     for name, stale in names.items():
         (folder / name).write_bytes(b"partial")
         if stale or name != ".y.npy.zz99yy88.tmp":
@@ -146,8 +151,9 @@ def test_skip_existing_redoes_outputs_made_with_another_model_or_options(tmp_pat
     r, _ = rerun(FakeImagePredictor("model-b"), opts=PredictOptions(processing_res=48, seed=3))
     assert r.redone == "made with other options (seed 0 -> 3)"  # a G model: its seed changes the map
     opts = PredictOptions(processing_res=48, seed=3)
-    r, _ = rerun(FakeImagePredictor("model-b"), OutputSpec(tmp_path / "o", ("png",), sinks.Style(cmap="turbo"), True),
-                 opts)
+    r, _ = rerun(
+        FakeImagePredictor("model-b"), OutputSpec(tmp_path / "o", ("png",), sinks.Style(cmap="turbo"), True), opts
+    )
     assert r.redone == "its png was made with other settings (colormap 'Spectral' -> 'turbo')"
     r, _ = rerun(FakeImagePredictor("model-b"), opts=opts, predict_options={"tile": 512})
     assert r.redone == "made with other options (tile None -> 512)"
@@ -175,6 +181,7 @@ def test_a_redo_that_fails_part_way_leaves_no_sidecar_vouching_for_the_old_outpu
     monkeypatch.setattr(sinks, "write_map", disk_full)
     with pytest.raises(OSError):  # model b's png is written, its npy is not
         sinks.write_outputs(paths, 1 - d, "disparity", sinks.sidecar("disparity", model={"model": "b"}))
-    keep, why = sinks.reusable(paths["json"], [paths["png"], paths["npy"]], kind="disparity", model="a", options={},
-                               settings={})
+    keep, why = sinks.reusable(
+        paths["json"], [paths["png"], paths["npy"]], kind="disparity", model="a", options={}, settings={}
+    )
     assert not keep and why == "no sidecar: its run did not finish"

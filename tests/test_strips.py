@@ -70,8 +70,9 @@ def test_predictions_do_not_depend_on_the_strips(depth_d):
     pred.strip_rows = 0
     plain = pred.predict(img, opts).map
     pred.strip_rows = 12
-    torch.testing.assert_close(torch.from_numpy(pred.predict(img, opts).map), torch.from_numpy(plain), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        torch.from_numpy(pred.predict(img, opts).map), torch.from_numpy(plain), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("hw,rows", [((104, 80), 16), ((64, 128), 7), ((48, 48), 64)])

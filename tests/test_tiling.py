@@ -60,7 +60,12 @@ def scene(h: int, w: int, detail: float = 0.0) -> np.ndarray:
     """Known depth [h, w] in [0.2, 0.9]: a tilted plane and a broad bump, plus a ripple of period 10 px
     (amplitude ``detail``) that a pass at 1/8 of the resolution cannot resolve."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    d = 0.3 + 0.25 * xx / w + 0.15 * yy / h + 0.1 * np.exp(-(((xx - 0.6 * w) / (0.3 * w)) ** 2 + ((yy - 0.4 * h) / (0.3 * h)) ** 2))
+    d = (
+        0.3
+        + 0.25 * xx / w
+        + 0.15 * yy / h
+        + 0.1 * np.exp(-(((xx - 0.6 * w) / (0.3 * w)) ** 2 + ((yy - 0.4 * h) / (0.3 * h)) ** 2))
+    )
     d += detail * np.sin(2 * np.pi * xx / 10) * np.sin(2 * np.pi * yy / 10)
     return np.round(d * 65535) / 65535  # exactly what the image carries
 
@@ -107,8 +112,10 @@ def test_no_seams_on_a_smooth_scene():
     pred, plan, fake = tiled_and_plan(truth)
     assert len(plan.tiles) == 20 and len(fake.fits) == 21  # the global pass + 20 tiles, each in its own frame
     (band, edge), (truth_band, truth_edge) = seam_ratios(pred.map, plan), seam_ratios(truth, plan)
-    print(f"\nseam gradient ratios, blend bands / cores: tiled {band:.4f} (truth {truth_band:.4f}); "
-          f"tile edges / interiors: tiled {edge:.4f} (truth {truth_edge:.4f})")
+    print(
+        f"\nseam gradient ratios, blend bands / cores: tiled {band:.4f} (truth {truth_band:.4f}); "
+        f"tile edges / interiors: tiled {edge:.4f} (truth {truth_edge:.4f})"
+    )
     assert band <= 1.1 and edge <= 1.1
     assert abs(band - truth_band) < 0.02 and abs(edge - truth_edge) < 0.02
 
@@ -129,8 +136,10 @@ def test_per_tile_scale_and_shift_are_recovered():
     err = np.abs(pred.map - (s0 * truth + b0)) / s0  # in units of the true depth
     fits = np.array(pred.extra["tiling"]["depth_fit"]["scale_shift"])
     spread = np.ptp([s for s, _ in fake.fits[1:]])
-    print(f"\naffine recovery: max error {err.max():.2e}, mean {err.mean():.2e} (depth range "
-          f"{np.ptp(truth):.2f}); tile scales spread {spread:.2f}")
+    print(
+        f"\naffine recovery: max error {err.max():.2e}, mean {err.mean():.2e} (depth range "
+        f"{np.ptp(truth):.2f}); tile scales spread {spread:.2f}"
+    )
     assert spread > 0.3 and len(fits) == 20
     assert err.max() < 5e-3 and err.mean() < 1e-3
 
@@ -149,8 +158,10 @@ def test_tiled_error_no_worse_than_a_single_pass():
 # ------------------------------------------------------------------------------------------ the plan
 
 
-@pytest.mark.parametrize("h,w,tile,overlap", [(384, 512, 128, 0.25), (1000, 700, 256, 0.5), (300, 2000, 256, 0.0),
-                                              (530, 530, 256, 0.5), (100, 90, 128, 0.25)])
+@pytest.mark.parametrize(
+    "h,w,tile,overlap",
+    [(384, 512, 128, 0.25), (1000, 700, 256, 0.5), (300, 2000, 256, 0.0), (530, 530, 256, 0.5), (100, 90, 128, 0.25)],
+)
 def test_plan_covers_the_image_with_the_overlap_and_weights_sum_to_one(h, w, tile, overlap):
     plan = plan_tiles(h, w, TileOptions(tile=tile, overlap=overlap), processing_res=64)
     cover, wsum = np.zeros((h, w), int), np.zeros((h, w))
@@ -160,8 +171,9 @@ def test_plan_covers_the_image_with_the_overlap_and_weights_sum_to_one(h, w, til
         wsum[y0:y1, x0:x1] += plan.weights(y0, x0)
     assert cover.min() >= 1 and np.abs(wsum - 1).max() < 1e-6
     oy, ox = plan.overlap_px()
-    assert (len(plan.ys) == 1 or oy >= int(overlap * plan.tile_size[0])) and \
-           (len(plan.xs) == 1 or ox >= int(overlap * plan.tile_size[1]))
+    assert (len(plan.ys) == 1 or oy >= int(overlap * plan.tile_size[0])) and (
+        len(plan.xs) == 1 or ox >= int(overlap * plan.tile_size[1])
+    )
     record = json.loads(json.dumps(plan.to_json()))
     assert record["tiles"] == len(plan.tiles) and record["input_size"] == [w, h]
 
@@ -202,9 +214,14 @@ def test_options_are_validated():
     assert TileOptions(tile="512").tile == 512 and TileOptions(tile="AUTO").tile == "auto"
     assert TileOptions(max_memory="6G").max_memory == 6 * 1024**3 and parse_bytes("512m") == 512 * 1024**2
     assert TileOptions(max_memory="auto").max_memory is None and parse_bytes("1.5GB") == int(1.5 * 1024**3)
-    for kwargs, option in [({"tile": "big"}, "--tile"), ({"tile": 8}, "--tile"), ({"overlap": 0.7}, "--overlap"),
-                           ({"tile_res": 0}, "--tile-res"), ({"max_memory": "lots"}, "--max-memory"),
-                           ({"max_memory": 0}, "--max-memory")]:
+    for kwargs, option in [
+        ({"tile": "big"}, "--tile"),
+        ({"tile": 8}, "--tile"),
+        ({"overlap": 0.7}, "--overlap"),
+        ({"tile_res": 0}, "--tile-res"),
+        ({"max_memory": "lots"}, "--max-memory"),
+        ({"max_memory": 0}, "--max-memory"),
+    ]:
         with pytest.raises(UsageError, match=option):
             TileOptions(**kwargs)
 
@@ -241,8 +258,13 @@ def test_tiny_checkpoints_end_to_end(checkpoints, family, tmp_path):
 
     Image.fromarray(img).save(tmp_path / "x.png")
     items, _ = expand([str(tmp_path / "x.png")])
-    summary = run_images(pred, items, OutputSpec(tmp_path / "out", ("png", "npy")), SMALL,
-                         predict=lambda ims, o: predict_tiled(pred, ims, o, SMALL_TILES))
+    summary = run_images(
+        pred,
+        items,
+        OutputSpec(tmp_path / "out", ("png", "npy")),
+        SMALL,
+        predict=lambda ims, o: predict_tiled(pred, ims, o, SMALL_TILES),
+    )
     assert summary.done == 1
     side = json.loads((tmp_path / "out" / "x.json").read_text())
     assert side["tiling"]["grid"] == [4, 3] and np.load(tmp_path / "out" / "x.npy").shape == (96, 128)
@@ -306,8 +328,9 @@ def test_cli_depth_and_normal_with_tiles(checkpoints, tmp_path):
     Image.fromarray(img).save(tmp_path / "big.png")
     for task, shape in (("depth", (96, 128)), ("normal", (96, 128, 3))):
         out = tmp_path / task
-        r = _cli(task, tmp_path / "big.png", "--out", out, "--model", checkpoints[(task, "d")], "--format", "npy",
-                 *TILE_ARGS)
+        r = _cli(
+            task, tmp_path / "big.png", "--out", out, "--model", checkpoints[(task, "d")], "--format", "npy", *TILE_ARGS
+        )
         assert r.exit_code == 0, r.output
         side = json.loads((out / "big.json").read_text())
         assert side["tiling"]["grid"] == [4, 3] and side["tiling"]["tile_size"] == [48, 48]
@@ -322,8 +345,19 @@ def test_cli_uncertainty_with_tiles(depth_g, tmp_path):
     from PIL import Image
 
     Image.fromarray(make_image(96, 128, 8)).save(tmp_path / "big.png")
-    r = _cli("uncertainty", tmp_path / "big.png", "--out", tmp_path / "u", "--model", depth_g, "-n", "3",
-             "--format", "npy", *TILE_ARGS)
+    r = _cli(
+        "uncertainty",
+        tmp_path / "big.png",
+        "--out",
+        tmp_path / "u",
+        "--model",
+        depth_g,
+        "-n",
+        "3",
+        "--format",
+        "npy",
+        *TILE_ARGS,
+    )
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "u" / "big.json").read_text())
     assert side["tiling"]["tiles"] == 12 and side["uncertainty"]["samples"] == 3
@@ -388,8 +422,20 @@ def test_a_budget_too_small_names_the_option(depth_d, tmp_path):
     from PIL import Image
 
     Image.fromarray(make_image(96, 128)).save(tmp_path / "x.png")
-    r = _cli("depth", tmp_path / "x.png", "--out", tmp_path / "o", "--model", depth_d, "--tile", "auto",
-             "--max-memory", "1M", "--processing-res", "32")
+    r = _cli(
+        "depth",
+        tmp_path / "x.png",
+        "--out",
+        tmp_path / "o",
+        "--model",
+        depth_d,
+        "--tile",
+        "auto",
+        "--max-memory",
+        "1M",
+        "--processing-res",
+        "32",
+    )
     assert r.exit_code == 1
     assert "but --max-memory is 1.0 MiB (lower --processing-res or raise --max-memory)" in r.output
     assert "UsageError" not in r.output  # our own message, not a traceback's class name

@@ -17,7 +17,7 @@ def test_hypersim_distance_to_planar_depth_on_a_fronto_parallel_plane():
     h, w, f = 4, 6, 5.0
     u = np.arange(w) - (w - 1) / 2  # pixel centres: -2.5 .. 2.5
     v = np.arange(h) - (h - 1) / 2
-    distance = 2.0 * np.sqrt(u[None] ** 2 + v[:, None] ** 2 + f ** 2) / f  # a plane at z = 2
+    distance = 2.0 * np.sqrt(u[None] ** 2 + v[:, None] ** 2 + f**2) / f  # a plane at z = 2
     np.testing.assert_allclose(D.hypersim_planar_depth(distance, f), 2.0, rtol=1e-6)
     # corner pixel by hand: distance 3 at (u, v) = (2.5, 1.5) -> z = 3 * 5 / sqrt(6.25 + 2.25 + 25)
     d = np.ones((h, w)) * 3.0
@@ -203,7 +203,7 @@ def test_hypersim_reader_on_fake_frames(tmp_path):
     assert len(ds) == 1 and (tmp_path / "lotus_nan_free_train.txt").is_file()
     s = ds.load(0)
     assert s["rgb"].shape == (576, 768, 3) and s["depth"].shape == (576, 768)
-    corner = 3.0 * 886.81 / np.sqrt(511.5 ** 2 + 383.5 ** 2 + 886.81 ** 2)  # planar depth of the corner ray
+    corner = 3.0 * 886.81 / np.sqrt(511.5**2 + 383.5**2 + 886.81**2)  # planar depth of the corner ray
     assert s["depth"][0, 0] == pytest.approx(corner, rel=2e-3)
     assert s["depth"].max() == pytest.approx(3.0, rel=1e-3)
     np.testing.assert_allclose(s["normal"][50, 5], [-1, 0, 0])  # Lotus x points left

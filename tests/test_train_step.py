@@ -39,7 +39,7 @@ def tiny_batch(b=2, h=16, w=16, seed=0):
 
 
 def scaled_linear_abar(t):
-    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
     return float(np.cumprod(1 - betas)[t])
 
 
@@ -56,8 +56,7 @@ def reference_loss(unet, vae, prompt, batch, anno, opts, d):
     rows = 2 * b if opts.detail_preserver else b
     with torch.no_grad():
         post_i, post_a = vae.encode(batch["rgb"]).latent_dist, vae.encode(anno).latent_dist
-        cond = torch.cat([(post_i.mean + post_i.std * d.image_eps[k * b:(k + 1) * b]) * sf
-                          for k in range(rows // b)])
+        cond = torch.cat([(post_i.mean + post_i.std * d.image_eps[k * b : (k + 1) * b]) * sf for k in range(rows // b)])
         targets = [(post_a.mean + post_a.std * d.anno_eps) * sf]
         if opts.detail_preserver:
             targets.append((post_i.mean + post_i.std * d.target_eps) * sf)
@@ -79,7 +78,7 @@ def reference_loss(unet, vae, prompt, batch, anno, opts, d):
     for i in range(b):
         for cy in range(z_img.shape[2]):
             for cx in range(z_img.shape[3]):
-                if valid[i, 0, cy * f:(cy + 1) * f, cx * f:(cx + 1) * f].all():
+                if valid[i, 0, cy * f : (cy + 1) * f, cx * f : (cx + 1) * f].all():
                     cells.append(err[i, :, cy, cx])
     anno_loss = float(np.mean(np.concatenate(cells)))
     rgb_loss = float(err[b:].mean()) if opts.detail_preserver else 0.0

@@ -32,8 +32,17 @@ def world(tmp_path_factory):
 
 
 def options(world, out, **kw):
-    base = dict(base=str(world["base"]), out=out, data=(f"folder={world['train']}",), steps=20, batch_size=4,
-                lr=1e-3, checkpoint_every=1000, log_every=1, seed=0)
+    base = dict(
+        base=str(world["base"]),
+        out=out,
+        data=(f"folder={world['train']}",),
+        steps=20,
+        batch_size=4,
+        lr=1e-3,
+        checkpoint_every=1000,
+        log_every=1,
+        seed=0,
+    )
     base.update(kw)
     return TrainOptions(**base)
 
@@ -47,8 +56,14 @@ def test_training_lowers_validation_error_and_the_result_loads(world, tmp_path):
 
     from lotus_cli.cli import app
 
-    opts = options(world, tmp_path / "run", steps=250, val_data=f"folder={world['val']}", log_every=50,
-                   step=StepOptions(family="g"))
+    opts = options(
+        world,
+        tmp_path / "run",
+        steps=250,
+        val_data=f"folder={world['val']}",
+        log_every=50,
+        step=StepOptions(family="g"),
+    )
     run = train(opts)
     first, last = run.validation[0]["error"], run.validation[-1]["error"]
     assert last < 0.75 * first, (first, last)
@@ -57,8 +72,21 @@ def test_training_lowers_validation_error_and_the_result_loads(world, tmp_path):
     meta = json.loads((run.final / "lotus.json").read_text())
     assert (meta["task"], meta["kind"], meta["family"]) == ("depth", "disparity", "g")
     img = world["val"] / "rgb" / "00000.png"
-    res = CliRunner().invoke(app, ["depth", str(img), "--model", str(run.final), "--processing-res", "0",
-                                   "--format", "npy", "--out", str(tmp_path / "pred")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "depth",
+            str(img),
+            "--model",
+            str(run.final),
+            "--processing-res",
+            "0",
+            "--format",
+            "npy",
+            "--out",
+            str(tmp_path / "pred"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     pred = np.load(tmp_path / "pred" / "00000.npy")
     gt = np.load(world["val"] / "depth" / "00000.npy")
@@ -87,20 +115,59 @@ def test_resume_continues_the_same_loss_curve(world, tmp_path):
     assert [r["step"] for r in after] == list(range(7, 13))
     ref = {r["step"]: r for r in losses(tmp_path / "whole")}
     for r in after:
-        assert (r["loss"], r["loss_anno"], r["loss_rgb"]) == (ref[r["step"]]["loss"], ref[r["step"]]["loss_anno"],
-                                                              ref[r["step"]]["loss_rgb"])
+        assert (r["loss"], r["loss_anno"], r["loss_rgb"]) == (
+            ref[r["step"]]["loss"],
+            ref[r["step"]]["loss_anno"],
+            ref[r["step"]]["loss_rgb"],
+        )
 
 
 def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
-    common = ["--base", str(world["base"]), "--data", f"folder={world['full']}", "--steps", "4", "--lr", "1e-3",
-              "--family", "g", "--checkpoint-every", "1000", "--log-every", "1"]
+    common = [
+        "--base",
+        str(world["base"]),
+        "--data",
+        f"folder={world['full']}",
+        "--steps",
+        "4",
+        "--lr",
+        "1e-3",
+        "--family",
+        "g",
+        "--checkpoint-every",
+        "1000",
+        "--log-every",
+        "1",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    one = subprocess.run([sys.executable, "-m", "lotus_cli.train", *common, "--batch-size", "4",
-                          "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "lotus_cli.train", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "lotus_cli.train", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "lotus_cli.train",
+            *common,
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stderr and "global batch 4" in two.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -128,8 +195,13 @@ def fake_scannet(src: Path, dest: Path) -> Path:
 def test_normal_training_and_benchmark_evaluation_during_training(world, tmp_path):
     from lotus_cli.predictor import LotusPredictor
 
-    opts = options(world, tmp_path / "normal", steps=15, step=StepOptions(task="normal", family="d"),
-                   val_data=f"folder={world['val']}")
+    opts = options(
+        world,
+        tmp_path / "normal",
+        steps=15,
+        step=StepOptions(task="normal", family="d"),
+        val_data=f"folder={world['val']}",
+    )
     run = train(opts)
     assert all(np.isfinite(r["loss"]) for r in run.losses) and run.validation[0]["error"] > 0
     pred = LotusPredictor.from_pretrained(run.final, device="cpu")
@@ -151,8 +223,9 @@ def test_validation_scores_exactly_what_the_predictor_predicts(checkpoints, fami
     from lotus_cli.predictor import LotusPredictor, PredictOptions
     from lotus_cli.train.trainer import evaluate_samples
 
-    pred = LotusPredictor.from_pretrained(checkpoints[("depth", family)], device="cpu", channels_last=False,
-                                          pack_weights=False)
+    pred = LotusPredictor.from_pretrained(
+        checkpoints[("depth", family)], device="cpu", channels_last=False, pack_weights=False
+    )
     samples = [dict(render_scene(42, 50, seed=k), valid=np.ones((42, 50), bool)) for k in range(2)]
     got = evaluate_samples(pred, samples[:1] if family == "g" else samples, StepOptions(family=family))
     want = []

@@ -39,9 +39,22 @@ def test_more_samples_shrink_the_error_of_the_mean(depth_g):
     errors = {}
     for n in (2, 16):
         # several independent ensembles of n samples each (disjoint seeds), their mean's RMS error
-        errs = [np.sqrt(((pred.predict_ensemble(img, PredictOptions(processing_res=32, batch_size=8, seed=1000 + 100 * r),
-                                                EnsembleOptions(samples=n)).layers["mean"][0] - truth) ** 2).mean())
-                for r in range(4)]
+        errs = [
+            np.sqrt(
+                (
+                    (
+                        pred.predict_ensemble(
+                            img,
+                            PredictOptions(processing_res=32, batch_size=8, seed=1000 + 100 * r),
+                            EnsembleOptions(samples=n),
+                        ).layers["mean"][0]
+                        - truth
+                    )
+                    ** 2
+                ).mean()
+            )
+            for r in range(4)
+        ]
         errors[n] = float(np.mean(errs))
     assert errors[16] < 0.6 * errors[2]  # ~1/sqrt(8) in theory
 
@@ -67,8 +80,23 @@ def test_cli_writes_spread_and_mean(tmp_path, depth_g, depth_d):
 
     Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
     out = tmp_path / "u"
-    r = runner.invoke(app, ["uncertainty", str(tmp_path / "x.png"), "-o", str(out), "-m", str(depth_g), "-n", "3",
-                            "--processing-res", "32", "-f", "all"])
+    r = runner.invoke(
+        app,
+        [
+            "uncertainty",
+            str(tmp_path / "x.png"),
+            "-o",
+            str(out),
+            "-m",
+            str(depth_g),
+            "-n",
+            "3",
+            "--processing-res",
+            "32",
+            "-f",
+            "all",
+        ],
+    )
     assert r.exit_code == 0, r.output
     spread, mean = np.load(out / "x.npy"), np.load(out / "x.mean.npy")
     assert spread.shape == mean.shape == (24, 32) and spread.max() > 0
@@ -85,8 +113,20 @@ def test_cli_skip_existing_redoes_a_spread_made_with_other_samples_and_writes_ha
     from .test_formats import exr_channels
 
     Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
-    base = ["uncertainty", str(tmp_path / "x.png"), "-o", str(tmp_path / "u"), "-m", str(depth_g),
-            "--processing-res", "32", "-f", "npy,exr", "--exr-half", "--skip-existing"]
+    base = [
+        "uncertainty",
+        str(tmp_path / "x.png"),
+        "-o",
+        str(tmp_path / "u"),
+        "-m",
+        str(depth_g),
+        "--processing-res",
+        "32",
+        "-f",
+        "npy,exr",
+        "--exr-half",
+        "--skip-existing",
+    ]
     r = runner.invoke(app, [*base, "-n", "3"])
     assert r.exit_code == 0, r.output
     ch, _ = exr_channels(tmp_path / "u" / "x.exr")

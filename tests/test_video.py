@@ -22,13 +22,21 @@ def make_clip(path: Path, n: int, fps: float, size=(64, 48), faststart=False, co
     w, h = size
     params = ["-movflags", "+faststart"] if faststart else None
     pix = "yuv444p" if (w % 2 or h % 2) else "yuv420p"  # yuv420p needs even sizes
-    gen = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec=codec, macro_block_size=1, pix_fmt_out=pix,
-                                      output_params=params, ffmpeg_log_level="error")
+    gen = imageio_ffmpeg.write_frames(
+        str(path),
+        (w, h),
+        fps=fps,
+        codec=codec,
+        macro_block_size=1,
+        pix_fmt_out=pix,
+        output_params=params,
+        ffmpeg_log_level="error",
+    )
     gen.send(None)
     for i in range(n):
         f = np.full((h, w, 3), 60, np.uint8)
         x = i % (w - 8)
-        f[h // 4: h // 4 + 8, x: x + 8] = 250
+        f[h // 4 : h // 4 + 8, x : x + 8] = 250
         gen.send(f)
     gen.close()
     return path
@@ -71,15 +79,31 @@ class FakePredictor:
 
 def test_fps_resampling_counts_and_playable_output(tmp_path, depth_d):
     clip = make_clip(tmp_path / "clip.mp4", n=60, fps=30)  # 2 s
-    r = runner.invoke(app, ["depth", str(clip), "-o", str(tmp_path / "o"), "-m", str(depth_d), "--fps", "10",
-                            "--processing-res", "32", "-f", "png,npy"])
+    r = runner.invoke(
+        app,
+        [
+            "depth",
+            str(clip),
+            "-o",
+            str(tmp_path / "o"),
+            "-m",
+            str(depth_d),
+            "--fps",
+            "10",
+            "--processing-res",
+            "32",
+            "-f",
+            "png,npy",
+        ],
+    )
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "o" / "clip.json").read_text())
     assert side["video"]["frames"] == 20 and side["video"]["fps"] == 10
     meta, frames = decode_all(tmp_path / "o" / "clip.mp4")
     assert len(frames) == 20 and tuple(meta["size"]) == (64, 48) and meta["fps"] == pytest.approx(10)
-    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(tmp_path / "o" / "clip.mp4")],
-                           capture_output=True, text=True).stderr
+    probe = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(tmp_path / "o" / "clip.mp4")], capture_output=True, text=True
+    ).stderr
     assert "h264" in probe and "yuv420p" in probe
     names = sorted(p.name for p in (tmp_path / "o" / "clip").iterdir())
     assert len(names) == 20 and names[0] == "000000_000000.000s.npy" and names[3] == "000003_000000.300s.npy"
@@ -140,10 +164,34 @@ def test_corrupt_video_keeps_frames_before_damage_and_batch_goes_on(tmp_path, de
     make_clip(tmp_path / "in" / "fine.mp4", n=6, fps=6)
     (tmp_path / "in" / "text.mp4").write_text("not a video")
     (tmp_path / "in" / "zero.mov").write_bytes(b"")
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=d=1",
-                    str(tmp_path / "in" / "sound.mp4")], check=True)
-    r = runner.invoke(app, ["depth", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "-m", str(depth_d),
-                            "--processing-res", "32", "-f", "npy"])
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=d=1",
+            str(tmp_path / "in" / "sound.mp4"),
+        ],
+        check=True,
+    )
+    r = runner.invoke(
+        app,
+        [
+            "depth",
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "o"),
+            "-m",
+            str(depth_d),
+            "--processing-res",
+            "32",
+            "-f",
+            "npy",
+        ],
+    )
     assert r.exit_code == 1
     assert "text.mp4: not a readable video" in r.stderr and "zero.mov: empty file" in r.stderr
     assert "sound.mp4: not a readable video (it has no video stream)" in r.stderr
@@ -173,8 +221,22 @@ def test_ndjson_on_stdout_only(tmp_path, depth_d):
     from .conftest import make_image
 
     Image.fromarray(make_image(20, 30)).save(tmp_path / "b.png")
-    r = runner.invoke(app, ["depth", str(clip), str(tmp_path / "b.png"), str(tmp_path / "missing.jpg"), "--json",
-                            "-o", str(tmp_path / "o"), "-m", str(depth_d), "--processing-res", "32"])
+    r = runner.invoke(
+        app,
+        [
+            "depth",
+            str(clip),
+            str(tmp_path / "b.png"),
+            str(tmp_path / "missing.jpg"),
+            "--json",
+            "-o",
+            str(tmp_path / "o"),
+            "-m",
+            str(depth_d),
+            "--processing-res",
+            "32",
+        ],
+    )
     assert r.exit_code == 1
     records = [json.loads(line) for line in r.stdout.splitlines()]
     by_input = {Path(rec["input"]).name: rec for rec in records}
@@ -209,8 +271,9 @@ def test_memory_flat_over_a_long_clip(tmp_path):
     for n in (30, 600):
         d = tmp_path / str(n)
         d.mkdir()
-        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT.format(root=root, tmp=str(d), n=n)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT.format(root=root, tmp=str(d), n=n)], capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stderr
         growth[n] = int(out.stdout.strip().splitlines()[-1]) * 1024
     # 20x more frames (each 320x240): peak memory grows by less than 10 frames' worth of maps
@@ -224,9 +287,13 @@ def test_ctrl_c_on_the_command_line_leaves_a_playable_video(tmp_path, depth_d):
 
     clip = make_clip(tmp_path / "long.mp4", n=300, fps=30)
     out = tmp_path / "o"
-    proc = subprocess.Popen(["lotus", "depth", str(clip), "-o", str(out), "-m", str(depth_d), "--processing-res", "32",
-                             "-f", "npy"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        ["lotus", "depth", str(clip), "-o", str(out), "-m", str(depth_d), "--processing-res", "32", "-f", "npy"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list((out / "long").glob("*.npy"))) < 5:
         time.sleep(0.1)
@@ -241,8 +308,23 @@ def test_ctrl_c_on_the_command_line_leaves_a_playable_video(tmp_path, depth_d):
 
 def test_uncertainty_takes_videos(tmp_path, depth_g):
     clip = make_clip(tmp_path / "u.mp4", n=6, fps=6)
-    r = runner.invoke(app, ["uncertainty", str(clip), "-o", str(tmp_path / "o"), "-m", str(depth_g), "-n", "2",
-                            "--processing-res", "32", "-f", "png,npy"])
+    r = runner.invoke(
+        app,
+        [
+            "uncertainty",
+            str(clip),
+            "-o",
+            str(tmp_path / "o"),
+            "-m",
+            str(depth_g),
+            "-n",
+            "2",
+            "--processing-res",
+            "32",
+            "-f",
+            "png,npy",
+        ],
+    )
     assert r.exit_code == 0, r.output
     side = json.loads((tmp_path / "o" / "u.json").read_text())
     assert side["kind"] == "uncertainty" and side["video"]["frames"] == 6

@@ -23,7 +23,7 @@ from ..errors import LotusError
 app = typer.Typer(
     name="lotus",
     help="Depth, surface normals, uncertainty and point clouds from images and videos with Lotus (one-step "
-         "diffusion, arXiv 2409.18124), and the paper's training and evaluation protocols.",
+    "diffusion, arXiv 2409.18124), and the paper's training and evaluation protocols.",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -116,9 +116,13 @@ def _plain_help_flags(ctx: typer.Context, command) -> None:
 
 
 @app.callback()
-def main(ctx: typer.Context,
-         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="",
-                                               help="Print the version and exit.")] = False):
+def main(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."),
+    ] = False,
+):
     _plain_help_flags(ctx, ctx.command)  # the group's callback runs before a subcommand parses its --help
 
 
@@ -129,8 +133,9 @@ def escape(text) -> str:
     return _escape(printable(text))
 
 
-def load_predictor(model, task: str | None, device: str, dtype: str, kind: str | None = None,
-                   processing_res: int = 768):
+def load_predictor(
+    model, task: str | None, device: str, dtype: str, kind: str | None = None, processing_res: int = 768
+):
     """Resolve (name, hub id, folder or a resolved ModelRef), fetch with progress bars, load with a spinner,
     say what was loaded; a LotusError becomes the usual one-line error and exit code. ``kind`` is the
     stated output kind (--output-kind) of a checkpoint whose metadata says nothing."""
@@ -142,25 +147,28 @@ def load_predictor(model, task: str | None, device: str, dtype: str, kind: str |
         ref = models.fetch(ref)  # a first download shows its own progress bars
         models.check_known(ref, task)
         with console().status(f"loading {ref.label} ...", spinner="dots"):
-            predictor = LotusPredictor.from_pretrained(ref, device=device, dtype=dtype,
-                                                       processing_res=processing_res)  # what cpu/ calibrates for
+            predictor = LotusPredictor.from_pretrained(
+                ref, device=device, dtype=dtype, processing_res=processing_res
+            )  # what cpu/ calibrates for
     except LotusError as e:
         fail(e)
     for w in predictor.warnings:
         say(f"warning: {w}", "yellow")
-    say(f"model {predictor.source} ({predictor.task}, {predictor.kind} from {predictor.entry.source}, "
+    say(
+        f"model {predictor.source} ({predictor.task}, {predictor.kind} from {predictor.entry.source}, "
         f"Lotus-{predictor.family.upper()}) on {predictor.device} in {str(predictor.dtype).replace('torch.', '')}",
-        "dim")
+        "dim",
+    )
     return predictor
 
 
 # Commands live in submodules (imported for registration; each keeps heavy imports inside functions).
+from . import doctor as _doctor  # noqa: E402,F401
+from . import evaluate as _evaluate  # noqa: E402,F401
 from . import models as _models  # noqa: E402,F401
 from . import pointcloud as _pointcloud  # noqa: E402,F401
 from . import predict as _predict  # noqa: E402,F401
 from . import train as _train  # noqa: E402,F401
-from . import evaluate as _evaluate  # noqa: E402,F401
-from . import doctor as _doctor  # noqa: E402,F401
 
 
 def run() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -37,8 +37,14 @@ def _describe(choice: dict) -> None:
 
 @app.command()
 def doctor(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also load this model (name, hub id or "
-                                                 "folder) and show its choice, calibrating it if needed.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Also load this model (name, hub id or folder) and show its choice, calibrating it if needed.",
+        ),
+    ] = None,
     processing_res: Annotated[int, typer.Option("--processing-res", help="The size the choice is made for.")] = 768,
     recalibrate: Annotated[bool, typer.Option("--recalibrate", help="Forget the recorded choices first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
@@ -67,9 +73,19 @@ def doctor(
         loaded = {"model": pred.source, **pred.engine.choices.__dict__, "weights_gb": pred.weight_bytes() / 1e9}
     recorded = calibrate.cached()
     if as_json:
-        typer.echo(json.dumps({"machine": m.__dict__, "mkldnn": torch.backends.mkldnn.is_available(),
-                               "busy_load": load, "cache": str(path), "calibrations": recorded, "model": loaded},
-                              default=list))
+        typer.echo(
+            json.dumps(
+                {
+                    "machine": m.__dict__,
+                    "mkldnn": torch.backends.mkldnn.is_available(),
+                    "busy_load": load,
+                    "cache": str(path),
+                    "calibrations": recorded,
+                    "model": loaded,
+                },
+                default=list,
+            )
+        )
         return
     _row("CPU", m.cpu)
     _row("flags", "  ".join(f"{f} {'yes' if f in m.flags else 'no'}" for f in calibrate.FLAGS))
@@ -77,19 +93,25 @@ def doctor(
     _row("torch", f"{m.torch} (oneDNN {'yes' if torch.backends.mkldnn.is_available() else 'no'})")
     _row("threads", f"{m.threads} (torch's default is one per core; OMP_NUM_THREADS sets it)")
     if load is not None:
-        say(f"the machine is busy (load {load:.1f} on {cores} cores): choices made now follow the rule, untimed; "
-            "run `lotus doctor --recalibrate -m MODEL` when it is quiet", "yellow")
+        say(
+            f"the machine is busy (load {load:.1f} on {cores} cores): choices made now follow the rule, untimed; "
+            "run `lotus doctor --recalibrate -m MODEL` when it is quiet",
+            "yellow",
+        )
     _row("calibration cache", path)
     if loaded:
         typer.echo(f"\n{loaded['model']} ({loaded['weights_gb']:.2f} GB of weights):")
         _describe(loaded)
-    others = [r for r in recorded if not loaded or r.get("size") != list(loaded["size"])
-              or r.get("times") != loaded["times"]]
+    others = [
+        r for r in recorded if not loaded or r.get("size") != list(loaded["size"]) or r.get("times") != loaded["times"]
+    ]
     if others:
         typer.echo(f"\nrecorded on this machine ({len(others)}):")
         for r in others:
             _describe(r)
             typer.echo("")
     elif not loaded:
-        typer.echo("\nnothing recorded yet: the first prediction of a model calibrates it (a few seconds), or run "
-                   "`lotus doctor -m MODEL`")
+        typer.echo(
+            "\nnothing recorded yet: the first prediction of a model calibrates it (a few seconds), or run "
+            "`lotus doctor -m MODEL`"
+        )

@@ -4,25 +4,56 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..errors import LotusError, UsageError
 from . import app, console, escape, fail, load_predictor, say
-from .options import (Alignment, Datasets, Device, Dtype, EvalModel, EvalOut, EvalProcRes, EvalSeed, MaxSamples,
-                      NormalOutputKind, OutputKind, Predictions, SavePredictions, Splits, check_output_kind)
+from .options import (
+    Alignment,
+    Datasets,
+    Device,
+    Dtype,
+    EvalModel,
+    EvalOut,
+    EvalProcRes,
+    EvalSeed,
+    MaxSamples,
+    NormalOutputKind,
+    OutputKind,
+    Predictions,
+    SavePredictions,
+    Splits,
+    check_output_kind,
+)
 
-eval_app = typer.Typer(help="Score a model (or anyone's saved predictions) on the paper's benchmarks.",
-                       no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Score a model (or anyone's saved predictions) on the paper's benchmarks.", no_args_is_help=True
+)
 app.add_typer(eval_app, name="eval")
 
-DEPTH_COLUMNS = (("abs_rel", "AbsRel %", 100), ("sq_rel", "SqRel", 1), ("rmse", "RMSE", 1),
-                 ("rmse_log", "RMSElog", 1), ("log10", "log10", 1), ("delta1", "δ1 %", 100),
-                 ("delta2", "δ2 %", 100), ("delta3", "δ3 %", 100), ("i_rmse", "iRMSE", 1), ("silog", "SILog", 1))
-NORMAL_COLUMNS = (("mean", "mean°", 1), ("median", "median°", 1), ("rmse", "RMSE°", 1), ("a5", "<5° %", 100),
-                  ("a7_5", "<7.5° %", 100), ("a11_25", "<11.25° %", 100), ("a22_5", "<22.5° %", 100),
-                  ("a30", "<30° %", 100))
+DEPTH_COLUMNS = (
+    ("abs_rel", "AbsRel %", 100),
+    ("sq_rel", "SqRel", 1),
+    ("rmse", "RMSE", 1),
+    ("rmse_log", "RMSElog", 1),
+    ("log10", "log10", 1),
+    ("delta1", "δ1 %", 100),
+    ("delta2", "δ2 %", 100),
+    ("delta3", "δ3 %", 100),
+    ("i_rmse", "iRMSE", 1),
+    ("silog", "SILog", 1),
+)
+NORMAL_COLUMNS = (
+    ("mean", "mean°", 1),
+    ("median", "median°", 1),
+    ("rmse", "RMSE°", 1),
+    ("a5", "<5° %", 100),
+    ("a7_5", "<7.5° %", 100),
+    ("a11_25", "<11.25° %", 100),
+    ("a22_5", "<22.5° %", 100),
+    ("a30", "<30° %", 100),
+)
 
 
 @dataclass(frozen=True)
@@ -32,38 +63,91 @@ class EvalArgs:
 
     task: str
     datasets: tuple[str, ...] = ()
-    model: Optional[str] = None
-    output_kind: Optional[str] = None
-    predictions: Optional[Path] = None
+    model: str | None = None
+    output_kind: str | None = None
+    predictions: Path | None = None
     splits: tuple[str, ...] = ()
     alignment: str = "auto"
-    max_samples: Optional[int] = None
+    max_samples: int | None = None
     save_predictions: bool = False
-    out: Optional[Path] = None
+    out: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
-    processing_res: Optional[int] = None
+    processing_res: int | None = None
     seed: int = 0
 
 
 @eval_app.command("depth")
-def eval_depth(dataset: Datasets, model: EvalModel = None, output_kind: OutputKind = None,
-               predictions: Predictions = None, split: Splits = None, alignment: Alignment = "auto",
-               max_samples: MaxSamples = None, save_predictions: SavePredictions = False, out: EvalOut = None,
-               device: Device = "auto", dtype: Dtype = "auto", processing_res: EvalProcRes = None, seed: EvalSeed = 0):
+def eval_depth(
+    dataset: Datasets,
+    model: EvalModel = None,
+    output_kind: OutputKind = None,
+    predictions: Predictions = None,
+    split: Splits = None,
+    alignment: Alignment = "auto",
+    max_samples: MaxSamples = None,
+    save_predictions: SavePredictions = False,
+    out: EvalOut = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    processing_res: EvalProcRes = None,
+    seed: EvalSeed = 0,
+):
     """Depth benchmarks: scale-and-shift alignment, then AbsRel, δ1-3 and more, averaged over images."""
-    _eval(EvalArgs("depth", tuple(dataset), model, output_kind, predictions, tuple(split or ()), alignment,
-                   max_samples, save_predictions, out, device, dtype, processing_res, seed))
+    _eval(
+        EvalArgs(
+            "depth",
+            tuple(dataset),
+            model,
+            output_kind,
+            predictions,
+            tuple(split or ()),
+            alignment,
+            max_samples,
+            save_predictions,
+            out,
+            device,
+            dtype,
+            processing_res,
+            seed,
+        )
+    )
 
 
 @eval_app.command("normal")
-def eval_normal(dataset: Datasets, model: EvalModel = None, output_kind: NormalOutputKind = None,
-                predictions: Predictions = None, split: Splits = None, max_samples: MaxSamples = None,
-                save_predictions: SavePredictions = False, out: EvalOut = None, device: Device = "auto",
-                dtype: Dtype = "auto", processing_res: EvalProcRes = None, seed: EvalSeed = 0):
+def eval_normal(
+    dataset: Datasets,
+    model: EvalModel = None,
+    output_kind: NormalOutputKind = None,
+    predictions: Predictions = None,
+    split: Splits = None,
+    max_samples: MaxSamples = None,
+    save_predictions: SavePredictions = False,
+    out: EvalOut = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    processing_res: EvalProcRes = None,
+    seed: EvalSeed = 0,
+):
     """Normal benchmarks: angular error in degrees pooled over all valid pixels (mean, median, < 11.25°...)."""
-    _eval(EvalArgs("normal", tuple(dataset), model, output_kind, predictions, tuple(split or ()), "auto",
-                   max_samples, save_predictions, out, device, dtype, processing_res, seed))
+    _eval(
+        EvalArgs(
+            "normal",
+            tuple(dataset),
+            model,
+            output_kind,
+            predictions,
+            tuple(split or ()),
+            "auto",
+            max_samples,
+            save_predictions,
+            out,
+            device,
+            dtype,
+            processing_res,
+            seed,
+        )
+    )
 
 
 def _eval(a: EvalArgs) -> None:
@@ -80,8 +164,14 @@ def _eval(a: EvalArgs) -> None:
             raise UsageError("--output-kind describes a model", "with --predictions, use --alignment")
         if a.save_predictions and (a.out is None or a.predictions is not None):
             raise UsageError("--save-predictions needs --out and a model", "add --out DIR, drop --predictions")
-        opts = R.EvalOptions(a.task, a.alignment, a.max_samples, a.processing_res, a.seed,
-                             a.out / "predictions" if a.save_predictions else None)
+        opts = R.EvalOptions(
+            a.task,
+            a.alignment,
+            a.max_samples,
+            a.processing_res,
+            a.seed,
+            a.out / "predictions" if a.save_predictions else None,
+        )
         pairs = D.parse_pairs(list(a.datasets), "--dataset")
         if not pairs:
             raise UsageError("no --dataset given", "e.g. --dataset nyuv2=/data/eval/nyuv2")
@@ -149,8 +239,14 @@ def _run_one(ds, source, opts):
 
     from ..evaluate.run import evaluate
 
-    with Progress(TextColumn(f"{escape(ds.spec.title)}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console(), transient=True) as bar:
+    with Progress(
+        TextColumn(f"{escape(ds.spec.title)}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console(),
+        transient=True,
+    ) as bar:
         total = min(len(ds.samples), opts.max_samples or len(ds.samples))
         task_id = bar.add_task("eval", total=total)
 

@@ -24,9 +24,20 @@ def models_list():
     depth`)."""
     from .. import models
 
-    rows = [(e.name, ", ".join(e.aliases), e.repo_id, e.task, (e.family or "?").upper(), e.kind,
-             f"{e.size_gb:.1f} GB" if e.size_gb else "?", e.licence, "yes" if models.cached_folder(e.repo_id) else "no")
-            for e in models.REGISTRY]
+    rows = [
+        (
+            e.name,
+            ", ".join(e.aliases),
+            e.repo_id,
+            e.task,
+            (e.family or "?").upper(),
+            e.kind,
+            f"{e.size_gb:.1f} GB" if e.size_gb else "?",
+            e.licence,
+            "yes" if models.cached_folder(e.repo_id) else "no",
+        )
+        for e in models.REGISTRY
+    ]
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -71,149 +71,360 @@ def check_output_kind(kind: str | None, task: str) -> None:
 
 # ------------------------------------------------------------------------------- inputs and outputs
 
-Inputs = Annotated[Optional[list[str]], typer.Argument(
-    help="Image or video files, folders (searched recursively, each real folder once; symlinked loops are "
-         "named and skipped), globs, or - to read paths from stdin: one per line, surrounding spaces stripped, "
-         "empty lines and lines starting with # skipped.",
-    show_default=False)]
-Out = Annotated[Optional[Path], option("--out", "-o", help="Output folder; the input tree is mirrored under it, "
-                                       "and it is never read as input (even inside an input folder). "
-                                       "Default: ./lotus-<command>.", show_default=False)]
-Format = Annotated[str, option("--format", "-f", help="Comma list of png (colour map), png16 (16-bit), "
-                               "npy (raw float32), exr (OpenEXR float32: depth in Z, normals in R,G,B), or all. A "
-                               "JSON sidecar is always written.")]
-ExrHalf = Annotated[bool, flag("--exr-half", help="EXR maps in 16-bit half floats (about 3 significant digits, half "
-                               "the size) instead of float32.")]
-ExrCompression = Annotated[str, option("--exr-compression", help="EXR compression: zip (lossless), zips, piz, rle, "
-                                       "none; lossy: pxr24, b44, b44a, dwaa, dwab.")]
-Compile = Annotated[str, option("--compile", help="torch.compile the model (inductor; on a CPU it needs a C++ "
-                                "compiler): off, on, or auto (videos, and runs of 40+ same-size images, 12+ once "
-                                "compiled code is cached). The first run per processing size spends minutes "
-                                "compiling; the result is cached in ~/.cache/lotus/inductor. Falls back to eager "
-                                "with one line when compiling is impossible.")]
-Skip = Annotated[bool, flag("--skip-existing", help="Keep inputs whose outputs are complete and were made with the "
-                            "same model and options (resume an interrupted run); redo the others and say why.")]
+Inputs = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Image or video files, folders (searched recursively, each real folder once; symlinked loops are "
+        "named and skipped), globs, or - to read paths from stdin: one per line, surrounding spaces stripped, "
+        "empty lines and lines starting with # skipped.",
+        show_default=False,
+    ),
+]
+Out = Annotated[
+    Path | None,
+    option(
+        "--out",
+        "-o",
+        help="Output folder; the input tree is mirrored under it, "
+        "and it is never read as input (even inside an input folder). "
+        "Default: ./lotus-<command>.",
+        show_default=False,
+    ),
+]
+Format = Annotated[
+    str,
+    option(
+        "--format",
+        "-f",
+        help="Comma list of png (colour map), png16 (16-bit), "
+        "npy (raw float32), exr (OpenEXR float32: depth in Z, normals in R,G,B), or all. A "
+        "JSON sidecar is always written.",
+    ),
+]
+ExrHalf = Annotated[
+    bool,
+    flag(
+        "--exr-half",
+        help="EXR maps in 16-bit half floats (about 3 significant digits, half the size) instead of float32.",
+    ),
+]
+ExrCompression = Annotated[
+    str,
+    option(
+        "--exr-compression",
+        help="EXR compression: zip (lossless), zips, piz, rle, none; lossy: pxr24, b44, b44a, dwaa, dwab.",
+    ),
+]
+Compile = Annotated[
+    str,
+    option(
+        "--compile",
+        help="torch.compile the model (inductor; on a CPU it needs a C++ "
+        "compiler): off, on, or auto (videos, and runs of 40+ same-size images, 12+ once "
+        "compiled code is cached). The first run per processing size spends minutes "
+        "compiling; the result is cached in ~/.cache/lotus/inductor. Falls back to eager "
+        "with one line when compiling is impossible.",
+    ),
+]
+Skip = Annotated[
+    bool,
+    flag(
+        "--skip-existing",
+        help="Keep inputs whose outputs are complete and were made with the "
+        "same model and options (resume an interrupted run); redo the others and say why.",
+    ),
+]
 MaxPixels = Annotated[int, option("--max-pixels", help="Refuse images above this many pixels (0 = no limit).")]
-Json = Annotated[bool, flag("--json", help="Write one JSON record per finished input on stdout (input, outputs, "
-                            "kind, frames, seconds, status, error); nothing else goes to stdout.")]
+Json = Annotated[
+    bool,
+    flag(
+        "--json",
+        help="Write one JSON record per finished input on stdout (input, outputs, "
+        "kind, frames, seconds, status, error); nothing else goes to stdout.",
+    ),
+]
 
 # ------------------------------------------------------------------------------------------- model
 
-Model = Annotated[Optional[str], option("--model", "-m", help="Registry name (see `lotus models list`), hub id "
-                                        "(owner/name) or local checkpoint folder.", show_default=False)]
-OutputKind = Annotated[Optional[str], option(
-    "--output-kind", help="What a checkpoint without metadata (no lotus.json, not a registry model) outputs: "
-    "disparity (1 = near) or depth (0 = near). Metadata that says otherwise wins with an error.",
-    show_default=False)]
-NormalOutputKind = Annotated[Optional[str], option(
-    "--output-kind", help="normal: state that a checkpoint without metadata (no lotus.json, not a registry "
-    "model) predicts normals.", show_default=False)]
+Model = Annotated[
+    str | None,
+    option(
+        "--model",
+        "-m",
+        help="Registry name (see `lotus models list`), hub id (owner/name) or local checkpoint folder.",
+        show_default=False,
+    ),
+]
+OutputKind = Annotated[
+    str | None,
+    option(
+        "--output-kind",
+        help="What a checkpoint without metadata (no lotus.json, not a registry model) outputs: "
+        "disparity (1 = near) or depth (0 = near). Metadata that says otherwise wins with an error.",
+        show_default=False,
+    ),
+]
+NormalOutputKind = Annotated[
+    str | None,
+    option(
+        "--output-kind",
+        help="normal: state that a checkpoint without metadata (no lotus.json, not a registry model) predicts normals.",
+        show_default=False,
+    ),
+]
 Device = Annotated[str, option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
 Dtype = Annotated[str, option("--dtype", help="auto (fp16 on CUDA/MPS, fp32 on CPU), fp32, fp16, bf16.")]
 
 # --------------------------------------------------------------------------------------- prediction
 
-ProcRes = Annotated[int, option("--processing-res", help="Long side fed to the model, in pixels (0 = native "
-                                "size); at least the VAE's pixels per latent cell (8 for the released models).")]
-Resample = Annotated[str, option("--resample", help="Back to the input size: bilinear, or nearest (the "
-                                 "reference's nearest-exact).")]
-Latent = Annotated[str, option("--latent", help="Image latent: mean of the VAE posterior (deterministic), or "
-                               "sample (the reference's posterior sample).")]
-Seed = Annotated[int, option("--seed", help="Noise seed for G models; the same seed gives the same result for an "
-                             "image whatever the batch or order.")]
+ProcRes = Annotated[
+    int,
+    option(
+        "--processing-res",
+        help="Long side fed to the model, in pixels (0 = native "
+        "size); at least the VAE's pixels per latent cell (8 for the released models).",
+    ),
+]
+Resample = Annotated[
+    str, option("--resample", help="Back to the input size: bilinear, or nearest (the reference's nearest-exact).")
+]
+Latent = Annotated[
+    str,
+    option(
+        "--latent",
+        help="Image latent: mean of the VAE posterior (deterministic), or sample (the reference's posterior sample).",
+    ),
+]
+Seed = Annotated[
+    int,
+    option(
+        "--seed",
+        help="Noise seed for G models; the same seed gives the same result for an image whatever the batch or order.",
+    ),
+]
 Batch = Annotated[int, option("--batch-size", "-b", help="Images of the same processing size per model call.")]
-Cmap = Annotated[str, option("--cmap", help="Matplotlib colour map of the depth PNGs and videos (near is warm "
-                             "with Spectral).")]
+Cmap = Annotated[
+    str, option("--cmap", help="Matplotlib colour map of the depth PNGs and videos (near is warm with Spectral).")
+]
 SpreadCmap = Annotated[str, option("--cmap", help="Colour map of the spread (bright = uncertain).")]
-Frame = Annotated[str, option("--frame", help="Camera frame of the normals written: lotus (x left, y up, z toward "
-                              "the camera), opengl (x right, y up, z toward the camera; Blender) or opencv (x right, "
-                              "y down, z forward).")]
+Frame = Annotated[
+    str,
+    option(
+        "--frame",
+        help="Camera frame of the normals written: lotus (x left, y up, z toward "
+        "the camera), opengl (x right, y up, z toward the camera; Blender) or opencv (x right, "
+        "y down, z forward).",
+    ),
+]
 
 # ------------------------------------------------------------------------------------------ videos
 
-Fps = Annotated[Optional[float], option("--fps", help="Videos: resample to this many frames per second, by "
-                                        "timestamp, never above the source rate (default: the source rate).",
-                                        show_default=False)]
-Start = Annotated[Optional[float], option("--start", help="Videos: first second to process.", show_default=False)]
-End = Annotated[Optional[float], option("--end", help="Videos: last second to process.", show_default=False)]
-MaxFrames = Annotated[Optional[int], option("--max-frames", help="Videos: stop after this many frames.",
-                                            show_default=False)]
-Stabilize = Annotated[bool, flag("--stabilize/--no-stabilize", help="Videos and pipes: fit each frame's scale "
-                                 "and shift to a running reference on stable pixels, so a surface keeps its value "
-                                 "across frames.")]
+Fps = Annotated[
+    float | None,
+    option(
+        "--fps",
+        help="Videos: resample to this many frames per second, by "
+        "timestamp, never above the source rate (default: the source rate).",
+        show_default=False,
+    ),
+]
+Start = Annotated[float | None, option("--start", help="Videos: first second to process.", show_default=False)]
+End = Annotated[float | None, option("--end", help="Videos: last second to process.", show_default=False)]
+MaxFrames = Annotated[
+    int | None, option("--max-frames", help="Videos: stop after this many frames.", show_default=False)
+]
+Stabilize = Annotated[
+    bool,
+    flag(
+        "--stabilize/--no-stabilize",
+        help="Videos and pipes: fit each frame's scale "
+        "and shift to a running reference on stable pixels, so a surface keeps its value "
+        "across frames.",
+    ),
+]
 
 # ---------------------------------------------------------------------------------------- raw pipes
 
-Raw = Annotated[Optional[str], option("--raw", help="Pipe mode: read raw RGB24 frames of WIDTHxHEIGHT from stdin "
-                                      "and write raw maps to stdout (see --raw-out); no files, so no inputs, --out "
-                                      "or --json.", show_default=False)]
-RawOut = Annotated[str, option("--raw-out", help="Pipe mode output per frame: f32 (float32 map), u16 (uint16, "
-                               "[0,1] x 65535) or rgb (colour map, rgb24).")]
-SpreadRawOut = Annotated[str, option("--raw-out", help="Pipe mode output per frame: f32 (the float32 spread "
-                                     "[H, W]; the only one for uncertainty).")]
+Raw = Annotated[
+    str | None,
+    option(
+        "--raw",
+        help="Pipe mode: read raw RGB24 frames of WIDTHxHEIGHT from stdin "
+        "and write raw maps to stdout (see --raw-out); no files, so no inputs, --out "
+        "or --json.",
+        show_default=False,
+    ),
+]
+RawOut = Annotated[
+    str,
+    option(
+        "--raw-out",
+        help="Pipe mode output per frame: f32 (float32 map), u16 (uint16, [0,1] x 65535) or rgb (colour map, rgb24).",
+    ),
+]
+SpreadRawOut = Annotated[
+    str,
+    option(
+        "--raw-out", help="Pipe mode output per frame: f32 (the float32 spread [H, W]; the only one for uncertainty)."
+    ),
+]
 
 # ------------------------------------------------------------------------------------------- tiling
 
-Tile = Annotated[Optional[str], option("--tile", help="High-resolution inputs: a global pass at --processing-res "
-                                       "for the layout plus overlapping tiles for detail, blended seam-free at full "
-                                       "resolution. auto (tile size from the image size and --max-memory; no tiles "
-                                       "when the global pass sees nearly every pixel) or the tile side in input "
-                                       "pixels. Off by default.", show_default=False)]
-Overlap = Annotated[float, option("--overlap", help="With --tile: fraction of a tile shared with each neighbour "
-                                  "(0 .. 0.5).")]
-TileRes = Annotated[Optional[int], option("--tile-res", help="With --tile: long side of a tile as fed to the model "
-                                          "(default: --processing-res, or 768 when that is 0).", show_default=False)]
-MaxMemory = Annotated[str, option("--max-memory", help="With --tile: memory budget for the weights plus one batch "
-                                  "of tiles, e.g. 6G; auto = the weights plus half the free device memory.")]
+Tile = Annotated[
+    str | None,
+    option(
+        "--tile",
+        help="High-resolution inputs: a global pass at --processing-res "
+        "for the layout plus overlapping tiles for detail, blended seam-free at full "
+        "resolution. auto (tile size from the image size and --max-memory; no tiles "
+        "when the global pass sees nearly every pixel) or the tile side in input "
+        "pixels. Off by default.",
+        show_default=False,
+    ),
+]
+Overlap = Annotated[
+    float, option("--overlap", help="With --tile: fraction of a tile shared with each neighbour (0 .. 0.5).")
+]
+TileRes = Annotated[
+    int | None,
+    option(
+        "--tile-res",
+        help="With --tile: long side of a tile as fed to the model (default: --processing-res, or 768 when that is 0).",
+        show_default=False,
+    ),
+]
+MaxMemory = Annotated[
+    str,
+    option(
+        "--max-memory",
+        help="With --tile: memory budget for the weights plus one batch "
+        "of tiles, e.g. 6G; auto = the weights plus half the free device memory.",
+    ),
+]
 
 # -------------------------------------------------------------------------------------- uncertainty
 
-Samples = Annotated[int, option("--samples", "-n", help="Noise samples of the G model (seeds seed, seed+1, ...), "
-                                "at least 2; they run as batches of --batch-size.")]
-Tta = Annotated[str, option("--tta", help="Test-time augmentation: none, or flip (also the mirrored image; the only "
-                            "ensemble a D model has).")]
+Samples = Annotated[
+    int,
+    option(
+        "--samples",
+        "-n",
+        help="Noise samples of the G model (seeds seed, seed+1, ...), at least 2; they run as batches of --batch-size.",
+    ),
+]
+Tta = Annotated[
+    str,
+    option(
+        "--tta",
+        help="Test-time augmentation: none, or flip (also the mirrored image; the only ensemble a D model has).",
+    ),
+]
 Task = Annotated[str, option("--task", "-t", help="depth or normal.")]
 
 # --------------------------------------------------------------------------------------- evaluation
 
-Datasets = Annotated[list[str], option(
-    "--dataset", "-d", help="NAME=PATH, repeatable. Depth: nyuv2, kitti, scannet, eth3d, diode (Marigold's tar "
-    "or its unpacked folder, split list beside it). Normal: nyuv2, scannet, ibims, sintel, oasis (DSINE's "
-    "dsine_eval/<name> folder).", show_default=False)]
-Splits = Annotated[Optional[list[str]], option(
-    "--split", help="NAME=FILE, repeatable: the split list of a dataset when it is not beside the data.",
-    show_default=False)]
-EvalModel = Annotated[Optional[str], option("--model", "-m", help="Registry name, hub id or checkpoint folder "
-                                            "(default: depth-d / normal-d).", show_default=False)]
-Predictions = Annotated[Optional[Path], option(
-    "--predictions", help="Score precomputed maps instead of a model: DIR/<key>.npy or 16-bit .png per sample "
-    "(in DIR/<dataset>/ when that exists); key = the RGB path in the split list without extension.",
-    show_default=False)]
-Alignment = Annotated[str, option("--alignment", help="Depth: auto (disparity for disparity models and sidecars "
-                                  "that say so, depth for depth ones; maps without a sidecar need it stated), "
-                                  "depth, disparity or none (metric).")]
-MaxSamples = Annotated[Optional[int], option("--max-samples", help="Only the first N samples of each split.",
-                                             show_default=False)]
-SavePredictions = Annotated[bool, flag("--save-predictions", help="Also write each raw prediction to "
-                                       "OUT/predictions/<dataset>/<key>.npy (re-score later with --predictions).")]
-EvalOut = Annotated[Optional[Path], option("--out", "-o", help="Write results.json and per_sample.csv here.",
-                                           show_default=False)]
-EvalProcRes = Annotated[Optional[int], option(
-    "--processing-res", help="Override every dataset's processing resolution (default: native, 768 for ETH3D, "
-    "640 for DIODE; 0 = native).", show_default=False)]
+Datasets = Annotated[
+    list[str],
+    option(
+        "--dataset",
+        "-d",
+        help="NAME=PATH, repeatable. Depth: nyuv2, kitti, scannet, eth3d, diode (Marigold's tar "
+        "or its unpacked folder, split list beside it). Normal: nyuv2, scannet, ibims, sintel, oasis (DSINE's "
+        "dsine_eval/<name> folder).",
+        show_default=False,
+    ),
+]
+Splits = Annotated[
+    list[str] | None,
+    option(
+        "--split",
+        help="NAME=FILE, repeatable: the split list of a dataset when it is not beside the data.",
+        show_default=False,
+    ),
+]
+EvalModel = Annotated[
+    str | None,
+    option(
+        "--model",
+        "-m",
+        help="Registry name, hub id or checkpoint folder (default: depth-d / normal-d).",
+        show_default=False,
+    ),
+]
+Predictions = Annotated[
+    Path | None,
+    option(
+        "--predictions",
+        help="Score precomputed maps instead of a model: DIR/<key>.npy or 16-bit .png per sample "
+        "(in DIR/<dataset>/ when that exists); key = the RGB path in the split list without extension.",
+        show_default=False,
+    ),
+]
+Alignment = Annotated[
+    str,
+    option(
+        "--alignment",
+        help="Depth: auto (disparity for disparity models and sidecars "
+        "that say so, depth for depth ones; maps without a sidecar need it stated), "
+        "depth, disparity or none (metric).",
+    ),
+]
+MaxSamples = Annotated[
+    int | None, option("--max-samples", help="Only the first N samples of each split.", show_default=False)
+]
+SavePredictions = Annotated[
+    bool,
+    flag(
+        "--save-predictions",
+        help="Also write each raw prediction to "
+        "OUT/predictions/<dataset>/<key>.npy (re-score later with --predictions).",
+    ),
+]
+EvalOut = Annotated[
+    Path | None, option("--out", "-o", help="Write results.json and per_sample.csv here.", show_default=False)
+]
+EvalProcRes = Annotated[
+    int | None,
+    option(
+        "--processing-res",
+        help="Override every dataset's processing resolution (default: native, 768 for ETH3D, "
+        "640 for DIODE; 0 = native).",
+        show_default=False,
+    ),
+]
 EvalSeed = Annotated[int, option("--seed", help="Noise seed for G models.")]
 
 
 # ------------------------------------------- many processes and machines (README "Many GPUs and machines")
 
-ShardOpt = Annotated[Optional[str], option("--shard", help="Process share K/N of the inputs (0-based K), by a stable "
-                                           "hash of each output key: for Slurm arrays and hand-launched processes. "
-                                           "Under torchrun, RANK/WORLD_SIZE shard by themselves.", show_default=False)]
-EngineOpt = Annotated[str, option("--engine", help="local (this process), or ray (a Ray Data pipeline over --workers "
-                                  "predictor actors; needs the ray extra of lotus-cli).")]
-RayAddress = Annotated[Optional[str], option("--ray-address", help="With --engine ray: the cluster to join (auto = "
-                                             "the one `ray start` runs here); default: start a local one.",
-                                             show_default=False)]
+ShardOpt = Annotated[
+    str | None,
+    option(
+        "--shard",
+        help="Process share K/N of the inputs (0-based K), by a stable "
+        "hash of each output key: for Slurm arrays and hand-launched processes. "
+        "Under torchrun, RANK/WORLD_SIZE shard by themselves.",
+        show_default=False,
+    ),
+]
+EngineOpt = Annotated[
+    str,
+    option(
+        "--engine",
+        help="local (this process), or ray (a Ray Data pipeline over --workers "
+        "predictor actors; needs the ray extra of lotus-cli).",
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    option(
+        "--ray-address",
+        help="With --engine ray: the cluster to join (auto = "
+        "the one `ray start` runs here); default: start a local one.",
+        show_default=False,
+    ),
+]
 Workers = Annotated[int, option("--workers", help="With --engine ray: predictor actors (one model each).")]
 GpusPerWorker = Annotated[float, option("--gpus-per-worker", help="With --engine ray: GPUs per actor.")]
 CpusPerWorker = Annotated[float, option("--cpus-per-worker", help="With --engine ray: CPUs per actor.")]

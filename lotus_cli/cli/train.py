@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,8 +14,19 @@ from ..errors import LotusError, UsageError
 from . import app, console, fail, say
 from .options import flag
 
-DEBUG = dict(steps=300, batch_size=4, lr=1e-3, checkpoint_every=100, val_every=100, val_samples=8, log_every=10,
-             size=(32, 32), train_scenes=64, vae_steps=400, threads=1)
+DEBUG = dict(
+    steps=300,
+    batch_size=4,
+    lr=1e-3,
+    checkpoint_every=100,
+    val_every=100,
+    val_samples=8,
+    log_every=10,
+    size=(32, 32),
+    train_scenes=64,
+    vae_steps=400,
+    threads=1,
+)
 DEFAULT_BASE = "stabilityai/stable-diffusion-2-base"
 
 Opt = typer.Option
@@ -25,59 +36,109 @@ Opt = typer.Option
 def train(
     task: Annotated[str, Opt("--task", "-t", help="depth or normal.")] = "depth",
     family: Annotated[str, Opt("--family", help="g (noise input, 8-channel conv_in) or d (deterministic).")] = "g",
-    base: Annotated[str, Opt("--base", help="Hub id or folder of Stable Diffusion 2 (or a Lotus checkpoint to "
-                             "continue from).")] = DEFAULT_BASE,
-    data: Annotated[Optional[list[str]], Opt("--data", "-d", help="NAME=PATH, repeatable; NAME: hypersim, vkitti, "
-                    "folder (generic format: rgb/, depth/, normal/, mask/, lotus_data.json).",
-                    show_default=False)] = None,
-    mix: Annotated[Optional[str], Opt("--mix", help="Per-batch probabilities, one per --data, e.g. 0.9,0.1 "
-                   "(default: equal).", show_default=False)] = None,
-    out: Annotated[Optional[Path], Opt("--out", "-o", help="Run folder (log, checkpoints, validation, final/).",
-                   show_default=False)] = None,
+    base: Annotated[
+        str, Opt("--base", help="Hub id or folder of Stable Diffusion 2 (or a Lotus checkpoint to continue from).")
+    ] = DEFAULT_BASE,
+    data: Annotated[
+        list[str] | None,
+        Opt(
+            "--data",
+            "-d",
+            help="NAME=PATH, repeatable; NAME: hypersim, vkitti, "
+            "folder (generic format: rgb/, depth/, normal/, mask/, lotus_data.json).",
+            show_default=False,
+        ),
+    ] = None,
+    mix: Annotated[
+        str | None,
+        Opt(
+            "--mix", help="Per-batch probabilities, one per --data, e.g. 0.9,0.1 (default: equal).", show_default=False
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, Opt("--out", "-o", help="Run folder (log, checkpoints, validation, final/).", show_default=False)
+    ] = None,
     prediction: Annotated[str, Opt("--prediction", help="x0 (Lotus) or eps (standard diffusion, G only).")] = "x0",
-    timesteps: Annotated[int, Opt("--timesteps", help="1 = single step at t=999 (Lotus); N = N evenly spaced "
-                         "training steps and DDIM at validation (G only).")] = 1,
-    detail_preserver: Annotated[bool, flag("--detail-preserver/--no-detail-preserver",
-                                help="Also reconstruct the input image (task switch [0, 1]), loss weight 1:1.")] = True,
-    norm: Annotated[str, Opt("--norm", help="Depth normalisation: trunc_disparity (v2 models), trunc_depth, "
-                    "disparity, depth.")] = "trunc_disparity",
-    latent: Annotated[str, Opt("--latent", help="Training latents: sample (reference) or mean of the VAE "
-                      "posterior.")] = "sample",
-    steps: Annotated[Optional[int], Opt("--steps", help="Optimiser steps [20000].", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], Opt("--batch-size", "-b", help="Samples per process per micro-batch [16].",
-                          show_default=False)] = None,
+    timesteps: Annotated[
+        int,
+        Opt(
+            "--timesteps",
+            help="1 = single step at t=999 (Lotus); N = N evenly spaced "
+            "training steps and DDIM at validation (G only).",
+        ),
+    ] = 1,
+    detail_preserver: Annotated[
+        bool,
+        flag(
+            "--detail-preserver/--no-detail-preserver",
+            help="Also reconstruct the input image (task switch [0, 1]), loss weight 1:1.",
+        ),
+    ] = True,
+    norm: Annotated[
+        str, Opt("--norm", help="Depth normalisation: trunc_disparity (v2 models), trunc_depth, disparity, depth.")
+    ] = "trunc_disparity",
+    latent: Annotated[
+        str, Opt("--latent", help="Training latents: sample (reference) or mean of the VAE posterior.")
+    ] = "sample",
+    steps: Annotated[int | None, Opt("--steps", help="Optimiser steps [20000].", show_default=False)] = None,
+    batch_size: Annotated[
+        int | None, Opt("--batch-size", "-b", help="Samples per process per micro-batch [16].", show_default=False)
+    ] = None,
     grad_accum: Annotated[int, Opt("--grad-accum", help="Micro-batches per optimiser step.")] = 1,
-    lr: Annotated[Optional[float], Opt("--lr", help="AdamW learning rate, constant [3e-5].",
-                                       show_default=False)] = None,
+    lr: Annotated[float | None, Opt("--lr", help="AdamW learning rate, constant [3e-5].", show_default=False)] = None,
     weight_decay: Annotated[float, Opt("--weight-decay")] = 1e-2,
     max_grad_norm: Annotated[float, Opt("--max-grad-norm", help="Gradient clipping.")] = 1.0,
     mixed_precision: Annotated[str, Opt("--mixed-precision", help="no, fp16 (the paper, GPUs) or bf16.")] = "no",
     gradient_checkpointing: Annotated[bool, flag("--gradient-checkpointing", help="Trade compute for memory.")] = False,
-    checkpoint_every: Annotated[Optional[int], Opt("--checkpoint-every", help="Steps between checkpoints [2000].",
-                                show_default=False)] = None,
-    resume: Annotated[Optional[str], Opt("--resume", help="latest, or a checkpoint folder.",
-                                         show_default=False)] = None,
+    checkpoint_every: Annotated[
+        int | None, Opt("--checkpoint-every", help="Steps between checkpoints [2000].", show_default=False)
+    ] = None,
+    resume: Annotated[str | None, Opt("--resume", help="latest, or a checkpoint folder.", show_default=False)] = None,
     seed: Annotated[int, Opt("--seed")] = 0,
-    size: Annotated[Optional[str], Opt("--size", help="HxW training size for folder data (default: as stored).",
-                    show_default=False)] = None,
+    size: Annotated[
+        str | None, Opt("--size", help="HxW training size for folder data (default: as stored).", show_default=False)
+    ] = None,
     flip: Annotated[bool, flag("--flip/--no-flip", help="Random horizontal flips (normal x negated).")] = True,
-    val_data: Annotated[Optional[str], Opt("--val-data", help="NAME=PATH of validation samples (images and "
-                        "AbsRel / mean angle logged).", show_default=False)] = None,
-    val_every: Annotated[Optional[int], Opt("--val-every", help="Steps between validations (0 = start and end).",
-                         show_default=False)] = None,
-    eval_data: Annotated[Optional[list[str]], Opt("--eval-data", help="NAME=PATH, repeatable: benchmark sets of "
-                         "`lotus eval` (depth: nyuv2, kitti, scannet, eth3d, diode; normal: nyuv2, scannet, ibims, "
-                         "sintel, oasis), scored at the end and every --val-every steps.", show_default=False)] = None,
-    eval_max_samples: Annotated[Optional[int], Opt("--eval-max-samples", help="Only the first N samples of each "
-                                "benchmark.", show_default=False)] = None,
+    val_data: Annotated[
+        str | None,
+        Opt(
+            "--val-data",
+            help="NAME=PATH of validation samples (images and AbsRel / mean angle logged).",
+            show_default=False,
+        ),
+    ] = None,
+    val_every: Annotated[
+        int | None, Opt("--val-every", help="Steps between validations (0 = start and end).", show_default=False)
+    ] = None,
+    eval_data: Annotated[
+        list[str] | None,
+        Opt(
+            "--eval-data",
+            help="NAME=PATH, repeatable: benchmark sets of "
+            "`lotus eval` (depth: nyuv2, kitti, scannet, eth3d, diode; normal: nyuv2, scannet, ibims, "
+            "sintel, oasis), scored at the end and every --val-every steps.",
+            show_default=False,
+        ),
+    ] = None,
+    eval_max_samples: Annotated[
+        int | None, Opt("--eval-max-samples", help="Only the first N samples of each benchmark.", show_default=False)
+    ] = None,
     log_every: Annotated[int, Opt("--log-every", help="Steps between lines of OUT/log.jsonl.")] = 10,
     num_workers: Annotated[int, Opt("--num-workers", help="Data-loading worker processes.")] = 0,
-    num_processes: Annotated[int, Opt("--num-processes", help="Launch this many data-parallel processes "
-                             "(torchrun; one per GPU, gloo on CPU).")] = 1,
-    preset: Annotated[Optional[str], Opt("--preset", help="debug: synthetic scenes and a tiny base it "
-                      "builds under OUT (default runs/debug); defaults become 300 steps, batch 4, lr 1e-3, 32x32, "
-                      "validation every 100 steps; a few minutes on a CPU, most of it fitting the tiny VAE.",
-                      show_default=False)] = None,
+    num_processes: Annotated[
+        int,
+        Opt("--num-processes", help="Launch this many data-parallel processes (torchrun; one per GPU, gloo on CPU)."),
+    ] = 1,
+    preset: Annotated[
+        str | None,
+        Opt(
+            "--preset",
+            help="debug: synthetic scenes and a tiny base it "
+            "builds under OUT (default runs/debug); defaults become 300 steps, batch 4, lr 1e-3, 32x32, "
+            "validation every 100 steps; a few minutes on a CPU, most of it fitting the tiny VAE.",
+            show_default=False,
+        ),
+    ] = None,
 ):
     """Fine-tune Stable Diffusion 2 into a Lotus depth or normal model; the result (OUT/final) loads with
     `lotus depth --model OUT/final`. Every option is checked before any data is built or any folder made."""
@@ -124,17 +185,43 @@ def _options(a: dict):
         data = data or [f"folder={paths['train']}"]
         val = val or f"folder={paths['val']}"
         size = size or DEBUG["size"]
-    step = StepOptions(task=a["task"], family=a["family"], prediction=a["prediction"], timesteps=a["timesteps"],
-                       detail_preserver=a["detail_preserver"], norm=a["norm"], latent=a["latent"])
-    opts = TrainOptions(base=base, out=out, data=tuple(data or ()), step=step, mix=_mix(a["mix"]),
-                        steps=pick("steps", 20_000), batch_size=pick("batch_size", 16), grad_accum=a["grad_accum"],
-                        lr=pick("lr", 3e-5), weight_decay=a["weight_decay"], max_grad_norm=a["max_grad_norm"],
-                        mixed_precision=a["mixed_precision"], gradient_checkpointing=a["gradient_checkpointing"],
-                        checkpoint_every=pick("checkpoint_every", 2000), resume=a["resume"], seed=a["seed"],
-                        size=size, flip=a["flip"], val_data=val, val_every=pick("val_every", 0),
-                        val_samples=DEBUG["val_samples"], eval_data=tuple(a["eval_data"] or ()),
-                        eval_max_samples=a["eval_max_samples"], log_every=a["log_every"],
-                        num_workers=a["num_workers"], name=out.name)
+    step = StepOptions(
+        task=a["task"],
+        family=a["family"],
+        prediction=a["prediction"],
+        timesteps=a["timesteps"],
+        detail_preserver=a["detail_preserver"],
+        norm=a["norm"],
+        latent=a["latent"],
+    )
+    opts = TrainOptions(
+        base=base,
+        out=out,
+        data=tuple(data or ()),
+        step=step,
+        mix=_mix(a["mix"]),
+        steps=pick("steps", 20_000),
+        batch_size=pick("batch_size", 16),
+        grad_accum=a["grad_accum"],
+        lr=pick("lr", 3e-5),
+        weight_decay=a["weight_decay"],
+        max_grad_norm=a["max_grad_norm"],
+        mixed_precision=a["mixed_precision"],
+        gradient_checkpointing=a["gradient_checkpointing"],
+        checkpoint_every=pick("checkpoint_every", 2000),
+        resume=a["resume"],
+        seed=a["seed"],
+        size=size,
+        flip=a["flip"],
+        val_data=val,
+        val_every=pick("val_every", 0),
+        val_samples=DEBUG["val_samples"],
+        eval_data=tuple(a["eval_data"] or ()),
+        eval_max_samples=a["eval_max_samples"],
+        log_every=a["log_every"],
+        num_workers=a["num_workers"],
+        name=out.name,
+    )
     if opts.resume:
         find_checkpoint(out, opts.resume)
     if not built_base:
@@ -159,8 +246,10 @@ def _check_base(base: str) -> None:
 
     ref = models.resolve(base)
     if ref.folder is None and models.hub_offline() and models.cached_folder(ref.repo_id) is None:
-        raise UsageError(f"--base {base}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
-                         "download it once with the network on, or pass --base /path/to/a/folder")
+        raise UsageError(
+            f"--base {base}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+            "download it once with the network on, or pass --base /path/to/a/folder",
+        )
 
 
 def _mix(spec: str | None) -> tuple[float, ...] | None:
@@ -212,15 +301,24 @@ def _debug_inputs(out: Path) -> dict:
                 return paths
             time.sleep(0.5)
         raise UsageError(f"{marker} did not appear: rank 0 failed to build the debug inputs")
-    say(f"debug preset: {DEBUG['train_scenes']} synthetic scenes and a tiny base (its VAE fitted to them) "
-        f"under {out}", "dim")
+    say(
+        f"debug preset: {DEBUG['train_scenes']} synthetic scenes and a tiny base (its VAE fitted to them) under {out}",
+        "dim",
+    )
     write_synthetic_dataset(paths["train"], DEBUG["train_scenes"], DEBUG["size"], seed=1)
     write_synthetic_dataset(paths["val"], DEBUG["val_samples"], DEBUG["size"], seed=2, holes=False)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     steps, every = DEBUG["vae_steps"], max(1, DEBUG["vae_steps"] // 4)
-    with Progress(TextColumn("[bold]fitting the debug VAE"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.description}"), console=console(), transient=True) as bar:
+    with Progress(
+        TextColumn("[bold]fitting the debug VAE"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=console(),
+        transient=True,
+    ) as bar:
         task = bar.add_task("", total=steps)
 
         def show(k: int, n: int, loss: float) -> None:
@@ -228,8 +326,9 @@ def _debug_inputs(out: Path) -> dict:
             if not console().is_terminal and (k % every == 0 or k == n):
                 bar.console.print(f"fitting the debug VAE: step {k}/{n}, loss {loss:.4f}")
 
-        build_tiny_base(paths["base"], fit_images=autoencoder_images(FolderData(paths["train"])), fit_steps=steps,
-                        progress=show)
+        build_tiny_base(
+            paths["base"], fit_images=autoencoder_images(FolderData(paths["train"])), fit_steps=steps, progress=show
+        )
     marker.write_text("ok\n")
     return paths
 
@@ -251,8 +350,16 @@ def _launch(n: int) -> int:
         argv.append(arg)
     if argv and argv[0] == "train":
         argv = argv[1:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "lotus_cli.train", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        "-m",
+        "lotus_cli.train",
+        *argv,
+    ]
     say(f"launching {n} processes: {' '.join(cmd[2:])}", "dim")
     return subprocess.call(cmd)
 
@@ -262,20 +369,32 @@ def _run(opts) -> None:
 
     from ..train.trainer import train as run_training
 
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.description}"), console=console(), transient=True)
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=console(),
+        transient=True,
+    )
     bar = None
 
     def on_event(event: str, r: dict) -> None:
         nonlocal bar
         if event == "start":
-            say(f"training {opts.step.task}-{r['family']} on {r['device']}: {r['processes']} process(es), global "
-                f"batch {r['global_batch']}, steps {r['start']}..{r['steps']}")
+            say(
+                f"training {opts.step.task}-{r['family']} on {r['device']}: {r['processes']} process(es), global "
+                f"batch {r['global_batch']}, steps {r['start']}..{r['steps']}"
+            )
             progress.start()
             bar = progress.add_task("", total=r["steps"], completed=r["start"])
         elif event == "log" and bar is not None:
-            progress.update(bar, completed=r["step"],
-                            description=f"loss {r['loss']:.4f} (anno {r['loss_anno']:.4f}, rgb {r['loss_rgb']:.4f})")
+            progress.update(
+                bar,
+                completed=r["step"],
+                description=f"loss {r['loss']:.4f} (anno {r['loss_anno']:.4f}, rgb {r['loss_rgb']:.4f})",
+            )
         elif event == "validation":
             metric = "AbsRel" if opts.step.task == "depth" else "mean angle"
             progress.console.print(f"step {r['step']}: validation {metric} {r['error']:.4f}")
@@ -283,8 +402,9 @@ def _run(opts) -> None:
             if "skipped" in r:
                 progress.console.print(f"step {r['step']}: benchmarks skipped ({r['skipped']})", style="yellow")
             else:
-                shown = ", ".join(f"{k} {r['metrics'][k]:.4f}" for k in ("abs_rel", "delta1", "mean", "a11_25")
-                                  if k in r["metrics"])
+                shown = ", ".join(
+                    f"{k} {r['metrics'][k]:.4f}" for k in ("abs_rel", "delta1", "mean", "a11_25") if k in r["metrics"]
+                )
                 progress.console.print(f"step {r['step']}: {r['dataset']} ({r['evaluated']} samples): {shown}")
         elif event == "checkpoint":
             progress.console.print(f"checkpoint {r['path']}", style="dim")

@@ -57,7 +57,7 @@ class Engine:
         """The VAE decoder: unscaled latent [B, C, h, w] -> image [B, 3, h * f, w * f] in about [-1, 1]
         (f = ``latent_factor``)."""
         z = self.fmt(z)
-        heap.trim_before(z.shape[-2] * z.shape[-1] * latent_factor ** 2, self.device.type)  # the UNet's freed memory
+        heap.trim_before(z.shape[-2] * z.shape[-1] * latent_factor**2, self.device.type)  # the UNet's freed memory
         return strips.decode(self.vae, z, self.strip_rows) if self.strip_rows else self.vae.decode(z).sample
 
     def weight_bytes(self) -> int:
@@ -65,15 +65,24 @@ class Engine:
         return prepack.weight_bytes(self.unet, self.vae)
 
 
-def prepare(unet, vae, device: torch.device, dtype: torch.dtype, *, channels_last: bool | None = None,
-            pack_weights: bool | None = None, processing_res: int = 768) -> Engine:
+def prepare(
+    unet,
+    vae,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    channels_last: bool | None = None,
+    pack_weights: bool | None = None,
+    processing_res: int = 768,
+) -> Engine:
     """Make ``unet`` and ``vae`` (loaded, eval) fast on ``device`` in ``dtype``, in place; returns their Engine.
 
     ``channels_last`` / ``pack_weights``: None = as measured for this machine at ``processing_res``
     (calibrate.py); True / False fix them. Packing replaces the convolution modules, so pass
     ``pack_weights=False`` for a model in training or for torch.compile (plain modules)."""
-    c = choose(unet, vae, device, dtype, channels_last=channels_last, pack_weights=pack_weights,
-               processing_res=processing_res)
+    c = choose(
+        unet, vae, device, dtype, channels_last=channels_last, pack_weights=pack_weights, processing_res=processing_res
+    )
     if c.channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)

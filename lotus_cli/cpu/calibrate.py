@@ -79,8 +79,9 @@ def machine() -> Machine:
     except OSError:  # not Linux: the name platform gives, and no flags known
         pass
     cpu = names[0] if names else (platform.processor() or platform.machine())
-    return Machine(cpu, tuple(f for f in FLAGS if f in flags), os.cpu_count() or 1, torch.__version__,
-                   torch.get_num_threads())
+    return Machine(
+        cpu, tuple(f for f in FLAGS if f in flags), os.cpu_count() or 1, torch.__version__, torch.get_num_threads()
+    )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -107,16 +108,28 @@ class Choices:
         return LAYOUTS[self.channels_last + (self.channels_last and self.pack_weights)]
 
 
-def choose(unet, vae, device: torch.device, dtype: torch.dtype, *, channels_last: bool | None = None,
-           pack_weights: bool | None = None, processing_res: int = 768, cache: Path | None = None) -> Choices:
+def choose(
+    unet,
+    vae,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    channels_last: bool | None = None,
+    pack_weights: bool | None = None,
+    processing_res: int = 768,
+    cache: Path | None = None,
+) -> Choices:
     """The fast paths for this UNet and VAE (not yet applied), from the cache, a calibration or a rule."""
     can_pack = prepack.available(device, dtype)
     if device.type != "cpu":
         return Choices(bool(channels_last), False, strips.ROWS, torch.get_num_threads(), "rule: not a CPU")
-    layouts = [lay for lay in LAYOUTS
-               if channels_last in (None, lay != "nchw")
-               and pack_weights in (None, lay.endswith("packed"))
-               and (can_pack or not lay.endswith("packed"))]
+    layouts = [
+        lay
+        for lay in LAYOUTS
+        if channels_last in (None, lay != "nchw")
+        and pack_weights in (None, lay.endswith("packed"))
+        and (can_pack or not lay.endswith("packed"))
+    ]
     if not layouts:  # packing asked for where it cannot run: channels-last, unpacked (as before)
         layouts = ["channels_last" if channels_last is not False else "nchw"]
     weights = prepack.weight_bytes(unet, vae)
@@ -127,8 +140,13 @@ def choose(unet, vae, device: torch.device, dtype: torch.dtype, *, channels_last
     key = cache_key(unet, vae, dtype, size, layouts)
     found = _read(path).get(key)
     if found is not None:
-        return Choices(**{**{k: found[k] for k in Choices.__dataclass_fields__ if k in found},
-                          "size": tuple(found["size"]), "how": "cached"})
+        return Choices(
+            **{
+                **{k: found[k] for k in Choices.__dataclass_fields__ if k in found},
+                "size": tuple(found["size"]),
+                "how": "cached",
+            }
+        )
     load, cores = busy()
     if load is not None:  # other processes share the cores: timings would measure them, not the options
         return _rule(layouts, f"machine busy (load {load:.1f} on {cores} cores), not measured")
@@ -170,8 +188,9 @@ def _rule(layouts: list[str], why: str) -> Choices:
 
 
 def _choices(layout: str, rows: int, how: str, size=(0, 0), times=None, seconds=0.0) -> Choices:
-    return Choices(layout != "nchw", layout.endswith("packed"), rows, torch.get_num_threads(), how, size,
-                   times or {}, seconds)
+    return Choices(
+        layout != "nchw", layout.endswith("packed"), rows, torch.get_num_threads(), how, size, times or {}, seconds
+    )
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -185,9 +204,18 @@ def cache_file() -> Path:
 
 def cache_key(unet, vae, dtype, size, layouts) -> str:
     m = machine()
-    ident = {"cpu": m.cpu, "flags": m.flags, "torch": m.torch, "threads": m.threads, "dtype": str(dtype),
-             "size": list(size), "layouts": list(layouts), "version": CACHE_VERSION,
-             "unet": _config(unet), "vae": _config(vae)}
+    ident = {
+        "cpu": m.cpu,
+        "flags": m.flags,
+        "torch": m.torch,
+        "threads": m.threads,
+        "dtype": str(dtype),
+        "size": list(size),
+        "layouts": list(layouts),
+        "version": CACHE_VERSION,
+        "unet": _config(unet),
+        "vae": _config(vae),
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -206,10 +234,18 @@ def _read(path: Path) -> dict:
 
 
 def _valid(r) -> bool:
-    return (isinstance(r, dict) and isinstance(r.get("channels_last"), bool) and isinstance(r.get("pack_weights"), bool)
-            and isinstance(r.get("strip_rows"), int) and r["strip_rows"] >= 0 and isinstance(r.get("times"), dict)
-            and isinstance(r.get("threads"), int) and isinstance(r.get("size"), list) and len(r["size"]) == 2
-            and set(r) <= {*Choices.__dataclass_fields__, "machine"})
+    return (
+        isinstance(r, dict)
+        and isinstance(r.get("channels_last"), bool)
+        and isinstance(r.get("pack_weights"), bool)
+        and isinstance(r.get("strip_rows"), int)
+        and r["strip_rows"] >= 0
+        and isinstance(r.get("times"), dict)
+        and isinstance(r.get("threads"), int)
+        and isinstance(r.get("size"), list)
+        and len(r["size"]) == 2
+        and set(r) <= {*Choices.__dataclass_fields__, "machine"}
+    )
 
 
 def _write(path: Path, key: str, choices: Choices) -> None:
@@ -257,19 +293,33 @@ def trace_convolutions(unet, vae, size: tuple[int, int]) -> list[tuple[torch.nn.
     for part, ghost in ghosts.items():
         for name, m in ghost.named_modules():
             if isinstance(m, torch.nn.Conv2d):
+
                 def record(mod, inp, out, part=part, name=name):
-                    k = (mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                         mod.groups, tuple(inp[0].shape[-2:]))
+                    k = (
+                        mod.in_channels,
+                        mod.out_channels,
+                        mod.kernel_size,
+                        mod.stride,
+                        mod.padding,
+                        mod.groups,
+                        tuple(inp[0].shape[-2:]),
+                    )
                     calls.setdefault(k, [part, name, 0])[2] += 1
+
                 hooks.append(m.register_forward_hook(record))
     cfg, f = unet.config, 2 ** (len(vae.config.block_out_channels) - 1)
     latent = (size[0] // f, size[1] // f)
     with torch.inference_mode(), torch.device("meta"):
         ghosts["vae"].encode(torch.empty(1, vae.config.in_channels, *size))
-        labels = (torch.empty(1, cfg.projection_class_embeddings_input_dim)
-                  if cfg.class_embed_type == "projection" else None)
-        out = ghosts["unet"](torch.empty(1, cfg.in_channels, *latent), torch.tensor(999),
-                             encoder_hidden_states=torch.empty(1, 2, cfg.cross_attention_dim), class_labels=labels)
+        labels = (
+            torch.empty(1, cfg.projection_class_embeddings_input_dim) if cfg.class_embed_type == "projection" else None
+        )
+        out = ghosts["unet"](
+            torch.empty(1, cfg.in_channels, *latent),
+            torch.tensor(999),
+            encoder_hidden_states=torch.empty(1, 2, cfg.cross_attention_dim),
+            class_labels=labels,
+        )
         ghosts["vae"].decode(torch.empty(1, vae.config.latent_channels, *out.sample.shape[-2:]))
     for h in hooks:
         h.remove()
@@ -304,8 +354,11 @@ def time_layouts(unet, vae, dtype, size, layouts) -> dict[str, float]:
                 secs = {}
                 for rc, x in crops.items():
                     x = x.contiguous(memory_format=torch.channels_last) if lay != "nchw" else x
-                    secs[rc] = _best(lambda: prepack.conv2d(x, w_lay, bias, conv.stride, conv.padding,
-                                                            conv.dilation, conv.groups))
+                    secs[rc] = _best(
+                        lambda x=x, w=w_lay, b=bias, c=conv: prepack.conv2d(
+                            x, w, b, c.stride, c.padding, c.dilation, c.groups
+                        )
+                    )
                 # the window scales with its pixels; a per-call part (a weight reorder) counts once
                 fixed = min(secs.get((1, 1), 0.0), secs[(rows, cols)])
                 totals[lay] += uses * (fixed + (secs[(rows, cols)] - fixed) * out_h * out_w / (rows * cols))
@@ -339,14 +392,19 @@ def time_strips(vae, dtype, size, layout: str) -> dict[str, float]:
     fmt = torch.channels_last if layout != "nchw" else torch.contiguous_format
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, res.in_channels, band, w, generator=gen).to(dtype).contiguous(memory_format=fmt)
-    xu = None if up is None else torch.randn(1, up.channels, band // 2, w // 2, generator=gen).to(dtype).contiguous(
-        memory_format=fmt)
+    xu = (
+        None
+        if up is None
+        else torch.randn(1, up.channels, band // 2, w // 2, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    )
     out = {}
     with torch.inference_mode():
+
         def plain():
             res(x, None)
             if up is not None:
                 up(xu)
+
         out["0"] = _best(plain)
         for rows in ROW_CHOICES:
             if rows >= band:
@@ -356,6 +414,7 @@ def time_strips(vae, dtype, size, layout: str) -> dict[str, float]:
                 strips.resnet(res, x.clone(memory_format=fmt), rows)  # it consumes its input
                 if up is not None:
                     strips.upsample(up, xu, rows)
+
             clone = _best(lambda: x.clone(memory_format=fmt))
             out[str(rows)] = max(_best(striped) - clone, 0.0)
     return out

@@ -20,7 +20,7 @@ def release_freed_memory() -> None:
             import ctypes
 
             _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim
+            _LIBC.malloc_trim  # noqa: B018 - the lookup is the check (AttributeError without it)
         except (OSError, AttributeError):
             _LIBC = False
     if _LIBC:

@@ -29,8 +29,11 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 @functools.cache
 def _works(dtype: torch.dtype) -> bool:
     try:
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
-                and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        if not (
+            torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        ):
             return False
         g = torch.Generator().manual_seed(0)
         w, b = torch.randn(8, 4, 3, 3, generator=g).to(dtype), torch.randn(8, generator=g).to(dtype)
@@ -59,8 +62,11 @@ class PackedConv2d(torch.nn.Module):
 
     def _hold(self, dense: torch.Tensor) -> None:
         """Keep ``dense`` packed when this build can pack for its device and dtype, else as it is."""
-        self.packed = (pack(dense, self.stride, self.padding, self.dilation, self.groups)
-                       if available(dense.device, dense.dtype) else dense)
+        self.packed = (
+            pack(dense, self.stride, self.padding, self.dilation, self.groups)
+            if available(dense.device, dense.dtype)
+            else dense
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -78,19 +84,21 @@ class PackedConv2d(torch.nn.Module):
         destination[prefix + "weight"] = self.weight
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         weight = state_dict.get(prefix + "weight")
         if weight is None:
             missing_keys.append(prefix + "weight")
         elif tuple(weight.shape) != tuple(self.packed.shape):
-            error_msgs.append(f"size mismatch for {prefix}weight: {tuple(weight.shape)} in the checkpoint, "
-                              f"{tuple(self.packed.shape)} here")
+            error_msgs.append(
+                f"size mismatch for {prefix}weight: {tuple(weight.shape)} in the checkpoint, "
+                f"{tuple(self.packed.shape)} here"
+            )
         else:
             self._hold(weight.detach().to(self.packed.device, self.packed.dtype))
         rest = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -102,33 +110,44 @@ class PackedConv2d(torch.nn.Module):
         self._hold(self.packed)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, {'packed' if self.packed.is_mkldnn else 'dense'}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, {'packed' if self.packed.is_mkldnn else 'dense'}"
+        )
 
 
 def pack(weight: torch.Tensor, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
     """``weight`` [C_out, C_in, kh, kw] in oneDNN's layout (the input size given only steers the choice of
     layout; any input size runs with the result). Use it through ``conv2d``."""
-    return torch.ops.mkldnn._reorder_convolution_weight(weight, list(padding), list(stride), list(dilation),
-                                                        groups, [1, weight.shape[1] * groups, 32, 32])
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight, list(padding), list(stride), list(dilation), groups, [1, weight.shape[1] * groups, 32, 32]
+    )
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-           groups: int = 1) -> torch.Tensor:
+def conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1
+) -> torch.Tensor:
     """``F.conv2d`` for a dense or a packed weight (a packed one with an input it cannot take is unpacked)."""
     if not weight.is_mkldnn:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if x.dtype != weight.dtype or x.device.type != "cpu":
         return F.conv2d(x, weight.to_dense().to(x), bias, stride, padding, dilation, groups)
-    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(stride), list(dilation),
-                                                   groups, "none", [], "")
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, bias, list(padding), list(stride), list(dilation), groups, "none", [], ""
+    )
 
 
 def pack_convolutions(model: torch.nn.Module) -> int:
     """Replace every packable ``nn.Conv2d`` in ``model`` (zero or no padding, given as numbers) by a
     PackedConv2d, in place; returns how many. For inference: the model is not trainable afterwards."""
-    names = [name for name, m in model.named_modules() if type(m) is torch.nn.Conv2d and m.padding_mode == "zeros"
-             and not isinstance(m.padding, str) and m.weight.device.type == "cpu"]
+    names = [
+        name
+        for name, m in model.named_modules()
+        if type(m) is torch.nn.Conv2d
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+        and m.weight.device.type == "cpu"
+    ]
     for name in names:  # one at a time, holding no other dense weight: memory stays at the weights held
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -41,9 +41,17 @@ def encoder_supported(vae) -> bool:
             return False
         for down in db.downsamplers or []:
             conv = getattr(down, "conv", None)
-            if not (type(down).__name__ == "Downsample2D" and down.use_conv and down.padding == 0
-                    and down.norm is None and _is_conv(conv) and conv.kernel_size == (3, 3)
-                    and conv.stride == (2, 2) and conv.padding == (0, 0) and conv.groups == 1):
+            if not (
+                type(down).__name__ == "Downsample2D"
+                and down.use_conv
+                and down.padding == 0
+                and down.norm is None
+                and _is_conv(conv)
+                and conv.kernel_size == (3, 3)
+                and conv.stride == (2, 2)
+                and conv.padding == (0, 0)
+                and conv.groups == 1
+            ):
                 return False
     return True
 
@@ -78,15 +86,27 @@ def supported(vae) -> bool:
             if not _plain_resnet(res):
                 return False
         for up in ub.upsamplers or []:
-            if not (type(up).__name__ == "Upsample2D" and up.interpolate and up.use_conv and up.norm is None
-                    and not up.use_conv_transpose and _conv3(getattr(up, "conv", None))):
+            if not (
+                type(up).__name__ == "Upsample2D"
+                and up.interpolate
+                and up.use_conv
+                and up.norm is None
+                and not up.use_conv_transpose
+                and _conv3(getattr(up, "conv", None))
+            ):
                 return False
     return isinstance(dec.conv_act, torch.nn.SiLU) and _conv3(dec.conv_out)
 
 
 def _conv3(conv) -> bool:
-    return (_is_conv(conv) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1)
+    return (
+        _is_conv(conv)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
 
 
 def _is_conv(conv) -> bool:
@@ -99,9 +119,17 @@ def _weight(conv) -> torch.Tensor:
 
 
 def _plain_resnet(res) -> bool:
-    return (type(res).__name__ == "ResnetBlock2D" and res.time_emb_proj is None and not res.up and not res.down
-            and isinstance(res.norm1, torch.nn.GroupNorm) and isinstance(res.norm2, torch.nn.GroupNorm)
-            and isinstance(res.nonlinearity, torch.nn.SiLU) and _conv3(res.conv1) and _conv3(res.conv2))
+    return (
+        type(res).__name__ == "ResnetBlock2D"
+        and res.time_emb_proj is None
+        and not res.up
+        and not res.down
+        and isinstance(res.norm1, torch.nn.GroupNorm)
+        and isinstance(res.norm2, torch.nn.GroupNorm)
+        and isinstance(res.nonlinearity, torch.nn.SiLU)
+        and _conv3(res.conv1)
+        and _conv3(res.conv2)
+    )
 
 
 @torch.inference_mode()
@@ -126,8 +154,15 @@ def decode(vae, z: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
     stats = group_stats(x, dec.conv_norm_out, rows)
     out = _empty_like(x, dec.conv_out.out_channels)
     for r0, r1 in _strips(x.shape[-2], rows):
-        out[:, :, r0:r1] = _conv_rows(_weight(dec.conv_out), dec.conv_out.bias,
-                                      lambda a, b, dst: _norm_act(x[:, :, a:b], stats, dst), x, x.shape[-2], r0, r1)
+        out[:, :, r0:r1] = _conv_rows(
+            _weight(dec.conv_out),
+            dec.conv_out.bias,
+            lambda a, b, dst: _norm_act(x[:, :, a:b], stats, dst),
+            x,
+            x.shape[-2],
+            r0,
+            r1,
+        )
     return out
 
 
@@ -144,15 +179,17 @@ def resnet(res, x: torch.Tensor, rows: int) -> torch.Tensor:
         h1 = _h1_inside(x, res.conv1.out_channels, rows)
         out = _empty_like(x, res.conv2.out_channels)
     for r0, r1 in _strips(h, rows):
-        y = _conv_rows(_weight(res.conv1), res.conv1.bias,
-                       lambda a, b, dst: _norm_act(x[:, :, a:b], s1, dst), x, h, r0, r1)
+        y = _conv_rows(
+            _weight(res.conv1), res.conv1.bias, lambda a, b, dst: _norm_act(x[:, :, a:b], s1, dst), x, h, r0, r1
+        )
         if res.conv_shortcut is not None:
             out[:, :, r0:r1] = res.conv_shortcut(x[:, :, r0:r1])  # before h1 may overwrite these rows of x
         h1[:, :, r0:r1] = y
     s2 = group_stats(h1, res.norm2, rows)
     for r0, r1 in _strips(h, rows):
-        y = _conv_rows(_weight(res.conv2), res.conv2.bias,
-                       lambda a, b, dst: _norm_act(h1[:, :, a:b], s2, dst), h1, h, r0, r1)
+        y = _conv_rows(
+            _weight(res.conv2), res.conv2.bias, lambda a, b, dst: _norm_act(h1[:, :, a:b], s2, dst), h1, h, r0, r1
+        )
         out[:, :, r0:r1] += y  # shortcut(x) or x is already there
         if res.output_scale_factor != 1:
             out[:, :, r0:r1] /= res.output_scale_factor
@@ -166,8 +203,13 @@ def _h1_inside(x: torch.Tensor, channels: int, rows: int) -> torch.Tensor:
     (with C' <= C/2 and rows >= 2), and its rows r0..r1 of x went into the shortcut just before. Saves a
     full-resolution activation at the decoder's peak. Elsewhere (batches, NCHW, other widths): a new tensor."""
     b, c, h, w = x.shape
-    if b != 1 or 2 * channels > c or rows < 2 or _format(x) != torch.channels_last or not \
-            x.is_contiguous(memory_format=torch.channels_last):
+    if (
+        b != 1
+        or 2 * channels > c
+        or rows < 2
+        or _format(x) != torch.channels_last
+        or not x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return _empty_like(x, channels)
     return torch.as_strided(x, (1, channels, h, w), (h * w * channels, 1, w * channels, channels), x.storage_offset())
 
@@ -193,7 +235,7 @@ def upsample(up, x: torch.Tensor, rows: int) -> torch.Tensor:
         for a in (0, 1):
             for c in (0, 1):
                 k = 2 * a + c
-                out[:, :, 2 * s0 + a:2 * s1:2, c::2] = y[:, k * c_out:(k + 1) * c_out, a:a + n, c:c + w]
+                out[:, :, 2 * s0 + a : 2 * s1 : 2, c::2] = y[:, k * c_out : (k + 1) * c_out, a : a + n, c : c + w]
     return out
 
 
@@ -219,8 +261,9 @@ def downsample(down, x: torch.Tensor, rows: int) -> torch.Tensor:
     convolution with stride 2, in strips of output rows (output row r reads input rows 2r .. 2r+2)."""
     h, w = x.shape[-2:]
     oh, ow = (h - 2) // 2 + 1, (w - 2) // 2 + 1
-    out = torch.empty((x.shape[0], down.conv.out_channels, oh, ow), dtype=x.dtype, device=x.device,
-                      memory_format=_format(x))
+    out = torch.empty(
+        (x.shape[0], down.conv.out_channels, oh, ow), dtype=x.dtype, device=x.device, memory_format=_format(x)
+    )
     for r0, r1 in _strips(oh, rows):
         a, b = 2 * r0, min(2 * r1 + 1, h)
         s = F.pad(x[:, :, a:b], (0, 1, 0, 2 * r1 + 1 - b))  # the right column, and the bottom row at the end
@@ -275,8 +318,9 @@ class ChannelsLastGroupNorm(torch.nn.GroupNorm):
         s = x.double().reshape(bsz, self.num_groups, -1, *x.shape[2:])  # [B, G, C/G, H, W]
         mean = s.mean(dim=(2, 3, 4), keepdim=True)  # two passes in float64: no digits lost, any thread count
         rstd = ((s - mean).square().mean(dim=(2, 3, 4), keepdim=True) + self.eps).rsqrt()
-        mean_c, rstd_c = (t.reshape(bsz, self.num_groups).repeat_interleave(c // self.num_groups, 1)
-                          for t in (mean, rstd))  # [B, C]
+        mean_c, rstd_c = (
+            t.reshape(bsz, self.num_groups).repeat_interleave(c // self.num_groups, 1) for t in (mean, rstd)
+        )  # [B, C]
         w = self.weight.double() if self.affine else torch.ones(c, dtype=torch.float64, device=x.device)
         bias = self.bias.double() if self.affine else torch.zeros_like(w)
         a = rstd_c * w  # [B, C]
@@ -307,13 +351,17 @@ def _conv_rows(weight: torch.Tensor, bias, fill, like: torch.Tensor, height: int
     ``like``: a tensor of the input's batch, width, dtype and memory format."""
     a, b = max(r0 - 1, 0), min(r1 + 1, height)
     top = int(r0 == 0)
-    buf = torch.empty((like.shape[0], weight.shape[1], r1 - r0 + 2, like.shape[-1]), dtype=like.dtype,
-                      device=like.device, memory_format=_format(like))
+    buf = torch.empty(
+        (like.shape[0], weight.shape[1], r1 - r0 + 2, like.shape[-1]),
+        dtype=like.dtype,
+        device=like.device,
+        memory_format=_format(like),
+    )
     if top:
         buf[:, :, 0].zero_()
     if r1 == height:
         buf[:, :, -1].zero_()
-    fill(a, b, buf[:, :, top:top + b - a])
+    fill(a, b, buf[:, :, top : top + b - a])
     return prepack.conv2d(buf, weight, bias, padding=(0, 1))
 
 
@@ -328,8 +376,11 @@ def _strips(height: int, rows: int):
 
 
 def _format(x: torch.Tensor):
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
+    return (
+        torch.channels_last
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        else torch.contiguous_format
+    )
 
 
 def _empty_like(x: torch.Tensor, channels: int) -> torch.Tensor:

@@ -84,8 +84,10 @@ class DepthSpec:
 
     @property
     def layout(self) -> str:
-        return (f"{self.title}: Marigold's {self.archive} (or its unpacked folder) with the split list "
-                f"{self.split} beside it, one sample per line: '{self.line}' (paths inside the archive)")
+        return (
+            f"{self.title}: Marigold's {self.archive} (or its unpacked folder) with the split list "
+            f"{self.split} beside it, one sample per line: '{self.line}' (paths inside the archive)"
+        )
 
 
 @dataclass(frozen=True)
@@ -100,31 +102,90 @@ class NormalSpec:
 
     @property
     def layout(self) -> str:
-        return (f"{self.title}: DSINE's dsine_eval/{self.name} folder: <scene>/<id>_img.png with "
-                f"<id>_normal.{self.gt} beside it; split list {self.split} (optional)")
+        return (
+            f"{self.title}: DSINE's dsine_eval/{self.name} folder: <scene>/<id>_img.png with "
+            f"<id>_normal.{self.gt} beside it; split list {self.split} (optional)"
+        )
 
 
-DEPTH_SETS = {s.name: s for s in (
-    DepthSpec("nyuv2", "NYUv2 test", "nyu_labeled_extracted.tar", "filename_list_test.txt", "rgb depth filled",
-              "png1000", (1e-3, 10.0), crop="nyu-eigen", size=654),
-    DepthSpec("kitti", "KITTI Eigen test", "kitti_eigen_split_test.tar", "eigen_test_files_with_gt.txt",
-              "rgb depth focal", "png256", (1e-5, 80.0), crop="kitti", size=652),
-    DepthSpec("scannet", "ScanNet", "scannet_val_sampled_800_1.tar", "scannet_val_sampled_list_800_1.txt",
-              "rgb depth", "png1000", (1e-3, 10.0), size=800),
-    DepthSpec("eth3d", "ETH3D", "eth3d.tar", "eth3d_filename_list.txt", "rgb depth", "float32",
-              (1e-5, float("inf")), processing_res=768, alignment_max_res=1024, size=454),
-    DepthSpec("diode", "DIODE val", "diode_val.tar", "diode_val_all_filename_list.txt", "rgb depth.npy mask.npy",
-              "npy", (0.6, 350.0), processing_res=640, size=771),
-)}
-NORMAL_SETS = {s.name: s for s in (
-    NormalSpec("nyuv2", "NYUv2", "split/test.txt", "png", 654),
-    NormalSpec("scannet", "ScanNet", "split/test.txt", "png"),
-    NormalSpec("ibims", "iBims-1", "split/ibims.txt", "exr", 100),
-    NormalSpec("sintel", "Sintel", "split/sintel.txt", "exr"),
-    NormalSpec("oasis", "OASIS val", "split/val.txt", "pkl"),
-)}
-ALIASES = {"nyu": "nyuv2", "nyu_v2": "nyuv2", "kitti_eigen": "kitti", "ibims1": "ibims", "ibims-1": "ibims",
-           "diode_val": "diode"}
+DEPTH_SETS = {
+    s.name: s
+    for s in (
+        DepthSpec(
+            "nyuv2",
+            "NYUv2 test",
+            "nyu_labeled_extracted.tar",
+            "filename_list_test.txt",
+            "rgb depth filled",
+            "png1000",
+            (1e-3, 10.0),
+            crop="nyu-eigen",
+            size=654,
+        ),
+        DepthSpec(
+            "kitti",
+            "KITTI Eigen test",
+            "kitti_eigen_split_test.tar",
+            "eigen_test_files_with_gt.txt",
+            "rgb depth focal",
+            "png256",
+            (1e-5, 80.0),
+            crop="kitti",
+            size=652,
+        ),
+        DepthSpec(
+            "scannet",
+            "ScanNet",
+            "scannet_val_sampled_800_1.tar",
+            "scannet_val_sampled_list_800_1.txt",
+            "rgb depth",
+            "png1000",
+            (1e-3, 10.0),
+            size=800,
+        ),
+        DepthSpec(
+            "eth3d",
+            "ETH3D",
+            "eth3d.tar",
+            "eth3d_filename_list.txt",
+            "rgb depth",
+            "float32",
+            (1e-5, float("inf")),
+            processing_res=768,
+            alignment_max_res=1024,
+            size=454,
+        ),
+        DepthSpec(
+            "diode",
+            "DIODE val",
+            "diode_val.tar",
+            "diode_val_all_filename_list.txt",
+            "rgb depth.npy mask.npy",
+            "npy",
+            (0.6, 350.0),
+            processing_res=640,
+            size=771,
+        ),
+    )
+}
+NORMAL_SETS = {
+    s.name: s
+    for s in (
+        NormalSpec("nyuv2", "NYUv2", "split/test.txt", "png", 654),
+        NormalSpec("scannet", "ScanNet", "split/test.txt", "png"),
+        NormalSpec("ibims", "iBims-1", "split/ibims.txt", "exr", 100),
+        NormalSpec("sintel", "Sintel", "split/sintel.txt", "exr"),
+        NormalSpec("oasis", "OASIS val", "split/val.txt", "pkl"),
+    )
+}
+ALIASES = {
+    "nyu": "nyuv2",
+    "nyu_v2": "nyuv2",
+    "kitti_eigen": "kitti",
+    "ibims1": "ibims",
+    "ibims-1": "ibims",
+    "diode_val": "diode",
+}
 NYU_EIGEN = (45, 471, 41, 601)  # rows, cols of the Eigen crop of a 640 x 480 frame
 KITTI_BENCHMARK = (352, 1216)  # h, w of the bottom-centre crop
 KITTI_EIGEN = (0.3324324, 0.91351351, 0.0359477, 0.96405229)  # fractions of h, h, w, w
@@ -202,8 +263,9 @@ class TarStore(Store):
             self.tar = tarfile.open(path, "r:*")
             self.members = {_norm(m.name): m for m in self.tar.getmembers() if m.isfile()}
         except (OSError, tarfile.TarError) as e:
-            raise InputError(f"{path}: not a readable tar archive ({e})", "re-download or unpack it and pass the "
-                             "folder") from e
+            raise InputError(
+                f"{path}: not a readable tar archive ({e})", "re-download or unpack it and pass the folder"
+            ) from e
 
     def has(self, rel: str) -> bool:
         return _norm(rel) in self.members
@@ -270,9 +332,15 @@ class Dataset:
             raise
 
     def describe(self) -> dict:
-        return {"name": self.name, "title": self.spec.title, "source": self.store.label,
-                "split": self.split_path, "samples": len(self.samples), "skipped_without_gt": self.skipped,
-                "full_size": self.spec.size or None}
+        return {
+            "name": self.name,
+            "title": self.spec.title,
+            "source": self.store.label,
+            "split": self.split_path,
+            "samples": len(self.samples),
+            "skipped_without_gt": self.skipped,
+            "full_size": self.spec.size or None,
+        }
 
 
 def open_dataset(task: str, name: str, path: Path, split: Path | None = None) -> Dataset:
@@ -326,8 +394,10 @@ def _split_lines(spec, store: Store, search: list[Path], split: Path | None) -> 
     texts = [p for d in search for p in sorted(d.glob("*.txt"))] if isinstance(spec, DepthSpec) else []
     if len(texts) == 1:
         return _text_lines(texts[0].read_bytes(), str(texts[0])), str(texts[0])
-    raise InputError(f"{spec.name}: no split list {default} in {', '.join(map(str, search))}",
-                     f"pass --split {spec.name}=FILE; expected {spec.layout}")
+    raise InputError(
+        f"{spec.name}: no split list {default} in {', '.join(map(str, search))}",
+        f"pass --split {spec.name}=FILE; expected {spec.layout}",
+    )
 
 
 def _text_lines(data: bytes, where: str) -> list[str]:
@@ -370,8 +440,11 @@ def _normal_samples(spec: NormalSpec, lines: list[str], where: str) -> list[Samp
 
 
 def _discover_images(store: Store) -> list[str]:
-    return [f for f in store.files() if PurePosixPath(f).stem.endswith("_img")
-            and PurePosixPath(f).suffix.lower() in (".png", ".jpg", ".jpeg")]
+    return [
+        f
+        for f in store.files()
+        if PurePosixPath(f).stem.endswith("_img") and PurePosixPath(f).suffix.lower() in (".png", ".jpg", ".jpeg")
+    ]
 
 
 # ---------------------------------------------------------------------------------------- decoding
@@ -403,21 +476,26 @@ def read_depth(spec: DepthSpec, store: Store, rel: str, size: tuple[int, int]) -
     if spec.decode in ("png1000", "png256"):
         a = _imdecode(store, rel)
         if a.ndim != 2 or a.dtype not in (np.uint16, np.uint8):
-            raise InputError(f"{store.where(rel)}: {a.dtype} {a.shape}, not a single-channel 16-bit PNG",
-                             f"expected {spec.layout}")
+            raise InputError(
+                f"{store.where(rel)}: {a.dtype} {a.shape}, not a single-channel 16-bit PNG", f"expected {spec.layout}"
+            )
         d = a.astype(np.float32) / (1000.0 if spec.decode == "png1000" else 256.0)
     elif spec.decode == "float32":
         raw = np.frombuffer(store.read(rel), dtype="<f4")
         if raw.size != size[0] * size[1]:
-            raise InputError(f"{store.where(rel)}: {raw.size} float32 values, not {size[0]} x {size[1]} "
-                             "(the RGB image's size)", "ETH3D depth is raw little-endian float32, row-major")
+            raise InputError(
+                f"{store.where(rel)}: {raw.size} float32 values, not {size[0]} x {size[1]} (the RGB image's size)",
+                "ETH3D depth is raw little-endian float32, row-major",
+            )
         d = raw.reshape(size).copy()
         d[~np.isfinite(d)] = 0.0
     else:
         d = _read_npy(store, rel, spec).astype(np.float32)
     if d.shape != tuple(size):
-        raise InputError(f"{store.where(rel)}: depth is {d.shape[1]}x{d.shape[0]}, the image {size[1]}x{size[0]}",
-                         f"expected {spec.layout}")
+        raise InputError(
+            f"{store.where(rel)}: depth is {d.shape[1]}x{d.shape[0]}, the image {size[1]}x{size[0]}",
+            f"expected {spec.layout}",
+        )
     return d
 
 
@@ -448,8 +526,10 @@ def load_depth(ds: Dataset, s: Sample) -> Item:
         valid = valid & kitti_eigen_mask(gt.shape)
     elif spec.crop == "nyu-eigen":
         if gt.shape != (480, 640):
-            raise InputError(f"{ds.store.where(s.gt)}: {gt.shape[1]}x{gt.shape[0]}, not 640x480",
-                             "the NYUv2 Eigen crop is defined on 640x480 frames")
+            raise InputError(
+                f"{ds.store.where(s.gt)}: {gt.shape[1]}x{gt.shape[0]}, not 640x480",
+                "the NYUv2 Eigen crop is defined on 640x480 frames",
+            )
         valid = valid & nyu_eigen_mask(gt.shape)
     return Item(s, rgb, gt, valid)
 
@@ -466,10 +546,11 @@ def kitti_benchmark_crop(a: np.ndarray, where: str = "") -> np.ndarray:
     ch, cw = KITTI_BENCHMARK
     h, w = a.shape[:2]
     if h < ch or w < cw:
-        raise InputError(f"{where}: {w}x{h} is smaller than KITTI's 1216x352 benchmark crop",
-                         "KITTI frames are about 1242x375")
+        raise InputError(
+            f"{where}: {w}x{h} is smaller than KITTI's 1216x352 benchmark crop", "KITTI frames are about 1242x375"
+        )
     top, left = h - ch, (w - cw) // 2
-    return a[top:top + ch, left:left + cw]
+    return a[top : top + ch, left : left + cw]
 
 
 def kitti_eigen_mask(shape: tuple[int, int]) -> np.ndarray:
@@ -477,22 +558,23 @@ def kitti_eigen_mask(shape: tuple[int, int]) -> np.ndarray:
     h, w = shape
     r0, r1, c0, c1 = KITTI_EIGEN
     m = np.zeros(shape, bool)
-    m[int(r0 * h):int(r1 * h), int(c0 * w):int(c1 * w)] = True
+    m[int(r0 * h) : int(r1 * h), int(c0 * w) : int(c1 * w)] = True
     return m
 
 
 # ------------------------------------------------------------------------------------------ normals
 
 
-def read_normal(spec: NormalSpec, store: Store, rel: str,
-                size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def read_normal(spec: NormalSpec, store: Store, rel: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(normals [H, W, 3] float32 in the Lotus/DSINE frame, valid [H, W] bool) from one GT file."""
     if not store.has(rel):
         raise InputError(f"{store.where(rel)}: ground truth missing", f"expected {spec.layout}")
     if spec.gt == "png":
         a = _imdecode(store, rel)
         if a.ndim != 3 or a.shape[2] < 3 or a.dtype != np.uint8:
-            raise InputError(f"{store.where(rel)}: {a.dtype} {a.shape}, not an 8-bit RGB PNG", f"expected {spec.layout}")
+            raise InputError(
+                f"{store.where(rel)}: {a.dtype} {a.shape}, not an 8-bit RGB PNG", f"expected {spec.layout}"
+            )
         rgb = a[:, :, 2::-1].astype(np.float32)  # OpenCV's BGR -> RGB
         valid = rgb.sum(-1) > 0
         n = rgb / 255.0 * 2.0 - 1.0
@@ -502,8 +584,10 @@ def read_normal(spec: NormalSpec, store: Store, rel: str,
     else:
         n, valid = read_oasis_pickle(store, rel, size)
     if n.shape[:2] != tuple(size):
-        raise InputError(f"{store.where(rel)}: normals are {n.shape[1]}x{n.shape[0]}, the image {size[1]}x{size[0]}",
-                         f"expected {spec.layout}")
+        raise InputError(
+            f"{store.where(rel)}: normals are {n.shape[1]}x{n.shape[0]}, the image {size[1]}x{size[0]}",
+            f"expected {spec.layout}",
+        )
     return n.astype(np.float32), valid
 
 
@@ -511,8 +595,9 @@ def read_exr(store: Store, rel: str) -> np.ndarray:
     try:
         import OpenEXR
     except ImportError as e:
-        raise UsageError("reading EXR ground truth (iBims-1, Sintel) needs the OpenEXR package",
-                         "pip install OpenEXR") from e
+        raise UsageError(
+            "reading EXR ground truth (iBims-1, Sintel) needs the OpenEXR package", "pip install OpenEXR"
+        ) from e
     try:
         with OpenEXR.File(io.BytesIO(store.read(rel))) as f:
             ch = f.channels()
@@ -528,9 +613,15 @@ def read_exr(store: Store, rel: str) -> np.ndarray:
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: a dataset file must not run code."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("builtins", "slice")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "slice"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -546,15 +637,17 @@ def read_oasis_pickle(store: Store, rel: str, size: tuple[int, int]) -> tuple[np
         y0, y1, x0, x1 = (int(d[k]) for k in ("min_y", "max_y", "min_x", "max_x"))
         roi = np.asarray(d["normal"], np.float32)
     except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
-        raise InputError(f"{store.where(rel)}: not an OASIS normal pickle ({e})",
-                         "expected a dict with min_y, max_y, min_x, max_x and normal") from e
+        raise InputError(
+            f"{store.where(rel)}: not an OASIS normal pickle ({e})",
+            "expected a dict with min_y, max_y, min_x, max_x and normal",
+        ) from e
     n = np.zeros((*size, 3), np.float32)
     valid = np.zeros(size, bool)
     try:
-        n[y0:y1 + 1, x0:x1 + 1] = roi
+        n[y0 : y1 + 1, x0 : x1 + 1] = roi
     except ValueError as e:
         raise InputError(f"{store.where(rel)}: ROI {roi.shape} does not fit the box or the image ({e})") from e
-    valid[y0:y1 + 1, x0:x1 + 1] = (roi != 0).any(-1)
+    valid[y0 : y1 + 1, x0 : x1 + 1] = (roi != 0).any(-1)
     n[..., :2] *= -1
     return n, valid
 

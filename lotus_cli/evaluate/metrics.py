@@ -57,16 +57,16 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> dict[s
     ratio = np.maximum(p / g, g / p)
     return {
         "abs_rel": float(np.mean(np.abs(diff) / g)),
-        "sq_rel": float(np.mean(diff ** 2 / g)),
-        "rmse": float(np.sqrt(np.mean(diff ** 2))),
-        "rmse_log": float(np.sqrt(np.mean(dlog ** 2))),
+        "sq_rel": float(np.mean(diff**2 / g)),
+        "rmse": float(np.sqrt(np.mean(diff**2))),
+        "rmse_log": float(np.sqrt(np.mean(dlog**2))),
         "log10": float(np.mean(np.abs(np.log10(p) - np.log10(g)))),
         "delta1": float(np.mean(ratio < 1.25)),
-        "delta2": float(np.mean(ratio < 1.25 ** 2)),
-        "delta3": float(np.mean(ratio < 1.25 ** 3)),
+        "delta2": float(np.mean(ratio < 1.25**2)),
+        "delta3": float(np.mean(ratio < 1.25**3)),
         "i_rmse": float(np.sqrt(np.mean((1.0 / p - 1.0 / g) ** 2))),
         # max(0, .) guards the rounding of a perfect prediction, where the two terms agree to ~1e-17
-        "silog": float(100.0 * np.sqrt(max(0.0, np.mean(dlog ** 2) - np.mean(dlog) ** 2))),
+        "silog": float(100.0 * np.sqrt(max(0.0, np.mean(dlog**2) - np.mean(dlog) ** 2))),
     }
 
 
@@ -88,7 +88,9 @@ def nearest_downsample(a: np.ndarray, max_res: int) -> np.ndarray:
     return a[rows][:, cols]
 
 
-def fit_scale_shift(src: np.ndarray, ref: np.ndarray, mask: np.ndarray, max_res: int | None = None) -> tuple[float, float]:
+def fit_scale_shift(
+    src: np.ndarray, ref: np.ndarray, mask: np.ndarray, max_res: int | None = None
+) -> tuple[float, float]:
     """``geometry.fit_scale_shift`` (least squares in float64; a constant ``src`` gets (0, mean of ref)) on
     the pixels of ``mask``, optionally on a nearest-neighbour downsample of the three maps to ``max_res`` (the
     reference's alignment_max_res, 1024 for ETH3D's 6048 x 4032 maps). Raises ValueError with fewer than 2
@@ -112,8 +114,14 @@ class Aligned:
     alignment: str
 
 
-def align_depth(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray, alignment: str,
-                depth_range: tuple[float, float], max_res: int | None = None) -> Aligned:
+def align_depth(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    valid: np.ndarray,
+    alignment: str,
+    depth_range: tuple[float, float],
+    max_res: int | None = None,
+) -> Aligned:
     """Align an affine-invariant prediction [H, W] to the ground truth [H, W] (module doc), then clip it to
     ``depth_range`` = (min, max) metres and to >= 1e-6.
 
@@ -171,7 +179,7 @@ class NormalAccumulator:
         e = np.asarray(errors, np.float64).ravel()
         self.count += e.size
         self.total += float(e.sum())
-        self.total_sq += float((e ** 2).sum())
+        self.total_sq += float((e**2).sum())
         for k, t in NORMAL_THRESHOLDS.items():
             self.below[k] += int((e < t).sum())
         idx = np.clip((e / HIST_BIN_DEG).astype(np.int64), 0, self.hist.size - 1)
@@ -185,8 +193,7 @@ class NormalAccumulator:
         n = self.count  # the k-th smallest error (1-based) lies in the first bin whose cumulative count >= k
         ranks = [(n + 1) // 2] if n % 2 else [n // 2, n // 2 + 1]
         median = float(np.mean([(np.searchsorted(cum, k) + 0.5) * HIST_BIN_DEG for k in ranks]))
-        out = {"mean": self.total / self.count, "median": median,
-               "rmse": float(np.sqrt(self.total_sq / self.count))}
+        out = {"mean": self.total / self.count, "median": median, "rmse": float(np.sqrt(self.total_sq / self.count))}
         out.update({k: v / self.count for k, v in self.below.items()})
         return out
 
@@ -194,6 +201,6 @@ class NormalAccumulator:
 def normal_image_metrics(errors: np.ndarray) -> dict[str, float]:
     """Per-image summary for the per-sample CSV (the dataset figure pools pixels instead)."""
     e = np.asarray(errors, np.float64).ravel()
-    out = {"mean": float(e.mean()), "median": float(np.median(e)), "rmse": float(np.sqrt((e ** 2).mean()))}
+    out = {"mean": float(e.mean()), "median": float(np.median(e)), "rmse": float(np.sqrt((e**2).mean()))}
     out.update({k: float((e < t).mean()) for k, t in NORMAL_THRESHOLDS.items()})
     return out

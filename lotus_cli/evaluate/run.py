@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 import numpy as np
 
@@ -127,15 +127,17 @@ class FolderSource:
     def predict(self, ds: Dataset, item: Item, opts: EvalOptions) -> np.ndarray:
         path = self.find(ds, item.sample)
         if path is None:
-            raise InputError(f"{self.folder(ds)}: no prediction for {item.sample.key}",
-                             f"expected {item.sample.key}.npy (or .exr, .16bit.png, .png) there")
+            raise InputError(
+                f"{self.folder(ds)}: no prediction for {item.sample.key}",
+                f"expected {item.sample.key}.npy (or .exr, .16bit.png, .png) there",
+            )
         return read_prediction(path, self.task)
 
     def _first_map(self, ds: Dataset) -> Path | None:
         return next((p for p in (self.find(ds, s) for s in ds.samples[:20]) if p is not None), None)
 
     def alignment(self, ds: Dataset) -> str | None:
-        """"disparity" or "depth" as the sidecar beside the first map says; None when nothing says."""
+        """ "disparity" or "depth" as the sidecar beside the first map says; None when nothing says."""
         path = self._first_map(ds)
         if path is None:
             return None
@@ -168,8 +170,9 @@ def read_prediction(path: Path, task: str) -> np.ndarray:
     try:
         a = read_map(path, task)
     except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable prediction ({e})",
-                         "write float32 .npy or .exr, or 16-bit PNG maps") from e
+        raise InputError(
+            f"{path}: not a readable prediction ({e})", "write float32 .npy or .exr, or 16-bit PNG maps"
+        ) from e
     a = np.squeeze(a)
     if not np.isfinite(a).all():
         raise InputError(f"{path}: {int((~np.isfinite(a)).sum())} non-finite values", "write finite maps")
@@ -224,11 +227,19 @@ class DatasetResult:
         return len(self.records) - len(self.failed)
 
     def to_json(self) -> dict:
-        return {"dataset": self.dataset, "task": self.task, "alignment": self.alignment,
-                "alignment_source": self.alignment_source, "processing_res": self.processing_res,
-                "evaluated": self.evaluated, "failed": len(self.failed),
-                "metrics": self.metrics, "paper": self.paper, "seconds": round(self.seconds, 3),
-                "failures": [{"key": r["key"], "error": r["error"]} for r in self.failed]}
+        return {
+            "dataset": self.dataset,
+            "task": self.task,
+            "alignment": self.alignment,
+            "alignment_source": self.alignment_source,
+            "processing_res": self.processing_res,
+            "evaluated": self.evaluated,
+            "failed": len(self.failed),
+            "metrics": self.metrics,
+            "paper": self.paper,
+            "seconds": round(self.seconds, 3),
+            "failures": [{"key": r["key"], "error": r["error"]} for r in self.failed],
+        }
 
 
 def resolve_alignment(ds: Dataset, source, opts: EvalOptions) -> tuple[str | None, str | None]:
@@ -240,14 +251,17 @@ def resolve_alignment(ds: Dataset, source, opts: EvalOptions) -> tuple[str | Non
         return opts.alignment, "--alignment"
     alignment = source.alignment(ds)
     if alignment is None:
-        raise UsageError(f"--alignment auto: nothing says whether the maps in {source.folder(ds)} are depth or "
-                         "disparity (no lotus sidecar beside them)",
-                         "state it: --alignment disparity (1 = near), depth (0 = near) or none (metric)")
+        raise UsageError(
+            f"--alignment auto: nothing says whether the maps in {source.folder(ds)} are depth or "
+            "disparity (no lotus sidecar beside them)",
+            "state it: --alignment disparity (1 = near), depth (0 = near) or none (metric)",
+        )
     return alignment, source.alignment_source(ds)
 
 
-def evaluate(ds: Dataset, source, opts: EvalOptions,
-             on_sample: Callable[[int, int, dict], None] | None = None) -> DatasetResult:
+def evaluate(
+    ds: Dataset, source, opts: EvalOptions, on_sample: Callable[[int, int, dict], None] | None = None
+) -> DatasetResult:
     """Evaluate ``source`` (ModelSource or FolderSource) on ``ds``; ``on_sample(i, n, record)`` after each."""
     t0 = time.perf_counter()
     depth = ds.task == "depth"
@@ -286,8 +300,12 @@ def score_depth(ds: Dataset, item: Item, pred: np.ndarray, alignment: str) -> di
     if not item.valid.any():
         raise InputError(f"{ds.store.where(item.sample.gt)}: no valid ground-truth pixel")
     a = M.align_depth(pred, item.gt, item.valid, alignment, ds.spec.depth_range, ds.spec.alignment_max_res)
-    return {**M.depth_metrics(a.depth, item.gt, item.valid), "scale": a.scale, "shift": a.shift,
-            "valid_pixels": int(item.valid.sum())}
+    return {
+        **M.depth_metrics(a.depth, item.gt, item.valid),
+        "scale": a.scale,
+        "shift": a.shift,
+        "valid_pixels": int(item.valid.sum()),
+    }
 
 
 def score_normal(item: Item, pred: np.ndarray, acc: M.NormalAccumulator) -> dict:
@@ -305,14 +323,23 @@ def metric_keys(task: str) -> tuple[str, ...]:
     return M.DEPTH_METRICS if task == "depth" else M.NORMAL_METRICS
 
 
-def results_record(task: str, source, opts: EvalOptions, results: list[DatasetResult],
-                   dataset_errors: dict[str, str]) -> dict:
-    return {"task": task, **source.describe(), "alignment": opts.alignment, "max_samples": opts.max_samples,
-            "processing_res": opts.processing_res, "seed": opts.seed,
-            "units": {"depth": "abs_rel, delta*: fractions; rmse: metres; silog: 100 x log units",
-                      "normal": "mean, median, rmse: degrees; a*: fractions of pixels below the angle"},
-            "datasets": {r.dataset["name"]: r.to_json() for r in results},
-            "dataset_errors": dataset_errors}
+def results_record(
+    task: str, source, opts: EvalOptions, results: list[DatasetResult], dataset_errors: dict[str, str]
+) -> dict:
+    return {
+        "task": task,
+        **source.describe(),
+        "alignment": opts.alignment,
+        "max_samples": opts.max_samples,
+        "processing_res": opts.processing_res,
+        "seed": opts.seed,
+        "units": {
+            "depth": "abs_rel, delta*: fractions; rmse: metres; silog: 100 x log units",
+            "normal": "mean, median, rmse: degrees; a*: fractions of pixels below the angle",
+        },
+        "datasets": {r.dataset["name"]: r.to_json() for r in results},
+        "dataset_errors": dataset_errors,
+    }
 
 
 def per_sample_csv(task: str, results: list[DatasetResult]) -> bytes:
@@ -330,8 +357,9 @@ def per_sample_csv(task: str, results: list[DatasetResult]) -> bytes:
     return buf.getvalue().encode()
 
 
-def write_outputs(out: Path, task: str, source, opts: EvalOptions, results: list[DatasetResult],
-                  dataset_errors: dict[str, str]) -> tuple[Path, Path]:
+def write_outputs(
+    out: Path, task: str, source, opts: EvalOptions, results: list[DatasetResult], dataset_errors: dict[str, str]
+) -> tuple[Path, Path]:
     """results.json and per_sample.csv in ``out`` (atomic writes)."""
     from ..sinks import write_bytes, write_json
 
@@ -339,5 +367,3 @@ def write_outputs(out: Path, task: str, source, opts: EvalOptions, results: list
     write_bytes(rc, per_sample_csv(task, results))
     write_json(rj, results_record(task, source, opts, results, dataset_errors))
     return rj, rc
-
-

@@ -65,7 +65,7 @@ def hypersim_planar_depth(distance: np.ndarray, focal: float = HYPERSIM_FOCAL) -
     h, w = distance.shape
     u = np.linspace(-0.5 * w + 0.5, 0.5 * w - 0.5, w)
     v = np.linspace(-0.5 * h + 0.5, 0.5 * h - 0.5, h)
-    ray = np.sqrt(u[None, :] ** 2 + v[:, None] ** 2 + focal ** 2)  # [H, W]
+    ray = np.sqrt(u[None, :] ** 2 + v[:, None] ** 2 + focal**2)  # [H, W]
     return (distance.astype(np.float64) * focal / ray).astype(np.float32)
 
 
@@ -87,7 +87,7 @@ def bottom_centre_crop(a: np.ndarray, height: int, width: int) -> np.ndarray:
     if h < height or w < width:
         raise ValueError(f"cannot crop {width}x{height} from {w}x{h}")
     left = (w - width) // 2
-    return a[h - height:, left:left + width]
+    return a[h - height :, left : left + width]
 
 
 def resize_sample(s: dict, size: tuple[int, int]) -> dict:
@@ -164,8 +164,9 @@ class FolderData:
             raise UsageError(f"--data {self.root}: no rgb/ folder", "see `lotus train --help` for the folder format")
         meta_file = self.root / "lotus_data.json"
         self.meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        rgbs = sorted((p for p in (self.root / "rgb").iterdir() if p.suffix.lower() in IMAGE_EXT),
-                      key=lambda p: (p.stem, p.name))
+        rgbs = sorted(
+            (p for p in (self.root / "rgb").iterdir() if p.suffix.lower() in IMAGE_EXT), key=lambda p: (p.stem, p.name)
+        )
         self._rgb = [p for p in rgbs if _find(self.root / "depth", p.stem) or _find(self.root / "normal", p.stem)]
         self.keys = [p.stem for p in self._rgb]  # the rgb paths are listed once here, not globbed per sample
         if not self.keys:
@@ -207,16 +208,26 @@ class Hypersim:
 
     name = "hypersim"
 
-    def __init__(self, root: str | Path, split_csv: str | Path | None = None, split: str = "train",
-                 size: tuple[int, int] = HYPERSIM_SIZE):
+    def __init__(
+        self,
+        root: str | Path,
+        split_csv: str | Path | None = None,
+        split: str = "train",
+        size: tuple[int, int] = HYPERSIM_SIZE,
+    ):
         self.root, self.size = Path(root), size
         split_csv = Path(split_csv) if split_csv else self.root / "metadata_images_split_scene_v1.csv"
         if not split_csv.is_file():
-            raise UsageError(f"--data hypersim={root}: no split file {split_csv.name}",
-                             "put Hypersim's metadata_images_split_scene_v1.csv in the dataset root")
+            raise UsageError(
+                f"--data hypersim={root}: no split file {split_csv.name}",
+                "put Hypersim's metadata_images_split_scene_v1.csv in the dataset root",
+            )
         with open(split_csv, newline="") as f:
-            rows = [r for r in csv.DictReader(f)
-                    if r.get("included_in_public_release", "True") == "True" and r["split_partition_name"] == split]
+            rows = [
+                r
+                for r in csv.DictReader(f)
+                if r.get("included_in_public_release", "True") == "True" and r["split_partition_name"] == split
+            ]
         self.frames = [(r["scene_name"], r["camera_name"], int(r["frame_id"])) for r in rows]
         self.frames = [fr for fr in self.frames if self._path(fr, "depth").is_file()]
         self.frames = self._drop_nan_frames(split_csv.with_name(f"lotus_nan_free_{split}.txt"))
@@ -261,8 +272,9 @@ class Hypersim:
         n = np.nan_to_num(_h5(self._path(fr, "normal")).astype(np.float32))
         normal = face_camera(convert_normals(n, "lotus", "opengl"))  # Hypersim: x right, y up, z to the viewer
         valid = np.ones(depth.shape, bool)
-        s = dict(rgb=_read_rgb(self._path(fr, "rgb")), depth=depth, normal=normal, valid=valid,
-                 key="/".join(map(str, fr)))
+        s = dict(
+            rgb=_read_rgb(self._path(fr, "rgb")), depth=depth, normal=normal, valid=valid, key="/".join(map(str, fr))
+        )
         return resize_sample(s, self.size)
 
 
@@ -283,8 +295,9 @@ class VKITTI:
 
     name = "vkitti"
 
-    def __init__(self, root: str | Path, scenes: tuple[str, ...] = VKITTI_SCENES,
-                 cameras: tuple[str, ...] = VKITTI_CAMERAS):
+    def __init__(
+        self, root: str | Path, scenes: tuple[str, ...] = VKITTI_SCENES, cameras: tuple[str, ...] = VKITTI_CAMERAS
+    ):
         self.root = Path(root)
         self.items = []
         for sc in scenes:
@@ -294,8 +307,10 @@ class VKITTI:
                     if depth is not None:
                         self.items.append((rgb, depth))
         if not self.items:
-            raise UsageError(f"--data vkitti={root}: no SceneXX/<variation>/frames/rgb/Camera_N/rgb_*.jpg with "
-                             "its depth png", "extract vkitti_2.0.3_rgb and vkitti_2.0.3_depth into this folder")
+            raise UsageError(
+                f"--data vkitti={root}: no SceneXX/<variation>/frames/rgb/Camera_N/rgb_*.jpg with its depth png",
+                "extract vkitti_2.0.3_rgb and vkitti_2.0.3_depth into this folder",
+            )
 
     def _depth_path(self, rgb: Path) -> Path | None:
         rel = rgb.relative_to(self.root).as_posix().replace("/frames/rgb/", "/frames/depth/")
@@ -318,8 +333,14 @@ class VKITTI:
         n = normals_from_depth(np.where(valid, d, 0.0).astype(np.float32), Intrinsics(fx, fy, cx, cy, w, h))
         normal = np.nan_to_num(convert_normals(n, "lotus", "opencv"))  # NaN (no normal) at holes and sky -> 0
         crop = lambda a: np.ascontiguousarray(bottom_centre_crop(a, *VKITTI_CROP))  # noqa: E731
-        return dict(rgb=crop(_read_rgb(rgb_path)), depth=crop(d.astype(np.float32)), normal=crop(normal),
-                    valid=crop(valid), sky=crop(sky), key=rgb_path.relative_to(self.root).with_suffix("").as_posix())
+        return dict(
+            rgb=crop(_read_rgb(rgb_path)),
+            depth=crop(d.astype(np.float32)),
+            normal=crop(normal),
+            valid=crop(valid),
+            sky=crop(sky),
+            key=rgb_path.relative_to(self.root).with_suffix("").as_posix(),
+        )
 
 
 READERS = {"folder": FolderData, "hypersim": Hypersim, "vkitti": VKITTI}
@@ -383,8 +404,13 @@ def to_tensors(s: dict, flip: bool) -> dict:
         rgb, depth, valid, sky = rgb[:, ::-1], depth[:, ::-1], valid[:, ::-1], sky[:, ::-1]
         normal = normal[:, ::-1] * np.array([-1, 1, 1], np.float32)
     t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731  (a writable contiguous copy)
-    return {"rgb": t(rgb).permute(2, 0, 1).float() / 127.5 - 1, "depth": t(depth.astype(np.float32))[None],
-            "normal": t(normal.astype(np.float32)).permute(2, 0, 1), "valid": t(valid)[None], "sky": t(sky)[None]}
+    return {
+        "rgb": t(rgb).permute(2, 0, 1).float() / 127.5 - 1,
+        "depth": t(depth.astype(np.float32))[None],
+        "normal": t(normal.astype(np.float32)).permute(2, 0, 1),
+        "valid": t(valid)[None],
+        "sky": t(sky)[None],
+    }
 
 
 class StepBatches:
@@ -392,8 +418,7 @@ class StepBatches:
     collated ({rgb [b, 3, H, W], depth [b, 1, H, W], normal [b, 3, H, W], valid [b, 1, H, W]}). Use with
     DataLoader(batch_size=None) so workers prefetch whole batches."""
 
-    def __init__(self, datasets: list, plan: BatchPlan, accum: int, rank: int = 0, world: int = 1,
-                 task: str = "depth"):
+    def __init__(self, datasets: list, plan: BatchPlan, accum: int, rank: int = 0, world: int = 1, task: str = "depth"):
         if plan.global_batch % world:
             raise UsageError(f"the global batch {plan.global_batch} does not split over {world} processes")
         self.datasets, self.plan, self.accum, self.task = datasets, plan, accum, task
@@ -414,8 +439,10 @@ class StepBatches:
     def _load(self, ds: int, i: int) -> dict:
         s = self.datasets[ds].load(i)
         if s.get(self.task) is None:
-            raise UsageError(f"{self.datasets[ds].name} sample {s.get('key')} has no {self.task} map",
-                             f"train {self.task} on data with {self.task} maps")
+            raise UsageError(
+                f"{self.datasets[ds].name} sample {s.get('key')} has no {self.task} map",
+                f"train {self.task} on data with {self.task} maps",
+            )
         return s
 
 
@@ -431,5 +458,6 @@ def autoencoder_images(ds, norm: str = "trunc_disparity"):
 
     ts = [to_tensors(ds.load(i), False) for i in range(len(ds))]
     stack = lambda k: torch.stack([t[k] for t in ts])  # noqa: E731
-    return torch.cat([stack("rgb"), depth_annotation(stack("depth"), stack("valid"), norm),
-                      normal_annotation(stack("normal"))])
+    return torch.cat(
+        [stack("rgb"), depth_annotation(stack("depth"), stack("valid"), norm), normal_annotation(stack("normal"))]
+    )

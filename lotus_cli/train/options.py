@@ -89,16 +89,25 @@ class TrainOptions:
         if not self.data:
             raise UsageError("no training data", "pass --data NAME=PATH (hypersim, vkitti, folder), repeatable")
         if self.mix is not None and (len(self.mix) != len(self.data) or min(self.mix) < 0 or sum(self.mix) <= 0):
-            raise UsageError(f"--mix {','.join(map(str, self.mix))}: give one non-negative weight per --data "
-                             f"({len(self.data)})")
-        for name, v in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
-                        ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every)):
+            raise UsageError(
+                f"--mix {','.join(map(str, self.mix))}: give one non-negative weight per --data ({len(self.data)})"
+            )
+        for name, v in (
+            ("--steps", self.steps),
+            ("--batch-size", self.batch_size),
+            ("--grad-accum", self.grad_accum),
+            ("--checkpoint-every", self.checkpoint_every),
+            ("--log-every", self.log_every),
+        ):
             if v < 1:
                 raise UsageError(f"{name} must be >= 1, not {v}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UsageError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
-        for name, v in (("--keep-checkpoints", self.keep_checkpoints), ("--val-samples", self.val_samples),
-                        ("--eval-max-samples", 1 if self.eval_max_samples is None else self.eval_max_samples)):
+        for name, v in (
+            ("--keep-checkpoints", self.keep_checkpoints),
+            ("--val-samples", self.val_samples),
+            ("--eval-max-samples", 1 if self.eval_max_samples is None else self.eval_max_samples),
+        ):
             if v < 1:
                 raise UsageError(f"{name} must be >= 1, not {v}")
         for name, v in (("--val-every", self.val_every), ("--num-workers", self.num_workers), ("--seed", self.seed)):

@@ -41,8 +41,9 @@ def alphas_cumprod() -> torch.Tensor:
     """abar_t, t = 0..999, of SD's scaled-linear schedule (betas 0.00085 .. 0.012), float64 [1000]."""
     from diffusers import DDPMScheduler
 
-    s = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012,
-                      beta_schedule="scaled_linear")
+    s = DDPMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
     return s.alphas_cumprod.to(torch.float64)
 
 
@@ -161,8 +162,16 @@ class Losses:
     rgb: torch.Tensor
 
 
-def training_loss(unet, vae, prompt: torch.Tensor, rgb: torch.Tensor, anno: torch.Tensor, mask: torch.Tensor,
-                  opts: StepOptions, draws: Draws) -> Losses:
+def training_loss(
+    unet,
+    vae,
+    prompt: torch.Tensor,
+    rgb: torch.Tensor,
+    anno: torch.Tensor,
+    mask: torch.Tensor,
+    opts: StepOptions,
+    draws: Draws,
+) -> Losses:
     """The loss of one step (module doc). prompt [1, T, D] empty-prompt embedding; rgb, anno [B, 3, H, W] in
     [-1, 1]; mask [B, 1, H, W] bool, the pixels in the annotation loss (``loss_mask``). The VAE is frozen (no
     gradient); the UNet gets the gradient."""
@@ -185,8 +194,9 @@ def training_loss(unet, vae, prompt: torch.Tensor, rgb: torch.Tensor, anno: torc
         unet_in = torch.cat([cond, noisy], dim=1)  # [R, 8, h, w], image first
     else:
         noise, unet_in = None, cond  # [R, 4, h, w]
-    pred = unet(unet_in, t, encoder_hidden_states=prompt.to(dev).expand(rows, -1, -1),
-                class_labels=torch.cat(switch)).sample.float()  # [R, 4, h, w]
+    pred = unet(
+        unet_in, t, encoder_hidden_states=prompt.to(dev).expand(rows, -1, -1), class_labels=torch.cat(switch)
+    ).sample.float()  # [R, 4, h, w]
     goal = (noise if opts.prediction == "eps" else target).float()
     factor = rgb.shape[-1] // cond.shape[-1]
     cells = latent_valid(mask, factor).expand(-1, pred.shape[1], -1, -1)  # [B, 4, h, w]
@@ -200,8 +210,9 @@ def training_loss(unet, vae, prompt: torch.Tensor, rgb: torch.Tensor, anno: torc
 
 
 @torch.no_grad()
-def predict_latent(unet, z_img: torch.Tensor, prompt: torch.Tensor, opts: StepOptions,
-                   noise: torch.Tensor | None = None) -> torch.Tensor:
+def predict_latent(
+    unet, z_img: torch.Tensor, prompt: torch.Tensor, opts: StepOptions, noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """The clean annotation latent [B, 4, h, w] for image latents [B, 4, h, w], as inference does it: D, one
     call at t = 999; G, start from ``noise`` at t = 999 and, for ``timesteps`` > 1, DDIM (eta 0) through the
     training steps; eps predictions are turned into x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""

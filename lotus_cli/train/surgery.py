@@ -13,7 +13,7 @@ A released Lotus UNet already has both and passes through unchanged (continue tr
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -29,8 +29,10 @@ def add_class_embedding(unet, seed: int = 0):
     if is_lotus_unet(unet):
         return unet
     if unet.config.class_embed_type is not None:
-        raise ModelError(f"the base UNet already has a class embedding of type {unet.config.class_embed_type!r}",
-                         "start from stabilityai/stable-diffusion-2-base or a Lotus checkpoint")
+        raise ModelError(
+            f"the base UNet already has a class embedding of type {unet.config.class_embed_type!r}",
+            "start from stabilityai/stable-diffusion-2-base or a Lotus checkpoint",
+        )
     config = {**dict(unet.config), **LOTUS_CLASS_EMBED}
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.random.fork_rng(devices=[]):
@@ -50,8 +52,9 @@ def widen_conv_in(unet):
         return unet
     if old.in_channels != 4:
         raise ModelError(f"conv_in takes {old.in_channels} channels; Lotus widens a 4-channel SD2 conv_in to 8")
-    new = torch.nn.Conv2d(8, old.out_channels, old.kernel_size, old.stride, old.padding,
-                          device=old.weight.device, dtype=old.weight.dtype)
+    new = torch.nn.Conv2d(
+        8, old.out_channels, old.kernel_size, old.stride, old.padding, device=old.weight.device, dtype=old.weight.dtype
+    )
     with torch.no_grad():
         new.weight.copy_(torch.cat([old.weight, old.weight], dim=1) * 0.5)  # [C, 8, k, k]
         new.bias.copy_(old.bias)
@@ -68,13 +71,20 @@ def to_lotus(unet, family: str, seed: int = 0):
     if family == "g":
         return widen_conv_in(unet)
     if unet.config.in_channels != 4:
-        raise ModelError(f"the base UNet takes {unet.config.in_channels} input channels; a D model takes 4",
-                         "train a D model from SD2 or a Lotus-D checkpoint, or pass --family g")
+        raise ModelError(
+            f"the base UNet takes {unet.config.in_channels} input channels; a D model takes 4",
+            "train a D model from SD2 or a Lotus-D checkpoint, or pass --family g",
+        )
     return unet
 
 
-def build_tiny_base(path, seed: int = 0, fit_images=None, fit_steps: int = 400,
-                    progress: Callable[[int, int, float], None] | None = None):
+def build_tiny_base(
+    path,
+    seed: int = 0,
+    fit_images=None,
+    fit_steps: int = 400,
+    progress: Callable[[int, int, float], None] | None = None,
+):
     """A random tiny Stable-Diffusion-2-like base (no class embedding, 4-channel conv_in) in the hub layout,
     for the debug preset and tests: surgery then runs exactly as on the real SD2 base.
 
@@ -103,8 +113,14 @@ def build_tiny_base(path, seed: int = 0, fit_images=None, fit_steps: int = 400,
     return path
 
 
-def fit_vae(vae, images: torch.Tensor, steps: int, seed: int = 0, batch: int = 16,
-            progress: Callable[[int, int, float], None] | None = None) -> None:
+def fit_vae(
+    vae,
+    images: torch.Tensor,
+    steps: int,
+    seed: int = 0,
+    batch: int = 16,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> None:
     """Fit ``vae`` in place to reconstruct ``images`` [N, 3, H, W] in [-1, 1] from posterior samples (MSE plus
     a small KL term, which keeps the posterior std small as in SD's VAE); then scaling_factor = 1 / std(latents).
     ``progress(step, steps, loss)`` is called after every step (step = 1 .. steps)."""

@@ -21,9 +21,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -62,8 +62,9 @@ def load_base(base: str, task: str, family: str, seed: int):
 
     folder = models.fetch(models.resolve(base)).folder  # any task: a depth model may start a normal one
     models._quiet_transformers()
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32,
-                                                use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, subfolder="unet", torch_dtype=torch.float32, use_safetensors=True
+    )
     unet = to_lotus(unet, family, seed)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
     vae.eval().requires_grad_(False)
@@ -109,11 +110,20 @@ def _setup(opts: TrainOptions) -> _Parts:
     trackers = "tensorboard" if _has_tensorboard() else None
     # accelerate treats several processes as CPU data parallel (gloo) only when told the run is on the CPU
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    acc = Accelerator(mixed_precision=opts.mixed_precision, log_with=trackers, cpu=multi_cpu,
-                      project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")))
+    acc = Accelerator(
+        mixed_precision=opts.mixed_precision,
+        log_with=trackers,
+        cpu=multi_cpu,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+    )
     datasets = [D.open_data(spec, opts.size) for spec in opts.data]
-    plan = D.BatchPlan(tuple(len(d) for d in datasets), opts.mix or tuple(1.0 for _ in datasets),
-                       opts.batch_size * acc.num_processes, opts.seed, opts.flip)
+    plan = D.BatchPlan(
+        tuple(len(d) for d in datasets),
+        opts.mix or tuple(1.0 for _ in datasets),
+        opts.batch_size * acc.num_processes,
+        opts.seed,
+        opts.flip,
+    )
     folder, unet, vae, prompt = load_base(opts.base, opts.step.task, opts.step.family, opts.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
     vae.to(acc.device, weight_dtype)  # frozen: kept in the low precision, as the reference does
@@ -133,8 +143,12 @@ def _setup(opts: TrainOptions) -> _Parts:
         if trackers:
             acc.init_trackers("lotus")
     source = D.StepBatches(datasets, plan, opts.grad_accum, acc.process_index, acc.num_processes, opts.step.task)
-    loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=opts.num_workers,
-                                         sampler=range(start * opts.grad_accum, opts.steps * opts.grad_accum))
+    loader = torch.utils.data.DataLoader(
+        source,
+        batch_size=None,
+        num_workers=opts.num_workers,
+        sampler=range(start * opts.grad_accum, opts.steps * opts.grad_accum),
+    )
     return _Parts(acc, folder, unet, vae, prompt.to(acc.device), optimizer, loader, start)
 
 
@@ -145,13 +159,22 @@ def _micro_step(p: _Parts, opts: TrainOptions, batch: dict, step: int, micro: in
     anno = annotation(batch, opts.step)  # [b, 3, H, W] in [-1, 1]
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     h, w = batch["rgb"].shape[-2:]
-    draws = _local_draws(opts, step, micro, acc.num_processes, acc.process_index,
-                         (vae.config.latent_channels, h // f, w // f))
+    draws = _local_draws(
+        opts, step, micro, acc.num_processes, acc.process_index, (vae.config.latent_channels, h // f, w // f)
+    )
     last = micro == opts.grad_accum - 1
     # gradients meet (all-reduce) on the last micro-batch only
-    with (acc.no_sync(p.unet) if not last else contextlib.nullcontext()), acc.autocast():
-        losses = training_loss(p.unet, vae, p.prompt, batch["rgb"].to(vae.dtype), anno.to(vae.dtype),
-                               loss_mask(batch, opts.step), opts.step, draws)
+    with acc.no_sync(p.unet) if not last else contextlib.nullcontext(), acc.autocast():
+        losses = training_loss(
+            p.unet,
+            vae,
+            p.prompt,
+            batch["rgb"].to(vae.dtype),
+            anno.to(vae.dtype),
+            loss_mask(batch, opts.step),
+            opts.step,
+            draws,
+        )
         acc.backward(losses.total / opts.grad_accum)
     return torch.stack([losses.total.detach(), losses.anno, losses.rgb]).float()
 
@@ -163,8 +186,17 @@ def train(opts: TrainOptions, callback: Callable[[str, dict], None] | None = Non
     acc, out = p.acc, Path(opts.out)
     say = (callback or (lambda event, record: None)) if acc.is_main_process else (lambda event, record: None)
     run = Run(out / "final", opts.steps)
-    say("start", {"start": p.start, "steps": opts.steps, "processes": acc.num_processes, "device": str(acc.device),
-                  "global_batch": opts.batch_size * acc.num_processes * opts.grad_accum, "family": opts.step.family})
+    say(
+        "start",
+        {
+            "start": p.start,
+            "steps": opts.steps,
+            "processes": acc.num_processes,
+            "device": str(acc.device),
+            "global_batch": opts.batch_size * acc.num_processes * opts.grad_accum,
+            "family": opts.step.family,
+        },
+    )
     val = _validation_set(opts) if acc.is_main_process and opts.val_data else None
     if val is not None and p.start == 0:
         run.validation.append(_validate(acc, p.unet, p.vae, p.prompt, val, opts, 0, say))
@@ -180,8 +212,14 @@ def train(opts: TrainOptions, callback: Callable[[str, dict], None] | None = Non
         done = step + 1
         mean = acc.reduce(torch.stack(tally).mean(0), reduction="mean").tolist()  # over micro-batches, processes
         tally = []
-        record = {"step": done, "loss": mean[0], "loss_anno": mean[1], "loss_rgb": mean[2], "lr": opts.lr,
-                  "seconds": round(time.perf_counter() - t0, 3)}
+        record = {
+            "step": done,
+            "loss": mean[0],
+            "loss_anno": mean[1],
+            "loss_rgb": mean[2],
+            "lr": opts.lr,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         if acc.is_main_process:
             run.losses.append(record)
             if done % opts.log_every == 0 or done == opts.steps:
@@ -267,10 +305,24 @@ def evaluate_samples(predictor, samples: list[dict], sopts: StepOptions, image: 
 
 def _predictor(acc, unet, vae, prompt, opts: TrainOptions, step: int):
     """The model as it is now, as a LotusPredictor (plain modules: the UNet keeps training afterwards)."""
-    entry = models.ModelEntry(name=f"{opts.name or Path(opts.out).name}@{step}", repo_id=str(opts.out),
-                              task=opts.step.task, family=opts.step.family, kind=opts.step.kind)
-    return LotusPredictor(acc.unwrap_model(unet), vae, prompt, entry, acc.device, vae.dtype, channels_last=False,
-                          pack_weights=False, source=f"{opts.out} step {step}")
+    entry = models.ModelEntry(
+        name=f"{opts.name or Path(opts.out).name}@{step}",
+        repo_id=str(opts.out),
+        task=opts.step.task,
+        family=opts.step.family,
+        kind=opts.step.kind,
+    )
+    return LotusPredictor(
+        acc.unwrap_model(unet),
+        vae,
+        prompt,
+        entry,
+        acc.device,
+        vae.dtype,
+        channels_last=False,
+        pack_weights=False,
+        source=f"{opts.out} step {step}",
+    )
 
 
 def _validation_set(opts: TrainOptions) -> list[dict]:
@@ -315,8 +367,13 @@ def _benchmark(acc, unet, vae, prompt, opts: TrainOptions, step: int, say) -> li
         for name, path in ED.parse_pairs(list(opts.eval_data), "--eval-data"):
             with acc.autocast():
                 result = R.evaluate(ED.open_dataset(opts.step.task, name, path), R.ModelSource(predictor), eopts)
-            record = {"step": step, "dataset": name, "evaluated": result.evaluated, "failed": len(result.failed),
-                      "metrics": result.metrics}
+            record = {
+                "step": step,
+                "dataset": name,
+                "evaluated": result.evaluated,
+                "failed": len(result.failed),
+                "metrics": result.metrics,
+            }
             records.append(record)
             say("evaluation", record)
             _append_jsonl(Path(opts.out) / "eval.jsonl", record)
@@ -348,18 +405,29 @@ def save_final(unet, base_folder: Path, prompt: torch.Tensor, opts: TrainOptions
         if (base_folder / sub).is_dir():
             shutil.copytree(base_folder / sub, tmp / sub)
     prediction_type = "epsilon" if opts.step.prediction == "eps" else "sample"
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type=prediction_type).save_pretrained(tmp / "scheduler")
-    index = {"_class_name": f"Lotus{opts.step.family.upper()}Pipeline", "lotus_task": opts.step.task,
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "DDIMScheduler"]}
+    DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    ).save_pretrained(tmp / "scheduler")
+    index = {
+        "_class_name": f"Lotus{opts.step.family.upper()}Pipeline",
+        "lotus_task": opts.step.task,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    meta = {"task": opts.step.task, "kind": opts.step.kind, "name": opts.name or dest.parent.name,
-            "family": opts.step.family, "licence": "derived from the base model's licence",
-            "note": f"trained with lotus train from {opts.base}: {opts.steps} steps, prediction "
-                    f"{opts.step.prediction}, timesteps {opts.step.timesteps}, detail preserver "
-                    f"{opts.step.detail_preserver}, norm {opts.step.norm}"}
+    meta = {
+        "task": opts.step.task,
+        "kind": opts.step.kind,
+        "name": opts.name or dest.parent.name,
+        "family": opts.step.family,
+        "licence": "derived from the base model's licence",
+        "note": f"trained with lotus train from {opts.base}: {opts.steps} steps, prediction "
+        f"{opts.step.prediction}, timesteps {opts.step.timesteps}, detail preserver "
+        f"{opts.step.detail_preserver}, norm {opts.step.norm}",
+    }
     (tmp / models.METADATA_FILE).write_text(json.dumps(meta, indent=2))
     save_file({"embedding": prompt.detach().float().cpu().contiguous()}, str(tmp / models.EMBEDDING_FILE))
     shutil.rmtree(dest, ignore_errors=True)
