@@ -1,11 +1,12 @@
 # make install   install lotus-cli and everything its tests need into the current Python
 # make test      run the test suite (tiny random checkpoints; no network, no GPU)
+# make test-fast the quick tier of it (under 2 minutes on 2 cores); make lint: ruff
 # make bench     speed and memory benchmark of the full-size architecture (minutes, CPU)
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install system-deps test bench clean
+.PHONY: install system-deps lint format test test-fast bench clean
 
 install: system-deps
 	# the pinned CPU build first, so the loose torch>= range in pyproject is already met
@@ -23,8 +24,22 @@ system-deps:
 		echo "note: install libusb-1.0 (Debian/Ubuntu: apt-get install libusb-1.0-0) for lotus pointcloud"; \
 	fi
 
+# ruff's lint and format check (the pinned version of the dev extra); `make format` rewrites the files
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+# the quick tier: everything but the tests marked heavy (Ray clusters, torchrun, several processes, long
+# videos and trainings); under 2 minutes on 2 cores
+test-fast:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not heavy"
 
 bench:
 	$(PYTHON) benchmarks/bench_predictor.py
