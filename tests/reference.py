@@ -1,4 +1,4 @@
-"""The reference Lotus inference, written once, straight from LOTUS_FACTS.md, with diffusers components.
+"""The reference Lotus inference (arXiv 2409.18124, Sec. 3; the authors' pipeline), with diffusers components.
 
 Deliberately independent of lotus_cli: it loads every component itself, runs the text encoder on every
 call, draws the image latent as a posterior sample from torch's global RNG and resizes back with

@@ -80,7 +80,7 @@ class DepthSpec:
     crop: str | None = None  # "nyu-eigen" | "kitti"
     processing_res: int = 0  # 0 = native
     alignment_max_res: int | None = None
-    size: int = 0  # samples in the full test set (LOTUS_FACTS.md)
+    size: int = 0  # samples in the full test set (the paper's Sec. 5 evaluation protocol, after Marigold)
 
     @property
     def layout(self) -> str:

@@ -36,7 +36,7 @@ from ..formats import READ_ORDER, get_format, read_map, sidecar_of
 from . import metrics as M
 from .datasets import Dataset, Item, Sample, kitti_benchmark_crop
 
-# The paper's Tables 1 and 2 for the released checkpoints it reports (LOTUS_FACTS.md): fractions for
+# The paper's Tables 1 and 2 (arXiv 2409.18124) for the released checkpoints it reports: fractions for
 # AbsRel and the shares, degrees for angles.
 PAPER = {
     ("depth-d-v2-0-disparity", "nyuv2"): {"abs_rel": 0.051, "delta1": 0.971},
