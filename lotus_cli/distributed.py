@@ -185,7 +185,8 @@ class Reuse:
 
     def expected(self, video: bool) -> dict:
         if video not in self._made:
-            from .runner import made_with  # imports torch: only once there is an earlier output to judge
+            # the runner imports torch: only once there is an earlier output to judge
+            from .runner import made_with
 
             family, task, model, kind = self.facts()
             made = made_with(family, task, model, kind, self.job.output, self.job.opts,

@@ -2,10 +2,10 @@
 
 Shape (README "Many GPUs and machines"):
 
-1. the driver lists the work (items whose outputs the runner would keep already left out by
-   ``distributed.dispatch``; the others redone, with the reason) and cuts it
-   into units (``work_units``): each video alone (a video stays on one actor, so stabilisation and the
-   clip colour range hold), images in runs of up to 16;
+1. the driver lists the work (``distributed.dispatch`` leaves out the items whose outputs the runner
+   would keep; the others are redone, with the reason) and cuts it into units (``work_units``): each
+   video alone (a video stays on one actor, so stabilisation and the clip colour range hold), images in
+   runs of up to 16;
 2. a CPU stage stages each remote input into the node's local cache (only when inputs are URLs);
 3. a fixed pool of ``--workers`` actors (``--gpus-per-worker`` GPUs and ``--cpus-per-worker`` CPUs
    each; Ray sets ``CUDA_VISIBLE_DEVICES`` so ``auto`` picks the actor's own GPU) each loads one
@@ -16,7 +16,8 @@ Shape (README "Many GPUs and machines"):
 Faults: the actor pool restarts a dead actor and retries its unfinished unit on a live one (Ray
 Data's actor defaults, max_restarts=-1 and max_task_retries=-1); a retried unit skips the items the
 dead attempt finished (their sidecar says complete, made with this run's model and options), so nothing
-is computed or written twice; writes are atomic, so nothing is half-written. A bad input is a failed row, never a failed job.
+is computed or written twice; writes are atomic, so nothing is half-written. A bad input is a failed row,
+never a failed job.
 
 Ray is imported only here, and this module only under ``--engine ray``. Tested with ray[data] 2.60
 (``compute=ActorPoolStrategy``; no free-form remote args, which Ray drops in 2.64).

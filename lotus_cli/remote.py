@@ -79,8 +79,8 @@ class Inputs:
         return self.urls.get(str(item.path))
 
 
-def expand(inputs: list[str], exts: tuple[str, ...], exclude: tuple[str, ...] = ()) -> tuple[list[Item], list[InputError],
-                                                                                     Inputs]:
+def expand(inputs: list[str], exts: tuple[str, ...],
+           exclude: tuple[str, ...] = ()) -> tuple[list[Item], list[InputError], Inputs]:
     """URL inputs -> items (keys as for local folders: the path below the URL given) whose paths are
     cache files to ``fetch``; problems as ``sources.expand`` reports them. Local inputs are not handled
     here. ``exclude``: URLs of folders whose contents are never inputs (an --out URL inside an input's)."""

@@ -209,3 +209,26 @@ def test_the_driver_reads_the_facts_the_predictor_reports(checkpoints, family, t
         facts = distributed.checkpoint_facts(job)
         assert facts == distributed.predictor_facts(predictor, job)
         assert facts[0] == family and facts[3] == (kind or "disparity")
+
+
+def test_a_first_run_judges_nothing_and_reads_no_checkpoint(tmp_path):
+    """Without a sidecar there is nothing to compare: the driver asks for the model's facts (a checkpoint
+    read and the runner's torch import) only once an earlier output exists."""
+    from lotus_cli.predictor import PredictOptions
+    from lotus_cli.runner import OutputSpec, VideoSpec
+
+    asked = []
+    job = distributed.Job("unused", "depth", OutputSpec(tmp_path), PredictOptions(processing_res=32), VideoSpec())
+    reuse = distributed.Reuse(job, None, lambda: asked.append(1) or ("d", "depth", "m", "disparity"))
+    item = Item(Path("/in/a/x.png"), "a/x")
+    assert reuse(item) == (False, None) and not asked
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"")
+    assert reuse(item) == (False, "no sidecar: its run did not finish") and not asked
+    (tmp_path / "a" / "x.json").write_text(json.dumps({"complete": True, "model": "m", "kind": "disparity",
+                                                       "options": {}, "outputs": {}}))
+    keep, why = reuse(item)
+    assert not keep and why == "x.16bit.png missing" and not asked  # files are checked before the facts
+    (tmp_path / "a" / "x.16bit.png").write_bytes(b"")
+    keep, why = reuse(item)
+    assert asked == [1] and not keep and "processing_res None -> 32" in why
