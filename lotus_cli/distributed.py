@@ -12,20 +12,24 @@ Three ways to spread one `lotus depth|normal|uncertainty` command (README "Many 
 * ``--engine ray`` (lotus_cli/ray_engine.py): a Ray Data pipeline over a fixed pool of predictor actors.
 
 Every worker writes only its own items' outputs, with the runner's atomic writes and sidecars
-(lotus_cli.runner), and scaled-out runs resume: an item whose sidecar (written last) and outputs exist
-is not computed again. No torch import at module level (``lotus --help`` stays fast).
+(lotus_cli.runner), and scaled-out runs resume: an item is not computed again exactly when the runner's
+--skip-existing would keep its outputs (``Reuse``: its sidecar, written last, says its run completed with
+the same model and output-changing options, and its files exist); otherwise it is redone and says why.
+No torch import at module level (``lotus --help`` stays fast).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from . import sinks
-from .errors import UsageError
+from .errors import ModelError, UsageError
 from .sources import Item, is_video
 
 ENGINES = ("local", "ray")
@@ -137,12 +141,66 @@ def load(job: Job):
     return predictor, (job.make_predict(predictor) if job.make_predict else None)
 
 
-def finished(item: Item, output) -> bool:
-    """Whether ``item``'s outputs are complete in ``output.out_dir`` (the sidecar is written last)."""
+def output_names(item: Item, formats: tuple[str, ...]) -> tuple[str, list[str]]:
+    """(sidecar, the other files that must exist) of ``item``'s outputs, as paths below the output folder
+    or URL ('a/x.json', ['a/x.png', ...]): an image's maps, or a clip's mp4 (the sidecar vouches for its
+    per-frame maps)."""
     if is_video(item.path):
-        base = output.out_dir / item.key
-        return all(base.with_name(base.name + s).is_file() for s in (".mp4", ".json"))
-    return sinks.outputs_exist(sinks.output_paths(output.out_dir, item.key, output.formats))
+        return f"{item.key}.json", [f"{item.key}.mp4"]
+    paths = sinks.output_paths(Path(), item.key, formats)
+    return paths.pop("json").as_posix(), [p.as_posix() for p in paths.values()]
+
+
+def checkpoint_facts(job: Job) -> tuple[str, str, str, str]:
+    """(family "g"/"d", task, label, map kind) of ``job``'s model, as its predictor would report them, read from
+    the checkpoint's files without loading it (family: unet/config.json's in_channels, 8 for G, 4 for D)."""
+    from . import models
+
+    ref = models.fetch(job.model if isinstance(job.model, models.ModelRef) else models.resolve(job.model, job.task))
+    try:
+        channels = json.loads((ref.folder / "unet" / "config.json").read_text())["in_channels"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{ref.folder}/unet/config.json: unreadable ({e})",
+                         "pass a folder in the hub layout (unet/, vae/, ...)") from e
+    return ("g" if channels == 8 else "d"), ref.entry.task, ref.label, job.kind or ref.entry.kind
+
+
+def predictor_facts(predictor, job: Job) -> tuple[str, str, str, str]:
+    """``checkpoint_facts`` of a loaded predictor."""
+    return predictor.family, predictor.task, predictor.describe()["model"], job.kind or predictor.kind
+
+
+class Reuse:
+    """Whether an item's existing outputs stay, decided exactly as the runner decides under skip_existing
+    (``runner.made_with`` and ``sinks.reuse_verdict``), in the local output folder or at a remote --out.
+
+    ``facts()`` gives (family, task, model label, kind) (``checkpoint_facts`` / ``predictor_facts``); it is
+    asked once, when the first sidecar is to be compared, so a first run neither reads the checkpoint
+    nor imports torch here. Calling it with an item gives (keep, why it is redone or None).
+    """
+
+    def __init__(self, job: Job, outputs, facts: Callable[[], tuple[str, str, str, str]]):
+        self.job, self.outputs, self.facts = job, outputs, facts
+        self._made: dict[bool, dict] = {}
+
+    def expected(self, video: bool) -> dict:
+        if video not in self._made:
+            # the runner imports torch: only once there is an earlier output to judge
+            from .runner import made_with
+
+            family, task, model, kind = self.facts()
+            made = made_with(family, task, model, kind, self.job.output, self.job.opts,
+                             self.job.video if video else None, self.job.predict_options)
+            self._made[video] = vars(made)
+        return self._made[video]
+
+    def __call__(self, item: Item) -> tuple[bool, str | None]:
+        sidecar, files = output_names(item, self.job.output.formats)
+        expected = functools.partial(self.expected, is_video(item.path))
+        if self.outputs:
+            return self.outputs.reusable(sidecar, files, expected)
+        root = self.job.output.out_dir
+        return sinks.reusable_at(root / sidecar, [root / f for f in files], expected)
 
 
 def process(predictor, predict, items: list[Item], job: Job, on_result: Callable) -> None:
@@ -204,11 +262,14 @@ def wanted(scale: Scale, inputs: Iterable[str], out, environ: Mapping[str, str] 
 
 def dispatch(job: Job, inputs: list[str], out, scale: Scale, *, exts: tuple[str, ...],
              on_result: Callable, on_problem: Callable, load_predictor: Callable,
-             environ: Mapping[str, str] = os.environ):
+             on_warning: Callable[[str], None] = lambda text: None, environ: Mapping[str, str] = os.environ):
     """Run ``job`` over this process's share of ``inputs``; returns the runner's Summary.
 
-    ``out``: local folder or URL. ``on_result(ItemResult, input_name)`` hears of every item (input_name
-    is the URL of a remote input); ``on_problem(InputError)`` of each input that cannot be used.
+    ``out``: local folder or URL; it is never read as input (it may sit inside an input folder). An item
+    whose outputs the runner would keep under skip_existing is skipped; any other is redone, and its
+    ``ItemResult.redone`` says why when it had outputs. ``on_result(ItemResult, input_name)`` hears of
+    every item (input_name is the URL of a remote input); ``on_problem(InputError)`` of each input that
+    cannot be used; ``on_warning(text)`` of symlink loops in local folder walks.
     ``load_predictor(model, task, device, dtype)`` loads the model of the local engine (the CLI's, which
     says what it loaded); Ray workers load their own.
     """
@@ -226,26 +287,34 @@ def dispatch(job: Job, inputs: list[str], out, scale: Scale, *, exts: tuple[str,
         job = replace(job, output=replace(job.output, out_dir=Path(remote.normalise(out))))
         sinks.check_out_dir(job.output.out_dir)
     local = [remote.normalise(i) for i in inputs if not remote.is_url(i)]
-    items, problems = sources.expand(local, exts=exts) if local else ([], [])
+    exclude = () if outputs else (job.output.out_dir,)
+    items, problems = sources.expand(local, exts=exts, exclude=exclude, on_warning=on_warning) if local else ([], [])
     urls = [i for i in inputs if remote.is_url(i)]
     staged = remote.Inputs({})
     if urls:
-        more, more_problems, staged = remote.expand(urls, exts)
+        more, more_problems, staged = remote.expand(urls, exts, exclude=(outputs.url,) if outputs else ())
         items, problems = items + more, problems + more_problems
     for p in problems:
         on_problem(p)
     summary = Summary()
+    redone: dict[str, str] = {}  # key -> why its outputs are not kept (the runner says it too for local ones)
 
     def report(r) -> None:
+        if r.redone is None and r.item.key in redone:
+            r = replace(r, redone=redone[r.item.key])
         summary.add(r)
         on_result(r, staged.url(r.item) or str(r.item.path))
 
+    reuse = Reuse(job, outputs, functools.cache(functools.partial(checkpoint_facts, job)))
     todo = []
     for item in select(items, shard):
-        if outputs.finished(item.key, _suffixes(item, job.output)) if outputs else finished(item, job.output):
+        keep, why = reuse(item)
+        if keep:
             report(ItemResult(item, "skipped"))
-        else:
-            todo.append(item)
+            continue
+        if why is not None:
+            redone[item.key] = why
+        todo.append(item)
     if not todo:
         return summary
     if scale.engine == "ray":
@@ -259,16 +328,11 @@ def dispatch(job: Job, inputs: list[str], out, scale: Scale, *, exts: tuple[str,
     return summary
 
 
-def _suffixes(item: Item, output) -> tuple[str, ...]:
-    if is_video(item.path):
-        return (".mp4", ".json")
-    return tuple(sinks.SUFFIXES[f] for f in (*output.formats, "json"))
-
-
 def run_items(predictor, predict, items: list[Item], job: Job, staged, outputs, report: Callable,
               chunk: int = 16) -> None:
     """``process`` in chunks, fetching remote inputs just before their chunk and publishing remote
-    outputs as each item finishes; items already at a remote --out are reported done, not redone."""
+    outputs as each item finishes; items whose outputs at a remote --out the runner would keep (published
+    meanwhile, e.g. by an earlier attempt) are reported done, not redone."""
     from . import remote
     from .errors import LotusError
     from .runner import ItemResult
@@ -276,11 +340,13 @@ def run_items(predictor, predict, items: list[Item], job: Job, staged, outputs, 
     def publish(r) -> None:
         report(outputs.publish(r) if outputs else r)
 
+    reuse = Reuse(job, outputs, functools.partial(predictor_facts, predictor, job))
+
     for start in range(0, len(items), chunk):
         ready = []
         for item in items[start:start + chunk]:
             url = staged.url(item)
-            if outputs and outputs.finished(item.key, _suffixes(item, job.output)):
+            if outputs and reuse(item)[0]:
                 report(ItemResult(item, "done"))
                 continue
             try:

@@ -2,9 +2,10 @@
 
 Shape (README "Many GPUs and machines"):
 
-1. the driver lists the work (finished items already left out by ``distributed.dispatch``) and cuts it
-   into units (``work_units``): each video alone (a video stays on one actor, so stabilisation and the
-   clip colour range hold), images in runs of up to 16;
+1. the driver lists the work (``distributed.dispatch`` leaves out the items whose outputs the runner
+   would keep; the others are redone, with the reason) and cuts it into units (``work_units``): each
+   video alone (a video stays on one actor, so stabilisation and the clip colour range hold), images in
+   runs of up to 16;
 2. a CPU stage stages each remote input into the node's local cache (only when inputs are URLs);
 3. a fixed pool of ``--workers`` actors (``--gpus-per-worker`` GPUs and ``--cpus-per-worker`` CPUs
    each; Ray sets ``CUDA_VISIBLE_DEVICES`` so ``auto`` picks the actor's own GPU) each loads one
@@ -14,8 +15,9 @@ Shape (README "Many GPUs and machines"):
 
 Faults: the actor pool restarts a dead actor and retries its unfinished unit on a live one (Ray
 Data's actor defaults, max_restarts=-1 and max_task_retries=-1); a retried unit skips the items the
-dead attempt finished (their sidecar exists), so nothing is computed or written twice; writes are atomic,
-so nothing is half-written. A bad input is a failed row, never a failed job.
+dead attempt finished (their sidecar says complete, made with this run's model and options), so nothing
+is computed or written twice; writes are atomic, so nothing is half-written. A bad input is a failed row,
+never a failed job.
 
 Ray is imported only here, and this module only under ``--engine ray``. Tested with ray[data] 2.60
 (``compute=ActorPoolStrategy``; no free-form remote args, which Ray drops in 2.64).
@@ -23,6 +25,7 @@ Ray is imported only here, and this module only under ``--engine ray``. Tested w
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -88,21 +91,20 @@ class _Worker:
     """One pool actor: one predictor, reused for every batch it is given."""
 
     def __init__(self, job: Job, outputs: Outputs | None):
-        from .distributed import load
+        from .distributed import Reuse, load, predictor_facts
 
         self.job, self.outputs = job, outputs
         self.predictor, self.predict = load(job)
+        self.reuse = Reuse(job, outputs, functools.partial(predictor_facts, self.predictor, job))
 
     def __call__(self, batch: dict) -> dict:
-        from .distributed import _suffixes
-
         rows: list[ItemResult] = []
         todo = []
         for e in (e for unit in batch["unit"] for e in json.loads(unit)):
             item = Item(Path(e["path"]), e["key"])
             if e["error"]:
                 rows.append(ItemResult(item, "failed", error=e["error"]))
-            elif self.outputs and self.outputs.finished(item.key, _suffixes(item, self.job.output)):
+            elif self.outputs and self.reuse(item)[0]:
                 rows.append(ItemResult(item, "done"))  # published by an earlier attempt of this unit
             else:
                 todo.append(item)

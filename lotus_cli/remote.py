@@ -23,6 +23,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
+from . import sinks
 from .errors import InputError, OutputError, UsageError
 from .models import cache_dir
 from .sources import Item, _assign_keys
@@ -78,11 +79,13 @@ class Inputs:
         return self.urls.get(str(item.path))
 
 
-def expand(inputs: list[str], exts: tuple[str, ...]) -> tuple[list[Item], list[InputError], Inputs]:
+def expand(inputs: list[str], exts: tuple[str, ...],
+           exclude: tuple[str, ...] = ()) -> tuple[list[Item], list[InputError], Inputs]:
     """URL inputs -> items (keys as for local folders: the path below the URL given) whose paths are
     cache files to ``fetch``; problems as ``sources.expand`` reports them. Local inputs are not handled
-    here."""
+    here. ``exclude``: URLs of folders whose contents are never inputs (an --out URL inside an input's)."""
     raw, problems, urls = [], [], {}
+    excluded = [_full(u) for u in exclude]
     for spec in inputs:
         url = normalise(spec)
         fs, root = filesystem(url)
@@ -98,7 +101,8 @@ def expand(inputs: list[str], exts: tuple[str, ...]) -> tuple[list[Item], list[I
         except OSError as e:
             problems.append(InputError(f"{url}: cannot list ({e})", "check the URL and credentials", subject=url))
             continue
-        pairs = [p for p in pairs if PurePosixPath(p[0]).suffix.lower() in exts]
+        pairs = [p for p in pairs if PurePosixPath(p[0]).suffix.lower() in exts
+                 and not any(_below(fs.unstrip_protocol(p[0]), x) for x in excluded)]
         if not pairs:
             problems.append(InputError(f"{url}: holds no supported files", f"supported: {', '.join(exts)}",
                                        subject=url))
@@ -108,6 +112,16 @@ def expand(inputs: list[str], exts: tuple[str, ...]) -> tuple[list[Item], list[I
             urls[str(local)] = full
             raw.append((local, rel, by_name))
     return _assign_keys(raw), problems, Inputs(urls)
+
+
+def _full(url: str) -> str:
+    """``url`` as fsspec spells it back (e.g. memory://b/out -> memory:///b/out), for comparing places."""
+    fs, path = filesystem(normalise(url))
+    return fs.unstrip_protocol(path).rstrip("/")
+
+
+def _below(url: str, folder: str) -> bool:
+    return url == folder or url.startswith(folder + "/")
 
 
 def _hidden(parts) -> bool:
@@ -145,11 +159,19 @@ class Outputs:
         rel = Path(local).relative_to(self.staging).as_posix()
         return f"{self.url.rstrip('/')}/{rel}"
 
-    def finished(self, key: str, suffixes: tuple[str, ...]) -> bool:
-        """Whether every output of ``key`` (``suffixes`` such as '.png', '.json') is at the URL."""
+    def reusable(self, sidecar: str, files: list[str], expected) -> tuple[bool, str | None]:
+        """``sinks.reusable`` for outputs at the URL: ``sidecar`` and ``files`` are paths below it ('a/x.json',
+        'a/x.png'); the sidecar is read there and judged as a local one (``sinks.reuse_verdict``)."""
         fs, root = filesystem(self.url)
-        base = f"{root.rstrip('/')}/{key}"
-        return all(fs.isfile(base + s) for s in suffixes)
+        base = root.rstrip("/")
+
+        def read() -> bytes | None:
+            try:
+                return fs.cat_file(f"{base}/{sidecar}")
+            except FileNotFoundError:
+                return None
+
+        return sinks.reuse_verdict(read, files, lambda f: fs.isfile(f"{base}/{f}"), expected)
 
     def check(self) -> None:
         """Fail fast, before any model loads, when the URL cannot be written."""

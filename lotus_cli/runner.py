@@ -79,12 +79,13 @@ def axes_record(predictor: LotusPredictor, opts: PredictOptions) -> dict:
     return {"normal_frame": opts.frame, "axes": NORMAL_FRAMES[opts.frame][1]}
 
 
-def image_options(predictor: LotusPredictor, opts: PredictOptions, predict_options: dict | None = None) -> dict:
+def image_options(family: str, task: str, opts: PredictOptions, predict_options: dict | None = None) -> dict:
     """The options that change an image's (or a frame's) map, as its sidecar records them and a rerun
-    compares them; ``predict_options``: those of a replacement ``predict`` (tiling, ensembles)."""
+    compares them, for a model of ``family`` ("g"/"d") and ``task``; ``predict_options``: those of a
+    replacement ``predict`` (tiling, ensembles)."""
     options = {"processing_res": opts.processing_res, "resample": opts.resample, "latent": opts.latent,
-               "seed": opts.seed if predictor.family == "g" else None}
-    if predictor.task == "normal":
+               "seed": opts.seed if family == "g" else None}
+    if task == "normal":
         options["frame"] = opts.frame
     return {**options, **(predict_options or {})}
 
@@ -109,6 +110,31 @@ class OutputSpec:
         return self.style.exr_compression
 
 
+@dataclass(frozen=True)
+class Made:
+    """What an item's outputs are made with, as its sidecar records it: what ``skip_existing`` compares
+    (``vars(made)`` are ``sinks.reusable``'s keyword arguments)."""
+
+    model: str | None  # ModelRef.label, as predictor.describe()["model"]
+    kind: str
+    options: dict
+    settings: dict[str, dict]
+
+
+def made_with(family: str, task: str, model: str | None, kind: str, output: OutputSpec, opts: PredictOptions,
+              video: VideoSpec | None = None, predict_options: dict | None = None) -> Made:
+    """The ``Made`` of an image (``video`` None) or a clip under ``video``, from what a checkpoint says without
+    loading it (``family`` "g"/"d", ``task``, label ``model``, map ``kind``) and the run's options. The
+    runner, and the scaled-out driver before any model loads (lotus_cli.distributed), decide with this."""
+    if video is None:
+        return Made(model, kind, image_options(family, task, opts, predict_options),
+                    sinks.format_settings(output.formats, kind, output.style))
+    frame_formats = [f for f in output.formats if get_format(f).per_frame]
+    return Made(model, kind, video_options(family, task, opts, video, kind, predict_options),
+                {"mp4": FORMATS["png"].settings(kind, output.style),
+                 **sinks.format_settings(frame_formats, kind, output.style)})
+
+
 def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputSpec,
                opts: PredictOptions = PredictOptions(), *, max_pixels: int = DEFAULT_MAX_PIXELS,
                on_result: Callable[[ItemResult], None] = lambda r: None, readers: int = 2,
@@ -124,8 +150,8 @@ def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputS
     kind = kind or predictor.kind
     t_start = time.perf_counter()
     model = predictor.describe()
-    options = image_options(predictor, opts, predict_options)
-    settings = sinks.format_settings(output.formats, kind, output.style)
+    made = made_with(predictor.family, predictor.task, model.get("model"), kind, output, opts, None, predict_options)
+    options = made.options
     redone: dict[str, str] = {}
 
     def report(r: ItemResult) -> None:
@@ -137,8 +163,7 @@ def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputS
     for item in items:
         paths = sinks.output_paths(output.out_dir, item.key, output.formats)
         if output.skip_existing:
-            keep, why = sinks.reusable(paths["json"], [p for f, p in paths.items() if f != "json"], kind=kind,
-                                       model=model.get("model"), options=options, settings=settings)
+            keep, why = sinks.reusable(paths["json"], [p for f, p in paths.items() if f != "json"], **vars(made))
             if keep:
                 report(ItemResult(item, "skipped", {k: str(v) for k, v in paths.items()}))
                 continue
@@ -251,11 +276,11 @@ def frame_name(index: int, time_s: float) -> str:
     return f"{index:06d}_{time_s:010.3f}s"
 
 
-def video_options(predictor: LotusPredictor, opts: PredictOptions, spec: VideoSpec, kind: str,
+def video_options(family: str, task: str, opts: PredictOptions, spec: VideoSpec, kind: str,
                   predict_options: dict | None = None) -> dict:
     """``image_options`` plus the clip's: frame selection and whether depth is stabilised."""
     select = spec.select or FrameSelect()
-    return {**image_options(predictor, opts, predict_options), "fps": select.fps, "start": select.start,
+    return {**image_options(family, task, opts, predict_options), "fps": select.fps, "start": select.start,
             "end": select.end, "max_frames": select.max_frames, "stabilize": _stabilizes(spec, kind)}
 
 
@@ -354,7 +379,9 @@ class VideoJob:
         self.kind = kind or predictor.kind
         self.on_frame = on_frame
         self.model = predictor.describe()
-        self.options = video_options(predictor, opts, spec, self.kind, predict_options)
+        self.made = made_with(predictor.family, predictor.task, self.model.get("model"), self.kind, output, opts, spec,
+                              predict_options)
+        self.options = self.made.options
         self.base = output.out_dir / item.key
         self.paths = {"mp4": self.base.with_name(self.base.name + ".mp4"),
                       "json": self.base.with_name(self.base.name + ".json")}
@@ -366,11 +393,7 @@ class VideoJob:
         self.seen = 0
 
     def reusable(self) -> tuple[bool, str | None]:
-        frame_formats = [f for f in self.output.formats if get_format(f).per_frame]
-        settings = {"mp4": FORMATS["png"].settings(self.kind, self.output.style),
-                    **sinks.format_settings(frame_formats, self.kind, self.output.style)}
-        return sinks.reusable(self.paths["json"], [self.paths["mp4"]], kind=self.kind, model=self.model.get("model"),
-                              options=self.options, settings=settings)
+        return sinks.reusable(self.paths["json"], [self.paths["mp4"]], **vars(self.made))
 
     def run(self) -> ItemResult:
         t_start = time.perf_counter()

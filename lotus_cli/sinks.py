@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -265,21 +265,43 @@ def reusable(side: Path, files: Iterable[Path], *, kind: str, model: str | None,
     sidecar) says its run completed, every one of ``files`` exists, and it was made with the same model,
     kind and ``options`` and, for each format in ``settings``, the same settings. Otherwise (False, why it
     is redone), the reason None when there was nothing to reuse."""
+    wanted = {"kind": kind, "model": model, "options": options, "settings": settings}
+    return reusable_at(side, files, lambda: wanted)
+
+
+def reusable_at(side: Path, files: Iterable[Path], expected: Callable[[], dict]) -> tuple[bool, str | None]:
+    """``reusable`` with its keyword arguments given by ``expected()``, asked only when there is a sidecar."""
+    return reuse_verdict(lambda: side.read_text() if side.is_file() else None, files, Path.is_file, expected)
+
+
+def reuse_verdict(read: Callable[[], str | bytes | None], files: Iterable, exists: Callable[[object], bool],
+                  expected: Callable[[], dict]) -> tuple[bool, str | None]:
+    """The decision of ``reusable`` wherever the outputs are (a folder, an fsspec URL). ``read()`` gives the
+    sidecar's text (None: there is none; OSError: unreadable), ``files`` are the other outputs (paths or
+    URL paths; a message names a file by its last part), ``exists(f)`` says whether one is there, and
+    ``expected()`` gives ``reusable``'s model, kind, options and settings; it is asked only when there is
+    a sidecar to compare with (working them out may import the model code)."""
     files = list(files)
-    if not side.is_file():
-        return False, ("no sidecar: its run did not finish" if any(p.is_file() for p in files) else None)
     try:
-        old = json.loads(side.read_text())
+        text = read()
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8
+        return False, f"its sidecar is unreadable ({e})"
+    if text is None:
+        return False, ("no sidecar: its run did not finish" if any(exists(f) for f in files) else None)
+    try:
+        old = json.loads(text)
         old_options, old_outputs = old.get("options") or {}, old.get("outputs") or {}
-    except (OSError, ValueError, AttributeError) as e:
+    except (ValueError, AttributeError) as e:
         return False, f"its sidecar is unreadable ({e})"
     if old.get("interrupted"):
         return False, "its run was interrupted"
     if old.get("error") or old.get("complete") is False:
         return False, f"its run failed ({old.get('error') or 'incomplete'})"
-    missing = [p.name for p in files if not p.is_file()]
+    missing = [str(f).replace("\\", "/").rsplit("/", 1)[-1] for f in files if not exists(f)]
     if missing:
         return False, f"{', '.join(missing)} missing"
+    made = expected()
+    model, kind, options, settings = made["model"], made["kind"], made["options"], made["settings"]
     if old.get("model") != model:
         return False, f"made with another model ({old.get('model')})"
     if old.get("kind") != kind:

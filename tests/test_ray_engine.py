@@ -210,6 +210,27 @@ def test_killed_driver_then_rerun_finishes_only_the_rest(data, cluster, referenc
     same_as_reference(out, reference)
 
 
+def test_rerun_redoes_an_interrupted_clip_and_a_failed_image_with_the_reason(data, cluster, reference, depth_d,
+                                                                              tmp_path):
+    """The driver keeps what --skip-existing would keep: an interrupted clip (issue 13: its mp4 holds part
+    of the frames) and an image whose run failed are redone on the workers, the reason reaching the CLI."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    for key, change in (("clips/a", {"interrupted": True}), ("set1/im01", {"complete": False, "error": "x"})):
+        side = out / f"{key}.json"
+        side.write_text(json.dumps({**json.loads(side.read_text()), **change}))
+    r = run("depth", data, "--out", out, "-m", depth_d, *ARGS, *ENGINE, "--ray-address", cluster["address"], "--json")
+    assert r.returncode == 1, r.stderr[-3000:]  # the broken file
+    recs = {x["key"]: x for x in records(r.stdout)}
+    assert Counter(x["status"] for x in recs.values()) == {"skipped": N_IMAGES, "done": 2, "failed": 1}
+    assert recs["clips/a"]["status"] == "done" and recs["clips/a"]["redone"] == "its run was interrupted"
+    assert recs["set1/im01"]["status"] == "done" and recs["set1/im01"]["redone"] == "its run failed (x)"
+    assert r.stderr.count("redone: ") == 2
+    same_as_reference(out, reference)
+
+
 def test_pool_larger_than_the_cluster_is_refused_not_hung(data, cluster, depth_d, tmp_path):
     r = run("depth", data, "--out", tmp_path / "out", "-m", depth_d, *ARGS, "--engine", "ray", "--workers", "3",
             "--gpus-per-worker", "1", "--ray-address", cluster["address"])

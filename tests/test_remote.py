@@ -113,3 +113,29 @@ def test_missing_url_and_missing_backend_say_what_to_do(bucket, tmp_path, depth_
 def test_normalise(given, expected):
     assert remote.normalise(given) == expected
     assert remote.is_url(given) == expected.startswith(("s3:", "gs:"))
+
+
+def test_a_rerun_at_a_url_redoes_what_skip_existing_would(bucket, depth_d):
+    """--out at a URL: the sidecar there is read and judged as a local one (changed options, an
+    interrupted run); an --out URL inside the input URL is never read as input."""
+    fs, name = bucket["fs"], bucket["name"]
+    inp, out = f"memory://{name}/in/a", f"memory://{name}/in/a/out"
+
+    def run(*more):
+        r = lotus("depth", inp, "--out", out, "-m", depth_d, *FAST, "--json", *more)
+        assert r.exit_code == 0, r.output
+        return {x["key"]: x for x in records(r.stdout)}, r.stderr
+
+    run()
+    recs, err = run("--processing-res", "40")
+    assert set(recs) == {"x", "y"} and {r["status"] for r in recs.values()} == {"done"}
+    assert all("processing_res 32 -> 40" in r["redone"] for r in recs.values()) and err.count("redone: ") == 2
+    assert json.loads(fs.cat_file(f"/{name}/in/a/out/x.json"))["options"]["processing_res"] == 40
+    recs, _ = run("--processing-res", "40")
+    assert {r["status"] for r in recs.values()} == {"skipped"}
+    side = json.loads(fs.cat_file(f"/{name}/in/a/out/y.json"))
+    fs.pipe_file(f"/{name}/in/a/out/y.json", json.dumps({**side, "interrupted": True}).encode())
+    recs, _ = run("--processing-res", "40")
+    assert recs["x"]["status"] == "skipped"
+    assert recs["y"]["status"] == "done" and recs["y"]["redone"] == "its run was interrupted"
+    assert not fs.exists(f"/{name}/in/a/out/out")

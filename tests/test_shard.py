@@ -136,3 +136,99 @@ def test_torchrun_two_ranks_write_every_output_once(folder, tmp_path, depth_d):
     assert r.stderr.count(" on cpu in ") == 2  # two processes each loaded the model, on the CPU
     assert all(np.isfinite(json.loads(s.read_text())["value_range"]).all() for s in sidecars)
     assert distributed.env_rank({}) is None
+
+
+# ------------------------------------------------------- reruns decide as --skip-existing does (issue 13)
+
+
+@pytest.fixture
+def three(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(make_image(24, 32 + 8 * i, seed=i)).save(d / f"p{i}.png")
+    return d
+
+
+def run_shard(inp, out, model, *more):
+    r = cli("depth", inp, "--out", out, "-m", model, *FAST, "--shard", "0/1", "--json", *more)
+    assert r.exit_code == 0, r.stderr
+    return {x["key"]: x for x in records(r.stdout)}, r.stderr
+
+
+def test_an_interrupted_or_failed_item_is_redone_by_a_shard(three, tmp_path, depth_d):
+    out = tmp_path / "out"
+    run_shard(three, out, depth_d)
+    for key, change in (("p0", {"interrupted": True}), ("p1", {"complete": False, "error": "disk full"})):
+        side = out / f"{key}.json"
+        side.write_text(json.dumps({**json.loads(side.read_text()), **change}))
+    recs, err = run_shard(three, out, depth_d)
+    assert {k: r["status"] for k, r in recs.items()} == {"p0": "done", "p1": "done", "p2": "skipped"}
+    assert recs["p0"]["redone"] == "its run was interrupted"
+    assert recs["p1"]["redone"] == "its run failed (disk full)"
+    assert "redone: " in err and "its run was interrupted" in err
+    assert all(json.loads((out / f"p{i}.json").read_text())["complete"] for i in range(2))
+
+
+def test_a_shard_redoes_outputs_made_with_other_options_and_says_why(three, tmp_path, depth_d, depth_g):
+    out = tmp_path / "out"
+    run_shard(three, out, depth_d)
+    recs, err = run_shard(three, out, depth_d, "--processing-res", "40")  # the later option wins
+    assert {r["status"] for r in recs.values()} == {"done"}
+    assert all("processing_res 32 -> 40" in r["redone"] for r in recs.values())
+    assert err.count("redone: ") == 3 and "processing_res 32 -> 40" in err
+    assert json.loads((out / "p0.json").read_text())["options"]["processing_res"] == 40
+    recs, err = run_shard(three, out, depth_d, "--processing-res", "40")  # the same command again keeps them
+    assert {r["status"] for r in recs.values()} == {"skipped"} and "redone" not in err
+    recs, _ = run_shard(three, out, depth_g, "--processing-res", "40")  # another model
+    assert all(r["status"] == "done" and "made with another model" in r["redone"] for r in recs.values())
+
+
+def test_an_output_folder_inside_the_input_folder_is_never_input(three, depth_d):
+    out = three / "lotus-depth"
+    (three / "loop").symlink_to(three)  # a symlink loop: one warning, walked once
+    runs = [run_shard(three, out, depth_d) for _ in range(2)]
+    assert [set(recs) for recs, _ in runs] == [{"p0", "p1", "p2"}] * 2
+    assert {r["status"] for r in runs[1][0].values()} == {"skipped"}
+    assert not (out / "lotus-depth").exists()
+    assert all("warning: " in err and "loop" in err for _, err in runs)
+
+
+@pytest.mark.parametrize("family", ["d", "g"])
+def test_the_driver_reads_the_facts_the_predictor_reports(checkpoints, family, tmp_path):
+    """The driver decides before any model loads: family, task, label and kind from the checkpoint's files
+    must be the loaded predictor's, or reruns would redo (or keep) the wrong items."""
+    from lotus_cli import models
+    from lotus_cli.predictor import LotusPredictor, PredictOptions
+    from lotus_cli.runner import OutputSpec, VideoSpec
+
+    ref = models.resolve(checkpoints[("depth", family)], "depth")
+    for kind in (None, "uncertainty"):
+        job = distributed.Job(ref, "depth", OutputSpec(tmp_path), PredictOptions(), VideoSpec(), kind=kind)
+        predictor = LotusPredictor.from_pretrained(ref, device="cpu", dtype="fp32")
+        facts = distributed.checkpoint_facts(job)
+        assert facts == distributed.predictor_facts(predictor, job)
+        assert facts[0] == family and facts[3] == (kind or "disparity")
+
+
+def test_a_first_run_judges_nothing_and_reads_no_checkpoint(tmp_path):
+    """Without a sidecar there is nothing to compare: the driver asks for the model's facts (a checkpoint
+    read and the runner's torch import) only once an earlier output exists."""
+    from lotus_cli.predictor import PredictOptions
+    from lotus_cli.runner import OutputSpec, VideoSpec
+
+    asked = []
+    job = distributed.Job("unused", "depth", OutputSpec(tmp_path), PredictOptions(processing_res=32), VideoSpec())
+    reuse = distributed.Reuse(job, None, lambda: asked.append(1) or ("d", "depth", "m", "disparity"))
+    item = Item(Path("/in/a/x.png"), "a/x")
+    assert reuse(item) == (False, None) and not asked
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"")
+    assert reuse(item) == (False, "no sidecar: its run did not finish") and not asked
+    (tmp_path / "a" / "x.json").write_text(json.dumps({"complete": True, "model": "m", "kind": "disparity",
+                                                       "options": {}, "outputs": {}}))
+    keep, why = reuse(item)
+    assert not keep and why == "x.16bit.png missing" and not asked  # files are checked before the facts
+    (tmp_path / "a" / "x.16bit.png").write_bytes(b"")
+    keep, why = reuse(item)
+    assert asked == [1] and not keep and "processing_res None -> 32" in why

@@ -176,7 +176,8 @@ def _changing_options(a: PredictArgs, tiles, ensemble) -> dict:
 
 def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> None:
     """--shard, torchrun, --engine ray, or URL inputs / --out: run through lotus_cli.distributed, report and
-    exit. Returns (nothing done) for a plain run. Scaled-out runs always resume: finished items are skipped."""
+    exit. Returns (nothing done) for a plain run. Scaled-out runs always resume: an item is skipped when
+    --skip-existing would keep its outputs, else redone with a `redone:` line saying why."""
     import functools
 
     from .. import distributed, sources
@@ -211,7 +212,8 @@ def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> Non
         with console().status(f"{a.task}: listing inputs", spinner="dots") as status:
             s = distributed.dispatch(job, list(a.inputs or ()), a.out or output.out_dir, scale,
                                      exts=sources.MEDIA_EXTS, on_result=on_result, on_problem=on_problem,
-                                     load_predictor=load_predictor)
+                                     load_predictor=load_predictor,
+                                     on_warning=lambda w: say(f"warning: {escape(w)}", "yellow"))
     except KeyboardInterrupt:
         say("interrupted: finished outputs are complete; rerun the same command to finish the rest", "yellow")
         raise typer.Exit(130)
