@@ -24,9 +24,9 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from . import sinks
 from .errors import ModelError, UsageError
@@ -53,8 +53,10 @@ def parse_shard(spec: str) -> Shard:
     except ValueError:
         k, n = -1, 0
     if n < 1 or not 0 <= k < n:
-        raise UsageError(f"--shard {spec!r}: expected K/N with 0 <= K < N", "e.g. --shard 0/4 .. --shard 3/4; "
-                         "in a Slurm array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
+        raise UsageError(
+            f"--shard {spec!r}: expected K/N with 0 <= K < N",
+            "e.g. --shard 0/4 .. --shard 3/4; in a Slurm array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
+        )
     return Shard(k, n)
 
 
@@ -67,8 +69,10 @@ def env_rank(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int] | 
         rank = int(environ["RANK"])
         return rank, world, int(environ.get("LOCAL_RANK", rank))
     except (KeyError, ValueError) as e:
-        raise UsageError(f"WORLD_SIZE is set but RANK / LOCAL_RANK are not integers ({e})",
-                         "launch with torchrun, or unset WORLD_SIZE") from e
+        raise UsageError(
+            f"WORLD_SIZE is set but RANK / LOCAL_RANK are not integers ({e})",
+            "launch with torchrun, or unset WORLD_SIZE",
+        ) from e
 
 
 def resolve_shard(spec: str | None, environ: Mapping[str, str] = os.environ) -> Shard | None:
@@ -160,8 +164,9 @@ def checkpoint_facts(job: Job) -> tuple[str, str, str, str]:
     try:
         channels = json.loads((ref.folder / "unet" / "config.json").read_text())["in_channels"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{ref.folder}/unet/config.json: unreadable ({e})",
-                         "pass a folder in the hub layout (unet/, vae/, ...)") from e
+        raise ModelError(
+            f"{ref.folder}/unet/config.json: unreadable ({e})", "pass a folder in the hub layout (unet/, vae/, ...)"
+        ) from e
     return ("g" if channels == 8 else "d"), ref.entry.task, ref.label, job.kind or ref.entry.kind
 
 
@@ -189,8 +194,16 @@ class Reuse:
             from .runner import made_with
 
             family, task, model, kind = self.facts()
-            made = made_with(family, task, model, kind, self.job.output, self.job.opts,
-                             self.job.video if video else None, self.job.predict_options)
+            made = made_with(
+                family,
+                task,
+                model,
+                kind,
+                self.job.output,
+                self.job.opts,
+                self.job.video if video else None,
+                self.job.predict_options,
+            )
             self._made[video] = vars(made)
         return self._made[video]
 
@@ -218,12 +231,31 @@ def process(predictor, predict, items: list[Item], job: Job, on_result: Callable
 
     images = [i for i in items if not is_video(i.path)]
     if images:
-        run_images(predictor, images, output, job.opts, max_pixels=job.max_pixels, on_result=report,
-                   predict=predict, kind=job.kind, predict_options=job.predict_options)
+        run_images(
+            predictor,
+            images,
+            output,
+            job.opts,
+            max_pixels=job.max_pixels,
+            on_result=report,
+            predict=predict,
+            kind=job.kind,
+            predict_options=job.predict_options,
+        )
     for item in items:
         if is_video(item.path):
-            report(run_video(predictor, item, output, job.opts, job.video, predict=predict, kind=job.kind,
-                             predict_options=job.predict_options))
+            report(
+                run_video(
+                    predictor,
+                    item,
+                    output,
+                    job.opts,
+                    job.video,
+                    predict=predict,
+                    kind=job.kind,
+                    predict_options=job.predict_options,
+                )
+            )
 
 
 @dataclass(frozen=True)
@@ -240,8 +272,9 @@ class Scale:
     def check(self) -> None:
         if self.engine not in ENGINES:
             raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
-        if self.engine == "local" and (self.ray_address or self.workers != 1 or self.gpus_per_worker
-                                       or self.cpus_per_worker != 1):
+        if self.engine == "local" and (
+            self.ray_address or self.workers != 1 or self.gpus_per_worker or self.cpus_per_worker != 1
+        ):
             raise UsageError("--ray-address, --workers, --gpus-per-worker and --cpus-per-worker need --engine ray")
         if self.workers < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise UsageError("--workers must be >= 1, --gpus-per-worker >= 0 and --cpus-per-worker > 0")
@@ -256,13 +289,24 @@ def wanted(scale: Scale, inputs: Iterable[str], out, environ: Mapping[str, str] 
     def url(spec) -> bool:  # file:// too: it is read as the local path it names
         return remote.is_url(spec) or remote.normalise(spec) != str(spec)
 
-    return bool(scale != Scale() or env_rank(environ) or (out is not None and url(out))
-                or any(url(i) for i in inputs or ()))
+    return bool(
+        scale != Scale() or env_rank(environ) or (out is not None and url(out)) or any(url(i) for i in inputs or ())
+    )
 
 
-def dispatch(job: Job, inputs: list[str], out, scale: Scale, *, exts: tuple[str, ...],
-             on_result: Callable, on_problem: Callable, load_predictor: Callable,
-             on_warning: Callable[[str], None] = lambda text: None, environ: Mapping[str, str] = os.environ):
+def dispatch(
+    job: Job,
+    inputs: list[str],
+    out,
+    scale: Scale,
+    *,
+    exts: tuple[str, ...],
+    on_result: Callable,
+    on_problem: Callable,
+    load_predictor: Callable,
+    on_warning: Callable[[str], None] = lambda text: None,
+    environ: Mapping[str, str] = os.environ,
+):
     """Run ``job`` over this process's share of ``inputs``; returns the runner's Summary.
 
     ``out``: local folder or URL; it is never read as input (it may sit inside an input folder). An item
@@ -323,13 +367,15 @@ def dispatch(job: Job, inputs: list[str], out, scale: Scale, *, exts: tuple[str,
         ray_engine.run(job, todo, scale, staged, outputs, report)
     else:
         predictor = load_predictor(job.model, job.task, job.device, job.dtype)
-        run_items(predictor, job.make_predict(predictor) if job.make_predict else None, todo, job, staged,
-                  outputs, report)
+        run_items(
+            predictor, job.make_predict(predictor) if job.make_predict else None, todo, job, staged, outputs, report
+        )
     return summary
 
 
-def run_items(predictor, predict, items: list[Item], job: Job, staged, outputs, report: Callable,
-              chunk: int = 16) -> None:
+def run_items(
+    predictor, predict, items: list[Item], job: Job, staged, outputs, report: Callable, chunk: int = 16
+) -> None:
     """``process`` in chunks, fetching remote inputs just before their chunk and publishing remote
     outputs as each item finishes; items whose outputs at a remote --out the runner would keep (published
     meanwhile, e.g. by an earlier attempt) are reported done, not redone."""
@@ -344,7 +390,7 @@ def run_items(predictor, predict, items: list[Item], job: Job, staged, outputs, 
 
     for start in range(0, len(items), chunk):
         ready = []
-        for item in items[start:start + chunk]:
+        for item in items[start : start + chunk]:
             url = staged.url(item)
             if outputs and reuse(item)[0]:
                 report(ItemResult(item, "done"))

@@ -31,9 +31,9 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import ray
@@ -55,8 +55,13 @@ def connect(scale: Scale) -> bool:
     if ray.is_initialized():
         return False
     # "local": a fresh cluster for this run, never one that some other `ray start` left running here
-    ray.init(address=scale.ray_address or "local", include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", configure_logging=True)
+    ray.init(
+        address=scale.ray_address or "local",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        configure_logging=True,
+    )
     return True
 
 
@@ -66,10 +71,12 @@ def check_resources(scale: Scale, stage: bool) -> None:
     need_cpu = scale.workers * scale.cpus_per_worker + (STAGE_CPUS if stage else 0)
     need_gpu = scale.workers * scale.gpus_per_worker
     if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
-        raise UsageError(f"--workers {scale.workers} x (--cpus-per-worker {scale.cpus_per_worker:g}, --gpus-per-worker "
-                         f"{scale.gpus_per_worker:g}) needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; the Ray cluster "
-                         f"has {have.get('CPU', 0):g} and {have.get('GPU', 0):g}",
-                         "use fewer workers or fewer resources per worker, or add nodes")
+        raise UsageError(
+            f"--workers {scale.workers} x (--cpus-per-worker {scale.cpus_per_worker:g}, --gpus-per-worker "
+            f"{scale.gpus_per_worker:g}) needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; the Ray cluster "
+            f"has {have.get('CPU', 0):g} and {have.get('GPU', 0):g}",
+            "use fewer workers or fewer resources per worker, or add nodes",
+        )
 
 
 def _stage(batch: dict) -> dict:
@@ -109,23 +116,34 @@ class _Worker:
             else:
                 todo.append(item)
         if todo:
-            process(self.predictor, self.predict, todo, self.job,
-                    lambda r: rows.append(self.outputs.publish(r) if self.outputs else r))
-        return {"key": [r.item.key for r in rows], "status": [r.status for r in rows],
-                "outputs": [json.dumps(r.outputs) for r in rows], "error": [r.error or "" for r in rows],
-                "seconds": [r.seconds for r in rows], "frames": [r.frames for r in rows]}
+            process(
+                self.predictor,
+                self.predict,
+                todo,
+                self.job,
+                lambda r: rows.append(self.outputs.publish(r) if self.outputs else r),
+            )
+        return {
+            "key": [r.item.key for r in rows],
+            "status": [r.status for r in rows],
+            "outputs": [json.dumps(r.outputs) for r in rows],
+            "error": [r.error or "" for r in rows],
+            "seconds": [r.seconds for r in rows],
+            "frames": [r.frames for r in rows],
+        }
 
 
 def work_units(items: list[Item], staged: Inputs, workers: int, batch_size: int) -> list[list[dict]]:
     """The work cut into units, each one actor call and the unit retried after a worker dies: each video
     alone; images in runs long enough for the runner to overlap reading, the model and writing (up to
     UNIT_IMAGES), short enough that every worker gets several."""
+
     def entry(i: Item) -> dict:
         return {"path": str(i.path), "key": i.key, "url": staged.url(i) or "", "error": ""}
 
     images = [entry(i) for i in items if not is_video(i.path)]
     size = max(batch_size, min(UNIT_IMAGES, -(-len(images) // (4 * workers))))
-    return [[entry(i)] for i in items if is_video(i.path)] + [images[k:k + size] for k in range(0, len(images), size)]
+    return [[entry(i)] for i in items if is_video(i.path)] + [images[k : k + size] for k in range(0, len(images), size)]
 
 
 class _MainThreadOnly(io.TextIOBase):
@@ -162,8 +180,14 @@ def _stdout_kept_for_data():
         os.close(real)
 
 
-def run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outputs | None,
-        report: Callable[[ItemResult], None]) -> None:
+def run(
+    job: Job,
+    items: list[Item],
+    scale: Scale,
+    staged: Inputs,
+    outputs: Outputs | None,
+    report: Callable[[ItemResult], None],
+) -> None:
     """Process ``items`` on the Ray cluster; ``report`` hears of each as its status row arrives."""
     with _stdout_kept_for_data():
         connected = connect(scale)
@@ -175,8 +199,14 @@ def run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outp
                     ray.shutdown()
 
 
-def _run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outputs | None,
-         report: Callable[[ItemResult], None]) -> None:
+def _run(
+    job: Job,
+    items: list[Item],
+    scale: Scale,
+    staged: Inputs,
+    outputs: Outputs | None,
+    report: Callable[[ItemResult], None],
+) -> None:
     remote_inputs = any(staged.url(i) for i in items)
     check_resources(scale, remote_inputs)
     ctx = ray.data.DataContext.get_current()
@@ -187,10 +217,23 @@ def _run(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Out
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
     if remote_inputs:
         ds = ds.map_batches(_stage, batch_size=1, num_cpus=STAGE_CPUS)
-    ds = ds.map_batches(_Worker, fn_constructor_args=(job, outputs), batch_size=1,
-                        compute=ActorPoolStrategy(size=scale.workers), num_cpus=scale.cpus_per_worker,
-                        num_gpus=scale.gpus_per_worker or None)
+    ds = ds.map_batches(
+        _Worker,
+        fn_constructor_args=(job, outputs),
+        batch_size=1,
+        compute=ActorPoolStrategy(size=scale.workers),
+        num_cpus=scale.cpus_per_worker,
+        num_gpus=scale.gpus_per_worker or None,
+    )
     for row in ds.iter_rows():
         key = str(row["key"])
-        report(ItemResult(by_key[key], str(row["status"]), json.loads(row["outputs"]), row["error"] or None,
-                          float(row["seconds"]), int(row["frames"])))
+        report(
+            ItemResult(
+                by_key[key],
+                str(row["status"]),
+                json.loads(row["outputs"]),
+                row["error"] or None,
+                float(row["seconds"]),
+                int(row["frames"]),
+            )
+        )

@@ -30,8 +30,17 @@ from .sources import Item, _assign_keys
 
 # "s3://b/k", or "s3:/b/k" as pathlib leaves a URL given to a Path option; not "C:/x" (one letter)
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")
-BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
-            "hf": "huggingface_hub", "http": "aiohttp", "https": "aiohttp"}
+BACKENDS = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "hf": "huggingface_hub",
+    "http": "aiohttp",
+    "https": "aiohttp",
+}
 
 
 def is_url(spec: str | os.PathLike) -> bool:
@@ -79,8 +88,9 @@ class Inputs:
         return self.urls.get(str(item.path))
 
 
-def expand(inputs: list[str], exts: tuple[str, ...],
-           exclude: tuple[str, ...] = ()) -> tuple[list[Item], list[InputError], Inputs]:
+def expand(
+    inputs: list[str], exts: tuple[str, ...], exclude: tuple[str, ...] = ()
+) -> tuple[list[Item], list[InputError], Inputs]:
     """URL inputs -> items (keys as for local folders: the path below the URL given) whose paths are
     cache files to ``fetch``; problems as ``sources.expand`` reports them. Local inputs are not handled
     here. ``exclude``: URLs of folders whose contents are never inputs (an --out URL inside an input's)."""
@@ -101,11 +111,16 @@ def expand(inputs: list[str], exts: tuple[str, ...],
         except OSError as e:
             problems.append(InputError(f"{url}: cannot list ({e})", "check the URL and credentials", subject=url))
             continue
-        pairs = [p for p in pairs if PurePosixPath(p[0]).suffix.lower() in exts
-                 and not any(_below(fs.unstrip_protocol(p[0]), x) for x in excluded)]
+        pairs = [
+            p
+            for p in pairs
+            if PurePosixPath(p[0]).suffix.lower() in exts
+            and not any(_below(fs.unstrip_protocol(p[0]), x) for x in excluded)
+        ]
         if not pairs:
-            problems.append(InputError(f"{url}: holds no supported files", f"supported: {', '.join(exts)}",
-                                       subject=url))
+            problems.append(
+                InputError(f"{url}: holds no supported files", f"supported: {', '.join(exts)}", subject=url)
+            )
         for path, rel, by_name in pairs:
             full = fs.unstrip_protocol(path)
             local = cache_root() / "in" / _digest(full) / PurePosixPath(path).name
@@ -203,8 +218,9 @@ class Outputs:
                     fs.makedirs(str(PurePosixPath(dest).parent), exist_ok=True)
                     fs.put_file(str(local), dest)
         except OSError as e:
-            return replace(result, status="failed", error=f"{result.item.path}: cannot upload outputs to "
-                           f"{self.url} ({e})")
+            return replace(
+                result, status="failed", error=f"{result.item.path}: cannot upload outputs to {self.url} ({e})"
+            )
         for local in files:
             shutil.rmtree(local, ignore_errors=True) if local.is_dir() else local.unlink(missing_ok=True)
         return replace(result, outputs={k: self.remote(v) for k, v in result.outputs.items()})
@@ -216,5 +232,9 @@ def _layer_files(sidecar: Path) -> list[Path]:
         record = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         return []
-    return [sidecar.with_name(o["file"]) for layer in (record.get("layers") or {}).values()
-            for o in layer.get("outputs", {}).values() if isinstance(o, dict) and "file" in o]
+    return [
+        sidecar.with_name(o["file"])
+        for layer in (record.get("layers") or {}).values()
+        for o in layer.get("outputs", {}).values()
+        if isinstance(o, dict) and "file" in o
+    ]

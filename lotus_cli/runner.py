@@ -19,10 +19,10 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -47,9 +47,17 @@ class ItemResult:
 
     def record(self, kind: str | None = None) -> dict:
         """A JSON-able summary (one NDJSON line in --json mode)."""
-        return {"input": str(self.item.path), "key": self.item.key, "status": self.status, "kind": kind,
-                "outputs": self.outputs, "frames": self.frames if self.status != "skipped" else 0,
-                "seconds": round(self.seconds, 4), "error": self.error, "redone": self.redone}
+        return {
+            "input": str(self.item.path),
+            "key": self.item.key,
+            "status": self.status,
+            "kind": kind,
+            "outputs": self.outputs,
+            "frames": self.frames if self.status != "skipped" else 0,
+            "seconds": round(self.seconds, 4),
+            "error": self.error,
+            "redone": self.redone,
+        }
 
 
 @dataclass
@@ -83,8 +91,12 @@ def image_options(family: str, task: str, opts: PredictOptions, predict_options:
     """The options that change an image's (or a frame's) map, as its sidecar records them and a rerun
     compares them, for a model of ``family`` ("g"/"d") and ``task``; ``predict_options``: those of a
     replacement ``predict`` (tiling, ensembles)."""
-    options = {"processing_res": opts.processing_res, "resample": opts.resample, "latent": opts.latent,
-               "seed": opts.seed if family == "g" else None}
+    options = {
+        "processing_res": opts.processing_res,
+        "resample": opts.resample,
+        "latent": opts.latent,
+        "seed": opts.seed if family == "g" else None,
+    }
     if task == "normal":
         options["frame"] = opts.frame
     return {**options, **(predict_options or {})}
@@ -121,25 +133,51 @@ class Made:
     settings: dict[str, dict]
 
 
-def made_with(family: str, task: str, model: str | None, kind: str, output: OutputSpec, opts: PredictOptions,
-              video: VideoSpec | None = None, predict_options: dict | None = None) -> Made:
+def made_with(
+    family: str,
+    task: str,
+    model: str | None,
+    kind: str,
+    output: OutputSpec,
+    opts: PredictOptions,
+    video: VideoSpec | None = None,
+    predict_options: dict | None = None,
+) -> Made:
     """The ``Made`` of an image (``video`` None) or a clip under ``video``, from what a checkpoint says without
     loading it (``family`` "g"/"d", ``task``, label ``model``, map ``kind``) and the run's options. The
     runner, and the scaled-out driver before any model loads (lotus_cli.distributed), decide with this."""
     if video is None:
-        return Made(model, kind, image_options(family, task, opts, predict_options),
-                    sinks.format_settings(output.formats, kind, output.style))
+        return Made(
+            model,
+            kind,
+            image_options(family, task, opts, predict_options),
+            sinks.format_settings(output.formats, kind, output.style),
+        )
     frame_formats = [f for f in output.formats if get_format(f).per_frame]
-    return Made(model, kind, video_options(family, task, opts, video, kind, predict_options),
-                {"mp4": FORMATS["png"].settings(kind, output.style),
-                 **sinks.format_settings(frame_formats, kind, output.style)})
+    return Made(
+        model,
+        kind,
+        video_options(family, task, opts, video, kind, predict_options),
+        {
+            "mp4": FORMATS["png"].settings(kind, output.style),
+            **sinks.format_settings(frame_formats, kind, output.style),
+        },
+    )
 
 
-def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputSpec,
-               opts: PredictOptions = PredictOptions(), *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               on_result: Callable[[ItemResult], None] = lambda r: None, readers: int = 2,
-               predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None,
-               kind: str | None = None, predict_options: dict | None = None) -> Summary:
+def run_images(
+    predictor: LotusPredictor,
+    items: Iterable[Item],
+    output: OutputSpec,
+    opts: PredictOptions = PredictOptions(),
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    on_result: Callable[[ItemResult], None] = lambda r: None,
+    readers: int = 2,
+    predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None,
+    kind: str | None = None,
+    predict_options: dict | None = None,
+) -> Summary:
     """Predict every item and write its outputs; returns the counts. ``predict`` replaces
     ``predictor.predict_batch`` (e.g. ensembles, tiling), ``kind`` the kind of map it returns and
     ``predict_options`` its output-changing options (e.g. {"tile": ..., "samples": ...}: recorded in the
@@ -170,8 +208,10 @@ def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputS
             if why is not None:
                 redone[item.key] = why
         todo.append((item, paths))
-    with ThreadPoolExecutor(readers, thread_name_prefix="lotus-read") as read_pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="lotus-write") as write_pool:
+    with (
+        ThreadPoolExecutor(readers, thread_name_prefix="lotus-read") as read_pool,
+        ThreadPoolExecutor(1, thread_name_prefix="lotus-write") as write_pool,
+    ):
         reads: deque[tuple[Item, dict, Future]] = deque()
         writes: deque[Future] = deque()
         pending = iter(todo)
@@ -204,11 +244,18 @@ def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputS
                 return
             model_s = (time.perf_counter() - t0) / len(batch)
             for (item, paths, rgb), pred in zip(batch, preds):
-                record = sinks.sidecar(kind, model=model, options=options, input=str(item.path), key=item.key,
-                                       seconds=model_s, **axes_record(predictor, opts),
-                                       input_size=[int(rgb.shape[1]), int(rgb.shape[0])],
-                                       processing_size=[pred.processing_size[1], pred.processing_size[0]],
-                                       **pred.extra)
+                record = sinks.sidecar(
+                    kind,
+                    model=model,
+                    options=options,
+                    input=str(item.path),
+                    key=item.key,
+                    seconds=model_s,
+                    **axes_record(predictor, opts),
+                    input_size=[int(rgb.shape[1]), int(rgb.shape[0])],
+                    processing_size=[pred.processing_size[1], pred.processing_size[0]],
+                    **pred.extra,
+                )
                 writes.append(write_pool.submit(_write, item, paths, pred, kind, record, output.style, model_s))
 
         refill()
@@ -238,15 +285,17 @@ def run_images(predictor: LotusPredictor, items: Iterable[Item], output: OutputS
     return summary
 
 
-def _write(item: Item, paths: dict, pred: Prediction, kind: str, record: dict, style: sinks.Style,
-           seconds: float) -> ItemResult:
+def _write(
+    item: Item, paths: dict, pred: Prediction, kind: str, record: dict, style: sinks.Style, seconds: float
+) -> ItemResult:
     try:
         sinks.write_outputs(paths, pred.map, kind, record, style, pred.layers)
     except LotusError as e:
         return ItemResult(item, "failed", error=f"{item.path}: {e}", seconds=seconds)
     except OSError as e:
-        return ItemResult(item, "failed", error=f"{item.path}: cannot write outputs ({e.strerror or e})",
-                          seconds=seconds)
+        return ItemResult(
+            item, "failed", error=f"{item.path}: cannot write outputs ({e.strerror or e})", seconds=seconds
+        )
     return ItemResult(item, "done", {k: str(v) for k, v in paths.items()}, seconds=seconds)
 
 
@@ -276,12 +325,19 @@ def frame_name(index: int, time_s: float) -> str:
     return f"{index:06d}_{time_s:010.3f}s"
 
 
-def video_options(family: str, task: str, opts: PredictOptions, spec: VideoSpec, kind: str,
-                  predict_options: dict | None = None) -> dict:
+def video_options(
+    family: str, task: str, opts: PredictOptions, spec: VideoSpec, kind: str, predict_options: dict | None = None
+) -> dict:
     """``image_options`` plus the clip's: frame selection and whether depth is stabilised."""
     select = spec.select or FrameSelect()
-    return {**image_options(family, task, opts, predict_options), "fps": select.fps, "start": select.start,
-            "end": select.end, "max_frames": select.max_frames, "stabilize": _stabilizes(spec, kind)}
+    return {
+        **image_options(family, task, opts, predict_options),
+        "fps": select.fps,
+        "start": select.start,
+        "end": select.end,
+        "max_frames": select.max_frames,
+        "stabilize": _stabilizes(spec, kind),
+    }
 
 
 def _stabilizes(spec: VideoSpec, kind: str) -> bool:
@@ -293,8 +349,18 @@ class ClipEncoder:
     a frame of the mp4 (coloured as the png format colours a map) and the per-frame maps of the formats
     that have them (png16 / npy / exr, in ``<key>/`` named by ``frame_name``); then its sidecar sections."""
 
-    def __init__(self, base: Path, key: str, info: VideoInfo, kind: str, style: sinks.Style, formats: tuple[str, ...],
-                 stabilize: bool, top: float, about: dict):
+    def __init__(
+        self,
+        base: Path,
+        key: str,
+        info: VideoInfo,
+        kind: str,
+        style: sinks.Style,
+        formats: tuple[str, ...],
+        stabilize: bool,
+        top: float,
+        about: dict,
+    ):
         self.base, self.key, self.info, self.kind, self.about = base, key, info, kind, about
         self.mp4 = base.with_name(base.name + ".mp4")
         self.style = style
@@ -349,12 +415,19 @@ class ClipEncoder:
         """Sidecar sections on colour and temporal consistency (depth-like maps)."""
         if not self.depth_like:
             return {}
-        out = {"colour_range": {"first": self.clip_range.first, "last": (self.clip_range.lo, self.clip_range.hi),
-                                "method": "robust 1-99 percentiles, adapting 2% per frame",
-                                "colormap": self.style.cmap},
-               "temporal_change": {"raw": float(np.mean(self.change_raw)) if self.change_raw else None,
-                                   "output": float(np.mean(self.change_out)) if self.change_out else None,
-                                   "measure": "mean absolute frame-to-frame change of the map"}}
+        out = {
+            "colour_range": {
+                "first": self.clip_range.first,
+                "last": (self.clip_range.lo, self.clip_range.hi),
+                "method": "robust 1-99 percentiles, adapting 2% per frame",
+                "colormap": self.style.cmap,
+            },
+            "temporal_change": {
+                "raw": float(np.mean(self.change_raw)) if self.change_raw else None,
+                "output": float(np.mean(self.change_out)) if self.change_out else None,
+                "measure": "mean absolute frame-to-frame change of the map",
+            },
+        }
         if self.stabilizer is not None:
             out["stabilize_fits"] = self.fits
         return out
@@ -371,20 +444,32 @@ class VideoJob:
     interrupt propagates.
     """
 
-    def __init__(self, predictor: LotusPredictor, item: Item, output: OutputSpec, opts: PredictOptions,
-                 spec: VideoSpec, predict=None, kind: str | None = None,
-                 on_frame: Callable[[int, int | None], None] = lambda i, n: None, predict_options: dict | None = None):
+    def __init__(
+        self,
+        predictor: LotusPredictor,
+        item: Item,
+        output: OutputSpec,
+        opts: PredictOptions,
+        spec: VideoSpec,
+        predict=None,
+        kind: str | None = None,
+        on_frame: Callable[[int, int | None], None] = lambda i, n: None,
+        predict_options: dict | None = None,
+    ):
         self.predictor, self.item, self.output, self.opts, self.spec = predictor, item, output, opts, spec
         self.predict = predict or predictor.predict_batch
         self.kind = kind or predictor.kind
         self.on_frame = on_frame
         self.model = predictor.describe()
-        self.made = made_with(predictor.family, predictor.task, self.model.get("model"), self.kind, output, opts, spec,
-                              predict_options)
+        self.made = made_with(
+            predictor.family, predictor.task, self.model.get("model"), self.kind, output, opts, spec, predict_options
+        )
         self.options = self.made.options
         self.base = output.out_dir / item.key
-        self.paths = {"mp4": self.base.with_name(self.base.name + ".mp4"),
-                      "json": self.base.with_name(self.base.name + ".json")}
+        self.paths = {
+            "mp4": self.base.with_name(self.base.name + ".mp4"),
+            "json": self.base.with_name(self.base.name + ".json"),
+        }
         self.q_in: queue.Queue = queue.Queue(spec.queue)
         self.q_out: queue.Queue = queue.Queue(spec.queue)
         self.stop = threading.Event()
@@ -409,8 +494,17 @@ class VideoJob:
         self.paths["json"].unlink(missing_ok=True)  # an earlier run's sidecar must not vouch for what this one replaces
         top = 90.0 if (self.kind == "uncertainty" and self.predictor.task == "normal") else 1.0
         about = {"model": self.model.get("model"), **axes_record(self.predictor, self.opts)}
-        encoder = ClipEncoder(self.base, self.item.key, info, self.kind, self.output.style, self.output.formats,
-                              _stabilizes(self.spec, self.kind), top, about)
+        encoder = ClipEncoder(
+            self.base,
+            self.item.key,
+            info,
+            self.kind,
+            self.output.style,
+            self.output.formats,
+            _stabilizes(self.spec, self.kind),
+            top,
+            about,
+        )
         dec = threading.Thread(target=self._decode, args=(frames,), name="lotus-decode", daemon=True)
         enc = threading.Thread(target=self._encode, args=(encoder,), name="lotus-encode", daemon=True)
         dec.start()
@@ -506,22 +600,44 @@ class VideoJob:
 
     def record(self, info: VideoInfo, encoder: ClipEncoder, seconds: float, interrupted: bool) -> dict:
         """The clip's sidecar."""
-        video = {"frames": encoder.frames, "fps": info.fps, "source_fps": info.source_fps,
-                 "time_range": [info.start, info.start + encoder.frames / info.fps], "size": [info.width, info.height],
-                 "codec_in": info.codec, "file": self.paths["mp4"].name}
+        video = {
+            "frames": encoder.frames,
+            "fps": info.fps,
+            "source_fps": info.source_fps,
+            "time_range": [info.start, info.start + encoder.frames / info.fps],
+            "size": [info.width, info.height],
+            "codec_in": info.codec,
+            "file": self.paths["mp4"].name,
+        }
         sections = {**axes_record(self.predictor, self.opts), **self.tiling, "video": video, **encoder.sections()}
         if encoder.formats:
             sections["frames_folder"] = self.item.key
-        return sinks.sidecar(self.kind, model=self.model, options=self.options, input=str(self.item.path),
-                             key=self.item.key, outputs=encoder.outputs(),
-                             error=self.errors[0] if self.errors else None, interrupted=interrupted, seconds=seconds,
-                             **sections)
+        return sinks.sidecar(
+            self.kind,
+            model=self.model,
+            options=self.options,
+            input=str(self.item.path),
+            key=self.item.key,
+            outputs=encoder.outputs(),
+            error=self.errors[0] if self.errors else None,
+            interrupted=interrupted,
+            seconds=seconds,
+            **sections,
+        )
 
 
-def run_video(predictor: LotusPredictor, item: Item, output: OutputSpec, opts: PredictOptions = PredictOptions(),
-              spec: VideoSpec = VideoSpec(), *, on_frame: Callable[[int, int | None], None] = lambda i, n: None,
-              predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None,
-              kind: str | None = None, predict_options: dict | None = None) -> ItemResult:
+def run_video(
+    predictor: LotusPredictor,
+    item: Item,
+    output: OutputSpec,
+    opts: PredictOptions = PredictOptions(),
+    spec: VideoSpec = VideoSpec(),
+    *,
+    on_frame: Callable[[int, int | None], None] = lambda i, n: None,
+    predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None,
+    kind: str | None = None,
+    predict_options: dict | None = None,
+) -> ItemResult:
     """Stream one clip through a ``VideoJob`` (its doc says what is written); ``predict``, ``kind`` and
     ``predict_options`` as for ``run_images``. Raises KeyboardInterrupt after closing the outputs."""
     return VideoJob(predictor, item, output, opts, spec, predict, kind, on_frame, predict_options).run()
@@ -543,9 +659,18 @@ def parse_size(spec: str) -> tuple[int, int]:
     raise UsageError(f"--raw {spec!r}: expected WIDTHxHEIGHT, e.g. 640x360")
 
 
-def run_raw(predictor: LotusPredictor, stdin, stdout, size: tuple[int, int], opts: PredictOptions = PredictOptions(),
-            out: str = "f32", *, stabilize: bool = True, cmap: str = "Spectral",
-            predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None) -> int:
+def run_raw(
+    predictor: LotusPredictor,
+    stdin,
+    stdout,
+    size: tuple[int, int],
+    opts: PredictOptions = PredictOptions(),
+    out: str = "f32",
+    *,
+    stabilize: bool = True,
+    cmap: str = "Spectral",
+    predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None,
+) -> int:
     """Raw RGB24 frames of ``size`` (W, H) on ``stdin`` -> raw maps on ``stdout``, frame by frame.
 
     Output per frame: ``f32`` float32 little-endian [H, W] depth or [H, W, 3] normals; ``u16``
@@ -568,8 +693,10 @@ def run_raw(predictor: LotusPredictor, stdin, stdout, size: tuple[int, int], opt
             if not buf:
                 break
             if len(buf) != nbytes:
-                raise InputError(f"stdin: frame {count + len(batch)} has {len(buf)} of {nbytes} bytes",
-                                 f"send whole rgb24 frames of {w}x{h}")
+                raise InputError(
+                    f"stdin: frame {count + len(batch)} has {len(buf)} of {nbytes} bytes",
+                    f"send whole rgb24 frames of {w}x{h}",
+                )
             batch.append(np.frombuffer(buf, np.uint8).reshape(h, w, 3).copy())
         if not batch:
             return count

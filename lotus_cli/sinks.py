@@ -19,10 +19,10 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -116,16 +116,19 @@ def write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def encode_ply(points: np.ndarray, colors: np.ndarray, normals: np.ndarray | None = None,
-               comments: list[str] = ()) -> bytes:
+def encode_ply(
+    points: np.ndarray, colors: np.ndarray, normals: np.ndarray | None = None, comments: list[str] = ()
+) -> bytes:
     """Binary little-endian PLY bytes, written by Open3D (float32 x y z [nx ny nz], uchar red green blue),
     with ``comments`` added to the header as ``comment`` lines (Open3D's writer has no option for them).
     points/normals [N, 3] float32, colors [N, 3] uint8."""
     try:
         import open3d as o3d
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise UsageError(f"point clouds need Open3D ({e})",
-                         "pip install 'lotus-cli[pointcloud]' (Linux also needs libusb-1.0: apt-get install libusb-1.0-0)")
+        raise UsageError(
+            f"point clouds need Open3D ({e})",
+            "pip install 'lotus-cli[pointcloud]' (Linux also needs libusb-1.0: apt-get install libusb-1.0-0)",
+        ) from e
     pc = o3d.t.geometry.PointCloud()
     pc.point.positions = o3d.core.Tensor(np.ascontiguousarray(points, np.float32))
     pc.point.colors = o3d.core.Tensor(np.ascontiguousarray(colors, np.uint8))
@@ -142,8 +145,9 @@ def encode_ply(points: np.ndarray, colors: np.ndarray, normals: np.ndarray | Non
     return b"\n".join(lines[:2] + extra + lines[2:]) + sep + body  # after "ply" and "format ..."
 
 
-def write_ply(path: Path, points: np.ndarray, colors: np.ndarray, normals: np.ndarray | None = None,
-              comments: list[str] = ()) -> None:
+def write_ply(
+    path: Path, points: np.ndarray, colors: np.ndarray, normals: np.ndarray | None = None, comments: list[str] = ()
+) -> None:
     """``encode_ply`` written atomically to ``path``."""
     write_bytes(path, encode_ply(points, colors, normals, comments))
 
@@ -174,8 +178,9 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_map(path: Path, fmt: str, value: np.ndarray, kind: str, style: Style = Style(),
-              about: dict | None = None) -> dict:
+def write_map(
+    path: Path, fmt: str, value: np.ndarray, kind: str, style: Style = Style(), about: dict | None = None
+) -> dict:
     """One map in format ``fmt`` written atomically to ``path``; returns the sidecar's note on it."""
     f = get_format(fmt)
     stored, info = f.pixels(value, kind, style)
@@ -189,17 +194,29 @@ def write_map(path: Path, fmt: str, value: np.ndarray, kind: str, style: Style =
 
 def layer_paths(paths: dict[str, Path], name: str) -> dict[str, Path]:
     """Paths of a further map written beside an item's own: x.png -> x.<name>.png (no sidecar)."""
-    return {fmt: p.with_name(p.name[: -len(SUFFIXES[fmt])] + f".{name}" + SUFFIXES[fmt])
-            for fmt, p in paths.items() if fmt != "json"}
+    return {
+        fmt: p.with_name(p.name[: -len(SUFFIXES[fmt])] + f".{name}" + SUFFIXES[fmt])
+        for fmt, p in paths.items()
+        if fmt != "json"
+    }
 
 
 def _write_formats(paths: dict[str, Path], value: np.ndarray, kind: str, style: Style, about: dict) -> dict:
-    return {fmt: {"file": path.name, **write_map(path, fmt, value, kind, style, about)}
-            for fmt, path in paths.items() if fmt != "json"}
+    return {
+        fmt: {"file": path.name, **write_map(path, fmt, value, kind, style, about)}
+        for fmt, path in paths.items()
+        if fmt != "json"
+    }
 
 
-def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar: dict, style: Style = Style(),
-                  layers: dict | None = None) -> dict:
+def write_outputs(
+    paths: dict[str, Path],
+    value: np.ndarray,
+    kind: str,
+    sidecar: dict,
+    style: Style = Style(),
+    layers: dict | None = None,
+) -> dict:
     """Write every requested format, then the sidecar (last, so its presence marks a finished item).
 
     ``sidecar``: the record so far (``sidecar()``'s, or any dict); its model, frame and axes also go into
@@ -215,9 +232,11 @@ def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar:
     layer_style = replace(Style(), exr_half=style.exr_half, exr_compression=style.exr_compression)
     for name, (array, layer_kind) in (layers or {}).items():
         layer_about = {k: v for k, v in about.items() if layer_kind == "normal" or k not in ("normal_frame", "axes")}
-        layer_records[name] = {"kind": layer_kind, "meaning": meaning(layer_kind),
-                               "outputs": _write_formats(layer_paths(paths, name), array, layer_kind, layer_style,
-                                                         layer_about)}
+        layer_records[name] = {
+            "kind": layer_kind,
+            "meaning": meaning(layer_kind),
+            "outputs": _write_formats(layer_paths(paths, name), array, layer_kind, layer_style, layer_about),
+        }
     finite = value[np.isfinite(value)]
     record = {
         **sidecar,
@@ -235,9 +254,20 @@ def write_outputs(paths: dict[str, Path], value: np.ndarray, kind: str, sidecar:
 # --------------------------------------------------------------------------------------------- sidecars
 
 
-def sidecar(kind: str, *, model: dict | None = None, options: dict | None = None, input: str | None = None,
-            key: str | None = None, outputs: dict | None = None, complete: bool = True, error: str | None = None,
-            interrupted: bool = False, seconds: float | None = None, **sections) -> dict:
+def sidecar(
+    kind: str,
+    *,
+    model: dict | None = None,
+    options: dict | None = None,
+    input: str | None = None,
+    key: str | None = None,
+    outputs: dict | None = None,
+    complete: bool = True,
+    error: str | None = None,
+    interrupted: bool = False,
+    seconds: float | None = None,
+    **sections,
+) -> dict:
     """The one shape of our JSON sidecars, for images, videos and point clouds.
 
     ``model``: what made the output (``LotusPredictor.describe()``: model, task, family, device, dtype ...;
@@ -248,10 +278,21 @@ def sidecar(kind: str, *, model: dict | None = None, options: dict | None = None
     finished (False: interrupted or failed part-way, ``error`` says why); ``sections``: further parts
     (video, camera, uncertainty, tiling ...), kept as given.
     """
-    return {"lotus_cli": __version__, **(model or {}), "input": input, "key": key, "kind": kind,
-            "meaning": meaning(kind), "options": options or {}, **sections, "outputs": outputs or {},
-            "complete": bool(complete and not interrupted and error is None), "interrupted": interrupted,
-            "error": error, "seconds": None if seconds is None else round(seconds, 4)}
+    return {
+        "lotus_cli": __version__,
+        **(model or {}),
+        "input": input,
+        "key": key,
+        "kind": kind,
+        "meaning": meaning(kind),
+        "options": options or {},
+        **sections,
+        "outputs": outputs or {},
+        "complete": bool(complete and not interrupted and error is None),
+        "interrupted": interrupted,
+        "error": error,
+        "seconds": None if seconds is None else round(seconds, 4),
+    }
 
 
 def format_settings(formats: Iterable[str], kind: str, style: Style) -> dict[str, dict]:
@@ -259,8 +300,9 @@ def format_settings(formats: Iterable[str], kind: str, style: Style) -> dict[str
     return {f: get_format(f).settings(kind, style) for f in formats}
 
 
-def reusable(side: Path, files: Iterable[Path], *, kind: str, model: str | None, options: dict,
-             settings: dict[str, dict]) -> tuple[bool, str | None]:
+def reusable(
+    side: Path, files: Iterable[Path], *, kind: str, model: str | None, options: dict, settings: dict[str, dict]
+) -> tuple[bool, str | None]:
     """Whether an earlier run's outputs can stay under ``skip_existing``: (True, None) when ``side`` (the
     sidecar) says its run completed, every one of ``files`` exists, and it was made with the same model,
     kind and ``options`` and, for each format in ``settings``, the same settings. Otherwise (False, why it
@@ -274,8 +316,12 @@ def reusable_at(side: Path, files: Iterable[Path], expected: Callable[[], dict])
     return reuse_verdict(lambda: side.read_text() if side.is_file() else None, files, Path.is_file, expected)
 
 
-def reuse_verdict(read: Callable[[], str | bytes | None], files: Iterable, exists: Callable[[object], bool],
-                  expected: Callable[[], dict]) -> tuple[bool, str | None]:
+def reuse_verdict(
+    read: Callable[[], str | bytes | None],
+    files: Iterable,
+    exists: Callable[[object], bool],
+    expected: Callable[[], dict],
+) -> tuple[bool, str | None]:
     """The decision of ``reusable`` wherever the outputs are (a folder, an fsspec URL). ``read()`` gives the
     sidecar's text (None: there is none; OSError: unreadable), ``files`` are the other outputs (paths or
     URL paths; a message names a file by its last part), ``exists(f)`` says whether one is there, and
@@ -310,7 +356,8 @@ def reuse_verdict(read: Callable[[], str | bytes | None], files: Iterable, exist
     changed = [k for k in sorted(set(want) | set(old_options)) if want.get(k) != old_options.get(k)]
     if changed:
         return False, "made with other options (" + ", ".join(
-            f"{k} {old_options.get(k)!r} -> {want.get(k)!r}" for k in changed) + ")"
+            f"{k} {old_options.get(k)!r} -> {want.get(k)!r}" for k in changed
+        ) + ")"
     for fmt, wanted in settings.items():
         note = old_outputs.get(fmt)
         if not isinstance(note, dict):
@@ -318,7 +365,8 @@ def reuse_verdict(read: Callable[[], str | bytes | None], files: Iterable, exist
         diff = [k for k, v in wanted.items() if note.get(k) != v]
         if diff:
             return False, f"its {fmt} was made with other settings (" + ", ".join(
-                f"{k} {note.get(k)!r} -> {wanted[k]!r}" for k in diff) + ")"
+                f"{k} {note.get(k)!r} -> {wanted[k]!r}" for k in diff
+            ) + ")"
     return True, None
 
 

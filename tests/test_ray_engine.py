@@ -64,10 +64,27 @@ def cluster():
     """`ray start --head --block` in its own process group, ended by group id at the end (its workers, in
     groups of their own, exit with the raylet): 3 CPUs and 2 logical GPUs, so two GPU workers fit."""
     port = free_port()
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--port", str(port), "--num-cpus", "3",
-                             "--num-gpus", "2", "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, **NO_AUTH})
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "3",
+            "--num-gpus",
+            "2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **NO_AUTH},
+    )
     deadline = time.time() + 120
     try:
         while time.time() < deadline:
@@ -113,8 +130,7 @@ def same_as_reference(out: Path, ref: Path) -> None:
 
 def test_engine_writes_the_single_process_bytes_and_one_failed_record(data, cluster, reference, depth_d, tmp_path):
     out = tmp_path / "out"
-    r = run("depth", data, "--out", out, "-m", depth_d, *ARGS, *ENGINE, "--ray-address", cluster["address"],
-            "--json")
+    r = run("depth", data, "--out", out, "-m", depth_d, *ARGS, *ENGINE, "--ray-address", cluster["address"], "--json")
     assert r.returncode == 1, r.stderr[-3000:]  # exit code as today: some input failed
     recs = records(r.stdout)
     assert Counter(x["key"] for x in recs if x.get("key")) == KEYS
@@ -144,8 +160,20 @@ def _sidecars(out: Path) -> list[Path]:
 
 def test_killed_worker_has_its_items_retried_elsewhere(data, cluster, reference, depth_d, tmp_path):
     out = tmp_path / "out"
-    proc = run("depth", data, "--out", out, "-m", depth_d, *ARGS, *ENGINE, "--ray-address", cluster["address"],
-               "--json", wait=False)
+    proc = run(
+        "depth",
+        data,
+        "--out",
+        out,
+        "-m",
+        depth_d,
+        *ARGS,
+        *ENGINE,
+        "--ray-address",
+        cluster["address"],
+        "--json",
+        wait=False,
+    )
     killed = None
     deadline = time.time() + RUN_TIMEOUT
     try:
@@ -172,8 +200,11 @@ def _files_of(sidecar: Path) -> list[Path]:
     """A finished item's files: x.json, x.png, x.16bit.png, or a clip's x.mp4 and its frames in x/."""
     stem = sidecar.name[: -len(".json")]
     frames = sidecar.with_name(stem)
-    return [p for p in sidecar.parent.iterdir() if p.is_file() and p.name.split(".")[0] == stem.split(".")[0]
-            and p.name.startswith(stem + ".")] + (list(frames.iterdir()) if frames.is_dir() else [])
+    return [
+        p
+        for p in sidecar.parent.iterdir()
+        if p.is_file() and p.name.split(".")[0] == stem.split(".")[0] and p.name.startswith(stem + ".")
+    ] + (list(frames.iterdir()) if frames.is_dir() else [])
 
 
 def test_killed_driver_then_rerun_finishes_only_the_rest(data, cluster, reference, depth_d, tmp_path):
@@ -210,8 +241,9 @@ def test_killed_driver_then_rerun_finishes_only_the_rest(data, cluster, referenc
     same_as_reference(out, reference)
 
 
-def test_rerun_redoes_an_interrupted_clip_and_a_failed_image_with_the_reason(data, cluster, reference, depth_d,
-                                                                              tmp_path):
+def test_rerun_redoes_an_interrupted_clip_and_a_failed_image_with_the_reason(
+    data, cluster, reference, depth_d, tmp_path
+):
     """The driver keeps what --skip-existing would keep: an interrupted clip (issue 13: its mp4 holds part
     of the frames) and an image whose run failed are redone on the workers, the reason reaching the CLI."""
     import shutil
@@ -232,7 +264,22 @@ def test_rerun_redoes_an_interrupted_clip_and_a_failed_image_with_the_reason(dat
 
 
 def test_pool_larger_than_the_cluster_is_refused_not_hung(data, cluster, depth_d, tmp_path):
-    r = run("depth", data, "--out", tmp_path / "out", "-m", depth_d, *ARGS, "--engine", "ray", "--workers", "3",
-            "--gpus-per-worker", "1", "--ray-address", cluster["address"])
+    r = run(
+        "depth",
+        data,
+        "--out",
+        tmp_path / "out",
+        "-m",
+        depth_d,
+        *ARGS,
+        "--engine",
+        "ray",
+        "--workers",
+        "3",
+        "--gpus-per-worker",
+        "1",
+        "--ray-address",
+        cluster["address"],
+    )
     assert r.returncode == 2
     assert "needs 3 CPUs and 3 GPUs; the Ray cluster has 3 and 2" in r.stderr

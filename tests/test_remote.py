@@ -38,8 +38,13 @@ def bucket(tmp_path):
     fs = fsspec.filesystem("memory")
     name = f"bucket-{uuid.uuid4().hex[:8]}"
     local = tmp_path / "local-in"
-    files = {"a/x.png": png(1), "a/y.png": png(2, 24), "b/z.png": png(3), "b/z.v2.png": png(4),
-             "b/broken.png": b"\x89PNG nope"}
+    files = {
+        "a/x.png": png(1),
+        "a/y.png": png(2, 24),
+        "b/z.png": png(3),
+        "b/z.v2.png": png(4),
+        "b/broken.png": b"\x89PNG nope",
+    }
     for rel, data in files.items():
         fs.pipe_file(f"/{name}/in/{rel}", data)
         (local / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -67,16 +72,33 @@ def test_memory_urls_in_and_out_give_the_local_bytes(bucket, tmp_path, depth_d):
     staging = remote.Outputs(f"memory://{name}/out").staging
     assert not [p for p in staging.rglob("*") if p.is_file()]
     # a rerun finds every finished output at the URL and computes nothing
-    again = records(lotus("depth", f"memory://{name}/in", "--out", f"memory://{name}/out", "-m", depth_d, *FAST,
-                          "--json").stdout)
-    assert {x["key"]: x["status"] for x in again} == {"a/x": "skipped", "a/y": "skipped", "b/z": "skipped",
-                                                       "b/z.v2": "skipped", "b/broken": "failed"}
+    again = records(
+        lotus("depth", f"memory://{name}/in", "--out", f"memory://{name}/out", "-m", depth_d, *FAST, "--json").stdout
+    )
+    assert {x["key"]: x["status"] for x in again} == {
+        "a/x": "skipped",
+        "a/y": "skipped",
+        "b/z": "skipped",
+        "b/z.v2": "skipped",
+        "b/broken": "failed",
+    }
 
 
 def test_uncertainty_layers_are_uploaded_too(bucket, depth_g):
     fs, name = bucket["fs"], bucket["name"]
-    r = lotus("uncertainty", f"memory://{name}/in/a/x.png", "--out", f"memory://{name}/u", "-m", depth_g, *FAST,
-              "--samples", "2", "--batch-size", "2")
+    r = lotus(
+        "uncertainty",
+        f"memory://{name}/in/a/x.png",
+        "--out",
+        f"memory://{name}/u",
+        "-m",
+        depth_g,
+        *FAST,
+        "--samples",
+        "2",
+        "--batch-size",
+        "2",
+    )
     assert r.exit_code == 0, r.output
     names = sorted(p.rsplit("/", 1)[1] for p in fs.find(f"/{name}/u"))
     assert names == ["x.16bit.png", "x.json", "x.mean.16bit.png", "x.mean.png", "x.png"]
@@ -87,8 +109,7 @@ def test_file_urls_are_local_paths(bucket, tmp_path, depth_d):
     out = tmp_path / "out"
     r = lotus("depth", f"file://{bucket['local']}/a", "--out", f"file://{out}", "-m", depth_d, *FAST, "--json")
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["x.16bit.png", "x.json", "x.png", "y.16bit.png", "y.json",
-                                                     "y.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["x.16bit.png", "x.json", "x.png", "y.16bit.png", "y.json", "y.png"]
 
 
 def test_missing_url_and_missing_backend_say_what_to_do(bucket, tmp_path, depth_d):
@@ -101,15 +122,18 @@ def test_missing_url_and_missing_backend_say_what_to_do(bucket, tmp_path, depth_
         assert r.exit_code == 2 and "pip install s3fs" in r.stderr
 
 
-@pytest.mark.parametrize("given, expected", [
-    ("s3://b/k/x.jpg", "s3://b/k/x.jpg"),
-    ("s3:/b/k", "s3://b/k"),  # what a Path option leaves of a URL
-    ("gs://b", "gs://b"),
-    ("file:///tmp/x", "/tmp/x"),
-    ("file:/tmp/x", "/tmp/x"),
-    ("photos/a.jpg", "photos/a.jpg"),
-    ("C:/photos", "C:/photos"),
-])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("s3://b/k/x.jpg", "s3://b/k/x.jpg"),
+        ("s3:/b/k", "s3://b/k"),  # what a Path option leaves of a URL
+        ("gs://b", "gs://b"),
+        ("file:///tmp/x", "/tmp/x"),
+        ("file:/tmp/x", "/tmp/x"),
+        ("photos/a.jpg", "photos/a.jpg"),
+        ("C:/photos", "C:/photos"),
+    ],
+)
 def test_normalise(given, expected):
     assert remote.normalise(given) == expected
     assert remote.is_url(given) == expected.startswith(("s3:", "gs:"))

@@ -44,8 +44,10 @@ def test_adding_files_never_moves_finished_work():
     after = {i.key: k for k in range(5) for i in select(items(300) + items(200, start=300), Shard(k, 5))}
     assert all(after[key] == k for key, k in before.items())
     # the hash is of the key alone: fixed across processes and Python's per-run string hashing
-    assert shard_of("d0/img00000", 1000) == int.from_bytes(
-        __import__("hashlib").blake2b(b"d0/img00000", digest_size=8).digest(), "big") % 1000
+    assert (
+        shard_of("d0/img00000", 1000)
+        == int.from_bytes(__import__("hashlib").blake2b(b"d0/img00000", digest_size=8).digest(), "big") % 1000
+    )
 
 
 @pytest.mark.parametrize("spec", ["2/2", "-1/3", "a/b", "3", "1/0", "1/2/3"])
@@ -125,8 +127,18 @@ def free_port() -> int:
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_torchrun_two_ranks_write_every_output_once(folder, tmp_path, depth_d):
     out = tmp_path / "out"
-    r = lotus("depth", folder, "--out", out, "-m", depth_d, *FAST, "--json", timeout=300,
-              prefix=["torchrun", "--nproc_per_node", "2", "--master-port", str(free_port()), "-m", "lotus_cli"])
+    r = lotus(
+        "depth",
+        folder,
+        "--out",
+        out,
+        "-m",
+        depth_d,
+        *FAST,
+        "--json",
+        timeout=300,
+        prefix=["torchrun", "--nproc_per_node", "2", "--master-port", str(free_port()), "-m", "lotus_cli"],
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     recs = records(r.stdout)
     assert Counter(x["key"] for x in recs) == Counter(f"s{i % 2}/im{i}" for i in range(10))
@@ -225,8 +237,9 @@ def test_a_first_run_judges_nothing_and_reads_no_checkpoint(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"")
     assert reuse(item) == (False, "no sidecar: its run did not finish") and not asked
-    (tmp_path / "a" / "x.json").write_text(json.dumps({"complete": True, "model": "m", "kind": "disparity",
-                                                       "options": {}, "outputs": {}}))
+    (tmp_path / "a" / "x.json").write_text(
+        json.dumps({"complete": True, "model": "m", "kind": "disparity", "options": {}, "outputs": {}})
+    )
     keep, why = reuse(item)
     assert not keep and why == "x.16bit.png missing" and not asked  # files are checked before the facts
     (tmp_path / "a" / "x.16bit.png").write_bytes(b"")

@@ -7,7 +7,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,12 +15,52 @@ from . import app, console, escape, fail, load_predictor, say, stdout_closed, wr
 
 # The option types are shared with `lotus pointcloud` and `lotus eval` (options.py); re-exported here for
 # the modules that import them from this one.
-from .options import (Batch, Cmap, Compile, CpusPerWorker, Device, EngineOpt, GpusPerWorker, RayAddress, ShardOpt,
-                      Workers, Dtype, End, ExrCompression, ExrHalf, Format, Fps, Frame, Inputs, Json, Latent,  # noqa: F401
-                      MaxFrames,
-                      MaxMemory, MaxPixels, Model, NormalOutputKind, Out, Overlap, OutputKind, ProcRes, Raw, RawOut,
-                      Resample, Samples, Seed, Skip, SpreadCmap, SpreadRawOut, Stabilize, Start, Task, Tile,
-                      TileRes, Tta, check_output_kind)
+from .options import (
+    Batch,
+    Cmap,
+    Compile,
+    CpusPerWorker,
+    Device,
+    Dtype,
+    End,
+    EngineOpt,
+    ExrCompression,
+    ExrHalf,
+    Format,
+    Fps,
+    Frame,
+    GpusPerWorker,
+    Inputs,
+    Json,
+    Latent,
+    MaxFrames,
+    MaxMemory,
+    MaxPixels,
+    Model,
+    NormalOutputKind,
+    Out,
+    OutputKind,
+    Overlap,
+    ProcRes,
+    Raw,
+    RawOut,
+    RayAddress,
+    Resample,
+    Samples,
+    Seed,
+    ShardOpt,
+    Skip,
+    SpreadCmap,
+    SpreadRawOut,
+    Stabilize,
+    Start,
+    Task,
+    Tile,
+    TileRes,
+    Tta,
+    Workers,  # noqa: F401
+    check_output_kind,
+)
 
 
 @dataclass(frozen=True)
@@ -34,9 +73,9 @@ class PredictArgs:
 
     task: str  # "depth" | "normal"
     inputs: tuple[str, ...] = ()
-    out: Optional[Path] = None
-    model: Optional[str] = None
-    output_kind: Optional[str] = None
+    out: Path | None = None
+    model: str | None = None
+    output_kind: str | None = None
     fmt: str = "png,png16"
     exr_half: bool = False
     exr_compression: str = "zip"
@@ -51,25 +90,25 @@ class PredictArgs:
     skip_existing: bool = False
     max_pixels: int = 100_000_000
     json: bool = False
-    fps: Optional[float] = None
-    start: Optional[float] = None
-    end: Optional[float] = None
-    max_frames: Optional[int] = None
+    fps: float | None = None
+    start: float | None = None
+    end: float | None = None
+    max_frames: int | None = None
     stabilize: bool = True
-    raw: Optional[str] = None
+    raw: str | None = None
     raw_out: str = "f32"
     frame: str = "lotus"
-    tile: Optional[str] = None
+    tile: str | None = None
     overlap: float = 0.25
-    tile_res: Optional[int] = None
+    tile_res: int | None = None
     max_memory: str = "auto"
     uncertainty: bool = False  # `lotus uncertainty`: an ensemble of samples x views
     samples: int = 8
     tta: str = "none"
     compile_mode: str = "off"  # --compile: off | on | auto (lotus_cli/compile.py)
-    shard: Optional[str] = None  # scale-out (README "Many GPUs and machines"): see _scale_out
+    shard: str | None = None  # scale-out (README "Many GPUs and machines"): see _scale_out
     engine: str = "local"
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
@@ -87,23 +126,32 @@ def _check(a: PredictArgs) -> None:
     if a.max_pixels < 0:
         raise UsageError(f"--max-pixels must be >= 0, not {a.max_pixels}", "0 means no limit")
     if a.uncertainty and a.samples < (1 if a.tta == "flip" else 2):
-        raise UsageError(f"--samples must be at least 2, not {a.samples}: a spread needs two predictions or more",
-                         "e.g. --samples 8 (or --tta flip, which adds the mirrored view)")
+        raise UsageError(
+            f"--samples must be at least 2, not {a.samples}: a spread needs two predictions or more",
+            "e.g. --samples 8 (or --tta flip, which adds the mirrored view)",
+        )
     check_output_kind(a.output_kind, a.task)
     if a.compile_mode not in ("auto", "on", "off"):
         raise UsageError(f"--compile must be auto, on or off, not {a.compile_mode!r}")
     if a.raw is not None:
-        given = [f for f, on in (("--out", a.out is not None), ("--json", a.json), ("--skip-existing", a.skip_existing))
-                 if on]
+        given = [
+            f
+            for f, on in (("--out", a.out is not None), ("--json", a.json), ("--skip-existing", a.skip_existing))
+            if on
+        ]
         if given:
-            raise UsageError(f"--raw writes maps to stdout and no files: {', '.join(given)} cannot apply",
-                             f"drop {', '.join(given)}, or drop --raw to write files")
+            raise UsageError(
+                f"--raw writes maps to stdout and no files: {', '.join(given)} cannot apply",
+                f"drop {', '.join(given)}, or drop --raw to write files",
+            )
         if [i for i in a.inputs if i != "-"]:
             raise UsageError("--raw reads frames from stdin; give no input paths (or just -)")
     flags = [i for i in a.inputs if i.lower() in BOOLEAN_WORDS and not Path(i).exists()]
     if flags:
-        raise UsageError(f"input {flags[0]!r} does not exist and looks like a flag's value",
-                         "flags take no value: write --skip-existing (or --json) alone")
+        raise UsageError(
+            f"input {flags[0]!r} does not exist and looks like a flag's value",
+            "flags take no value: write --skip-existing (or --json) alone",
+        )
 
 
 def _predict(a: PredictArgs) -> None:
@@ -116,15 +164,25 @@ def _predict(a: PredictArgs) -> None:
         from ..visualize import colormap_lut
 
         _check(a)
-        opts = PredictOptions(processing_res=a.processing_res, resample=a.resample, latent=a.latent, seed=a.seed,
-                              batch_size=a.batch_size, frame=a.frame)
+        opts = PredictOptions(
+            processing_res=a.processing_res,
+            resample=a.resample,
+            latent=a.latent,
+            seed=a.seed,
+            batch_size=a.batch_size,
+            frame=a.frame,
+        )
         ensemble = EnsembleOptions(a.samples, a.tta) if a.uncertainty else None
         tiles = _tile_options(a)
         video = VideoSpec(FrameSelect(a.fps, a.start, a.end, a.max_frames), a.stabilize)
         colormap_lut(a.cmap)
         out_dir = a.out if a.out is not None else Path(f"lotus-{a.command}")
-        output = OutputSpec(out_dir, sinks.parse_formats(a.fmt), sinks.Style(a.cmap, exr_half=a.exr_half,
-                            exr_compression=a.exr_compression), a.skip_existing)
+        output = OutputSpec(
+            out_dir,
+            sinks.parse_formats(a.fmt),
+            sinks.Style(a.cmap, exr_half=a.exr_half, exr_compression=a.exr_compression),
+            a.skip_existing,
+        )
         spec = a.model or (models.DEFAULT_G_MODEL[a.task] if ensemble else None)
         ref = models.resolve(spec, a.task, a.output_kind)  # an unknown or wrong-task model fails before inputs are read
         if a.raw is None:
@@ -132,15 +190,29 @@ def _predict(a: PredictArgs) -> None:
             sinks.check_out_dir(out_dir)
             if not a.inputs:
                 raise UsageError("no inputs given", "pass files, folders, globs, or - to read paths from stdin")
-            items, problems = sources.expand(a.inputs, exts=sources.MEDIA_EXTS, exclude=(out_dir,),
-                                             on_warning=lambda w: say(f"warning: {w}", "yellow"))
+            items, problems = sources.expand(
+                a.inputs,
+                exts=sources.MEDIA_EXTS,
+                exclude=(out_dir,),
+                on_warning=lambda w: say(f"warning: {w}", "yellow"),
+            )
     except LotusError as e:
         fail(e)
     if a.raw is None:
         for p in problems:
             say(f"failed: {p}", "red")
-            _emit(a, {"input": p.subject, "status": "failed", "error": str(p), "outputs": {},
-                      "kind": None, "frames": 0, "seconds": 0.0})
+            _emit(
+                a,
+                {
+                    "input": p.subject,
+                    "status": "failed",
+                    "error": str(p),
+                    "outputs": {},
+                    "kind": None,
+                    "frames": 0,
+                    "seconds": 0.0,
+                },
+            )
         if not items:
             say("error: no usable inputs", "red")
             raise typer.Exit(1 if problems else 2)
@@ -160,8 +232,18 @@ def _predict(a: PredictArgs) -> None:
         except LotusError as e:
             fail(e)
     predict = _predict_fn(predictor, tiles, ensemble)
-    _run(a, predictor, items, output, opts, video, len(problems), predict, "uncertainty" if ensemble else None,
-         _changing_options(a, tiles, ensemble))
+    _run(
+        a,
+        predictor,
+        items,
+        output,
+        opts,
+        video,
+        len(problems),
+        predict,
+        "uncertainty" if ensemble else None,
+        _changing_options(a, tiles, ensemble),
+    )
 
 
 def _changing_options(a: PredictArgs, tiles, ensemble) -> dict:
@@ -186,21 +268,43 @@ def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> Non
     if not distributed.wanted(scale, a.inputs, a.out):
         return
     kind = "uncertainty" if ensemble else ref.entry.kind
-    job = distributed.Job(ref, a.task, output, opts, video, a.device, a.dtype, a.max_pixels,
-                          kind if ensemble else None, functools.partial(_predict_fn, tiles=tiles, ensemble=ensemble),
-                          _changing_options(a, tiles, ensemble))
+    job = distributed.Job(
+        ref,
+        a.task,
+        output,
+        opts,
+        video,
+        a.device,
+        a.dtype,
+        a.max_pixels,
+        kind if ensemble else None,
+        functools.partial(_predict_fn, tiles=tiles, ensemble=ensemble),
+        _changing_options(a, tiles, ensemble),
+    )
     counts = {"problems": 0}
 
     def on_problem(p):
         counts["problems"] += 1
         say(f"failed: {escape(p)}", "red")
-        _emit(a, {"input": p.subject, "status": "failed", "error": str(p), "outputs": {}, "kind": None, "frames": 0,
-                  "seconds": 0.0})
+        _emit(
+            a,
+            {
+                "input": p.subject,
+                "status": "failed",
+                "error": str(p),
+                "outputs": {},
+                "kind": None,
+                "frames": 0,
+                "seconds": 0.0,
+            },
+        )
 
     def on_result(r, name):
         counts[r.status] = counts.get(r.status, 0) + 1
-        status.update(f"{a.task}: {counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, "
-                      f"{counts.get('failed', 0)} failed")
+        status.update(
+            f"{a.task}: {counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, "
+            f"{counts.get('failed', 0)} failed"
+        )
         if r.redone:
             say(f"redone: {escape(name)}: {escape(r.redone)}", "yellow")
         if r.status == "failed":
@@ -210,21 +314,31 @@ def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> Non
     t0 = time.perf_counter()
     try:
         with console().status(f"{a.task}: listing inputs", spinner="dots") as status:
-            s = distributed.dispatch(job, list(a.inputs or ()), a.out or output.out_dir, scale,
-                                     exts=sources.MEDIA_EXTS, on_result=on_result, on_problem=on_problem,
-                                     load_predictor=load_predictor,
-                                     on_warning=lambda w: say(f"warning: {escape(w)}", "yellow"))
+            s = distributed.dispatch(
+                job,
+                list(a.inputs or ()),
+                a.out or output.out_dir,
+                scale,
+                exts=sources.MEDIA_EXTS,
+                on_result=on_result,
+                on_problem=on_problem,
+                load_predictor=load_predictor,
+                on_warning=lambda w: say(f"warning: {escape(w)}", "yellow"),
+            )
     except KeyboardInterrupt:
         say("interrupted: finished outputs are complete; rerun the same command to finish the rest", "yellow")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except LotusError as e:
         fail(e)
     failed = s.failed + counts["problems"]
     if not (s.done or s.skipped or failed):
         say("error: no usable inputs" if a.inputs else "error: no inputs given", "red")
         raise typer.Exit(2)
-    say(f"{s.done} done, {s.skipped} skipped, {failed} failed in {time.perf_counter() - t0:.1f} s -> "
-        f"{a.out or output.out_dir}", "red" if failed else "green")
+    say(
+        f"{s.done} done, {s.skipped} skipped, {failed} failed in {time.perf_counter() - t0:.1f} s -> "
+        f"{a.out or output.out_dir}",
+        "red" if failed else "green",
+    )
     raise typer.Exit(1 if failed else 0)
 
 
@@ -234,8 +348,7 @@ def _compile(a: PredictArgs, predictor, items=None) -> None:
     from ..sources import is_video
 
     stream = items is None or any(is_video(i.path) for i in items)  # a video or a pipe: long, length unknown
-    ok, reason = compile_predictor(predictor, a.compile_mode, n_items=None if stream else len(items),
-                                   is_video=stream)
+    ok, reason = compile_predictor(predictor, a.compile_mode, n_items=None if stream else len(items), is_video=stream)
     if ok or a.compile_mode == "on":
         say(reason, "dim" if ok else "yellow")
 
@@ -250,9 +363,12 @@ def _check_processing_res(a: PredictArgs, ref) -> None:
     need = pixels_per_latent(ref.folder)
     for flag_, res in (("--processing-res", a.processing_res), ("--tile-res", a.tile_res or 0)):
         if 0 < res < need:
-            raise UsageError(f"{flag_} {res} is below the model's minimum of {need} px (one latent cell of its VAE)",
-                             f"use {flag_} {need} or more (Lotus was trained at 768), or 0 for the native size"
-                             if flag_ == "--processing-res" else f"use {flag_} {need} or more")
+            raise UsageError(
+                f"{flag_} {res} is below the model's minimum of {need} px (one latent cell of its VAE)",
+                f"use {flag_} {need} or more (Lotus was trained at 768), or 0 for the native size"
+                if flag_ == "--processing-res"
+                else f"use {flag_} {need} or more",
+            )
 
 
 def _tile_options(a: PredictArgs):
@@ -260,8 +376,11 @@ def _tile_options(a: PredictArgs):
     from ..tiling import TileOptions
 
     if a.tile is None:
-        for name, value, default in (("--tile-res", a.tile_res, None), ("--max-memory", a.max_memory, "auto"),
-                                     ("--overlap", a.overlap, 0.25)):
+        for name, value, default in (
+            ("--tile-res", a.tile_res, None),
+            ("--max-memory", a.max_memory, "auto"),
+            ("--overlap", a.overlap, 0.25),
+        ):
             if value != default:
                 raise UsageError(f"{name} applies only with --tile", "add --tile auto (or --tile SIZE)")
         return None
@@ -287,8 +406,11 @@ def _predict_fn(predictor, tiles, ensemble):
     def predict(images, o):
         h, w = processing_size(*images[0].shape[:2], o.processing_res)  # one processing size per batch
         if min(h, w) < need:
-            raise InputError(f"{images[0].shape[1]}x{images[0].shape[0]} image is processed at {w}x{h} px, below "
-                             f"the model's minimum of {need} px a side", "raise --processing-res, or pad the image")
+            raise InputError(
+                f"{images[0].shape[1]}x{images[0].shape[0]} image is processed at {w}x{h} px, below "
+                f"the model's minimum of {need} px a side",
+                "raise --processing-res, or pad the image",
+            )
         return run(images, o)
 
     return predict
@@ -301,8 +423,10 @@ def _raw(a: PredictArgs, ref, opts, tiles=None, ensemble=None) -> None:
         size = parse_size(a.raw)
         outs = ("f32",) if ensemble else RAW_OUTPUTS
         if a.raw_out not in outs:
-            raise UsageError(f"--raw-out must be {' or '.join(outs)}, not {a.raw_out!r}",
-                             "uncertainty pipes write the float32 spread" if ensemble else None)
+            raise UsageError(
+                f"--raw-out must be {' or '.join(outs)}, not {a.raw_out!r}",
+                "uncertainty pipes write the float32 spread" if ensemble else None,
+            )
     except LotusError as e:
         fail(e)
     predictor = load_predictor(ref, a.task, a.device, a.dtype, processing_res=a.processing_res)
@@ -310,9 +434,17 @@ def _raw(a: PredictArgs, ref, opts, tiles=None, ensemble=None) -> None:
     try:
         if ensemble:
             predictor.ensemble_seeds(opts, ensemble)
-        n = run_raw(predictor, sys.stdin.buffer, sys.stdout.buffer, size, opts, a.raw_out,
-                    stabilize=a.stabilize and not ensemble, cmap=a.cmap,
-                    predict=_predict_fn(predictor, tiles, ensemble))
+        n = run_raw(
+            predictor,
+            sys.stdin.buffer,
+            sys.stdout.buffer,
+            size,
+            opts,
+            a.raw_out,
+            stabilize=a.stabilize and not ensemble,
+            cmap=a.cmap,
+            predict=_predict_fn(predictor, tiles, ensemble),
+        )
     except LotusError as e:
         fail(e)
     except BrokenPipeError:
@@ -345,8 +477,18 @@ def _emit(a: PredictArgs, record: dict) -> None:
         write_stdout(json.dumps(_json_safe(record)) + "\n")
 
 
-def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, predict=None, kind=None,
-         predict_options: dict | None = None) -> None:
+def _run(
+    a: PredictArgs,
+    predictor,
+    items,
+    output,
+    opts,
+    video,
+    n_problems,
+    predict=None,
+    kind=None,
+    predict_options: dict | None = None,
+) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..runner import Summary, run_images, run_video
@@ -355,8 +497,15 @@ def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, pred
     t0 = time.perf_counter()
     images = [i for i in items if not is_video(i.path)]
     videos = [i for i in items if is_video(i.path)]
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console(), disable=not console().is_terminal, transient=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console(),
+        disable=not console().is_terminal,
+        transient=True,
+    )
     summary = Summary()
 
     def on_result(r):
@@ -375,20 +524,37 @@ def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, pred
                     progress.advance(bar)
                     on_result(r)
 
-                s = run_images(predictor, images, output, opts, max_pixels=a.max_pixels, on_result=on_image,
-                               predict=predict, kind=kind, predict_options=predict_options)
+                s = run_images(
+                    predictor,
+                    images,
+                    output,
+                    opts,
+                    max_pixels=a.max_pixels,
+                    on_result=on_image,
+                    predict=predict,
+                    kind=kind,
+                    predict_options=predict_options,
+                )
                 summary.done, summary.skipped, summary.failed = s.done, s.skipped, s.failed
             for item in videos:
                 vbar = progress.add_task(item.path.name, total=None)
-                r = run_video(predictor, item, output, opts, video, predict=predict, kind=kind,
-                              predict_options=predict_options,
-                              on_frame=lambda i, n, vbar=vbar: progress.update(vbar, completed=i, total=n))
+                r = run_video(
+                    predictor,
+                    item,
+                    output,
+                    opts,
+                    video,
+                    predict=predict,
+                    kind=kind,
+                    predict_options=predict_options,
+                    on_frame=lambda i, n, vbar=vbar: progress.update(vbar, completed=i, total=n),
+                )
                 progress.remove_task(vbar)
                 summary.add(r)
                 on_result(r)
     except KeyboardInterrupt:
         say("interrupted: finished outputs are complete; rerun with --skip-existing to resume", "yellow")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except LotusError as e:
         fail(e)
     from ..compile import compile_status
@@ -397,76 +563,228 @@ def _run(a: PredictArgs, predictor, items, output, opts, video, n_problems, pred
         say(compile_status(predictor), "yellow")
     failed = summary.failed + n_problems
     colour = "red" if failed else "green"
-    say(f"{summary.done} done, {summary.skipped} skipped, {failed} failed in {time.perf_counter() - t0:.1f} s "
-        f"-> {output.out_dir}", colour)
+    say(
+        f"{summary.done} done, {summary.skipped} skipped, {failed} failed in {time.perf_counter() - t0:.1f} s "
+        f"-> {output.out_dir}",
+        colour,
+    )
     raise typer.Exit(1 if failed else 0)
 
 
 @app.command()
-def depth(inputs: Inputs = None, out: Out = None, model: Model = None, output_kind: OutputKind = None,
-          fmt: Format = "png,png16", exr_half: ExrHalf = False,
-          exr_compression: ExrCompression = "zip", processing_res: ProcRes = 768, resample: Resample = "bilinear",
-          latent: Latent = "mean", seed: Seed = 0, batch_size: Batch = 1, device: Device = "auto",
-          dtype: Dtype = "auto", cmap: Cmap = "Spectral", skip_existing: Skip = False,
-          max_pixels: MaxPixels = 100_000_000, json: Json = False, fps: Fps = None, start: Start = None,
-          end: End = None, max_frames: MaxFrames = None, stabilize: Stabilize = True, raw: Raw = None,
-          raw_out: RawOut = "f32", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
-          max_memory: MaxMemory = "auto",
-          compile_mode: Compile = "off", shard: ShardOpt = None, engine: EngineOpt = "local",
-          ray_address: RayAddress = None, workers: Workers = 1, gpus_per_worker: GpusPerWorker = 0.0,
-          cpus_per_worker: CpusPerWorker = 1.0):
+def depth(
+    inputs: Inputs = None,
+    out: Out = None,
+    model: Model = None,
+    output_kind: OutputKind = None,
+    fmt: Format = "png,png16",
+    exr_half: ExrHalf = False,
+    exr_compression: ExrCompression = "zip",
+    processing_res: ProcRes = 768,
+    resample: Resample = "bilinear",
+    latent: Latent = "mean",
+    seed: Seed = 0,
+    batch_size: Batch = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    cmap: Cmap = "Spectral",
+    skip_existing: Skip = False,
+    max_pixels: MaxPixels = 100_000_000,
+    json: Json = False,
+    fps: Fps = None,
+    start: Start = None,
+    end: End = None,
+    max_frames: MaxFrames = None,
+    stabilize: Stabilize = True,
+    raw: Raw = None,
+    raw_out: RawOut = "f32",
+    tile: Tile = None,
+    overlap: Overlap = 0.25,
+    tile_res: TileRes = None,
+    max_memory: MaxMemory = "auto",
+    compile_mode: Compile = "off",
+    shard: ShardOpt = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = 1,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+):
     """Depth maps for images and videos.
 
     Default model: depth-d (jingheya/lotus-depth-d-v2-0-disparity, deterministic, best AbsRel in the
     paper), which predicts affine-invariant disparity (1 = near)."""
-    _predict(PredictArgs(
-        "depth", inputs=tuple(inputs or ()), out=out, model=model, output_kind=output_kind, fmt=fmt,
-        exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
-        device=device, dtype=dtype, cmap=cmap, skip_existing=skip_existing, max_pixels=max_pixels, json=json,
-        fps=fps, start=start, end=end, max_frames=max_frames, stabilize=stabilize, raw=raw, raw_out=raw_out,
-        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode, shard=shard, engine=engine, ray_address=ray_address, workers=workers,
-        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker))
+    _predict(
+        PredictArgs(
+            "depth",
+            inputs=tuple(inputs or ()),
+            out=out,
+            model=model,
+            output_kind=output_kind,
+            fmt=fmt,
+            exr_half=exr_half,
+            exr_compression=exr_compression,
+            processing_res=processing_res,
+            resample=resample,
+            latent=latent,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            cmap=cmap,
+            skip_existing=skip_existing,
+            max_pixels=max_pixels,
+            json=json,
+            fps=fps,
+            start=start,
+            end=end,
+            max_frames=max_frames,
+            stabilize=stabilize,
+            raw=raw,
+            raw_out=raw_out,
+            tile=tile,
+            overlap=overlap,
+            tile_res=tile_res,
+            max_memory=max_memory,
+            compile_mode=compile_mode,
+            shard=shard,
+            engine=engine,
+            ray_address=ray_address,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+        )
+    )
 
 
 @app.command()
-def normal(inputs: Inputs = None, out: Out = None, model: Model = None, output_kind: NormalOutputKind = None,
-           fmt: Format = "png,png16", exr_half: ExrHalf = False,
-          exr_compression: ExrCompression = "zip", processing_res: ProcRes = 768, resample: Resample = "bilinear",
-           latent: Latent = "mean", seed: Seed = 0, batch_size: Batch = 1, device: Device = "auto",
-           dtype: Dtype = "auto", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000,
-           json: Json = False, fps: Fps = None, start: Start = None, end: End = None,
-           max_frames: MaxFrames = None, raw: Raw = None, raw_out: RawOut = "f32", frame: Frame = "lotus",
-           tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None, max_memory: MaxMemory = "auto",
-          compile_mode: Compile = "off", shard: ShardOpt = None, engine: EngineOpt = "local",
-          ray_address: RayAddress = None, workers: Workers = 1, gpus_per_worker: GpusPerWorker = 0.0,
-          cpus_per_worker: CpusPerWorker = 1.0):
+def normal(
+    inputs: Inputs = None,
+    out: Out = None,
+    model: Model = None,
+    output_kind: NormalOutputKind = None,
+    fmt: Format = "png,png16",
+    exr_half: ExrHalf = False,
+    exr_compression: ExrCompression = "zip",
+    processing_res: ProcRes = 768,
+    resample: Resample = "bilinear",
+    latent: Latent = "mean",
+    seed: Seed = 0,
+    batch_size: Batch = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    skip_existing: Skip = False,
+    max_pixels: MaxPixels = 100_000_000,
+    json: Json = False,
+    fps: Fps = None,
+    start: Start = None,
+    end: End = None,
+    max_frames: MaxFrames = None,
+    raw: Raw = None,
+    raw_out: RawOut = "f32",
+    frame: Frame = "lotus",
+    tile: Tile = None,
+    overlap: Overlap = 0.25,
+    tile_res: TileRes = None,
+    max_memory: MaxMemory = "auto",
+    compile_mode: Compile = "off",
+    shard: ShardOpt = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = 1,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+):
     """Surface-normal maps for images and videos.
 
     Default model: normal-d (jingheya/lotus-normal-d-v1-1, deterministic). Normals are unit vectors, by
     default in Lotus's frame: x left, y up, z toward the camera (--frame for others). PNGs hold
     RGB = (n + 1) / 2; there is no colour map and no temporal alignment (those are depth's)."""
-    _predict(PredictArgs(
-        "normal", inputs=tuple(inputs or ()), out=out, model=model, output_kind=output_kind, fmt=fmt,
-        exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
-        device=device, dtype=dtype, skip_existing=skip_existing, max_pixels=max_pixels, json=json, fps=fps,
-        start=start, end=end, max_frames=max_frames, stabilize=False, raw=raw, raw_out=raw_out, frame=frame,
-        tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode, shard=shard, engine=engine, ray_address=ray_address, workers=workers,
-        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker))
+    _predict(
+        PredictArgs(
+            "normal",
+            inputs=tuple(inputs or ()),
+            out=out,
+            model=model,
+            output_kind=output_kind,
+            fmt=fmt,
+            exr_half=exr_half,
+            exr_compression=exr_compression,
+            processing_res=processing_res,
+            resample=resample,
+            latent=latent,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            skip_existing=skip_existing,
+            max_pixels=max_pixels,
+            json=json,
+            fps=fps,
+            start=start,
+            end=end,
+            max_frames=max_frames,
+            stabilize=False,
+            raw=raw,
+            raw_out=raw_out,
+            frame=frame,
+            tile=tile,
+            overlap=overlap,
+            tile_res=tile_res,
+            max_memory=max_memory,
+            compile_mode=compile_mode,
+            shard=shard,
+            engine=engine,
+            ray_address=ray_address,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+        )
+    )
 
 
 @app.command()
-def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 8, tta: Tta = "none",
-                out: Out = None, model: Model = None, output_kind: OutputKind = None, fmt: Format = "png,png16",
-                exr_half: ExrHalf = False, exr_compression: ExrCompression = "zip", processing_res: ProcRes = 768, resample: Resample = "bilinear", latent: Latent = "mean",
-                seed: Seed = 0, batch_size: Batch = 4, device: Device = "auto", dtype: Dtype = "auto",
-                cmap: SpreadCmap = "inferno", skip_existing: Skip = False, max_pixels: MaxPixels = 100_000_000,
-                json: Json = False, fps: Fps = None, start: Start = None, end: End = None,
-                max_frames: MaxFrames = None, raw: Raw = None, raw_out: SpreadRawOut = "f32",
-                frame: Frame = "lotus", tile: Tile = None, overlap: Overlap = 0.25, tile_res: TileRes = None,
-                max_memory: MaxMemory = "auto",
-          compile_mode: Compile = "off", shard: ShardOpt = None, engine: EngineOpt = "local",
-          ray_address: RayAddress = None, workers: Workers = 1, gpus_per_worker: GpusPerWorker = 0.0,
-          cpus_per_worker: CpusPerWorker = 1.0):
+def uncertainty(
+    inputs: Inputs = None,
+    task: Task = "depth",
+    samples: Samples = 8,
+    tta: Tta = "none",
+    out: Out = None,
+    model: Model = None,
+    output_kind: OutputKind = None,
+    fmt: Format = "png,png16",
+    exr_half: ExrHalf = False,
+    exr_compression: ExrCompression = "zip",
+    processing_res: ProcRes = 768,
+    resample: Resample = "bilinear",
+    latent: Latent = "mean",
+    seed: Seed = 0,
+    batch_size: Batch = 4,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    cmap: SpreadCmap = "inferno",
+    skip_existing: Skip = False,
+    max_pixels: MaxPixels = 100_000_000,
+    json: Json = False,
+    fps: Fps = None,
+    start: Start = None,
+    end: End = None,
+    max_frames: MaxFrames = None,
+    raw: Raw = None,
+    raw_out: SpreadRawOut = "f32",
+    frame: Frame = "lotus",
+    tile: Tile = None,
+    overlap: Overlap = 0.25,
+    tile_res: TileRes = None,
+    max_memory: MaxMemory = "auto",
+    compile_mode: Compile = "off",
+    shard: ShardOpt = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddress = None,
+    workers: Workers = 1,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    cpus_per_worker: CpusPerWorker = 1.0,
+):
     """Per-pixel uncertainty of depth or normals (Lotus-G's spread over noise samples).
 
     Paper Sec. 4.4: run a Lotus-G model several times with different noise and write the spread (depth:
@@ -475,11 +793,48 @@ def uncertainty(inputs: Inputs = None, task: Task = "depth", samples: Samples = 
     float32 spread of each frame goes to stdout. --output-kind: disparity or depth (normal with --task normal)."""
     if task not in ("depth", "normal"):
         fail(UsageError(f"--task must be depth or normal, not {task!r}"))
-    _predict(PredictArgs(
-        task, inputs=tuple(inputs or ()), out=out, model=model, output_kind=output_kind, fmt=fmt,
-        exr_half=exr_half, exr_compression=exr_compression, processing_res=processing_res, resample=resample, latent=latent, seed=seed, batch_size=batch_size,
-        device=device, dtype=dtype, cmap=cmap, skip_existing=skip_existing, max_pixels=max_pixels, json=json,
-        fps=fps, start=start, end=end, max_frames=max_frames, stabilize=False, raw=raw, raw_out=raw_out,
-        frame=frame, tile=tile, overlap=overlap, tile_res=tile_res, max_memory=max_memory, compile_mode=compile_mode, shard=shard, engine=engine, ray_address=ray_address, workers=workers,
-        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, uncertainty=True,
-        samples=samples, tta=tta))
+    _predict(
+        PredictArgs(
+            task,
+            inputs=tuple(inputs or ()),
+            out=out,
+            model=model,
+            output_kind=output_kind,
+            fmt=fmt,
+            exr_half=exr_half,
+            exr_compression=exr_compression,
+            processing_res=processing_res,
+            resample=resample,
+            latent=latent,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            cmap=cmap,
+            skip_existing=skip_existing,
+            max_pixels=max_pixels,
+            json=json,
+            fps=fps,
+            start=start,
+            end=end,
+            max_frames=max_frames,
+            stabilize=False,
+            raw=raw,
+            raw_out=raw_out,
+            frame=frame,
+            tile=tile,
+            overlap=overlap,
+            tile_res=tile_res,
+            max_memory=max_memory,
+            compile_mode=compile_mode,
+            shard=shard,
+            engine=engine,
+            ray_address=ray_address,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+            uncertainty=True,
+            samples=samples,
+            tta=tta,
+        )
+    )
