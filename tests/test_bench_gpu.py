@@ -25,6 +25,7 @@ def run(*args, timeout=600):
     )
 
 
+@pytest.mark.heavy
 def test_runs_end_to_end_on_a_cpu_and_prints_every_row(depth_g, tmp_path):
     out = run(
         "--device",

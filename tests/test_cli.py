@@ -122,6 +122,7 @@ def test_usage_errors_exit_2_with_one_line(photos, tmp_path, depth_d):
     assert r.exit_code == 1 and "no such file" in r.stderr
 
 
+@pytest.mark.heavy
 def test_installed_command_reads_stdin_and_keeps_stdout_clean(photos, tmp_path, depth_d):
     listing = f"{photos / 'a' / 'x.jpg'}\n{photos / 'b' / 'x.jpg'}\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -268,6 +269,7 @@ def _popen(args, **kw):
     )
 
 
+@pytest.mark.heavy
 def test_closed_stdout_stops_at_once_with_status_141(tmp_path, depth_d):
     src = tmp_path / "many"
     src.mkdir()

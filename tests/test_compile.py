@@ -39,6 +39,7 @@ def test_without_a_cpp_compiler_it_runs_eagerly_with_one_reason(depth_g, monkeyp
     np.testing.assert_array_equal(pred.predict(img, OPTS).map, eager)
 
 
+@pytest.mark.heavy
 def test_a_failing_compiler_falls_back_to_eager_at_the_first_call(depth_g, inductor_env):
     pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32")
     img = make_image(48, 64)

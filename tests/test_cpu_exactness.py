@@ -35,7 +35,7 @@ def difference(pred, folder, task, img, seed=5) -> float:
 
 
 @pytest.mark.parametrize("task,family", [("depth", "g"), ("depth", "d"), ("normal", "g"), ("normal", "d")])
-@pytest.mark.parametrize("hw", [(288, 320), (384, 512)])
+@pytest.mark.parametrize("hw", [(288, 320), pytest.param((384, 512), marks=pytest.mark.heavy)])
 def test_the_default_cpu_path_is_within_the_stated_bound(checkpoints, task, family, hw, monkeypatch):
     folder = checkpoints[(task, family)]
     img = make_image(*hw, seed=3)

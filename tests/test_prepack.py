@@ -115,6 +115,7 @@ def test_a_packed_vae_in_strips_equals_the_plain_vae(depth_d, monkeypatch):
         torch.testing.assert_close(strips.encode(packed, x, 6), vae.encode(x).latent_dist.parameters, atol=2e-5, rtol=0)
 
 
+@pytest.mark.heavy
 def test_without_working_operators_nothing_is_packed(depth_d, monkeypatch):
     monkeypatch.setattr(prepack, "_works", lambda dtype: False)
     pred = LotusPredictor.from_pretrained(str(depth_d), device="cpu", dtype="fp32")

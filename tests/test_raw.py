@@ -1,12 +1,14 @@
 import subprocess
 
 import numpy as np
+import pytest
 
 from lotus_cli.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
 
 
+@pytest.mark.heavy
 def test_raw_pipe_f32_equals_library(depth_d):
     frames = [make_image(24, 32, seed=s) for s in range(3)]
     data = b"".join(f.tobytes() for f in frames)
@@ -34,6 +36,7 @@ def test_raw_pipe_f32_equals_library(depth_d):
         np.testing.assert_allclose(o, pred.predict(f, PredictOptions(processing_res=32)).map, atol=1e-6)
 
 
+@pytest.mark.heavy
 def test_raw_pipe_rgb_and_short_frame(checkpoints):
     frame = make_image(24, 32).tobytes()
     p = subprocess.run(

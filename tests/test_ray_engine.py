@@ -20,7 +20,7 @@ from .test_video import make_clip
 
 ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'lotus-cli[ray]'")
 psutil = pytest.importorskip("psutil")
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.heavy]  # a Ray cluster per test: the full tier only
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--processing-res", "64"]

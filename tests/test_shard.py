@@ -124,6 +124,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_torchrun_two_ranks_write_every_output_once(folder, tmp_path, depth_d):
     out = tmp_path / "out"

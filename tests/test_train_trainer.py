@@ -51,6 +51,7 @@ def losses(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
 
 
+@pytest.mark.heavy
 def test_training_lowers_validation_error_and_the_result_loads(world, tmp_path):
     from typer.testing import CliRunner
 
@@ -122,6 +123,7 @@ def test_resume_continues_the_same_loss_curve(world, tmp_path):
         )
 
 
+@pytest.mark.heavy
 def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
     common = [
         "--base",
@@ -192,6 +194,7 @@ def fake_scannet(src: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.heavy
 def test_normal_training_and_benchmark_evaluation_during_training(world, tmp_path):
     from lotus_cli.predictor import LotusPredictor
 

@@ -265,6 +265,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
 """
 
 
+@pytest.mark.heavy
 def test_memory_flat_over_a_long_clip(tmp_path):
     root = str(Path(__file__).resolve().parents[1])
     growth = {}
@@ -280,6 +281,7 @@ def test_memory_flat_over_a_long_clip(tmp_path):
     assert growth[600] - growth[30] < 10 * 320 * 240 * 4 * 3
 
 
+@pytest.mark.heavy
 def test_ctrl_c_on_the_command_line_leaves_a_playable_video(tmp_path, depth_d):
     import os
     import signal

@@ -146,6 +146,9 @@ def _check(a: PredictArgs) -> None:
             )
         if [i for i in a.inputs if i != "-"]:
             raise UsageError("--raw reads frames from stdin; give no input paths (or just -)")
+        from ..runner import parse_size
+
+        parse_size(a.raw)  # a bad WIDTHxHEIGHT is a usage error before any model is looked up
     flags = [i for i in a.inputs if i.lower() in BOOLEAN_WORDS and not Path(i).exists()]
     if flags:
         raise UsageError(
