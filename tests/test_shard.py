@@ -246,3 +246,12 @@ def test_a_first_run_judges_nothing_and_reads_no_checkpoint(tmp_path):
     (tmp_path / "a" / "x.16bit.png").write_bytes(b"")
     keep, why = reuse(item)
     assert asked == [1] and not keep and "processing_res None -> 32" in why
+
+
+def test_scaled_out_messages_print_names_once_escaped(tmp_path, depth_d):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "in" / "ok.png")
+    (tmp_path / "in" / "bad [x].png").write_bytes(b"not a png")
+    r = cli("depth", tmp_path / "in", "-o", tmp_path / "o", "-m", depth_d, "--processing-res", "32", "--shard", "0/1")
+    assert r.exit_code == 1, r.output
+    assert "bad [x].png" in r.stderr and "bad \\[x]" not in r.stderr  # say() escapes; escaping twice showed a \

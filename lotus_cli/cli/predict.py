@@ -203,19 +203,7 @@ def _predict(a: PredictArgs) -> None:
         fail(e)
     if a.raw is None:
         for p in problems:
-            say(f"failed: {p}", "red")
-            _emit(
-                a,
-                {
-                    "input": p.subject,
-                    "status": "failed",
-                    "error": str(p),
-                    "outputs": {},
-                    "kind": None,
-                    "frames": 0,
-                    "seconds": 0.0,
-                },
-            )
+            _report_problem(a, p)
         if not items:
             say("error: no usable inputs", "red")
             raise typer.Exit(1 if problems else 2)
@@ -280,7 +268,7 @@ def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> Non
         a.device,
         a.dtype,
         a.max_pixels,
-        kind if ensemble else None,
+        "uncertainty" if ensemble else None,
         functools.partial(_predict_fn, tiles=tiles, ensemble=ensemble),
         _changing_options(a, tiles, ensemble),
     )
@@ -288,19 +276,7 @@ def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> Non
 
     def on_problem(p):
         counts["problems"] += 1
-        say(f"failed: {escape(p)}", "red")
-        _emit(
-            a,
-            {
-                "input": p.subject,
-                "status": "failed",
-                "error": str(p),
-                "outputs": {},
-                "kind": None,
-                "frames": 0,
-                "seconds": 0.0,
-            },
-        )
+        _report_problem(a, p)
 
     def on_result(r, name):
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -308,10 +284,10 @@ def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> Non
             f"{a.task}: {counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, "
             f"{counts.get('failed', 0)} failed"
         )
-        if r.redone:
-            say(f"redone: {escape(name)}: {escape(r.redone)}", "yellow")
+        if r.redone:  # say() escapes what it prints
+            say(f"redone: {name}: {r.redone}", "yellow")
         if r.status == "failed":
-            say(f"failed: {escape(r.error)}", "red")
+            say(f"failed: {r.error}", "red")
         _emit(a, {**r.record(kind), "input": name})
 
     t0 = time.perf_counter()
@@ -326,7 +302,7 @@ def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> Non
                 on_result=on_result,
                 on_problem=on_problem,
                 load_predictor=load_predictor,
-                on_warning=lambda w: say(f"warning: {escape(w)}", "yellow"),
+                on_warning=lambda w: say(f"warning: {w}", "yellow"),
             )
     except KeyboardInterrupt:
         say("interrupted: finished outputs are complete; rerun the same command to finish the rest", "yellow")
@@ -470,6 +446,23 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _report_problem(a: PredictArgs, problem: InputError) -> None:
+    """An input that cannot be used at all: its `failed:` line, and its record in --json mode."""
+    say(f"failed: {problem}", "red")
+    _emit(
+        a,
+        {
+            "input": problem.subject,
+            "status": "failed",
+            "error": str(problem),
+            "outputs": {},
+            "kind": None,
+            "frames": 0,
+            "seconds": 0.0,
+        },
+    )
 
 
 def _emit(a: PredictArgs, record: dict) -> None:
