@@ -113,14 +113,6 @@ class OutputSpec:
     style: sinks.Style = sinks.Style()
     skip_existing: bool = False
 
-    @property
-    def exr_half(self) -> bool:
-        return self.style.exr_half
-
-    @property
-    def exr_compression(self) -> str:
-        return self.style.exr_compression
-
 
 @dataclass(frozen=True)
 class Made:
