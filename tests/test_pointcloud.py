@@ -3,6 +3,7 @@ alignment to metric depth, and real RGB-D frames (skipped when ../shared/data is
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -866,3 +867,12 @@ def test_cli_skip_existing_redoes_a_cloud_whose_normals_came_from_elsewhere(tmp_
     assert json.loads((tmp_path / "o" / "x.json").read_text())["normal_model"] == str(normal_d)
     r = lotus(*base, "--normal-model", normal_d)
     assert r.exit_code == 0 and "1 skipped" in r.output, r.output
+
+
+def test_json_records_stay_utf8_for_undecodable_names(tmp_path, depth_d):
+    src = tmp_path / "odd"
+    src.mkdir()
+    os.close(os.open(os.fsencode(src) + b"/caf\xe9.png", os.O_CREAT | os.O_WRONLY))  # not UTF-8, empty
+    r = CliRunner().invoke(app, ["pointcloud", str(src), "--json", "-m", str(depth_d), "-o", str(tmp_path / "o")])
+    records = [json.loads(line) for line in r.stdout_bytes.decode("utf-8").splitlines()]  # strict UTF-8
+    assert [rec["input"].rsplit("/", 1)[1] for rec in records] == ["caf\\xe9.png"]

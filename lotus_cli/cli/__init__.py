@@ -100,6 +100,29 @@ def write_stdout(text: str) -> None:
         stdout_closed()
 
 
+def json_safe(value):
+    """``value`` with every string valid UTF-8: undecodable bytes of file names (lone surrogates in Python's
+    str) become the text ``\\xNN``."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_record(record: dict) -> None:
+    """One NDJSON line (``--json``) on stdout, valid UTF-8 whatever the file names, flushed at once."""
+    import json
+
+    write_stdout(json.dumps(json_safe(record)) + "\n")
+
+
 def _version(value: bool):
     if value:
         print(f"lotus-cli {__version__}")

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from ..errors import InputError, LotusError, UsageError
-from . import app, fail, load_predictor, say, write_stdout
+from . import app, fail, load_predictor, say, write_record
 from .options import (
     Device,
     Dtype,
@@ -853,22 +853,17 @@ class _Job:
         elif status == "skipped":
             self.skipped += 1
         if self.a.json:
-            import json
-
-            write_stdout(
-                json.dumps(
-                    {
-                        "input": str(subject),
-                        "status": status,
-                        "kind": KIND,
-                        "outputs": outputs,
-                        "frames": frames,
-                        "seconds": round(seconds, 4),
-                        "error": error,
-                        "redone": redone,
-                    }
-                )
-                + "\n"
+            write_record(
+                {
+                    "input": str(subject),
+                    "status": status,
+                    "kind": KIND,
+                    "outputs": outputs,
+                    "frames": frames,
+                    "seconds": round(seconds, 4),
+                    "error": error,
+                    "redone": redone,
+                }
             )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from ..errors import InputError, LotusError, UsageError
-from . import app, console, escape, fail, load_predictor, say, stdout_closed, write_stdout
+from . import app, console, escape, fail, load_predictor, say, stdout_closed, write_record
 
 # The option types are shared with `lotus pointcloud` and `lotus eval` (options.py); re-exported here for
 # the modules that import them from this one.
@@ -432,22 +432,6 @@ def _raw(a: PredictArgs, ref, opts, tiles=None, ensemble=None) -> None:
     raise typer.Exit(0)
 
 
-def _json_safe(value):
-    """``value`` with every string valid UTF-8: undecodable bytes of file names (lone surrogates in Python's
-    str) become the text ``\\xNN``."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-            return value
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    if isinstance(value, dict):
-        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _report_problem(a: PredictArgs, problem: InputError) -> None:
     """An input that cannot be used at all: its `failed:` line, and its record in --json mode."""
     say(f"failed: {problem}", "red")
@@ -468,9 +452,7 @@ def _report_problem(a: PredictArgs, problem: InputError) -> None:
 def _emit(a: PredictArgs, record: dict) -> None:
     """One NDJSON line on stdout in --json mode (flushed, so pipelines see it at once)."""
     if a.json:
-        import json
-
-        write_stdout(json.dumps(_json_safe(record)) + "\n")
+        write_record(record)
 
 
 def _run(
