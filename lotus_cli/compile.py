@@ -221,9 +221,3 @@ def compile_status(predictor) -> str | None:
     return next(
         (m._compiled_call_impl.reason for m in _compiled_modules(predictor) if m._compiled_call_impl.reason), None
     )
-
-
-def uncompile(predictor) -> None:
-    """Back to eager modules (their weights stay unpacked; the VAE's strips stay off)."""
-    for m in _compiled_modules(predictor):
-        m._compiled_call_impl = None

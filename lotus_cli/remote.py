@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from . import sinks
 from .errors import InputError, OutputError, UsageError
 from .models import cache_dir
-from .sources import Item, _assign_keys
+from .sources import Item, _assign_keys, _hidden
 
 # "s3://b/k", or "s3:/b/k" as pathlib leaves a URL given to a Path option; not "C:/x" (one letter)
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")
@@ -137,10 +137,6 @@ def _full(url: str) -> str:
 
 def _below(url: str, folder: str) -> bool:
     return url == folder or url.startswith(folder + "/")
-
-
-def _hidden(parts) -> bool:
-    return any(p.startswith(".") for p in parts)
 
 
 def fetch(url: str, local: Path) -> Path:

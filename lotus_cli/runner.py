@@ -28,7 +28,7 @@ import numpy as np
 
 from . import sinks
 from .errors import InputError, LotusError, UsageError
-from .formats import FORMATS, get_format
+from .formats import DEPTH_KINDS, FORMATS, get_format
 from .geometry import NORMAL_FRAMES
 from .predictor import LotusPredictor, Prediction, PredictOptions, processing_size
 from .sources import DEFAULT_MAX_PIXELS, Item, read_image
@@ -333,7 +333,7 @@ def video_options(
 
 
 def _stabilizes(spec: VideoSpec, kind: str) -> bool:
-    return spec.stabilize and kind in ("disparity", "depth")
+    return spec.stabilize and kind in DEPTH_KINDS
 
 
 class ClipEncoder:

@@ -46,10 +46,6 @@ def output_paths(out_dir: Path, key: str, formats: tuple[str, ...]) -> dict[str,
     return {**map_paths(base, formats), "json": base.with_name(base.name + ".json")}
 
 
-def outputs_exist(paths: dict[str, Path]) -> bool:
-    return all(p.is_file() for p in paths.values())
-
-
 def clear_stale_temporaries(folder: Path, older_than: float = STALE_AFTER) -> list[Path]:
     """Remove the temporaries of ours (``.<name>.<random>.tmp``) in ``folder`` not written to for
     ``older_than`` seconds: what a killed run left. Other files, and younger temporaries (a concurrent

@@ -62,12 +62,10 @@ def doctor(
     load, cores = calibrate.busy()
     loaded = None
     if model is not None:
-        from .. import models
         from ..predictor import LotusPredictor
 
         try:
-            ref = models.fetch(models.resolve(model, None))
-            pred = LotusPredictor.from_pretrained(ref, device="cpu", dtype="fp32", processing_res=processing_res)
+            pred = LotusPredictor.from_pretrained(model, device="cpu", dtype="fp32", processing_res=processing_res)
         except LotusError as e:
             fail(e)
         loaded = {"model": pred.source, **pred.engine.choices.__dict__, "weights_gb": pred.weight_bytes() / 1e9}

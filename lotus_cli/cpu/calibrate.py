@@ -406,6 +406,7 @@ def time_strips(vae, dtype, size, layout: str) -> dict[str, float]:
                 up(xu)
 
         out["0"] = _best(plain)
+        clone = _best(lambda: x.clone(memory_format=fmt))  # what each striped run spends copying its input
         for rows in ROW_CHOICES:
             if rows >= band:
                 continue
@@ -415,6 +416,5 @@ def time_strips(vae, dtype, size, layout: str) -> dict[str, float]:
                 if up is not None:
                     strips.upsample(up, xu, rows)
 
-            clone = _best(lambda: x.clone(memory_format=fmt))
             out[str(rows)] = max(_best(striped) - clone, 0.0)
     return out
