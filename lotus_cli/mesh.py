@@ -130,13 +130,7 @@ def encode(
     ``texture`` uint8 [h, w, 3], an image of the map's aspect ratio (needed for GLB and OBJ); ``comments``
     go into the PLY header and the OBJ's first lines. Binary PLY (positions and normals as doubles: Open3D's
     mesh writer), GLB with the texture embedded as PNG."""
-    try:
-        import open3d as o3d
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise UsageError(
-            f"meshes need Open3D ({e})",
-            "pip install 'lotus-cli[pointcloud]' (Linux also needs libusb-1.0: apt-get install libusb-1.0-0)",
-        ) from e
+    o3d = sinks.open3d("meshes")
     v, n = mesh.vertices, mesh.normals
     if fmt == "glb" and mesh.up == "opencv":
         v, n = v * TO_OPENGL, (n * TO_OPENGL if n is not None else None)
@@ -165,19 +159,11 @@ def encode(
         files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.name != main}
         data = Path(path).read_bytes()
     if fmt == "ply":
-        data = _ply_comments(data, comments)
+        data = sinks.ply_comments(data, comments)
     elif fmt == "obj":
         data = "".join(f"# {' '.join(c.split())}\n" for c in comments).encode("ascii", "replace") + data
     files[main] = data
     return files
-
-
-def _ply_comments(data: bytes, comments: list[str]) -> bytes:
-    """``comment`` lines after a PLY's "ply" and "format" lines (Open3D's writer has no option for them)."""
-    head, sep, body = data.partition(b"end_header\n")
-    lines = head.split(b"\n")
-    extra = [("comment " + " ".join(c.split())).encode("ascii", "replace") for c in comments]
-    return b"\n".join(lines[:2] + extra + lines[2:]) + sep + body
 
 
 def write(
