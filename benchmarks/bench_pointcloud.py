@@ -195,7 +195,7 @@ def meshes() -> None:
             t0 = time.perf_counter()
             mesh = M.from_cloud(cloud)
             t_mesh = time.perf_counter() - t0
-            longest = M.edge_lengths(mesh.vertices, mesh.faces).max(-1)
+            longest = g.edge_lengths(mesh.vertices, mesh.faces).max(-1)
             stretch = longest / (mesh.vertices[mesh.faces][..., 2].min(-1) / K.fx)
             q = 1000 * np.percentile(longest, [50, 99, 99.9, 100])
             print(

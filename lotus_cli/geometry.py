@@ -27,8 +27,17 @@ NORMAL_FRAMES: dict[str, tuple[tuple[int, int, int], str]] = {
     "opengl": ((-1, 1, 1), "x right, y up, z toward the camera (OpenGL / Blender camera frame)"),
     "opencv": ((-1, -1, -1), "x right, y down, z away from the camera (OpenCV camera frame)"),
 }
+# OpenCV camera frame (x right, y down, z forward) <-> OpenGL (x right, y up, z toward the viewer): y and z
+# reversed, a rotation by 180 degrees about x, its own inverse
+TO_OPENGL = np.array([1, -1, -1], np.float32)
 DEFAULT_FOV = 60.0  # degrees, horizontal: between a phone's main camera (~65-70) and a normal lens (~40-50)
 FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)  # what a "35 mm equivalent" focal length refers to
+
+
+def edge_lengths(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Lengths [F, 3] of each triangle's edges (``vertices`` [N, D], ``faces`` [F, 3]), in the vertices' units."""
+    p = vertices[faces].astype(np.float64)
+    return np.linalg.norm(p - np.roll(p, -1, axis=1), axis=-1)
 
 
 def convert_normals(n: np.ndarray, frame: str, source: str = "lotus") -> np.ndarray:

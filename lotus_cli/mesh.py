@@ -27,9 +27,9 @@ import numpy as np
 
 from . import sinks
 from .errors import OutputError, UsageError
+from .geometry import TO_OPENGL
 
 FORMATS = {"ply": ".mesh.ply", "glb": ".glb", "obj": ".obj"}  # format -> suffix of the main file
-TO_OPENGL = np.array([1, -1, -1], np.float32)  # OpenCV <-> OpenGL: a rotation by 180 degrees about x
 GLB_FRAME = "glTF's frame: x right, y up, z toward the viewer (the camera looks down -z), metres"
 
 
@@ -111,12 +111,6 @@ def triangle_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     p = vertices[faces].astype(np.float64)  # [F, 3, 3]
     n = np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
     return n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-30)
-
-
-def edge_lengths(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Lengths [F, 3] of each triangle's edges, in the vertices' units."""
-    p = vertices[faces].astype(np.float64)
-    return np.linalg.norm(p - np.roll(p, -1, axis=1), axis=-1)
 
 
 # ------------------------------------------------------------------------------------------- files

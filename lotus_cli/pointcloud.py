@@ -400,9 +400,8 @@ def build_cloud(
         nrm = normals[chosen].astype(np.float32)
         missing = ~np.isfinite(nrm).all(-1)
         nrm[missing] = -pts[missing] / np.linalg.norm(pts[missing], axis=-1, keepdims=True)
-    if opts.up == "y":  # OpenCV -> OpenGL: y and z reversed (a rotation by 180 degrees about x)
-        flip = np.array([1, -1, -1], np.float32)
-        pts, nrm = pts * flip, (nrm * flip if nrm is not None else None)
+    if opts.up == "y":
+        pts, nrm = pts * g.TO_OPENGL, (nrm * g.TO_OPENGL if nrm is not None else None)
     no_normal = finite & smooth & ~has_normal
     record = {
         "pixels": int(depth.size),

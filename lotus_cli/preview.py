@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .geometry import Intrinsics
+from .geometry import TO_OPENGL, Intrinsics, edge_lengths
 
 YAW, PITCH = 12.0, 6.0  # degrees: enough parallax to show depth, little enough to keep the input's framing
 
@@ -74,8 +74,7 @@ def render(
     col = colors.astype(np.float32)
     if faces is not None and len(faces):
         uv = np.stack([Kp.fx * q[:, 0] / q[:, 2] + Kp.cx, Kp.fy * q[:, 1] / q[:, 2] + Kp.cy], -1)
-        e = uv[faces]  # [F, 3, 2]
-        longest = np.linalg.norm(e - np.roll(e, -1, axis=1), axis=-1).max(-1)
+        longest = edge_lengths(uv, faces).max(-1)  # [F], in preview pixels
         attrs = (col, nr) if nr is not None else (col,)
         q, col, *rest = _samples(q, faces, longest, *attrs)
         nr = rest[0] if rest else None
@@ -113,7 +112,7 @@ def render_cloud(shown, K: Intrinsics, stride: int = 1) -> np.ndarray:
     ``stride`` they were thinned by."""
     faces = getattr(shown, "faces", None)
     pts = shown.vertices if faces is not None else shown.points
-    flip = np.array([1, -1, -1], np.float32) if shown.up == "y" else np.ones(3, np.float32)  # back to OpenCV
+    flip = TO_OPENGL if shown.up == "y" else np.ones(3, np.float32)  # back to OpenCV (the flip is its own inverse)
     normals = shown.normals * flip if shown.normals is not None else None
     return render(pts * flip, shown.colors, normals, K, faces, splat=max(1, math.ceil(stride / 2)))
 

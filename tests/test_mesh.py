@@ -265,7 +265,7 @@ def stretch(mesh, K):
     """Each triangle's longest edge in pixel footprints (z / f) at its nearest vertex: about 1.4 for a surface
     facing the camera, large for grazing surfaces and for triangles that bridge a depth edge."""
     z = mesh.vertices[mesh.faces][..., 2].min(-1)
-    return M.edge_lengths(mesh.vertices, mesh.faces).max(-1) / (z / min(K.fx, K.fy))
+    return g.edge_lengths(mesh.vertices, mesh.faces).max(-1) / (z / min(K.fx, K.fy))
 
 
 def test_cli_skip_existing_counts_the_mesh_files(tmp_path):
