@@ -395,13 +395,19 @@ def check_layout(folder: Path) -> None:
         )
 
 
+def latent_factor(vae_config) -> int:
+    """Image pixels per latent cell side of a VAE (8 for Stable Diffusion 2; tiny test models differ), from its
+    config (a diffusers config or the parsed vae/config.json): it halves the image once per level after the
+    first."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def pixels_per_latent(folder: Path) -> int:
     """Image pixels per latent cell of a checkpoint's VAE (8 for Stable Diffusion 2), from vae/config.json
     without loading weights: the VAE halves the image once per level after the first. It is also the
     smallest side the VAE encodes (its stride-2 convolutions need two rows at every level)."""
     try:
-        cfg = json.loads((folder / "vae" / "config.json").read_text())
-        return 2 ** (len(cfg["block_out_channels"]) - 1)
+        return latent_factor(json.loads((folder / "vae" / "config.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(
             f"{folder}/vae/config.json: unreadable ({e})", "pass a folder in the hub layout (unet/, vae/, ...)"

@@ -223,7 +223,7 @@ class LotusPredictor:
         self.family = "g" if unet.config.in_channels == 8 else "d"
         self.task, self.kind = entry.task, entry.kind
         self.scaling_factor = float(vae.config.scaling_factor)
-        self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_factor = models.latent_factor(vae.config)
         self.latent_channels = int(vae.config.latent_channels)
         self.prompt_embedding = prompt_embedding.to(device=device, dtype=dtype)  # [1, T, D]
         self.warnings: list[str] = []

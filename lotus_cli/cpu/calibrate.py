@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from ..models import latent_factor
 from . import prepack, strips
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the instruction sets that decide the kernels
@@ -307,7 +308,7 @@ def trace_convolutions(unet, vae, size: tuple[int, int]) -> list[tuple[torch.nn.
                     calls.setdefault(k, [part, name, 0])[2] += 1
 
                 hooks.append(m.register_forward_hook(record))
-    cfg, f = unet.config, 2 ** (len(vae.config.block_out_channels) - 1)
+    cfg, f = unet.config, latent_factor(vae.config)
     latent = (size[0] // f, size[1] // f)
     with torch.inference_mode(), torch.device("meta"):
         ghosts["vae"].encode(torch.empty(1, vae.config.in_channels, *size))
@@ -376,7 +377,7 @@ def time_strips(vae, dtype, size, layout: str) -> dict[str, float]:
         return {}
     ups = [ub for ub in dec.up_blocks if ub.upsamplers]
     ub = dec.up_blocks[-1]
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = latent_factor(vae.config)
     h, w = (size[0] // f) * f, (size[1] // f) * f
     if h * w < strips.MIN_PIXELS:
         return {}

@@ -157,7 +157,7 @@ def _micro_step(p: _Parts, opts: TrainOptions, batch: dict, step: int, micro: in
     acc, vae = p.acc, p.vae
     batch = {key: v.to(acc.device) for key, v in batch.items()}
     anno = annotation(batch, opts.step)  # [b, 3, H, W] in [-1, 1]
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = models.latent_factor(vae.config)
     h, w = batch["rgb"].shape[-2:]
     draws = _local_draws(
         opts, step, micro, acc.num_processes, acc.process_index, (vae.config.latent_channels, h // f, w // f)
