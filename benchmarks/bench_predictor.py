@@ -201,7 +201,7 @@ def main() -> None:
     m = machine()
     print(
         f"CPU: {m.cpu}; flags: {' '.join(f for f in FLAGS if f in m.flags) or 'none of ' + ', '.join(FLAGS)}; "
-        f"{m.cores} cores; load average {os.getloadavg()[0]:.1f}"
+        f"kernels: {m.isa}; {m.cores} cores; load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.res} px, best of "

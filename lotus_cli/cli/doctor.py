@@ -87,6 +87,7 @@ def doctor(
         return
     _row("CPU", m.cpu)
     _row("flags", "  ".join(f"{f} {'yes' if f in m.flags else 'no'}" for f in calibrate.FLAGS))
+    _row("kernels", f"{m.isa} (flags above are those the kernels may use)")
     _row("cores", cores)
     _row("torch", f"{m.torch} (oneDNN {'yes' if torch.backends.mkldnn.is_available() else 'no'})")
     _row("threads", f"{m.threads} (torch's default is one per core; OMP_NUM_THREADS sets it)")

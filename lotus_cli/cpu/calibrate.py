@@ -31,6 +31,7 @@ ignored and rewritten.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -57,18 +58,25 @@ STRIP_WIDTH = 128
 LAYOUTS = ("nchw", "channels_last", "channels_last+packed")
 
 
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 @dataclass(frozen=True)
 class Machine:
-    """The CPU as the kernels see it: model name, the FLAGS it has, logical cores; torch and its threads."""
+    """The CPU as the kernels see it: model name, the FLAGS its kernels may use, logical cores; torch and its
+    threads; ``isa``: torch's vector capability and any of ``ISA_CAPS`` set in the environment."""
 
     cpu: str
     flags: tuple[str, ...]
     cores: int
     torch: str
     threads: int
+    isa: str = ""
 
 
-def machine() -> Machine:
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) from /proc/cpuinfo, read once per process."""
     names, flags = [], set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -79,9 +87,33 @@ def machine() -> Machine:
                 flags |= set(value.split())
     except OSError:  # not Linux: the name platform gives, and no flags known
         pass
-    cpu = names[0] if names else (platform.processor() or platform.machine())
+    return (names[0] if names else (platform.processor() or platform.machine())), frozenset(flags)
+
+
+def usable_flags(flags, capability: str, caps: dict[str, str]) -> tuple[str, ...]:
+    """The FLAGS the kernels may use: the CPU's, less AVX-512 (and its bf16 / AMX) where torch's vector
+    capability is below AVX-512 or the environment caps oneDNN or MKL below it (``ONEDNN_MAX_CPU_ISA=AVX2``
+    and the like, which run an AVX-512 CPU's kernels as on an AVX2-only one)."""
+    out = {f for f in FLAGS if f in flags}
+    limits = [capability.upper()] + [caps[k].upper() for k in ISA_CAPS[1:] if k in caps]
+    if any(not v.startswith(("AVX512", "AVX10", "ALL")) for v in limits if v):
+        out -= {"avx512f", "avx512_bf16", "amx_bf16"}
+    for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # oneDNN runs bf16 natively from these up
+        v = caps.get(k, "ALL").upper()
+        if v != "ALL" and "AMX" not in v:
+            out.discard("amx_bf16")
+            if "BF16" not in v and not v.startswith("AVX10"):
+                out.discard("avx512_bf16")
+    return tuple(f for f in FLAGS if f in out)
+
+
+def machine() -> Machine:
+    cpu, flags = _cpuinfo()
+    capability = torch.backends.cpu.get_cpu_capability()
+    caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
+    isa = " ".join([capability] + [f"{k}={v}" for k, v in caps.items()])
     return Machine(
-        cpu, tuple(f for f in FLAGS if f in flags), os.cpu_count() or 1, torch.__version__, torch.get_num_threads()
+        cpu, usable_flags(flags, capability, caps), os.cpu_count() or 1, torch.__version__, torch.get_num_threads(), isa
     )
 
 
@@ -208,6 +240,7 @@ def cache_key(unet, vae, dtype, size, layouts) -> str:
     ident = {
         "cpu": m.cpu,
         "flags": m.flags,
+        "isa": m.isa,
         "torch": m.torch,
         "threads": m.threads,
         "dtype": str(dtype),
