@@ -1,4 +1,4 @@
-"""The VAE's dtype on GPUs: fp16 unless fp16 overflows at the processing size.
+"""The VAE's dtype when a model runs in fp16 (GPUs): fp16 unless fp16 overflows at the processing size.
 
 SD VAEs in fp16 can produce inf/NaN: the decoder's high-resolution activations grow with the image and
 can exceed fp16's largest value (65504), while the UNet is fine in fp16. bf16 has fp32's range (at less
@@ -8,9 +8,12 @@ depends on the weights and the size, so it is probed once per (VAE, size) with a
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-_CHOSEN: dict[tuple[int, tuple[int, int], torch.dtype], tuple[torch.dtype, str | None]] = {}
+# per VAE module (weakly: an id() could be reused by a later VAE): {(size, dtype): (dtype, reason)}
+_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -59,13 +62,14 @@ def vae_dtype_for(
     Returns (dtype, one-line reason or None). Probed once per (vae, size, dtype), one encode and decode."""
     if dtype != torch.float16:
         return dtype, None
-    key = (id(vae), tuple(size), dtype)
-    if key not in _CHOSEN:
+    chosen = _CHOSEN.setdefault(vae, {})
+    key = (tuple(size), dtype)
+    if key not in chosen:
         device = next(vae.parameters()).device
         if vae_finite(vae, dtype, size, channels_last):
-            _CHOSEN[key] = (dtype, None)
+            chosen[key] = (dtype, None)
         else:
             fallback = torch.bfloat16 if bf16_supported(device) else torch.float32
             name = str(fallback).replace("torch.", "")
-            _CHOSEN[key] = (fallback, f"the VAE overflows in fp16 at {size[1]}x{size[0]} px: running it in {name}")
-    return _CHOSEN[key]
+            chosen[key] = (fallback, f"the VAE overflows in fp16 at {size[1]}x{size[0]} px: running it in {name}")
+    return chosen[key]

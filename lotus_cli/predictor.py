@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from . import cpu, models
+from . import cpu, gpu, models
 from .cpu import cpu_has_native_bf16
 from .errors import UsageError
 from .geometry import NORMAL_FRAMES, convert_normals
@@ -240,6 +240,16 @@ class LotusPredictor:
         )
         self.channels_last = self.engine.channels_last
         self.packed = self.engine.packed  # packed modules are inference-only
+        # An SD VAE in fp16 can overflow to inf/NaN at large sizes while the UNet is fine: probed once at
+        # the largest processing size (a square of processing_res), the VAE then runs in bf16 (or fp32)
+        # and the UNet keeps fp16 (gpu.py). Other dtypes: the VAE runs in the model's dtype.
+        self.vae_dtype = dtype
+        if dtype == torch.float16:
+            size = (processing_res, processing_res)
+            self.vae_dtype, why = gpu.vae_dtype_for(vae, dtype, size, channels_last=self.channels_last)
+            if why:
+                vae.to(self.vae_dtype)
+                self.warnings.append(why)
 
     @property
     def strip_rows(self) -> int:
@@ -320,13 +330,13 @@ class LotusPredictor:
 
     def encode(self, x: torch.Tensor, latent: str = "mean", seeds: Sequence[int] | None = None) -> torch.Tensor:
         """[B, 3, h, w] in [-1, 1] -> scaled image latent [B, 4, h//f, w//f] (f = latent_factor)."""
-        dist = DiagonalGaussianDistribution(self.engine.encode(x.to(self.device, self.dtype)))
+        dist = DiagonalGaussianDistribution(self.engine.encode(x.to(self.device, self.vae_dtype)))
         if latent == "sample":
             eps = torch.cat([noise_for(s + POSTERIOR_SEED_OFFSET, (1, *dist.mean.shape[1:])) for s in seeds])
             z = dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)  # as DiagonalGaussianDistribution.sample
         else:
             z = dist.mean
-        return z * self.scaling_factor
+        return (z * self.scaling_factor).to(self.dtype)  # the UNet's dtype (the VAE's may differ: fp16 overflow)
 
     def denoise(
         self, image_latent: torch.Tensor, noise: torch.Tensor | None = None, switch: Sequence[float] = ANNOTATION
@@ -350,7 +360,7 @@ class LotusPredictor:
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Predicted latent [B, 4, h, w] -> float32 [B, 3, h*f, w*f] in [0, 1]."""
-        y = self.engine.decode(latent / self.scaling_factor, self.latent_factor)  # [B, 3, h*f, w*f]
+        y = self.engine.decode((latent / self.scaling_factor).to(self.vae_dtype), self.latent_factor)  # [B, 3, H, W]
         return (y.float() / 2 + 0.5).clamp(0, 1)
 
     def noise(self, seeds: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -469,4 +479,5 @@ class LotusPredictor:
             "family": self.family,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            **({"vae_dtype": str(self.vae_dtype).replace("torch.", "")} if self.vae_dtype != self.dtype else {}),
         }

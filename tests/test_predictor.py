@@ -146,3 +146,37 @@ def test_options_validated():
     for bad in (dict(processing_res=-1), dict(resample="cubic"), dict(latent="mode"), dict(batch_size=0)):
         with pytest.raises(UsageError):
             PredictOptions(**bad)
+
+
+def test_an_fp16_vae_that_overflows_runs_in_bf16_and_the_unet_stays_fp16(depth_g, tmp_path):
+    """SD VAEs in fp16 can give inf/NaN at large sizes (gpu.py): the predictor probes at load and runs the
+    VAE alone in bf16, so the map is finite; a VAE that is fine in fp16 stays in fp16."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    image = make_image(48, 64)
+    fine = LotusPredictor.from_pretrained(depth_g, device="cpu", dtype="fp16", processing_res=64)
+    assert fine.vae_dtype == torch.float16 and "vae_dtype" not in fine.describe()
+    assert not any("overflows" in w for w in fine.warnings)
+
+    folder = tmp_path / "lotus-depth-g-v2-1-disparity"
+    shutil.copytree(depth_g, folder)
+    (weights,) = (folder / "vae").glob("*.safetensors")
+    state = load_file(weights)
+    w = state["decoder.conv_out.weight"]
+    w *= 60000 / w.abs().max()  # fp16 still holds the weights, not the decoded values: bf16 holds both
+    save_file(state, weights)
+    with torch.inference_mode():
+        pred = LotusPredictor.from_pretrained(folder, device="cpu", dtype="fp16", processing_res=64)
+        assert pred.vae_dtype == torch.bfloat16 and next(pred.vae.parameters()).dtype == torch.bfloat16
+        assert next(pred.unet.parameters()).dtype == torch.float16
+        assert any("overflows in fp16 at 64x64 px" in w for w in pred.warnings)
+        assert pred.describe()["vae_dtype"] == "bfloat16" and pred.describe()["dtype"] == "float16"
+        out = pred.predict(image, PredictOptions(processing_res=64)).map
+        assert np.isfinite(out).all()
+        # the same weights with the VAE left in fp16 give a non-finite decode: what the fallback prevents
+        pred.vae.to(torch.float16)
+        pred.vae_dtype = torch.float16
+        z = pred.encode(pred.resize(pred.to_tensor(image), (48, 64)))
+        assert not torch.isfinite(pred.engine.decode(z / pred.scaling_factor, pred.latent_factor)).all()
