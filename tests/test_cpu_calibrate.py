@@ -145,7 +145,7 @@ def test_the_cache_is_written_reused_and_a_corrupt_one_ignored(modules, timed, t
     first = calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=path)
     data = json.loads(path.read_text())
     (entry,) = data["entries"].values()
-    assert first.how == "measured" and entry["channels_last"] is False and entry["machine"]["cpu"]
+    assert first.how == "measured" and entry["unet"] == entry["vae"] == "nchw" and entry["machine"]["cpu"]
     # reused: no timing at all the second time, the same choice
     monkeypatch.setattr(calibrate, "time_layouts", lambda *a: pytest.fail("timed again despite the cache"))
     again = calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=path)
@@ -154,7 +154,8 @@ def test_the_cache_is_written_reused_and_a_corrupt_one_ignored(modules, timed, t
     monkeypatch.undo()
     for garbage in (
         "{not json",
-        json.dumps({"version": 1, "entries": {k: {"channels_last": "yes"} for k in data["entries"]}}),
+        json.dumps({"version": 2, "entries": {k: {"unet": "yes"} for k in data["entries"]}}),
+        json.dumps({"version": 1, "entries": data["entries"]}),  # an older version's file
         "[]",
         "",
     ):
@@ -237,10 +238,11 @@ def test_the_predictor_runs_as_the_cache_says(depth_g, monkeypatch, tmp_path):
     monkeypatch.setenv("LOTUS_CACHE", str(tmp_path))
     unet, vae = models.load_unet_vae(depth_g, torch.float32, CPU)
     layouts = list(calibrate.LAYOUTS if prepack.available(CPU, torch.float32) else calibrate.LAYOUTS[:2])
+    torch.set_num_threads(1)  # the key holds the thread count the predictor starts with
     key = calibrate.cache_key(unet, vae, torch.float32, (64, 64), layouts)
     record = dict(
-        channels_last=False,
-        pack_weights=False,
+        unet="nchw",
+        vae="nchw",
         strip_rows=0,
         threads=2,
         how="measured",
@@ -250,10 +252,109 @@ def test_the_predictor_runs_as_the_cache_says(depth_g, monkeypatch, tmp_path):
     )
     entries = {"version": calibrate.CACHE_VERSION, "entries": {key: record}}
     (tmp_path / "calibration.json").write_text(json.dumps(entries))
-    pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", processing_res=64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", processing_res=64)
+        assert torch.get_num_threads() == 2  # the recorded thread count is set
+    finally:
+        torch.set_num_threads(before)
     assert pred.engine.choices.how == "cached"
     assert not pred.channels_last and not pred.packed and pred.strip_rows == 0
     assert not any(isinstance(m, prepack.PackedConv2d) for m in pred.vae.modules())
     img, opts = make_image(40, 64, 2), PredictOptions(processing_res=64, seed=3)
     fixed = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", channels_last=True)
     assert np.abs(pred.predict(img, opts).map - fixed.predict(img, opts).map).max() < 1e-5  # NCHW kernels: rounding
+
+
+@pytest.mark.parametrize("fast", [1, 2])
+def test_the_thread_count_that_times_fastest_is_chosen(modules, timed, tmp_path, monkeypatch, fast):
+    """Where the usable CPUs and torch's default differ, the costliest convolutions are timed at each
+    count; the fastest is chosen, and torch's own count is left as it was until the model is prepared."""
+    clock, costs = timed
+    costs.update({lay: 0.01 for lay in calibrate.LAYOUTS})
+    monkeypatch.setattr(calibrate, "thread_candidates", lambda: [1, 2])
+    inner = prepack.conv2d
+
+    def conv2d(x, w, *a, **k):  # the other count made artificially slow
+        clock.tick(0.0 if torch.get_num_threads() == fast else 0.05)
+        return inner(x, w, *a, **k)
+
+    monkeypatch.setattr(prepack, "conv2d", conv2d)
+    before = torch.get_num_threads()
+    c = calibrate.choose(*modules, CPU, torch.float32, processing_res=64, cache=tmp_path / "c.json")
+    assert torch.get_num_threads() == before
+    t = c.times["threads"]
+    assert c.threads == fast and set(t) == {"1", "2"} and t[str(fast)] < t[str(3 - fast)]
+    # the timed layers are THREAD_LAYERS calls' worth: 3 layers x their uses x 0.05 s apart, at least
+    assert t[str(3 - fast)] - t[str(fast)] >= calibrate.THREAD_LAYERS * 0.05 - 1e-9
+
+
+def test_threads_set_by_the_user_or_a_single_candidate_are_not_timed(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert calibrate.thread_candidates() == []
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(calibrate.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert calibrate.thread_candidates() == sorted({torch.get_num_threads(), 4})
+
+
+def test_the_flags_are_those_the_kernels_may_use():
+    """An ISA cap (torch's capability, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) takes AVX-512 out of
+    the flags the rule and the cache key see; a machine capped to AVX2 is calibrated apart."""
+    every = set(calibrate.FLAGS)
+    assert calibrate.usable_flags(every, "AVX512", {}) == calibrate.FLAGS
+    assert calibrate.usable_flags(every, "AVX2", {}) == ("avx2",)
+    assert calibrate.usable_flags(every, "AVX512", {"ONEDNN_MAX_CPU_ISA": "AVX2"}) == ("avx2",)
+    assert calibrate.usable_flags(every, "AVX512", {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}) == ("avx2",)
+    assert calibrate.usable_flags(every, "AVX512", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == ("avx2", "avx512f")
+    bf16 = calibrate.usable_flags(every, "AVX512", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})
+    assert bf16 == ("avx2", "avx512f", "avx512_bf16")
+    assert calibrate.usable_flags({"avx2", "sse4_2"}, "AVX2", {}) == ("avx2",)
+
+
+def test_an_isa_cap_changes_the_machine_and_the_cache_key(modules, monkeypatch):
+    import subprocess
+    import sys
+
+    code = "from lotus_cli.cpu.calibrate import machine; m = machine(); print(m.flags, m.isa)"
+    env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert "avx512f" not in out and "AVX2" in out and "ONEDNN_MAX_CPU_ISA=AVX2" in out
+    keys = set()
+    for isa in ("AVX512", "AVX2 ONEDNN_MAX_CPU_ISA=AVX2"):
+        monkeypatch.setattr(calibrate, "machine", lambda isa=isa: calibrate.Machine("cpu", ("avx2",), 2, "t", 2, isa))
+        keys.add(calibrate.cache_key(*modules, torch.float32, (64, 64), ["nchw"]))
+    assert len(keys) == 2
+
+
+def test_each_module_runs_in_the_layout_fastest_for_it(depth_g, timed, tmp_path, monkeypatch):
+    """A UNet fastest as NCHW beside a VAE fastest channels-last (as measured on AVX2 kernels) runs so:
+    each module in its own memory format, the numbers those of the plain modules."""
+    unet, vae = models.load_unet_vae(depth_g, torch.float32, CPU)
+    vae_convs = {id(m) for m in vae.modules()}
+    fast = {"unet": "nchw", "vae": "channels_last"}
+    monkeypatch.setattr(
+        calibrate,
+        "_conv_estimates",
+        lambda conv, hw, dtype, layouts, gen: {
+            lay: 0.001 if lay == fast["vae" if id(conv) in vae_convs else "unet"] else 0.01 for lay in layouts
+        },
+    )
+    monkeypatch.setenv("LOTUS_CACHE", str(tmp_path))
+    c = calibrate.choose(unet, vae, CPU, torch.float32, processing_res=64)
+    assert (c.unet, c.vae) == ("nchw", "channels_last") and c.layout == "unet nchw, vae channels_last"
+    t = c.times
+    assert min(t["unet"], key=t["unet"].get) == "nchw" and min(t["vae"], key=t["vae"].get) == "channels_last"
+    assert t["layout"]["nchw"] == pytest.approx(t["unet"]["nchw"] + t["vae"]["nchw"])
+    pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", processing_res=64)
+    assert pred.engine.choices.how == "cached" and pred.engine.choices.layout == c.layout
+    assert pred.unet.conv_in.weight.is_contiguous()
+    assert pred.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not pred.vae.decoder.conv_in.weight.is_contiguous()
+    plain = LotusPredictor.from_pretrained(
+        str(depth_g), device="cpu", dtype="fp32", processing_res=64, channels_last=False, pack_weights=False
+    )
+    plain.strip_rows = pred.strip_rows = 0
+    img, opts = make_image(40, 64, 5), PredictOptions(processing_res=64, seed=1)
+    assert np.abs(pred.predict(img, opts).map - plain.predict(img, opts).map).max() < 1e-5

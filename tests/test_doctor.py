@@ -29,14 +29,16 @@ def test_doctor_names_the_machine(tmp_path, monkeypatch):
 def test_doctor_shows_the_choice_and_the_measured_times(tmp_path, monkeypatch, depth_d):
     monkeypatch.setenv("LOTUS_CACHE", str(tmp_path))
     record = dict(
-        channels_last=True,
-        pack_weights=False,
+        unet="nchw",
+        vae="channels_last",
         strip_rows=16,
         threads=2,
         how="measured",
         size=[512, 512],
         times={
             "layout": {"nchw": 2.5, "channels_last": 1.25, "channels_last+packed": 1.75},
+            "unet": {"nchw": 0.5, "channels_last": 0.55, "channels_last+packed": 0.75},
+            "vae": {"nchw": 2.0, "channels_last": 0.7, "channels_last+packed": 1.0},
             "strips": {"0": 0.5, "16": 0.375},
         },
         seconds=3.2,
@@ -44,9 +46,10 @@ def test_doctor_shows_the_choice_and_the_measured_times(tmp_path, monkeypatch, d
     entries = {"version": calibrate.CACHE_VERSION, "entries": {"k": record}}
     (tmp_path / "calibration.json").write_text(json.dumps(entries))
     out = doctor().output
-    assert "channels-last" in out and "packed" not in out.split("layout")[1].splitlines()[0]
+    assert "UNet NCHW; VAE channels-last" in out.split("layout")[1].splitlines()[0]
     assert "strips of 16 rows" in out and "measured (3.2 s of timings)" in out
     assert "channels_last 1.250 s *" in out and "nchw 2.500 s" in out and "16 0.375 s *" in out
+    assert "measured unet" in out and "nchw 0.500 s *" in out and "channels_last 0.700 s *" in out
     # a model: its own choice (a tiny model takes the rule), without touching the recorded one
     r = doctor("-m", depth_d, "--processing-res", 64)
     assert r.exit_code == 0, r.output

@@ -17,9 +17,9 @@ def _row(label: str, value) -> None:
 
 def _describe(choice: dict) -> None:
     """One calibration record (calibrate.Choices as a dict): what runs, why, and the measured seconds."""
-    layout = "channels-last" if choice["channels_last"] else "NCHW"
-    if choice["pack_weights"]:
-        layout += ", packed weights"
+    names = {"nchw": "NCHW", "channels_last": "channels-last", "channels_last+packed": "channels-last, packed weights"}
+    unet, vae = choice["unet"], choice["vae"]
+    layout = names[unet] if unet == vae else f"UNet {names[unet]}; VAE {names[vae]}"
     strips = f"strips of {choice['strip_rows']} rows" if choice["strip_rows"] else "diffusers' modules (no strips)"
     size = choice.get("size") or (0, 0)
     _row("  processing size", f"{size[0]} x {size[1]} px" if size[0] else "-")
@@ -90,7 +90,18 @@ def doctor(
     _row("kernels", f"{m.isa} (flags above are those the kernels may use)")
     _row("cores", cores)
     _row("torch", f"{m.torch} (oneDNN {'yes' if torch.backends.mkldnn.is_available() else 'no'})")
-    _row("threads", f"{m.threads} (torch's default is one per core; OMP_NUM_THREADS sets it)")
+    counts = calibrate.thread_candidates()
+    _row(
+        "threads",
+        f"{m.threads} now; "
+        + (
+            f"a model's calibration times {' and '.join(map(str, counts))} threads"
+            if len(counts) > 1
+            else "set by " + "/".join(calibrate.THREAD_VARS)
+            if not counts
+            else "one per core, the only candidate (OMP_NUM_THREADS sets another)"
+        ),
+    )
     if load is not None:
         say(
             f"the machine is busy (load {load:.1f} on {cores} cores): choices made now follow the rule, untimed; "

@@ -2,7 +2,8 @@
 
 ``prepare(unet, vae, device, dtype)`` makes the loaded modules fast for their device and dtype, with the
 options this machine was measured to profit from (calibrate.py): channels-last memory, convolution
-weights packed for oneDNN (prepack.py), the VAE's high-resolution stages in row strips (strips.py); and,
+weights packed for oneDNN (prepack.py), the VAE's high-resolution stages in row strips (strips.py), the
+thread count; and,
 always, in-place SiLU in the VAE. The returned Engine then runs the VAE (``encode``/``decode``: in strips
 or as diffusers' modules), puts tensors in the chosen memory format (``fmt``), counts the weights' bytes
 and hands freed memory back between the big stages (heap.py). The numbers are the modules' own up to
@@ -28,21 +29,29 @@ def release_memory() -> None:
 
 @dataclass
 class Engine:
-    """How a UNet and VAE run: ``channels_last``, ``packed`` (weights), ``strip_rows`` (output rows per
-    strip in the VAE's high-resolution stages; 0 = diffusers' modules; may be changed at any time) and
-    ``choices`` (what was chosen and why, with the measured times)."""
+    """How a UNet and VAE run: ``unet_channels_last`` / ``vae_channels_last`` (each module's memory
+    format), ``packed`` (weights, of either), ``strip_rows`` (output rows per strip in the VAE's
+    high-resolution stages; 0 = diffusers' modules; may be changed at any time) and ``choices`` (what was
+    chosen and why, with the measured times)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
     device: torch.device
-    channels_last: bool
+    unet_channels_last: bool
+    vae_channels_last: bool
     packed: bool
     strip_rows: int
     choices: Choices
 
-    def fmt(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] in the modules' memory format."""
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+    @property
+    def channels_last(self) -> bool:
+        """Whether either module runs channels-last."""
+        return self.unet_channels_last or self.vae_channels_last
+
+    def fmt(self, x: torch.Tensor, part: str = "vae") -> torch.Tensor:
+        """x [B, C, H, W] in the memory format of module ``part`` ("unet" or "vae")."""
+        cl = self.unet_channels_last if part == "unet" else self.vae_channels_last
+        return x.contiguous(memory_format=torch.channels_last) if cl else x
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The VAE posterior's parameters: x [B, 3, H, W] in [-1, 1] -> moments [B, 2 * latent channels,
@@ -83,20 +92,23 @@ def prepare(
     c = choose(
         unet, vae, device, dtype, channels_last=channels_last, pack_weights=pack_weights, processing_res=processing_res
     )
-    if c.channels_last:
-        unet.to(memory_format=torch.channels_last)
-        vae.to(memory_format=torch.channels_last)
-        strips.precise_group_norms(unet)  # torch's channels-last GroupNorm rounds more than its NCHW one
-        strips.precise_group_norms(vae)
+    modules = {"unet": unet, "vae": vae}
+    for part, lay in (("unet", c.unet), ("vae", c.vae)):
+        if lay != "nchw":
+            modules[part].to(memory_format=torch.channels_last)
+            strips.precise_group_norms(modules[part])  # torch's channels-last GroupNorm rounds more than NCHW
     # In the VAE every SiLU acts on a fresh GroupNorm output (its resnets take no time embedding), so
     # computing it in place is exact and saves one full-resolution activation at the memory peak.
     # (Not in the UNet: there the same SiLU module also runs on the shared time embedding.)
     for m in vae.modules():
         if isinstance(m, torch.nn.SiLU):
             m.inplace = True
+    if device.type == "cpu" and c.threads != torch.get_num_threads():  # measured faster here (calibrate.py)
+        torch.set_num_threads(c.threads)
     packed = c.pack_weights and prepack.available(device, dtype)
     if packed:  # replaces the convolution modules: the same numbers, no weight reorder per call
-        prepack.pack_convolutions(unet)
-        prepack.pack_convolutions(vae)
+        for part, lay in (("unet", c.unet), ("vae", c.vae)):
+            if lay.endswith("packed"):
+                prepack.pack_convolutions(modules[part])
         release_memory()  # the dense copies' memory, freed into the heap
-    return Engine(unet, vae, device, c.channels_last, packed, c.strip_rows, c)
+    return Engine(unet, vae, device, c.unet != "nchw", c.vae != "nchw", packed, c.strip_rows, c)

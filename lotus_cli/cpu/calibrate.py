@@ -4,20 +4,24 @@ CPUs differ in what pays: packed oneDNN weights (prepack.py) made a prediction f
 machine and slower on an AVX2-only one (README, "Speed and memory"). So the choices are timed on first
 use, for this model's architecture at the processing size, and cached:
 
-* layout: every distinct convolution of the UNet and VAE (found by a shape-only run on the meta device:
-  channels, kernel, stride and input size at the processing size) is timed with random input as NCHW,
-  channels-last and channels-last with a packed weight, with this model's own weight. A layer of more
-  than ``CROP_FLOP`` runs on a window of its output rows (and columns) and is scaled up by the pixels;
-  where its weight outweighs that window, the per-call part (a weight reorder) is timed on one output
-  pixel and counted once. Each layout's
-  estimate is the sum over the layers times their uses; the fastest wins, so the choice is not slower
-  than diffusers' plain modules (NCHW, unpacked) by the estimate.
+* layout, per module (UNet, VAE): every distinct convolution of the UNet and VAE (found by a shape-only
+  run on the meta device: channels, kernel, stride and input size at the processing size) is timed with
+  random input as NCHW, channels-last and channels-last with a packed weight, with this model's own
+  weight. A layer of more than ``CROP_FLOP`` runs on a window of its output rows (and columns) and is
+  scaled up by the pixels; where its weight outweighs that window, the per-call part (a weight reorder)
+  is timed on one output pixel and counted once. A module's estimate per layout is the sum over its
+  layers times their uses; each module runs in its fastest (on AVX2 kernels the UNet measured fastest as
+  NCHW and the VAE as channels-last), so the choice is not slower than diffusers' plain modules (NCHW,
+  unpacked) by the estimate.
 * strips (strips.py): the decoder's last full-resolution residual block and the upsampler before it, on
   a band of rows at the processing width, as diffusers' modules and in strips of ``ROW_CHOICES`` rows, in
   the chosen layout. Strips exist for memory, so they are kept while within ``STRIP_SLACK`` of the plain
   modules' time, with the fastest row count.
-* threads: torch's own default (one per core) is kept and reported, not timed (``OMP_NUM_THREADS`` or
-  ``torch.set_num_threads`` override it).
+* threads: where the CPUs this process may use differ from torch's default (one thread per physical
+  core; hyper-threads, or a cpuset smaller than the machine), the ``THREAD_LAYERS`` costliest
+  convolutions are timed, in the chosen layout, at each of those thread counts and the fastest is set
+  (``torch.set_num_threads``) when the model is prepared. Where they agree there is nothing to time, and
+  a count set by ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` is the user's and kept.
 
 Whatever the caller fixes (``channels_last`` / ``pack_weights`` given) is not timed. Without timings a
 rule decides (``_rule``: channels-last, packed weights only on AVX-512 CPUs, strips): for models under
@@ -47,7 +51,7 @@ from ..models import latent_factor
 from . import prepack, strips
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the instruction sets that decide the kernels
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a layout per module
 CROP_FLOP = 0.15e9  # a layer above this many FLOP per call is timed on a window of it and scaled up
 MIN_TIMED_BYTES = 64 * 2**20  # weights below this: rule defaults, not timings
 ROW_CHOICES = (16, 32)
@@ -56,6 +60,9 @@ BUSY_LOAD = 1.25  # load average per core above which the machine is too busy to
 STRIP_BAND = 64  # rows (at most STRIP_WIDTH columns) of the decoder stage timed for the strip choice
 STRIP_WIDTH = 128
 LAYOUTS = ("nchw", "channels_last", "channels_last+packed")
+PARTS = ("unet", "vae")
+THREAD_LAYERS = 3  # the costliest convolutions (FLOP x uses) timed at each candidate thread count
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count set by the user: kept, not timed
 
 
 ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
@@ -123,12 +130,13 @@ def cpu_has_native_bf16() -> bool:
 
 @dataclass
 class Choices:
-    """What runs, and why. ``how``: "measured", "cached" (measured earlier on this machine), or
-    "rule: <reason>"; ``times``: the measured seconds per option ({"layout": {layout: s}, "strips":
-    {rows: s}}, rows "0" = diffusers' modules), estimates for the processing size ``size`` (h, w)."""
+    """What runs, and why. ``unet``, ``vae``: each module's layout (one of LAYOUTS); ``how``: "measured",
+    "cached" (measured earlier on this machine), or "rule: <reason>"; ``times``: the measured seconds per
+    option ({"layout": {layout: s} (both modules), "unet"/"vae": {layout: s}, "strips": {rows: s} (rows
+    "0" = diffusers' modules), "threads": {n: s}}), estimates for the processing size ``size`` (h, w)."""
 
-    channels_last: bool
-    pack_weights: bool
+    unet: str
+    vae: str
     strip_rows: int
     threads: int
     how: str
@@ -137,8 +145,19 @@ class Choices:
     seconds: float = 0.0  # what the calibration itself took
 
     @property
+    def channels_last(self) -> bool:
+        """Whether either module runs channels-last."""
+        return "nchw" not in (self.unet, self.vae) or self.unet != self.vae
+
+    @property
+    def pack_weights(self) -> bool:
+        """Whether either module's convolution weights are packed."""
+        return any(lay.endswith("packed") for lay in (self.unet, self.vae))
+
+    @property
     def layout(self) -> str:
-        return LAYOUTS[self.channels_last + (self.channels_last and self.pack_weights)]
+        """The layout, or "unet X, vae Y" where the modules differ."""
+        return self.unet if self.unet == self.vae else f"unet {self.unet}, vae {self.vae}"
 
 
 def choose(
@@ -155,7 +174,8 @@ def choose(
     """The fast paths for this UNet and VAE (not yet applied), from the cache, a calibration or a rule."""
     can_pack = prepack.available(device, dtype)
     if device.type != "cpu":
-        return Choices(bool(channels_last), False, strips.ROWS, torch.get_num_threads(), "rule: not a CPU")
+        lay = "channels_last" if channels_last else "nchw"
+        return Choices(lay, lay, strips.ROWS, torch.get_num_threads(), "rule: not a CPU")
     layouts = [
         lay
         for lay in LAYOUTS
@@ -185,19 +205,25 @@ def choose(
         return _rule(layouts, f"machine busy (load {load:.1f} on {cores} cores), not measured")
     t0 = time.perf_counter()
     try:
-        times = {"layout": time_layouts(unet, vae, dtype, size, layouts) if len(layouts) > 1 else {}}
-        lay = min(times["layout"], key=times["layout"].get) if len(layouts) > 1 else layouts[0]
-        times["strips"] = time_strips(vae, dtype, size, lay)
+        per_part = time_layouts(unet, vae, dtype, size, layouts) if len(layouts) > 1 else {}
+        times = {"layout": {lay: sum(per_part[p][lay] for p in PARTS) for lay in layouts} if per_part else {}}
+        times.update(per_part)
+        lay = {p: min(per_part[p], key=per_part[p].get) if per_part else layouts[0] for p in PARTS}
+        times["strips"] = time_strips(vae, dtype, size, lay["vae"])
     except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError) as e:
         # an architecture the meta-device trace or the timings cannot run: the rule, not a failed load
         return _rule(layouts, f"calibration failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+    counts = thread_candidates()
+    if len(counts) > 1:
+        times["threads"] = time_threads(unet, vae, dtype, size, lay, counts)
+    threads = int(min(times["threads"], key=times["threads"].get)) if times.get("threads") else None
     plain = times["strips"].get("0")
     rows = min((r for r in times["strips"] if r != "0"), key=times["strips"].get, default="0")
     if plain is not None and rows != "0" and times["strips"][rows] > STRIP_SLACK * plain:
         rows = "0"
     if not times["strips"]:
         rows = str(strips.ROWS)  # the stages are too small for strips to run at this size: keep the default
-    choices = _choices(lay, int(rows), "measured", size, times, time.perf_counter() - t0)
+    choices = _choices(lay, int(rows), "measured", size, times, time.perf_counter() - t0, threads)
     _write(path, key, choices)
     return choices
 
@@ -217,13 +243,26 @@ def _rule(layouts: list[str], why: str) -> Choices:
     and cost on an AVX2-only one; README), strips of ``strips.ROWS`` rows (memory)."""
     wanted = "channels_last+packed" if "avx512f" in machine().flags else "channels_last"
     lay = wanted if wanted in layouts else max(layouts, key=LAYOUTS.index)
-    return _choices(lay, strips.ROWS, f"rule: {why}")
+    return _choices({p: lay for p in PARTS}, strips.ROWS, f"rule: {why}")
 
 
-def _choices(layout: str, rows: int, how: str, size=(0, 0), times=None, seconds=0.0) -> Choices:
-    return Choices(
-        layout != "nchw", layout.endswith("packed"), rows, torch.get_num_threads(), how, size, times or {}, seconds
-    )
+def _choices(layout: dict, rows: int, how: str, size=(0, 0), times=None, seconds=0.0, threads=None) -> Choices:
+    """Choices from {part: layout} and the rest; threads default to torch's current count."""
+    threads = threads or torch.get_num_threads()
+    return Choices(layout["unet"], layout["vae"], rows, threads, how, size, times or {}, seconds)
+
+
+def thread_candidates() -> list[int]:
+    """The thread counts worth timing: torch's default (one per physical core) and the CPUs this process
+    may run on, where they differ (hyper-threads; a cpuset or affinity smaller than the machine). One
+    count, nothing to time: that one; [] where ``THREAD_VARS`` set it (the user's choice, kept)."""
+    if any(os.environ.get(k) for k in THREAD_VARS):
+        return []
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    return sorted({torch.get_num_threads(), usable})
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -270,8 +309,8 @@ def _read(path: Path) -> dict:
 def _valid(r) -> bool:
     return (
         isinstance(r, dict)
-        and isinstance(r.get("channels_last"), bool)
-        and isinstance(r.get("pack_weights"), bool)
+        and r.get("unet") in LAYOUTS
+        and r.get("vae") in LAYOUTS
         and isinstance(r.get("strip_rows"), int)
         and r["strip_rows"] >= 0
         and isinstance(r.get("times"), dict)
@@ -361,42 +400,80 @@ def trace_convolutions(unet, vae, size: tuple[int, int]) -> list[tuple[torch.nn.
     return [(real[part].get_submodule(name), k[-1], n) for k, (part, name, n) in calls.items()]
 
 
-def time_layouts(unet, vae, dtype, size, layouts) -> dict[str, float]:
-    """Estimated seconds of all the convolutions of one prediction at ``size``, per layout (module doc)."""
+def _conv_estimates(conv, hw: tuple[int, int], dtype, layouts, gen) -> dict[str, float]:
+    """Estimated seconds of one call of ``conv`` on an input of ``hw`` (h, w), per layout: timed on a window
+    of its output (module doc) and scaled up by the pixels."""
+    h, w = hw
+    weight, bias = conv.weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype)
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    flop = 2 * weight.numel() * out_h * out_w
+    # a window of output rows (and columns, when one row is too much) of about CROP_FLOP
+    rows = min(out_h, max(1, int(out_h * CROP_FLOP / flop)))
+    cols = min(out_w, max(1, int(out_w * out_h * CROP_FLOP / flop / rows)))
+    crops = {(rows, cols): None}
+    if weight.numel() > conv.in_channels * rows * cols and (rows, cols) != (out_h, out_w):
+        crops[(1, 1)] = None  # the weight outweighs the window: time its per-call part on one pixel
+    for r, c in crops:
+        in_r = min(h, max(1, (r - 1) * sh + kh - 2 * ph))
+        in_c = min(w, max(1, (c - 1) * sw + kw - 2 * pw))
+        crops[(r, c)] = torch.randn(1, conv.in_channels, in_r, in_c, generator=gen).to(dtype)
+    out = {}
+    for lay in layouts:
+        w_lay = weight.contiguous(memory_format=torch.channels_last) if lay != "nchw" else weight
+        if lay.endswith("packed"):
+            w_lay = prepack.pack(weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+        secs = {}
+        for rc, x in crops.items():
+            x = x.contiguous(memory_format=torch.channels_last) if lay != "nchw" else x
+            secs[rc] = _best(
+                lambda x=x, w=w_lay, b=bias, c=conv: prepack.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+            )
+        # the window scales with its pixels; a per-call part (a weight reorder) counts once
+        fixed = min(secs.get((1, 1), 0.0), secs[(rows, cols)])
+        out[lay] = fixed + (secs[(rows, cols)] - fixed) * out_h * out_w / (rows * cols)
+    return out
+
+
+def time_layouts(unet, vae, dtype, size, layouts) -> dict[str, dict[str, float]]:
+    """Estimated seconds of all the convolutions of one prediction at ``size``, per module and layout:
+    {"unet": {layout: s}, "vae": {layout: s}} (module doc)."""
     gen = torch.Generator().manual_seed(0)
-    totals = dict.fromkeys(layouts, 0.0)
+    totals = {p: dict.fromkeys(layouts, 0.0) for p in PARTS}
+    vae_convs = {id(m) for m in vae.modules()}
     with torch.inference_mode():
-        for conv, (h, w), uses in trace_convolutions(unet, vae, size):
-            weight, bias = conv.weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype)
-            (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-            out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-            flop = 2 * weight.numel() * out_h * out_w
-            # a window of output rows (and columns, when one row is too much) of about CROP_FLOP
-            rows = min(out_h, max(1, int(out_h * CROP_FLOP / flop)))
-            cols = min(out_w, max(1, int(out_w * out_h * CROP_FLOP / flop / rows)))
-            crops = {(rows, cols): None}
-            if weight.numel() > conv.in_channels * rows * cols and (rows, cols) != (out_h, out_w):
-                crops[(1, 1)] = None  # the weight outweighs the window: time its per-call part on one pixel
-            for r, c in crops:
-                in_r = min(h, max(1, (r - 1) * sh + kh - 2 * ph))
-                in_c = min(w, max(1, (c - 1) * sw + kw - 2 * pw))
-                crops[(r, c)] = torch.randn(1, conv.in_channels, in_r, in_c, generator=gen).to(dtype)
-            for lay in layouts:
-                w_lay = weight.contiguous(memory_format=torch.channels_last) if lay != "nchw" else weight
-                if lay.endswith("packed"):
-                    w_lay = prepack.pack(weight, conv.stride, conv.padding, conv.dilation, conv.groups)
-                secs = {}
-                for rc, x in crops.items():
-                    x = x.contiguous(memory_format=torch.channels_last) if lay != "nchw" else x
-                    secs[rc] = _best(
-                        lambda x=x, w=w_lay, b=bias, c=conv: prepack.conv2d(
-                            x, w, b, c.stride, c.padding, c.dilation, c.groups
-                        )
-                    )
-                # the window scales with its pixels; a per-call part (a weight reorder) counts once
-                fixed = min(secs.get((1, 1), 0.0), secs[(rows, cols)])
-                totals[lay] += uses * (fixed + (secs[(rows, cols)] - fixed) * out_h * out_w / (rows * cols))
+        for conv, hw, uses in trace_convolutions(unet, vae, size):
+            part = "vae" if id(conv) in vae_convs else "unet"
+            for lay, secs in _conv_estimates(conv, hw, dtype, layouts, gen).items():
+                totals[part][lay] += uses * secs
     return totals
+
+
+def time_threads(unet, vae, dtype, size, layout: dict[str, str], counts: list[int]) -> dict[str, float]:
+    """Estimated seconds of the ``THREAD_LAYERS`` costliest convolutions of one prediction at ``size``, each
+    in its module's ``layout`` ({part: layout}), per thread count ({"2": s, "4": s}); torch's thread count
+    is restored after."""
+
+    def cost(call) -> int:
+        conv, (h, w), uses = call
+        return uses * conv.weight.numel() * h * w // (conv.stride[0] * conv.stride[1])
+
+    heaviest = sorted(trace_convolutions(unet, vae, size), key=cost, reverse=True)[:THREAD_LAYERS]
+    vae_convs = {id(m) for m in vae.modules()}
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        with torch.inference_mode():
+            for n in counts:
+                torch.set_num_threads(n)
+                gen = torch.Generator().manual_seed(0)
+                out[str(n)] = 0.0
+                for conv, hw, uses in heaviest:
+                    lay = layout["vae" if id(conv) in vae_convs else "unet"]
+                    out[str(n)] += uses * _conv_estimates(conv, hw, dtype, [lay], gen)[lay]
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 def time_strips(vae, dtype, size, layout: str) -> dict[str, float]:
