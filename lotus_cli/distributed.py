@@ -216,11 +216,12 @@ class Reuse:
         return sinks.reusable_at(root / sidecar, [root / f for f in files], expected)
 
 
-def process(predictor, predict, items: list[Item], job: Job, on_result: Callable) -> None:
+def process(predictor, predict, items: list[Item], job: Job, on_result: Callable, read=None) -> None:
     """Predict and write ``items`` (images in batches, then each video whole) with the runner.
 
     ``on_result(ItemResult)`` is told about each item. Items finished meanwhile (by an earlier attempt
-    of a retried task) are reported as ``done`` with their outputs, not written again.
+    of a retried task) are reported as ``done`` with their outputs, not written again. ``read``: the
+    runner's image reader, replaced (run_images).
     """
     from .runner import ItemResult, run_images, run_video
 
@@ -241,6 +242,7 @@ def process(predictor, predict, items: list[Item], job: Job, on_result: Callable
             predict=predict,
             kind=job.kind,
             predict_options=job.predict_options,
+            read=read,
         )
     for item in items:
         if is_video(item.path):

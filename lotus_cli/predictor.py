@@ -81,6 +81,30 @@ class Prediction:
     layers: dict = field(default_factory=dict)  # further maps to write: {name: (array, kind)}
 
 
+@dataclass
+class Prepared:
+    """An image made into the model's input ahead of the predictor, e.g. by a pipeline's CPU stage (Ray
+    engine): ``x`` float32 [3, h, w] in [-1, 1] at the processing size for ``processing_res``, exactly what
+    ``predict_batch`` would compute from the uint8 image, and ``size`` (H, W), the image's own. Made by
+    ``prepare``; ``shape`` is the image's, so callers that look at an image's size take either."""
+
+    x: np.ndarray
+    size: tuple[int, int]
+    processing_res: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.size, 3)
+
+
+def prepare(rgb: np.ndarray, processing_res: int) -> Prepared:
+    """uint8 RGB [H, W, 3] -> its Prepared model input: the predictor's own scaling and resize."""
+    h, w = rgb.shape[:2]
+    with torch.inference_mode():
+        x = LotusPredictor.resize(LotusPredictor.to_tensor(rgb), processing_size(h, w, processing_res))
+    return Prepared(x[0].numpy(), (h, w), processing_res)
+
+
 @dataclass(frozen=True)
 class EnsembleOptions:
     """Several predictions of one image: ``samples`` noise draws (G; seeds seed, seed+1, ...) and, with
@@ -246,7 +270,7 @@ class LotusPredictor:
         self.vae_dtype = dtype
         if dtype == torch.float16:
             size = (processing_res, processing_res)
-            self.vae_dtype, why = gpu.vae_dtype_for(vae, dtype, size, channels_last=self.channels_last)
+            self.vae_dtype, why = gpu.vae_dtype_for(vae, dtype, size, channels_last=self.engine.vae_channels_last)
             if why:
                 vae.to(self.vae_dtype)
                 self.warnings.append(why)
@@ -351,7 +375,7 @@ class LotusPredictor:
         else:
             unet_in = image_latent  # [B, 4, h, w]
         out = self.unet(
-            self.engine.fmt(unet_in),
+            self.engine.fmt(unet_in, "unet"),
             torch.tensor(TIMESTEP, device=self.device),
             encoder_hidden_states=self.prompt_embedding.expand(b, -1, -1),  # [B, 2, D]
             class_labels=task_embedding(switch, b, self.device, self.dtype),  # [B, 4]
@@ -383,8 +407,11 @@ class LotusPredictor:
     # -- the whole prediction ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def predict_batch(self, images: Sequence[np.ndarray], opts: PredictOptions = PredictOptions()) -> list[Prediction]:
-        """Predict for uint8 RGB images [H, W, 3] that share one processing size (see ``processing_size``).
+    def predict_batch(
+        self, images: Sequence[np.ndarray | Prepared], opts: PredictOptions = PredictOptions()
+    ) -> list[Prediction]:
+        """Predict for uint8 RGB images [H, W, 3] (or their ``Prepared`` inputs) that share one processing
+        size (see ``processing_size``).
 
         Each image gets seed ``opts.seed``: noise depends on the seed and the latent size only.
         """
@@ -394,7 +421,14 @@ class LotusPredictor:
         if len(proc) != 1:
             raise ValueError(f"predict_batch needs images of one processing size, got {sorted(proc)}")
         proc_hw = proc.pop()
-        x = torch.cat([self.resize(self.to_tensor(im), proc_hw) for im in images])  # [B, 3, h, w]
+        if any(isinstance(im, Prepared) and im.processing_res != opts.processing_res for im in images):
+            raise ValueError(f"an image was prepared for another processing_res than {opts.processing_res}")
+        x = torch.cat(
+            [
+                torch.from_numpy(im.x)[None] if isinstance(im, Prepared) else self.resize(self.to_tensor(im), proc_hw)
+                for im in images
+            ]
+        )  # [B, 3, h, w]
         seeds = [opts.seed] * len(images)
         z = self.encode(x, opts.latent, seeds)  # [B, 4, h/f, w/f]
         noise = self.noise(seeds, tuple(z.shape[-2:])) if self.family == "g" else None

@@ -6,11 +6,16 @@ Shape (README "Many GPUs and machines"):
    would keep; the others are redone, with the reason) and cuts it into units (``work_units``): each
    video alone (a video stays on one actor, so stabilisation and the clip colour range hold), images in
    runs of up to 16;
-2. a CPU stage stages each remote input into the node's local cache (only when inputs are URLs);
+2. a CPU stage (Ray tasks on the CPUs the actors leave spare, up to one each) fetches remote inputs into
+   the node's local cache and decodes each image, and resizes it to the model's input
+   (``predictor.prepare``, the predictor's own arithmetic) unless tiling or an ensemble needs it whole;
+   where the actors take every CPU there is no such stage and the actors decode, in the runner's reader
+   threads, as one process does (remote inputs then need a spare quarter CPU, for fetching);
 3. a fixed pool of ``--workers`` actors (``--gpus-per-worker`` GPUs and ``--cpus-per-worker`` CPUs
    each; Ray sets ``CUDA_VISIBLE_DEVICES`` so ``auto`` picks the actor's own GPU) each loads one
-   predictor and runs ``distributed.process`` on each unit -- the runner's reading, batching by
-   --batch-size, atomic writes and sidecars, overlapped as in one process;
+   predictor and runs ``distributed.process`` on each unit with the decoded images -- the runner's
+   batching by --batch-size, atomic writes and sidecars, overlapped as in one process; videos are
+   decoded by their actor, frame by frame as they stream;
 4. only small status rows (key, status, output paths, error) return; the driver reports each.
 
 Faults: the actor pool restarts a dead actor and retries its unfinished unit on a live one (Ray
@@ -29,6 +34,7 @@ import functools
 import io
 import json
 import os
+import pickle
 import sys
 import threading
 from collections.abc import Callable
@@ -43,10 +49,11 @@ from .distributed import Job, Scale, process
 from .errors import LotusError, UsageError
 from .remote import Inputs, Outputs, fetch
 from .runner import ItemResult
-from .sources import Item, is_video
+from .sources import Item, is_video, read_image
 
 UNIT_IMAGES = 16  # images per actor call at most
-STAGE_CPUS = 0.25  # staging is network-bound; a whole CPU would starve the actors on a small machine
+STAGE_CPUS = 1.0  # per task of the CPU stage at most: one image decodes on one core
+MIN_STAGE_CPUS = 0.25  # less spare than this: no CPU stage (fetching, network-bound, needs this much)
 
 
 def connect(scale: Scale) -> bool:
@@ -65,33 +72,50 @@ def connect(scale: Scale) -> bool:
     return True
 
 
-def check_resources(scale: Scale, stage: bool) -> None:
-    """Refuse a pool the cluster cannot hold (Ray would otherwise wait for it for ever, silently)."""
+def check_resources(scale: Scale, remote_inputs: bool) -> float:
+    """Refuse a pool the cluster cannot hold (Ray would otherwise wait for it for ever, silently); returns
+    the CPUs each task of the CPU stage gets (0: no stage, the actors decode)."""
     have = ray.cluster_resources()
-    need_cpu = scale.workers * scale.cpus_per_worker + (STAGE_CPUS if stage else 0)
+    need_cpu = scale.workers * scale.cpus_per_worker
     need_gpu = scale.workers * scale.gpus_per_worker
-    if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+    spare = have.get("CPU", 0) - need_cpu
+    if spare < 0 or need_gpu > have.get("GPU", 0) or (remote_inputs and spare < MIN_STAGE_CPUS):
+        need = f"{need_cpu + (MIN_STAGE_CPUS if remote_inputs else 0):g} CPUs"
         raise UsageError(
             f"--workers {scale.workers} x (--cpus-per-worker {scale.cpus_per_worker:g}, --gpus-per-worker "
-            f"{scale.gpus_per_worker:g}) needs {need_cpu:g} CPUs and {need_gpu:g} GPUs; the Ray cluster "
-            f"has {have.get('CPU', 0):g} and {have.get('GPU', 0):g}",
+            f"{scale.gpus_per_worker:g}) needs {need}{' (with fetching remote inputs)' if remote_inputs else ''} "
+            f"and {need_gpu:g} GPUs; the Ray cluster has {have.get('CPU', 0):g} and {have.get('GPU', 0):g}",
             "use fewer workers or fewer resources per worker, or add nodes",
         )
+    return min(STAGE_CPUS, spare) if spare >= MIN_STAGE_CPUS else 0.0
 
 
-def _stage(batch: dict) -> dict:
-    """Fetch a work unit's remote inputs into this node's cache; a failure becomes that item's error."""
-    units = []
+def _decode(batch: dict, job: Job, whole: bool) -> dict:
+    """The CPU stage, on each work unit: fetch its remote inputs into this node's cache, decode its images
+    (``read_image``) and, unless ``whole``, prepare them as the model's input (``predictor.prepare``). A
+    failure becomes that item's error, worded as the runner words it. Adds the column ``images``: the
+    unit's {key: decoded image}, pickled."""
+    from .predictor import prepare
+    from .runner import _brief
+
+    units, images = [], []
     for unit in batch["unit"]:
-        entries = json.loads(unit)
+        entries, decoded = json.loads(unit), {}
         for e in entries:
+            path = Path(e["path"])
             try:
                 if e["url"]:
-                    fetch(e["url"], Path(e["path"]))
+                    fetch(e["url"], path)
+                if not is_video(path):
+                    rgb = read_image(path, job.max_pixels)
+                    decoded[e["key"]] = rgb if whole else prepare(rgb, job.opts.processing_res)
             except LotusError as err:
                 e["error"] = str(err)
+            except Exception as err:  # pragma: no cover - decoder bugs
+                e["error"] = f"{path}: cannot read ({_brief(err)})"
         units.append(json.dumps(entries))
-    return {"unit": np.array(units, dtype=object)}
+        images.append(pickle.dumps(decoded, protocol=5))
+    return {"unit": np.array(units, dtype=object), "images": np.array(images, dtype=object)}
 
 
 class _Worker:
@@ -107,6 +131,11 @@ class _Worker:
     def __call__(self, batch: dict) -> dict:
         rows: list[ItemResult] = []
         todo = []
+        decoded = {k: v for blob in batch.get("images", ()) for k, v in pickle.loads(blob).items()}
+
+        def read(item: Item):  # what the CPU stage decoded, else the file (no stage: the actor decodes)
+            return decoded[item.key] if item.key in decoded else read_image(item.path, self.job.max_pixels)
+
         for e in (e for unit in batch["unit"] for e in json.loads(unit)):
             item = Item(Path(e["path"]), e["key"])
             if e["error"]:
@@ -122,6 +151,7 @@ class _Worker:
                 todo,
                 self.job,
                 lambda r: rows.append(self.outputs.publish(r) if self.outputs else r),
+                read,
             )
         return {
             "key": [r.item.key for r in rows],
@@ -207,16 +237,16 @@ def _run(
     outputs: Outputs | None,
     report: Callable[[ItemResult], None],
 ) -> None:
-    remote_inputs = any(staged.url(i) for i in items)
-    check_resources(scale, remote_inputs)
+    stage_cpus = check_resources(scale, any(staged.url(i) for i in items))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own progress from the status rows
     by_key = {i.key: i for i in items}
     units = work_units(items, staged, scale.workers, job.opts.batch_size)
     # one block per unit, one unit per call: the unit is what a dead worker's retry redoes
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
-    if remote_inputs:
-        ds = ds.map_batches(_stage, batch_size=1, num_cpus=STAGE_CPUS)
+    if stage_cpus:  # tiling and ensembles take the image whole; the plain predictor its prepared input
+        whole = job.make_predict is not None
+        ds = ds.map_batches(_decode, fn_args=(job, whole), batch_size=1, num_cpus=stage_cpus)
     ds = ds.map_batches(
         _Worker,
         fn_constructor_args=(job, outputs),

@@ -30,7 +30,7 @@ from . import sinks
 from .errors import InputError, LotusError, UsageError
 from .formats import DEPTH_KINDS, FORMATS, get_format
 from .geometry import NORMAL_FRAMES
-from .predictor import LotusPredictor, Prediction, PredictOptions, processing_size
+from .predictor import LotusPredictor, Prediction, PredictOptions, Prepared, processing_size
 from .sources import DEFAULT_MAX_PIXELS, Item, read_image
 from .video import ClipRange, Frame, FrameSelect, Stabilizer, VideoInfo, VideoWriter, open_video
 
@@ -169,12 +169,15 @@ def run_images(
     predict: Callable[[list[np.ndarray], PredictOptions], list[Prediction]] | None = None,
     kind: str | None = None,
     predict_options: dict | None = None,
+    read: Callable[[Item], np.ndarray | Prepared] | None = None,
 ) -> Summary:
     """Predict every item and write its outputs; returns the counts. ``predict`` replaces
     ``predictor.predict_batch`` (e.g. ensembles, tiling), ``kind`` the kind of map it returns and
     ``predict_options`` its output-changing options (e.g. {"tile": ..., "samples": ...}: recorded in the
     sidecar and compared by ``skip_existing``); a Prediction's ``extra`` goes into the sidecar and its
-    ``layers`` are written beside the map."""
+    ``layers`` are written beside the map. ``read`` replaces reading an item's file (``read_image``), e.g.
+    with an image a pipeline's CPU stage decoded (and, as ``Prepared``, resized) already."""
+    read = read or (lambda item: read_image(item.path, max_pixels))
     summary = Summary()
     predict = predict or predictor.predict_batch
     kind = kind or predictor.kind
@@ -214,7 +217,7 @@ def run_images(
                 nxt = next(pending, None)
                 if nxt is None:
                     return
-                reads.append((*nxt, read_pool.submit(read_image, nxt[0].path, max_pixels)))
+                reads.append((*nxt, read_pool.submit(read, nxt[0])))
 
         def drain_writes(block: bool):
             while writes and (block or writes[0].done()):
