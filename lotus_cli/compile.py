@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import models
+from .cpu import prepack
 
 MODES = ("auto", "on", "off")
 # --compile auto compiles runs of at least this many same-size items: where the first call's compilation
@@ -32,6 +33,10 @@ MODES = ("auto", "on", "off")
 # it, as measured by benchmarks/bench_compile.py (README, "Compiled path").
 MIN_ITEMS_COLD = 40
 MIN_ITEMS_WARM = 12
+# ... and only models up to this size: the full-size architecture (3.8 GB of fp32 weights) ran 0.74x as
+# fast compiled as eager even with a warm cache (21.2 vs 16.7 s per 512 px frame; the compiled VAE loses
+# the eager one's row strips and sub-pixel upsampling), where the tiny one ran 1.49x as fast.
+MAX_AUTO_BYTES = 256 * 2**20
 
 
 def inductor_cache_dir() -> Path:
@@ -67,52 +72,24 @@ def has_cached_artifacts(directory: Path | None = None) -> bool:
 
 
 def should_compile(
-    n_items: int | None, is_video: bool = False, device_type: str = "cpu", warm: bool | None = None
+    n_items: int | None,
+    is_video: bool = False,
+    device_type: str = "cpu",
+    warm: bool | None = None,
+    weight_bytes: int = 0,
 ) -> bool:
     """``--compile auto``: whether compiling pays for ``n_items`` predictions of one processing size (the
-    frames of a video, or same-size images). ``None``: a video or stream of unknown length, counted as
-    long. ``warm``: whether compiled artifacts are cached (default: look in ``inductor_cache_dir()``).
-    Only on CPUs, where it was measured; on CUDA compiling is asked for explicitly (--compile on)."""
-    if device_type != "cpu":
+    frames of a video, or same-size images) with a model of ``weight_bytes``. ``None``: a video or stream
+    of unknown length, counted as long. ``warm``: whether compiled artifacts are cached (default: look in
+    ``inductor_cache_dir()``). Only on CPUs, where it was measured, and for models up to ``MAX_AUTO_BYTES``
+    (above, compiled ran slower); on CUDA compiling is asked for explicitly (--compile on)."""
+    if device_type != "cpu" or weight_bytes > MAX_AUTO_BYTES:
         return False
     if n_items is None:
         return is_video
     if warm is None:
         warm = has_cached_artifacts()
     return n_items >= (MIN_ITEMS_WARM if warm else MIN_ITEMS_COLD)
-
-
-def unpack_convolutions(model: torch.nn.Module) -> int:
-    """Replace every packed convolution (prepack.PackedConv2d: any module holding a ``packed`` weight) in
-    ``model`` by a plain ``nn.Conv2d`` with the same dense weight, in place; returns how many."""
-    names = [
-        name
-        for name, m in model.named_modules()
-        if hasattr(m, "packed") and hasattr(m, "kernel_size") and not isinstance(m, torch.nn.Conv2d)
-    ]
-    for name in names:  # one at a time: a single extra dense copy at any moment
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        weight = old.weight
-        conv = torch.nn.Conv2d(
-            old.in_channels,
-            old.out_channels,
-            old.kernel_size,
-            old.stride,
-            old.padding,
-            old.dilation,
-            old.groups,
-            bias=old.bias is not None,
-            device="meta",
-        )
-        conv.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if old.bias is not None:
-            conv.bias = torch.nn.Parameter(old.bias.detach(), requires_grad=False)
-        if weight.dim() == 4 and weight.device.type == "cpu":
-            conv.to(memory_format=torch.channels_last)
-        setattr(parent, child, conv)
-    return len(names)
 
 
 def _inductor_cache_dir_chosen() -> bool:
@@ -176,7 +153,9 @@ def compile_predictor(
     if mode == "off":
         return False, "--compile off"
     device_type = predictor.device.type
-    if mode == "auto" and not should_compile(n_items, is_video, device_type):
+    if mode == "auto" and not should_compile(n_items, is_video, device_type, weight_bytes=predictor.weight_bytes()):
+        if predictor.weight_bytes() > MAX_AUTO_BYTES:
+            return False, "--compile auto: not compiled (a model this size ran slower compiled; README)"
         return False, f"--compile auto: not compiled for {n_items} item(s) on {device_type}"
     if backend == "inductor":
         missing = compiler_missing(device_type)
@@ -191,7 +170,7 @@ def compile_predictor(
         modules += [predictor.vae.encoder, predictor.vae.decoder]
         predictor.strip_rows = 0
     for m in modules:
-        unpack_convolutions(m)
+        prepack.unpack_convolutions(m)
     options = None
     if backend == "inductor":
         # freezing: weights become constants, convolutions are packed for oneDNN at compile time (CPU);

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lotus_cli import compile as lc
+from lotus_cli.cpu import prepack
 from lotus_cli.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
@@ -70,6 +71,9 @@ def test_should_compile_pays_only_for_long_runs(tmp_path):
     assert lc.should_compile(lc.MIN_ITEMS_WARM, warm=True) and not lc.should_compile(lc.MIN_ITEMS_WARM - 1, warm=True)
     assert not lc.should_compile(1000, device_type="cuda")  # not measured there: only --compile on
     assert lc.should_compile(None, is_video=True) and not lc.should_compile(None)  # a stream of unknown length
+    big = lc.MAX_AUTO_BYTES + 1  # the full-size model ran slower compiled: auto leaves it eager however long
+    assert not lc.should_compile(None, is_video=True, weight_bytes=big)
+    assert not lc.should_compile(10**6, weight_bytes=big)
     assert not lc.has_cached_artifacts(tmp_path)
     (tmp_path / "fxgraph" / "ab").mkdir(parents=True)
     assert lc.has_cached_artifacts(tmp_path)
@@ -89,7 +93,7 @@ def test_packed_convolutions_are_unpacked_to_the_same_numbers(depth_g):
         pytest.skip("this torch build cannot pack convolutions")
     img = make_image(48, 64)
     before = pred.predict(img, OPTS).map
-    n = lc.unpack_convolutions(pred.unet)
+    n = prepack.unpack_convolutions(pred.unet)
     assert n > 0 and all(type(m).__name__ != "PackedConv2d" for m in pred.unet.modules())
     np.testing.assert_allclose(pred.predict(img, OPTS).map, before, atol=1e-5)
 
@@ -128,6 +132,7 @@ WARM = """
 import json, sys
 from torch._dynamo.utils import counters
 from lotus_cli import compile as lc
+from lotus_cli.cpu import prepack
 from lotus_cli.predictor import LotusPredictor, PredictOptions
 from tests.conftest import make_image
 pred = LotusPredictor.from_pretrained(sys.argv[1], device="cpu", dtype="fp32")

@@ -148,10 +148,44 @@ def pack_convolutions(model: torch.nn.Module) -> int:
         and not isinstance(m.padding, str)
         and m.weight.device.type == "cpu"
     ]
-    for name in names:  # one at a time, holding no other dense weight: memory stays at the weights held
+    return _replace(model, names, PackedConv2d)
+
+
+def unpack_convolutions(model: torch.nn.Module) -> int:
+    """The inverse of ``pack_convolutions`` (torch.compile traces plain modules): every PackedConv2d in
+    ``model`` becomes an ``nn.Conv2d`` with the same dense weight, in place; returns how many."""
+    names = [name for name, m in model.named_modules() if isinstance(m, PackedConv2d)]
+    return _replace(model, names, _plain_conv)
+
+
+def _plain_conv(old: PackedConv2d) -> torch.nn.Conv2d:
+    weight = old.weight
+    conv = torch.nn.Conv2d(
+        old.in_channels,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,
+        old.dilation,
+        old.groups,
+        bias=old.bias is not None,
+        device="meta",
+    )
+    conv.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if old.bias is not None:
+        conv.bias = torch.nn.Parameter(old.bias.detach(), requires_grad=False)
+    if weight.dim() == 4 and weight.device.type == "cpu":
+        conv.to(memory_format=torch.channels_last)
+    return conv
+
+
+def _replace(model: torch.nn.Module, names: list[str], make) -> int:
+    """Replace the submodules ``names`` of ``model`` by ``make(module)``, one at a time, so that at most one
+    extra copy of a weight exists at any moment; returns how many."""
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, PackedConv2d(getattr(parent, child)))
+        setattr(parent, child, make(getattr(parent, child)))
     return len(names)
 
 
