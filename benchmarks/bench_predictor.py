@@ -2,6 +2,7 @@
 
     python benchmarks/bench_predictor.py                # full-size Lotus-G architecture, 512 px (minutes)
     python benchmarks/bench_predictor.py --size tiny    # a quick smoke run of this script
+    python benchmarks/bench_predictor.py --isa avx2     # the kernels an AVX2-only CPU runs, on this CPU
 
 Builds the full-size architecture (868M-parameter UNet, 84M VAE, SD2 text encoder) with random weights
 in the hub layout, then, each in a fresh process so that peak RSS is its own:
@@ -31,6 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the environment that makes torch (ATen), oneDNN and MKL use AVX2 kernels only, whatever the CPU has
+ISA_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 sys.path.insert(0, str(ROOT))
 
 
@@ -178,11 +181,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of reference and ours")
     ap.add_argument("--folder", help="reuse a checkpoint folder built by an earlier run")
     ap.add_argument("--plain", action="store_true", help="also time ours with diffusers' plain modules")
+    ap.add_argument(
+        "--isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="avx2: run every side with torch, oneDNN and MKL capped to AVX2 kernels (ISA_CAPS below), as on "
+        "an AVX2-only CPU (same caches and memory, so an emulation of the kernels only)",
+    )
     ap.add_argument("--child", choices=("ours", "reference", "plain"), dest="side")
     args = ap.parse_args()
     if args.side:
         print(json.dumps(child(args)))
         return
+    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in ISA_CAPS.items()):
+        # the caps are read when torch loads: start again with them (the children inherit them)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_CAPS})
 
     from lotus_cli.synthetic import build_checkpoint
 
