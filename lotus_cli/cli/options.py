@@ -120,8 +120,9 @@ Compile = Annotated[
     option(
         "--compile",
         help="torch.compile the model (inductor; on a CPU it needs a C++ "
-        "compiler): off, on, or auto (videos, and runs of 40+ same-size images, 12+ once "
-        "compiled code is cached). The first run per processing size spends minutes "
+        "compiler): off, on, or auto (models up to 256 MB: full-size Lotus ran slower compiled on a CPU; "
+        "then videos, and runs of 40+ same-size images, 12+ once compiled code is cached). "
+        "The first run per processing size spends minutes "
         "compiling; the result is cached in ~/.cache/lotus/inductor. Falls back to eager "
         "with one line when compiling is impossible.",
     ),
