@@ -4,6 +4,7 @@ loss curve exactly; two data-parallel processes (torchrun, gloo) give the loss o
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -150,7 +151,9 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
         timeout=300,
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
+    # torchrun in a session of its own: on a timeout the whole group (its ranks too) is killed, so a rank
+    # stuck in a collective is not left behind
+    proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -166,10 +169,18 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
             str(tmp_path / "two"),
         ],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
+        start_new_session=True,
     )
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"2-rank torchrun did not finish in 300 s:\n{stderr[-3000:]}")
+    two = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stderr and "global batch 4" in two.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
