@@ -423,12 +423,9 @@ class LotusPredictor:
         proc_hw = proc.pop()
         if any(isinstance(im, Prepared) and im.processing_res != opts.processing_res for im in images):
             raise ValueError(f"an image was prepared for another processing_res than {opts.processing_res}")
-        x = torch.cat(
-            [
-                torch.from_numpy(im.x)[None] if isinstance(im, Prepared) else self.resize(self.to_tensor(im), proc_hw)
-                for im in images
-            ]
-        )  # [B, 3, h, w]
+        # one way to the model input, whether a pipeline's CPU stage prepared it already or not
+        ready = [im if isinstance(im, Prepared) else prepare(im, opts.processing_res) for im in images]
+        x = torch.cat([torch.from_numpy(r.x)[None] for r in ready])  # [B, 3, h, w]
         seeds = [opts.seed] * len(images)
         z = self.encode(x, opts.latent, seeds)  # [B, 4, h/f, w/f]
         noise = self.noise(seeds, tuple(z.shape[-2:])) if self.family == "g" else None

@@ -225,9 +225,10 @@ def test_the_traced_convolutions_are_the_ones_a_prediction_runs(modules):
         h.remove()
     want = Counter((m.in_channels, m.out_channels, m.kernel_size, m.stride, hw) for m, hw in calls)
     got = Counter()
-    for conv, hw, uses in calibrate.trace_convolutions(unet, vae, pred_size):
+    for part, conv, hw, uses in calibrate.trace_convolutions(unet, vae, pred_size):
         got[(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, hw)] += uses
-        assert any(conv is m for m in (*unet.modules(), *vae.modules()))  # the real module, for its weight
+        owner = {"unet": unet, "vae": vae}[part]
+        assert any(conv is m for m in owner.modules())  # the real module of the named part, for its weight
     assert sum(got.values()) == sum(want.values()) > 20
     assert got == want
 

@@ -63,8 +63,6 @@ LAYOUTS = ("nchw", "channels_last", "channels_last+packed")
 PARTS = ("unet", "vae")
 THREAD_LAYERS = 3  # the costliest convolutions (FLOP x uses) timed at each candidate thread count
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count set by the user: kept, not timed
-
-
 ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
@@ -147,7 +145,7 @@ class Choices:
     @property
     def channels_last(self) -> bool:
         """Whether either module runs channels-last."""
-        return "nchw" not in (self.unet, self.vae) or self.unet != self.vae
+        return self.unet != "nchw" or self.vae != "nchw"
 
     @property
     def pack_weights(self) -> bool:
@@ -356,9 +354,10 @@ def _best(fn, repeats: int = 2) -> float:
     return best
 
 
-def trace_convolutions(unet, vae, size: tuple[int, int]) -> list[tuple[torch.nn.Conv2d, tuple, int]]:
-    """Every distinct convolution one prediction at ``size`` (h, w) runs: (a module of ``unet``/``vae`` with
-    that shape, its input's (h, w), its number of uses). Found by a shape-only run on the meta device."""
+def trace_convolutions(unet, vae, size: tuple[int, int]) -> list[tuple[str, torch.nn.Conv2d, tuple, int]]:
+    """Every distinct convolution one prediction at ``size`` (h, w) runs: (its module, "unet" or "vae"; a
+    module of it with that shape; its input's (h, w); its number of uses). Found by a shape-only run on
+    the meta device."""
     calls: dict[tuple, list] = {}
     with torch.device("meta"):
         ghosts = {"unet": type(unet).from_config(unet.config), "vae": type(vae).from_config(vae.config)}
@@ -397,7 +396,7 @@ def trace_convolutions(unet, vae, size: tuple[int, int]) -> list[tuple[torch.nn.
     for h in hooks:
         h.remove()
     real = {"unet": unet, "vae": vae}
-    return [(real[part].get_submodule(name), k[-1], n) for k, (part, name, n) in calls.items()]
+    return [(part, real[part].get_submodule(name), k[-1], n) for k, (part, name, n) in calls.items()]
 
 
 def _conv_estimates(conv, hw: tuple[int, int], dtype, layouts, gen) -> dict[str, float]:
@@ -440,10 +439,8 @@ def time_layouts(unet, vae, dtype, size, layouts) -> dict[str, dict[str, float]]
     {"unet": {layout: s}, "vae": {layout: s}} (module doc)."""
     gen = torch.Generator().manual_seed(0)
     totals = {p: dict.fromkeys(layouts, 0.0) for p in PARTS}
-    vae_convs = {id(m) for m in vae.modules()}
     with torch.inference_mode():
-        for conv, hw, uses in trace_convolutions(unet, vae, size):
-            part = "vae" if id(conv) in vae_convs else "unet"
+        for part, conv, hw, uses in trace_convolutions(unet, vae, size):
             for lay, secs in _conv_estimates(conv, hw, dtype, layouts, gen).items():
                 totals[part][lay] += uses * secs
     return totals
@@ -455,11 +452,10 @@ def time_threads(unet, vae, dtype, size, layout: dict[str, str], counts: list[in
     is restored after."""
 
     def cost(call) -> int:
-        conv, (h, w), uses = call
+        _, conv, (h, w), uses = call
         return uses * conv.weight.numel() * h * w // (conv.stride[0] * conv.stride[1])
 
     heaviest = sorted(trace_convolutions(unet, vae, size), key=cost, reverse=True)[:THREAD_LAYERS]
-    vae_convs = {id(m) for m in vae.modules()}
     before = torch.get_num_threads()
     out = {}
     try:
@@ -468,9 +464,8 @@ def time_threads(unet, vae, dtype, size, layout: dict[str, str], counts: list[in
                 torch.set_num_threads(n)
                 gen = torch.Generator().manual_seed(0)
                 out[str(n)] = 0.0
-                for conv, hw, uses in heaviest:
-                    lay = layout["vae" if id(conv) in vae_convs else "unet"]
-                    out[str(n)] += uses * _conv_estimates(conv, hw, dtype, [lay], gen)[lay]
+                for part, conv, hw, uses in heaviest:
+                    out[str(n)] += uses * _conv_estimates(conv, hw, dtype, [layout[part]], gen)[layout[part]]
     finally:
         torch.set_num_threads(before)
     return out
