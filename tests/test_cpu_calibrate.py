@@ -43,6 +43,13 @@ def layout_of(x, weight) -> str:
     return "channels_last" if cl else "nchw"
 
 
+def runs_in(x, weight) -> str:
+    """The memory format torch runs a convolution in: channels-last when its input or its weight is (and is
+    not also plain contiguous, as a one-pixel input can be)."""
+    cl = any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in (x, weight))
+    return "channels_last" if cl else "nchw"
+
+
 @pytest.fixture
 def timed(monkeypatch):
     """Timings allowed on the tiny models (and on this shared, busy machine), on a fake clock; returns a
@@ -329,12 +336,15 @@ def test_an_isa_cap_changes_the_machine_and_the_cache_key(modules, monkeypatch):
     assert len(keys) == 2
 
 
-def test_each_module_runs_in_the_layout_fastest_for_it(depth_g, timed, tmp_path, monkeypatch):
-    """A UNet fastest as NCHW beside a VAE fastest channels-last (as measured on AVX2 kernels) runs so:
-    each module in its own memory format, the numbers those of the plain modules."""
+@pytest.mark.parametrize("fast", [("nchw", "channels_last"), ("channels_last", "nchw")], ids=("unet-nchw", "vae-nchw"))
+def test_each_module_runs_in_the_layout_fastest_for_it(depth_g, timed, tmp_path, monkeypatch, fast):
+    """A UNet fastest as NCHW beside a VAE fastest channels-last (as measured on AVX2 kernels), or the other
+    way round, runs so: each module's weights, and the inputs its 3 x 3 convolutions are handed, in its
+    own memory format (torch runs a convolution channels-last when its input is, whatever its weight); the
+    numbers those of the plain modules."""
     unet, vae = models.load_unet_vae(depth_g, torch.float32, CPU)
     vae_convs = {id(m) for m in vae.modules()}
-    fast = {"unet": "nchw", "vae": "channels_last"}
+    fast = dict(zip(("unet", "vae"), fast))
     monkeypatch.setattr(
         calibrate,
         "_conv_estimates",
@@ -344,18 +354,25 @@ def test_each_module_runs_in_the_layout_fastest_for_it(depth_g, timed, tmp_path,
     )
     monkeypatch.setenv("LOTUS_CACHE", str(tmp_path))
     c = calibrate.choose(unet, vae, CPU, torch.float32, processing_res=64)
-    assert (c.unet, c.vae) == ("nchw", "channels_last") and c.layout == "unet nchw, vae channels_last"
+    assert (c.unet, c.vae) == (fast["unet"], fast["vae"]) and c.layout == f"unet {c.unet}, vae {c.vae}"
     t = c.times
-    assert min(t["unet"], key=t["unet"].get) == "nchw" and min(t["vae"], key=t["vae"].get) == "channels_last"
+    assert {p: min(t[p], key=t[p].get) for p in ("unet", "vae")} == fast
     assert t["layout"]["nchw"] == pytest.approx(t["unet"]["nchw"] + t["vae"]["nchw"])
     pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32", processing_res=64)
     assert pred.engine.choices.how == "cached" and pred.engine.choices.layout == c.layout
-    assert pred.unet.conv_in.weight.is_contiguous()
-    assert pred.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert not pred.vae.decoder.conv_in.weight.is_contiguous()
+    seen = {}  # the layouts each module's 3 x 3 convolutions run in, from the weight and input handed over
+    for part, model in (("unet", pred.unet), ("vae", pred.vae)):
+        first = model.conv_in if part == "unet" else model.encoder.conv_in
+        assert first.weight.is_contiguous() == (fast[part] == "nchw")
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+                m.register_forward_pre_hook(
+                    lambda m, inp, part=part: seen.setdefault(part, set()).add(runs_in(inp[0], m.weight))
+                )
     plain = LotusPredictor.from_pretrained(
         str(depth_g), device="cpu", dtype="fp32", processing_res=64, channels_last=False, pack_weights=False
     )
     plain.strip_rows = pred.strip_rows = 0
     img, opts = make_image(40, 64, 5), PredictOptions(processing_res=64, seed=1)
     assert np.abs(pred.predict(img, opts).map - plain.predict(img, opts).map).max() < 1e-5
+    assert seen == {p: {lay} for p, lay in fast.items()}  # no convolution ran in the other module's format

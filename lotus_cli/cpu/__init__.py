@@ -49,9 +49,10 @@ class Engine:
         return self.unet_channels_last or self.vae_channels_last
 
     def fmt(self, x: torch.Tensor, part: str = "vae") -> torch.Tensor:
-        """x [B, C, H, W] in the memory format of module ``part`` ("unet" or "vae")."""
+        """x [B, C, H, W] in the memory format of module ``part`` ("unet" or "vae"). An NCHW module's input is
+        made NCHW too: torch runs a convolution channels-last when its input is, whatever its weight."""
         cl = self.unet_channels_last if part == "unet" else self.vae_channels_last
-        return x.contiguous(memory_format=torch.channels_last) if cl else x
+        return x.contiguous(memory_format=torch.channels_last) if cl else x.contiguous()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The VAE posterior's parameters: x [B, 3, H, W] in [-1, 1] -> moments [B, 2 * latent channels,

@@ -7,12 +7,13 @@ use, for this model's architecture at the processing size, and cached:
 * layout, per module (UNet, VAE): every distinct convolution of the UNet and VAE (found by a shape-only
   run on the meta device: channels, kernel, stride and input size at the processing size) is timed with
   random input as NCHW, channels-last and channels-last with a packed weight, with this model's own
-  weight. A layer of more than ``CROP_FLOP`` runs on a window of its output rows (and columns) and is
-  scaled up by the pixels; where its weight outweighs that window, the per-call part (a weight reorder)
-  is timed on one output pixel and counted once. A module's estimate per layout is the sum over its
-  layers times their uses; each module runs in its fastest (on AVX2 kernels packed weights made the
-  UNet's convolutions 2.8x slower and the VAE's 13 % faster), so the choice is not slower than
-  diffusers' plain modules (NCHW, unpacked) by the estimate.
+  weight. A layer of up to ``WHOLE_FLOP`` runs whole; a larger one on a band of its output rows at full
+  width, as many as ``WHOLE_FLOP`` needs but at least a strip's (strips.py: the call the VAE's big stages
+  really make), scaled up by the rows. (Windows of 0.15 GFLOP, a few output pixels of a wide layer, were
+  tried first: their kernels were not the full layers' ones, and on AVX2 kernels they rated packed
+  weights 13 % faster for the VAE where whole predictions ran 15 % slower; README, "Speed and memory".)
+  A module's estimate per layout is the sum over its layers times their uses; each module runs in its
+  fastest, so the choice is not slower than diffusers' plain modules (NCHW, unpacked) by the estimate.
 * strips (strips.py): the decoder's last full-resolution residual block and the upsampler before it, on
   a band of rows at the processing width, as diffusers' modules and in strips of ``ROW_CHOICES`` rows, in
   the chosen layout. Strips exist for memory, so they are kept while within ``STRIP_SLACK`` of the plain
@@ -51,8 +52,9 @@ from ..models import latent_factor
 from . import prepack, strips
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the instruction sets that decide the kernels
-CACHE_VERSION = 2  # 2: a layout per module
-CROP_FLOP = 0.15e9  # a layer above this many FLOP per call is timed on a window of it and scaled up
+CACHE_VERSION = 3  # 2: a layout per module; 3: whole layers or full-width bands timed
+WHOLE_FLOP = 8e9  # a layer above this many FLOP per call is timed on a band of its rows at full width
+LONG_CALL = 0.05  # seconds: a timed call this long is timed once after its warm-up
 MIN_TIMED_BYTES = 64 * 2**20  # weights below this: rule defaults, not timings
 ROW_CHOICES = (16, 32)
 STRIP_SLACK = 1.05  # strips (less memory) are kept while at most 5 % slower than the plain modules
@@ -344,8 +346,12 @@ _clock = time.perf_counter  # the timings' clock (tests replace it)
 
 
 def _best(fn, repeats: int = 2) -> float:
-    """The fastest of ``repeats`` calls of ``fn`` after a warm-up (oneDNN picks its kernel on the first)."""
+    """The fastest of ``repeats`` calls of ``fn`` after a warm-up (oneDNN picks its kernel on the first); one
+    call where the warm-up took over ``LONG_CALL`` (its noise is small beside it)."""
+    t0 = _clock()
     fn()
+    if _clock() - t0 > LONG_CALL:
+        repeats = 1
     best = math.inf
     for _ in range(repeats):
         t0 = _clock()
@@ -400,37 +406,27 @@ def trace_convolutions(unet, vae, size: tuple[int, int]) -> list[tuple[str, torc
 
 
 def _conv_estimates(conv, hw: tuple[int, int], dtype, layouts, gen) -> dict[str, float]:
-    """Estimated seconds of one call of ``conv`` on an input of ``hw`` (h, w), per layout: timed on a window
-    of its output (module doc) and scaled up by the pixels."""
+    """Estimated seconds of one call of ``conv`` on an input of ``hw`` (h, w), per layout: the whole call, or
+    for a layer of more than ``WHOLE_FLOP`` a band of its output rows at full width (module doc), scaled up
+    by the rows."""
     h, w = hw
     weight, bias = conv.weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype)
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    flop = 2 * weight.numel() * out_h * out_w
-    # a window of output rows (and columns, when one row is too much) of about CROP_FLOP
-    rows = min(out_h, max(1, int(out_h * CROP_FLOP / flop)))
-    cols = min(out_w, max(1, int(out_w * out_h * CROP_FLOP / flop / rows)))
-    crops = {(rows, cols): None}
-    if weight.numel() > conv.in_channels * rows * cols and (rows, cols) != (out_h, out_w):
-        crops[(1, 1)] = None  # the weight outweighs the window: time its per-call part on one pixel
-    for r, c in crops:
-        in_r = min(h, max(1, (r - 1) * sh + kh - 2 * ph))
-        in_c = min(w, max(1, (c - 1) * sw + kw - 2 * pw))
-        crops[(r, c)] = torch.randn(1, conv.in_channels, in_r, in_c, generator=gen).to(dtype)
+    out_h = (h + 2 * ph - kh) // sh + 1
+    flop = 2 * weight.numel() * out_h * ((w + 2 * pw - kw) // sw + 1)
+    rows = out_h if flop <= WHOLE_FLOP else min(out_h, max(strips.ROWS, math.ceil(out_h * WHOLE_FLOP / flop)))
+    in_rows = min(h, max(1, (rows - 1) * sh + kh - 2 * ph))
+    x = torch.randn(1, conv.in_channels, in_rows, w, generator=gen).to(dtype)
     out = {}
     for lay in layouts:
         w_lay = weight.contiguous(memory_format=torch.channels_last) if lay != "nchw" else weight
         if lay.endswith("packed"):
             w_lay = prepack.pack(weight, conv.stride, conv.padding, conv.dilation, conv.groups)
-        secs = {}
-        for rc, x in crops.items():
-            x = x.contiguous(memory_format=torch.channels_last) if lay != "nchw" else x
-            secs[rc] = _best(
-                lambda x=x, w=w_lay, b=bias, c=conv: prepack.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
-            )
-        # the window scales with its pixels; a per-call part (a weight reorder) counts once
-        fixed = min(secs.get((1, 1), 0.0), secs[(rows, cols)])
-        out[lay] = fixed + (secs[(rows, cols)] - fixed) * out_h * out_w / (rows * cols)
+        x_lay = x.contiguous(memory_format=torch.channels_last) if lay != "nchw" else x
+        secs = _best(
+            lambda x=x_lay, w=w_lay, b=bias, c=conv: prepack.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        )
+        out[lay] = secs * out_h / rows
     return out
 
 
