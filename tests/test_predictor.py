@@ -133,6 +133,33 @@ def test_empty_prompt_embedding_two_tokens_and_cached(depth_g, monkeypatch):
     assert not any("text" in name for name, _ in pred.__dict__.items() if not name.startswith("prompt"))
 
 
+def test_a_first_run_frees_the_text_encoder_before_the_unet_and_vae_load(depth_g, monkeypatch, tmp_path):
+    """Without a cached embedding the text encoder is loaded once (1.4 GB for SD2): it must be gone before
+    the UNet and VAE load, or a first run peaks that much higher than the next ones (measured at full size:
+    5.45 against 4.83 GB)."""
+    import gc
+
+    from transformers import CLIPTextModel
+
+    monkeypatch.setenv("LOTUS_CACHE", str(tmp_path))  # nothing cached: the embedding is computed
+    events, real_compute, real_load = [], models.compute_empty_prompt_embedding, models.load_unet_vae
+
+    def compute(folder):
+        events.append("text encoder")
+        return real_compute(folder)
+
+    def load(*args, **kwargs):
+        gc.collect()
+        alive = sum(isinstance(o, CLIPTextModel) for o in gc.get_objects())
+        events.append(f"unet and vae, {alive} text encoders alive")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(models, "compute_empty_prompt_embedding", compute)
+    monkeypatch.setattr(models, "load_unet_vae", load)
+    LotusPredictor.from_pretrained(str(depth_g), device="cpu")
+    assert events == ["text encoder", "unet and vae, 0 text encoders alive"]
+
+
 def test_dtype_rules():
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == (torch.float32, None)
