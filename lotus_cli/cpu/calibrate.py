@@ -7,9 +7,10 @@ use, for this model's architecture at the processing size, and cached:
 * layout, per module (UNet, VAE): every distinct convolution of the UNet and VAE (found by a shape-only
   run on the meta device: channels, kernel, stride and input size at the processing size) is timed with
   random input as NCHW, channels-last and channels-last with a packed weight, with this model's own
-  weight. A layer of up to ``WHOLE_FLOP`` runs whole; a larger one on a band of its output rows at full
-  width, as many as ``WHOLE_FLOP`` needs but at least a strip's (strips.py: the call the VAE's big stages
-  really make), scaled up by the rows. (Windows of 0.15 GFLOP, a few output pixels of a wide layer, were
+  weight. A layer within ``WHOLE_FLOP`` and ``WHOLE_BYTES`` runs whole; a larger one on a band of its
+  output rows at full width, as many as those allow but at least a strip's (strips.py: the call the VAE's
+  big stages really make), scaled up by the rows. The heap is trimmed after each, so the timings do not
+  raise the first prediction's peak memory. (Windows of 0.15 GFLOP, a few output pixels of a wide layer, were
   tried first: their kernels were not the full layers' ones, and on AVX2 kernels they rated packed
   weights 13 % faster for the VAE where whole predictions ran 15 % slower; README, "Speed and memory".)
   A module's estimate per layout is the sum over its layers times their uses; each module runs in its
@@ -49,11 +50,12 @@ from pathlib import Path
 import torch
 
 from ..models import latent_factor
-from . import prepack, strips
+from . import heap, prepack, strips
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the instruction sets that decide the kernels
 CACHE_VERSION = 3  # 2: a layout per module; 3: whole layers or full-width bands timed
 WHOLE_FLOP = 8e9  # a layer above this many FLOP per call is timed on a band of its rows at full width
+WHOLE_BYTES = 32 * 2**20  # ... and one whose input and output take more (the peak RSS of a first run)
 LONG_CALL = 0.05  # seconds: a timed call this long is timed once after its warm-up
 MIN_TIMED_BYTES = 64 * 2**20  # weights below this: rule defaults, not timings
 ROW_CHOICES = (16, 32)
@@ -204,6 +206,7 @@ def choose(
     if load is not None:  # other processes share the cores: timings would measure them, not the options
         return _rule(layouts, f"machine busy (load {load:.1f} on {cores} cores), not measured")
     t0 = time.perf_counter()
+    heap.release_freed_memory()  # what loading freed: the timings' buffers would otherwise add to it
     try:
         per_part = time_layouts(unet, vae, dtype, size, layouts) if len(layouts) > 1 else {}
         times = {"layout": {lay: sum(per_part[p][lay] for p in PARTS) for lay in layouts} if per_part else {}}
@@ -407,27 +410,33 @@ def trace_convolutions(unet, vae, size: tuple[int, int]) -> list[tuple[str, torc
 
 def _conv_estimates(conv, hw: tuple[int, int], dtype, layouts, gen) -> dict[str, float]:
     """Estimated seconds of one call of ``conv`` on an input of ``hw`` (h, w), per layout: the whole call, or
-    for a layer of more than ``WHOLE_FLOP`` a band of its output rows at full width (module doc), scaled up
-    by the rows."""
+    for a layer of more than ``WHOLE_FLOP`` or ``WHOLE_BYTES`` a band of its output rows at full width (module
+    doc), scaled up by the rows."""
     h, w = hw
     weight, bias = conv.weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype)
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    out_h = (h + 2 * ph - kh) // sh + 1
-    flop = 2 * weight.numel() * out_h * ((w + 2 * pw - kw) // sw + 1)
-    rows = out_h if flop <= WHOLE_FLOP else min(out_h, max(strips.ROWS, math.ceil(out_h * WHOLE_FLOP / flop)))
+    out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    flop = 2 * weight.numel() * out_h * out_w
+    row_bytes = (conv.in_channels * sh * w + conv.out_channels * out_w) * weight.element_size()  # in and out
+    fits = min(out_h * WHOLE_FLOP / flop, WHOLE_BYTES / row_bytes)  # rows within both limits
+    rows = out_h if fits >= out_h else min(out_h, max(strips.ROWS, math.ceil(fits)))
     in_rows = min(h, max(1, (rows - 1) * sh + kh - 2 * ph))
     x = torch.randn(1, conv.in_channels, in_rows, w, generator=gen).to(dtype)
     out = {}
     for lay in layouts:
-        w_lay = weight.contiguous(memory_format=torch.channels_last) if lay != "nchw" else weight
-        if lay.endswith("packed"):
-            w_lay = prepack.pack(weight, conv.stride, conv.padding, conv.dilation, conv.groups)
-        x_lay = x.contiguous(memory_format=torch.channels_last) if lay != "nchw" else x
-        secs = _best(
-            lambda x=x_lay, w=w_lay, b=bias, c=conv: prepack.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
-        )
-        out[lay] = secs * out_h / rows
+        out[lay] = _time_layout(conv, x, weight, bias, lay) * out_h / rows
+        # the heap keeps what the timings freed (glibc), and it would add to the peak of the first prediction
+        heap.release_freed_memory()
     return out
+
+
+def _time_layout(conv, x, weight, bias, lay: str) -> float:
+    """Seconds of ``conv`` with ``weight`` on ``x``, both in layout ``lay``."""
+    w_lay = weight.contiguous(memory_format=torch.channels_last) if lay != "nchw" else weight
+    if lay.endswith("packed"):
+        w_lay = prepack.pack(weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+    x_lay = x.contiguous(memory_format=torch.channels_last) if lay != "nchw" else x
+    return _best(lambda: prepack.conv2d(x_lay, w_lay, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
 
 
 def time_layouts(unet, vae, dtype, size, layouts) -> dict[str, dict[str, float]]:
