@@ -376,3 +376,32 @@ def test_each_module_runs_in_the_layout_fastest_for_it(depth_g, timed, tmp_path,
     img, opts = make_image(40, 64, 5), PredictOptions(processing_res=64, seed=1)
     assert np.abs(pred.predict(img, opts).map - plain.predict(img, opts).map).max() < 1e-5
     assert seen == {p: {lay} for p, lay in fast.items()}  # no convolution ran in the other module's format
+
+
+def test_a_layer_is_timed_whole_or_on_a_full_width_band_of_strip_rows(timed, monkeypatch):
+    """What each convolution is timed on: the whole call while within WHOLE_FLOP and WHOLE_BYTES, else a
+    band of output rows at full width, at least a strip's rows (the call the VAE's big stages make), with
+    the time scaled up by the rows. (Windows of a few output pixels rated the layouts unlike whole runs.)"""
+    clock, costs = timed
+    shapes = []
+    real = prepack.conv2d
+
+    def conv2d(x, weight, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        clock.tick(0.001)
+        return real(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(prepack, "conv2d", conv2d)
+    gen = torch.Generator().manual_seed(0)
+    cases = [  # (conv, input (h, w), FLOP limit, the input timed, how many of it make the layer)
+        (torch.nn.Conv2d(8, 8, 3, padding=1), (40, 48), 8e9, (1, 8, 40, 48), 1),
+        (torch.nn.Conv2d(8, 8, 3, padding=1), (128, 48), 1e6, (1, 8, strips.ROWS, 48), 128 / strips.ROWS),
+        (torch.nn.Conv2d(3, 128, 3, padding=1), (512, 512), 8e9, (1, 3, 126, 512), 512 / 126),  # 32 MB: 126 rows
+        (torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), (128, 48), 1e6, (1, 8, 73, 48), 64 / 37),  # 37 rows of 64
+    ]
+    for conv, hw, limit, timed_shape, scale in cases:
+        monkeypatch.setattr(calibrate, "WHOLE_FLOP", limit)
+        shapes.clear()
+        est = calibrate._conv_estimates(conv, hw, torch.float32, ["nchw"], gen)
+        assert set(shapes) == {timed_shape}
+        assert est["nchw"] == pytest.approx(0.001 * scale)
