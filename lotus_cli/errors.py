@@ -39,3 +39,12 @@ class OutputError(LotusError):
     """An output cannot be written (unwritable folder, full disk)."""
 
     exit_code = 2
+
+
+def brief(e: BaseException) -> str:
+    """An exception in one line for a per-item error: our own errors whole (they say what and how to fix
+    it), others as "Type: first line"."""
+    if isinstance(e, LotusError):
+        return str(e)
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

@@ -46,7 +46,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from .distributed import Job, Scale, process
-from .errors import LotusError, UsageError
+from .errors import LotusError, UsageError, brief
 from .remote import Inputs, Outputs, fetch
 from .runner import ItemResult
 from .sources import Item, is_video, read_image
@@ -96,7 +96,6 @@ def _decode(batch: dict, job: Job, whole: bool) -> dict:
     failure becomes that item's error, worded as the runner words it. Adds the column ``images``: the
     unit's {key: decoded image}, pickled."""
     from .predictor import prepare
-    from .runner import _brief
 
     units, images = [], []
     for unit in batch["unit"]:
@@ -112,7 +111,7 @@ def _decode(batch: dict, job: Job, whole: bool) -> dict:
             except LotusError as err:
                 e["error"] = str(err)
             except Exception as err:  # pragma: no cover - decoder bugs
-                e["error"] = f"{path}: cannot read ({_brief(err)})"
+                e["error"] = f"{path}: cannot read ({brief(err)})"
         units.append(json.dumps(entries))
         images.append(pickle.dumps(decoded, protocol=5))
     return {"unit": np.array(units, dtype=object), "images": np.array(images, dtype=object)}

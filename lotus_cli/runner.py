@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import sinks
-from .errors import InputError, LotusError, UsageError
+from .errors import InputError, LotusError, UsageError, brief
 from .formats import DEPTH_KINDS, FORMATS, get_format
 from .geometry import NORMAL_FRAMES
 from .predictor import LotusPredictor, Prediction, PredictOptions, Prepared, processing_size
@@ -235,7 +235,7 @@ def run_images(
                 preds = predict([b[2] for b in batch], opts)
             except Exception as e:  # e.g. out of memory: the batch fails, the run goes on
                 for item, _, _ in batch:
-                    report(ItemResult(item, "failed", error=f"{item.path}: prediction failed ({_brief(e)})"))
+                    report(ItemResult(item, "failed", error=f"{item.path}: prediction failed ({brief(e)})"))
                 return
             model_s = (time.perf_counter() - t0) / len(batch)
             for (item, paths, rgb), pred in zip(batch, preds):
@@ -263,7 +263,7 @@ def run_images(
                 report(ItemResult(item, "failed", error=str(e)))
                 continue
             except Exception as e:  # pragma: no cover - decoder bugs
-                report(ItemResult(item, "failed", error=f"{item.path}: cannot read ({_brief(e)})"))
+                report(ItemResult(item, "failed", error=f"{item.path}: cannot read ({brief(e)})"))
                 continue
             size = processing_size(rgb.shape[0], rgb.shape[1], opts.processing_res)
             buckets.setdefault(size, []).append((item, paths, rgb))
@@ -292,13 +292,6 @@ def _write(
             item, "failed", error=f"{item.path}: cannot write outputs ({e.strerror or e})", seconds=seconds
         )
     return ItemResult(item, "done", {k: str(v) for k, v in paths.items()}, seconds=seconds)
-
-
-def _brief(e: BaseException) -> str:
-    if isinstance(e, LotusError):  # our own errors already say what and how to fix it
-        return str(e)
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 # ------------------------------------------------------------------------------------------- videos
@@ -510,7 +503,7 @@ class VideoJob:
         except KeyboardInterrupt:
             interrupted = True
         except Exception as e:
-            self.errors.append(f"{self.item.path}: prediction failed at frame {self.seen} ({_brief(e)})")
+            self.errors.append(f"{self.item.path}: prediction failed at frame {self.seen} ({brief(e)})")
         finally:
             self._finish(dec, enc)
         seconds = time.perf_counter() - t_start
@@ -542,7 +535,7 @@ class VideoJob:
         except LotusError as e:
             self.errors.append(str(e))
         except Exception as e:  # pragma: no cover - decoder bugs
-            self.errors.append(f"{self.item.path}: decoding failed ({_brief(e)})")
+            self.errors.append(f"{self.item.path}: decoding failed ({brief(e)})")
         finally:
             self.q_in.put(_END)
 
@@ -574,7 +567,7 @@ class VideoJob:
             while (got := self.q_out.get()) is not _END:
                 encoder.write(*got)
         except Exception as e:
-            self.errors.append(f"{self.item.path}: writing outputs failed ({_brief(e)})")
+            self.errors.append(f"{self.item.path}: writing outputs failed ({brief(e)})")
             self.stop.set()
             while self.q_out.get() is not _END:
                 pass
