@@ -153,8 +153,9 @@ def compile_predictor(
     if mode == "off":
         return False, "--compile off"
     device_type = predictor.device.type
-    if mode == "auto" and not should_compile(n_items, is_video, device_type, weight_bytes=predictor.weight_bytes()):
-        if predictor.weight_bytes() > MAX_AUTO_BYTES:
+    weight_bytes = predictor.weight_bytes()
+    if mode == "auto" and not should_compile(n_items, is_video, device_type, weight_bytes=weight_bytes):
+        if device_type == "cpu" and weight_bytes > MAX_AUTO_BYTES:
             return False, "--compile auto: not compiled (a model this size ran slower compiled; README)"
         return False, f"--compile auto: not compiled for {n_items} item(s) on {device_type}"
     if backend == "inductor":

@@ -206,7 +206,6 @@ def choose(
     if load is not None:  # other processes share the cores: timings would measure them, not the options
         return _rule(layouts, f"machine busy (load {load:.1f} on {cores} cores), not measured")
     t0 = time.perf_counter()
-    heap.release_freed_memory()  # what loading freed: the timings' buffers would otherwise add to it
     try:
         per_part = time_layouts(unet, vae, dtype, size, layouts) if len(layouts) > 1 else {}
         times = {"layout": {lay: sum(per_part[p][lay] for p in PARTS) for lay in layouts} if per_part else {}}
@@ -432,9 +431,10 @@ def _conv_estimates(conv, hw: tuple[int, int], dtype, layouts, gen) -> dict[str,
 
 def _time_layout(conv, x, weight, bias, lay: str) -> float:
     """Seconds of ``conv`` with ``weight`` on ``x``, both in layout ``lay``."""
-    w_lay = weight.contiguous(memory_format=torch.channels_last) if lay != "nchw" else weight
     if lay.endswith("packed"):
         w_lay = prepack.pack(weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+    else:
+        w_lay = weight.contiguous(memory_format=torch.channels_last) if lay != "nchw" else weight
     x_lay = x.contiguous(memory_format=torch.channels_last) if lay != "nchw" else x
     return _best(lambda: prepack.conv2d(x_lay, w_lay, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
 
