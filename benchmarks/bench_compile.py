@@ -1,4 +1,4 @@
-"""The compiled path (lotus_cli/compile.py) against eager on a video-like run, in one run.
+"""The compiled path (lotus_cli/model/compile.py) against eager on a video-like run, in one run.
 
     python benchmarks/bench_compile.py                       # full-size Lotus-G, 30 frames of 512 px (long)
     python benchmarks/bench_compile.py --frames 8 --folder DIR   # fewer frames, a checkpoint built earlier
@@ -47,8 +47,8 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from lotus_cli import compile as lc
-    from lotus_cli.predictor import LotusPredictor, PredictOptions
+    from lotus_cli.model import compile as lc
+    from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 
     pred = LotusPredictor.from_pretrained(args.folder, task="depth", device="cpu", dtype="fp32")
     reason = "eager"
@@ -146,7 +146,7 @@ def main() -> None:
         return
     import numpy as np
 
-    from lotus_cli.synthetic import build_checkpoint
+    from lotus_cli.model.synthetic import build_checkpoint
 
     work = tempfile.TemporaryDirectory(prefix="lotus-bench-compile-")
     args.out = work.name

@@ -12,7 +12,7 @@ on every call, NCHW, diffusers' modules as they are). Columns: s/image at batch 
 and 8, peak GPU memory (torch.cuda.max_memory_allocated, per row), and the max difference of the depth map
 from ours in fp32. Every row samples the posterior and the G noise from the same CPU generators and
 resizes back with nearest-exact, so the rows differ by arithmetic only. Then the VAE alone in fp16 at the
-probe sizes: whether it gives inf/NaN, and the dtype lotus_cli.gpu.vae_dtype_for chooses.
+probe sizes: whether it gives inf/NaN, and the dtype lotus_cli.model.gpu.vae_dtype_for chooses.
 
 Without CUDA it stops with exit code 2 unless --device cpu is given; it exits 3 if the GPU was not used.
 The whole run is kept under --budget seconds (default 450: 7.5 min on one H100): rows that would not fit
@@ -83,7 +83,7 @@ class Ours:
     """LotusPredictor in ``dtype``, configured for this device."""
 
     def __init__(self, folder, device, dtype: str, compile_unet: bool = False):
-        from lotus_cli.predictor import LotusPredictor, PredictOptions
+        from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 
         self.pred = LotusPredictor.from_pretrained(
             str(folder), task="depth", device=str(device), dtype=dtype, channels_last=True
@@ -92,7 +92,7 @@ class Ours:
             self.pred.strip_rows = 0  # row strips save CPU RSS; on a GPU they only add kernel launches
         self.note = ""
         if compile_unet:
-            from lotus_cli import compile as lc
+            from lotus_cli.model import compile as lc
 
             ok, self.note = lc.compile_predictor(self.pred, "on", vae=False, cuda_graphs=device.type == "cuda")
             if not ok:
@@ -105,7 +105,7 @@ class Ours:
         return [p.map for p in self.pred.predict_batch(images, self.opts(res, len(images)))]
 
     def check(self):
-        from lotus_cli import compile as lc
+        from lotus_cli.model import compile as lc
 
         return lc.compile_status(self.pred)
 
@@ -132,7 +132,7 @@ class Reference:
         import torch
         import torch.nn.functional as F
 
-        from lotus_cli.predictor import POSTERIOR_SEED_OFFSET
+        from lotus_cli.model.predictor import POSTERIOR_SEED_OFFSET
 
         dev, dt = self.device, self.dtype
         with torch.inference_mode():
@@ -209,7 +209,7 @@ def vae_rows(folder, device, sizes):
     import torch
     from diffusers import AutoencoderKL
 
-    from lotus_cli.gpu import vae_dtype_for, vae_finite
+    from lotus_cli.model.gpu import vae_dtype_for, vae_finite
 
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float16).to(device).eval()
     rows = []
@@ -258,7 +258,7 @@ def main() -> None:
     work = tempfile.TemporaryDirectory(prefix="lotus-bench-gpu-")
     folder = args.checkpoint
     if folder is None:
-        from lotus_cli.synthetic import build_checkpoint
+        from lotus_cli.model.synthetic import build_checkpoint
 
         folder = str(Path(work.name) / "lotus-depth-g-v2-1-disparity")
         t0 = time.perf_counter()

@@ -33,8 +33,8 @@ RGBD = next(
     ROOT.parent / "shared" / "data" / "rgbd",
 )  # beside the clone (a git worktree sits one level deeper)
 
-from lotus_cli import geometry as g  # noqa: E402
-from lotus_cli.pointcloud import ScaleOptions, metric_depth  # noqa: E402
+from lotus_cli.geometry import camera as g  # noqa: E402
+from lotus_cli.geometry.cloud import ScaleOptions, metric_depth  # noqa: E402
 
 
 def frames():
@@ -171,9 +171,9 @@ def meshes() -> None:
     discontinuity test, the largest plane's RMS against the sensor's noise, and the seconds each step takes."""
     import open3d as o3d
 
-    from lotus_cli import mesh as M
-    from lotus_cli import preview
-    from lotus_cli.pointcloud import CameraOptions, CloudOptions, make_cloud
+    from lotus_cli.geometry import mesh as M
+    from lotus_cli.geometry import preview
+    from lotus_cli.geometry.cloud import CameraOptions, CloudOptions, make_cloud
 
     print(
         f"{'frame':<10}{'valid':>8}{'written':>9}{'no normal':>10}  {'threshold':<10}{'triangles':>10}"

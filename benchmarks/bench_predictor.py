@@ -67,7 +67,7 @@ def child(args) -> dict:
     base = current_rss_bytes()
     chosen = None
     if args.side in ("ours", "plain"):
-        from lotus_cli.predictor import LotusPredictor, PredictOptions
+        from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 
         fixed = dict(channels_last=False, pack_weights=False) if args.side == "plain" else {}
         pred = LotusPredictor.from_pretrained(
@@ -132,7 +132,7 @@ def conv_autocast_slowdown() -> dict:
         fp32 = timed(lambda: conv(x))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             auto = timed(lambda: conv(x))
-    from lotus_cli.cpu import cpu_has_native_bf16
+    from lotus_cli.model.cpu import cpu_has_native_bf16
 
     return {"fp32_s": fp32, "autocast_bf16_s": auto, "slowdown": auto / fp32, "native_bf16": cpu_has_native_bf16()}
 
@@ -141,7 +141,7 @@ def flops_per_image(folder: str, res: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lotus_cli.predictor import LotusPredictor
+    from lotus_cli.model.predictor import LotusPredictor
 
     # The model's own FLOPs: diffusers' modules as they are (plain convolutions, no strips, no sub-pixel
     # upsampling), so "achieved" below is what that work costs us per second.
@@ -197,7 +197,7 @@ def main() -> None:
         # the caps are read when torch loads: start again with them (the children inherit them)
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_CAPS})
 
-    from lotus_cli.synthetic import build_checkpoint
+    from lotus_cli.model.synthetic import build_checkpoint
 
     tmp = None
     folder = args.folder
@@ -209,7 +209,7 @@ def main() -> None:
         print(f"built random {args.size} Lotus-G checkpoint in {time.perf_counter() - t0:.0f} s")
     import torch
 
-    from lotus_cli.cpu.calibrate import FLAGS, machine
+    from lotus_cli.model.cpu.calibrate import FLAGS, machine
 
     m = machine()
     print(

@@ -3,8 +3,8 @@
     python benchmarks/bench_scaleout.py                 # 48 images of 192x256 at --processing-res 128
     python benchmarks/bench_scaleout.py --images 96 --res 256
 
-All three runs go through ``distributed.dispatch`` (what the CLI calls) in this process, on the same inputs,
-each into a fresh output folder, with the tiny random checkpoint of lotus_cli/synthetic.py:
+All three runs go through ``dispatch`` (what the CLI calls) in this process, on the same inputs,
+each into a fresh output folder, with the tiny random checkpoint of lotus_cli/model/synthetic.py:
 
 * plain: the local engine on one torch thread;
 * ray x1: one actor with --cpus-per-worker 1 (Ray gives it OMP_NUM_THREADS=1: the same work as plain);
@@ -59,8 +59,9 @@ def make_inputs(folder: Path, n: int, size: tuple[int, int]) -> None:
 
 def timed(job, inputs: Path, out: Path, scale) -> float:
     """Seconds from the call to the last result of ``job`` over ``inputs``, written into ``out``."""
-    from lotus_cli import distributed
-    from lotus_cli.sources import MEDIA_EXTS
+    from lotus_cli.io.sources import MEDIA_EXTS
+    from lotus_cli.scale.dispatch import dispatch
+    from lotus_cli.scale.worker import Job, load
 
     t0 = time.perf_counter()
     last = [0.0]
@@ -70,9 +71,9 @@ def timed(job, inputs: Path, out: Path, scale) -> float:
         last[0] = time.perf_counter() - t0
 
     def load_predictor(model, task, device, dtype):
-        return distributed.load(distributed.Job(model, task, job.output, job.opts, job.video, device, dtype))[0]
+        return load(Job(model, task, job.output, job.opts, job.video, device, dtype))[0]
 
-    distributed.dispatch(
+    dispatch(
         job,
         [str(inputs)],
         out,
@@ -91,8 +92,8 @@ def per_item_io(tmp: Path, size=(3000, 4000)) -> dict:
     import numpy as np
     from PIL import Image
 
-    from lotus_cli import sinks
-    from lotus_cli.sources import read_image
+    from lotus_cli.io.outputs import output_paths, write_outputs
+    from lotus_cli.io.sources import read_image
 
     h, w = size
     rng = np.random.default_rng(1)
@@ -106,9 +107,9 @@ def per_item_io(tmp: Path, size=(3000, 4000)) -> dict:
         t0 = time.perf_counter()
         read_image(tmp / "big.jpg")
         best["decode"] = min(best["decode"], time.perf_counter() - t0)
-        paths = sinks.output_paths(tmp / f"io{i}", "big", ("png", "png16"))
+        paths = output_paths(tmp / f"io{i}", "big", ("png", "png16"))
         t0 = time.perf_counter()
-        sinks.write_outputs(paths, depth.astype(np.float32), "disparity", {})
+        write_outputs(paths, depth.astype(np.float32), "disparity", {})
         best["write"] = min(best["write"], time.perf_counter() - t0)
     best["in_mb"] = (tmp / "big.jpg").stat().st_size / 1e6
     best["out_mb"] = sum(p.stat().st_size for p in paths.values()) / 1e6
@@ -124,10 +125,11 @@ def main() -> None:
 
     import ray
 
-    from lotus_cli.distributed import Job, Scale
-    from lotus_cli.predictor import PredictOptions
-    from lotus_cli.runner import OutputSpec, VideoSpec
-    from lotus_cli.synthetic import build_checkpoint
+    from lotus_cli.model.predictor import PredictOptions
+    from lotus_cli.model.synthetic import build_checkpoint
+    from lotus_cli.run.made import OutputSpec, VideoSpec
+    from lotus_cli.scale.dispatch import Scale
+    from lotus_cli.scale.worker import Job
 
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:

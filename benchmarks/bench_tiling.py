@@ -61,8 +61,8 @@ def make_image(h: int, w: int):
 def child(a) -> dict:
     import torch
 
-    from lotus_cli.predictor import LotusPredictor, PredictOptions
-    from lotus_cli.tiling import TileOptions, memory_cost, predict_tiled
+    from lotus_cli.model.predictor import LotusPredictor, PredictOptions
+    from lotus_cli.model.tiling import TileOptions, memory_cost, predict_tiled
 
     torch.manual_seed(0)
     pred = LotusPredictor.from_pretrained(a.folder, device="cpu", dtype="fp32")
@@ -115,8 +115,8 @@ def run(folder: str, mode: str, mp: float, tile: int, processing_res: int) -> di
 
 def fits_natively(folder: str, mp: float) -> tuple[bool, float]:
     """Whether a native pass's estimated peak fits in half the free memory (the machine is shared)."""
-    from lotus_cli.predictor import LotusPredictor
-    from lotus_cli.tiling import memory_cost
+    from lotus_cli.model.predictor import LotusPredictor
+    from lotus_cli.model.tiling import memory_cost
 
     cost = memory_cost(LotusPredictor.from_pretrained(folder, device="cpu", dtype="fp32"))
     h, w = size_for(mp)
@@ -169,7 +169,7 @@ def main() -> None:
 
     import torch
 
-    from lotus_cli.synthetic import build_checkpoint
+    from lotus_cli.model.synthetic import build_checkpoint
 
     tmp = tempfile.TemporaryDirectory(prefix="lotus-bench-tiling-")
     size = "tiny" if a.part == "small" else "full"

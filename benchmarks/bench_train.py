@@ -33,7 +33,7 @@ ASSUMED_UTILISATION = 0.40  # typical for SD-UNet fine-tuning with checkpointing
 
 
 def cpu_speed(steps: int) -> dict:
-    from lotus_cli.synthetic import write_synthetic_dataset
+    from lotus_cli.model.synthetic import write_synthetic_dataset
     from lotus_cli.train import data as D
     from lotus_cli.train.options import StepOptions, TrainOptions
     from lotus_cli.train.step import annotation, draw, loss_mask, training_loss
@@ -84,8 +84,8 @@ def full_plan(batch: int = 16, gpus: int = 8, steps: int = 20_000, hw: tuple[int
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lotus_cli.models import LOTUS_CLASS_EMBED
-    from lotus_cli.synthetic import SD2_UNET, SD2_VAE
+    from lotus_cli.model.synthetic import SD2_UNET, SD2_VAE
+    from lotus_cli.model.weights import LOTUS_CLASS_EMBED
 
     h, w = hw[0] // 8, hw[1] // 8
     with torch.device("meta"):

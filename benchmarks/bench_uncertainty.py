@@ -36,8 +36,8 @@ def main() -> None:
 
     import numpy as np
 
-    from lotus_cli.predictor import EnsembleOptions, LotusPredictor, PredictOptions
-    from lotus_cli.synthetic import build_checkpoint
+    from lotus_cli.model.predictor import EnsembleOptions, LotusPredictor, PredictOptions
+    from lotus_cli.model.synthetic import build_checkpoint
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (192, 256, 3), dtype=np.uint8)

@@ -38,9 +38,10 @@ def make_clip(path: Path, n: int, size: tuple[int, int], fps: float = 24.0) -> P
 
 
 def measure(predictor, clip: Path, out: Path, opts, n: int) -> tuple[float, float]:
-    from lotus_cli.runner import OutputSpec, VideoSpec, run_video
-    from lotus_cli.sources import Item
-    from lotus_cli.video import open_video
+    from lotus_cli.io.sources import Item
+    from lotus_cli.io.video import open_video
+    from lotus_cli.run.clip import run_video
+    from lotus_cli.run.made import OutputSpec, VideoSpec
 
     _, frames = open_video(clip)
     rgbs = [f.rgb for f in frames]
@@ -65,8 +66,8 @@ def main() -> None:
 
     import torch
 
-    from lotus_cli.predictor import LotusPredictor, PredictOptions
-    from lotus_cli.synthetic import build_checkpoint
+    from lotus_cli.model.predictor import LotusPredictor, PredictOptions
+    from lotus_cli.model.synthetic import build_checkpoint
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(prefix="lotus-bench-video-") as tmp:

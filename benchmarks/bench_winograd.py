@@ -90,7 +90,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in ISA_CAPS.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_CAPS})
-    from lotus_cli.cpu.calibrate import machine
+    from lotus_cli.model.cpu.calibrate import machine
 
     m = machine()
     print(

@@ -15,7 +15,7 @@ __all__ = ["LotusPredictor", "PredictOptions", "__version__"]
 
 def __getattr__(name):  # lazy: importing lotus_cli must not import torch
     if name in ("LotusPredictor", "PredictOptions"):
-        from . import predictor
+        from .model import predictor
 
         return getattr(predictor, name)
     raise AttributeError(name)

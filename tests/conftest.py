@@ -29,7 +29,7 @@ CHECKPOINTS = {
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict:
     """{(task, family): folder} of tiny random checkpoints in the hub layout."""
-    from lotus_cli.synthetic import build_checkpoint
+    from lotus_cli.model.synthetic import build_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     out = {}

@@ -71,7 +71,7 @@ def test_refuses_to_run_without_cuda_unless_told_cpu(depth_g):
 def test_vae_dtype_for_leaves_fp16_where_it_overflows(depth_g):
     from diffusers import AutoencoderKL
 
-    from lotus_cli.gpu import vae_dtype_for
+    from lotus_cli.model.gpu import vae_dtype_for
 
     vae = AutoencoderKL.from_pretrained(depth_g, subfolder="vae", torch_dtype=torch.float16).eval()
     assert vae_dtype_for(vae, torch.float16, (32, 32)) == (torch.float16, None)  # this one is fine in fp16

@@ -9,8 +9,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lotus_cli.cli import app
-from lotus_cli.predictor import LotusPredictor, PredictOptions
-from lotus_cli.sources import read_image
+from lotus_cli.io.sources import read_image
+from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
 
@@ -239,7 +239,7 @@ def test_raw_refuses_file_options_and_inputs(tmp_path, depth_d):
 
 
 def test_uncertainty_raw_pipe_writes_the_spread(depth_g):
-    from lotus_cli.predictor import EnsembleOptions
+    from lotus_cli.model.predictor import EnsembleOptions
 
     frames = [make_image(24, 32, s) for s in (1, 2)]
     r = runner.invoke(

@@ -1,4 +1,4 @@
-"""The compiled path (lotus_cli/compile.py): same numbers as eager, eager when the compiler is missing or
+"""The compiled path (lotus_cli/model/compile.py): same numbers as eager, eager when the compiler is missing or
 fails, artifacts cached where the cache settings say, and the --compile auto rule."""
 
 import json
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from lotus_cli import compile as lc
-from lotus_cli.cpu import prepack
-from lotus_cli.predictor import LotusPredictor, PredictOptions
+from lotus_cli.model import compile as lc
+from lotus_cli.model.cpu import prepack
+from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
 
@@ -133,7 +133,7 @@ import json, sys
 from torch._dynamo.utils import counters
 from lotus_cli import compile as lc
 from lotus_cli.cpu import prepack
-from lotus_cli.predictor import LotusPredictor, PredictOptions
+from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 from tests.conftest import make_image
 pred = LotusPredictor.from_pretrained(sys.argv[1], device="cpu", dtype="fp32")
 lc.compile_predictor(pred, "on", sys.argv[2], vae=False)

@@ -1,4 +1,4 @@
-"""The per-machine choice of CPU fast paths (lotus_cli/cpu/calibrate.py): it picks what its timings say is
+"""The per-machine choice of CPU fast paths (lotus_cli/model/cpu/calibrate.py): it picks what its timings say is
 fastest, remembers it, survives a broken cache, and falls back to its rule where timings cannot be trusted.
 
 Timings are made deterministic with a fake clock that only the (wrapped) convolutions advance, so the
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from lotus_cli import models
-from lotus_cli.cpu import calibrate, prepack, strips
-from lotus_cli.predictor import LotusPredictor, PredictOptions
+from lotus_cli.model import weights
+from lotus_cli.model.cpu import calibrate, prepack, strips
+from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
 
@@ -71,7 +71,7 @@ def timed(monkeypatch):
 
 @pytest.fixture(scope="module")
 def modules(depth_g):
-    return models.load_unet_vae(depth_g, torch.float32, CPU)
+    return weights.load_unet_vae(depth_g, torch.float32, CPU)
 
 
 @pytest.mark.parametrize(
@@ -244,7 +244,7 @@ def test_the_predictor_runs_as_the_cache_says(depth_g, monkeypatch, tmp_path):
     """A choice found in the cache is what the predictor applies; the numbers stay."""
     monkeypatch.setattr(calibrate, "MIN_TIMED_BYTES", 0)
     monkeypatch.setenv("LOTUS_CACHE", str(tmp_path))
-    unet, vae = models.load_unet_vae(depth_g, torch.float32, CPU)
+    unet, vae = weights.load_unet_vae(depth_g, torch.float32, CPU)
     layouts = list(calibrate.LAYOUTS if prepack.available(CPU, torch.float32) else calibrate.LAYOUTS[:2])
     torch.set_num_threads(1)  # the key holds the thread count the predictor starts with
     key = calibrate.cache_key(unet, vae, torch.float32, (64, 64), layouts)
@@ -325,7 +325,7 @@ def test_an_isa_cap_changes_the_machine_and_the_cache_key(modules, monkeypatch):
     import subprocess
     import sys
 
-    code = "from lotus_cli.cpu.calibrate import machine; m = machine(); print(m.flags, m.isa)"
+    code = "from lotus_cli.model.cpu.calibrate import machine; m = machine(); print(m.flags, m.isa)"
     env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert "avx512f" not in out and "AVX2" in out and "ONEDNN_MAX_CPU_ISA=AVX2" in out
@@ -342,7 +342,7 @@ def test_each_module_runs_in_the_layout_fastest_for_it(depth_g, timed, tmp_path,
     way round, runs so: each module's weights, and the inputs its 3 x 3 convolutions are handed, in its
     own memory format (torch runs a convolution channels-last when its input is, whatever its weight); the
     numbers those of the plain modules."""
-    unet, vae = models.load_unet_vae(depth_g, torch.float32, CPU)
+    unet, vae = weights.load_unet_vae(depth_g, torch.float32, CPU)
     vae_convs = {id(m) for m in vae.modules()}
     fast = dict(zip(("unet", "vae"), fast))
     monkeypatch.setattr(

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lotus_cli.cpu import strips
-from lotus_cli.predictor import POSTERIOR_SEED_OFFSET, LotusPredictor, PredictOptions
+from lotus_cli.model.cpu import strips
+from lotus_cli.model.predictor import POSTERIOR_SEED_OFFSET, LotusPredictor, PredictOptions
 
 from .conftest import make_image
 from .reference import load, reference_predict

@@ -6,7 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from lotus_cli.cli import app
-from lotus_cli.cpu import calibrate, strips
+from lotus_cli.model.cpu import calibrate, strips
 
 
 def doctor(*args):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lotus_cli.cli import app
 from lotus_cli.evaluate import datasets as D
 from lotus_cli.evaluate.run import EvalOptions, FolderSource, evaluate
-from lotus_cli.visualize import normal_to_uint16
+from lotus_cli.io.visualize import normal_to_uint16
 
 from .test_eval_datasets import write_depth_set, write_normal_set
 

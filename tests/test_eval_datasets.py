@@ -14,7 +14,7 @@ import pytest
 
 from lotus_cli.errors import InputError, UsageError
 from lotus_cli.evaluate import datasets as D
-from lotus_cli.sinks import encode_png as _png
+from lotus_cli.io.outputs import encode_png as _png
 
 # (h, w) of the fixture frames: NYUv2's Eigen crop needs 640x480, KITTI's benchmark crop at least 1216x352
 SIZES = {"nyuv2": (480, 640), "kitti": (375, 1242), "scannet": (30, 40), "eth3d": (30, 40), "diode": (30, 40)}

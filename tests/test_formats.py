@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from lotus_cli import formats, sinks, sources
 from lotus_cli.cli import app
 from lotus_cli.errors import InputError, UsageError
 from lotus_cli.evaluate.run import read_prediction
+from lotus_cli.io import formats, sources
+from lotus_cli.io.formats import Style
+from lotus_cli.io.outputs import output_paths, write_map, write_outputs
 
 from .conftest import make_image
 
@@ -47,23 +49,23 @@ def test_registry_names_suffixes_and_sidecars():
     assert sources.sidecar_of(Path("d/x.16bit.png")) == Path("d/x.json")
     assert sources.sidecar_of(Path("d/a.b.exr")) == Path("d/a.b.json")
     assert sources.sidecar_of(Path("d/x.mean.npy")) == Path("d/x.mean.json")
-    assert sinks.output_paths(Path("o"), "a/x", ("exr", "png16"))["exr"] == Path("o/a/x.exr")
+    assert output_paths(Path("o"), "a/x", ("exr", "png16"))["exr"] == Path("o/a/x.exr")
     # per-frame formats: every one but the colour picture, which goes into the clip's mp4
     assert [f.name for f in formats.FORMATS.values() if f.per_frame] == ["png16", "npy", "exr"]
 
 
 def test_png16_decoded_through_the_sidecar_note(tmp_path):
     d = 0.2 + 0.5 * depth_map()
-    paths = sinks.output_paths(tmp_path, "x", ("png16",))
-    rec = sinks.write_outputs(paths, d, "depth", {})
+    paths = output_paths(tmp_path, "x", ("png16",))
+    rec = write_outputs(paths, d, "depth", {})
     back = formats.read_map(paths["png16"], "depth", rec["outputs"]["png16"])
     assert np.abs(back - d).max() < 0.5 * 0.5 / 65535 + 1e-6  # one 16-bit step over the map's range
 
 
 def test_exr_depth_equals_npy_bit_for_bit_with_its_meaning_in_the_header(tmp_path):
     d = depth_map()
-    paths = sinks.output_paths(tmp_path, "x", ("npy", "exr"))
-    rec = sinks.write_outputs(paths, d, "disparity", {"model": "some/model"})
+    paths = output_paths(tmp_path, "x", ("npy", "exr"))
+    rec = write_outputs(paths, d, "disparity", {"model": "some/model"})
     ch, header = exr_channels(paths["exr"])
     assert ch["Z"].dtype == np.float32 and ch["Z"].shape == d.shape
     assert np.array_equal(ch["Z"].view(np.uint32), np.load(paths["npy"]).view(np.uint32))
@@ -77,8 +79,8 @@ def test_exr_depth_equals_npy_bit_for_bit_with_its_meaning_in_the_header(tmp_pat
 
 def test_exr_half_within_half_precision_and_other_compression(tmp_path):
     d = depth_map()
-    paths = sinks.output_paths(tmp_path, "x", ("exr",))
-    rec = sinks.write_outputs(paths, d, "depth", {}, sinks.Style(exr_half=True, exr_compression="piz"))
+    paths = output_paths(tmp_path, "x", ("exr",))
+    rec = write_outputs(paths, d, "depth", {}, Style(exr_half=True, exr_compression="piz"))
     ch, header = exr_channels(paths["exr"])
     assert ch["Z"].dtype == np.float16 and header["compression"] == OpenEXR.PIZ_COMPRESSION
     assert np.array_equal(ch["Z"], d.astype(np.float16))
@@ -86,21 +88,21 @@ def test_exr_half_within_half_precision_and_other_compression(tmp_path):
     assert header["lotus:kind"] == "depth" and "larger = farther" in header["lotus:values"]
     assert rec["outputs"]["exr"]["dtype"] == "float16" and rec["outputs"]["exr"]["compression"] == "piz"
     with pytest.raises(UsageError, match="--exr-compression 'zstd9'"):
-        sinks.Style(exr_compression="zstd9")
+        Style(exr_compression="zstd9")
 
 
 def test_exr_normals_are_rgb_xyz_in_the_stated_frame_and_spread_is_y(tmp_path):
     n = unit_normals()
-    paths = sinks.output_paths(tmp_path, "n", ("npy", "exr"))
-    sinks.write_outputs(paths, n, "normal", {"normal_frame": "opencv", "axes": "x right, y down, z forward"})
+    paths = output_paths(tmp_path, "n", ("npy", "exr"))
+    write_outputs(paths, n, "normal", {"normal_frame": "opencv", "axes": "x right, y down, z forward"})
     ch, header = exr_channels(paths["exr"])
     assert set(ch) == {"R", "G", "B"}
     got = np.stack([ch["R"], ch["G"], ch["B"]], axis=-1)
     assert np.array_equal(got.view(np.uint32), np.load(paths["npy"]).view(np.uint32))
     assert header["lotus:normal_frame"] == "opencv" and header["lotus:axes"] == "x right, y down, z forward"
     spread = depth_map(9, 11) * 40  # degrees
-    paths = sinks.output_paths(tmp_path, "u", ("exr",))
-    sinks.write_outputs(paths, spread, "uncertainty", {}, layers={"mean": (n, "normal")})
+    paths = output_paths(tmp_path, "u", ("exr",))
+    write_outputs(paths, spread, "uncertainty", {}, layers={"mean": (n, "normal")})
     ch, header = exr_channels(paths["exr"])
     assert set(ch) == {"Y"} and np.array_equal(ch["Y"], spread) and header["lotus:kind"] == "uncertainty"
     mean, _ = exr_channels(tmp_path / "u.mean.exr")
@@ -109,8 +111,8 @@ def test_exr_normals_are_rgb_xyz_in_the_stated_frame_and_spread_is_y(tmp_path):
 
 def test_exr_maps_read_back_by_pointcloud_and_eval_readers(tmp_path):
     d = depth_map()
-    paths = sinks.output_paths(tmp_path, "x", ("exr",))
-    sinks.write_outputs(paths, d, "disparity", {})
+    paths = output_paths(tmp_path, "x", ("exr",))
+    write_outputs(paths, d, "disparity", {})
     values, info = sources.read_depth_map(paths["exr"])
     assert np.array_equal(values, d) and info["kind"] == "disparity" and info["sidecar"] == str(paths["json"])
     paths["json"].unlink()  # the EXR header alone says what it is
@@ -118,8 +120,8 @@ def test_exr_maps_read_back_by_pointcloud_and_eval_readers(tmp_path):
     assert np.array_equal(values, d) and info["kind"] == "disparity" and "EXR header" in info["units"]
     assert np.array_equal(read_prediction(paths["exr"], "depth"), d)
     n = unit_normals()
-    npaths = sinks.output_paths(tmp_path, "n", ("exr",))
-    sinks.write_outputs(npaths, n, "normal", {})
+    npaths = output_paths(tmp_path, "n", ("exr",))
+    write_outputs(npaths, n, "normal", {})
     assert np.array_equal(read_prediction(npaths["exr"], "normal"), n)
     with pytest.raises(InputError, match="not a single-channel map"):
         sources.read_depth_map(npaths["exr"])
@@ -131,7 +133,7 @@ def test_exr_maps_read_back_by_pointcloud_and_eval_readers(tmp_path):
 def test_metric_exr_without_sidecar_keeps_its_unit(tmp_path):
     z = 1.0 + 3 * depth_map()
     path = tmp_path / "m.exr"
-    sinks.write_map(path, "exr", z, "depth", about={"unit": "m"})
+    write_map(path, "exr", z, "depth", about={"unit": "m"})
     _, header = exr_channels(path)
     assert header["lotus:scale"] == "metric" and header["lotus:unit"] == "m"
     values, info = sources.read_depth_map(path)
@@ -158,9 +160,9 @@ print("OK", cv2.__version__)
 
 def test_opencv_reads_our_exr(tmp_path):
     d, n = depth_map(), unit_normals()
-    dp, np_ = sinks.output_paths(tmp_path, "d", ("exr",)), sinks.output_paths(tmp_path, "n", ("exr",))
-    sinks.write_outputs(dp, d, "disparity", {})
-    sinks.write_outputs(np_, n, "normal", {})
+    dp, np_ = output_paths(tmp_path, "d", ("exr",)), output_paths(tmp_path, "n", ("exr",))
+    write_outputs(dp, d, "disparity", {})
+    write_outputs(np_, n, "normal", {})
     out = subprocess.run(
         [
             sys.executable,

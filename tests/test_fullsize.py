@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from lotus_cli.cpu import prepack, strips
-from lotus_cli.predictor import POSTERIOR_SEED_OFFSET, LotusPredictor, PredictOptions
+from lotus_cli.model.cpu import prepack, strips
+from lotus_cli.model.predictor import POSTERIOR_SEED_OFFSET, LotusPredictor, PredictOptions
 
 from .reference import as_depth, load, reference_predict
 
@@ -28,7 +28,7 @@ def full_g(tmp_path_factory) -> Path:
     given = os.environ.get("LOTUS_FULLSIZE_CHECKPOINT")
     if given:
         return Path(given)
-    from lotus_cli.synthetic import build_checkpoint
+    from lotus_cli.model.synthetic import build_checkpoint
 
     return build_checkpoint(
         tmp_path_factory.mktemp("full") / "lotus-depth-g-v2-1-disparity", family="g", task="depth", size="full"

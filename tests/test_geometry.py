@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lotus_cli import geometry as g
+from lotus_cli.geometry import camera as g
 
 K64 = g.intrinsics_from_fov(64, 48, 60.0)
 

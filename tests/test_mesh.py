@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lotus_cli import geometry as g
-from lotus_cli import mesh as M
 from lotus_cli.cli import app
-from lotus_cli.pointcloud import CameraOptions, CloudOptions, ScaleOptions, make_cloud
+from lotus_cli.geometry import camera as g
+from lotus_cli.geometry import mesh as M
+from lotus_cli.geometry.cloud import CameraOptions, CloudOptions, ScaleOptions, make_cloud
 
 from .conftest import make_image
 from .test_geometry import plane_depth

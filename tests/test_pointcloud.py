@@ -11,10 +11,18 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lotus_cli import geometry as g
 from lotus_cli.cli import app
 from lotus_cli.errors import UsageError
-from lotus_cli.pointcloud import CENTRED, SQUARE, CameraOptions, CloudOptions, ScaleOptions, make_cloud, metric_depth
+from lotus_cli.geometry import camera as g
+from lotus_cli.geometry.cloud import (
+    CENTRED,
+    SQUARE,
+    CameraOptions,
+    CloudOptions,
+    ScaleOptions,
+    make_cloud,
+    metric_depth,
+)
 
 from .conftest import make_image
 from .test_geometry import plane_depth
@@ -58,7 +66,7 @@ def test_ply_round_trip_through_open3d(tmp_path):
         CloudOptions(stride=2),
         per_metre=1.0,
     )
-    from lotus_cli.sinks import write_ply
+    from lotus_cli.geometry.ply import write_ply
 
     write_ply(tmp_path / "c.ply", cloud.points, cloud.colors, cloud.normals, ["units metres"])
     pts, cols, nrm = read_ply(tmp_path / "c.ply")
@@ -305,7 +313,7 @@ def test_cli_normals_none_predicted_and_frames(tmp_path, checkpoints):
         *common,
     )
     assert r.exit_code == 0, r.output
-    from lotus_cli.predictor import LotusPredictor, PredictOptions
+    from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 
     lotus_frame = (
         LotusPredictor.from_pretrained(checkpoints[("normal", "d")], device="cpu")

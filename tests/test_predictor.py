@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from lotus_cli import models
-from lotus_cli.predictor import (
+from lotus_cli.model import weights
+from lotus_cli.model.predictor import (
     POSTERIOR_SEED_OFFSET,
     LotusPredictor,
     PredictOptions,
@@ -112,7 +112,7 @@ def test_noise_is_first_draw_of_seeded_generator():
 def test_empty_prompt_embedding_two_tokens_and_cached(depth_g, monkeypatch):
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    emb = models.empty_prompt_embedding(depth_g)
+    emb = weights.empty_prompt_embedding(depth_g)
     tok = CLIPTokenizer.from_pretrained(depth_g / "tokenizer")
     te = CLIPTextModel.from_pretrained(depth_g / "text_encoder")
     ids = tok("", padding="do_not_pad", return_tensors="pt").input_ids
@@ -124,11 +124,11 @@ def test_empty_prompt_embedding_two_tokens_and_cached(depth_g, monkeypatch):
     assert not torch.allclose(padded[:, :2], expected, atol=1e-4) or padded.shape[1] == 77
     # the second load reads the disk cache and never builds the text encoder
     monkeypatch.setattr(
-        models,
+        weights,
         "compute_empty_prompt_embedding",
         lambda folder: (_ for _ in ()).throw(AssertionError("text encoder loaded again")),
     )
-    assert torch.equal(models.empty_prompt_embedding(depth_g), emb)
+    assert torch.equal(weights.empty_prompt_embedding(depth_g), emb)
     pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu")
     assert not any("text" in name for name, _ in pred.__dict__.items() if not name.startswith("prompt"))
 
@@ -142,7 +142,7 @@ def test_a_first_run_frees_the_text_encoder_before_the_unet_and_vae_load(depth_g
     from transformers import CLIPTextModel
 
     monkeypatch.setenv("LOTUS_CACHE", str(tmp_path))  # nothing cached: the embedding is computed
-    events, real_compute, real_load = [], models.compute_empty_prompt_embedding, models.load_unet_vae
+    events, real_compute, real_load = [], weights.compute_empty_prompt_embedding, weights.load_unet_vae
 
     def compute(folder):
         events.append("text encoder")
@@ -154,8 +154,8 @@ def test_a_first_run_frees_the_text_encoder_before_the_unet_and_vae_load(depth_g
         events.append(f"unet and vae, {alive} text encoders alive")
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(models, "compute_empty_prompt_embedding", compute)
-    monkeypatch.setattr(models, "load_unet_vae", load)
+    monkeypatch.setattr(weights, "compute_empty_prompt_embedding", compute)
+    monkeypatch.setattr(weights, "load_unet_vae", load)
     LotusPredictor.from_pretrained(str(depth_g), device="cpu")
     assert events == ["text encoder", "unet and vae, 0 text encoders alive"]
 

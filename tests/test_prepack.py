@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lotus_cli.cpu import prepack, strips
-from lotus_cli.predictor import LotusPredictor, PredictOptions
+from lotus_cli.model.cpu import prepack, strips
+from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
 

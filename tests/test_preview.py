@@ -7,9 +7,9 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from lotus_cli import geometry as g
-from lotus_cli import preview as P
 from lotus_cli.cli import app
+from lotus_cli.geometry import camera as g
+from lotus_cli.geometry import preview as P
 
 from .conftest import make_image
 
@@ -64,8 +64,8 @@ def test_the_view_turns_around_the_scene():
 
 
 def test_a_mesh_keeps_its_holes_and_points_are_splatted_over_them():
-    from lotus_cli import mesh as M
-    from lotus_cli.pointcloud import CameraOptions, CloudOptions, ScaleOptions, make_cloud
+    from lotus_cli.geometry import mesh as M
+    from lotus_cli.geometry.cloud import CameraOptions, CloudOptions, ScaleOptions, make_cloud
 
     z = np.full((48, 64), 3.0, np.float32)
     z[20:28, 28:36] = np.nan  # an 8 x 8 hole

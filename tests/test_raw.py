@@ -3,7 +3,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from lotus_cli.predictor import LotusPredictor, PredictOptions
+from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
 

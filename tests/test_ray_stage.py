@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lotus_cli.predictor import LotusPredictor, PredictOptions, Prepared, prepare
+from lotus_cli.model.predictor import LotusPredictor, PredictOptions, Prepared, prepare
 
 from .conftest import make_image
 
-ray_engine = pytest.importorskip("lotus_cli.ray_engine", reason="needs the ray extra: pip install 'lotus-cli[ray]'")
+ray_engine = pytest.importorskip(
+    "lotus_cli.scale.ray_engine", reason="needs the ray extra: pip install 'lotus-cli[ray]'"
+)
 pytestmark = pytest.mark.ray
 
 
@@ -38,7 +40,7 @@ def _job(max_pixels=100_000_000, res=64):
 
 
 def test_the_stage_decodes_prepares_and_words_errors_as_the_runner(tmp_path):
-    from lotus_cli.sources import read_image
+    from lotus_cli.io.sources import read_image
 
     rgb = make_image(40, 80, 3)
     Image.fromarray(rgb).save(tmp_path / "a.png")
@@ -80,8 +82,8 @@ def test_the_stage_decodes_prepares_and_words_errors_as_the_runner(tmp_path):
     ],
 )
 def test_the_stage_gets_the_cpus_the_actors_leave(monkeypatch, cpus, gpus, workers, per_worker, remote, stage):
-    from lotus_cli.distributed import Scale
     from lotus_cli.errors import UsageError
+    from lotus_cli.scale.dispatch import Scale
 
     monkeypatch.setattr(ray_engine.ray, "cluster_resources", lambda: {"CPU": cpus, "GPU": gpus})
     scale = Scale(engine="ray", workers=workers, gpus_per_worker=1, cpus_per_worker=per_worker)

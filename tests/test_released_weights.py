@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lotus_cli.predictor import POSTERIOR_SEED_OFFSET, LotusPredictor, PredictOptions
-from lotus_cli.sources import read_image
+from lotus_cli.io.sources import read_image
+from lotus_cli.model.predictor import POSTERIOR_SEED_OFFSET, LotusPredictor, PredictOptions
 
 from .reference import as_depth, as_normal, load, reference_predict
 
@@ -37,6 +37,6 @@ def test_released_checkpoint_matches_reference(name):
 
 
 def _folder(name):
-    from lotus_cli import models
+    from lotus_cli.model import registry
 
-    return models.fetch(models.resolve(name)).folder
+    return registry.fetch(registry.resolve(name)).folder

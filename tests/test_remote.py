@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lotus_cli import remote
 from lotus_cli.cli import app
+from lotus_cli.io import remote
 
 from .conftest import make_image
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lotus_cli import distributed
-from lotus_cli.distributed import Shard, parse_shard, resolve_shard, select, shard_of, worker_device
 from lotus_cli.errors import UsageError
-from lotus_cli.sources import Item
+from lotus_cli.io.sources import Item
+from lotus_cli.scale.shard import Shard, env_rank, parse_shard, resolve_shard, select, shard_of, worker_device
+from lotus_cli.scale.worker import Job, Reuse, checkpoint_facts, predictor_facts
 
 from .conftest import make_image
 
@@ -148,7 +148,7 @@ def test_torchrun_two_ranks_write_every_output_once(folder, tmp_path, depth_d):
     assert len(sidecars) == 10
     assert r.stderr.count(" on cpu in ") == 2  # two processes each loaded the model, on the CPU
     assert all(np.isfinite(json.loads(s.read_text())["value_range"]).all() for s in sidecars)
-    assert distributed.env_rank({}) is None
+    assert env_rank({}) is None
 
 
 # ------------------------------------------------------- reruns decide as --skip-existing does (issue 13)
@@ -211,28 +211,28 @@ def test_an_output_folder_inside_the_input_folder_is_never_input(three, depth_d)
 def test_the_driver_reads_the_facts_the_predictor_reports(checkpoints, family, tmp_path):
     """The driver decides before any model loads: family, task, label and kind from the checkpoint's files
     must be the loaded predictor's, or reruns would redo (or keep) the wrong items."""
-    from lotus_cli import models
-    from lotus_cli.predictor import LotusPredictor, PredictOptions
-    from lotus_cli.runner import OutputSpec, VideoSpec
+    from lotus_cli.model import registry
+    from lotus_cli.model.predictor import LotusPredictor, PredictOptions
+    from lotus_cli.run.made import OutputSpec, VideoSpec
 
-    ref = models.resolve(checkpoints[("depth", family)], "depth")
+    ref = registry.resolve(checkpoints[("depth", family)], "depth")
     for kind in (None, "uncertainty"):
-        job = distributed.Job(ref, "depth", OutputSpec(tmp_path), PredictOptions(), VideoSpec(), kind=kind)
+        job = Job(ref, "depth", OutputSpec(tmp_path), PredictOptions(), VideoSpec(), kind=kind)
         predictor = LotusPredictor.from_pretrained(ref, device="cpu", dtype="fp32")
-        facts = distributed.checkpoint_facts(job)
-        assert facts == distributed.predictor_facts(predictor, job)
+        facts = checkpoint_facts(job)
+        assert facts == predictor_facts(predictor, job)
         assert facts[0] == family and facts[3] == (kind or "disparity")
 
 
 def test_a_first_run_judges_nothing_and_reads_no_checkpoint(tmp_path):
     """Without a sidecar there is nothing to compare: the driver asks for the model's facts (a checkpoint
     read and the runner's torch import) only once an earlier output exists."""
-    from lotus_cli.predictor import PredictOptions
-    from lotus_cli.runner import OutputSpec, VideoSpec
+    from lotus_cli.model.predictor import PredictOptions
+    from lotus_cli.run.made import OutputSpec, VideoSpec
 
     asked = []
-    job = distributed.Job("unused", "depth", OutputSpec(tmp_path), PredictOptions(processing_res=32), VideoSpec())
-    reuse = distributed.Reuse(job, None, lambda: asked.append(1) or ("d", "depth", "m", "disparity"))
+    job = Job("unused", "depth", OutputSpec(tmp_path), PredictOptions(processing_res=32), VideoSpec())
+    reuse = Reuse(job, None, lambda: asked.append(1) or ("d", "depth", "m", "disparity"))
     item = Item(Path("/in/a/x.png"), "a/x")
     assert reuse(item) == (False, None) and not asked
     (tmp_path / "a").mkdir()

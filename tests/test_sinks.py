@@ -5,8 +5,12 @@ import matplotlib
 import numpy as np
 import pytest
 
-from lotus_cli import sinks, visualize
 from lotus_cli.errors import UsageError
+from lotus_cli.io import outputs, visualize
+from lotus_cli.io.atomic import STALE_AFTER, atomic_open, write_bytes
+from lotus_cli.io.formats import Style, parse_formats
+from lotus_cli.io.outputs import output_paths, write_map, write_outputs
+from lotus_cli.io.sidecar import reusable, sidecar
 
 
 def test_depth_colour_map_is_the_reference_formula():
@@ -28,17 +32,17 @@ def test_normal_encoding():
 
 
 def test_formats_parse():
-    assert sinks.parse_formats("png, NPY") == ("png", "npy")
-    assert sinks.parse_formats("all") == ("png", "png16", "npy", "exr")  # every format, EXR included
+    assert parse_formats("png, NPY") == ("png", "npy")
+    assert parse_formats("all") == ("png", "png16", "npy", "exr")  # every format, EXR included
     with pytest.raises(UsageError):
-        sinks.parse_formats("png,exr2")
+        parse_formats("png,exr2")
 
 
 def test_write_outputs_round_trip(tmp_path):
     d = np.linspace(0.2, 0.7, 30, dtype=np.float32).reshape(5, 6)
-    paths = sinks.output_paths(tmp_path, "a/x", ("png", "png16", "npy"))
+    paths = output_paths(tmp_path, "a/x", ("png", "png16", "npy"))
     assert paths["npy"] == tmp_path / "a" / "x.npy" and paths["png16"].name == "x.16bit.png"
-    rec = sinks.write_outputs(paths, d, "disparity", {"model": "m"})
+    rec = write_outputs(paths, d, "disparity", {"model": "m"})
     assert np.array_equal(np.load(paths["npy"]), d)
     png16 = cv2.imread(str(paths["png16"]), cv2.IMREAD_UNCHANGED)
     assert png16.dtype == np.uint16 and png16.min() == 0 and png16.max() == 65535  # the full range
@@ -56,8 +60,8 @@ def test_normal_png16_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     n = rng.normal(size=(4, 5, 3)).astype(np.float32)
     n /= np.linalg.norm(n, axis=-1, keepdims=True)
-    paths = sinks.output_paths(tmp_path, "n", ("png16",))
-    sinks.write_outputs(paths, n, "normal", {})
+    paths = output_paths(tmp_path, "n", ("png16",))
+    write_outputs(paths, n, "normal", {})
     back = cv2.imread(str(paths["png16"]), cv2.IMREAD_UNCHANGED)[:, :, ::-1] / 65535 * 2 - 1
     assert np.abs(back - n).max() < 2e-5
 
@@ -65,13 +69,13 @@ def test_normal_png16_round_trip(tmp_path):
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "x.npy"
     with pytest.raises(RuntimeError):
-        with sinks.atomic_open(target) as f:
+        with atomic_open(target) as f:
             f.write(b"partial")
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
     target.write_bytes(b"old")
     with pytest.raises(KeyboardInterrupt):
-        with sinks.atomic_open(target) as f:
+        with atomic_open(target) as f:
             f.write(b"new but partial")
             raise KeyboardInterrupt
     assert target.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
@@ -86,7 +90,7 @@ def test_stale_temporaries_of_ours_are_cleared_young_and_foreign_ones_stay(tmp_p
 
     folder = tmp_path / "out"
     folder.mkdir()
-    old = time.time() - 2 * sinks.STALE_AFTER
+    old = time.time() - 2 * STALE_AFTER
     names = {
         ".x.npy.k3j_9a2b.tmp": True,  # ours, left by a killed run: removed
         ".clip.mp4.ab12cd34.tmp": True,
@@ -100,7 +104,7 @@ def test_stale_temporaries_of_ours_are_cleared_young_and_foreign_ones_stay(tmp_p
         (folder / name).write_bytes(b"partial")
         if stale or name != ".y.npy.zz99yy88.tmp":
             os.utime(folder / name, (old, old))
-    sinks.write_bytes(folder / "new.npy", b"data")
+    write_bytes(folder / "new.npy", b"data")
     left = {p.name for p in folder.iterdir()}
     assert left == {n for n, stale in names.items() if not stale} | {"new.npy"}
 
@@ -117,7 +121,7 @@ class FakeImagePredictor:
         return {"model": self.model, "task": self.task, "kind": self.kind, "family": self.family}
 
     def predict_batch(self, images, opts):
-        from lotus_cli.predictor import Prediction
+        from lotus_cli.model.predictor import Prediction
 
         return [Prediction(im.mean(-1).astype(np.float32) / 255, im.shape[:2]) for im in images]
 
@@ -125,9 +129,10 @@ class FakeImagePredictor:
 def test_skip_existing_redoes_outputs_made_with_another_model_or_options(tmp_path):
     from PIL import Image
 
-    from lotus_cli.predictor import PredictOptions
-    from lotus_cli.runner import OutputSpec, run_images
-    from lotus_cli.sources import Item
+    from lotus_cli.io.sources import Item
+    from lotus_cli.model.predictor import PredictOptions
+    from lotus_cli.run.images import run_images
+    from lotus_cli.run.made import OutputSpec
 
     from .conftest import make_image
 
@@ -151,9 +156,7 @@ def test_skip_existing_redoes_outputs_made_with_another_model_or_options(tmp_pat
     r, _ = rerun(FakeImagePredictor("model-b"), opts=PredictOptions(processing_res=48, seed=3))
     assert r.redone == "made with other options (seed 0 -> 3)"  # a G model: its seed changes the map
     opts = PredictOptions(processing_res=48, seed=3)
-    r, _ = rerun(
-        FakeImagePredictor("model-b"), OutputSpec(tmp_path / "o", ("png",), sinks.Style(cmap="turbo"), True), opts
-    )
+    r, _ = rerun(FakeImagePredictor("model-b"), OutputSpec(tmp_path / "o", ("png",), Style(cmap="turbo"), True), opts)
     assert r.redone == "its png was made with other settings (colormap 'Spectral' -> 'turbo')"
     r, _ = rerun(FakeImagePredictor("model-b"), opts=opts, predict_options={"tile": 512})
     assert r.redone == "made with other options (tile None -> 512)"
@@ -169,19 +172,19 @@ def test_skip_existing_redoes_outputs_made_with_another_model_or_options(tmp_pat
 
 def test_a_redo_that_fails_part_way_leaves_no_sidecar_vouching_for_the_old_outputs(tmp_path, monkeypatch):
     d = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
-    paths = sinks.output_paths(tmp_path, "x", ("png", "npy"))
-    sinks.write_outputs(paths, d, "disparity", sinks.sidecar("disparity", model={"model": "a"}))
-    real = sinks.write_map
+    paths = output_paths(tmp_path, "x", ("png", "npy"))
+    write_outputs(paths, d, "disparity", sidecar("disparity", model={"model": "a"}))
+    real = write_map
 
     def disk_full(path, fmt, *a, **kw):
         if fmt == "npy":
             raise OSError(28, "No space left on device")
         return real(path, fmt, *a, **kw)
 
-    monkeypatch.setattr(sinks, "write_map", disk_full)
+    monkeypatch.setattr(outputs, "write_map", disk_full)
     with pytest.raises(OSError):  # model b's png is written, its npy is not
-        sinks.write_outputs(paths, 1 - d, "disparity", sinks.sidecar("disparity", model={"model": "b"}))
-    keep, why = sinks.reusable(
+        write_outputs(paths, 1 - d, "disparity", sidecar("disparity", model={"model": "b"}))
+    keep, why = reusable(
         paths["json"], [paths["png"], paths["npy"]], kind="disparity", model="a", options={}, settings={}
     )
     assert not keep and why == "no sidecar: its run did not finish"

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from lotus_cli.errors import InputError
-from lotus_cli.sources import expand, read_image
+from lotus_cli.io.sources import expand, read_image
 
 
 def _png(path, arr):

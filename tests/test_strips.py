@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lotus_cli.cpu import strips
-from lotus_cli.predictor import LotusPredictor, PredictOptions
+from lotus_cli.model.cpu import strips
+from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 
 from .conftest import make_image
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from lotus_cli import tiling
 from lotus_cli.errors import UsageError
-from lotus_cli.predictor import LotusPredictor, PredictOptions
-from lotus_cli.tiling import TileOptions, axis_starts, parse_bytes, plan_tiles, predict_tiled
+from lotus_cli.model import tiling
+from lotus_cli.model.predictor import LotusPredictor, PredictOptions
+from lotus_cli.model.tiling import TileOptions, axis_starts, parse_bytes, plan_tiles, predict_tiled
 
 from .conftest import make_image
 
@@ -241,8 +241,9 @@ SMALL_TILES = TileOptions(tile=48, overlap=0.25, tile_res=32)
 
 @pytest.mark.parametrize("family", ["g", "d"])
 def test_tiny_checkpoints_end_to_end(checkpoints, family, tmp_path):
-    from lotus_cli.runner import OutputSpec, run_images
-    from lotus_cli.sources import expand
+    from lotus_cli.io.sources import expand
+    from lotus_cli.run.images import run_images
+    from lotus_cli.run.made import OutputSpec
 
     pred = LotusPredictor.from_pretrained(checkpoints[("depth", family)], device="cpu")
     img = make_image(96, 128, 3)
@@ -296,7 +297,7 @@ def test_g_tiles_share_one_noise_field(depth_g, monkeypatch):
 
 
 def test_normals_blend_to_unit_vectors(checkpoints):
-    from lotus_cli.geometry import convert_normals
+    from lotus_cli.geometry.camera import convert_normals
 
     pred = LotusPredictor.from_pretrained(checkpoints[("normal", "g")], device="cpu")
     img = make_image(96, 128, 6)
@@ -402,8 +403,8 @@ def test_video_sidecar_has_the_tiling_plan(depth_d, tmp_path):
 def test_tiled_uncertainty_encodes_once_and_matches_single_samples(depth_g, monkeypatch):
     from dataclasses import replace
 
-    from lotus_cli.predictor import EnsembleOptions
-    from lotus_cli.tiling import predict_tiled_ensemble
+    from lotus_cli.model.predictor import EnsembleOptions
+    from lotus_cli.model.tiling import predict_tiled_ensemble
 
     pred = LotusPredictor.from_pretrained(depth_g, device="cpu")
     img = make_image(96, 128, 9)

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from lotus_cli.errors import UsageError
-from lotus_cli.geometry import Intrinsics, angular_error, normals_from_depth
-from lotus_cli.synthetic import render_scene, write_synthetic_dataset
+from lotus_cli.geometry.camera import Intrinsics, angular_error, normals_from_depth
+from lotus_cli.model.synthetic import render_scene, write_synthetic_dataset
 from lotus_cli.train import data as D
 
 

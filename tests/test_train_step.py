@@ -208,7 +208,7 @@ def test_options_are_validated():
 
 
 def test_predict_latent_single_step_is_the_inference_call(depth_g):
-    from lotus_cli.predictor import LotusPredictor
+    from lotus_cli.model.predictor import LotusPredictor
 
     pred = LotusPredictor.from_pretrained(depth_g, device="cpu", channels_last=False)
     z = torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(0))

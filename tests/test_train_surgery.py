@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lotus_cli.errors import ModelError
-from lotus_cli.synthetic import TINY_UNET
+from lotus_cli.model.synthetic import TINY_UNET
 from lotus_cli.train.surgery import add_class_embedding, is_lotus_unet, to_lotus, widen_conv_in
 
 
@@ -51,7 +51,7 @@ def test_class_embedding_is_added_and_everything_else_kept(sd2_unet):
     assert lotus.class_embedding.linear_1.in_features == 4
     assert lotus.class_embedding.linear_2.out_features == lotus.time_embedding.linear_2.out_features
     # the task switch now changes the output: annotation [1, 0] vs reconstruction [0, 1]
-    from lotus_cli.predictor import ANNOTATION, RECONSTRUCTION, task_embedding
+    from lotus_cli.model.predictor import ANNOTATION, RECONSTRUCTION, task_embedding
 
     z, emb = inputs()
     with torch.no_grad():
@@ -61,8 +61,8 @@ def test_class_embedding_is_added_and_everything_else_kept(sd2_unet):
 
 
 def test_to_lotus_families_and_the_saved_unet_loads(sd2_unet, tmp_path):
-    from lotus_cli.models import load_unet_vae
-    from lotus_cli.synthetic import build_checkpoint
+    from lotus_cli.model.synthetic import build_checkpoint
+    from lotus_cli.model.weights import load_unet_vae
 
     g = to_lotus(copy.deepcopy(sd2_unet), "g")
     d = to_lotus(copy.deepcopy(sd2_unet), "d")

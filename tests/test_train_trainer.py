@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lotus_cli.synthetic import render_scene, write_synthetic_dataset
+from lotus_cli.model.synthetic import render_scene, write_synthetic_dataset
 from lotus_cli.train import data as D
 from lotus_cli.train.options import StepOptions, TrainOptions
 from lotus_cli.train.surgery import build_tiny_base
@@ -207,7 +207,7 @@ def fake_scannet(src: Path, dest: Path) -> Path:
 
 @pytest.mark.heavy
 def test_normal_training_and_benchmark_evaluation_during_training(world, tmp_path):
-    from lotus_cli.predictor import LotusPredictor
+    from lotus_cli.model.predictor import LotusPredictor
 
     opts = options(
         world,
@@ -234,7 +234,7 @@ def test_validation_scores_exactly_what_the_predictor_predicts(checkpoints, fami
     """Validation runs the predictor's own steps: its AbsRel is that of `LotusPredictor.predict`'s maps
     (42 x 50 px: the decoded 40 x 48 is resized back by the predictor's finish)."""
     from lotus_cli.evaluate import metrics as M
-    from lotus_cli.predictor import LotusPredictor, PredictOptions
+    from lotus_cli.model.predictor import LotusPredictor, PredictOptions
     from lotus_cli.train.trainer import evaluate_samples
 
     pred = LotusPredictor.from_pretrained(

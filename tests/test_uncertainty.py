@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from lotus_cli.cli import app
 from lotus_cli.errors import UsageError
-from lotus_cli.predictor import EnsembleOptions, LotusPredictor, PredictOptions
+from lotus_cli.model.predictor import EnsembleOptions, LotusPredictor, PredictOptions
 
 from .conftest import make_image
 

@@ -9,10 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from lotus_cli.cli import app
-from lotus_cli.predictor import Prediction, PredictOptions
-from lotus_cli.runner import OutputSpec, VideoSpec, run_video
-from lotus_cli.sources import Item
-from lotus_cli.video import FrameSelect, Stabilizer, open_video
+from lotus_cli.geometry.align import Stabilizer
+from lotus_cli.io.sources import Item
+from lotus_cli.io.video import FrameSelect, open_video
+from lotus_cli.model.predictor import Prediction, PredictOptions
+from lotus_cli.run.clip import run_video
+from lotus_cli.run.made import OutputSpec, VideoSpec
 
 runner = CliRunner()
 
@@ -253,9 +255,9 @@ import resource, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.test_video import FakePredictor, make_clip
-from lotus_cli.predictor import PredictOptions
+from lotus_cli.model.predictor import PredictOptions
 from lotus_cli.runner import OutputSpec, VideoSpec, run_video
-from lotus_cli.sources import Item
+from lotus_cli.io.sources import Item
 tmp = Path({tmp!r})
 clip = make_clip(tmp / "long.mp4", n={n}, fps=30, size=(320, 240))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

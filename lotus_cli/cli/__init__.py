@@ -162,13 +162,13 @@ def load_predictor(
     """Resolve (name, hub id, folder or a resolved ModelRef), fetch with progress bars, load with a spinner,
     say what was loaded; a LotusError becomes the usual one-line error and exit code. ``kind`` is the
     stated output kind (--output-kind) of a checkpoint whose metadata says nothing."""
-    from .. import models
-    from ..predictor import LotusPredictor
+    from ..model import registry
+    from ..model.predictor import LotusPredictor
 
     try:
-        ref = model if isinstance(model, models.ModelRef) else models.resolve(model, task, kind)
-        ref = models.fetch(ref)  # a first download shows its own progress bars
-        models.check_known(ref, task)
+        ref = model if isinstance(model, registry.ModelRef) else registry.resolve(model, task, kind)
+        ref = registry.fetch(ref)  # a first download shows its own progress bars
+        registry.check_known(ref, task)
         with console().status(f"loading {ref.label} ...", spinner="dots"):
             predictor = LotusPredictor.from_pretrained(
                 ref, device=device, dtype=dtype, processing_res=processing_res

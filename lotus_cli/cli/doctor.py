@@ -53,7 +53,7 @@ def doctor(
     fast paths chosen for this machine (channels-last, packed weights, VAE strips) with the measured times."""
     import torch
 
-    from ..cpu import calibrate
+    from ..model.cpu import calibrate
 
     m = calibrate.machine()
     path = calibrate.cache_file()
@@ -62,7 +62,7 @@ def doctor(
     load, cores = calibrate.busy()
     loaded = None
     if model is not None:
-        from ..predictor import LotusPredictor
+        from ..model.predictor import LotusPredictor
 
         try:
             pred = LotusPredictor.from_pretrained(model, device="cpu", dtype="fp32", processing_res=processing_res)

@@ -151,10 +151,10 @@ def eval_normal(
 
 
 def _eval(a: EvalArgs) -> None:
-    from .. import models
     from ..evaluate import datasets as D
     from ..evaluate import run as R
-    from ..sinks import check_out_dir
+    from ..io.atomic import check_out_dir
+    from ..model import registry
 
     try:
         if a.model and a.predictions:
@@ -184,7 +184,7 @@ def _eval(a: EvalArgs) -> None:
             check_out_dir(a.out)
         source = R.FolderSource(a.predictions, a.task) if a.predictions else None
         # a bad name, or a checkpoint that says nothing about its output, fails before any reading
-        ref = None if a.predictions else models.resolve(a.model, a.task, a.output_kind)
+        ref = None if a.predictions else registry.resolve(a.model, a.task, a.output_kind)
     except LotusError as e:
         fail(e)
     opened, errors = _open(a.task, pairs, specs, splits)

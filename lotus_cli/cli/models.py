@@ -22,7 +22,7 @@ def models_list():
     """Show the registry on stdout: task, family, output kind, size, licence and whether it is cached. On a
     terminal, a table; piped, tab-separated lines with a header and full names (`lotus models list | grep
     depth`)."""
-    from .. import models
+    from ..model import registry
 
     rows = [
         (
@@ -34,9 +34,9 @@ def models_list():
             e.kind,
             f"{e.size_gb:.1f} GB" if e.size_gb else "?",
             e.licence,
-            "yes" if models.cached_folder(e.repo_id) else "no",
+            "yes" if registry.cached_folder(e.repo_id) else "no",
         )
-        for e in models.REGISTRY
+        for e in registry.REGISTRY
     ]
     if sys.stdout.isatty():
         from rich.console import Console
@@ -51,18 +51,18 @@ def models_list():
     else:
         write_stdout("".join("\t".join(r) + "\n" for r in (COLUMNS, *rows)))
     say("defaults: depth -> depth-d, normal -> normal-d; uncertainty needs a G model (depth-g, normal-g)", "dim")
-    say(models.LICENCE_NOTE, "dim")
+    say(registry.LICENCE_NOTE, "dim")
 
 
 @models_app.command("pull")
 def models_pull(names: Annotated[list[str], typer.Argument(help="Registry names or hub ids.")]):
     """Download checkpoints into the Hugging Face cache (needs network)."""
-    from .. import models
+    from ..model import registry
 
     code = 0
     for name in names:
         try:
-            ref = models.fetch(models.resolve(name))
+            ref = registry.fetch(registry.resolve(name))
             say(f"{ref.label}: {ref.folder}", "green")
         except LotusError as e:
             say(f"error: {e}", "red")
@@ -73,13 +73,13 @@ def models_pull(names: Annotated[list[str], typer.Argument(help="Registry names 
 @models_app.command("path")
 def models_path(name: Annotated[str, typer.Argument(help="Registry name or hub id.")]):
     """Print the local folder of a cached checkpoint (stdout), for scripts and `--model PATH`."""
-    from .. import models
+    from ..model import registry
 
     try:
-        ref = models.resolve(name)
+        ref = registry.resolve(name)
     except LotusError as e:
         fail(e)
-    folder = ref.folder or models.cached_folder(ref.repo_id)
+    folder = ref.folder or registry.cached_folder(ref.repo_id)
     if folder is None:
         fail(UsageError(f"model {ref.label} is not in the local cache", f"run `lotus models pull {name}`"))
     write_stdout(f"{folder}\n")

@@ -2,8 +2,8 @@
 
 The shared options (inputs, --out, --model, --output-kind, video range, --skip-existing, ...) come from
 options.py; the ones below are this command's. One frozen ``PointcloudArgs`` holds a call's options; the
-sidecars are ``sinks.sidecar``'s (kind "pointcloud"), so --skip-existing keeps a cloud only when its run
-completed with the same models and options (``sinks.reusable``) and otherwise says why it is redone.
+sidecars are ``sidecar``'s (kind "pointcloud"), so --skip-existing keeps a cloud only when its run
+completed with the same models and options (``reusable``) and otherwise says why it is redone.
 """
 
 from __future__ import annotations
@@ -330,10 +330,13 @@ class _Job:
     """One validated `lotus pointcloud` call: every option checked here, before any model loads."""
 
     def __init__(self, a: PointcloudArgs):
-        from .. import mesh, models, sinks, sources
-        from ..pointcloud import CameraOptions, CloudOptions, ScaleOptions, parse_intrinsics
-        from ..predictor import PredictOptions
-        from ..video import FrameSelect
+        from ..geometry import mesh
+        from ..geometry.cloud import CameraOptions, CloudOptions, ScaleOptions, parse_intrinsics
+        from ..io import sources
+        from ..io.atomic import check_out_dir
+        from ..io.video import FrameSelect
+        from ..model import registry
+        from ..model.predictor import PredictOptions
 
         self.a = a
         self.camera = CameraOptions(a.fov, a.focal_px, parse_intrinsics(a.intrinsics))
@@ -371,7 +374,7 @@ class _Job:
         self.opts = PredictOptions(processing_res=a.processing_res, seed=a.seed)
         self.select = FrameSelect(a.fps, a.start, a.end, a.max_frames)
         # an unknown or wrong-task model (or one nothing describes) fails before any input is read
-        self.depth_ref = None if a.depth is not None else models.resolve(a.model, "depth", a.output_kind)
+        self.depth_ref = None if a.depth is not None else registry.resolve(a.model, "depth", a.output_kind)
         self.out = a.out if a.out is not None else Path("lotus-pointcloud")
         inputs, self.problems = list(a.inputs), []
         if a.depth is not None:
@@ -392,7 +395,7 @@ class _Job:
             len(self.items) + len(self.problems) > 1 or any(sources.is_video(i.path) for i in self.items)
         ):
             raise UsageError("--align-to fits one metric map to one view", "give a single image or --depth map")
-        sinks.check_out_dir(self.out)
+        check_out_dir(self.out)
         self.failed = len(self.problems)
         self.done = self.skipped = 0
 
@@ -432,7 +435,7 @@ class _Job:
     def _normal_model(self):
         """The normal model when normals are to be predicted: --normals predict, --shape-from-normals, a named
         --normal-model, or auto when the default normal model is cached or can be downloaded."""
-        from .. import models
+        from ..model import registry
 
         a = self.a
         if a.normals in ("depth", "none"):
@@ -443,8 +446,8 @@ class _Job:
                 fail(UsageError("predicted normals need the image", "give the image with --depth, or --normals depth"))
             return None
         try:
-            ref = models.fetch(models.resolve(a.normal_model, "normal"))
-            models.check_known(ref, "normal")
+            ref = registry.fetch(registry.resolve(a.normal_model, "normal"))
+            registry.check_known(ref, "normal")
         except LotusError as e:
             if not wanted:
                 say(f"note: normals from the depth ({e.message})", "dim")
@@ -468,7 +471,7 @@ class _Job:
         """Every option that changes a cloud (or a clip's clouds), as its sidecar records them and a rerun
         with --skip-existing compares them. Options that cannot act are None: --processing-res without a
         model, --seed when nothing is random (D models, no --max-points). The normal model is here too:
-        ``sinks.reusable`` compares the depth model (``model``) on its own."""
+        ``reusable`` compares the depth model (``model``) on its own."""
         a = self.a
         models_ = [m for m in (self.depth_model, self.normal_model) if m is not None]
         random = a.max_points > 0 or any(m.family == "g" for m in models_)
@@ -506,8 +509,8 @@ class _Job:
         """--depth MAP [IMAGE]: back-project a map that exists."""
         import numpy as np
 
-        from .. import sources, visualize
-        from ..pointcloud import check_size, resize_to
+        from ..geometry.cloud import check_size, resize_to
+        from ..io import sources, visualize
 
         a = self.a
         key, subject = self.map_key, str(self.items[0].path if self.items else a.depth)
@@ -567,8 +570,8 @@ class _Job:
             self._report(str(a.depth), "failed", {}, str(e), redone=redone)
 
     def _one_input(self, item) -> None:
-        from .. import sources
-        from ..pointcloud import check_size
+        from ..geometry.cloud import check_size
+        from ..io import sources
 
         redone = None
         try:
@@ -595,9 +598,11 @@ class _Job:
 
         The clip's sidecar is written first with ``complete`` false and rewritten when the last frame is
         done (or with ``interrupted`` / ``error`` when it is not), so a rerun redoes a clip that did not finish."""
-        from ..runner import frame_name
-        from ..sinks import sidecar, write_json
-        from ..video import Stabilizer, open_video
+        from ..geometry.align import Stabilizer
+        from ..io.atomic import write_json
+        from ..io.sidecar import sidecar
+        from ..io.video import open_video
+        from ..run.clip import frame_name
 
         t0 = time.perf_counter()
         subject = str(item.path)
@@ -682,7 +687,7 @@ class _Job:
 
     def _outputs(self, key: str) -> list[Path]:
         """The files one cloud is made of, besides its sidecar, with the options of this run."""
-        from ..mesh import FORMATS
+        from ..geometry.mesh import FORMATS
 
         base = self.out / key
         names = [".ply", *(FORMATS[f] for f in self.mesh_formats), *([".preview.png"] if self.a.preview else [])]
@@ -691,7 +696,7 @@ class _Job:
     def _reuse(self, key: str, subject: str, clip: bool = False) -> tuple[bool, str | None]:
         """--skip-existing: (True, None) when the outputs of ``key`` stay (reported as skipped); else (False, why
         they are redone (printed), or None when there was nothing to reuse or --skip-existing is off)."""
-        from .. import sinks
+        from ..io.sidecar import reusable
 
         if not self.a.skip_existing:
             return False, None
@@ -699,7 +704,7 @@ class _Job:
         files = _listed_files(side, self.out)
         if not files:
             files = sorted((self.out / key).glob("*.ply")) if clip else self._outputs(key)
-        keep, why = sinks.reusable(
+        keep, why = reusable(
             side, files, kind=KIND, model=self.model["model"], options=self._options(clip), settings={}
         )
         if keep:
@@ -756,8 +761,11 @@ class _Job:
         redone=None,
     ):
         """Cloud, then mesh files and preview when asked, then the sidecar (last: it marks the cloud done)."""
-        from .. import sinks, sources
-        from ..pointcloud import header_comments, make_cloud
+        from ..geometry.cloud import header_comments, make_cloud
+        from ..geometry.ply import write_ply
+        from ..io import sources
+        from ..io.atomic import write_json
+        from ..io.sidecar import sidecar
 
         a = self.a
         align = None
@@ -788,7 +796,7 @@ class _Job:
         side.unlink(missing_ok=True)  # an earlier run's sidecar must not vouch for files this run replaces
 
         def record(outputs: dict, **more) -> dict:
-            return sinks.sidecar(
+            return sidecar(
                 KIND,
                 model=self.model,
                 options=self._options(clip=not count),
@@ -802,10 +810,10 @@ class _Job:
             )
 
         comments = header_comments(record({}))
-        sinks.write_ply(ply, cloud.points, cloud.colors, cloud.normals, comments)
+        write_ply(ply, cloud.points, cloud.colors, cloud.normals, comments)
         outputs = {"ply": {"file": ply.name}}
         more = self._mesh_and_preview(key, subject, cloud, outputs, rgb if texture is None else texture, comments)
-        sinks.write_json(side, record(outputs, **more))
+        write_json(side, record(outputs, **more))
         if cloud.record["depth"].get("warning"):
             say(f"warning: {subject}: {cloud.record['depth']['warning']}", "yellow")
         if count:
@@ -818,7 +826,9 @@ class _Job:
     def _mesh_and_preview(self, key, subject, cloud, outputs, texture, comments) -> dict:
         """The mesh files and the preview asked for, added to ``outputs`` ({name: {"file": name}}: glb, obj,
         mesh_ply, preview); returns their sidecar sections ("mesh", "preview")."""
-        from .. import mesh, preview, sinks
+        from ..geometry import mesh, preview
+        from ..io.atomic import write_bytes
+        from ..io.outputs import encode_png
 
         sections, shown = {}, cloud
         base = self.out / key
@@ -839,7 +849,7 @@ class _Job:
                 )
         if self.a.preview:
             png = base.with_name(base.name + ".preview.png")
-            sinks.write_bytes(png, sinks.encode_png(preview.render_cloud(shown, cloud.K, self.cloud.stride)))
+            write_bytes(png, encode_png(preview.render_cloud(shown, cloud.K, self.cloud.stride)))
             sections["preview"] = {"file": png.name, **preview.describe()}
             outputs["preview"] = {"file": png.name}
         return sections
@@ -869,7 +879,7 @@ class _Job:
 
 def _listed_files(side: Path, out: Path) -> list[Path]:
     """The files an earlier run's sidecar ``side`` lists as its outputs (a clip's: each frame's sidecar and the
-    files that lists); [] when it lists none or cannot be read (``sinks.reusable`` says why then)."""
+    files that lists); [] when it lists none or cannot be read (``reusable`` says why then)."""
     import json
 
     try:

@@ -146,7 +146,7 @@ def _check(a: PredictArgs) -> None:
             )
         if [i for i in a.inputs if i != "-"]:
             raise UsageError("--raw reads frames from stdin; give no input paths (or just -)")
-        from ..runner import parse_size
+        from ..run.raw import parse_size
 
         parse_size(a.raw)  # a bad WIDTHxHEIGHT is a usage error before any model is looked up
     flags = [i for i in a.inputs if i.lower() in BOOLEAN_WORDS and not Path(i).exists()]
@@ -160,11 +160,14 @@ def _check(a: PredictArgs) -> None:
 def _predict(a: PredictArgs) -> None:
     """Validate everything once, before any model loads; then load, run and report."""
     try:
-        from .. import models, sinks, sources
-        from ..predictor import EnsembleOptions, PredictOptions
-        from ..runner import OutputSpec, VideoSpec
-        from ..video import FrameSelect
-        from ..visualize import colormap_lut
+        from ..io import sources
+        from ..io.atomic import check_out_dir
+        from ..io.formats import Style, parse_formats
+        from ..io.video import FrameSelect
+        from ..io.visualize import colormap_lut
+        from ..model import registry
+        from ..model.predictor import EnsembleOptions, PredictOptions
+        from ..run.made import OutputSpec, VideoSpec
 
         _check(a)
         opts = PredictOptions(
@@ -182,15 +185,17 @@ def _predict(a: PredictArgs) -> None:
         out_dir = a.out if a.out is not None else Path(f"lotus-{a.command}")
         output = OutputSpec(
             out_dir,
-            sinks.parse_formats(a.fmt),
-            sinks.Style(a.cmap, exr_half=a.exr_half, exr_compression=a.exr_compression),
+            parse_formats(a.fmt),
+            Style(a.cmap, exr_half=a.exr_half, exr_compression=a.exr_compression),
             a.skip_existing,
         )
-        spec = a.model or (models.DEFAULT_G_MODEL[a.task] if ensemble else None)
-        ref = models.resolve(spec, a.task, a.output_kind)  # an unknown or wrong-task model fails before inputs are read
+        spec = a.model or (registry.DEFAULT_G_MODEL[a.task] if ensemble else None)
+        ref = registry.resolve(
+            spec, a.task, a.output_kind
+        )  # an unknown or wrong-task model fails before inputs are read
         if a.raw is None:
             _scale_out(a, ref, opts, ensemble, tiles, video, output)  # returns only when not scaled out
-            sinks.check_out_dir(out_dir)
+            check_out_dir(out_dir)
             if not a.inputs:
                 raise UsageError("no inputs given", "pass files, folders, globs, or - to read paths from stdin")
             items, problems = sources.expand(
@@ -208,8 +213,8 @@ def _predict(a: PredictArgs) -> None:
             say("error: no usable inputs", "red")
             raise typer.Exit(1 if problems else 2)
     try:
-        ref = models.fetch(ref)  # a first download shows its own progress bars; nothing is read before
-        models.check_known(ref, a.task)
+        ref = registry.fetch(ref)  # a first download shows its own progress bars; nothing is read before
+        registry.check_known(ref, a.task)
         _check_processing_res(a, ref)
     except LotusError as e:
         fail(e)
@@ -253,13 +258,15 @@ def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> Non
     --skip-existing would keep its outputs, else redone with a `redone:` line saying why."""
     import functools
 
-    from .. import distributed, sources
+    from ..io import sources
+    from ..scale.dispatch import Scale, dispatch, wanted
+    from ..scale.worker import Job
 
-    scale = distributed.Scale(a.shard, a.engine, a.ray_address, a.workers, a.gpus_per_worker, a.cpus_per_worker)
-    if not distributed.wanted(scale, a.inputs, a.out):
+    scale = Scale(a.shard, a.engine, a.ray_address, a.workers, a.gpus_per_worker, a.cpus_per_worker)
+    if not wanted(scale, a.inputs, a.out):
         return
     kind = "uncertainty" if ensemble else ref.entry.kind
-    job = distributed.Job(
+    job = Job(
         ref,
         a.task,
         output,
@@ -293,7 +300,7 @@ def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> Non
     t0 = time.perf_counter()
     try:
         with console().status(f"{a.task}: listing inputs", spinner="dots") as status:
-            s = distributed.dispatch(
+            s = dispatch(
                 job,
                 list(a.inputs or ()),
                 a.out or output.out_dir,
@@ -323,8 +330,8 @@ def _scale_out(a: PredictArgs, ref, opts, ensemble, tiles, video, output) -> Non
 
 def _compile(a: PredictArgs, predictor, items=None) -> None:
     """--compile: compile where it pays; one line saying what was done (or why not, when it was asked for)."""
-    from ..compile import compile_predictor
-    from ..sources import is_video
+    from ..io.sources import is_video
+    from ..model.compile import compile_predictor
 
     stream = items is None or any(is_video(i.path) for i in items)  # a video or a pipe: long, length unknown
     ok, reason = compile_predictor(predictor, a.compile_mode, n_items=None if stream else len(items), is_video=stream)
@@ -337,7 +344,7 @@ def _check_processing_res(a: PredictArgs, ref) -> None:
     pixels per latent cell (8 for Stable Diffusion 2, from the checkpoint's vae/config.json) cannot run. The
     UNet runs at any latent size (1 x 1 included). Inputs whose short side falls below it at a valid
     --processing-res fail one by one (``_predict_fn``)."""
-    from ..models import pixels_per_latent
+    from ..model.weights import pixels_per_latent
 
     need = pixels_per_latent(ref.folder)
     for flag_, res in (("--processing-res", a.processing_res), ("--tile-res", a.tile_res or 0)):
@@ -352,7 +359,7 @@ def _check_processing_res(a: PredictArgs, ref) -> None:
 
 def _tile_options(a: PredictArgs):
     """TileOptions from --tile/--overlap/--tile-res/--max-memory (validated), or None without --tile."""
-    from ..tiling import TileOptions
+    from ..model.tiling import TileOptions
 
     if a.tile is None:
         for name, value, default in (
@@ -369,8 +376,8 @@ def _tile_options(a: PredictArgs):
 def _predict_fn(predictor, tiles, ensemble):
     """The batch function the runner calls in place of predictor.predict_batch: tiled, ensemble or plain,
     refusing inputs too small for the model with one clear line each."""
-    from ..predictor import processing_size
-    from ..tiling import predict_tiled, predict_tiled_ensemble
+    from ..model.predictor import processing_size
+    from ..model.tiling import predict_tiled, predict_tiled_ensemble
 
     if tiles and ensemble:
         run = lambda images, o: predict_tiled_ensemble(predictor, images, o, tiles, ensemble)  # noqa: E731
@@ -396,7 +403,7 @@ def _predict_fn(predictor, tiles, ensemble):
 
 
 def _raw(a: PredictArgs, ref, opts, tiles=None, ensemble=None) -> None:
-    from ..runner import RAW_OUTPUTS, parse_size, run_raw
+    from ..run.raw import RAW_OUTPUTS, parse_size, run_raw
 
     try:
         size = parse_size(a.raw)
@@ -469,8 +476,10 @@ def _run(
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..runner import Summary, run_images, run_video
-    from ..sources import is_video
+    from ..io.sources import is_video
+    from ..run.clip import run_video
+    from ..run.images import run_images
+    from ..run.results import Summary
 
     t0 = time.perf_counter()
     images = [i for i in items if not is_video(i.path)]
@@ -535,7 +544,7 @@ def _run(
         raise typer.Exit(130) from None
     except LotusError as e:
         fail(e)
-    from ..compile import compile_status
+    from ..model.compile import compile_status
 
     if compile_status(predictor):  # compiling failed at the first call: the run went on eagerly
         say(compile_status(predictor), "yellow")

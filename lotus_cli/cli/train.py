@@ -242,10 +242,10 @@ def _check_out(out: Path) -> None:
 
 def _check_base(base: str) -> None:
     """--base names a folder or a hub id that is at hand (a folder, the local cache, or the network)."""
-    from .. import models
+    from ..model import registry
 
-    ref = models.resolve(base)
-    if ref.folder is None and models.hub_offline() and models.cached_folder(ref.repo_id) is None:
+    ref = registry.resolve(base)
+    if ref.folder is None and registry.hub_offline() and registry.cached_folder(ref.repo_id) is None:
         raise UsageError(
             f"--base {base}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
             "download it once with the network on, or pass --base /path/to/a/folder",
@@ -287,7 +287,7 @@ def _uses_debug_inputs(opts) -> bool:
 def _debug_inputs(out: Path) -> dict:
     """A tiny random SD2-like base and synthetic scenes under OUT/debug-*; built once, by rank 0 only. The
     VAE fit is the slow part: a progress bar on a terminal, a line every quarter otherwise."""
-    from ..synthetic import write_synthetic_dataset
+    from ..model.synthetic import write_synthetic_dataset
     from ..train.data import FolderData, autoencoder_images
     from ..train.surgery import build_tiny_base
 

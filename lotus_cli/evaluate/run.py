@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..errors import InputError, LotusError, UsageError
-from ..formats import READ_ORDER, get_format, read_map, sidecar_of
+from ..io.formats import READ_ORDER, get_format, read_map, sidecar_of
 from . import metrics as M
 from .datasets import Dataset, Item, Sample, kitti_benchmark_crop
 
@@ -86,7 +86,7 @@ class ModelSource:
         self.name = predictor.entry.name
 
     def predict(self, ds: Dataset, item: Item, opts: EvalOptions) -> np.ndarray:
-        from ..predictor import PredictOptions
+        from ..model.predictor import PredictOptions
 
         res = processing_res(ds, opts)
         return self.predictor.predict(item.rgb, PredictOptions(processing_res=res, seed=opts.seed)).map
@@ -276,7 +276,7 @@ def evaluate(
             item = ds.load(s)
             pred = source.predict(ds, item, opts)
             if opts.save_predictions is not None:
-                from ..sinks import write_npy
+                from ..io.atomic import write_npy
 
                 write_npy(opts.save_predictions / ds.name / f"{s.key}.npy", pred.astype(np.float32))
             pred, note = fit_to(pred, item.gt.shape[:2], ds)
@@ -361,7 +361,7 @@ def write_outputs(
     out: Path, task: str, source, opts: EvalOptions, results: list[DatasetResult], dataset_errors: dict[str, str]
 ) -> tuple[Path, Path]:
     """results.json and per_sample.csv in ``out`` (atomic writes)."""
-    from ..sinks import write_bytes, write_json
+    from ..io.atomic import write_bytes, write_json
 
     rj, rc = out / "results.json", out / "per_sample.csv"
     write_bytes(rc, per_sample_csv(task, results))

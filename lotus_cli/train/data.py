@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, UsageError
-from ..geometry import Intrinsics, convert_normals, normals_from_depth
+from ..geometry.camera import Intrinsics, convert_normals, normals_from_depth
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 HYPERSIM_FOCAL = 886.81  # px, on the native 1024 x 768 grid
@@ -245,9 +245,9 @@ class Hypersim:
     def _drop_nan_frames(self, cache: Path) -> list:
         import hashlib
 
-        from .. import models
+        from ..io.cache import cache_dir
 
-        fallback = models.cache_dir() / f"hypersim_{hashlib.sha256(str(cache.resolve()).encode()).hexdigest()[:16]}.txt"
+        fallback = cache_dir() / f"hypersim_{hashlib.sha256(str(cache.resolve()).encode()).hexdigest()[:16]}.txt"
         cached = [c for c in (cache, fallback) if c.is_file()]
         if cached:
             keep = set(cached[0].read_text().split())

@@ -30,7 +30,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..predictor import ANNOTATION, RECONSTRUCTION, TIMESTEP, task_embedding
+from ..model.predictor import ANNOTATION, RECONSTRUCTION, TIMESTEP, task_embedding
 from .options import NORMALISATIONS, NUM_TRAIN_TIMESTEPS, StepOptions
 
 # ------------------------------------------------------------------------------------ schedule

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ModelError
-from ..models import LOTUS_CLASS_EMBED, is_lotus_unet
+from ..model.weights import LOTUS_CLASS_EMBED, is_lotus_unet
 
 
 def add_class_embedding(unet, seed: int = 0):
@@ -97,7 +97,7 @@ def build_tiny_base(
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from ..synthetic import TINY_UNET, build_checkpoint
+    from ..model.synthetic import TINY_UNET, build_checkpoint
 
     path = Path(path)
     build_checkpoint(path, family="d", seed=seed, components=("vae", "text_encoder", "tokenizer", "scheduler"))

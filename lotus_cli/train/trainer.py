@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import models
 from ..errors import UsageError
 from ..evaluate import metrics as M
-from ..predictor import LotusPredictor
-from ..sinks import write_json
-from ..visualize import colorize_depth, normal_to_rgb
+from ..io.atomic import write_json
+from ..io.visualize import colorize_depth, normal_to_rgb
+from ..model import registry, weights
+from ..model.predictor import LotusPredictor
 from . import data as D
 from .options import STATE_FILE, StepOptions, TrainOptions, checkpoint_dirs, find_checkpoint
 from .step import annotation, draw, loss_mask, predict_latent, training_loss
@@ -60,15 +60,15 @@ def load_base(base: str, task: str, family: str, seed: int):
     """(folder, UNet in fp32 after surgery, frozen VAE, empty-prompt embedding [1, T, D])."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    folder = models.fetch(models.resolve(base)).folder  # any task: a depth model may start a normal one
-    models._quiet_transformers()
+    folder = registry.fetch(registry.resolve(base)).folder  # any task: a depth model may start a normal one
+    weights._quiet_transformers()
     unet = UNet2DConditionModel.from_pretrained(
         folder, subfolder="unet", torch_dtype=torch.float32, use_safetensors=True
     )
     unet = to_lotus(unet, family, seed)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
     vae.eval().requires_grad_(False)
-    return folder, unet, vae, models.empty_prompt_embedding(folder)
+    return folder, unet, vae, weights.empty_prompt_embedding(folder)
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -157,7 +157,7 @@ def _micro_step(p: _Parts, opts: TrainOptions, batch: dict, step: int, micro: in
     acc, vae = p.acc, p.vae
     batch = {key: v.to(acc.device) for key, v in batch.items()}
     anno = annotation(batch, opts.step)  # [b, 3, H, W] in [-1, 1]
-    f = models.latent_factor(vae.config)
+    f = weights.latent_factor(vae.config)
     h, w = batch["rgb"].shape[-2:]
     draws = _local_draws(
         opts, step, micro, acc.num_processes, acc.process_index, (vae.config.latent_channels, h // f, w // f)
@@ -305,7 +305,7 @@ def evaluate_samples(predictor, samples: list[dict], sopts: StepOptions, image: 
 
 def _predictor(acc, unet, vae, prompt, opts: TrainOptions, step: int):
     """The model as it is now, as a LotusPredictor (plain modules: the UNet keeps training afterwards)."""
-    entry = models.ModelEntry(
+    entry = registry.ModelEntry(
         name=f"{opts.name or Path(opts.out).name}@{step}",
         repo_id=str(opts.out),
         task=opts.step.task,
@@ -428,8 +428,8 @@ def save_final(unet, base_folder: Path, prompt: torch.Tensor, opts: TrainOptions
         f"{opts.step.prediction}, timesteps {opts.step.timesteps}, detail preserver "
         f"{opts.step.detail_preserver}, norm {opts.step.norm}",
     }
-    (tmp / models.METADATA_FILE).write_text(json.dumps(meta, indent=2))
-    save_file({"embedding": prompt.detach().float().cpu().contiguous()}, str(tmp / models.EMBEDDING_FILE))
+    (tmp / registry.METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    save_file({"embedding": prompt.detach().float().cpu().contiguous()}, str(tmp / registry.EMBEDDING_FILE))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest

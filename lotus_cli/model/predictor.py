@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from . import cpu, gpu, models
+from ..errors import UsageError
+from ..geometry.camera import NORMAL_FRAMES, convert_normals
+from . import cpu, gpu, registry, weights
 from .cpu import cpu_has_native_bf16
-from .errors import UsageError
-from .geometry import NORMAL_FRAMES, convert_normals
 
 TIMESTEP = 999
 ANNOTATION = (1.0, 0.0)  # task switch: predict the annotation
@@ -233,7 +233,7 @@ class LotusPredictor:
         unet,
         vae,
         prompt_embedding: torch.Tensor,
-        entry: models.ModelEntry,
+        entry: registry.ModelEntry,
         device: torch.device,
         dtype: torch.dtype,
         *,
@@ -247,7 +247,7 @@ class LotusPredictor:
         self.family = "g" if unet.config.in_channels == 8 else "d"
         self.task, self.kind = entry.task, entry.kind
         self.scaling_factor = float(vae.config.scaling_factor)
-        self.latent_factor = models.latent_factor(vae.config)
+        self.latent_factor = weights.latent_factor(vae.config)
         self.latent_channels = int(vae.config.latent_channels)
         self.prompt_embedding = prompt_embedding.to(device=device, dtype=dtype)  # [1, T, D]
         self.warnings: list[str] = []
@@ -291,7 +291,7 @@ class LotusPredictor:
     @classmethod
     def from_pretrained(
         cls,
-        spec: str | Path | models.ModelRef | None = None,
+        spec: str | Path | registry.ModelRef | None = None,
         *,
         task: str | None = None,
         device: str = "auto",
@@ -303,18 +303,18 @@ class LotusPredictor:
     ) -> LotusPredictor:
         """Resolve ``spec`` (registry name, hub id, folder or a resolved ModelRef), fetch it if needed
         (download with a progress bar on first use) and load it. ``kind`` states the output kind of a
-        checkpoint whose metadata does not (see models.resolve); one that nothing describes is refused.
+        checkpoint whose metadata does not (see registry.resolve); one that nothing describes is refused.
         ``channels_last``/``pack_weights``: None = what this machine was measured to run fastest at
         ``processing_res`` (README, "Speed and memory"); ``pack_weights=False`` gives plain diffusers modules."""
-        ref = models.fetch(spec if isinstance(spec, models.ModelRef) else models.resolve(spec, task, kind))
-        models.check_known(ref, task)
+        ref = registry.fetch(spec if isinstance(spec, registry.ModelRef) else registry.resolve(spec, task, kind))
+        registry.check_known(ref, task)
         dev = resolve_device(device)
         dt, warning = resolve_dtype(dtype, dev)
         # The embedding first: where it is not cached yet, the text encoder it loads (1.4 GB for SD2) is freed
         # before the UNet and VAE load, so a first run peaks no higher than the next ones
-        emb = models.empty_prompt_embedding(ref.folder)
+        emb = weights.empty_prompt_embedding(ref.folder)
         cpu.release_memory()
-        unet, vae = models.load_unet_vae(ref.folder, dt, dev)
+        unet, vae = weights.load_unet_vae(ref.folder, dt, dev)
         pred = cls(
             unet,
             vae,

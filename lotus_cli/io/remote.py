@@ -1,6 +1,6 @@
 """Inputs and outputs at fsspec URLs (s3://, gs://, file://, memory://, ...), kept apart from local-file code.
 
-The design is staging, so sources.py and sinks.py stay local-file code:
+The design is staging, so sources.py and outputs.py stay local-file code:
 
 * an input URL (a file, or a folder listed recursively) becomes an ``Item`` whose path is a local cache
   file ``$LOTUS_CACHE/remote/in/<hash of the URL>/<name>``, downloaded when it is needed (``fetch``,
@@ -23,10 +23,10 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from . import sinks
-from .errors import InputError, OutputError, UsageError
-from .models import cache_dir
-from .sources import Item, _assign_keys, _hidden
+from ..errors import InputError, OutputError, UsageError
+from .cache import cache_dir
+from .sidecar import reuse_verdict
+from .sources import Item, assign_keys, is_hidden
 
 # "s3://b/k", or "s3:/b/k" as pathlib leaves a URL given to a Path option; not "C:/x" (one letter)
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")
@@ -101,7 +101,7 @@ def expand(
         fs, root = filesystem(url)
         try:
             if fs.isdir(root):
-                found = sorted(p for p in fs.find(root) if not _hidden(PurePosixPath(p).relative_to(root).parts))
+                found = sorted(p for p in fs.find(root) if not is_hidden(PurePosixPath(p).relative_to(root).parts))
                 pairs = [(p, PurePosixPath(p).relative_to(root).as_posix(), False) for p in found]
             elif fs.isfile(root):
                 pairs = [(root, PurePosixPath(root).name, True)]
@@ -126,7 +126,7 @@ def expand(
             local = cache_root() / "in" / _digest(full) / PurePosixPath(path).name
             urls[str(local)] = full
             raw.append((local, rel, by_name))
-    return _assign_keys(raw), problems, Inputs(urls)
+    return assign_keys(raw), problems, Inputs(urls)
 
 
 def _full(url: str) -> str:
@@ -171,8 +171,8 @@ class Outputs:
         return f"{self.url.rstrip('/')}/{rel}"
 
     def reusable(self, sidecar: str, files: list[str], expected) -> tuple[bool, str | None]:
-        """``sinks.reusable`` for outputs at the URL: ``sidecar`` and ``files`` are paths below it ('a/x.json',
-        'a/x.png'); the sidecar is read there and judged as a local one (``sinks.reuse_verdict``)."""
+        """``reusable`` for outputs at the URL: ``sidecar`` and ``files`` are paths below it ('a/x.json',
+        'a/x.png'); the sidecar is read there and judged as a local one (``reuse_verdict``)."""
         fs, root = filesystem(self.url)
         base = root.rstrip("/")
 
@@ -182,7 +182,7 @@ class Outputs:
             except FileNotFoundError:
                 return None
 
-        return sinks.reuse_verdict(read, files, lambda f: fs.isfile(f"{base}/{f}"), expected)
+        return reuse_verdict(read, files, lambda f: fs.isfile(f"{base}/{f}"), expected)
 
     def check(self) -> None:
         """Fail fast, before any model loads, when the URL cannot be written."""
@@ -196,7 +196,7 @@ class Outputs:
             raise OutputError(f"--out {self.url}: not writable ({e})", "check the URL and credentials") from e
 
     def publish(self, result):
-        """Upload a finished ``runner.ItemResult``'s files (a video's frame folder first, the sidecar
+        """Upload a finished ``ItemResult``'s files (a video's frame folder first, the sidecar
         last), remove the staged copies, and return the result with URLs for outputs. Layers written
         beside the map (x.mean.png of `lotus uncertainty`) go too. A failed upload fails the item."""
         if result.status != "done" or not result.outputs:

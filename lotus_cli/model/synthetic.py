@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import convert_normals
-from .models import LOTUS_CLASS_EMBED
+from ..geometry.camera import convert_normals
+from .weights import LOTUS_CLASS_EMBED
 
 # Stable Diffusion 2 (stabilityai/stable-diffusion-2-base) component configs; Lotus adds the projection
 # class embedding and, for the G family, an 8-channel conv_in.

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sinks
-from .errors import OutputError, UsageError
-from .geometry import TO_OPENGL
+from ..errors import OutputError, UsageError
+from ..io.atomic import write_bytes
+from .camera import TO_OPENGL
+from .ply import open3d, ply_comments
 
 FORMATS = {"ply": ".mesh.ply", "glb": ".glb", "obj": ".obj"}  # format -> suffix of the main file
 GLB_FRAME = "glTF's frame: x right, y up, z toward the viewer (the camera looks down -z), metres"
@@ -124,7 +125,7 @@ def encode(
     ``texture`` uint8 [h, w, 3], an image of the map's aspect ratio (needed for GLB and OBJ); ``comments``
     go into the PLY header and the OBJ's first lines. Binary PLY (positions and normals as doubles: Open3D's
     mesh writer), GLB with the texture embedded as PNG."""
-    o3d = sinks.open3d("meshes")
+    o3d = open3d("meshes")
     v, n = mesh.vertices, mesh.normals
     if fmt == "glb" and mesh.up == "opencv":
         v, n = v * TO_OPENGL, (n * TO_OPENGL if n is not None else None)
@@ -153,7 +154,7 @@ def encode(
         files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.name != main}
         data = Path(path).read_bytes()
     if fmt == "ply":
-        data = sinks.ply_comments(data, comments)
+        data = ply_comments(data, comments)
     elif fmt == "obj":
         data = "".join(f"# {' '.join(c.split())}\n" for c in comments).encode("ascii", "replace") + data
     files[main] = data
@@ -170,6 +171,6 @@ def write(
         return written
     for fmt in formats:
         for file, data in encode(mesh, fmt, name, texture, comments).items():
-            sinks.write_bytes(folder / file, data)
+            write_bytes(folder / file, data)
         written[fmt] = name + FORMATS[fmt]
     return written

@@ -1,6 +1,6 @@
 """Depth maps -> honest metric point clouds: camera, scale and shift, cleaning, and what was assumed.
 
-Pure numpy over geometry.py; the CLI (cli/pointcloud.py) reads files and runs the models. Points are in
+Pure numpy over camera.py; the point-cloud pipeline (run/pointcloud.py) reads files and runs the models. Points are in
 metres in the OpenCV camera frame (x right, y down, z forward) unless ``up="y"`` asks for the OpenGL frame
 (x right, y up, z toward the viewer), which most viewers show upright. Every number that was assumed
 rather than measured is said so in the returned records, which go into the sidecar and the PLY header.
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import geometry as g
-from .errors import InputError, UsageError
+from ..errors import InputError, UsageError
+from . import camera as g
 
 DEFAULT_NEAR, DEFAULT_FAR = 1.0, 10.0  # metres: an indoor-to-street guess, stated as assumed in every output
 FRAMES = {
@@ -422,7 +422,7 @@ def build_cloud(
 
 def header_comments(record: dict) -> list[str]:
     """The PLY header comments: units, frame, camera and every assumption, one line each. ``record``: the
-    cloud's sidecar (``sinks.sidecar``, kind "pointcloud": its ``lotus_cli`` version and ``model``, or the
+    cloud's sidecar (``io.sidecar.sidecar``, kind "pointcloud": its ``lotus_cli`` version and ``model``, or the
     ``depth_input`` map, and ``make_cloud``'s record as sections)."""
     d, cam = record["depth"], record["camera"]
     lines = [

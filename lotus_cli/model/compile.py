@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from ..io.cache import cache_dir
 from .cpu import prepack
 
 MODES = ("auto", "on", "off")
@@ -42,7 +42,7 @@ MAX_AUTO_BYTES = 256 * 2**20
 def inductor_cache_dir() -> Path:
     """Where inductor keeps its compiled artifacts: $LOTUS_CACHE/inductor, else $XDG_CACHE_HOME/lotus/inductor
     (~/.cache/lotus/inductor)."""
-    return models.cache_dir() / "inductor"
+    return cache_dir() / "inductor"
 
 
 def compiler_missing(device_type: str) -> str | None:

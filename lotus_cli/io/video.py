@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, UsageError
-from .geometry import robust_scale_shift
-from .sinks import temporary_path
+from ..errors import InputError, UsageError
+from .atomic import temporary_path
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,7 @@ class VideoWriter:
 
     Frames of odd width or height are padded by one replicated pixel row/column. ``close()`` finalises
     the file and renames it into place, also after an interruption, so what was written plays. Until
-    then it grows under a temporary name of ours (``sinks.temporary_path``), which a later run clears
+    then it grows under a temporary name of ours (``atomic.temporary_path``), which a later run clears
     if this process is killed.
     """
 
@@ -218,31 +217,6 @@ class VideoWriter:
 
 
 # ------------------------------------------------------------------------------ per-clip consistency
-
-
-class Stabilizer:
-    """Temporal alignment of affine-invariant depth: each frame's scale and shift are fitted to a running
-    reference on stable pixels, so the same surface keeps its value across frames.
-
-    The reference is an exponential moving average of aligned frames (weight ``alpha`` for the new
-    frame). Stable pixels are the inliers of a robust fit (see ``robust_scale_shift``): moving objects
-    and occlusions fall outside and do not pull the fit.
-    """
-
-    def __init__(self, alpha: float = 0.2):
-        self.alpha = alpha
-        self.ref: np.ndarray | None = None
-
-    def __call__(self, d: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-        if self.ref is None or self.ref.shape != d.shape:
-            self.ref = d.astype(np.float32).copy()
-            return d, (1.0, 0.0)
-        # every 4th pixel each way fixes two numbers as well as all of them, at 1/16 of the cost in the
-        # thread that runs beside the model
-        s, b, _ = robust_scale_shift(d[::4, ::4], self.ref[::4, ::4])
-        aligned = (s * d + b).astype(np.float32)
-        self.ref = (1 - self.alpha) * self.ref + self.alpha * aligned
-        return aligned, (s, b)
 
 
 class ClipRange:

@@ -19,7 +19,7 @@ def colormap_lut(name: str = "Spectral") -> np.ndarray:
     try:
         cmap = matplotlib.colormaps[name]
     except KeyError as e:
-        from .errors import UsageError
+        from ..errors import UsageError
 
         raise UsageError(
             f"unknown colour map {name!r}", "use a matplotlib name such as Spectral, turbo, viridis"

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import latent_factor
+from ..weights import latent_factor
 from . import heap, prepack, strips
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the instruction sets that decide the kernels
@@ -271,7 +271,7 @@ def thread_candidates() -> list[int]:
 
 
 def cache_file() -> Path:
-    from ..models import cache_dir
+    from ...io.cache import cache_dir
 
     return cache_dir() / "calibration.json"
 
@@ -325,8 +325,8 @@ def _valid(r) -> bool:
 
 def _write(path: Path, key: str, choices: Choices) -> None:
     """Add ``choices`` under ``key``; a cache that cannot be written only costs the next run a calibration."""
-    from ..errors import LotusError
-    from ..sinks import write_json
+    from ...errors import LotusError
+    from ...io.atomic import write_json
 
     entries = _read(path)
     entries[key] = {**asdict(choices), "how": "measured", "machine": asdict(machine())}

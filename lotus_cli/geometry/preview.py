@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .geometry import TO_OPENGL, Intrinsics, edge_lengths
+from .camera import TO_OPENGL, Intrinsics, edge_lengths
 
 YAW, PITCH = 12.0, 6.0  # degrees: enough parallax to show depth, little enough to keep the input's framing
 

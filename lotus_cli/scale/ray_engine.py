@@ -2,7 +2,7 @@
 
 Shape (README "Many GPUs and machines"):
 
-1. the driver lists the work (``distributed.dispatch`` leaves out the items whose outputs the runner
+1. the driver lists the work (``dispatch.dispatch`` leaves out the items whose outputs the runner
    would keep; the others are redone, with the reason) and cuts it into units (``work_units``): each
    video alone (a video stays on one actor, so stabilisation and the clip colour range hold), images in
    runs of up to 16;
@@ -13,7 +13,7 @@ Shape (README "Many GPUs and machines"):
    threads, as one process does (remote inputs then need a spare quarter CPU, for fetching);
 3. a fixed pool of ``--workers`` actors (``--gpus-per-worker`` GPUs and ``--cpus-per-worker`` CPUs
    each; Ray sets ``CUDA_VISIBLE_DEVICES`` so ``auto`` picks the actor's own GPU) each loads one
-   predictor and runs ``distributed.process`` on each unit with the decoded images -- the runner's
+   predictor and runs ``worker.process`` on each unit with the decoded images -- the runner's
    batching by --batch-size, atomic writes and sidecars, overlapped as in one process; videos are
    decoded by their actor, frame by frame as they stream;
 4. only small status rows (key, status, output paths, error) return; the driver reports each.
@@ -45,11 +45,12 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
-from .distributed import Job, Scale, process
-from .errors import LotusError, UsageError, brief
-from .remote import Inputs, Outputs, fetch
-from .runner import ItemResult
-from .sources import Item, is_video, read_image
+from ..errors import LotusError, UsageError, brief
+from ..io.remote import Inputs, Outputs, fetch
+from ..io.sources import Item, is_video, read_image
+from ..run.results import ItemResult
+from .dispatch import Scale
+from .worker import Job, process
 
 UNIT_IMAGES = 16  # images per actor call at most
 STAGE_CPUS = 1.0  # per task of the CPU stage at most: one image decodes on one core
@@ -95,7 +96,7 @@ def _decode(batch: dict, job: Job, whole: bool) -> dict:
     (``read_image``) and, unless ``whole``, prepare them as the model's input (``predictor.prepare``). A
     failure becomes that item's error, worded as the runner words it. Adds the column ``images``: the
     unit's {key: decoded image}, pickled."""
-    from .predictor import prepare
+    from ..model.predictor import prepare
 
     units, images = [], []
     for unit in batch["unit"]:
@@ -121,7 +122,7 @@ class _Worker:
     """One pool actor: one predictor, reused for every batch it is given."""
 
     def __init__(self, job: Job, outputs: Outputs | None):
-        from .distributed import Reuse, load, predictor_facts
+        from .worker import Reuse, load, predictor_facts
 
         self.job, self.outputs = job, outputs
         self.predictor, self.predict = load(job)

@@ -38,8 +38,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from . import __version__, visualize
-from .errors import UsageError
+from .. import __version__
+from ..errors import UsageError
+from . import visualize
 
 DEPTH_KINDS = ("disparity", "depth")
 _EXR_HINT = "pip install OpenEXR (a dependency of lotus-cli, also in its 'eval' extra: pip install 'lotus-cli[eval]')"

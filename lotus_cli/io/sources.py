@@ -28,8 +28,8 @@ from typing import TextIO
 
 import numpy as np
 
+from ..errors import InputError, UsageError
 from . import formats
-from .errors import InputError, UsageError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
@@ -55,7 +55,7 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTS
 
 
-def _hidden(parts: Iterable[str]) -> bool:
+def is_hidden(parts: Iterable[str]) -> bool:
     return any(p.startswith(".") and p not in (".", "..") for p in parts)
 
 
@@ -154,7 +154,7 @@ def expand(
         elif glob.has_magic(arg) and not path.exists():
             base = _glob_base(arg)
             hits = sorted(Path(p) for p in glob.glob(arg, recursive=True) if not _inside(Path(p), excluded))
-            files = [p for p in hits if p.is_file() and accept(p) and not _hidden(p.relative_to(base).parts)]
+            files = [p for p in hits if p.is_file() and accept(p) and not is_hidden(p.relative_to(base).parts)]
             for d in (p for p in hits if p.is_dir()):
                 files.extend(_walk(d, accept, excluded, on_warning))
             if not files:
@@ -166,7 +166,7 @@ def expand(
             raw.extend((p, p.relative_to(base).as_posix() if p.is_relative_to(base) else p.name, False) for p in files)
         else:
             raw.extend(_one_file(path, problems, accept, supported, excluded))
-    return _assign_keys(raw), problems
+    return assign_keys(raw), problems
 
 
 def _one_file(
@@ -195,7 +195,7 @@ def _one_file(
     return [(path, path.name, True)]
 
 
-def _assign_keys(raw: list[tuple[Path, str, bool]]) -> list[Item]:
+def assign_keys(raw: list[tuple[Path, str, bool]]) -> list[Item]:
     seen: set[Path] = set()
     entries = []
     for path, rel, by_name in raw:

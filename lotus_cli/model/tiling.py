@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
+from ..geometry.camera import robust_scale_shift
 from .cpu import release_memory
-from .errors import UsageError
-from .geometry import robust_scale_shift
 from .predictor import EnsembleOptions, Prediction, PredictOptions, noise_for, processing_size, unflip
 
 DEFAULT_TILE_RES = 768  # Lotus's training resolution, used when processing_res is 0 (native)
@@ -415,7 +415,7 @@ def _predict_one(
 def _blend(predictor, decoded, z_tiles, plan: TilePlan, opts: PredictOptions, seed: int):
     """The global pass ``decoded`` [1, 3, h', w'] and the tiles (denoised with ``seed``'s noise field) ->
     (map at the input's full size, the sidecar's tiling record)."""
-    from .geometry import convert_normals
+    from ..geometry.camera import convert_normals
 
     h, w = plan.height, plan.width
     record = plan.to_json()
