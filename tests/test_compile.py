@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,29 @@ def inductor_env(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_without_a_cpp_compiler_it_runs_eagerly_with_one_reason(depth_g, monkeypatch, inductor_env):
+@contextmanager
+def no_cxx():
+    """Inductor's C++ compiler set to one that does not exist, through torch's own config patch. Not
+    ``monkeypatch.setattr(config.cpp, "cxx", ...)``: ``config.cpp`` is a proxy with no instance ``__dict__``
+    entry for ``cxx``, so pytest >= 9.1 records the old value as absent and its undo *deletes* ``cpp.cxx``
+    from inductor's config; the next test that reads it then fails (a fresh venv gets the newest pytest)."""
+    with torch._inductor.config.patch({"cpp.cxx": (None, "no-such-cxx-for-lotus")}):
+        yield
+
+
+def test_the_missing_compiler_patch_is_seen_and_undone():
+    before = torch._inductor.config.cpp.cxx
+    with no_cxx():
+        assert lc.compiler_missing("cpu") == "no C++ compiler found (install g++ or set CXX)"
+    assert torch._inductor.config.cpp.cxx == before
+
+
+def test_without_a_cpp_compiler_it_runs_eagerly_with_one_reason(depth_g, inductor_env):
     pred = LotusPredictor.from_pretrained(str(depth_g), device="cpu", dtype="fp32")
     img = make_image(48, 64)
     eager = pred.predict(img, OPTS).map
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-cxx-for-lotus"))
-    compiled, reason = lc.compile_predictor(pred, "on", inductor_env / "cache")
+    with no_cxx():
+        compiled, reason = lc.compile_predictor(pred, "on", inductor_env / "cache")
     assert not compiled
     assert reason.count("\n") == 0 and "no C++ compiler" in reason and "eager" in reason
     assert pred.unet._compiled_call_impl is None and not (inductor_env / "cache").exists()
@@ -131,8 +149,7 @@ def test_compile_and_vae_strips_coexist(depth_g, inductor_env):
 WARM = """
 import json, sys
 from torch._dynamo.utils import counters
-from lotus_cli import compile as lc
-from lotus_cli.cpu import prepack
+from lotus_cli.model import compile as lc
 from lotus_cli.model.predictor import LotusPredictor, PredictOptions
 from tests.conftest import make_image
 pred = LotusPredictor.from_pretrained(sys.argv[1], device="cpu", dtype="fp32")
@@ -168,9 +185,7 @@ def test_a_second_process_loads_the_compiled_graph_from_the_cache(depth_g, tmp_p
     assert warm["status"] is None and warm["hit"] >= 1 and warm["miss"] == 0
 
 
-def test_cli_compile_on_without_a_compiler_says_so_once_and_writes_eager_maps(
-    tmp_path, depth_d, monkeypatch, inductor_env
-):
+def test_cli_compile_on_without_a_compiler_says_so_once_and_writes_eager_maps(tmp_path, depth_d, inductor_env):
     from PIL import Image
     from typer.testing import CliRunner
 
@@ -180,8 +195,8 @@ def test_cli_compile_on_without_a_compiler_says_so_once_and_writes_eager_maps(
     args = ["depth", str(tmp_path / "x.png"), "-m", str(depth_d), "--processing-res", "64", "-f", "npy"]
     r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "eager")])
     assert r.exit_code == 0, r.output
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-cxx-for-lotus"))
-    r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "c"), "--compile", "on"])
+    with no_cxx():
+        r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "c"), "--compile", "on"])
     assert r.exit_code == 0, r.output
     assert r.stderr.count("no C++ compiler") == 1
     np.testing.assert_array_equal(np.load(tmp_path / "c" / "x.npy"), np.load(tmp_path / "eager" / "x.npy"))
