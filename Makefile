@@ -1,12 +1,13 @@
 # make install   install lotus-cli and everything its tests need into the current Python
 # make test      run the test suite (tiny random checkpoints; no network, no GPU)
 # make test-fast the quick tier of it (under 2 minutes on 2 cores); make lint: ruff
+# make docs      the documentation site into site/ (mkdocs --strict: a broken link or anchor fails)
 # make bench     speed and memory benchmark of the full-size architecture (minutes, CPU)
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install system-deps lint format test test-fast bench clean
+.PHONY: install system-deps lint format docs test test-fast bench clean
 
 install: system-deps
 	# the pinned CPU build first, so the loose torch>= range in pyproject is already met
@@ -33,6 +34,11 @@ format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
+# NO_MKDOCS_2_WARNING=1 silences the banner Material prints on every build about MkDocs 2, which the docs extra
+# keeps out (mkdocs<2), so it would only bury the build's own warnings
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --site-dir site
+
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
@@ -45,4 +51,4 @@ bench:
 	$(PYTHON) benchmarks/bench_predictor.py
 
 clean:
-	rm -rf build *.egg-info .pytest_cache
+	rm -rf build *.egg-info .pytest_cache site
