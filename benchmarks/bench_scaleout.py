@@ -59,30 +59,18 @@ def make_inputs(folder: Path, n: int, size: tuple[int, int]) -> None:
 
 def timed(job, inputs: Path, out: Path, scale) -> float:
     """Seconds from the call to the last result of ``job`` over ``inputs``, written into ``out``."""
-    from lotus_cli.io.sources import MEDIA_EXTS
+    from lotus_cli.run.events import Reporter
     from lotus_cli.scale.dispatch import dispatch
-    from lotus_cli.scale.worker import Job, load
 
     t0 = time.perf_counter()
     last = [0.0]
 
-    def on_result(r, name):
-        assert r.status == "done", r.error
-        last[0] = time.perf_counter() - t0
+    class LastResult(Reporter):
+        def result(self, r):
+            assert r.status == "done", r.error
+            last[0] = time.perf_counter() - t0
 
-    def load_predictor(model, task, device, dtype):
-        return load(Job(model, task, job.output, job.opts, job.video, device, dtype))[0]
-
-    dispatch(
-        job,
-        [str(inputs)],
-        out,
-        scale,
-        exts=MEDIA_EXTS,
-        on_result=on_result,
-        on_problem=lambda p: None,
-        load_predictor=load_predictor,
-    )
+    dispatch(job, [str(inputs)], out, scale, LastResult())
     return last[0]
 
 
@@ -128,7 +116,7 @@ def main() -> None:
     from lotus_cli.model.predictor import PredictOptions
     from lotus_cli.model.synthetic import build_checkpoint
     from lotus_cli.run.made import OutputSpec, VideoSpec
-    from lotus_cli.scale.dispatch import Scale
+    from lotus_cli.scale.options import Scale
     from lotus_cli.scale.worker import Job
 
     cores = os.cpu_count() or 1

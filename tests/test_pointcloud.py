@@ -581,7 +581,7 @@ def test_cli_tiny_inputs_fail_with_the_minimum_size(tmp_path, depth_d):
     assert (
         "dot.png: 1x1 pixels is too small for a point cloud (give an image or map of at least 2x2 pixels)" in r.output
     )
-    assert (tmp_path / "o" / "ok.ply").is_file() and "1 done, 1 failed" in r.output  # the batch goes on
+    assert (tmp_path / "o" / "ok.ply").is_file() and "1 done, 0 skipped, 1 failed" in r.output  # the batch goes on
 
 
 def test_cli_max_pixels_exists_and_is_what_the_message_advises(tmp_path, depth_d):
@@ -730,7 +730,7 @@ def test_cli_skip_existing_keeps_only_a_cloud_made_the_same_way(tmp_path):
     assert r.exit_code == 0 and "1 done" in r.output and "redone" not in r.output, r.output
     made = (tmp_path / "o" / "m.ply").stat().st_mtime_ns
     r = lotus(*base, "--near", 1, "--json")
-    assert r.exit_code == 0 and "0 done, 0 failed, 1 skipped" in r.output, r.output
+    assert r.exit_code == 0 and "0 done, 1 skipped, 0 failed" in r.output, r.output
     assert json.loads(r.stdout.splitlines()[-1])["status"] == "skipped"
     assert (tmp_path / "o" / "m.ply").stat().st_mtime_ns == made
     r = lotus(*base, "--near", 2, "--json")
@@ -755,7 +755,7 @@ def test_cli_skip_existing_keeps_only_a_cloud_made_the_same_way(tmp_path):
 
 
 def test_cli_skip_existing_redoes_an_interrupted_clip(tmp_path, depth_d, monkeypatch):
-    from lotus_cli.cli import pointcloud as cli_pc
+    from lotus_cli.run.pointcloud import CloudRun
 
     from .test_video import make_clip
 
@@ -773,20 +773,20 @@ def test_cli_skip_existing_redoes_an_interrupted_clip(tmp_path, depth_d, monkeyp
         tmp_path / "o",
         "--skip-existing",
     ]
-    real = cli_pc._Job._predict_and_write
+    real = CloudRun._predict_and_write
 
     def stop_at_the_second_frame(self, key, *a, **kw):
         if not key.startswith("clip/000000_"):
             raise KeyboardInterrupt
         return real(self, key, *a, **kw)
 
-    monkeypatch.setattr(cli_pc._Job, "_predict_and_write", stop_at_the_second_frame)
+    monkeypatch.setattr(CloudRun, "_predict_and_write", stop_at_the_second_frame)
     r = lotus(*args)
     assert r.exit_code == 130, r.output
     side = json.loads((tmp_path / "o" / "clip.json").read_text())
     assert (side["complete"], side["interrupted"], len(side["frames"])) == (False, True, 1)
     assert side["kind"] == "pointcloud" and side["options"]["fps"] is None and side["video"]["frames"] == 1
-    monkeypatch.setattr(cli_pc._Job, "_predict_and_write", real)
+    monkeypatch.setattr(CloudRun, "_predict_and_write", real)
     r = lotus(*args)
     assert r.exit_code == 0 and f"redone: {clip}: its run was interrupted" in r.output, r.output
     side = json.loads((tmp_path / "o" / "clip.json").read_text())
@@ -794,7 +794,7 @@ def test_cli_skip_existing_redoes_an_interrupted_clip(tmp_path, depth_d, monkeyp
     frame = json.loads((tmp_path / "o" / f"{side['frames'][2]['key']}.json").read_text())
     assert frame["kind"] == "pointcloud" and frame["complete"] and frame["frame"] == 2 and frame["input"] == str(clip)
     r = lotus(*args)
-    assert r.exit_code == 0 and "0 done, 0 failed, 1 skipped" in r.output, r.output
+    assert r.exit_code == 0 and "0 done, 1 skipped, 0 failed" in r.output, r.output
     (tmp_path / "o" / f"{side['frames'][1]['key']}.ply").unlink()
     r = lotus(*args)
     assert r.exit_code == 0 and f"{Path(side['frames'][1]['key']).name}.ply missing" in r.output, r.output

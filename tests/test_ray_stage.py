@@ -83,7 +83,7 @@ def test_the_stage_decodes_prepares_and_words_errors_as_the_runner(tmp_path):
 )
 def test_the_stage_gets_the_cpus_the_actors_leave(monkeypatch, cpus, gpus, workers, per_worker, remote, stage):
     from lotus_cli.errors import UsageError
-    from lotus_cli.scale.dispatch import Scale
+    from lotus_cli.scale.options import Scale
 
     monkeypatch.setattr(ray_engine.ray, "cluster_resources", lambda: {"CPU": cpus, "GPU": gpus})
     scale = Scale(engine="ray", workers=workers, gpus_per_worker=1, cpus_per_worker=per_worker)

@@ -256,7 +256,8 @@ from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.test_video import FakePredictor, make_clip
 from lotus_cli.model.predictor import PredictOptions
-from lotus_cli.runner import OutputSpec, VideoSpec, run_video
+from lotus_cli.run.made import OutputSpec, VideoSpec
+from lotus_cli.run.clip import run_video
 from lotus_cli.io.sources import Item
 tmp = Path({tmp!r})
 clip = make_clip(tmp / "long.mp4", n={n}, fps=30, size=(320, 240))

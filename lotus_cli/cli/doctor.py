@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ..errors import LotusError
-from . import app, fail, say
+from . import app
+from .report import fail, say
 
 
 def _row(label: str, value) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..errors import LotusError, UsageError
-from . import app, console, escape, fail, load_predictor, say
+from . import app
 from .options import (
     Alignment,
     Datasets,
@@ -24,8 +24,8 @@ from .options import (
     Predictions,
     SavePredictions,
     Splits,
-    check_output_kind,
 )
+from .report import Report, console, escape, fail, say
 
 eval_app = typer.Typer(
     help="Score a model (or anyone's saved predictions) on the paper's benchmarks.", no_args_is_help=True
@@ -159,7 +159,7 @@ def _eval(a: EvalArgs) -> None:
     try:
         if a.model and a.predictions:
             raise UsageError("--model and --predictions exclude each other", "score a model or a folder, not both")
-        check_output_kind(a.output_kind, a.task)
+        registry.check_output_kind(a.output_kind, a.task)
         if a.output_kind and a.predictions:
             raise UsageError("--output-kind describes a model", "with --predictions, use --alignment")
         if a.save_predictions and (a.out is None or a.predictions is not None):
@@ -196,7 +196,12 @@ def _eval(a: EvalArgs) -> None:
     except LotusError as e:
         fail(e)
     if source is None:
-        source = R.ModelSource(load_predictor(ref, a.task, a.device, a.dtype))
+        from ..run.loading import load_predictor
+
+        try:
+            source = R.ModelSource(load_predictor(ref, a.task, a.device, a.dtype, Report()))
+        except LotusError as e:
+            fail(e)
     results = []
     try:
         for ds in opened:

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ..errors import LotusError, UsageError
-from . import app, escape, fail, say, write_stdout
+from . import app
+from .report import escape, fail, say, write_stdout
 
 models_app = typer.Typer(help="List, download and locate Lotus checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")

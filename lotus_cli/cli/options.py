@@ -1,9 +1,11 @@
 """The CLI's vocabulary: each option shared by several commands, defined once, and the map from the
 library's parameter names to these flags.
 
-Commands import the ``Annotated`` types they take (``depth(processing_res: ProcRes = 768)``) and collect
-their values into one frozen dataclass. Boolean flags are plain flags (``flag``): no value is shown in
-``--help``, because none is taken (``--skip-existing true`` would read ``true`` as an input path).
+Commands import the ``Annotated`` types they take (``pointcloud(processing_res: ProcRes = 768)``), or take a
+whole table of them with ``with_options`` (depth, normal and uncertainty share ``PREDICT_OPTIONS``: adding
+one of their options is one entry there), and pass the values to the library's request object. Boolean
+flags are plain flags (``flag``): no value is shown in ``--help``, because none is taken
+(``--skip-existing true`` would read ``true`` as an input path).
 The library raises errors about its own parameters (``processing_res must be >= 0``); ``cli_error``
 rewrites the parameter into the flag (``--processing-res must be >= 0``) before the CLI prints it.
 No heavy imports here: ``lotus --help`` must stay fast.
@@ -11,13 +13,15 @@ No heavy imports here: ``lotus --help`` must stay fast.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..errors import LotusError, UsageError
+from ..errors import LotusError
 
 
 def option(*names: str, help: str, **kw):
@@ -60,13 +64,6 @@ def cli_error(err: LotusError) -> LotusError:
     mapped = type(err)(message, err.hint, subject=err.subject)
     mapped.__cause__ = err
     return mapped
-
-
-def check_output_kind(kind: str | None, task: str) -> None:
-    """--output-kind must be one of ``task``'s kinds: disparity or depth, or normal."""
-    kinds = ("normal",) if task == "normal" else ("disparity", "depth")
-    if kind is not None and kind not in kinds:
-        raise UsageError(f"--output-kind must be {' or '.join(kinds)} for {task}, not {kind!r}")
 
 
 # ------------------------------------------------------------------------------- inputs and outputs
@@ -429,3 +426,75 @@ RayAddress = Annotated[
 Workers = Annotated[int, option("--workers", help="With --engine ray: predictor actors (one model each).")]
 GpusPerWorker = Annotated[float, option("--gpus-per-worker", help="With --engine ray: GPUs per actor.")]
 CpusPerWorker = Annotated[float, option("--cpus-per-worker", help="With --engine ray: CPUs per actor.")]
+
+
+# ----------------------------------------------------- the options of depth, normal and uncertainty
+
+# name -> (option, default): run.predict.PredictRequest's fields, plus --json and scale.options.Scale's
+PREDICT_OPTIONS = {
+    "out": (Out, None),
+    "model": (Model, None),
+    "output_kind": (OutputKind, None),
+    "fmt": (Format, "png,png16"),
+    "exr_half": (ExrHalf, False),
+    "exr_compression": (ExrCompression, "zip"),
+    "processing_res": (ProcRes, 768),
+    "resample": (Resample, "bilinear"),
+    "latent": (Latent, "mean"),
+    "seed": (Seed, 0),
+    "batch_size": (Batch, 1),
+    "device": (Device, "auto"),
+    "dtype": (Dtype, "auto"),
+    "cmap": (Cmap, "Spectral"),
+    "skip_existing": (Skip, False),
+    "max_pixels": (MaxPixels, 100_000_000),
+    "json": (Json, False),
+    "fps": (Fps, None),
+    "start": (Start, None),
+    "end": (End, None),
+    "max_frames": (MaxFrames, None),
+    "stabilize": (Stabilize, True),
+    "raw": (Raw, None),
+    "raw_out": (RawOut, "f32"),
+    "frame": (Frame, "lotus"),
+    "tile": (Tile, None),
+    "overlap": (Overlap, 0.25),
+    "tile_res": (TileRes, None),
+    "max_memory": (MaxMemory, "auto"),
+    "compile_mode": (Compile, "off"),
+    "shard": (ShardOpt, None),
+    "engine": (EngineOpt, "local"),
+    "ray_address": (RayAddress, None),
+    "workers": (Workers, 1),
+    "gpus_per_worker": (GpusPerWorker, 0.0),
+    "cpus_per_worker": (CpusPerWorker, 1.0),
+}
+SCALE_OPTIONS = ("shard", "engine", "ray_address", "workers", "gpus_per_worker", "cpus_per_worker")
+
+
+def with_options(table: dict, omit: tuple[str, ...] = (), **changed):
+    """Decorator: a command's own parameters, then every option of ``table`` (but those in ``omit``) as
+    keyword parameters of its signature, which Typer reads; the command receives them in ``**options``.
+    ``changed[name]`` replaces one entry's default, or its whole ``(option, default)``."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        added = []
+        for name, entry in table.items():
+            if name in omit or name in signature.parameters:
+                continue
+            option, default = entry
+            if name in changed:
+                option, default = changed[name] if isinstance(changed[name], tuple) else (option, changed[name])
+            added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option))
+
+        @functools.wraps(command)
+        def with_shared(**kwargs):
+            return command(**kwargs)
+
+        with_shared.__signature__ = signature.replace(parameters=own + added)
+        with_shared.__annotations__ = {p.name: p.annotation for p in own + added}
+        return with_shared
+
+    return decorate

@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 
 from ..errors import LotusError, UsageError
-from . import app, console, fail, say
+from . import app
 from .options import flag
+from .report import console, fail, say
 
 DEBUG = dict(
     steps=300,

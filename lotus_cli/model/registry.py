@@ -1,9 +1,9 @@
-"""Named Lotus checkpoints, where to find them, and loading them.
+"""Named Lotus checkpoints: what each predicts, where to find it, and fetching it.
 
 A model spec is a short registry name (``depth-d``), a Hugging Face hub id (``jingheya/lotus-normal-g-v1-1``)
 or a local folder in the hub layout (``unet/ vae/ text_encoder/ tokenizer/``). ``resolve`` turns a spec
 into a ``ModelRef`` without touching the network; ``fetch`` makes the files local (cache first, then the
-hub) (``weights`` loads them).
+hub); ``weights`` loads them.
 
 What a checkpoint predicts (task, output kind) travels with the checkpoint: its registry entry (by name or
 hub id, also for a folder in the Hugging Face cache or one named exactly as a released repo), the
@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import ModelError, UsageError
 
 HUB_OWNER = "jingheya"
 
@@ -248,6 +248,13 @@ def _stated(ref: ModelRef, kind: str | None) -> ModelEntry:
             )
         return e
     return replace(e, task=task_of_kind(kind), kind=kind, source="given")
+
+
+def check_output_kind(kind: str | None, task: str) -> None:
+    """A stated output kind (``kind``; the CLI's --output-kind) must be one of ``task``'s: disparity or depth,
+    or normal."""
+    if kind is not None and kind not in KINDS[task]:
+        raise UsageError(f"--output-kind must be {' or '.join(KINDS[task])} for {task}, not {kind!r}")
 
 
 def check_task(ref: ModelRef, task: str) -> None:

@@ -177,11 +177,11 @@ class VideoJob:
         if self.output.skip_existing:
             keep, redone = self.reusable()
             if keep:
-                return ItemResult(self.item, "skipped", {k: str(v) for k, v in self.paths.items()})
+                return ItemResult(self.item, "skipped", {k: str(v) for k, v in self.paths.items()}, kind=self.kind)
         try:
             info, frames = open_video(self.item.path, self.spec.select or FrameSelect())
         except LotusError as e:
-            return ItemResult(self.item, "failed", error=str(e), redone=redone)
+            return ItemResult(self.item, "failed", error=str(e), redone=redone, kind=self.kind)
         self.paths["json"].unlink(missing_ok=True)  # an earlier run's sidecar must not vouch for what this one replaces
         top = 90.0 if (self.kind == "uncertainty" and self.predictor.task == "normal") else 1.0
         about = {"model": self.model.get("model"), **axes_record(self.predictor, self.opts)}
@@ -200,11 +200,11 @@ class VideoJob:
         enc = threading.Thread(target=self._encode, args=(encoder,), name="lotus-encode", daemon=True)
         dec.start()
         enc.start()
-        interrupted = False
+        interrupted = None  # Ctrl-C, or SIGTERM raised as one (cli/report.py): raised again once the clip is closed
         try:
             self._predict(info.expected_frames(self.spec.select or FrameSelect()))
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as e:
+            interrupted = e
         except Exception as e:
             self.errors.append(f"{self.item.path}: prediction failed at frame {self.seen} ({brief(e)})")
         finally:
@@ -212,14 +212,15 @@ class VideoJob:
         seconds = time.perf_counter() - t_start
         outputs = {}
         if encoder.frames:
-            write_json(self.paths["json"], self.record(info, encoder, seconds, interrupted))
+            write_json(self.paths["json"], self.record(info, encoder, seconds, interrupted is not None))
             outputs = {"mp4": str(self.paths["mp4"]), "json": str(self.paths["json"])}
             if encoder.formats:
                 outputs["frames"] = str(self.base)
-        if interrupted:
-            raise KeyboardInterrupt
+        if interrupted is not None:
+            raise interrupted
         error = self.errors[0] if self.errors else None
-        return ItemResult(self.item, "failed" if error else "done", outputs, error, seconds, encoder.frames, redone)
+        status = "failed" if error else "done"
+        return ItemResult(self.item, status, outputs, error, seconds, encoder.frames, redone, self.kind)
 
     # -- the parts ------------------------------------------------------------------------------------
 

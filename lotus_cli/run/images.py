@@ -59,7 +59,7 @@ def run_images(
     redone: dict[str, str] = {}
 
     def report(r: ItemResult) -> None:
-        r.redone = redone.get(r.item.key)
+        r.redone, r.kind = redone.get(r.item.key), kind
         summary.add(r)
         on_result(r)
 
@@ -124,29 +124,31 @@ def run_images(
                 )
                 writes.append(write_pool.submit(_write, item, paths, pred, kind, record, output.style, model_s))
 
-        refill()
-        while reads:
-            item, paths, fut = reads.popleft()
+        try:
             refill()
-            try:
-                rgb = fut.result()
-            except LotusError as e:
-                report(ItemResult(item, "failed", error=str(e)))
-                continue
-            except Exception as e:  # pragma: no cover - decoder bugs
-                report(ItemResult(item, "failed", error=f"{item.path}: cannot read ({brief(e)})"))
-                continue
-            size = processing_size(rgb.shape[0], rgb.shape[1], opts.processing_res)
-            buckets.setdefault(size, []).append((item, paths, rgb))
-            waiting += 1
-            if len(buckets[size]) >= opts.batch_size:
-                flush(size)
-            elif waiting >= 2 * opts.batch_size:
+            while reads:
+                item, paths, fut = reads.popleft()
+                refill()
+                try:
+                    rgb = fut.result()
+                except LotusError as e:
+                    report(ItemResult(item, "failed", error=str(e)))
+                    continue
+                except Exception as e:  # pragma: no cover - decoder bugs
+                    report(ItemResult(item, "failed", error=f"{item.path}: cannot read ({brief(e)})"))
+                    continue
+                size = processing_size(rgb.shape[0], rgb.shape[1], opts.processing_res)
+                buckets.setdefault(size, []).append((item, paths, rgb))
+                waiting += 1
+                if len(buckets[size]) >= opts.batch_size:
+                    flush(size)
+                elif waiting >= 2 * opts.batch_size:
+                    flush(next(iter(buckets)))
+                drain_writes(block=False)
+            while buckets:
                 flush(next(iter(buckets)))
-            drain_writes(block=False)
-        while buckets:
-            flush(next(iter(buckets)))
-        drain_writes(block=True)
+        finally:  # on Ctrl-C too: every item whose outputs are written is reported before the interrupt goes on
+            drain_writes(block=True)
     summary.seconds = time.perf_counter() - t_start
     return summary
 
@@ -162,4 +164,6 @@ def _write(
         return ItemResult(
             item, "failed", error=f"{item.path}: cannot write outputs ({e.strerror or e})", seconds=seconds
         )
+    except Exception as e:  # an encoder's or library's own failure is this item's, never the batch's end
+        return ItemResult(item, "failed", error=f"{item.path}: writing outputs failed ({brief(e)})", seconds=seconds)
     return ItemResult(item, "done", {k: str(v) for k, v in paths.items()}, seconds=seconds)

@@ -1,9 +1,10 @@
 """Many processes, GPUs and machines: which engine runs a command's share of the work.
 
-Three ways to spread one `lotus depth|normal|uncertainty` command (docs: "Many GPUs and machines"):
-``--shard K/N`` and torchrun (``shard.py``), and ``--engine ray`` (``ray_engine.py``): a Ray Data
-pipeline over a fixed pool of predictor actors. URL inputs and ``--out`` URLs come this way too
-(``io/remote.py``). No torch import at module level (``lotus --help`` stays fast).
+``predict`` is `lotus depth|normal|uncertainty`: in this process (``run.predict``), or spread three ways
+(docs: "Many GPUs and machines"): ``--shard K/N`` and torchrun (``shard.py``), and ``--engine ray``
+(``ray_engine.py``), a Ray Data pipeline over a fixed pool of predictor actors. URL inputs and ``--out``
+URLs come this way too (``io/remote.py``). Every scaled-out run resumes: an item whose outputs
+``--skip-existing`` would keep is skipped, any other is redone, and its result says why.
 """
 
 from __future__ import annotations
@@ -11,45 +12,55 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import LotusError, UsageError
+from ..io import remote, sources
 from ..io.atomic import check_out_dir
 from ..io.sources import Item
-from .shard import env_rank, parse_shard, resolve_shard, select, worker_device
+from ..model import registry
+from ..run import predict as local
+from ..run.events import Reporter
+from ..run.loading import load_predictor
+from ..run.results import ItemResult, Summary
+from .options import Scale
+from .shard import env_rank, resolve_shard, select, worker_device
 from .worker import Job, Reuse, checkpoint_facts, predictor_facts, process
 
-ENGINES = ("local", "ray")
 
-
-@dataclass(frozen=True)
-class Scale:
-    """How to spread the work: the command-line options of README "Many GPUs and machines"."""
-
-    shard: str | None = None
-    engine: str = "local"
-    ray_address: str | None = None
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-
-    def check(self) -> None:
-        if self.engine not in ENGINES:
-            raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
-        if self.engine == "local" and (
-            self.ray_address or self.workers != 1 or self.gpus_per_worker or self.cpus_per_worker != 1
-        ):
-            raise UsageError("--ray-address, --workers, --gpus-per-worker and --cpus-per-worker need --engine ray")
-        if self.workers < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise UsageError("--workers must be >= 1, --gpus-per-worker >= 0 and --cpus-per-worker > 0")
-        if self.shard:
-            parse_shard(self.shard)
+def predict(
+    request: local.PredictRequest,
+    scale: Scale = Scale(),
+    reporter: Reporter = Reporter(),
+    stdin=None,
+    stdout=None,
+    environ: Mapping[str, str] = os.environ,
+) -> Summary:
+    """Run ``request`` as ``scale`` says: in this process unless a shard, torchrun, the Ray engine or a URL
+    asks for more (``wanted``). Raises UsageError / ModelError before any input is read."""
+    if request.raw is not None or not wanted(scale, request.inputs, request.out, environ):
+        return local.predict(request, reporter, stdin, stdout)
+    p = local.plan(request)
+    r = request
+    job = Job(
+        p.ref,
+        r.task,
+        p.output,
+        p.opts,
+        p.video,
+        r.device,
+        r.dtype,
+        r.max_pixels,
+        p.kind,
+        local.predict_factory(p),
+        p.predict_options,
+    )
+    return dispatch(job, list(r.inputs), r.out or p.output.out_dir, scale, reporter, environ=environ)
 
 
 def wanted(scale: Scale, inputs: Iterable[str], out, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether a command needs this module: a shard, torchrun, the Ray engine, or URLs."""
-    from ..io import remote
 
     def url(spec) -> bool:  # file:// too: it is read as the local path it names
         return remote.is_url(spec) or remote.normalise(spec) != str(spec)
@@ -64,28 +75,21 @@ def dispatch(
     inputs: list[str],
     out,
     scale: Scale,
+    reporter: Reporter = Reporter(),
     *,
-    exts: tuple[str, ...],
-    on_result: Callable,
-    on_problem: Callable,
-    load_predictor: Callable,
-    on_warning: Callable[[str], None] = lambda text: None,
+    exts: tuple[str, ...] = sources.MEDIA_EXTS,
     environ: Mapping[str, str] = os.environ,
-):
-    """Run ``job`` over this process's share of ``inputs``; returns the runner's Summary.
+) -> Summary:
+    """Run ``job`` over this process's share of ``inputs``; returns the counts of this share.
 
-    ``out``: local folder or URL; it is never read as input (it may sit inside an input folder). An item
-    whose outputs the runner would keep under skip_existing is skipped; any other is redone, and its
-    ``ItemResult.redone`` says why when it had outputs. ``on_result(ItemResult, input_name)`` hears of
-    every item (input_name is the URL of a remote input); ``on_problem(InputError)`` of each input that
-    cannot be used; ``on_warning(text)`` of symlink loops in local folder walks.
-    ``load_predictor(model, task, device, dtype)`` loads the model of the local engine (the CLI's, which
-    says what it loaded); Ray workers load their own.
+    ``out``: local folder or URL; it is never read as input (it may sit inside an input folder). Inputs that
+    cannot be used are failed results; a share with no inputs is a success with nothing done (a Slurm array
+    task whose shard is empty), while a listing with nothing in it at all is a UsageError. The local engine
+    loads its model here (``run.loading``, which notes what it loaded); Ray workers load their own.
     """
-    from ..io import remote, sources
-    from ..run.results import ItemResult, Summary
-
     scale.check()
+    if not isinstance(job.model, registry.ModelRef):
+        job = replace(job, model=registry.resolve(job.model, job.task))
     shard = resolve_shard(scale.shard, environ)
     job = replace(job, device=worker_device(job.device, environ))
     outputs = remote.Outputs(remote.normalise(out)) if remote.is_url(out) else None
@@ -95,25 +99,26 @@ def dispatch(
     else:
         job = replace(job, output=replace(job.output, out_dir=Path(remote.normalise(out))))
         check_out_dir(job.output.out_dir)
-    local = [remote.normalise(i) for i in inputs if not remote.is_url(i)]
-    exclude = () if outputs else (job.output.out_dir,)
-    items, problems = sources.expand(local, exts=exts, exclude=exclude, on_warning=on_warning) if local else ([], [])
-    urls = [i for i in inputs if remote.is_url(i)]
-    staged = remote.Inputs({})
-    if urls:
-        more, more_problems, staged = remote.expand(urls, exts, exclude=(outputs.url,) if outputs else ())
-        items, problems = items + more, problems + more_problems
-    for p in problems:
-        on_problem(p)
-    summary = Summary()
+    if not inputs:
+        raise UsageError("no inputs given", "pass files, folders, globs, or - to read paths from stdin")
+    with reporter.busy(f"{job.task}: listing inputs"):
+        items, problems, staged = _list(inputs, exts, job.output.out_dir, outputs, reporter)
+    if not items and not problems:
+        raise UsageError("no usable inputs", "pass image or video files, or folders that hold them")
+    summary = Summary(out=remote.normalise(out))
     redone: dict[str, str] = {}  # key -> why its outputs are not kept (the runner says it too for local ones)
+    kind = job.kind or job.model.entry.kind  # as the predictor will report it
+    bar = None
 
-    def report(r) -> None:
-        if r.redone is None and r.item.key in redone:
-            r = replace(r, redone=redone[r.item.key])
+    def report(r: ItemResult) -> None:
+        r = replace(r, redone=r.redone or redone.get(r.item.key), kind=kind, input=staged.url(r.item))
         summary.add(r)
-        on_result(r, staged.url(r.item) or str(r.item.path))
+        reporter.result(r)
+        if bar is not None:
+            bar.advance()
 
+    for problem in problems:
+        report(ItemResult.unusable(problem))
     reuse = Reuse(job, outputs, functools.cache(functools.partial(checkpoint_facts, job)))
     todo = []
     for item in select(items, shard):
@@ -126,41 +131,54 @@ def dispatch(
         todo.append(item)
     if not todo:
         return summary
+    bar = reporter.progress(job.task, len(todo))
     if scale.engine == "ray":
-        from . import ray_engine
+        from . import ray_engine  # Ray is an extra, imported only when asked for
 
         ray_engine.run(job, todo, scale, staged, outputs, report)
     else:
-        predictor = load_predictor(job.model, job.task, job.device, job.dtype)
+        predictor = load_predictor(job.model, job.task, job.device, job.dtype, reporter)
         run_items(
             predictor, job.make_predict(predictor) if job.make_predict else None, todo, job, staged, outputs, report
         )
     return summary
 
 
+def _list(inputs: list[str], exts, out_dir: Path, outputs, reporter: Reporter):
+    """(items, problems, staged remote inputs) of local paths and URLs; the output folder is never listed."""
+    local_inputs = [remote.normalise(i) for i in inputs if not remote.is_url(i)]
+    exclude = () if outputs else (out_dir,)
+    items, problems = (
+        sources.expand(local_inputs, exts=exts, exclude=exclude, on_warning=reporter.warning)
+        if local_inputs
+        else ([], [])
+    )
+    urls = [i for i in inputs if remote.is_url(i)]
+    staged = remote.Inputs({})
+    if urls:
+        more, more_problems, staged = remote.expand(urls, exts, exclude=(outputs.url,) if outputs else ())
+        items, problems = items + more, problems + more_problems
+    return items, problems, staged
+
+
 def run_items(
     predictor, predict, items: list[Item], job: Job, staged, outputs, report: Callable, chunk: int = 16
 ) -> None:
     """``process`` in chunks, fetching remote inputs just before their chunk and publishing remote
-    outputs as each item finishes; items whose outputs at a remote --out the runner would keep (published
-    meanwhile, e.g. by an earlier attempt) are reported done, not redone."""
-    from ..errors import LotusError
-    from ..io import remote
-    from ..run.results import ItemResult
+    outputs as each item finishes; items that an earlier attempt published meanwhile are reported done."""
 
     def publish(r) -> None:
         report(outputs.publish(r) if outputs else r)
 
     reuse = Reuse(job, outputs, functools.partial(predictor_facts, predictor, job))
-
     for start in range(0, len(items), chunk):
         ready = []
         for item in items[start : start + chunk]:
-            url = staged.url(item)
-            if outputs and reuse(item)[0]:
+            if reuse.published(item):
                 report(ItemResult(item, "done"))
                 continue
             try:
+                url = staged.url(item)
                 if url:
                     remote.fetch(url, item.path)
                 ready.append(item)

@@ -48,9 +48,10 @@ from ray.data import ActorPoolStrategy
 from ..errors import LotusError, UsageError, brief
 from ..io.remote import Inputs, Outputs, fetch
 from ..io.sources import Item, is_video, read_image
+from ..model.predictor import prepare
 from ..run.results import ItemResult
-from .dispatch import Scale
-from .worker import Job, process
+from .options import Scale
+from .worker import Job, Reuse, load, predictor_facts, process
 
 UNIT_IMAGES = 16  # images per actor call at most
 STAGE_CPUS = 1.0  # per task of the CPU stage at most: one image decodes on one core
@@ -96,8 +97,6 @@ def _decode(batch: dict, job: Job, whole: bool) -> dict:
     (``read_image``) and, unless ``whole``, prepare them as the model's input (``predictor.prepare``). A
     failure becomes that item's error, worded as the runner words it. Adds the column ``images``: the
     unit's {key: decoded image}, pickled."""
-    from ..model.predictor import prepare
-
     units, images = [], []
     for unit in batch["unit"]:
         entries, decoded = json.loads(unit), {}
@@ -122,8 +121,6 @@ class _Worker:
     """One pool actor: one predictor, reused for every batch it is given."""
 
     def __init__(self, job: Job, outputs: Outputs | None):
-        from .worker import Reuse, load, predictor_facts
-
         self.job, self.outputs = job, outputs
         self.predictor, self.predict = load(job)
         self.reuse = Reuse(job, outputs, functools.partial(predictor_facts, self.predictor, job))
@@ -140,7 +137,7 @@ class _Worker:
             item = Item(Path(e["path"]), e["key"])
             if e["error"]:
                 rows.append(ItemResult(item, "failed", error=e["error"]))
-            elif self.outputs and self.reuse(item)[0]:
+            elif self.reuse.published(item):
                 rows.append(ItemResult(item, "done"))  # published by an earlier attempt of this unit
             else:
                 todo.append(item)

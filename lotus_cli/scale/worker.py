@@ -17,6 +17,12 @@ from ..errors import ModelError
 from ..io.outputs import output_paths
 from ..io.sidecar import reusable_at
 from ..io.sources import Item, is_video
+from ..model import registry
+from ..model.predictor import LotusPredictor
+from ..run.clip import run_video
+from ..run.images import run_images
+from ..run.made import made_with
+from ..run.results import ItemResult
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,12 @@ class Job:
 
 
 def load(job: Job):
-    """(predictor, predict function) for ``job``, on ``job.device``."""
-    from ..model import registry
-    from ..model.predictor import LotusPredictor
-
+    """(predictor, predict function) for ``job``, on ``job.device``, calibrated (and its fp16 VAE probed) at the
+    run's processing resolution."""
     ref = job.model if isinstance(job.model, registry.ModelRef) else registry.resolve(job.model, job.task)
-    predictor = LotusPredictor.from_pretrained(registry.fetch(ref), device=job.device, dtype=job.dtype)
+    predictor = LotusPredictor.from_pretrained(
+        registry.fetch(ref), device=job.device, dtype=job.dtype, processing_res=job.opts.processing_res
+    )
     return predictor, (job.make_predict(predictor) if job.make_predict else None)
 
 
@@ -63,8 +69,6 @@ def output_names(item: Item, formats: tuple[str, ...]) -> tuple[str, list[str]]:
 def checkpoint_facts(job: Job) -> tuple[str, str, str, str]:
     """(family "g"/"d", task, label, map kind) of ``job``'s model, as its predictor would report them, read from
     the checkpoint's files without loading it (family: unet/config.json's in_channels, 8 for G, 4 for D)."""
-    from ..model import registry
-
     ref = registry.fetch(
         job.model if isinstance(job.model, registry.ModelRef) else registry.resolve(job.model, job.task)
     )
@@ -97,9 +101,6 @@ class Reuse:
 
     def expected(self, video: bool) -> dict:
         if video not in self._made:
-            # the runner imports torch: only once there is an earlier output to judge
-            from ..run.made import made_with
-
             family, task, model, kind = self.facts()
             made = made_with(
                 family,
@@ -113,6 +114,11 @@ class Reuse:
             )
             self._made[video] = vars(made)
         return self._made[video]
+
+    def published(self, item: Item) -> bool:
+        """Whether ``item``'s outputs are already at the remote --out (an earlier attempt of a retried task
+        published them meanwhile), so they are done, not redone. Always False for a local folder."""
+        return bool(self.outputs) and self(item)[0]
 
     def __call__(self, item: Item) -> tuple[bool, str | None]:
         sidecar, files = output_names(item, self.job.output.formats)
@@ -130,10 +136,6 @@ def process(predictor, predict, items: list[Item], job: Job, on_result: Callable
     of a retried task) are reported as ``done`` with their outputs, not written again. ``read``: the
     runner's image reader, replaced (run_images).
     """
-    from ..run.clip import run_video
-    from ..run.images import run_images
-    from ..run.results import ItemResult
-
     output = replace(job.output, skip_existing=True)
 
     def report(r: ItemResult) -> None:
