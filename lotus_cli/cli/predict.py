@@ -8,19 +8,8 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from . import app
-from .options import (
-    PREDICT_OPTIONS,
-    SCALE_OPTIONS,
-    Batch,
-    Inputs,
-    NormalOutputKind,
-    Samples,
-    SpreadCmap,
-    SpreadRawOut,
-    Task,
-    Tta,
-    with_options,
-)
+from .options import Inputs, NormalOutputKind, with_options
+from .predict_options import PREDICT_OPTIONS, SCALE_OPTIONS, Batch, Samples, SpreadCmap, SpreadRawOut, Task, Tta
 from .report import Report, fail
 
 
