@@ -35,6 +35,7 @@ ASSUMED_UTILISATION = 0.40  # typical for SD-UNet fine-tuning with checkpointing
 def cpu_speed(steps: int) -> dict:
     from lotus_cli.model.synthetic import write_synthetic_dataset
     from lotus_cli.train import data as D
+    from lotus_cli.train.debug import autoencoder_images
     from lotus_cli.train.options import StepOptions, TrainOptions
     from lotus_cli.train.step import annotation, draw, loss_mask, training_loss
     from lotus_cli.train.surgery import build_tiny_base
@@ -43,7 +44,7 @@ def cpu_speed(steps: int) -> dict:
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     data = write_synthetic_dataset(root / "data", 64, (32, 32), seed=1)
-    base = build_tiny_base(root / "base", fit_images=D.autoencoder_images(D.FolderData(data)), fit_steps=20)
+    base = build_tiny_base(root / "base", fit_images=autoencoder_images(D.FolderData(data)), fit_steps=20)
     opts = TrainOptions(
         base=str(base),
         out=root / "run",

@@ -210,3 +210,9 @@ def test_hypersim_reader_on_fake_frames(tmp_path):
     # right of the centre the ray has x > 0 (OpenCV): a normal pointing right there faces away and is turned
     np.testing.assert_allclose(s["normal"][50, 700], [1, 0, 0])
     assert s["valid"].all() and s.get("sky") is None
+
+
+def test_every_data_name_the_options_accept_has_a_reader():
+    from lotus_cli.train.options import DATASETS
+
+    assert set(DATASETS) == set(D.READERS)

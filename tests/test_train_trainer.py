@@ -15,6 +15,7 @@ import pytest
 
 from lotus_cli.model.synthetic import render_scene, write_synthetic_dataset
 from lotus_cli.train import data as D
+from lotus_cli.train.debug import autoencoder_images
 from lotus_cli.train.options import StepOptions, TrainOptions
 from lotus_cli.train.surgery import build_tiny_base
 from lotus_cli.train.trainer import LOG_FILE, train
@@ -28,7 +29,7 @@ def world(tmp_path_factory):
     train_dir = write_synthetic_dataset(root / "train", 48, (32, 32), seed=1)
     val_dir = write_synthetic_dataset(root / "val", 6, (32, 32), seed=2, holes=False)
     full_dir = write_synthetic_dataset(root / "full", 8, (32, 32), seed=3, holes=False)
-    base = build_tiny_base(root / "base", fit_images=D.autoencoder_images(D.FolderData(train_dir)), fit_steps=250)
+    base = build_tiny_base(root / "base", fit_images=autoencoder_images(D.FolderData(train_dir)), fit_steps=250)
     return {"root": root, "train": train_dir, "val": val_dir, "full": full_dir, "base": base}
 
 

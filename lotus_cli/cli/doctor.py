@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LotusError
-from . import app
+from .application import app
 from .report import fail, say
 
 

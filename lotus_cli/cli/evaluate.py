@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..errors import LotusError, UsageError
-from . import app
+from .application import app
 from .options import (
     Alignment,
     Datasets,

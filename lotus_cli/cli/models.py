@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LotusError, UsageError
-from . import app
+from .application import app
 from .report import escape, fail, say, write_stdout
 
 models_app = typer.Typer(help="List, download and locate Lotus checkpoints.", no_args_is_help=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from . import app
+from .application import app
 from .options import (
     Device,
     Dtype,

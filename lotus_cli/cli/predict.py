@@ -7,7 +7,7 @@ The three commands share their options (``options.PREDICT_OPTIONS``, added by ``
 from __future__ import annotations
 
 from ..errors import UsageError
-from . import app
+from .application import app
 from .options import Inputs, NormalOutputKind, with_options
 from .predict_options import PREDICT_OPTIONS, SCALE_OPTIONS, Batch, Samples, SpreadCmap, SpreadRawOut, Task, Tta
 from .report import Report, fail

@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..errors import LotusError, UsageError
-from . import app
+from ..errors import LotusError
+from ..train.preset import DEBUG, DEFAULT_BASE
+from .application import app
 from .options import flag
-from .report import console, fail, say
-
-DEBUG = dict(
-    steps=300,
-    batch_size=4,
-    lr=1e-3,
-    checkpoint_every=100,
-    val_every=100,
-    val_samples=8,
-    log_every=10,
-    size=(32, 32),
-    train_scenes=64,
-    vae_steps=400,
-    threads=1,
-)
-DEFAULT_BASE = "stabilityai/stable-diffusion-2-base"
+from .report import console, fail, progress_bar, say
 
 Opt = typer.Option
 
@@ -144,194 +129,21 @@ def train(
     """Fine-tune Stable Diffusion 2 into a Lotus depth or normal model; the result (OUT/final) loads with
     `lotus depth --model OUT/final`. Every option is checked before any data is built or any folder made."""
     try:
-        opts = _options(locals())
+        from ..train.preset import training_options, uses_debug_inputs
+
+        opts = training_options(locals())
         if preset == "debug":
             import torch
 
             # tiny models: a second thread only adds synchronisation, and on a busy machine far more
             torch.set_num_threads(DEBUG["threads"])
-            if _uses_debug_inputs(opts):
+            if uses_debug_inputs(opts):
                 _debug_inputs(opts.out)
         if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise typer.Exit(_launch(num_processes))
     except LotusError as e:
         fail(e)
     _run(opts)
-
-
-def _options(a: dict):
-    """The command's options as TrainOptions, every check done; creates nothing. Raises UsageError."""
-    from ..train.data import parse_spec
-    from ..train.options import StepOptions, TrainOptions, find_checkpoint
-
-    dbg = a["preset"] == "debug"
-    if a["preset"] not in (None, "debug"):
-        raise UsageError(f"--preset {a['preset']!r}: the only preset is debug")
-    if a["num_processes"] < 1:
-        raise UsageError(f"--num-processes must be >= 1, not {a['num_processes']}")
-    pick = lambda name, default: a[name] if a[name] is not None else (DEBUG[name] if dbg else default)  # noqa: E731
-    out = a["out"] or (Path("runs/debug") if dbg else None)
-    if out is None:
-        raise UsageError("no --out folder", "pass --out runs/NAME")
-    _check_out(out)
-    base, data, val, size = a["base"], a["data"], a["val_data"], _size(a["size"])
-    for spec in data or ():
-        parse_spec(spec, "--data")
-    if val:
-        parse_spec(val, "--val-data")
-    built_base = dbg and base == DEFAULT_BASE  # the debug preset builds its own base, after these checks
-    if dbg:
-        paths = _debug_paths(out)
-        base = str(paths["base"]) if built_base else base
-        data = data or [f"folder={paths['train']}"]
-        val = val or f"folder={paths['val']}"
-        size = size or DEBUG["size"]
-    step = StepOptions(
-        task=a["task"],
-        family=a["family"],
-        prediction=a["prediction"],
-        timesteps=a["timesteps"],
-        detail_preserver=a["detail_preserver"],
-        norm=a["norm"],
-        latent=a["latent"],
-    )
-    opts = TrainOptions(
-        base=base,
-        out=out,
-        data=tuple(data or ()),
-        step=step,
-        mix=_mix(a["mix"]),
-        steps=pick("steps", 20_000),
-        batch_size=pick("batch_size", 16),
-        grad_accum=a["grad_accum"],
-        lr=pick("lr", 3e-5),
-        weight_decay=a["weight_decay"],
-        max_grad_norm=a["max_grad_norm"],
-        mixed_precision=a["mixed_precision"],
-        gradient_checkpointing=a["gradient_checkpointing"],
-        checkpoint_every=pick("checkpoint_every", 2000),
-        resume=a["resume"],
-        seed=a["seed"],
-        size=size,
-        flip=a["flip"],
-        val_data=val,
-        val_every=pick("val_every", 0),
-        val_samples=DEBUG["val_samples"],
-        eval_data=tuple(a["eval_data"] or ()),
-        eval_max_samples=a["eval_max_samples"],
-        log_every=a["log_every"],
-        num_workers=a["num_workers"],
-        name=out.name,
-    )
-    if opts.resume:
-        find_checkpoint(out, opts.resume)
-    if not built_base:
-        _check_base(base)
-    return opts
-
-
-def _check_out(out: Path) -> None:
-    """--out must be a folder, or a path where one can be made: no file in the way, a writable parent."""
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise UsageError(f"--out {out}: {p} is a file, not a folder", "pass --out runs/NAME")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise UsageError(f"--out {out}: {p} is not writable", "pass --out a folder you can write to")
-            return
-
-
-def _check_base(base: str) -> None:
-    """--base names a folder or a hub id that is at hand (a folder, the local cache, or the network)."""
-    from ..model import registry
-
-    ref = registry.resolve(base)
-    if ref.folder is None and registry.hub_offline() and registry.cached_folder(ref.repo_id) is None:
-        raise UsageError(
-            f"--base {base}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
-            "download it once with the network on, or pass --base /path/to/a/folder",
-        )
-
-
-def _mix(spec: str | None) -> tuple[float, ...] | None:
-    if not spec:
-        return None
-    try:
-        return tuple(float(v) for v in spec.split(","))
-    except ValueError as e:
-        raise UsageError(f"--mix {spec!r}: expected numbers separated by commas, e.g. 0.9,0.1") from e
-
-
-def _size(spec: str | None) -> tuple[int, int] | None:
-    if not spec:
-        return None
-    try:
-        h, w = (int(v) for v in spec.lower().split("x"))
-    except ValueError as e:
-        raise UsageError(f"--size {spec!r}: expected HxW, e.g. 576x768") from e
-    if h < 8 or w < 8 or h % 8 or w % 8:
-        raise UsageError(f"--size {spec!r}: both sides must be multiples of 8 (the VAE's latent cells), e.g. 576x768")
-    return h, w
-
-
-def _debug_paths(out: Path) -> dict:
-    return {"base": out / "debug-base", "train": out / "debug-data", "val": out / "debug-val"}
-
-
-def _uses_debug_inputs(opts) -> bool:
-    """Whether the run takes its base, data or validation set from the debug preset (else nothing to build)."""
-    paths = _debug_paths(opts.out)
-    specs = {f"folder={paths['train']}", f"folder={paths['val']}"}
-    return opts.base == str(paths["base"]) or bool(specs & {*opts.data, opts.val_data})
-
-
-def _debug_inputs(out: Path) -> dict:
-    """A tiny random SD2-like base and synthetic scenes under OUT/debug-*; built once, by rank 0 only. The
-    VAE fit is the slow part: a progress bar on a terminal, a line every quarter otherwise."""
-    from ..model.synthetic import write_synthetic_dataset
-    from ..train.data import FolderData, autoencoder_images
-    from ..train.surgery import build_tiny_base
-
-    paths = _debug_paths(out)
-    marker = out / ".debug-ready"
-    if marker.exists():
-        return paths
-    if int(os.environ.get("RANK", "0")) != 0:
-        for _ in range(600):
-            if marker.exists():
-                return paths
-            time.sleep(0.5)
-        raise UsageError(f"{marker} did not appear: rank 0 failed to build the debug inputs")
-    say(
-        f"debug preset: {DEBUG['train_scenes']} synthetic scenes and a tiny base (its VAE fitted to them) under {out}",
-        "dim",
-    )
-    write_synthetic_dataset(paths["train"], DEBUG["train_scenes"], DEBUG["size"], seed=1)
-    write_synthetic_dataset(paths["val"], DEBUG["val_samples"], DEBUG["size"], seed=2, holes=False)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    steps, every = DEBUG["vae_steps"], max(1, DEBUG["vae_steps"] // 4)
-    with Progress(
-        TextColumn("[bold]fitting the debug VAE"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-        console=console(),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("", total=steps)
-
-        def show(k: int, n: int, loss: float) -> None:
-            bar.update(task, completed=k, description=f"loss {loss:.4f}")
-            if not console().is_terminal and (k % every == 0 or k == n):
-                bar.console.print(f"fitting the debug VAE: step {k}/{n}, loss {loss:.4f}")
-
-        build_tiny_base(
-            paths["base"], fit_images=autoencoder_images(FolderData(paths["train"])), fit_steps=steps, progress=show
-        )
-    marker.write_text("ok\n")
-    return paths
 
 
 def _launch(n: int) -> int:
@@ -365,21 +177,28 @@ def _launch(n: int) -> int:
     return subprocess.call(cmd)
 
 
-def _run(opts) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _debug_inputs(out: Path) -> dict:
+    """The debug preset's base and scenes (``train.debug``), with the VAE fit's progress: a bar on a terminal,
+    a line every quarter otherwise."""
+    from ..train.debug import build_debug_inputs
 
+    every = max(1, DEBUG["vae_steps"] // 4)
+    with progress_bar("fitting the debug VAE", detail=True) as bars:
+        bar = bars.add_task("", total=DEBUG["vae_steps"])
+
+        def show(k: int, n: int, loss: float) -> None:
+            bars.update(bar, completed=k, description=f"loss {loss:.4f}")
+            if not console().is_terminal and (k % every == 0 or k == n):
+                bars.console.print(f"fitting the debug VAE: step {k}/{n}, loss {loss:.4f}")
+
+        return build_debug_inputs(out, lambda text: say(text, "dim"), show)
+
+
+def _run(opts) -> None:
+    """The training run (``train.trainer.train``), its events shown as lines and a progress bar."""
     from ..train.trainer import train as run_training
 
-    progress = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-        console=console(),
-        transient=True,
-    )
-    bar = None
+    progress, bar = progress_bar("train", detail=True), None
 
     def on_event(event: str, r: dict) -> None:
         nonlocal bar

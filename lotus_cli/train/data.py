@@ -43,6 +43,7 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..geometry.camera import Intrinsics, convert_normals, normals_from_depth
+from .options import parse_spec
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 HYPERSIM_FOCAL = 886.81  # px, on the native 1024 x 768 grid
@@ -346,18 +347,6 @@ class VKITTI:
 READERS = {"folder": FolderData, "hypersim": Hypersim, "vkitti": VKITTI}
 
 
-def parse_spec(spec: str, option: str = "--data", must_exist: bool = True) -> tuple[str, Path]:
-    """``NAME=PATH`` (NAME: hypersim, vkitti, folder) or a bare PATH (folder format) -> (NAME, PATH); checks
-    the name and, with ``must_exist``, that PATH is a folder (a stat, no listing)."""
-    name, _, path = spec.partition("=") if "=" in spec else ("folder", "", spec)
-    if name not in READERS:
-        raise UsageError(f"{option} {spec}: unknown dataset {name!r}", f"use one of {', '.join(READERS)}=PATH")
-    root = Path(path).expanduser()
-    if must_exist and not root.is_dir():
-        raise UsageError(f"{option} {spec}: {path} is not a folder")
-    return name, root
-
-
 def open_data(spec: str, size: tuple[int, int] | None = None, option: str = "--data"):
     """``NAME=PATH`` or a bare PATH (``parse_spec``) -> a dataset."""
     name, root = parse_spec(spec, option)
@@ -444,20 +433,3 @@ class StepBatches:
                 f"train {self.task} on data with {self.task} maps",
             )
         return s
-
-
-# ------------------------------------------------------------------------------- debug preset
-
-
-def autoencoder_images(ds, norm: str = "trunc_disparity"):
-    """Every sample of ``ds`` as VAE training images: rgb, depth annotation and normal map, float32
-    [3N, 3, H, W] in [-1, 1] (for fitting the debug preset's tiny VAE)."""
-    import torch
-
-    from .step import depth_annotation, normal_annotation
-
-    ts = [to_tensors(ds.load(i), False) for i in range(len(ds))]
-    stack = lambda k: torch.stack([t[k] for t in ts])  # noqa: E731
-    return torch.cat(
-        [stack("rgb"), depth_annotation(stack("depth"), stack("valid"), norm), normal_annotation(stack("normal"))]
-    )

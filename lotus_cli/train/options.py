@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from .data import parse_spec
 
 STATE_FILE = "trainer_state.json"
+DATASETS = ("folder", "hypersim", "vkitti")  # the --data formats (data.READERS reads each)
 
 NORMALISATIONS = {  # name -> output kind of the trained model
     "trunc_disparity": "disparity",  # 1/depth, 2% / 98% quantiles -> -1 / +1, clipped (the v2 models)
@@ -151,3 +151,15 @@ def find_checkpoint(out: Path, resume: str) -> Path:
     if not (path / STATE_FILE).is_file():
         raise UsageError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})", "use --resume latest")
     return path
+
+
+def parse_spec(spec: str, option: str = "--data", must_exist: bool = True) -> tuple[str, Path]:
+    """``NAME=PATH`` (NAME: hypersim, vkitti, folder) or a bare PATH (folder format) -> (NAME, PATH); checks
+    the name and, with ``must_exist``, that PATH is a folder (a stat, no listing)."""
+    name, _, path = spec.partition("=") if "=" in spec else ("folder", "", spec)
+    if name not in DATASETS:
+        raise UsageError(f"{option} {spec}: unknown dataset {name!r}", f"use one of {', '.join(DATASETS)}=PATH")
+    root = Path(path).expanduser()
+    if must_exist and not root.is_dir():
+        raise UsageError(f"{option} {spec}: {path} is not a folder")
+    return name, root
