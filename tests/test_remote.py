@@ -1,4 +1,5 @@
-"""fsspec URLs for inputs and --out: fsspec's in-memory filesystem and file:// stand in for s3:// / gs://."""
+"""fsspec URLs for inputs and --out: an in-memory filesystem under its own protocol (bucket://) and file://
+stand in for s3:// / gs://; memory:// itself is an input only (--out there would die with the process)."""
 
 import io
 import json
@@ -6,6 +7,7 @@ import uuid
 
 import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -15,6 +17,24 @@ from lotus_cli.io import remote
 from .conftest import make_image
 
 FAST = ["--processing-res", "32"]
+
+
+class BucketFileSystem(MemoryFileSystem):
+    """A persistent object store as far as lotus can tell (s3:// in these tests): fsspec's in-memory
+    filesystem with its own store under the protocol bucket://, which --out accepts (memory:// it refuses)."""
+
+    protocol = ("bucket",)
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        if isinstance(path, str) and path.startswith("bucket://"):
+            path = path[len("bucket://") :]
+        return super()._strip_protocol(path)
+
+
+fsspec.register_implementation("bucket", BucketFileSystem, clobber=True)
 
 
 def lotus(*args):
@@ -33,9 +53,9 @@ def png(seed: int, h: int = 30, w: int = 40) -> bytes:
 
 @pytest.fixture
 def bucket(tmp_path):
-    """memory://<name>/in holding a/x.png, a/y.png, b/z.png, b/z.v2.png (whose outputs z.v2.* share z's
-    prefix) and a broken png; the same files on disk."""
-    fs = fsspec.filesystem("memory")
+    """bucket://<name>/in holding a/x.png, a/y.png, b/z.png, b/z.v2.png (whose outputs z.v2.* share z's
+    prefix) and a broken png; the same files on disk, and in memory://<name>/in."""
+    fs = fsspec.filesystem("bucket")
     name = f"bucket-{uuid.uuid4().hex[:8]}"
     local = tmp_path / "local-in"
     files = {
@@ -45,23 +65,26 @@ def bucket(tmp_path):
         "b/z.v2.png": png(4),
         "b/broken.png": b"\x89PNG nope",
     }
+    memory = fsspec.filesystem("memory")
     for rel, data in files.items():
         fs.pipe_file(f"/{name}/in/{rel}", data)
+        memory.pipe_file(f"/{name}/in/{rel}", data)
         (local / rel).parent.mkdir(parents=True, exist_ok=True)
         (local / rel).write_bytes(data)
     yield {"fs": fs, "name": name, "local": local}
     fs.rm(f"/{name}", recursive=True)
+    memory.rm(f"/{name}", recursive=True)
 
 
-def test_memory_urls_in_and_out_give_the_local_bytes(bucket, tmp_path, depth_d):
+def test_urls_in_and_out_give_the_local_bytes(bucket, tmp_path, depth_d):
     fs, name = bucket["fs"], bucket["name"]
-    r = lotus("depth", f"memory://{name}/in", "--out", f"memory://{name}/out", "-m", depth_d, *FAST, "--json")
+    r = lotus("depth", f"bucket://{name}/in", "--out", f"bucket://{name}/out", "-m", depth_d, *FAST, "--json")
     assert r.exit_code == 1, r.output  # the broken file
     recs = {x["key"]: x for x in records(r.stdout)}
     assert set(recs) == {"a/x", "a/y", "b/z", "b/z.v2", "b/broken"}
     assert recs["b/broken"]["status"] == "failed" and "not a readable image" in recs["b/broken"]["error"]
-    assert recs["a/x"]["input"] == f"memory:///{name}/in/a/x.png"  # records name the URL, not the cache
-    assert recs["a/x"]["outputs"]["json"] == f"memory://{name}/out/a/x.json"
+    assert recs["a/x"]["input"] == f"bucket:///{name}/in/a/x.png"  # records name the URL, not the cache
+    assert recs["a/x"]["outputs"]["json"] == f"bucket://{name}/out/a/x.json"
     ref = tmp_path / "ref"
     assert lotus("depth", bucket["local"], "--out", ref, "-m", depth_d, *FAST).exit_code == 1
     for f in ref.rglob("*.png"):
@@ -69,11 +92,11 @@ def test_memory_urls_in_and_out_give_the_local_bytes(bucket, tmp_path, depth_d):
     side = json.loads(fs.cat_file(f"/{name}/out/a/y.json"))
     assert side["input_size"] == [40, 24] and side["kind"] == "disparity"
     # staged outputs were removed once uploaded
-    staging = remote.Outputs(f"memory://{name}/out").staging
+    staging = remote.Outputs(f"bucket://{name}/out").staging
     assert not [p for p in staging.rglob("*") if p.is_file()]
     # a rerun finds every finished output at the URL and computes nothing
     again = records(
-        lotus("depth", f"memory://{name}/in", "--out", f"memory://{name}/out", "-m", depth_d, *FAST, "--json").stdout
+        lotus("depth", f"bucket://{name}/in", "--out", f"bucket://{name}/out", "-m", depth_d, *FAST, "--json").stdout
     )
     assert {x["key"]: x["status"] for x in again} == {
         "a/x": "skipped",
@@ -88,9 +111,9 @@ def test_uncertainty_layers_are_uploaded_too(bucket, depth_g):
     fs, name = bucket["fs"], bucket["name"]
     r = lotus(
         "uncertainty",
-        f"memory://{name}/in/a/x.png",
+        f"memory://{name}/in/a/x.png",  # memory:// is fine as an input
         "--out",
-        f"memory://{name}/u",
+        f"bucket://{name}/u",
         "-m",
         depth_g,
         *FAST,
@@ -113,7 +136,7 @@ def test_file_urls_are_local_paths(bucket, tmp_path, depth_d):
 
 
 def test_missing_url_and_missing_backend_say_what_to_do(bucket, tmp_path, depth_d):
-    r = lotus("depth", f"memory://{bucket['name']}/nothing", "--out", tmp_path / "o", "-m", depth_d, *FAST)
+    r = lotus("depth", f"bucket://{bucket['name']}/nothing", "--out", tmp_path / "o", "-m", depth_d, *FAST)
     assert r.exit_code == 1 and "no such file or folder" in r.stderr
     try:
         import s3fs  # noqa: F401
@@ -139,11 +162,20 @@ def test_normalise(given, expected):
     assert remote.is_url(given) == expected.startswith(("s3:", "gs:"))
 
 
+def test_out_in_memory_is_refused_before_any_work(bucket, tmp_path, depth_d):
+    """--out memory://... reported success and kept nothing (issue 28): refused as a usage error, and the
+    in-memory filesystem is left untouched."""
+    name = bucket["name"]
+    r = lotus("depth", bucket["local"] / "a", "--out", f"memory://{name}/out", "-m", depth_d, *FAST)
+    assert r.exit_code == 2 and "keeps nothing after the run ends" in r.stderr, r.output
+    assert not fsspec.filesystem("memory").exists(f"/{name}/out")
+
+
 def test_a_rerun_at_a_url_redoes_what_skip_existing_would(bucket, depth_d):
     """--out at a URL: the sidecar there is read and judged as a local one (changed options, an
     interrupted run); an --out URL inside the input URL is never read as input."""
     fs, name = bucket["fs"], bucket["name"]
-    inp, out = f"memory://{name}/in/a", f"memory://{name}/in/a/out"
+    inp, out = f"bucket://{name}/in/a", f"bucket://{name}/in/a/out"
 
     def run(*more):
         r = lotus("depth", inp, "--out", out, "-m", depth_d, *FAST, "--json", *more)

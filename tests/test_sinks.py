@@ -156,7 +156,8 @@ def test_skip_existing_redoes_outputs_made_with_another_model_or_options(tmp_pat
     r, _ = rerun(FakeImagePredictor("model-b"), opts=PredictOptions(processing_res=48, seed=3))
     assert r.redone == "made with other options (seed 0 -> 3)"  # a G model: its seed changes the map
     opts = PredictOptions(processing_res=48, seed=3)
-    r, _ = rerun(FakeImagePredictor("model-b"), OutputSpec(tmp_path / "o", ("png",), Style(cmap="turbo"), True), opts)
+    turbo = OutputSpec(tmp_path / "o", ("png", "npy"), Style(cmap="turbo"), True)
+    r, _ = rerun(FakeImagePredictor("model-b"), turbo, opts)
     assert r.redone == "its png was made with other settings (colormap 'Spectral' -> 'turbo')"
     r, _ = rerun(FakeImagePredictor("model-b"), opts=opts, predict_options={"tile": 512})
     assert r.redone == "made with other options (tile None -> 512)"

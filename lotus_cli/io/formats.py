@@ -21,9 +21,13 @@ name) and a per-pixel spread [H, W] (kind "uncertainty", paper Sec. 4.4).
 
 Depth EXRs also carry ``Y``, a copy of ``Z``: OpenCV 4 reads a file whose only channel is ``Z`` as zeros
 (opencv/opencv#22592) and many viewers show only colour or luminance; with ZIP the copy adds about 2% to
-the file. The spread goes in ``Y`` alone: compositors treat ``Z`` as depth (defocus, fog, merges) and a
-spread is no depth (for normals it is in degrees), while ``Y`` is the plain one-channel (luminance)
-image every EXR reader shows as grey.
+the file. DWA (dwaa, dwab) compresses the channels it takes for colour or luminance (``Y``, ``R``, ``G``,
+``B``) lossily and the others, ``Z`` among them, losslessly: the ``Y`` copy is then not exact (about 1e-2
+off on a [0, 1] map), which the header (``lotus:Y``) and the sidecar say. The spread goes in ``Y`` alone:
+compositors treat ``Z`` as depth (defocus, fog, merges) and a spread is no depth (for normals it is in
+degrees), while ``Y`` is the plain one-channel (luminance) image every EXR reader shows as grey.
+
+--exr-compression names, like format names, are read in any case (ZIP = zip).
 """
 
 from __future__ import annotations
@@ -44,8 +48,23 @@ from . import visualize
 
 DEPTH_KINDS = ("disparity", "depth")
 _EXR_HINT = "pip install OpenEXR (a dependency of lotus-cli, also in its 'eval' extra: pip install 'lotus-cli[eval]')"
-EXR_COMPRESSIONS = ("zip", "zips", "piz", "rle", "none", "pxr24", "b44", "b44a", "dwaa", "dwab")
+# --exr-compression name -> the OpenEXR bindings' constant (they spell "none" NO_COMPRESSION)
+EXR_CONSTANTS = {
+    "zip": "ZIP_COMPRESSION",
+    "zips": "ZIPS_COMPRESSION",
+    "piz": "PIZ_COMPRESSION",
+    "rle": "RLE_COMPRESSION",
+    "none": "NO_COMPRESSION",
+    "pxr24": "PXR24_COMPRESSION",
+    "b44": "B44_COMPRESSION",
+    "b44a": "B44A_COMPRESSION",
+    "dwaa": "DWAA_COMPRESSION",
+    "dwab": "DWAB_COMPRESSION",
+}
+EXR_COMPRESSIONS = tuple(EXR_CONSTANTS)
 LOSSLESS_EXR = ("zip", "zips", "piz", "rle", "none")
+# lossy for channels named Y, R, G, B only; Z and other names are stored losslessly
+LOSSY_COLOUR_EXR = ("dwaa", "dwab")
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,8 @@ class Style:
     exr_compression: str = "zip"  # one of EXR_COMPRESSIONS; lossy: pxr24 (float32 to 24 bits), b44*, dwa*
 
     def __post_init__(self):
+        if isinstance(self.exr_compression, str):  # any case, as format names (ZIP = zip)
+            object.__setattr__(self, "exr_compression", self.exr_compression.strip().lower())
         if self.exr_compression not in EXR_COMPRESSIONS:
             raise UsageError(
                 f"--exr-compression {self.exr_compression!r} is not an EXR compression",
@@ -66,15 +87,34 @@ class Style:
             )
 
 
-def meaning(kind: str) -> str:
-    """One line on what a map's values mean, for sidecars and EXR headers."""
+def meaning(kind: str, statistic: str | None = None) -> str:
+    """One line on what a map's values mean, for sidecars and EXR headers. ``statistic``: an uncertainty
+    map's (e.g. "standard deviation of the [0, 1] maps"), stated in the line when given; without it the line
+    points to the sidecar's 'uncertainty' section, which holds it."""
+    if kind == "uncertainty":
+        spread = "per-pixel spread of several predictions"
+        return f"{spread}: {statistic}" if statistic else f"{spread} (statistic and unit: the sidecar's 'uncertainty')"
     return {
         "disparity": "affine-invariant disparity (inverse depth up to scale and shift): 1 = near, 0 = far",
         "depth": "affine-invariant depth (up to scale and shift): 0 = near, 1 = far",
         "normal": "unit surface normals in the camera frame that 'axes' states",
-        "uncertainty": "per-pixel spread of several predictions (the statistic is in 'uncertainty')",
         "pointcloud": "3-D points in metres in the camera frame that 'cloud.frame' states",
     }.get(kind, kind)
+
+
+def a_map_of(kind: str) -> str:
+    """'a depth map', 'an uncertainty map': a kind in messages."""
+    return f"{'an' if kind[:1].lower() in tuple('aeiou') else 'a'} {kind} map"
+
+
+def y_copy_note(compression: str) -> str:
+    """What a depth EXR's ``Y`` channel is under ``compression`` (module doc: DWA keeps only ``Z`` exact)."""
+    if compression in LOSSY_COLOUR_EXR:
+        return (
+            f"a copy of Z for readers that load only colour or luminance (OpenCV), compressed lossily by "
+            f"{compression} while Z is exact: read Z for the values"
+        )
+    return "a copy of Z, for readers that load only colour or luminance (OpenCV)"
 
 
 def _spread_range(value: np.ndarray, style: Style) -> tuple[float, float]:
@@ -221,7 +261,7 @@ class Exr(Format):
             "shape": list(value.shape),
         }
         if kind in DEPTH_KINDS:
-            info["Y"] = "a copy of Z, for readers that load only colour or luminance (OpenCV)"
+            info["Y"] = y_copy_note(style.exr_compression)
         return stored, info
 
     def dump(self, stored, f, kind, style, about):
@@ -231,11 +271,13 @@ class Exr(Format):
         else:
             channels = dict.fromkeys(_exr_channels(kind), np.ascontiguousarray(stored))
         header = {
-            "compression": getattr(OpenEXR, f"{style.exr_compression.upper()}_COMPRESSION"),
+            "compression": _exr_constant(OpenEXR, style.exr_compression),
             "type": OpenEXR.scanlineimage,
-            "comments": meaning(kind),
+            "comments": meaning(kind, about.get("statistic")),
             **exr_attributes(kind, about),
         }
+        if kind in DEPTH_KINDS:
+            header["lotus:Y"] = y_copy_note(style.exr_compression)
         with OpenEXR.File(header, channels) as exr:
             try:
                 exr.write(f)  # streams: OpenEXR >= 3.5
@@ -269,9 +311,21 @@ def _exr_channels(kind: str) -> list[str]:
     return ["R", "G", "B"] if kind == "normal" else ["Z", "Y"] if kind in DEPTH_KINDS else ["Y"]
 
 
+def _exr_constant(OpenEXR, compression: str):
+    """The bindings' constant for an --exr-compression name; a UsageError if this OpenEXR lacks it."""
+    value = getattr(OpenEXR, EXR_CONSTANTS[compression], None)
+    if value is None:
+        raise UsageError(
+            f"--exr-compression {compression}: this OpenEXR package has no {EXR_CONSTANTS[compression]}",
+            "pip install -U OpenEXR, or use zip (lossless)",
+        )
+    return value
+
+
 def exr_attributes(kind: str, about: dict) -> dict:
     """EXR header attributes (``lotus:<name>``, strings) that say what the values are: kind, for depth
-    whether affine-invariant or metric and the unit, for normals the frame and axes, and ``about``'s facts."""
+    whether affine-invariant or metric and the unit, for normals the frame and axes, and ``about``'s facts
+    (for an uncertainty map its ``statistic`` and ``unit``)."""
     attrs = {"kind": kind, "software": f"lotus-cli {__version__}"}
     if kind in DEPTH_KINDS:
         unit = about.get("unit")
@@ -282,7 +336,7 @@ def exr_attributes(kind: str, about: dict) -> dict:
     elif kind == "normal":
         attrs["channels"] = "R, G, B = x, y, z of the unit normal"
     for k, v in about.items():
-        if v is not None and k != "unit":
+        if v is not None and not (k == "unit" and kind in DEPTH_KINDS):  # a depth map's unit is worded above
             attrs[k] = str(v)
     return {f"lotus:{k}": v for k, v in attrs.items()}
 

@@ -2,12 +2,19 @@
 
 For an item keyed ``a/x`` under ``--out o``, each format of ``formats.FORMATS`` gives ``o/a/x<suffix>``
 (x.png, x.16bit.png, x.npy, x.exr: the table in ``formats``), and ``o/a/x.json`` is the sidecar
-(``sidecar.sidecar``), written last: its ``complete`` says the run finished. No torch here.
+(``sidecar.sidecar``), written last: its ``complete`` says the run finished.
+
+A rewrite leaves only what its sidecar lists: files the item's earlier sidecar listed that the new one does
+not (x.npy after a rerun with ``-f exr`` alone, the x.mean.* layers of an earlier `lotus uncertainty`) are
+removed after the new files are in place and before the new sidecar is written, so a complete sidecar never
+stands beside a map of another run. Only names an earlier sidecar of ours listed are touched: a file that
+merely looks like an output (an input photo x.png in the same folder) stays. No torch here.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +23,7 @@ import numpy as np
 from ..errors import OutputError
 from .atomic import atomic_open, write_json
 from .formats import FORMATS, Style, get_format, map_paths, meaning
+from .sidecar import listed_files, plain_name, read_record
 
 SUFFIXES = {**{f.name: f.suffix for f in FORMATS.values()}, "json": ".json"}
 
@@ -42,7 +50,7 @@ def write_map(
     try:
         with atomic_open(path) as out:
             f.dump(stored, out, kind, style, about or {})
-    except ValueError as e:  # an encoder's refusal (e.g. out of memory in OpenCV)
+    except (ValueError, RuntimeError) as e:  # an encoder's refusal (OpenCV out of memory; OpenEXR's bindings)
         raise OutputError(f"{path}: {f.name} encoding failed ({e})", "check free disk space and memory") from e
     return info
 
@@ -79,14 +87,21 @@ def write_outputs(
     written as x.<name>.<format> with the default style of their kind (the EXR settings kept). Returns the
     sidecar record as written.
     """
+    earlier = listed_files(read_record(paths["json"]))
     # an earlier run's sidecar must not vouch for files this run replaces and may not finish
     paths["json"].unlink(missing_ok=True)
     about = {k: sidecar[k] for k in ("model", "normal_frame", "axes") if sidecar.get(k) is not None}
+    spread = dict(sidecar.get("uncertainty") or {}) if kind == "uncertainty" else None
+    if spread is not None:
+        spread.setdefault("unit", spread_unit(sidecar.get("task")))
+        about.update({k: spread[k] for k in ("statistic", "unit") if spread.get(k) is not None})
     formats = _write_formats(paths, value, kind, style, about)
     layer_records = {}
     layer_style = replace(Style(), exr_half=style.exr_half, exr_compression=style.exr_compression)
     for name, (array, layer_kind) in (layers or {}).items():
-        layer_about = {k: v for k, v in about.items() if layer_kind == "normal" or k not in ("normal_frame", "axes")}
+        layer_about = {
+            k: v for k, v in about.items() if k == "model" or (layer_kind == "normal" and k in ("normal_frame", "axes"))
+        }
         layer_records[name] = {
             "kind": layer_kind,
             "meaning": meaning(layer_kind),
@@ -100,7 +115,45 @@ def write_outputs(
         "meaning": meaning(kind),
         "outputs": {**sidecar.get("outputs", {}), **formats},
     }
+    if spread is not None and "uncertainty" in sidecar:
+        record["uncertainty"] = spread
     if layer_records:
         record["layers"] = layer_records
+    remove_unlisted(paths["json"].parent, earlier, listed_files(record))
     write_json(paths["json"], record)
     return record
+
+
+def spread_unit(task: str | None) -> str:
+    """The unit of an uncertainty map of ``task``'s predictions (``ensemble_stats``' statistics)."""
+    if task == "normal":
+        return "degrees"
+    return "the [0, 1] map's own units (affine-invariant: no metric unit)"
+
+
+def remove_unlisted(folder: Path, earlier: Iterable[str], now: Iterable[str]) -> list[Path]:
+    """Remove the files of ``folder`` named in ``earlier`` and not in ``now``: what an item's earlier sidecar
+    listed (``listed_files(read_record(side))``, read before that sidecar is removed) that its new one will
+    not. Call it after the new files are written and before the new sidecar is: a complete sidecar then
+    stands beside exactly the files it lists, and an interruption in between leaves no sidecar (the item is
+    redone). Names that are not plain names are ignored; a missing file is fine. Returns the removed paths;
+    a file that cannot be removed is an OutputError (the new sidecar must not be written beside it)."""
+    removed = []
+    keep = set(now)
+    for name in sorted(set(earlier) - keep):
+        if not plain_name(name):
+            continue
+        path = folder / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                continue  # never a whole folder: our outputs are files
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise OutputError(
+                f"{path}: an earlier run's output, not listed now, cannot be removed ({e.strerror})",
+                "remove it by hand, or check the folder's permissions",
+            ) from e
+        removed.append(path)
+    return removed

@@ -1,4 +1,6 @@
-"""Inputs and outputs at fsspec URLs (s3://, gs://, file://, memory://, ...), kept apart from local-file code.
+"""Inputs and outputs at fsspec URLs (s3://, gs://, file://, ...), kept apart from local-file code.
+
+memory:// serves as an input (a Python caller may fill it) but not as ``--out``: it dies with the process.
 
 The design is staging, so sources.py and outputs.py stay local-file code:
 
@@ -41,6 +43,22 @@ BACKENDS = {
     "http": "aiohttp",
     "https": "aiohttp",
 }
+
+
+# fsspec filesystems that live in this process only: what is written there is gone when the run ends
+NOT_PERSISTENT = {"memory": "fsspec's in-memory filesystem"}
+
+
+def check_persistent(url: str, option: str = "--out") -> None:
+    """UsageError when ``url`` is on a filesystem that does not outlive the process (memory://): outputs
+    written there would be reported as done and lost."""
+    m = _URL.match(str(url))
+    scheme = m.group(1).lower() if m else ""
+    if scheme in NOT_PERSISTENT:
+        raise UsageError(
+            f"{option} {url}: {NOT_PERSISTENT[scheme]} keeps nothing after the run ends",
+            f"give a folder or a persistent URL (s3://, gs://, file://) for {option}",
+        )
 
 
 def is_url(spec: str | os.PathLike) -> bool:
@@ -185,7 +203,9 @@ class Outputs:
         return reuse_verdict(read, files, lambda f: fs.isfile(f"{base}/{f}"), expected)
 
     def check(self) -> None:
-        """Fail fast, before any model loads, when the URL cannot be written."""
+        """Fail fast, before any model loads, when the URL cannot be written or keeps nothing after the run
+        (``check_persistent``)."""
+        check_persistent(self.url)
         fs, root = filesystem(self.url)
         probe = f"{root.rstrip('/')}/.lotus-write-test"
         try:

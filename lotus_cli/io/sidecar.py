@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .. import __version__
+from ..errors import InputError
 from .atomic import jsonable
-from .formats import Style, get_format, meaning
+from .formats import Style, get_format, meaning, sidecar_of
 
 
 def sidecar(
@@ -131,3 +132,64 @@ def reuse_verdict(
                 f"{k} {note.get(k)!r} -> {wanted[k]!r}" for k in diff
             ) + ")"
     return True, None
+
+
+def read_record(side: Path) -> dict | None:
+    """The JSON record of the sidecar ``side``, or None when there is none or it is unreadable."""
+    try:
+        record = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def listed_files(record: dict | None) -> set[str]:
+    """The file names a sidecar record vouches for, all in its folder: each output's and each layer's output's
+    ``file``, and the ``companions`` an output lists (an OBJ's .mtl and texture). Anything but a plain name
+    (a path, "..") is left out: a hand-edited sidecar must not point a removal elsewhere."""
+    if not isinstance(record, dict):
+        return set()
+    notes = list((record.get("outputs") or {}).values())
+    for layer in (record.get("layers") or {}).values():
+        if isinstance(layer, dict):
+            notes += list((layer.get("outputs") or {}).values())
+    names = []
+    for note in notes:
+        if isinstance(note, dict):
+            names += [note.get("file"), *(note.get("companions") or ())]
+    return {n for n in names if isinstance(n, str) and plain_name(n)}
+
+
+def plain_name(name: str) -> bool:
+    """Whether ``name`` names a file in the sidecar's own folder (no path, not "." or "..")."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def vouched(path: Path) -> tuple[dict | None, dict | None]:
+    """(the sidecar record beside the map file ``path``, its note on that file: ``outputs[format]``), for
+    readers of maps (``lotus eval --predictions``, ``lotus pointcloud --depth``). (None, None) when no sidecar
+    of ours is there: none, unreadable, or one without an ``outputs`` list (written by hand, e.g.
+    {"kind": "disparity"}); such a map is read on its own terms. Raises InputError when the sidecar lists
+    outputs but not this file (a map left by another run, after a rerun with other formats or another
+    model) or says its run did not finish: the record is not about this file."""
+    side = sidecar_of(path)
+    record = read_record(side)
+    if record is None or not isinstance(record.get("outputs"), dict):
+        return None, None
+    if record.get("complete") is False or record.get("interrupted") or record.get("error"):
+        raise InputError(
+            f"{path}: its sidecar {side.name} says its run did not finish ({record.get('error') or 'incomplete'})",
+            "rerun lotus on the input, or remove the sidecar to read the map on its own terms",
+        )
+    note = next(
+        (n for n in record["outputs"].values() if isinstance(n, dict) and n.get("file") == path.name),
+        None,
+    )
+    if note is None:
+        listed = ", ".join(sorted(listed_files(record))) or "nothing"
+        raise InputError(
+            f"{path}: not listed by its sidecar {side.name} (which lists {listed}): the sidecar is about "
+            "another run's outputs",
+            f"read a file it lists, or remove {path.name}",
+        )
+    return record, note

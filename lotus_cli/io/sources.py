@@ -336,17 +336,17 @@ def read_depth_map(
     mean "no measurement" (NaN). ``option`` names the option in messages.
     info: {"kind", "per_metre" (None = relative), "sidecar" (path or None), "units" (how they were decided)}.
     """
-    import json
+    from .sidecar import read_record, vouched
 
     if not path.is_file():
         raise InputError(f"{option} {path}: no such file", "give a .npy, .exr or 16-bit .png depth map")
     side = sidecar_of(path)
-    meta = None
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, ValueError):
-            meta = None
+    try:
+        meta, note = vouched(path)
+    except InputError as e:  # a sidecar of ours that is not about this file (another run's leftover)
+        raise InputError(f"{option} {e.message}", e.hint) from None
+    if meta is None:  # none, or one without an outputs list (written by hand): its kind still counts
+        meta, note = read_record(side), None
     try:
         a, notes, fmt = formats.read_stored(path)
     except (OSError, ValueError) as e:
@@ -366,11 +366,10 @@ def read_depth_map(
     if said_kind is not None and units in (None, "relative"):
         if said_kind not in formats.DEPTH_KINDS:
             raise InputError(
-                f"{option} {path}: {source} says it is a {said_kind} map",
+                f"{option} {path}: {source} says it is {formats.a_map_of(said_kind)}",
                 "give a depth or disparity map (lotus depth output)",
             )
-        info = (meta or {}).get("outputs", {}).get(fmt.name) if fmt is not None else None
-        values = fmt.decode(a, said_kind, info) if info else a  # a png16's stated range; npy, exr: as stored
+        values = fmt.decode(a, said_kind, note) if note and fmt else a  # a png16's stated range; npy, exr: as stored
         unit = notes.get("scale") == "metric" and meta is None and notes.get("unit")
         if unit:  # a metric EXR of ours: depth in m, or disparity in 1/m
             per_metre = parse_units(unit.removeprefix("1/"))
