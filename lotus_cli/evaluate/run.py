@@ -7,23 +7,31 @@ with its error and the run goes on. Depth figures are per-image means; normal fi
 every valid pixel of the dataset.
 
 Predictions folder (``--predictions DIR``). For a sample with key ``k`` (its RGB path without extension,
-e.g. ``test/kitchen_0004/rgb_0001``), the first of these that exists, in ``DIR/<dataset>/`` if that
-folder exists, else in ``DIR``:
-``k.npy`` or ``k.exr`` (float [H, W] depth, or [H, W, 3] normals; EXR: channel Z, or R, G, B),
-``k.16bit.png`` / ``k.png`` (16-bit or 8-bit; depth: grey, any affine encoding; normals: RGB,
-n = png / max * 2 - 1), then the reference tools' names
-(Marigold: ``<dir>/pred_<id>.npy``; Lotus normals: ``<scene>_<id>_norm.png``). Normals must be in the
-Lotus/DSINE frame (x left, y up, z toward the camera). A map of another size is resized (bilinear) to
-the ground truth's, except a KITTI map of the uncropped frame, which is cropped like the image.
-``--save-predictions`` writes ``<out>/predictions/<dataset>/k.npy`` in exactly this layout, so a run can
-be re-scored without the model. The alignment of a folder's maps (``auto``): what the JSON sidecar
-beside the first map (written by `lotus depth`) says, "disparity" or "depth"; maps without one (e.g.
+e.g. ``test/kitchen_0004/rgb_0001``), in ``DIR/<dataset>/`` if that folder exists, else in ``DIR``:
+
+* where ``k.json``, a sidecar of `lotus depth|normal`, lists outputs: the first of them in the order npy,
+  exr, png16, png (raw values first), decoded as the sidecar notes (a png16's range). A sidecar whose run
+  did not finish, of another kind than the task (an uncertainty map), or listing no file that is there, fails
+  the sample with that reason: a map it does not list (an x.npy left by an earlier run with another model
+  or other formats) is never read in its place.
+* otherwise the first of these that exists: ``k.npy`` or ``k.exr`` (float [H, W] depth, or [H, W, 3]
+  normals; EXR: channel Z, or R, G, B), ``k.16bit.png`` / ``k.png`` (16-bit or 8-bit; depth: grey, any
+  affine encoding; normals: RGB, n = png / max * 2 - 1), then the reference tools' names (Marigold:
+  ``<dir>/pred_<id>.npy``; Lotus normals: ``<scene>_<id>_norm.png``). An EXR's own header (``lotus:kind``,
+  ``lotus:normal_frame``), or a sidecar without an outputs list ({"kind": "disparity"}), says what it is.
+
+Normals are scored in the Lotus/DSINE frame (x left, y up, z toward the camera): maps whose sidecar or EXR
+header names another ``normal_frame`` (`lotus normal --frame opengl|opencv`) are converted to it; maps that
+say nothing are taken as in it. A map of another size is resized (bilinear) to the ground truth's, except a
+KITTI map of the uncropped frame, which is cropped like the image. ``--save-predictions`` writes
+``<out>/predictions/<dataset>/k.npy`` in exactly this layout, so a run can be re-scored without the model.
+The alignment of a folder's maps (``auto``): "disparity" or "depth", as the sidecar (or the EXR header)
+of the first map says; a later map that says otherwise fails its sample. Maps that say nothing (e.g.
 Marigold's outputs) need the alignment stated, since scoring disparity as depth is silently wrong.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +40,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..errors import InputError, LotusError, UsageError
-from ..io.formats import READ_ORDER, get_format, read_map, sidecar_of
+from ..geometry.camera import NORMAL_FRAMES, convert_normals
+from ..io.formats import DEPTH_KINDS, FORMATS, READ_ORDER, a_map_of, get_format, read_stored
+from ..io.sidecar import read_record, vouched
 from . import metrics as M
 from .datasets import Dataset, Item, Sample, kitti_benchmark_crop
 
@@ -101,6 +111,19 @@ class ModelSource:
         return {"model": self.predictor.describe()}
 
 
+@dataclass(frozen=True)
+class Found:
+    """A sample's prediction file and what is known about it before reading: ``note`` is its sidecar's note
+    on the file (``outputs[format]``), ``kind`` and ``frame`` the sidecar's (None: it says nothing, or there
+    is none; an EXR's header may still say), ``said_by`` names the sidecar for messages."""
+
+    path: Path
+    note: dict | None = None
+    kind: str | None = None
+    frame: str | None = None
+    said_by: str | None = None
+
+
 class FolderSource:
     """Precomputed maps named after the samples (module doc)."""
 
@@ -111,47 +134,111 @@ class FolderSource:
         self.kind = task if task == "normal" else None
         self.label = str(root)
         self.name = None
+        self._alignment: dict[str, tuple[str | None, str | None]] = {}  # dataset -> (kind, what said so)
 
     def folder(self, ds: Dataset) -> Path:
         sub = self.root / ds.name
         return sub if sub.is_dir() else self.root
 
-    def find(self, ds: Dataset, s: Sample) -> Path | None:
+    def locate(self, ds: Dataset, s: Sample) -> Found | None:
+        """The sample's prediction (module doc), None when there is none; InputError when its sidecar lists
+        outputs and none of them can be read in good faith."""
         base = self.folder(ds)
+        side = base / f"{s.key}.json"
+        record = read_record(side)
+        if record is not None and isinstance(record.get("outputs"), dict):
+            listed = [
+                (fmt, record["outputs"][fmt])
+                for fmt in READ_ORDER
+                if isinstance(record["outputs"].get(fmt), dict) and record["outputs"][fmt].get("file")
+            ]
+            for _, note in listed:
+                path = side.parent / str(note["file"])
+                if path.is_file():
+                    vouched(path)  # refuses an unfinished run's files
+                    return Found(path, note, record.get("kind"), record.get("normal_frame"), f"sidecar {side}")
+            present = [base / f"{s.key}{get_format(f).suffix}" for f in READ_ORDER]
+            present = [p.name for p in present if p.is_file()]
+            if present:
+                names = ", ".join(str(n["file"]) for _, n in listed) or "no map"
+                raise InputError(
+                    f"{side}: lists {names}, not {', '.join(present)} beside it (left by another run)",
+                    "rerun lotus on the input, or remove the files its sidecar does not list",
+                )
+            return None
         names = [f"{s.key}{get_format(f).suffix}" for f in READ_ORDER] + legacy_names(ds, s)
         for n in names:
             if (base / n).is_file():
-                return base / n
+                if record is None:
+                    return Found(base / n)
+                kind = record.get("kind") if isinstance(record.get("kind"), str) else None
+                return Found(base / n, None, kind, record.get("normal_frame"), f"sidecar {side}")
         return None
 
+    def find(self, ds: Dataset, s: Sample) -> Path | None:
+        """The path ``locate`` reads for the sample (None: none, or one that would be refused)."""
+        try:
+            found = self.locate(ds, s)
+        except InputError:
+            return None
+        return found.path if found is not None else None
+
     def predict(self, ds: Dataset, item: Item, opts: EvalOptions) -> np.ndarray:
-        path = self.find(ds, item.sample)
-        if path is None:
+        found = self.locate(ds, item.sample)
+        if found is None:
             raise InputError(
                 f"{self.folder(ds)}: no prediction for {item.sample.key}",
                 f"expected {item.sample.key}.npy (or .exr, .16bit.png, .png) there",
             )
-        return read_prediction(path, self.task)
+        pred, kind, said_by = read_found(found, self.task)
+        if self.task == "depth" and opts.alignment == "auto" and kind is not None:
+            want, how = self._said_alignment(ds)
+            if want is not None and kind != want:
+                raise InputError(
+                    f"{found.path}: a {kind} map ({said_by}), but this run aligns {want} maps (from {how})",
+                    "score depth and disparity maps in separate runs, or state --alignment",
+                )
+        return pred
 
-    def _first_map(self, ds: Dataset) -> Path | None:
-        return next((p for p in (self.find(ds, s) for s in ds.samples[:20]) if p is not None), None)
+    def _said_alignment(self, ds: Dataset) -> tuple[str | None, str | None]:
+        """(kind, what says so) of the first sample whose map says it is disparity or depth, cached."""
+        if ds.name not in self._alignment:
+            said = (None, None)
+            for s in ds.samples[:20]:
+                try:
+                    found = self.locate(ds, s)
+                except InputError:
+                    continue
+                if found is None:
+                    continue
+                kind, source = found.kind, found.said_by
+                if kind is None and found.path.suffix.lower() == FORMATS["exr"].suffix:
+                    kind, source = exr_kind(found.path), f"EXR header of {found.path}"
+                if kind is not None:
+                    said = (kind, source) if kind in DEPTH_KINDS else (None, None)
+                    break
+            self._alignment[ds.name] = said
+        return self._alignment[ds.name]
 
     def alignment(self, ds: Dataset) -> str | None:
-        """ "disparity" or "depth" as the sidecar beside the first map says; None when nothing says."""
-        path = self._first_map(ds)
-        if path is None:
-            return None
-        try:
-            kind = json.loads(sidecar_of(path).read_text()).get("kind")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return kind if kind in ("disparity", "depth") else None
+        """ "disparity" or "depth" as the first map's sidecar (or EXR header) says; None when nothing says."""
+        return self._said_alignment(ds)[0]
 
     def alignment_source(self, ds: Dataset) -> str:
-        return f"sidecar {sidecar_of(self._first_map(ds))}"
+        return str(self._said_alignment(ds)[1])
 
     def describe(self) -> dict:
         return {"predictions": str(self.root)}
+
+
+def exr_kind(path: Path) -> str | None:
+    """The ``lotus:kind`` attribute of an EXR's header (None: none, or unreadable)."""
+    try:
+        _, notes, _ = read_stored(path)
+    except (OSError, ValueError):
+        return None
+    kind = notes.get("kind")
+    return kind if isinstance(kind, str) else None
 
 
 def legacy_names(ds: Dataset, s: Sample) -> list[str]:
@@ -164,22 +251,56 @@ def legacy_names(ds: Dataset, s: Sample) -> list[str]:
     return [f"{scene}_{p.stem.removesuffix('_img')}_norm.png"]
 
 
-def read_prediction(path: Path, task: str) -> np.ndarray:
+def read_prediction(path: Path, task: str, note: dict | None = None) -> np.ndarray:
     """A prediction file -> depth [H, W] or normals [H, W, 3] float32, read through the format registry
-    (module doc for the encodings: PNGs as [0, 1], normals as n = png / max * 2 - 1, npy and EXR as stored)."""
+    (module doc for the encodings: PNGs as [0, 1], normals as n = png / max * 2 - 1, npy and EXR as stored;
+    ``note``: its sidecar's note on the file, for a png16's range). Normals in Lotus's frame (an EXR header's
+    ``normal_frame`` converted); a map whose EXR header says it is of another kind than ``task`` is refused."""
+    return read_found(Found(path, note), task)[0]
+
+
+def read_found(found: Found, task: str) -> tuple[np.ndarray, str | None, str | None]:
+    """(values as ``read_prediction`` gives them, the map's kind, what said so) for a located prediction: the
+    sidecar's kind and normal frame, else the EXR header's, are checked against ``task`` and applied."""
+    path = found.path
+    if task == "depth" and found.note and "colormap" in found.note:
+        raise InputError(
+            f"{path}: a colour-mapped picture ({found.said_by}), not depth values",
+            "write the maps with --format npy, exr or png16",
+        )
     try:
-        a = read_map(path, task)
+        stored, notes, fmt = read_stored(path)
+        a = (fmt or FORMATS["png"]).decode(stored, task, found.note)
     except (OSError, ValueError) as e:
         raise InputError(
             f"{path}: not a readable prediction ({e})", "write float32 .npy or .exr, or 16-bit PNG maps"
         ) from e
+    kind, frame, said_by = found.kind, found.frame, found.said_by
+    if kind is None and isinstance(notes.get("kind"), str):
+        kind, said_by = notes["kind"], "its EXR header"
+    if frame is None and isinstance(notes.get("normal_frame"), str):
+        frame = notes["normal_frame"]
+    allowed = DEPTH_KINDS if task == "depth" else ("normal",)
+    if kind is not None and kind not in allowed:
+        raise InputError(
+            f"{path}: {said_by} says it is {a_map_of(kind)}, not a {task} prediction",
+            f"pass the {' or '.join(allowed)} maps of `lotus {task}`",
+        )
     a = np.squeeze(a)
     if not np.isfinite(a).all():
         raise InputError(f"{path}: {int((~np.isfinite(a)).sum())} non-finite values", "write finite maps")
     want = 2 if task == "depth" else 3
     if a.ndim != want or (task == "normal" and a.shape[-1] != 3):
         raise InputError(f"{path}: shape {a.shape}, not {'[H, W]' if want == 2 else '[H, W, 3]'}")
-    return a
+    if task == "normal" and frame is not None and frame != "lotus":
+        if frame not in NORMAL_FRAMES:
+            raise InputError(
+                f"{path}: normal_frame {frame!r} ({said_by or 'its EXR header'}) is not one of "
+                f"{', '.join(NORMAL_FRAMES)}",
+                "write normals with `lotus normal --frame lotus|opengl|opencv`",
+            )
+        a = convert_normals(a.astype(np.float32), "lotus", frame)
+    return a, kind, said_by
 
 
 def fit_to(pred: np.ndarray, shape: tuple[int, int], ds: Dataset) -> tuple[np.ndarray, str | None]:
