@@ -366,7 +366,7 @@ class Cloud:
 
     points: np.ndarray  # [N, 3] float32, metres
     colors: np.ndarray  # [N, 3] uint8
-    normals: np.ndarray | None  # [N, 3] float32 unit vectors facing the camera, same frame as points
+    normals: np.ndarray | None  # [N, 3] float32 unit vectors facing the camera (n . p <= 0), frame as points
     record: dict
     pixels: np.ndarray | None = None  # [N] int64
     kept: np.ndarray | None = None  # [H, W] bool
@@ -382,6 +382,8 @@ def build_cloud(
 
     Every pixel with a depth that passes the flying-pixel test is kept; one without a normal (no depth
     within reach on an axis) gets NORMAL_FALLBACK, counted in the record, unless ``opts.drop_without_normal``.
+    Normals that face away from the camera (n . p > 0 for the point p; a predicted normal can) are flipped:
+    a surface the camera sees faces it. The record counts them ("normals_flipped").
     Raises InputError when no point is left."""
     finite = np.isfinite(depth) & (depth > 0)
     smooth = g.edge_mask(depth, opts.edge_threshold)
@@ -392,7 +394,7 @@ def build_cloud(
         raise InputError(
             f"no points left ({int(finite.sum())} of {depth.size} pixels have a depth, "
             f"{int((finite & smooth).sum())} pass --edge-threshold {opts.edge_threshold:g})",
-            "check --depth-units/--depth-kind, or lower --edge-threshold (0 keeps all)",
+            "check --depth-units/--depth-kind, or raise --edge-threshold (0 keeps every pixel with a depth)",
         )
     pts = g.backproject(np.where(finite, depth, 0), K)[chosen]
     nrm = None
@@ -400,6 +402,8 @@ def build_cloud(
         nrm = normals[chosen].astype(np.float32)
         missing = ~np.isfinite(nrm).all(-1)
         nrm[missing] = -pts[missing] / np.linalg.norm(pts[missing], axis=-1, keepdims=True)
+        away = (nrm * pts).sum(-1) > 0  # the camera is at the origin: n . (0 - p) < 0
+        nrm[away] *= -1
     if opts.up == "y":
         pts, nrm = pts * g.TO_OPENGL, (nrm * g.TO_OPENGL if nrm is not None else None)
     no_normal = finite & smooth & ~has_normal
@@ -415,6 +419,8 @@ def build_cloud(
         "max_points": opts.max_points,
         "frame": FRAMES[opts.up],
     }
+    if nrm is not None:
+        record["normals_flipped"] = int(away.sum())
     if record["without_normal"]:
         record["normal_fallback"] = NORMAL_FALLBACK
     return Cloud(pts, rgb[chosen], nrm, record, np.flatnonzero(chosen), keep, opts.up)
@@ -442,7 +448,8 @@ def header_comments(record: dict) -> list[str]:
 
 
 NORMAL_SOURCES = {
-    "predict": "predicted by the normal model, converted from Lotus's frame",
+    "predict": "predicted by the normal model, converted from Lotus's frame; those facing away from the "
+    "camera flipped to face it (cloud.normals_flipped counts them)",
     "depth": "from the depth (differences of the back-projected points over up to +-{w} pixels, "
     "shorter or one-sided next to holes and borders)",
     "none": "none written",

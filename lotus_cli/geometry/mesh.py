@@ -14,11 +14,18 @@ image of the same aspect ratio (the input photo at its own size).
 Files (``encode``) are written by Open3D: PLY with per-vertex colours and normals; GLB and OBJ with the
 image as texture. glTF is y-up by definition, so a GLB is always written in the OpenGL frame (x right,
 y up, z toward the viewer) whatever the cloud's frame; PLY and OBJ keep the cloud's frame.
+
+An OBJ names its material file on an ``mtllib`` line and the material its texture on a ``map_Kd`` line,
+where a line break ends the name and whitespace separates names: the OBJ's companions (``companions``) are
+therefore named after the item with every whitespace or control character replaced by "_" and, when that
+changed the name, a short hash of it appended (so "a b" and "a_b" do not share them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +54,7 @@ class Mesh:
 
 
 def parse_formats(spec: str) -> tuple[str, ...]:
-    """'glb,ply' -> ('glb', 'ply'): the mesh formats to write."""
+    """'glb,ply' -> ('glb', 'ply'): the mesh formats to write, named in any case (GLB = glb), as --format's."""
     names = [s.strip().lower() for s in spec.split(",") if s.strip()]
     bad = [n for n in names if n not in FORMATS]
     if bad or not names:
@@ -116,6 +123,23 @@ def triangle_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- files
 
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")  # what ends or splits a name on an OBJ's mtllib / map_Kd line
+
+
+def _companion_stem(name: str) -> str:
+    """The stem of an OBJ's material and texture files for an item named ``name`` (module doc)."""
+    safe = _UNSAFE.sub("_", name)
+    return safe if safe == name else f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def companions(fmt: str, name: str) -> list[str]:
+    """The files a format writes for ``name`` besides its main file (``name + FORMATS[fmt]``): an OBJ's
+    material (.mtl) and texture (_albedo.png); none for PLY and GLB."""
+    if fmt != "obj":
+        return []
+    stem = _companion_stem(name)
+    return [f"{stem}.mtl", f"{stem}_albedo.png"]
+
 
 def encode(
     mesh: Mesh, fmt: str, name: str, texture: np.ndarray | None = None, comments: list[str] = ()
@@ -146,12 +170,14 @@ def encode(
         m.material.scalar_properties["roughness"] = 1.0
         m.material.texture_maps["albedo"] = o3d.t.geometry.Image(np.ascontiguousarray(texture, np.uint8))
     main = name + FORMATS[fmt]
+    # written under the companions' safe stem: the OBJ's mtllib and the material's map_Kd lines name them
+    written = _companion_stem(name) + FORMATS[fmt]
     with tempfile.TemporaryDirectory(prefix="lotus-mesh-") as tmp:
-        path = os.path.join(tmp, main)
+        path = os.path.join(tmp, written)
         o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)  # its notes would go to stdout
         if not o3d.t.io.write_triangle_mesh(path, m):
             raise OutputError(f"Open3D could not write {main}", "check the free disk space")
-        files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.name != main}
+        files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.name != written}
         data = Path(path).read_bytes()
     if fmt == "ply":
         data = ply_comments(data, comments)
@@ -164,8 +190,9 @@ def encode(
 def write(
     mesh: Mesh, formats: tuple[str, ...], folder: Path, name: str, texture: np.ndarray, comments: list[str] = ()
 ) -> dict[str, str]:
-    """Each format's files written atomically into ``folder`` (``encode``); returns {format: main file name}.
-    A mesh without triangles writes nothing (Open3D's glTF and OBJ writers crash on one): {}."""
+    """Each format's files written atomically into ``folder`` (``encode``); returns {format: main file name}
+    (the others: ``companions(format, name)``). A mesh without triangles writes nothing (Open3D's glTF and
+    OBJ writers crash on one): {}."""
     written = {}
     if not len(mesh.faces):
         return written

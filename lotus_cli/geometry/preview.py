@@ -59,15 +59,19 @@ def render(
     pitch: float = PITCH,
     splat: int = 1,
     max_side: int = 1024,
-) -> np.ndarray:
+) -> np.ndarray | None:
     """The preview, uint8 [h, 2 w, 3] (colours | shading), of points [N, 3] (metres, OpenCV camera frame of
     the camera ``K``), colors [N, 3] uint8 and unit normals [N, 3] (None: shading by depth, near bright).
     With ``faces`` [F, 3] the points are a mesh's vertices and its triangles are drawn; else each point
-    covers a square of 2 ``splat`` + 1 pixels. The picture is K's size, scaled down to ``max_side``."""
-    f = min(1.0, max_side / max(K.width, K.height))
+    covers a square of 2 ``splat`` + 1 pixels. The picture is K's size, scaled down to ``max_side``
+    (``scale``). None when there is nothing to show: no points, or none in front of the preview camera."""
+    finite = np.isfinite(points).all(-1) if len(points) else np.zeros(0, bool)
+    if not finite.any():
+        return None
+    f = scale(K, max_side)
     w, h = max(1, round(K.width * f)), max(1, round(K.height * f))
     Kp = K.resized(w, h)
-    pivot = np.array([0.0, 0.0, float(np.median(points[:, 2]))])
+    pivot = np.array([0.0, 0.0, float(np.median(points[finite, 2]))])
     R = _rotation(yaw, pitch)
     q = (points.astype(np.float64) - pivot) @ R.T + pivot  # [N, 3] in the preview camera's frame
     nr = normals.astype(np.float64) @ R.T if normals is not None else None
@@ -79,7 +83,9 @@ def render(
         q, col, *rest = _samples(q, faces, longest, *attrs)
         nr = rest[0] if rest else None
         splat = 0
-    front = q[:, 2] > 1e-6
+    front = q[:, 2] > 1e-6  # NaN compares False: a point without a position is not drawn
+    if not front.any():
+        return None
     q, col = q[front], col[front]
     nr = nr[front] if nr is not None else None
     u = np.round(Kp.fx * q[:, 0] / q[:, 2] + Kp.cx).astype(np.int64)
@@ -97,6 +103,8 @@ def render(
     pz = np.tile(q[:, 2], len(offsets))
     src = np.tile(np.arange(len(q)), len(offsets))
     inside = (pu >= 0) & (pu < w) & (pv >= 0) & (pv < h)
+    if not inside.any():
+        return None
     pix, pz, src = (pv * w + pu)[inside], pz[inside], src[inside]
     order = np.lexsort((pz, pix))  # by pixel, nearest first
     pix, src = pix[order], src[order]
@@ -107,14 +115,27 @@ def render(
     return np.concatenate(pictures, axis=1)
 
 
-def render_cloud(shown, K: Intrinsics, stride: int = 1) -> np.ndarray:
+def scale(K: Intrinsics, max_side: int = 1024) -> float:
+    """Preview pixels per pixel of ``K``'s image: 1, or less for an image larger than ``max_side``."""
+    return min(1.0, max_side / max(K.width, K.height))
+
+
+def splat_for(stride: int, K: Intrinsics, max_side: int = 1024) -> int:
+    """The half-width (preview pixels) of the square each point of a cloud thinned by ``stride`` covers: the
+    points' spacing in the preview, so neighbouring squares overlap by half and a surface seen more obliquely
+    by the turned preview camera (rows of a floor spread apart) stays closed, as at stride 1; at least 1."""
+    return max(1, math.ceil(stride * scale(K, max_side)))
+
+
+def render_cloud(shown, K: Intrinsics, stride: int = 1) -> np.ndarray | None:
     """``render`` for a ``pointcloud.Cloud`` or a ``mesh.Mesh`` (either frame), points splatted over the
-    ``stride`` they were thinned by."""
+    ``stride`` they were thinned by (``splat_for``). None when there is nothing to show (an empty cloud or
+    mesh): write no picture then."""
     faces = getattr(shown, "faces", None)
     pts = shown.vertices if faces is not None else shown.points
     flip = TO_OPENGL if shown.up == "y" else np.ones(3, np.float32)  # back to OpenCV (the flip is its own inverse)
     normals = shown.normals * flip if shown.normals is not None else None
-    return render(pts * flip, shown.colors, normals, K, faces, splat=max(1, math.ceil(stride / 2)))
+    return render(pts * flip, shown.colors, normals, K, faces, splat=splat_for(stride, K))
 
 
 def describe() -> dict:
