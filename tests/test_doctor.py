@@ -66,3 +66,32 @@ def test_doctor_reports_a_bad_model_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("LOTUS_CACHE", str(tmp_path))
     r = doctor("-m", tmp_path / "missing")
     assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_doctor_takes_the_output_kind_it_advises_and_refuses_a_negative_size(tmp_path, monkeypatch, depth_d):
+    """`doctor -m CKPT` advised --output-kind for a checkpoint that says nothing about its output, and did not
+    accept it (issue 28); --processing-res -5 was accepted."""
+    import shutil
+
+    monkeypatch.setenv("LOTUS_CACHE", str(tmp_path / "cache"))
+    mine = tmp_path / "my-checkpoint"  # not a registry name, no lotus.json: nothing says what it outputs
+    shutil.copytree(depth_d, mine)
+    (mine / "lotus.json").unlink(missing_ok=True)
+    r = doctor("-m", mine, "--processing-res", 64)
+    assert r.exit_code == 2 and "--output-kind" in r.output
+    r = doctor("-m", mine, "--output-kind", "disparity", "--processing-res", 64)
+    assert r.exit_code == 0, r.output
+    assert str(mine) in r.output and "processing size" in r.output
+    r = doctor("-m", mine, "--output-kind", "depth", "--processing-res", 64, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"]["model"] == str(mine)
+    r = doctor("-m", mine, "--output-kind", "normal", "--processing-res", 64)  # its model_index.json says depth
+    assert r.exit_code == 2 and "predicts depth, not normal" in r.output
+    for args, message in [
+        (["--processing-res", -5], "--processing-res -5: must be a positive number of pixels"),
+        (["--processing-res", 0], "--processing-res 0: must be a positive number of pixels"),
+        (["-m", mine, "--output-kind", "inverse"], "--output-kind must be disparity, depth or normal"),
+        (["--output-kind", "depth"], "--output-kind describes a model"),
+    ]:
+        r = doctor(*args)
+        assert r.exit_code == 2 and message in r.output, r.output

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import LotusError
+from ..errors import LotusError, UsageError
 from .application import app
 from .report import fail, say
 
@@ -36,6 +36,22 @@ def _describe(choice: dict) -> None:
             _row(f"  measured {what}", shown)
 
 
+OUTPUT_KINDS = ("disparity", "depth", "normal")
+
+
+def _check_options(model: str | None, output_kind: str | None, processing_res: int) -> None:
+    """UsageError for doctor's options that cannot apply, before anything is read or loaded."""
+    if processing_res <= 0:
+        raise UsageError(
+            f"--processing-res {processing_res}: must be a positive number of pixels",
+            "the long side the choice is made for, e.g. 768 (the default)",
+        )
+    if output_kind is not None and output_kind not in OUTPUT_KINDS:
+        raise UsageError(f"--output-kind must be {', '.join(OUTPUT_KINDS[:-1])} or normal, not {output_kind!r}")
+    if output_kind is not None and model is None:
+        raise UsageError("--output-kind describes a model", "add --model (-m) CHECKPOINT")
+
+
 @app.command()
 def doctor(
     model: Annotated[
@@ -46,12 +62,27 @@ def doctor(
             help="Also load this model (name, hub id or folder) and show its choice, calibrating it if needed.",
         ),
     ] = None,
-    processing_res: Annotated[int, typer.Option("--processing-res", help="The size the choice is made for.")] = 768,
+    output_kind: Annotated[
+        str | None,
+        typer.Option(
+            "--output-kind",
+            help="What a --model without metadata (no lotus.json, not a registry model) outputs: disparity "
+            "(1 = near), depth (0 = near) or normal, as lotus depth / normal take it.",
+            show_default=False,
+        ),
+    ] = None,
+    processing_res: Annotated[
+        int, typer.Option("--processing-res", help="The size (long side, pixels) the choice is made for.")
+    ] = 768,
     recalibrate: Annotated[bool, typer.Option("--recalibrate", help="Forget the recorded choices first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ):
     """Show the CPU (model, avx2 / avx512f / avx512_bf16 / amx flags, cores), torch and its threads, and the
     fast paths chosen for this machine (channels-last, packed weights, VAE strips) with the measured times."""
+    try:
+        _check_options(model, output_kind, processing_res)
+    except LotusError as e:
+        fail(e)
     import torch
 
     from ..model.cpu import calibrate
@@ -66,7 +97,9 @@ def doctor(
         from ..model.predictor import LotusPredictor
 
         try:
-            pred = LotusPredictor.from_pretrained(model, device="cpu", dtype="fp32", processing_res=processing_res)
+            pred = LotusPredictor.from_pretrained(
+                model, device="cpu", dtype="fp32", processing_res=processing_res, kind=output_kind
+            )
         except LotusError as e:
             fail(e)
         loaded = {"model": pred.source, **pred.engine.choices.__dict__, "weights_gb": pred.weight_bytes() / 1e9}
