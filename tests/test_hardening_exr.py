@@ -108,7 +108,8 @@ def test_a_lossy_y_copy_is_said_to_be_lossy(tmp_path, compression):
 def test_the_uncertainty_header_states_its_statistic_and_unit(tmp_path, task, statistic, unit):
     spread = smooth_depth() * (40 if task == "normal" else 0.1)
     paths = output_paths(tmp_path, "u", ("exr",))
-    side = {"task": task, "uncertainty": {"statistic": statistic, "samples": 4}}
+    frame = {"normal_frame": "opengl", "axes": "x right, y up, z toward the camera"}
+    side = {"task": task, "model": "m", **frame, "uncertainty": {"statistic": statistic, "samples": 4}}
     mean = (unit_normals(), "normal") if task == "normal" else (smooth_depth(), "disparity")
     rec = write_outputs(paths, spread, "uncertainty", side, Style(), layers={"mean": mean})
     _, header = channels(paths["exr"])
@@ -118,3 +119,6 @@ def test_the_uncertainty_header_states_its_statistic_and_unit(tmp_path, task, st
     assert json.loads(paths["json"].read_text())["uncertainty"]["statistic"] == statistic
     _, mean_header = channels(tmp_path / "u.mean.exr")  # the mean map is no spread: no statistic there
     assert "lotus:statistic" not in mean_header and mean_header["lotus:kind"] == mean[1]
+    # a frame describes vectors: the mean normals carry it, the spread (a scalar) does not
+    assert "lotus:normal_frame" not in header and header["lotus:model"] == "m"
+    assert ("lotus:normal_frame" in mean_header) == (task == "normal")

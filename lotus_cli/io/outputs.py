@@ -90,7 +90,12 @@ def write_outputs(
     earlier = listed_files(read_record(paths["json"]))
     # an earlier run's sidecar must not vouch for files this run replaces and may not finish
     paths["json"].unlink(missing_ok=True)
-    about = {k: sidecar[k] for k in ("model", "normal_frame", "axes") if sidecar.get(k) is not None}
+    facts = {k: sidecar[k] for k in ("model", "normal_frame", "axes") if sidecar.get(k) is not None}
+
+    def about_of(map_kind: str) -> dict:  # a frame is a fact about vectors: normal maps only
+        return {k: v for k, v in facts.items() if k == "model" or map_kind == "normal"}
+
+    about = about_of(kind)
     spread = dict(sidecar.get("uncertainty") or {}) if kind == "uncertainty" else None
     if spread is not None:
         spread.setdefault("unit", spread_unit(sidecar.get("task")))
@@ -99,9 +104,7 @@ def write_outputs(
     layer_records = {}
     layer_style = replace(Style(), exr_half=style.exr_half, exr_compression=style.exr_compression)
     for name, (array, layer_kind) in (layers or {}).items():
-        layer_about = {
-            k: v for k, v in about.items() if k == "model" or (layer_kind == "normal" and k in ("normal_frame", "axes"))
-        }
+        layer_about = about_of(layer_kind)
         layer_records[name] = {
             "kind": layer_kind,
             "meaning": meaning(layer_kind),
