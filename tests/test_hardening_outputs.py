@@ -77,9 +77,9 @@ def test_remove_unlisted_touches_only_plain_names_it_was_given(tmp_path):
 
 def test_out_that_is_a_file_is_called_a_file(tmp_path):
     (tmp_path / "outfile").write_text("x")
-    with pytest.raises(OutputError, match=r"--out .*outfile: is a file, not a folder"):
+    with pytest.raises(OutputError, match=r"--out .*outfile: not writable: it is a file, not a folder"):
         check_out_dir(tmp_path / "outfile")
-    with pytest.raises(OutputError, match=r"outfile/sub: is inside .*outfile, which is a file"):
+    with pytest.raises(OutputError, match=r"outfile/sub: not writable: .*outfile is a file, not a folder"):
         check_out_dir(tmp_path / "outfile" / "sub")
     check_out_dir(tmp_path / "new" / "folder")  # created
     assert (tmp_path / "new" / "folder").is_dir()

@@ -126,8 +126,8 @@ def check_out_dir(out_dir: Path) -> None:
     where one of its parent folders should be) is named as such, not as an unwritable folder."""
     blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        where = "is a file" if blocking == out_dir else f"is inside {blocking}, which is a file"
-        raise OutputError(f"--out {out_dir}: {where}, not a folder", "give a folder (it is created if missing)")
+        what = "it is a file" if blocking == out_dir else f"{blocking} is a file"
+        raise OutputError(f"--out {out_dir}: not writable: {what}, not a folder", "give a folder (created if missing)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".lotus-write-test.", suffix=".tmp", dir=out_dir)
