@@ -11,6 +11,7 @@ its sidecar says its run completed with the same model and options, otherwise it
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -58,10 +59,18 @@ def run_images(
     options = made.options
     redone: dict[str, str] = {}
 
-    def report(r: ItemResult) -> None:
-        r.redone, r.kind = redone.get(r.item.key), kind
-        summary.add(r)
-        on_result(r)
+    lock = threading.Lock()
+
+    def report(r: ItemResult) -> None:  # from this thread and the writer's
+        with lock:
+            r.redone, r.kind = redone.get(r.item.key), kind
+            summary.add(r)
+            on_result(r)
+
+    def write_and_report(*args) -> None:
+        # the writer reports each item as its sidecar lands: a signal, taken by the main thread, cannot come
+        # between an item's outputs and its report, so a stopped run reports every input it finished
+        report(_write(*args))
 
     todo = []
     for item in items:
@@ -92,7 +101,7 @@ def run_images(
 
         def drain_writes(block: bool):
             while writes and (block or writes[0].done()):
-                report(writes.popleft().result())
+                writes.popleft().result()  # raises what reporting raised (a closed stdout)
 
         buckets: OrderedDict[tuple[int, int], list] = OrderedDict()
         waiting = 0
@@ -122,7 +131,9 @@ def run_images(
                     processing_size=[pred.processing_size[1], pred.processing_size[0]],
                     **pred.extra,
                 )
-                writes.append(write_pool.submit(_write, item, paths, pred, kind, record, output.style, model_s))
+                writes.append(
+                    write_pool.submit(write_and_report, item, paths, pred, kind, record, output.style, model_s)
+                )
 
         try:
             refill()
@@ -147,7 +158,7 @@ def run_images(
                 drain_writes(block=False)
             while buckets:
                 flush(next(iter(buckets)))
-        finally:  # on Ctrl-C too: every item whose outputs are written is reported before the interrupt goes on
+        finally:  # on Ctrl-C too: the writes under way finish (and report) before the interrupt goes on
             drain_writes(block=True)
     summary.seconds = time.perf_counter() - t_start
     return summary

@@ -1,0 +1,155 @@
+"""THE --json record (docs/records.md): every command writes the same fields, every finished input gets its
+record before the command exits (Ctrl-C and SIGTERM included), and the pipelines run without Typer."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lotus_cli.cli import app
+from lotus_cli.run.events import Reporter
+from lotus_cli.run.results import RECORD_FIELDS, STATUSES
+
+from .conftest import make_image
+
+runner = CliRunner()
+
+
+def lotus(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def records(stdout: str) -> list[dict]:
+    out = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    for r in out:
+        assert tuple(r) == RECORD_FIELDS and r["status"] in STATUSES, r
+    return out
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(make_image(24, 32)).save(d / "a.png")
+    Image.fromarray(make_image(24, 32, seed=1)).save(d / "b.png")
+    (d / "broken.jpg").write_bytes(b"not a jpeg")
+    return d
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["depth"],
+        ["normal"],
+        ["uncertainty", "-n", "2"],
+        ["pointcloud", "--normals", "depth"],
+        ["depth", "--shard", "0/1"],
+    ],
+    ids=["depth", "normal", "uncertainty", "pointcloud", "depth-scaled-out"],
+)
+def test_every_command_writes_the_one_record_shape(command, folder, tmp_path, checkpoints):
+    task = "normal" if command[0] == "normal" else "depth"
+    family = "g" if command[0] == "uncertainty" else "d"
+    model = checkpoints[(task, family)]
+    out = tmp_path / "o"
+    r = lotus(*command, folder, "-o", out, "-m", model, "--processing-res", 32, "--json")
+    assert r.exit_code == 1, r.output  # the broken file
+    recs = {rec["key"]: rec for rec in records(r.stdout)}
+    assert {k: v["status"] for k, v in recs.items()} == {"a": "done", "b": "done", "broken": "failed"}
+    kind = {"depth": "disparity", "normal": "normal", "uncertainty": "uncertainty", "pointcloud": "pointcloud"}
+    assert {recs["a"]["kind"], recs["b"]["kind"]} == {kind[command[0]]}
+    assert "not a readable image" in recs["broken"]["error"] or "broken.jpg" in recs["broken"]["error"]
+    for rec in (recs["a"], recs["b"]):
+        assert json.loads((out / f"{rec['key']}.json").read_text())["complete"]
+        assert all(os.path.isfile(p) for p in rec["outputs"].values())
+    assert "2 done, 0 skipped, 1 failed" in r.stderr
+
+
+def test_a_missing_input_is_one_failed_record(tmp_path, depth_d):
+    r = lotus("pointcloud", tmp_path / "nowhere.png", "-o", tmp_path / "o", "-m", depth_d, "--json")
+    assert r.exit_code == 1 and "0 done, 0 skipped, 1 failed" in r.stderr, r.output
+    (rec,) = records(r.stdout)
+    assert rec["status"] == "failed" and rec["key"] is None and "no such file" in rec["error"]
+
+
+def test_an_empty_shard_is_a_success_with_nothing_done(tmp_path, depth_d):
+    """A Slurm array task whose share is empty exits 0 with a zero summary (not "no usable inputs", exit 2, which
+    would fail the array task)."""
+    from lotus_cli.scale.shard import shard_of
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "in" / "only.png")
+    empty = next(k for k in range(3) if shard_of("only", 3) != k)
+    r = lotus("depth", tmp_path / "in", "-o", tmp_path / "o", "-m", depth_d, "--shard", f"{empty}/3", "--json")
+    assert r.exit_code == 0 and "0 done, 0 skipped, 0 failed" in r.stderr and r.stdout == "", r.output
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.results, self.warnings, self.notes = [], [], []
+
+    def result(self, r):
+        self.results.append(r)
+
+    def warning(self, text):
+        self.warnings.append(text)
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+def test_point_clouds_run_without_the_command_line(folder, tmp_path, depth_d):
+    from lotus_cli.run.pointcloud import PointcloudRequest, pointclouds
+
+    rec = Recorder()
+    request = PointcloudRequest(
+        (str(folder),), tmp_path / "o", str(depth_d), normals="depth", processing_res=32, near=1.0, far=5.0
+    )
+    summary = pointclouds(request, rec)
+    assert (summary.done, summary.skipped, summary.failed, summary.exit_code) == (2, 0, 1, 1)
+    done = {r.item.key: r for r in rec.results if r.status == "done"}
+    assert set(done) == {"a", "b"} and any("model " in n for n in rec.notes)
+    side = json.loads((tmp_path / "o" / "a.json").read_text())
+    points = side["cloud"]["points"]
+    import open3d as o3d
+
+    cloud = o3d.io.read_point_cloud(done["a"].outputs["ply"])
+    z = np.asarray(cloud.points)[:, 2]
+    assert len(z) == points > 0 and 1.0 - 1e-4 <= z.min() and z.max() <= 5.0 + 1e-4  # --near / --far in metres
+    again = pointclouds(PointcloudRequest(**{**vars(request), "skip_existing": True}), Recorder())
+    assert (again.done, again.skipped) == (0, 2)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
+def test_a_stopped_run_writes_the_record_of_every_finished_input(sig, code, tmp_path, depth_d):
+    """Ctrl-C, or SIGTERM as Slurm, Kubernetes and `timeout` send it: every input whose sidecar says complete has
+    its record on stdout, the summary so far is printed, and the exit status says which signal it was."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(300):
+        Image.fromarray(make_image(24, 32, seed=i)).save(src / f"im{i:03d}.png")
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        ["lotus", "depth", str(src), "-o", str(out), "-m", str(depth_d), "--processing-res", "32", "-f", "npy"]
+        + ["--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    first = proc.stdout.readline()  # one input is finished: the run is under way
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    recs = records(first + rest)
+    complete = {p.stem for p in out.glob("*.json") if json.loads(p.read_text())["complete"]}
+    assert 1 <= len(recs) < 300 and {r["key"] for r in recs} == complete
+    assert "interrupted:" in err and f"{len(recs)} done, 0 skipped, 0 failed" in err
