@@ -153,3 +153,13 @@ def test_a_stopped_run_writes_the_record_of_every_finished_input(sig, code, tmp_
     complete = {p.stem for p in out.glob("*.json") if json.loads(p.read_text())["complete"]}
     assert 1 <= len(recs) < 300 and {r["key"] for r in recs} == complete
     assert "interrupted:" in err and f"{len(recs)} done, 0 skipped, 0 failed" in err
+
+
+def test_the_ray_engine_without_ray_says_how_to_install_it(monkeypatch, tmp_path, depth_d):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    (tmp_path / "x.png").write_bytes(b"")
+    r = lotus("depth", tmp_path / "x.png", "-o", tmp_path / "o", "-m", depth_d, "--engine", "ray")
+    assert r.exit_code == 2 and "pip install 'lotus-cli[ray]'" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from ..errors import UsageError
@@ -33,3 +34,5 @@ class Scale:
             raise UsageError("--workers must be >= 1, --gpus-per-worker >= 0 and --cpus-per-worker > 0")
         if self.shard is not None:
             parse_shard(self.shard)
+        if self.engine == "ray" and importlib.util.find_spec("ray") is None:  # an extra: say how to add it
+            raise UsageError("--engine ray needs Ray, which is not installed", "pip install 'lotus-cli[ray]'")

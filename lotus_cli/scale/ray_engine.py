@@ -216,35 +216,32 @@ def run(
     report: Callable[[ItemResult], None],
 ) -> None:
     """Process ``items`` on the Ray cluster; ``report`` hears of each as its status row arrives."""
+    by_key = {i.key: i for i in items}
     with _stdout_kept_for_data():
         connected = connect(scale)
         try:
-            _run(job, items, scale, staged, outputs, report)
+            for row in _pipeline(job, items, scale, staged, outputs).iter_rows():
+                status, outputs_, error = str(row["status"]), json.loads(row["outputs"]), row["error"] or None
+                item = by_key[str(row["key"])]
+                report(ItemResult(item, status, outputs_, error, float(row["seconds"]), int(row["frames"])))
         finally:
             if connected:  # stops Ray's listener threads; shutdown prints the notices it held back to sys.stdout
                 with redirect_stdout(sys.stderr):
                     ray.shutdown()
 
 
-def _run(
-    job: Job,
-    items: list[Item],
-    scale: Scale,
-    staged: Inputs,
-    outputs: Outputs | None,
-    report: Callable[[ItemResult], None],
-) -> None:
+def _pipeline(job: Job, items: list[Item], scale: Scale, staged: Inputs, outputs: Outputs | None):
+    """The Ray Data pipeline over ``items``' work units: the CPU stage where CPUs are spare, then the actor pool."""
     stage_cpus = check_resources(scale, any(staged.url(i) for i in items))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own progress from the status rows
-    by_key = {i.key: i for i in items}
     units = work_units(items, staged, scale.workers, job.opts.batch_size)
     # one block per unit, one unit per call: the unit is what a dead worker's retry redoes
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
     if stage_cpus:  # tiling and ensembles take the image whole; the plain predictor its prepared input
         whole = job.make_predict is not None
         ds = ds.map_batches(_decode, fn_args=(job, whole), batch_size=1, num_cpus=stage_cpus)
-    ds = ds.map_batches(
+    return ds.map_batches(
         _Worker,
         fn_constructor_args=(job, outputs),
         batch_size=1,
@@ -252,15 +249,3 @@ def _run(
         num_cpus=scale.cpus_per_worker,
         num_gpus=scale.gpus_per_worker or None,
     )
-    for row in ds.iter_rows():
-        key = str(row["key"])
-        report(
-            ItemResult(
-                by_key[key],
-                str(row["status"]),
-                json.loads(row["outputs"]),
-                row["error"] or None,
-                float(row["seconds"]),
-                int(row["frames"]),
-            )
-        )
