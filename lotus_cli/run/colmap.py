@@ -478,7 +478,10 @@ class SceneRun:
         self.alignments[g.key] = record
         if not a.ok:
             write_json(side, self._sidecar(g, {}, record, sections, t0, error=f"refused: {a.refused}"))
-            raise InputError(f"{g.name}: alignment refused: {a.refused}", "nothing was written for this image")
+            raise InputError(
+                f"{g.name}: alignment refused: {a.refused}",
+                "nothing written for it; its sidecar has the statistics (a wrong --depth-kind orders points backwards)",
+            )
         depth = a.depth(values)
         normals = self._normals(g, rgb) if self.want_normals else None
         files = self.files(g.key)
