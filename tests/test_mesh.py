@@ -276,3 +276,26 @@ def test_cli_skip_existing_counts_the_mesh_files(tmp_path):
     assert r.exit_code == 0 and "0 done" in r.output  # everything there: skipped
     r = lotus(*base, "--mesh-format", "glb,obj")
     assert r.exit_code == 0 and "1 done" in r.output and (tmp_path / "o" / "m.obj").is_file()  # the OBJ was missing
+
+
+def test_a_rerun_without_the_mesh_removes_it_and_an_empty_mesh_gets_no_preview(tmp_path):
+    """The sidecar lists exactly the files beside it: a rerun without --mesh removes the old mesh files (the OBJ's
+    material and texture too); a map with no 2x2 block of kept pixels writes no mesh and no preview picture."""
+    K = g.Intrinsics(40.0, 40.0, 19.5, 14.5, 40, 30)
+    np.save(tmp_path / "d.npy", plane_depth(K, np.array([0.0, 0.0, -1.0]), -2.0).astype(np.float32))
+    common = ["pointcloud", "--depth", tmp_path / "d.npy", "--fov", 60, "--normals", "depth", "-o", tmp_path / "o"]
+    assert lotus(*common, "--mesh-format", "obj,glb").exit_code == 0
+    mesh_files = {"d.obj", "d.glb"} | set(M.companions("obj", "d"))
+    assert mesh_files <= {p.name for p in (tmp_path / "o").iterdir()}
+    r = lotus(*common)
+    assert r.exit_code == 0, r.output
+    left = {p.name for p in (tmp_path / "o").iterdir()}
+    assert left == {"d.ply", "d.json"} and not mesh_files & left
+    stripes = np.full((30, 40), np.nan, np.float32)
+    stripes[::2] = 2.0  # every other row: points, but no 2x2 block
+    np.save(tmp_path / "s.npy", stripes)
+    r = lotus("pointcloud", "--depth", tmp_path / "s.npy", "--depth-units", "m", "--fov", 60, "--mesh", "--preview",
+              "--normals", "depth", "--edge-threshold", 0, "-o", tmp_path / "p")  # fmt: skip
+    assert r.exit_code == 0 and "no mesh" in r.output and "no point to show, so no preview" in r.output, r.output
+    assert set(json.loads((tmp_path / "p" / "s.json").read_text())["outputs"]) == {"ply"}
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"s.ply", "s.json"}

@@ -273,7 +273,7 @@ def test_cli_refuses_what_it_would_get_wrong(tmp_path):
     np.save(tmp_path / "u.npy", z)
     (tmp_path / "u.json").write_text(json.dumps({"kind": "uncertainty"}))
     r = lotus("pointcloud", "--depth", tmp_path / "u.npy", "--out", tmp_path / "o")
-    assert r.exit_code == 1 and "says it is a uncertainty map" in r.output
+    assert r.exit_code == 1 and "says it is an uncertainty map" in r.output
     tilted = plane_depth(K, np.array([0.3, -0.5, -0.81]) / np.linalg.norm([0.3, -0.5, -0.81]), -2.0)
     np.save(tmp_path / "tilted.npy", tilted.astype(np.float32))
     disp = 1 / tilted  # a disparity map declared as depth: fitting it would turn the scene inside out
@@ -320,8 +320,11 @@ def test_cli_normals_none_predicted_and_frames(tmp_path, checkpoints):
         .predict(img, PredictOptions(processing_res=32))
         .map
     )
-    _, _, nrm = read_ply(tmp_path / "p" / "x.ply")
-    np.testing.assert_allclose(nrm, g.convert_normals(lotus_frame, "opencv").reshape(-1, 3), atol=1e-5)
+    pts, _, nrm = read_ply(tmp_path / "p" / "x.ply")
+    predicted = g.convert_normals(lotus_frame, "opencv").reshape(-1, 3)
+    away = (predicted * pts).sum(-1) > 0  # facing away from the camera at the origin: flipped to face it
+    np.testing.assert_allclose(nrm, np.where(away[:, None], -predicted, predicted), atol=1e-5)
+    assert json.loads((tmp_path / "p" / "x.json").read_text())["cloud"]["normals_flipped"] == int(away.sum())
     r = lotus(
         "pointcloud",
         tmp_path / "x.png",
@@ -337,7 +340,8 @@ def test_cli_normals_none_predicted_and_frames(tmp_path, checkpoints):
     pts_cv, _, _ = read_ply(tmp_path / "p" / "x.ply")
     pts_gl, _, nrm_gl = read_ply(tmp_path / "y" / "x.ply")
     np.testing.assert_allclose(pts_gl, pts_cv * [1, -1, -1], atol=1e-6)
-    np.testing.assert_allclose(nrm_gl, g.convert_normals(lotus_frame, "opengl").reshape(-1, 3), atol=1e-5)
+    predicted_gl = g.convert_normals(lotus_frame, "opengl").reshape(-1, 3)  # the same points face away in any frame
+    np.testing.assert_allclose(nrm_gl, np.where(away[:, None], -predicted_gl, predicted_gl), atol=1e-5)
 
 
 def test_shape_from_normals_says_when_it_found_nothing():

@@ -4,7 +4,6 @@ the cloud done). What a cloud is made with (models, options) travels in ``CloudS
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,9 @@ from ..geometry import mesh, preview
 from ..geometry.cloud import CameraOptions, CloudOptions, ScaleOptions, header_comments, make_cloud
 from ..geometry.ply import write_ply
 from ..io.atomic import write_bytes, write_json
-from ..io.outputs import encode_png
-from ..io.sidecar import reusable, sidecar
+from ..io.outputs import encode_png, remove_unlisted
+from ..io.sidecar import listed_files as sidecar_files
+from ..io.sidecar import read_record, reusable, sidecar
 from .events import Reporter
 
 KIND = "pointcloud"  # the sidecars' kind
@@ -50,7 +50,7 @@ class CloudSpec:
         run completed with the same models and ``options`` and every file it lists (a clip: every frame's
         sidecar and files) exists."""
         side = self.out / f"{key}.json"
-        files = listed_files(side, self.out)
+        files = listed_paths(side, self.out)
         if not files:
             files = sorted((self.out / key).glob("*.ply")) if clip else self.files(key)
         return reusable(side, files, kind=KIND, model=self.model["model"], options=options, settings={})
@@ -100,6 +100,7 @@ def write_cloud(
         raise InputError(f"{subject}: {e}", "check the depth map") from e
     base = spec.out / key
     ply, side = base.with_name(base.name + ".ply"), base.with_name(base.name + ".json")
+    earlier = sidecar_files(read_record(side))
     side.unlink(missing_ok=True)  # an earlier run's sidecar must not vouch for files this run replaces
 
     def record(outputs: dict, **more) -> dict:
@@ -122,7 +123,9 @@ def write_cloud(
     more = _mesh_and_preview(
         spec, key, subject, cloud, outputs, rgb if texture is None else texture, comments, reporter
     )
-    write_json(side, record(outputs, **more))
+    final = record(outputs, **more)
+    remove_unlisted(side.parent, earlier, sidecar_files(final))  # a rerun without --mesh leaves no old mesh
+    write_json(side, final)
     if cloud.record["depth"].get("warning"):
         reporter.warning(f"{subject}: {cloud.record['depth']['warning']}")
     paths = {name: str(ply.parent / o["file"]) for name, o in outputs.items()}
@@ -144,29 +147,34 @@ def _mesh_and_preview(spec: CloudSpec, key, subject, cloud, outputs, texture, co
             "frame": cloud.record["cloud"]["frame"],
             "glb_frame": mesh.GLB_FRAME if "glb" in files else None,
         }
-        outputs.update({("mesh_ply" if f == "ply" else f): {"file": name} for f, name in files.items()})
+        for f, name in files.items():
+            note = {
+                "file": name,
+                **({"companions": mesh.companions(f, base.name)} if mesh.companions(f, base.name) else {}),
+            }
+            outputs["mesh_ply" if f == "ply" else f] = note
         if not files:
             reporter.warning(
                 f"{subject}: no 2x2 block of kept pixels, so no mesh (raise --edge-threshold, or lower --stride)"
             )
-    if spec.preview:
+    picture = preview.render_cloud(shown, cloud.K, spec.cloud.stride) if spec.preview else None
+    if picture is not None:
         png = base.with_name(base.name + ".preview.png")
-        write_bytes(png, encode_png(preview.render_cloud(shown, cloud.K, spec.cloud.stride)))
+        write_bytes(png, encode_png(picture))
         sections["preview"] = {"file": png.name, **preview.describe()}
         outputs["preview"] = {"file": png.name}
+    elif spec.preview:
+        reporter.warning(f"{subject}: no point to show, so no preview")
     return sections
 
 
-def listed_files(side: Path, out: Path) -> list[Path]:
+def listed_paths(side: Path, out: Path) -> list[Path]:
     """The files an earlier run's sidecar ``side`` lists as its outputs (a clip's: each frame's sidecar and the
     files that lists); [] when it lists none or cannot be read (``reusable`` says why then)."""
-    try:
-        old = json.loads(side.read_text())
-        outputs, frames = old.get("outputs") or {}, old.get("frames") or []
-        files = [side.parent / o["file"] for o in outputs.values() if isinstance(o, dict) and "file" in o]
-        for fr in frames:
-            frame_side = out / f"{fr['key']}.json"
-            files += [frame_side, *listed_files(frame_side, out)]
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return []
+    record = read_record(side)
+    files = [side.parent / name for name in sidecar_files(record)]
+    for frame in (record or {}).get("frames") or []:
+        if isinstance(frame, dict) and isinstance(frame.get("key"), str):
+            frame_side = out / f"{frame['key']}.json"
+            files += [frame_side, *listed_paths(frame_side, out)]
     return files
