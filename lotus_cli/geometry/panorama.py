@@ -1,0 +1,298 @@
+"""Equirectangular panoramas as a set of overlapping perspective views, in pure numpy.
+
+Panorama frame. The OpenCV axes of a camera at the panorama's centre looking at its middle column: x right,
+y down, z forward (longitude 0, latitude 0). A direction of longitude ``lon`` (radians, -pi at the left
+edge, 0 in the middle, increasing to the right: turning right) and latitude ``lat`` (+pi/2 up, -pi/2 down) is
+``(cos lat sin lon, -sin lat, cos lat cos lon)``.
+
+Pixels. An equirectangular image is H x W (W = 2H for a full sphere); pixel centres at integer (u, v) as in
+camera.py, so pixel (u, v) looks along ``lon = 2 pi (u + 0.5) / W - pi``, ``lat = pi / 2 - pi (v + 0.5) / H``.
+Column W - 1 and column 0 are neighbours (the longitude wrap); the top and bottom rows circle the poles.
+
+Views. A ``View`` is a square pinhole camera (``camera.Intrinsics``) turned by ``yaw`` (right) then
+``pitch`` (up) from the panorama's forward axis; its rotation takes view-camera vectors (OpenCV axes) to
+the panorama frame. Normals in Lotus's axes (x left, y up, z toward the camera) are the OpenCV ones negated,
+which commutes with a rotation, so the same matrix rotates them: the panorama's normals are stated in Lotus's
+axes of the forward view (longitude 0, latitude 0).
+
+Depth along a view's axis z and distance along the ray r differ by the ray's angle to the axis:
+``z = r cos(theta)``. A view's disparity 1/z therefore becomes the ray's inverse distance 1/r by a factor
+cos(theta), and a depth z becomes r by 1/cos(theta) (``ray_factor``): the quantity every view shares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .camera import Intrinsics, intrinsics_from_fov
+
+CUBE = (("front", 0.0, 0.0), ("right", 90.0, 0.0), ("back", 180.0, 0.0), ("left", -90.0, 0.0))
+POLES = (("up", 0.0, 90.0), ("down", 0.0, -90.0))
+LTS_KEEP = 0.5  # the share of the pairs least trimmed squares fits: tolerates up to half of them being wrong
+LTS_STEPS = 20
+TOLERANCE = 1e-4  # of the shared quantity: pairs of views agreeing this well are never trimmed
+
+
+# ------------------------------------------------------------------------------------- directions
+
+
+def equirect_angles(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lon [W], lat [H]) in radians of the pixel centres of an H x W equirectangular image (module doc)."""
+    lon = 2 * math.pi * (np.arange(width) + 0.5) / width - math.pi
+    lat = math.pi / 2 - math.pi * (np.arange(height) + 0.5) / height
+    return lon, lat
+
+
+def directions(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """Unit directions [..., 3] in the panorama frame (x right, y down, z forward) of broadcast lon, lat."""
+    lon, lat = np.broadcast_arrays(lon, lat)
+    c = np.cos(lat)
+    return np.stack([c * np.sin(lon), -np.sin(lat), c * np.cos(lon)], axis=-1)
+
+
+def pixel_directions(height: int, width: int, rows: tuple[int, int] | None = None, dtype=np.float32) -> np.ndarray:
+    """Directions [r, W, 3] of the pixel centres of rows ``rows`` = (y0, y1) (default: all) of an H x W panorama."""
+    lon, lat = equirect_angles(height, width)
+    y0, y1 = rows or (0, height)
+    return directions(lon[None, :], lat[y0:y1, None]).astype(dtype)
+
+
+def to_equirect(d: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Directions [..., 3] (any length) -> their (x, y) pixel coordinates [...] in an H x W panorama, pixel
+    centres at integers; x in [-0.5, W - 0.5) (the wrap is the sampler's), y in [-0.5, H - 0.5]."""
+    lon = np.arctan2(d[..., 0], d[..., 2])
+    lat = np.arctan2(-d[..., 1], np.hypot(d[..., 0], d[..., 2]))
+    x = (lon + math.pi) / (2 * math.pi) * width - 0.5
+    y = (math.pi / 2 - lat) / math.pi * height - 0.5
+    return x, y
+
+
+# ------------------------------------------------------------------------------------------ views
+
+
+def rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
+    """[3, 3] taking a view camera's vectors (OpenCV axes) to the panorama frame: pitch up, then yaw right.
+    Its forward axis (0, 0, 1) becomes (cos p sin y, -sin p, cos p cos y)."""
+    y, p = math.radians(yaw_deg), math.radians(pitch_deg)
+    ry = np.array([[math.cos(y), 0, math.sin(y)], [0, 1, 0], [-math.sin(y), 0, math.cos(y)]])
+    rx = np.array([[1, 0, 0], [0, math.cos(p), -math.sin(p)], [0, math.sin(p), math.cos(p)]])
+    return ry @ rx
+
+
+@dataclass(frozen=True)
+class View:
+    """A square perspective view of the sphere: ``fov`` degrees edge to edge on both axes, ``size`` pixels a
+    side, looking ``yaw`` degrees right and ``pitch`` degrees up of the panorama's forward axis. ``core``
+    (degrees, <= fov) is the square around its centre where it alone decides the panorama (weight 1); from
+    there its weight falls to 0 at its border (``border_ramp``)."""
+
+    name: str
+    yaw: float
+    pitch: float
+    fov: float
+    core: float
+    size: int
+
+    @property
+    def rotation(self) -> np.ndarray:
+        return rotation(self.yaw, self.pitch)
+
+    @property
+    def intrinsics(self) -> Intrinsics:
+        return intrinsics_from_fov(self.size, self.size, self.fov)
+
+    def rays(self) -> np.ndarray:
+        """Directions [S, S, 3] of the view's pixel centres in its own camera frame, z = 1 (not unit)."""
+        K = self.intrinsics
+        u = (np.arange(self.size) - K.cx) / K.fx
+        return np.stack(np.broadcast_arrays(u[None, :], u[:, None], np.ones((self.size, self.size))), -1)
+
+    def project(self, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Panorama directions [..., 3] -> (u, v, ahead) in this view: pixel coordinates (centres at
+        integers) and whether the direction points ahead of the camera (else u, v are meaningless)."""
+        c = d @ self.rotation.astype(d.dtype)  # row vectors: R^T d, the direction in the view's frame
+        z = c[..., 2]
+        ahead = z > 1e-6
+        zs = np.where(ahead, z, 1)
+        K = self.intrinsics
+        return K.fx * c[..., 0] / zs + K.cx, K.fy * c[..., 1] / zs + K.cy, ahead
+
+    def inside(self, u: np.ndarray, v: np.ndarray, ahead: np.ndarray) -> np.ndarray:
+        """Where (u, v) lies on the view's image (pixel edges at -0.5 and S - 0.5)."""
+        lim = self.size - 0.5
+        return ahead & (u >= -0.5) & (u <= lim) & (v >= -0.5) & (v <= lim)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "yaw_deg": self.yaw,
+            "pitch_deg": self.pitch,
+            "fov_deg": self.fov,
+            "core_deg": self.core,
+            "size": self.size,
+        }
+
+
+def cube_views(fov: float, size: int) -> list[View]:
+    """The six faces of a cube (front, right, back, left, up, down), each widened to ``fov`` degrees (> 90:
+    neighbours then share a band of (fov - 90) / 2 degrees beyond each edge), core the 90 degree face."""
+    if not 90 < fov < 180:
+        raise ValueError(f"a cube face must be widened to between 90 and 180 degrees, not {fov}")
+    return [View(n, y, p, fov, 90.0, size) for n, y, p in CUBE + POLES]
+
+
+def native_view_size(width: int, fov: float) -> int:
+    """Pixels a side at which a view of ``fov`` degrees samples the sphere as densely as an equirectangular
+    image ``width`` pixels wide does at its equator (W / 2 pi pixels per radian at the view's centre)."""
+    return max(8, round(width / math.pi * math.tan(math.radians(fov) / 2)))
+
+
+def ray_cos(view: View) -> np.ndarray:
+    """cos(theta) [S, S] of each view pixel's ray against the view's optical axis."""
+    r = view.rays()
+    return 1.0 / np.linalg.norm(r, axis=-1)
+
+
+def ray_factor(kind: str, cos: np.ndarray) -> np.ndarray:
+    """The factor taking a view's map of ``kind`` to the shared per-ray quantity: disparity 1/z -> 1/r is
+    x cos(theta); depth z -> r is x 1/cos(theta)."""
+    if kind == "disparity":
+        return cos
+    if kind == "depth":
+        return 1.0 / cos
+    raise ValueError(f"kind must be depth or disparity, not {kind!r}")
+
+
+def border_ramp(view: View, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Where (u, v) lies between the view's core (1) and its border (0), linearly in the tangent plane, by
+    the nearer of the two axes; callers shape it (a smoothstep) and normalise over the views."""
+    K = view.intrinsics
+    half = view.size / 2  # pixel edges at +-half from the centre
+    a = np.maximum(np.abs(u - K.cx), np.abs(v - K.cy)) / half  # 1 at the border
+    a_core = math.tan(math.radians(view.core) / 2) / math.tan(math.radians(view.fov) / 2)
+    return np.clip((1 - a) / max(1 - a_core, 1e-9), 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+def sample_bilinear(img: np.ndarray, x: np.ndarray, y: np.ndarray, wrap_x: bool = False) -> np.ndarray:
+    """Bilinear samples of ``img`` [H, W] or [H, W, C] at pixel coordinates (x, y) [...] (centres at
+    integers) -> [...] or [..., C] float32. With ``wrap_x`` columns wrap (column -1 is W - 1: a panorama's
+    longitude); rows, and columns without it, clamp at the edge pixels."""
+    h, w = img.shape[:2]
+    x0 = np.floor(x)
+    y0 = np.floor(y)
+    fx = (x - x0).astype(np.float32)
+    fy = (y - y0).astype(np.float32)
+    x0 = x0.astype(np.int64)
+    y0 = y0.astype(np.int64)
+    if wrap_x:
+        xa, xb = x0 % w, (x0 + 1) % w
+    else:
+        xa, xb = np.clip(x0, 0, w - 1), np.clip(x0 + 1, 0, w - 1)
+    ya, yb = np.clip(y0, 0, h - 1), np.clip(y0 + 1, 0, h - 1)
+    if img.ndim == 3:
+        fx, fy = fx[..., None], fy[..., None]
+    src = img if img.dtype == np.float32 else img.astype(np.float32)
+    top = src[ya, xa] * (1 - fx) + src[ya, xb] * fx
+    bottom = src[yb, xa] * (1 - fx) + src[yb, xb] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def equirect_to_view(pano: np.ndarray, view: View) -> np.ndarray:
+    """The view's image [S, S, ...] resampled bilinearly from an equirectangular ``pano`` [H, W, ...] (the
+    longitude wraps); uint8 stays uint8 (rounded), anything else comes back float32."""
+    h, w = pano.shape[:2]
+    d = view.rays() @ view.rotation.T  # [S, S, 3] in the panorama frame (length is irrelevant)
+    x, y = to_equirect(d, h, w)
+    out = sample_bilinear(pano, x, y, wrap_x=True)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8) if pano.dtype == np.uint8 else out
+
+
+def rotate_normals(n: np.ndarray, view: View) -> np.ndarray:
+    """Normals [..., 3] in a view's frame (Lotus axes, or OpenCV axes) -> the panorama's (the same axes)."""
+    return (n @ view.rotation.T.astype(np.float32)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- fitting
+
+
+def joint_scale_shift(
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    views: int,
+    fixed: int = 0,
+    iters: int = 3,
+    k: float = 2.5,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Every view's (scale, shift) at once, so that where two views see the same ray they agree.
+
+    ``pairs`` = (i, j, mi, mj, fi, fj), arrays [P]: views i and j see one ray; their maps there are mi, mj and
+    their ray factors fi, fj (``ray_factor``). Unknowns s, b [views] minimise the sum over pairs of
+    ``(fi (s_i mi + b_i) - fj (s_j mj + b_j))^2`` with ``s[fixed] = 1``: one linear least-squares system.
+    Only the scale needs fixing: as the ray factor varies across an overlap, a shift of a view's map is not
+    a shift of the shared quantity, so the overlaps determine the shifts (exactly, for exact maps).
+    Robust to outliers: least trimmed squares (the best-fitting half of each pair of views' rays, LTS_STEPS
+    refits at most), then ``iters`` refits on the rays whose residual lies within ``k`` robust sigmas of
+    their pair of views (median and MAD of the kept residuals). Returns (s, b, record): the residuals' RMS,
+    absolute and relative to the shared quantity, and the pairs kept.
+    """
+    i, j, mi, mj, fi, fj = (np.asarray(a) for a in pairs)
+    n = len(i)
+    a = np.zeros((n, 2 * views))
+    rows = np.arange(n)
+    a[rows, i] += fi * mi
+    a[rows, views + i] += fi
+    a[rows, j] -= fj * mj
+    a[rows, views + j] -= fj
+    rhs = -a[:, fixed]  # s_fixed = 1 moves to the right-hand side
+    cols = [c for c in range(2 * views) if c != fixed]
+    a = a[:, cols]
+    keep = np.ones(n, bool)
+    x = np.zeros(len(cols))
+    # residuals below this agree as well as the maps can be read (float32 maps, bilinear samples): trimming
+    # them would only make the kept rays arbitrary, and a view whose overlaps see one flat surface undetermined
+    floor = TOLERANCE * float(np.median(np.abs(fi * mi))) if n else 0.0
+
+    def solve(rows):
+        return np.linalg.lstsq(a[rows], rhs[rows], rcond=None)[0] if rows.sum() >= len(cols) else x
+
+    # Least trimmed squares first (refits on the half of each pair of views' rays that fit best, until they
+    # stop changing): least squares over every pair can be pulled so far by gross outliers that a threshold
+    # around it keeps them. Trimmed per pair of views, never over all: the best half overall could be the
+    # pairs between views collapsed to s = b = 0 (0 = 0 fits perfectly), leaving the fixed view out. Then
+    # the inliers by each pair of views' robust sigma around that solution.
+    groups = [np.flatnonzero((i == gi) & (j == gj)) for gi, gj in sorted(set(zip(i.tolist(), j.tolist())))]
+    x = solve(keep)
+    for _ in range(LTS_STEPS):
+        r = np.abs(a @ x - rhs)
+        best = np.zeros(n, bool)
+        for g in groups:
+            best[g] = r[g] <= max(np.quantile(r[g], LTS_KEEP), floor)
+        if np.array_equal(best, keep):
+            break
+        keep = best
+        x = solve(keep)
+    for _ in range(iters):
+        r = a @ x - rhs
+        for g in groups:
+            rg = r[g][keep[g]] if keep[g].any() else r[g]
+            med = np.median(rg)
+            keep[g] = np.abs(r[g] - med) <= k * 1.4826 * np.median(np.abs(rg - med)) + floor
+        x = solve(keep)
+    r = a @ x - rhs
+    full = np.insert(x, fixed, 1.0)
+    s, b = full[:views], full[views:]
+    rk = r[keep]
+    q = (fi * (s[i] * mi + b[i]))[keep]  # the shared quantity the kept pairs agree on
+    rms, size = (float(np.sqrt(np.mean(rk**2))), float(np.sqrt(np.mean(q**2)))) if rk.size else (0.0, 0.0)
+    record = {
+        "pairs": int(n),
+        "pairs_kept": int(keep.sum()),
+        "rms_residual": rms,
+        "relative_rms_residual": rms / size if size > 0 else None,
+    }
+    return s, b, record
