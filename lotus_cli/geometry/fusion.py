@@ -152,23 +152,32 @@ def agreeing_views(
     views: Sequence[View],
     depth: Callable[[int], np.ndarray],
     tol: float,
+    need: int | None = None,
 ) -> np.ndarray:
     """How many of the views ``others`` agree with each world point [N, 3]: it projects inside view j with
-    positive depth z_j and |z_j - d_j| <= tol * d_j, d_j being view j's depth at the nearest pixel."""
+    positive depth z_j and |z_j - d_j| <= tol * d_j, d_j being view j's depth at the nearest pixel. With
+    ``need``, counting stops at ``need`` for a point (it is kept either way), and a point that can no longer
+    reach it is not looked at again: most points are settled by the first few views."""
     votes = np.zeros(len(points_world), np.int32)
-    for j in others:
+    active = np.arange(len(points_world))
+    for left, j in zip(range(len(others), 0, -1), others):
+        if need is not None:
+            active = active[(votes[active] < need) & (votes[active] + left >= need)]
+        if active.size == 0:
+            break
         v = views[j]
-        X = points_world @ v.R.T + v.t
+        X = points_world[active] @ v.R.T + v.t
         z = X[:, 2]
         uv = v.project(X)
         u, w = np.rint(uv[:, 0]), np.rint(uv[:, 1])
-        inside = (z > 0) & np.isfinite(u) & np.isfinite(w) & (u >= 0) & (w >= 0) & (u < v.width) & (w < v.height)
+        inside = (z > 0) & (u >= 0) & (w >= 0) & (u < v.width) & (w < v.height)  # NaN compares False
         idx = np.flatnonzero(inside)
         if idx.size == 0:
             continue
         d = np.asarray(depth(j)[w[idx].astype(np.intp), u[idx].astype(np.intp)], np.float64)
-        ok = np.isfinite(d) & (d > 0) & (np.abs(z[idx] - d) <= tol * np.where(d > 0, d, np.inf))
-        votes[idx[ok]] += 1
+        with np.errstate(invalid="ignore"):
+            ok = np.abs(z[idx] - d) <= tol * d  # NaN or <= 0 depth: no vote
+        votes[active[idx[ok]]] += 1
     return votes
 
 
@@ -197,7 +206,7 @@ def fuse_views(
         xy = v.rays(uv)
         X_cam = np.concatenate([xy * z[:, None], z[:, None]], -1)
         X_world = (X_cam - v.t) @ v.R  # R^T (X - t), row form
-        votes = agreeing_views(X_world, neighbours[i], views, depth, tolerance)
+        votes = agreeing_views(X_world, neighbours[i], views, depth, tolerance, min_views)
         keep = votes >= min_views
         colors = normals = None
         if extras is not None and keep.any():
