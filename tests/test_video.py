@@ -327,7 +327,7 @@ def test_uncertainty_takes_videos(tmp_path, depth_g):
             "--processing-res",
             "32",
             "-f",
-            "png,npy",
+            "png,npy,exr",
         ],
     )
     assert r.exit_code == 0, r.output
@@ -335,6 +335,12 @@ def test_uncertainty_takes_videos(tmp_path, depth_g):
     assert side["kind"] == "uncertainty" and side["video"]["frames"] == 6
     assert len(decode_all(tmp_path / "o" / "u.mp4")[1]) == 6
     assert len(list((tmp_path / "o" / "u").glob("*.npy"))) == 6
+    import OpenEXR
+
+    with OpenEXR.File(str(sorted((tmp_path / "o" / "u").glob("*.exr"))[0])) as f:
+        header = dict(f.header())  # the bindings empty the live dict on close
+    assert header["lotus:statistic"] == "standard deviation of the [0, 1] maps"  # each frame file says what it holds
+    assert "no metric unit" in header["lotus:unit"]
 
 
 class FailingPredictor(FakePredictor):

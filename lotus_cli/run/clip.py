@@ -19,7 +19,7 @@ from ..errors import LotusError, brief
 from ..geometry.align import Stabilizer
 from ..io.atomic import write_json
 from ..io.formats import FORMATS, Style, get_format
-from ..io.outputs import write_map
+from ..io.outputs import spread_unit, write_map
 from ..io.sidecar import reusable, sidecar
 from ..io.sources import Item
 from ..io.video import ClipRange, Frame, FrameSelect, VideoInfo, VideoWriter, open_video
@@ -184,7 +184,8 @@ class VideoJob:
             return ItemResult(self.item, "failed", error=str(e), redone=redone, kind=self.kind)
         self.paths["json"].unlink(missing_ok=True)  # an earlier run's sidecar must not vouch for what this one replaces
         top = 90.0 if (self.kind == "uncertainty" and self.predictor.task == "normal") else 1.0
-        about = {"model": self.model.get("model"), **axes_record(self.predictor, self.opts)}
+        # what every frame file says of itself; an ensemble's statistic joins it with the first prediction
+        self.about = {"model": self.model.get("model"), **axes_record(self.predictor, self.opts)}
         encoder = ClipEncoder(
             self.base,
             self.item.key,
@@ -194,7 +195,7 @@ class VideoJob:
             self.output.formats,
             stabilizes(self.spec, self.kind),
             top,
-            about,
+            self.about,
         )
         dec = threading.Thread(target=self._decode, args=(frames,), name="lotus-decode", daemon=True)
         enc = threading.Thread(target=self._encode, args=(encoder,), name="lotus-encode", daemon=True)
@@ -259,6 +260,12 @@ class VideoJob:
             preds = self.predict([f.rgb for f in batch], self.opts)
             if preds and not self.tiling and "tiling" in preds[0].extra:
                 self.tiling["tiling"] = preds[0].extra["tiling"]
+            if preds and "uncertainty" in preds[0].extra and "statistic" not in self.about:
+                spread = {
+                    "statistic": preds[0].extra["uncertainty"]["statistic"],
+                    "unit": spread_unit(self.predictor.task),
+                }
+                self.about.update(spread)  # before the frame is queued: the encoder reads it when writing
             for fr, pred in zip(batch, preds):
                 self.q_out.put((fr, pred.map))
                 self.seen += 1
