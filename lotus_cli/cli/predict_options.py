@@ -163,6 +163,15 @@ Tta = Annotated[
         help="Test-time augmentation: none, or flip (also the mirrored image; the only ensemble a D model has).",
     ),
 ]
+Projection = Annotated[
+    str,
+    option(
+        "--projection",
+        help="perspective (a camera's image), equirect (a 360-degree equirectangular panorama: predicted as six "
+        "overlapping cube views, merged without seams; docs/panoramas.md), or auto (equirect for a 2:1 image "
+        "whose XMP says GPano:ProjectionType equirectangular; the sidecar says which rule decided).",
+    ),
+]
 Task = Annotated[str, option("--task", "-t", help="depth or normal.")]
 ShardOpt = Annotated[
     str | None,
@@ -227,6 +236,7 @@ PREDICT_OPTIONS = {
     "tile_res": (TileRes, None),
     "max_memory": (MaxMemory, "auto"),
     "compile_mode": (Compile, "off"),
+    "projection": (Projection, "perspective"),
     "shard": (ShardOpt, None),
     "engine": (EngineOpt, "local"),
     "ray_address": (RayAddress, None),

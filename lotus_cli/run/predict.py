@@ -23,8 +23,10 @@ from ..io.formats import Style, parse_formats
 from ..io.sources import Item, is_video
 from ..io.video import FrameSelect
 from ..io.visualize import colormap_lut
+from ..io.xmp import auto_projection
 from ..model import registry, weights
 from ..model.compile import compile_status
+from ..model.panorama import PanoramaOptions, predict_panorama
 from ..model.predictor import EnsembleOptions, PredictOptions, processing_size
 from ..model.tiling import TileOptions, predict_tiled, predict_tiled_ensemble
 from .clip import run_video
@@ -36,6 +38,7 @@ from .raw import RAW_OUTPUTS, parse_size, run_raw
 from .results import ItemResult, Summary
 
 BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off")
+PROJECTIONS = ("perspective", "equirect", "auto")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class PredictRequest:
     samples: int = 8
     tta: str = "none"
     compile_mode: str = "off"  # --compile: off | on | auto (model/compile.py)
+    projection: str = "perspective"  # --projection: perspective | equirect | auto (docs/panoramas.md)
 
     @property
     def command(self) -> str:
@@ -130,6 +134,8 @@ def plan(r: PredictRequest) -> Plan:
         changing.update(tile=r.tile, overlap=r.overlap, tile_res=r.tile_res, max_memory=r.max_memory)
     if ensemble:
         changing.update(samples=r.samples, tta=r.tta)
+    if r.projection != "perspective":
+        changing.update(projection=r.projection)
     kind = "uncertainty" if ensemble else None
     return Plan(r, ref, opts, ensemble, tiles, video, output, kind, changing)
 
@@ -146,6 +152,7 @@ def _check(r: PredictRequest) -> None:
     registry.check_output_kind(r.output_kind, r.task)
     if r.compile_mode not in ("auto", "on", "off"):
         raise UsageError(f"--compile must be auto, on or off, not {r.compile_mode!r}")
+    _check_projection(r)
     if r.raw is not None:
         given = [f for f, on in (("--out", r.out is not None), ("--skip-existing", r.skip_existing)) if on]
         if given:
@@ -161,6 +168,23 @@ def _check(r: PredictRequest) -> None:
         raise UsageError(
             f"input {flags[0]!r} does not exist and looks like a flag's value",
             "flags take no value: write --skip-existing (or --json) alone",
+        )
+
+
+def _check_projection(r: PredictRequest) -> None:
+    """--projection: a known value, and none of the options a panorama's views cannot take."""
+    if r.projection not in PROJECTIONS:
+        raise UsageError(f"--projection must be {', '.join(PROJECTIONS)}, not {r.projection!r}")
+    if r.projection == "perspective":
+        return
+    flag = f"--projection {r.projection}"
+    if r.tile is not None:
+        raise UsageError(f"--tile does not apply with {flag}", "a panorama is split into views of its own: drop --tile")
+    if r.uncertainty:
+        raise UsageError(f"lotus uncertainty does not take {flag}", "use lotus depth or lotus normal for panoramas")
+    if r.projection == "auto" and r.raw is not None:
+        raise UsageError(
+            "--projection auto reads each file's metadata; --raw frames have none", "use --projection equirect"
         )
 
 
@@ -197,11 +221,21 @@ def check_model(p: Plan) -> registry.ModelRef:
     return ref
 
 
-def make_predict(predictor, tiles: TileOptions | None, ensemble: EnsembleOptions | None) -> Callable:
-    """The batch function the runners call in place of predictor.predict_batch: tiled, ensemble or plain,
-    refusing inputs too small for the model with one clear line each. Module-level, so that a partial of it
-    travels to scaled-out workers."""
-    if tiles and ensemble:
+def make_predict(
+    predictor,
+    tiles: TileOptions | None,
+    ensemble: EnsembleOptions | None,
+    projection: str = "perspective",
+    rule: str | None = None,
+) -> Callable:
+    """The batch function the runners call in place of predictor.predict_batch: panorama, tiled, ensemble or
+    plain, refusing inputs too small for the model with one clear line each. ``projection`` "equirect": the
+    images are equirectangular panoramas (model/panorama.py); ``rule``: what decided the projection, recorded
+    in each sidecar (default: the flag). Module-level, so that a partial of it travels to scaled-out workers."""
+    if projection == "equirect":
+        popts = PanoramaOptions(rule=rule or "--projection equirect")
+        run = lambda images, o: predict_panorama(predictor, images, o, popts)
+    elif tiles and ensemble:
         run = lambda images, o: predict_tiled_ensemble(predictor, images, o, tiles, ensemble)
     elif tiles:
         run = lambda images, o: predict_tiled(predictor, images, o, tiles)
@@ -209,6 +243,15 @@ def make_predict(predictor, tiles: TileOptions | None, ensemble: EnsembleOptions
         run = lambda images, o: [predictor.predict_ensemble(im, o, ensemble) for im in images]
     else:
         run = predictor.predict_batch
+    if projection == "perspective" and rule:  # --projection auto decided against a panorama: say why
+        plain = run
+
+        def run(images, o):
+            preds = plain(images, o)
+            for pr in preds:
+                pr.extra["projection"] = {"projection": "perspective", "rule": rule}
+            return preds
+
     need = predictor.latent_factor
 
     def predict(images, o):
@@ -225,8 +268,14 @@ def make_predict(predictor, tiles: TileOptions | None, ensemble: EnsembleOptions
 
 
 def predict_factory(p: Plan) -> Callable:
-    """``make_predict`` with the plan's tiling and ensemble bound: what a worker calls with its predictor."""
-    return functools.partial(make_predict, tiles=p.tiles, ensemble=p.ensemble)
+    """``make_predict`` with the plan's tiling, ensemble and projection bound: what a worker calls with its
+    predictor. Workers see arrays, not files, so --projection auto (a file's metadata) cannot travel."""
+    if p.request.projection == "auto":
+        raise UsageError(
+            "--projection auto reads each file's metadata, which a scaled-out run does not",
+            "use --projection equirect (or perspective) with --shard, --engine ray, torchrun or URLs",
+        )
+    return functools.partial(make_predict, tiles=p.tiles, ensemble=p.ensemble, projection=p.request.projection)
 
 
 def load(p: Plan, ref: registry.ModelRef, reporter: Reporter, items: list[Item] | None):
@@ -237,7 +286,8 @@ def load(p: Plan, ref: registry.ModelRef, reporter: Reporter, items: list[Item] 
     compile_for_run(predictor, r.compile_mode, items, reporter)
     if p.ensemble:
         predictor.ensemble_seeds(p.opts, p.ensemble)
-    return predictor, make_predict(predictor, p.tiles, p.ensemble)
+    projection = "equirect" if r.projection == "equirect" else "perspective"  # auto: per file, in run_auto
+    return predictor, make_predict(predictor, p.tiles, p.ensemble, projection)
 
 
 def predict(request: PredictRequest, reporter: Reporter = Reporter(), stdin=None, stdout=None) -> Summary:
@@ -264,7 +314,26 @@ def predict(request: PredictRequest, reporter: Reporter = Reporter(), stdin=None
         return summary
     ref = check_model(p)
     predictor, batch = load(p, ref, reporter, items)
+    if request.projection == "auto":
+        return run_auto(p, predictor, items, reporter, summary)
     return run_files(p, predictor, batch, items, reporter, summary)
+
+
+def run_auto(p: Plan, predictor, items: list[Item], reporter: Reporter, summary: Summary) -> Summary:
+    """--projection auto: each image decided by its file (io/xmp.py), then ``run_files`` once per decision and
+    rule, so each sidecar says which rule decided. A video's metadata is not read: it stays perspective."""
+    groups: dict[tuple[str, str], list[Item]] = {}
+    for item in items:
+        decided = (
+            ("perspective", "auto: a video's metadata is not read (--projection equirect for a 360 clip)")
+            if is_video(item.path)
+            else auto_projection(item.path)
+        )
+        groups.setdefault(decided, []).append(item)
+    for (projection, rule), group in groups.items():
+        batch = make_predict(predictor, p.tiles, p.ensemble, projection, rule)
+        run_files(p, predictor, batch, group, reporter, summary)
+    return summary
 
 
 def run_files(p: Plan, predictor, batch: Callable, items: list[Item], reporter: Reporter, summary: Summary) -> Summary:

@@ -1,0 +1,143 @@
+"""`lotus depth|normal --projection equirect|auto` end to end with tiny random checkpoints: every format
+written at the panorama's size (EXR read back), the sidecar's record of the views and the rule that
+decided, the refusals, and a 360 clip."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lotus_cli.cli import app
+from lotus_cli.io.formats import read_map
+from lotus_cli.io.sources import read_image
+from lotus_cli.io.xmp import auto_projection, xmp_projection
+from lotus_cli.model.panorama import PanoramaOptions, predict_panorama
+from lotus_cli.model.predictor import LotusPredictor, PredictOptions
+
+from .panorama_rooms import furnished_room, render_panorama
+
+FAST = ["--processing-res", "32"]
+XMP = (
+    b'<rdf:Description xmlns:GPano="http://ns.google.com/photos/1.0/panorama/" GPano:ProjectionType="equirectangular"/>'
+)
+
+
+def lotus(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def pano(tmp_path_factory):
+    """A 128 x 64 ray-cast room as a PNG."""
+    path = tmp_path_factory.mktemp("pano") / "room.png"
+    Image.fromarray(render_panorama(64, 128, furnished_room())["rgb"]).save(path)
+    return path
+
+
+def test_depth_panorama_writes_every_format_at_the_panorama_size(pano, tmp_path, depth_d):
+    out = tmp_path / "out"
+    r = lotus("depth", pano, "-o", out, "-m", depth_d, "-f", "all", "--projection", "equirect", *FAST)
+    assert r.exit_code == 0, r.output
+    side = json.loads((out / "room.json").read_text())
+    npy = np.load(out / "room.npy")
+    assert npy.shape == (64, 128) and side["input_size"] == [128, 64]
+    np.testing.assert_allclose(read_map(out / "room.exr"), npy, atol=1e-6)
+    assert Image.open(out / "room.png").size == (128, 64) and Image.open(out / "room.16bit.png").size == (128, 64)
+    record = side["panorama"]
+    assert record["rule"] == "--projection equirect" and len(record["views"]) == 6
+    assert {v["size"] for v in record["views"]} == {32}  # each view at the processing resolution
+    assert len(record["depth_fit"]["scale_shift"]) == 6 and record["depth_fit"]["space"] == "disparity"
+    assert side["options"]["projection"] == "equirect"
+    # the map is the library's, through the shared predictor
+    pred = LotusPredictor.from_pretrained(depth_d, device="cpu")
+    want = predict_panorama(pred, [read_image(pano)], PredictOptions(processing_res=32), PanoramaOptions())[0]
+    np.testing.assert_allclose(npy, want.map, atol=1e-6)
+
+
+def test_normal_panorama_is_unit_vectors_in_the_asked_frame(pano, tmp_path, checkpoints):
+    out = tmp_path / "n"
+    model = checkpoints[("normal", "d")]
+    r = lotus("normal", pano, "-o", out, "-m", model, "-f", "npy,exr", "--projection", "equirect", *FAST)
+    assert r.exit_code == 0, r.output
+    n = np.load(out / "room.npy")
+    assert n.shape == (64, 128, 3)
+    np.testing.assert_allclose(np.linalg.norm(n, axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(read_map(out / "room.exr", "normal"), n, atol=1e-6)
+    r = lotus(
+        "normal",
+        pano,
+        "-o",
+        tmp_path / "cv",
+        "-m",
+        model,
+        "-f",
+        "npy",
+        "--projection",
+        "equirect",
+        "--frame",
+        "opencv",
+        *FAST,
+    )
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(np.load(tmp_path / "cv" / "room.npy"), -n, atol=1e-6)
+
+
+def test_auto_takes_2_to_1_images_whose_xmp_says_equirectangular(pano, tmp_path, depth_d):
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = np.asarray(Image.open(pano))
+    Image.fromarray(rgb).save(src / "tagged.jpg", quality=95, xmp=XMP)
+    Image.fromarray(rgb).save(src / "plain.jpg", quality=95)
+    Image.fromarray(rgb[:, :96]).save(src / "narrow.jpg", quality=95, xmp=XMP)
+    assert xmp_projection(src / "tagged.jpg") == "equirectangular" and xmp_projection(src / "plain.jpg") is None
+    out = tmp_path / "out"
+    r = lotus("depth", src, "-o", out, "-m", depth_d, "-f", "npy", "--projection", "auto", *FAST)
+    assert r.exit_code == 0, r.output
+    tagged, plain, narrow = (json.loads((out / f"{k}.json").read_text()) for k in ("tagged", "plain", "narrow"))
+    assert tagged["panorama"]["rule"] == "auto: 2:1 and XMP GPano:ProjectionType equirectangular"
+    assert "panorama" not in plain and plain["projection"]["rule"] == "auto: 2:1 but no XMP GPano:ProjectionType"
+    assert "not 2:1" in narrow["projection"]["rule"]
+    # a perspective decision is the plain prediction
+    pred = LotusPredictor.from_pretrained(depth_d, device="cpu")
+    want = pred.predict(read_image(src / "plain.jpg"), PredictOptions(processing_res=32)).map
+    np.testing.assert_allclose(np.load(out / "plain.npy"), want, atol=1e-6)
+
+
+def test_xmp_element_form_and_other_projections(tmp_path):
+    p = tmp_path / "x.jpg"
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(
+        p, xmp=b"<GPano:ProjectionType> Equirectangular </GPano:ProjectionType>"
+    )
+    assert auto_projection(p)[0] == "equirect"
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(p, xmp=b'GPano:ProjectionType="cylindrical"')
+    assert auto_projection(p) == ("perspective", "auto: 2:1 but XMP GPano:ProjectionType is cylindrical")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--projection", "fisheye"], "--projection must be perspective, equirect, auto"),
+        (["--projection", "equirect", "--tile", "auto"], "--tile does not apply with --projection equirect"),
+    ],
+)
+def test_bad_projection_options_are_usage_errors(pano, tmp_path, depth_d, args, message):
+    r = lotus("depth", pano, "-o", tmp_path / "o", "-m", depth_d, *args)
+    assert r.exit_code == 2 and message in r.stderr, r.output
+
+
+def test_uncertainty_refuses_a_panorama(pano, tmp_path, depth_g):
+    r = lotus("uncertainty", pano, "-o", tmp_path / "o", "-m", depth_g, "--projection", "equirect")
+    assert r.exit_code == 2 and "lotus uncertainty does not take --projection equirect" in r.stderr, r.output
+
+
+def test_a_360_clip_works_the_same(tmp_path, depth_d):
+    from .test_video import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", n=3, fps=3, size=(128, 64))
+    out = tmp_path / "v"
+    r = lotus("depth", clip, "-o", out, "-m", depth_d, "--projection", "equirect", "-f", "npy", *FAST)
+    assert r.exit_code == 0, r.output
+    frames = sorted(out.rglob("*.npy"))
+    assert frames and all(np.load(f).shape == (64, 128) for f in frames)
