@@ -152,3 +152,10 @@ def test_no_private_name_crosses_a_module():
 @pytest.mark.parametrize("path", sorted((PACKAGE / "cli").glob("*.py")), ids=lambda p: p.name)
 def test_command_modules_stay_thin(path):
     assert len(path.read_text().splitlines()) <= 300
+
+
+if __name__ == "__main__":  # python tests/test_architecture.py: the package's imports, by layer
+    for name in sorted(MODULES, key=lambda m: (-(layer(m) if layer(m) is not None else 9), m)):
+        targets = sorted(t.removeprefix("lotus_cli.") for t in GRAPH[name])
+        print(f"{layer(name) if layer(name) is not None else '-'}  {name.removeprefix('lotus_cli.') or 'lotus_cli'}"
+              f"  ->  {', '.join(targets) or '(nothing of the package)'}")
