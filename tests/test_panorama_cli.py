@@ -141,3 +141,4 @@ def test_a_360_clip_works_the_same(tmp_path, depth_d):
     assert r.exit_code == 0, r.output
     frames = sorted(out.rglob("*.npy"))
     assert frames and all(np.load(f).shape == (64, 128) for f in frames)
+    assert json.loads((out / "clip.json").read_text())["options"]["projection"] == "equirect"
