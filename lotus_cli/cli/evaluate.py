@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import typer
 
-from ..errors import LotusError, UsageError
+from ..errors import LotusError
 from .application import app
 from .options import (
     Alignment,
@@ -56,27 +53,6 @@ NORMAL_COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class EvalArgs:
-    """The options of one `lotus eval depth|normal` call, as given on the command line (a new flag: a field
-    here with its default, a parameter of the commands, a keyword in their call to ``_eval``)."""
-
-    task: str
-    datasets: tuple[str, ...] = ()
-    model: str | None = None
-    output_kind: str | None = None
-    predictions: Path | None = None
-    splits: tuple[str, ...] = ()
-    alignment: str = "auto"
-    max_samples: int | None = None
-    save_predictions: bool = False
-    out: Path | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    processing_res: int | None = None
-    seed: int = 0
-
-
 @eval_app.command("depth")
 def eval_depth(
     dataset: Datasets,
@@ -94,8 +70,10 @@ def eval_depth(
     seed: EvalSeed = 0,
 ):
     """Depth benchmarks: scale-and-shift alignment, then AbsRel, δ1-3 and more, averaged over images."""
+    from ..evaluate.session import EvalRequest
+
     _eval(
-        EvalArgs(
+        EvalRequest(
             "depth",
             tuple(dataset),
             model,
@@ -130,8 +108,10 @@ def eval_normal(
     seed: EvalSeed = 0,
 ):
     """Normal benchmarks: angular error in degrees pooled over all valid pixels (mean, median, < 11.25°...)."""
+    from ..evaluate.session import EvalRequest
+
     _eval(
-        EvalArgs(
+        EvalRequest(
             "normal",
             tuple(dataset),
             model,
@@ -150,117 +130,21 @@ def eval_normal(
     )
 
 
-def _eval(a: EvalArgs) -> None:
-    from ..evaluate import datasets as D
-    from ..evaluate import run as R
-    from ..io.atomic import check_out_dir
-    from ..model import registry
+def _eval(request) -> None:
+    """Score, then the table (and where the files went); exit 1 when a set or a sample failed."""
+    from ..evaluate.session import score
 
+    report = Report()
     try:
-        if a.model and a.predictions:
-            raise UsageError("--model and --predictions exclude each other", "score a model or a folder, not both")
-        registry.check_output_kind(a.output_kind, a.task)
-        if a.output_kind and a.predictions:
-            raise UsageError("--output-kind describes a model", "with --predictions, use --alignment")
-        if a.save_predictions and (a.out is None or a.predictions is not None):
-            raise UsageError("--save-predictions needs --out and a model", "add --out DIR, drop --predictions")
-        opts = R.EvalOptions(
-            a.task,
-            a.alignment,
-            a.max_samples,
-            a.processing_res,
-            a.seed,
-            a.out / "predictions" if a.save_predictions else None,
-        )
-        pairs = D.parse_pairs(list(a.datasets), "--dataset")
-        if not pairs:
-            raise UsageError("no --dataset given", "e.g. --dataset nyuv2=/data/eval/nyuv2")
-        splits = {D.spec_for(a.task, n).name: p for n, p in D.parse_pairs(list(a.splits), "--split")}
-        specs = [D.spec_for(a.task, n) for n, _ in pairs]  # unknown names fail before anything is read
-        twice = sorted({s.name for s in specs if [t.name for t in specs].count(s.name) > 1})
-        if twice:
-            raise UsageError(f"--dataset {', '.join(twice)} given more than once", "give each dataset once")
-        if a.out is not None:
-            check_out_dir(a.out)
-        source = R.FolderSource(a.predictions, a.task) if a.predictions else None
-        # a bad name, or a checkpoint that says nothing about its output, fails before any reading
-        ref = None if a.predictions else registry.resolve(a.model, a.task, a.output_kind)
+        with report.bars:
+            scores = score(request, report)
     except LotusError as e:
         fail(e)
-    opened, errors = _open(a.task, pairs, specs, splits)
-    if not opened:
-        raise typer.Exit(1)
-    try:
-        for ds in opened if source is not None else ():
-            R.resolve_alignment(ds, source, opts)  # maps that do not say what they are need --alignment
-    except LotusError as e:
-        fail(e)
-    if source is None:
-        from ..run.loading import load_predictor
-
-        try:
-            source = R.ModelSource(load_predictor(ref, a.task, a.device, a.dtype, Report()))
-        except LotusError as e:
-            fail(e)
-    results = []
-    try:
-        for ds in opened:
-            results.append(_run_one(ds, source, opts))
-            ds.store.close()
-    except LotusError as e:
-        fail(e)
-    _table(a.task, results, source)
-    code = 1 if errors or any(r.failed for r in results) else 0
-    if a.out is not None:
-        try:
-            rj, rc = R.write_outputs(a.out, a.task, source, opts, results, errors)
-        except LotusError as e:
-            fail(e)
-        say(f"wrote {rj} and {rc}", "dim")
-    raise typer.Exit(code)
-
-
-def _open(task, pairs, specs, splits):
-    from ..evaluate import datasets as D
-
-    opened, errors = [], {}
-    for (name, path), spec in zip(pairs, specs):
-        try:
-            ds = D.open_dataset(task, name, path, splits.get(spec.name))
-        except LotusError as e:
-            if e.exit_code == 2:
-                fail(e)
-            say(f"error: {e}", "red")
-            errors[spec.name] = str(e)
-            continue
-        extra = f", {ds.skipped} listed without ground truth" if ds.skipped else ""
-        say(f"{spec.title}: {len(ds.samples)} samples from {ds.store.label}{extra}", "dim")
-        opened.append(ds)
-    return opened, errors
-
-
-def _run_one(ds, source, opts):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from ..evaluate.run import evaluate
-
-    with Progress(
-        TextColumn(f"{escape(ds.spec.title)}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console(),
-        transient=True,
-    ) as bar:
-        total = min(len(ds.samples), opts.max_samples or len(ds.samples))
-        task_id = bar.add_task("eval", total=total)
-
-        def on_sample(i, n, record):
-            if record["status"] != "ok":
-                bar.console.print(f"[yellow]skipped {escape(record['key'])}: {escape(record['error'])}[/]")
-            bar.advance(task_id)
-
-        return evaluate(ds, source, opts, on_sample)
+    if scores.source is not None:
+        _table(request.task, scores.results, scores.source)
+    if scores.written:
+        say(f"wrote {' and '.join(map(str, scores.written))}", "dim")
+    raise typer.Exit(scores.exit_code)
 
 
 def _table(task, results, source):

@@ -47,10 +47,6 @@ class Item:
         return str(self.path)
 
 
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTS
-
-
 def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTS
 
