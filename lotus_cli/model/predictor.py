@@ -20,6 +20,7 @@ How the UNet and VAE run on this device (memory format, packed weights, strips, 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from ..geometry.camera import NORMAL_FRAMES, convert_normals
 from . import cpu, gpu, registry, weights
 from .cpu import cpu_has_native_bf16
@@ -124,7 +125,8 @@ class EnsembleOptions:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """auto: cuda, then mps, then cpu."""
+    """auto: cuda, then mps, then cpu. ``cuda:N`` must be a device this process sees, and becomes the current
+    CUDA device (what cuDNN, Triton and CUDA graphs use when they are not told)."""
     name = (name or "auto").lower()
     if name == "auto":
         if torch.cuda.is_available():
@@ -138,6 +140,13 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise UsageError(f"unknown --device {name!r}", "use auto, cpu, cuda, cuda:N or mps") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here", "use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None:
+        gpu.check_cuda_index(
+            dev.index,
+            f"--device {name}",
+            "visible GPUs count from cuda:0 (a Ray worker sees its own as cuda:0): use --device cuda or auto",
+        )
+        torch.cuda.set_device(dev)
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError(f"--device {name}: MPS is not available here", "use --device cpu or auto")
     return dev
@@ -241,7 +250,11 @@ class LotusPredictor:
         pack_weights: bool | None = None,
         processing_res: int = 768,
         source: str = "",
+        borrowed: bool = False,
     ):
+        """``borrowed``: the modules are someone else's (a model in training): the predictor runs them as they
+        are, changing nothing about them (no layout, packing, in-place SiLU or dtype cast); an fp16 VAE that
+        overflows on an item is redone on a copy."""
         self.unet, self.vae, self.entry = unet, vae, entry
         self.device, self.dtype, self.source = device, dtype, source
         self.family = "g" if unet.config.in_channels == 8 else "d"
@@ -261,14 +274,20 @@ class LotusPredictor:
             channels_last=channels_last,
             pack_weights=pack_weights,
             processing_res=processing_res,
+            borrowed=borrowed,
         )
         self.channels_last = self.engine.channels_last
         self.packed = self.engine.packed  # packed modules are inference-only
         # An SD VAE in fp16 can overflow to inf/NaN at large sizes while the UNet is fine: probed once at
         # the largest processing size (a square of processing_res), the VAE then runs in bf16 (or fp32)
-        # and the UNet keeps fp16 (gpu.py). Other dtypes: the VAE runs in the model's dtype.
+        # and the UNet keeps fp16 (gpu.py). Other dtypes: the VAE runs in the model's dtype. Every batch is
+        # checked again after encode and decode (``_checked``): native size (0) has no size to probe at load,
+        # tiles run at --tile-res and images differ from the probe.
         self.vae_dtype = dtype
-        if dtype == torch.float16:
+        self._fallback = None  # the VAE in gpu.fallback_dtype, made at the first item fp16 overflows on
+        self._collect: set[int] | None = None  # redone_rows' set while one is open
+        self.vae_redone = 0  # items (batch rows) whose VAE pass was redone in the fallback dtype so far
+        if dtype == torch.float16 and processing_res > 0 and not borrowed:
             size = (processing_res, processing_res)
             self.vae_dtype, why = gpu.vae_dtype_for(vae, dtype, size, channels_last=self.engine.vae_channels_last)
             if why:
@@ -356,8 +375,11 @@ class LotusPredictor:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def encode(self, x: torch.Tensor, latent: str = "mean", seeds: Sequence[int] | None = None) -> torch.Tensor:
-        """[B, 3, h, w] in [-1, 1] -> scaled image latent [B, 4, h//f, w//f] (f = latent_factor)."""
-        dist = DiagonalGaussianDistribution(self.engine.encode(x.to(self.device, self.vae_dtype)))
+        """[B, 3, h, w] in [-1, 1] -> scaled image latent [B, 4, h//f, w//f] (f = latent_factor). Rows the VAE
+        gives inf/NaN for in fp16 are redone in the fallback dtype (``redone_rows`` tells which); raises
+        InputError when a row stays non-finite."""
+        moments = self.engine.encode(x.to(self.device, self.vae_dtype))
+        dist = DiagonalGaussianDistribution(self._checked(moments, x, "encode"))
         if latent == "sample":
             eps = torch.cat([noise_for(s + POSTERIOR_SEED_OFFSET, (1, *dist.mean.shape[1:])) for s in seeds])
             z = dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)  # as DiagonalGaussianDistribution.sample
@@ -386,9 +408,87 @@ class LotusPredictor:
         return out  # [B, 4, h, w]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Predicted latent [B, 4, h, w] -> float32 [B, 3, h*f, w*f] in [0, 1]."""
-        y = self.engine.decode((latent / self.scaling_factor).to(self.vae_dtype), self.latent_factor)  # [B, 3, H, W]
-        return (y.float() / 2 + 0.5).clamp(0, 1)
+        """Predicted latent [B, 4, h, w] -> float32 [B, 3, h*f, w*f] in [0, 1]. Rows checked as ``encode``'s."""
+        z = latent / self.scaling_factor
+        y = self.engine.decode(z.to(self.vae_dtype), self.latent_factor)  # [B, 3, H, W]
+        return (self._checked(y, z, "decode").float() / 2 + 0.5).clamp(0, 1)
+
+    @contextlib.contextmanager
+    def redone_rows(self):
+        """While open, collects into the set it gives the batch rows whose encode or decode was redone in the
+        fallback dtype (fp16 overflow): the items whose sidecar says so."""
+        rows: set[int] = set()
+        outer, self._collect = getattr(self, "_collect", None), rows
+        try:
+            yield rows
+        finally:
+            self._collect = outer
+
+    def _checked(self, out: torch.Tensor, inp: torch.Tensor, stage: str) -> torch.Tensor:
+        """``out`` of the VAE's ``stage`` ("encode" or "decode") for input ``inp`` [B, ...], with every row
+        that holds inf/NaN redone by the VAE in the fallback dtype (fp16 VAEs only: bf16, else fp32). Raises
+        InputError naming the stage at fault (the VAE, or the UNet for a non-finite latent) when a row
+        cannot be made finite, rather than letting clamp() turn NaN into a map."""
+        finite = torch.isfinite(out).flatten(1).all(1)  # [B]
+        if bool(finite.all()):
+            return out
+        bad = (~finite).nonzero().flatten()
+        size = "x".join(str(v * (self.latent_factor if stage == "decode" else 1)) for v in inp.shape[-1:-3:-1])
+        if stage == "decode" and not bool(torch.isfinite(inp[bad]).all()):
+            raise InputError(
+                f"the UNet gave inf/NaN in {gpu.dtype_name(self.dtype)} at {size} px",
+                "run it with --dtype fp32 (or bf16 on a GPU that has it)",
+            )
+        fallback = self._fallback_vae()
+        if fallback is not None:
+            vae, dtype = fallback
+            x = self.engine.fmt(inp[bad].to(self.device, dtype))
+            # autocast (a training's validation) would run the fallback in fp16 again
+            off = torch.autocast(self.device.type, enabled=False) if self.device.type in ("cuda", "cpu") else None
+            with off or contextlib.nullcontext():
+                redo = vae.encode(x).latent_dist.parameters if stage == "encode" else vae.decode(x).sample
+            if not bool(torch.isfinite(redo.to(out.dtype)).all()):  # beyond fp16's range: the batch goes up to fp32
+                out = out.float()
+            out = out.index_put((bad,), redo.to(out.dtype))  # not in place: out may be an inference tensor
+            if bool(torch.isfinite(out[bad]).all()):
+                self.vae_redone += len(bad)
+                if getattr(self, "_collect", None) is not None:
+                    self._collect.update(bad.tolist())
+                return out
+        tried = gpu.dtype_name(self.vae_dtype) + (f" and {gpu.dtype_name(fallback[1])}" if fallback else "")
+        raise InputError(
+            f"the VAE gave inf/NaN in {tried} at {size} px ({stage})",
+            "run it with --dtype fp32, or a smaller --processing-res",
+        )
+
+    def _fallback_vae(self):
+        """(VAE, dtype): a copy of the VAE in ``gpu.fallback_dtype`` for the rows fp16 overflows on, made once
+        and kept (about 170 MB in bf16 for SD2's); None unless the VAE runs in fp16."""
+        if self.vae_dtype != torch.float16:
+            return None
+        if self._fallback is None:
+            dtype = gpu.fallback_dtype(self.device)
+            with torch.device("meta"):
+                vae = type(self.vae).from_config(self.vae.config)
+            vae.load_state_dict(self.vae.state_dict(), assign=True)  # shares the weights until the cast
+            vae.to(self.device, dtype).eval().requires_grad_(False)
+            if self.engine.vae_channels_last:
+                vae.to(memory_format=torch.channels_last)
+            for mine, theirs in zip(vae.modules(), self.vae.modules()):
+                if isinstance(mine, torch.nn.SiLU):
+                    mine.inplace = theirs.inplace
+            self._fallback = (vae, dtype)
+        return self._fallback
+
+    def fallback_note(self) -> dict:
+        """The sidecar's record of an item whose VAE pass ran in the fallback dtype (``extra``)."""
+        dtype = gpu.dtype_name(self._fallback[1]) if self._fallback else "?"
+        return {
+            "vae_fallback": {
+                "dtype": dtype,
+                "reason": f"the VAE gave inf/NaN in {gpu.dtype_name(self.vae_dtype)} on this item: redone in {dtype}",
+            }
+        }
 
     def noise(self, seeds: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor:
         """Per-image G noise [B, 4, h, w]: image i gets the first draw of Generator(seeds[i])."""
@@ -399,6 +499,8 @@ class LotusPredictor:
     ) -> np.ndarray:
         """Decoded [1, 3, h, w] in [0, 1] -> the task's map at ``size`` (depth [H, W] / normal [H, W, 3],
         normals in camera frame ``frame``, Lotus's own by default)."""
+        if not gpu.resizes_on(decoded.device):  # MPS before torch 2.7: no antialiased resize there
+            decoded = decoded.cpu()
         y = self.resize(decoded, size, resample)[0]  # [3, H, W]
         if self.task == "normal":
             n = y * 2 - 1
@@ -430,12 +532,15 @@ class LotusPredictor:
         ready = [im if isinstance(im, Prepared) else prepare(im, opts.processing_res) for im in images]
         x = torch.cat([torch.from_numpy(r.x)[None] for r in ready])  # [B, 3, h, w]
         seeds = [opts.seed] * len(images)
-        z = self.encode(x, opts.latent, seeds)  # [B, 4, h/f, w/f]
-        noise = self.noise(seeds, tuple(z.shape[-2:])) if self.family == "g" else None
-        decoded = self.decode(self.denoise(z, noise))  # [B, 3, f*(h//f), f*(w//f)]
+        with self.redone_rows() as redone:
+            z = self.encode(x, opts.latent, seeds)  # [B, 4, h/f, w/f]
+            noise = self.noise(seeds, tuple(z.shape[-2:])) if self.family == "g" else None
+            decoded = self.decode(self.denoise(z, noise))  # [B, 3, f*(h//f), f*(w//f)]
         maps = [self.finish(decoded[i : i + 1], sizes[i], opts.resample, opts.frame) for i in range(len(images))]
         per_image = (time.perf_counter() - t0) / len(images)
-        return [Prediction(m, proc_hw, per_image) for m in maps]
+        return [
+            Prediction(m, proc_hw, per_image, self.fallback_note() if i in redone else {}) for i, m in enumerate(maps)
+        ]
 
     def predict(self, image: np.ndarray, opts: PredictOptions = PredictOptions()) -> Prediction:
         return self.predict_batch([image], opts)[0]
@@ -459,6 +564,7 @@ class LotusPredictor:
         x = self.resize(self.to_tensor(image), proc_hw)  # [1, 3, h, w]
         views = [x, x.flip(-1)] if eopts.tta == "flip" else [x]
         maps = []
+        before = self.vae_redone
         for flipped, view in enumerate(views):
             z = self.encode(view, opts.latent, [opts.seed])  # [1, 4, h/f, w/f], shared by the samples
             for i in range(0, len(seeds), opts.batch_size):
@@ -469,7 +575,8 @@ class LotusPredictor:
                 for j in range(len(chunk)):
                     m = self.finish(decoded[j : j + 1], size, opts.resample, opts.frame)
                     maps.append(unflip(m, self.task) if flipped else m)
-        return self.ensemble_prediction(maps, seeds, eopts, proc_hw, time.perf_counter() - t0)
+        extra = self.fallback_note() if self.vae_redone != before else {}
+        return self.ensemble_prediction(maps, seeds, eopts, proc_hw, time.perf_counter() - t0, **extra)
 
     def ensemble_seeds(self, opts: PredictOptions, eopts: EnsembleOptions) -> list[int]:
         """The noise seeds of an ensemble (``opts.seed + k``; one for a D model, whose only views are

@@ -26,6 +26,7 @@ wall) keeps its own detail at unit scale, levelled to the global pass.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -137,11 +138,20 @@ def memory_cost(predictor) -> MemoryCost:
 
 
 def device_budget(device, cost: MemoryCost) -> int:
-    """The auto budget: the weights plus half the memory free now (CUDA: free device memory; else RAM)."""
+    """The auto budget: the weights plus half the memory free for activations now. CUDA: the device's free
+    memory plus what PyTorch's allocator holds cached but unused (so the plan does not shrink once the first
+    image has filled the cache: plans, and the maps, do not depend on the order of the images); MPS: the
+    recommended working set less what tensors hold; else RAM available."""
     import torch
 
-    if getattr(device, "type", "cpu") == "cuda":
+    kind = getattr(device, "type", "cpu")
+    if kind == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    elif kind == "mps":  # unified memory: Metal's recommended working set (torch 2.5+), else 2/3 of the RAM
+        limit = getattr(torch.mps, "recommended_max_memory", None)
+        total = limit() if limit else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 2 // 3
+        free = max(0, total - torch.mps.current_allocated_memory())
     else:
         try:
             info = Path("/proc/meminfo").read_text()
@@ -282,19 +292,23 @@ def plan_tiles(
     res = topts.tile_res or processing_res or DEFAULT_TILE_RES
     gsize = processing_size(height, width, processing_res)
     fits = lambda px, b=1: budget is None or cost.peak(px, b) <= budget
+    # the budget is the user's --max-memory, or the auto one the caller worked out: say which
+    given = topts.max_memory is not None
+    limit = f"--max-memory is {_gb(budget)}" if given else f"the memory free for it is {_gb(budget)} (auto)"
+    more = "raise --max-memory" if given else "free device memory"
     if not fits(gsize[0] * gsize[1]):
         raise UsageError(
             f"the global pass at --processing-res {processing_res} needs about "
-            f"{_gb(cost.peak(gsize[0] * gsize[1]))} but --max-memory is {_gb(budget)}",
-            "lower --processing-res or raise --max-memory",
+            f"{_gb(cost.peak(gsize[0] * gsize[1]))} but {limit}",
+            f"lower --processing-res or {more}",
         )
     detail = max(height, width) / processing_res if processing_res else 1.0  # input px per global model px
     global_sees_all = detail < MIN_DETAIL
     while not (auto and global_sees_all) and not fits(res * res):
         if not (auto and topts.tile_res is None) or res - 64 < MIN_AUTO_TILE_RES:
             raise UsageError(
-                f"a tile at --tile-res {res} needs about {_gb(cost.peak(res * res))} but --max-memory is {_gb(budget)}",
-                "lower --tile-res or raise --max-memory",
+                f"a tile at --tile-res {res} needs about {_gb(cost.peak(res * res))} but {limit}",
+                f"lower --tile-res or {more}",
             )
         res -= 64
     tile = round(res * max(1.0, detail / MAX_DETAIL)) if auto else topts.tile
@@ -368,14 +382,15 @@ def predict_tiled_ensemble(
     out = []
     with torch.inference_mode():
         for rgb in images:
-            t0, maps, plan = time.perf_counter(), [], None
+            t0, maps, plan, extra = time.perf_counter(), [], None, {}
             for flipped, view in enumerate([rgb, rgb[:, ::-1]] if eopts.tta == "flip" else [rgb]):
                 for p in _predict_one(predictor, np.ascontiguousarray(view), opts, topts, seeds):
                     maps.append(unflip(p.map, predictor.task) if flipped else p.map)
                     plan = plan or p.extra["tiling"]
+                    extra.update({k: v for k, v in p.extra.items() if k == "vae_fallback"})
             out.append(
                 predictor.ensemble_prediction(
-                    maps, seeds, eopts, p.processing_size, time.perf_counter() - t0, tiling=plan
+                    maps, seeds, eopts, p.processing_size, time.perf_counter() - t0, tiling=plan, **extra
                 )
             )
     return out
@@ -389,6 +404,7 @@ def _predict_one(
     t0 = time.perf_counter()
     h, w = rgb.shape[:2]
     seeds = [opts.seed] if seeds is None else seeds
+    redone_before = getattr(predictor, "vae_redone", 0)
     cost = memory_cost(predictor)
     budget = topts.max_memory if topts.max_memory is not None else device_budget(predictor.device, cost)
     plan = plan_tiles(
@@ -409,6 +425,8 @@ def _predict_one(
         out.append(Prediction(m, plan.global_size, 0.0, {"tiling": record}))
     for p in out:
         p.seconds = (time.perf_counter() - t0) / len(out)
+        if getattr(predictor, "vae_redone", 0) != redone_before:  # a tile or the global pass overflowed in fp16
+            p.extra.update(predictor.fallback_note())
     return out
 
 

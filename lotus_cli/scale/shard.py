@@ -44,23 +44,38 @@ def parse_shard(spec: str) -> Shard:
 
 
 def env_rank(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int] | None:
-    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, or None outside a multi-process launch."""
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, or None outside a multi-process launch (no
+    WORLD_SIZE, or 1). Raises UsageError naming the variable that is missing, not an integer or out of range
+    (RANK in 0 .. WORLD_SIZE-1, LOCAL_RANK >= 0), so a bad launch never silently runs the wrong share."""
+    if "WORLD_SIZE" not in environ:
+        return None
+    hint = "launch with torchrun (it sets WORLD_SIZE, RANK and LOCAL_RANK), or unset WORLD_SIZE"
+    world = _env_int(environ, "WORLD_SIZE", hint)
+    if world < 1:
+        raise UsageError(f"WORLD_SIZE={world}: the number of processes must be at least 1", hint)
+    if world == 1 and "RANK" not in environ:
+        return None
+    if "RANK" not in environ:
+        raise UsageError(f"WORLD_SIZE={world} is set but RANK is not: which share is this process's?", hint)
+    rank = _env_int(environ, "RANK", hint)
+    if not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} is out of range for WORLD_SIZE={world}: it must be 0 .. {world - 1}", hint)
+    local = _env_int(environ, "LOCAL_RANK", hint) if "LOCAL_RANK" in environ else rank
+    if local < 0:
+        raise UsageError(f"LOCAL_RANK={local} must be >= 0", hint)
+    return (rank, world, local) if world > 1 else None
+
+
+def _env_int(environ: Mapping[str, str], name: str, hint: str) -> int:
     try:
-        world = int(environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return None
-        rank = int(environ["RANK"])
-        return rank, world, int(environ.get("LOCAL_RANK", rank))
-    except (KeyError, ValueError) as e:
-        raise UsageError(
-            f"WORLD_SIZE is set but RANK / LOCAL_RANK are not integers ({e})",
-            "launch with torchrun, or unset WORLD_SIZE",
-        ) from e
+        return int(environ[name])
+    except ValueError:
+        raise UsageError(f"{name}={environ[name]!r} is not an integer", hint) from None
 
 
 def resolve_shard(spec: str | None, environ: Mapping[str, str] = os.environ) -> Shard | None:
     """The shard of this process: --shard, torchrun's rank, both combined, or None (everything)."""
-    shard = parse_shard(spec) if spec else None
+    shard = parse_shard(spec) if spec is not None else None  # --shard "" is a mistake, not "everything"
     ranks = env_rank(environ)
     if ranks is None:
         return shard
@@ -85,10 +100,17 @@ def select(items: Iterable[Item], shard: Shard | None) -> list[Item]:
 
 
 def worker_device(device: str, environ: Mapping[str, str] = os.environ) -> str:
-    """--device for this process: under torchrun, ``auto`` becomes cuda:LOCAL_RANK (or cpu without CUDA)."""
+    """--device for this process: under torchrun, ``auto`` and ``cuda`` become cuda:LOCAL_RANK (``auto`` the
+    CPU without CUDA), so every rank gets its own GPU; an explicit cuda:N is kept. Raises UsageError when
+    LOCAL_RANK names a GPU this process does not see (more ranks per node than GPUs)."""
     ranks = env_rank(environ)
-    if device != "auto" or ranks is None:
+    if device.lower() not in ("auto", "cuda") or ranks is None:
         return device
     import torch  # only under torchrun; deciding needs to know whether CUDA exists
 
-    return f"cuda:{ranks[2]}" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu" if device.lower() == "auto" else device  # --device cuda without CUDA: resolve_device says so
+    from ..model.gpu import check_cuda_index
+
+    check_cuda_index(ranks[2], f"LOCAL_RANK={ranks[2]}", "start at most one process per GPU: torchrun --nproc-per-node")
+    return f"cuda:{ranks[2]}"

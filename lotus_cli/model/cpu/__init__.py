@@ -84,12 +84,17 @@ def prepare(
     channels_last: bool | None = None,
     pack_weights: bool | None = None,
     processing_res: int = 768,
+    borrowed: bool = False,
 ) -> Engine:
     """Make ``unet`` and ``vae`` (loaded, eval) fast on ``device`` in ``dtype``, in place; returns their Engine.
 
     ``channels_last`` / ``pack_weights``: None = as measured for this machine at ``processing_res``
     (calibrate.py); True / False fix them. Packing replaces the convolution modules, so pass
-    ``pack_weights=False`` for a model in training or for torch.compile (plain modules)."""
+    ``pack_weights=False`` for a model in training or for torch.compile (plain modules). ``borrowed``: the
+    modules are someone else's (a model in training): nothing about them or the process changes (no layout,
+    packing, in-place SiLU or thread count); the Engine only runs them."""
+    if borrowed:
+        channels_last, pack_weights = False, False
     c = choose(
         unet, vae, device, dtype, channels_last=channels_last, pack_weights=pack_weights, processing_res=processing_res
     )
@@ -97,14 +102,15 @@ def prepare(
     for part, lay in (("unet", c.unet), ("vae", c.vae)):
         if lay != "nchw":
             modules[part].to(memory_format=torch.channels_last)
-            strips.precise_group_norms(modules[part])  # torch's channels-last GroupNorm rounds more than NCHW
+            if device.type == "cpu":  # torch's channels-last GroupNorm rounds more than NCHW there (float64: CPU)
+                strips.precise_group_norms(modules[part])
     # In the VAE every SiLU acts on a fresh GroupNorm output (its resnets take no time embedding), so
     # computing it in place is exact and saves one full-resolution activation at the memory peak.
     # (Not in the UNet: there the same SiLU module also runs on the shared time embedding.)
-    for m in vae.modules():
+    for m in vae.modules() if not borrowed else ():
         if isinstance(m, torch.nn.SiLU):
             m.inplace = True
-    if device.type == "cpu" and c.threads != torch.get_num_threads():  # measured faster here (calibrate.py)
+    if device.type == "cpu" and c.threads != torch.get_num_threads() and not borrowed:  # measured faster (calibrate.py)
         torch.set_num_threads(c.threads)
     packed = c.pack_weights and prepack.available(device, dtype)
     if packed:  # replaces the convolution modules: the same numbers, no weight reorder per call

@@ -25,6 +25,7 @@ use, for this model's architecture at the processing size, and cached:
   (``torch.set_num_threads``) when the model is prepared. Where they agree there is nothing to time, and
   a count set by ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` is the user's and kept.
 
+Other devices (CUDA, MPS) get none of this: diffusers' modules, NCHW unless ``channels_last`` asks for it.
 Whatever the caller fixes (``channels_last`` / ``pack_weights`` given) is not timed. Without timings a
 rule decides (``_rule``: channels-last, packed weights only on AVX-512 CPUs, strips): for models under
 ``MIN_TIMED_BYTES`` of weights (their layers take microseconds: timings would pick noise) and when the
@@ -176,8 +177,10 @@ def choose(
     """The fast paths for this UNet and VAE (not yet applied), from the cache, a calibration or a rule."""
     can_pack = prepack.available(device, dtype)
     if device.type != "cpu":
+        # The CPU speed code stays on the CPU: no strips (their float64 GroupNorm statistics do not run on MPS,
+        # and on CUDA they only add kernel launches and apply GroupNorm in fp16 as x * a + b), diffusers' modules
         lay = "channels_last" if channels_last else "nchw"
-        return Choices(lay, lay, strips.ROWS, torch.get_num_threads(), "rule: not a CPU")
+        return Choices(lay, lay, 0, torch.get_num_threads(), "rule: not a CPU")
     layouts = [
         lay
         for lay in LAYOUTS
