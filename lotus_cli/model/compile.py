@@ -26,6 +26,7 @@ import torch
 
 from ..io.cache import cache_dir
 from .cpu import prepack
+from .gpu import is_out_of_memory
 
 MODES = ("auto", "on", "off")
 # --compile auto compiles runs of at least this many same-size items: where the first call's compilation
@@ -111,7 +112,8 @@ def _root_cause(e: BaseException) -> str:
 
 class _CompiledOrEager:
     """Stands in for a module's ``_compiled_call_impl``: the compiled call, and at its first failure the
-    eager one from then on, with the failure kept as ``reason``."""
+    eager one from then on, with the failure kept as ``reason``. Running out of memory is no compiler
+    failure: it is raised as it is (the caller frees memory and retries, smaller) and compilation stays on."""
 
     def __init__(self, module: torch.nn.Module, compiled):
         self.module, self.compiled, self.reason = module, compiled, None
@@ -121,6 +123,8 @@ class _CompiledOrEager:
             try:
                 return self.compiled(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager model is always right
+                if is_out_of_memory(e):
+                    raise
                 self.compiled = None
                 self.reason = f"torch.compile failed ({_root_cause(e)}); running eagerly"
         return self.module._call_impl(*args, **kwargs)
