@@ -30,6 +30,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..model.gpu import float64_device
 from ..model.predictor import ANNOTATION, RECONSTRUCTION, TIMESTEP, task_embedding
 from .options import NORMALISATIONS, NUM_TRAIN_TIMESTEPS, StepOptions
 
@@ -45,6 +46,12 @@ def alphas_cumprod() -> torch.Tensor:
         num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
     return s.alphas_cumprod.to(torch.float64)
+
+
+def abar_at(t: torch.Tensor, device) -> torch.Tensor:
+    """abar at time-steps ``t`` [N] (int64, any device), float32 [N] on ``device``: looked up in float64 on the
+    CPU and rounded once, the numbers the device would compute, without float64 on it (MPS has none)."""
+    return alphas_cumprod()[t.cpu()].float().to(device)
 
 
 def train_timesteps(n: int) -> torch.Tensor:
@@ -73,15 +80,16 @@ def depth_annotation(depth: torch.Tensor, valid: torch.Tensor, norm: str = "trun
     depth norms near to -1; a pixel without depth (0) becomes +1 (disparity, 1/0) or -1 (depth), the far sky
     -1 (disparity) or +1 (depth). An image with no valid pixel gives zeros."""
     out = torch.zeros_like(depth)
+    where = float64_device(depth.device)  # float64 statistics: on the CPU for a device without float64
     for i in range(depth.shape[0]):
-        d = torch.nan_to_num(depth[i].double(), nan=0.0)
-        m = valid[i] & (d > 0)
+        d = torch.nan_to_num(depth[i].to(where, torch.float64), nan=0.0)
+        m = valid[i].to(where) & (d > 0)
         if not m.any():
             continue
         v = 1.0 / d if NORMALISATIONS[norm] == "disparity" else d  # 1 / 0 = inf -> +1 after the clip
         q = (0.02, 0.98) if norm.startswith("trunc_") else (0.0, 1.0)
         lo, hi = _quantiles(v[m], q)
-        out[i] = ((v - lo) / (hi - lo + RANGE_EPS) * 2 - 1).clamp(-1, 1).to(out.dtype)
+        out[i] = ((v - lo) / (hi - lo + RANGE_EPS) * 2 - 1).clamp(-1, 1).to(out.device, out.dtype)
     return out.repeat(1, 3, 1, 1)
 
 
@@ -189,7 +197,7 @@ def training_loss(
     t = draws.t.to(dev)
     if opts.family == "g":
         noise = draws.noise.to(target)
-        abar = alphas_cumprod().to(dev)[t].float().view(-1, 1, 1, 1)
+        abar = abar_at(draws.t, dev).view(-1, 1, 1, 1)  # draws.t: on the CPU, where they were drawn
         noisy = abar.sqrt() * target + (1 - abar).sqrt() * noise
         unet_in = torch.cat([cond, noisy], dim=1)  # [R, 8, h, w], image first
     else:
@@ -220,17 +228,18 @@ def predict_latent(
     kw = dict(encoder_hidden_states=prompt.to(dev).expand(b, -1, -1), class_labels=task_embedding(ANNOTATION, b, dev))
     if opts.family == "d":
         return unet(z_img, torch.full((b,), TIMESTEP, device=dev), **kw).sample
-    abars = alphas_cumprod().to(dev)
-    steps = train_timesteps(opts.timesteps).tolist()
+    steps = train_timesteps(opts.timesteps)
+    abars = abar_at(steps, dev)  # [N] float32
+    steps = steps.tolist()
     x = noise.to(z_img)
     for k, t in enumerate(steps):
-        a = abars[t].float()
+        a = abars[k]
         out = unet(torch.cat([z_img, x], dim=1), torch.full((b,), t, device=dev), **kw).sample
         if opts.prediction == "eps":
             eps, x0 = out, (x - (1 - a).sqrt() * out) / a.sqrt()
         else:
             x0, eps = out, (x - a.sqrt() * out) / (1 - a).sqrt()
         if k + 1 < len(steps):
-            a_next = abars[steps[k + 1]].float()
+            a_next = abars[k + 1]
             x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
     return x0

@@ -304,7 +304,9 @@ def evaluate_samples(predictor, samples: list[dict], sopts: StepOptions, image: 
 
 
 def _predictor(acc, unet, vae, prompt, opts: TrainOptions, step: int):
-    """The model as it is now, as a LotusPredictor (plain modules: the UNet keeps training afterwards)."""
+    """The model as it is now, as a LotusPredictor that borrows the modules: the UNet keeps training afterwards
+    and the VAE keeps encoding its batches, so neither may change (no bf16 cast of an fp16 VAE that overflows,
+    no in-place SiLU: LotusPredictor ``borrowed``)."""
     entry = registry.ModelEntry(
         name=f"{opts.name or Path(opts.out).name}@{step}",
         repo_id=str(opts.out),
@@ -319,9 +321,8 @@ def _predictor(acc, unet, vae, prompt, opts: TrainOptions, step: int):
         entry,
         acc.device,
         vae.dtype,
-        channels_last=False,
-        pack_weights=False,
         source=f"{opts.out} step {step}",
+        borrowed=True,
     )
 
 
