@@ -1,5 +1,6 @@
-"""benchmarks/bench_gpu.py end to end on a CPU (its table's rows), and its refusal to run without CUDA."""
+"""benchmarks/bench_gpu.py end to end on a CPU (its JSON and table read back), and its refusal to run without CUDA."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lotus_cli.model.predictor import LotusPredictor
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
@@ -26,7 +29,7 @@ def run(*args, timeout=600):
 
 
 @pytest.mark.heavy
-def test_runs_end_to_end_on_a_cpu_and_prints_every_row(depth_g, tmp_path):
+def test_runs_end_to_end_on_a_cpu_and_writes_every_row(depth_g, tmp_path):
     out = run(
         "--device",
         "cpu",
@@ -42,22 +45,33 @@ def test_runs_end_to_end_on_a_cpu_and_prints_every_row(depth_g, tmp_path):
         "32,48",
         "--budget",
         "100000",
+        "--out",
+        str(tmp_path / "out"),
     )
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if "s/image 32px" in line)
-    assert "img/s b=1" in lines[header] and "img/s b=2" in lines[header] and "peak GPU GB" in lines[header]
-    rows = {line[:22].strip(): line[22:].split() for line in lines[header + 1 :] if line[:22].strip()}
-    for name in ("ours fp32", "ours fp16", "ours bf16", "reference fp16"):
-        cells = rows[name]
-        assert float(cells[0]) > 0 and float(cells[1]) > 0 and float(cells[2]) > 0  # s/image, img/s at b=1, 2
-        assert cells[3] == "-"  # no GPU memory on a CPU
-    assert float(rows["ours fp32"][4]) == 0.0  # the baseline against itself
+    record = json.loads((tmp_path / "out" / "bench_gpu.json").read_text())
+    assert record["environment"]["torch"] == torch.__version__ and record["processing_res"] == 32
+    rows = {r["name"]: r for r in record["rows"]}
+    assert list(rows) == ["ours fp32", "lotus depth", "reference fp16", "ours fp16", "ours bf16"]
+    for r in rows.values():
+        assert all(r["images_per_second"][b] > 0 for b in ("1", "2")) and r["finite"]
+        assert r["peak_gb"] is None  # no GPU memory on a CPU
+    # `lotus depth` on a CPU is fp32 (auto), loaded as the command loads it: the baseline's numbers
+    assert rows["lotus depth"]["dtype"] == "float32" and rows["lotus depth"]["max_diff_vs_fp32"] == 0.0
+    pred = LotusPredictor.from_pretrained(depth_g, device="cpu", dtype="auto", processing_res=32)
+    assert rows["lotus depth"]["strip_rows"] == pred.strip_rows
+    assert rows["lotus depth"]["vae_layout"] == pred.engine.choices.vae
     # fp16 and bf16 are near the fp32 map but not equal to it: the rows really ran in those dtypes
-    assert 0 < float(rows["ours fp16"][4]) < 0.05 and 0 < float(rows["ours bf16"][4]) < 0.1
+    assert 0 < rows["ours fp16"]["max_diff_vs_fp32"] < 0.05 and 0 < rows["ours bf16"]["max_diff_vs_fp32"] < 0.1
     # the reference sequence in fp16 lands as near to ours in fp32 as ours in fp16 does
-    assert 0 < float(rows["reference fp16"][4]) < 0.05
-    assert rows["VAE fp16 32px"][0] == "finite" and rows["VAE fp16 48px"][-1] == "float16"
+    assert 0 < rows["reference fp16"]["max_diff_vs_fp32"] < 0.05
+    assert record["vae_fp16"] == [
+        {"size": 32, "fp16_finite": True, "vae_dtype": "float16"},
+        {"size": 48, "fp16_finite": True, "vae_dtype": "float16"},
+    ]
+    assert set(record["fastest_fp16"]) == {"1", "2"}
+    table = (tmp_path / "out" / "bench_gpu.md").read_text()
+    assert table in out.stdout and "| lotus depth | float32 |" in table and "img/s b=2" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: nothing to refuse")
