@@ -296,3 +296,238 @@ def joint_scale_shift(
         "relative_rms_residual": rms / size if size > 0 else None,
     }
     return s, b, record
+
+
+# ------------------------------------------------------------------------------ clouds on the sphere
+
+SPHERE_FRAME = "panorama frame: x right, y down, z forward (the panorama's middle column), metres"
+SPHERE_CAMERA = "equirectangular: each pixel's ray by its longitude and latitude (geometry/panorama.py)"
+
+
+def sphere_points(distance: np.ndarray) -> np.ndarray:
+    """Distance along the ray [H, W] (metres; NaN or <= 0 = none, giving NaN) of an equirectangular map ->
+    points [H, W, 3] float32 in the panorama frame."""
+    h, w = distance.shape
+    r = np.where(np.isfinite(distance) & (distance > 0), distance, np.nan)
+    return (pixel_directions(h, w, dtype=np.float64) * r[..., None]).astype(np.float32)
+
+
+def wrapped_edge_mask(distance: np.ndarray, threshold: float) -> np.ndarray:
+    """``camera.edge_mask`` of an equirectangular map, column W - 1 compared with column 0 too (the longitude
+    wrap): [H, W] True where a pixel has a distance and no relative jump above ``threshold`` to a neighbour."""
+    from .camera import edge_mask
+
+    ext = edge_mask(np.concatenate([distance, distance[:, :1]], axis=1), threshold)  # column W = column 0
+    keep = ext[:, :-1]
+    keep[:, 0] &= ext[:, -1]
+    return keep
+
+
+def sphere_normals(points: np.ndarray) -> np.ndarray:
+    """Unit normals [H, W, 3] of the surface through points [H, W, 3] (panorama frame; NaN = none) from
+    central differences along the rows (wrapping at the longitude seam) and the columns (one-sided at the
+    top and bottom rows), facing the panorama's centre; NaN where a difference has no valid end."""
+    p = points.astype(np.float64)
+    du = np.roll(p, -1, axis=1) - np.roll(p, 1, axis=1)
+    dv = np.empty_like(p)
+    dv[1:-1] = p[2:] - p[:-2]
+    dv[0], dv[-1] = p[1] - p[0], p[-1] - p[-2]
+    n = np.cross(dv, du)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n /= np.linalg.norm(n, axis=-1, keepdims=True)
+        n[(n * p).sum(-1) > 0] *= -1  # a surface seen from the centre faces it
+    return n.astype(np.float32)
+
+
+def make_sphere_cloud(
+    rgb: np.ndarray,
+    values: np.ndarray,
+    kind: str,
+    camera_opts,
+    scale_opts,
+    cloud_opts=None,
+    *,
+    per_metre: float | None = None,
+    normals: str = "depth",
+    normals_lotus: np.ndarray | None = None,
+    exif_f35: float | None = None,
+    input_size: tuple[int, int] | None = None,
+    align: np.ndarray | None = None,
+    reuse: dict | None = None,
+    units_assumed: str | None = None,
+    projection_rule: str = "--projection equirect",
+):
+    """``cloud.make_cloud`` for an equirectangular map [H, W] of ``kind`` along the ray (disparity: inverse
+    distance; depth: distance) coloured by rgb [H, W, 3]: each kept pixel at its distance along its own ray,
+    in the panorama frame (or OpenGL's with ``cloud_opts.up`` "y"). The scale and shift come as for a
+    perspective map (``cloud.metric_depth``: --near/--far, --align-to with a metric distance map, ...);
+    no camera applies (``camera_opts``, ``exif_f35`` and ``input_size`` are taken for the same call and
+    unused). ``normals``: "predict" (``normals_lotus``, the panorama's normals in Lotus axes), "depth" or
+    "none"."""
+    from ..errors import InputError, UsageError
+    from . import camera as g
+    from .cloud import FRAMES, NORMAL_FALLBACK, NORMAL_SOURCES, Cloud, CloudOptions, check_size, metric_depth
+
+    cloud_opts = cloud_opts or CloudOptions()
+    h, w = values.shape
+    check_size(w, h, "the depth map")
+    if scale_opts.shape_from_normals:
+        raise UsageError("--shape-from-normals needs a pinhole camera; a panorama has none", "use --near/--far")
+    if reuse is not None:
+        distance = g.to_depth(values, kind, reuse["scale"], reuse["shift"])
+        depth_record = {
+            "method": "the clip's first frame's scale and shift, this frame's map aligned to the clip",
+            **{k: reuse[k] for k in ("scale", "shift", "assumed")},
+            "kind": kind,
+        }
+    else:
+        distance, depth_record = metric_depth(
+            values, kind, scale_opts, per_metre=per_metre, align=align, units_assumed=units_assumed
+        )
+    depth_record["along"] = "the ray (distance from the panorama's centre), not an optical axis"
+    finite = np.isfinite(distance) & (distance > 0)
+    smooth = wrapped_edge_mask(distance, cloud_opts.edge_threshold)
+    pts_all = sphere_points(distance)
+    if normals == "predict":
+        nrm_all = g.convert_normals(normals_lotus.astype(np.float32), "opencv")
+    elif normals == "depth":
+        nrm_all = sphere_normals(pts_all)
+    else:
+        nrm_all = None
+    has_normal = np.isfinite(nrm_all).all(-1) if nrm_all is not None else np.ones_like(finite)
+    keep = smooth & has_normal if cloud_opts.drop_without_normal else smooth
+    chosen = g.subsample(keep, cloud_opts.stride, cloud_opts.max_points, cloud_opts.seed)
+    if not chosen.any():
+        raise InputError(
+            f"no points left ({int(finite.sum())} of {distance.size} pixels have a distance)",
+            "check the map, or raise --edge-threshold (0 keeps every pixel with a distance)",
+        )
+    pts = pts_all[chosen]
+    nrm = None
+    if nrm_all is not None:
+        nrm = nrm_all[chosen]
+        missing = ~np.isfinite(nrm).all(-1)
+        nrm[missing] = -pts[missing] / np.linalg.norm(pts[missing], axis=-1, keepdims=True)
+        away = (nrm * pts).sum(-1) > 0
+        nrm[away] *= -1
+    if cloud_opts.up == "y":
+        pts, nrm = pts * g.TO_OPENGL, (nrm * g.TO_OPENGL if nrm is not None else None)
+    no_normal = finite & smooth & ~has_normal
+    frame = SPHERE_FRAME if cloud_opts.up == "opencv" else FRAMES["y"].replace("camera frame", "panorama frame")
+    record = {
+        "pixels": int(distance.size),
+        "with_depth": int(finite.sum()),
+        "removed_at_edges": int((finite & ~smooth).sum()),
+        "removed_without_normal": int(no_normal.sum()) if cloud_opts.drop_without_normal else 0,
+        "without_normal": 0 if cloud_opts.drop_without_normal else int((no_normal & chosen).sum()),
+        "points": int(chosen.sum()),
+        "edge_threshold": cloud_opts.edge_threshold,
+        "stride": cloud_opts.stride,
+        "max_points": cloud_opts.max_points,
+        "frame": frame,
+    }
+    if nrm is not None:
+        record["normals_flipped"] = int(away.sum())
+    if record["without_normal"]:
+        record["normal_fallback"] = NORMAL_FALLBACK.replace("camera", "panorama's centre")
+    cloud = Cloud(pts, rgb[chosen], nrm, record, np.flatnonzero(chosen), keep, cloud_opts.up)
+    normals_text = (
+        "from the distances (differences of the points on the sphere, wrapping at the longitude seam)"
+        if normals == "depth"
+        else NORMAL_SOURCES[normals].replace("camera", "panorama's centre")
+    )
+    cloud.record = {
+        "camera": {"projection": "equirect", "width": w, "height": h, "model": SPHERE_CAMERA},
+        "camera_source": projection_rule,
+        "depth": depth_record,
+        "normals": normals_text,
+        "cloud": record,
+        "units": "metres",
+        "assumed": list(depth_record["assumed"]),
+    }
+    return cloud
+
+
+def sphere_header_comments(record: dict) -> list[str]:
+    """``cloud.header_comments`` for a panorama's cloud (no pinhole camera to state)."""
+    d = record["depth"]
+    lines = [
+        f"lotus-cli {record.get('lotus_cli', '')} {record.get('model') or record.get('depth_input', '')}".strip(),
+        f"frame {record['cloud']['frame']}",
+        f"camera {SPHERE_CAMERA}, {record['camera']['width']}x{record['camera']['height']}",
+        f"depth {d['method']} ({d['kind']} along the ray)",
+    ]
+    if "scale" in d:
+        lines.append(f"depth scale {d['scale']:.6g} shift {d['shift']:.6g}")
+    lines.append("assumed " + ("; ".join(record["assumed"]) if record["assumed"] else "nothing"))
+    lines.append(f"normals {record['normals']}")
+    return lines
+
+
+def sphere_mesh(cloud, stride: int = 1):
+    """``mesh.from_cloud`` on the sphere: two triangles per 2 x 2 block of grid points (every ``stride``-th
+    row and column) whose pixels all passed the cleaning, including the blocks across the longitude wrap
+    (the last grid column joined to column 0), and at each pole a fan over the first (last) grid row when
+    every pixel of that row passed (so no cap bridges a depth edge). Vertices of column 0 in the wrap blocks
+    are duplicated with u + 1, so the texture runs on across the seam instead of back over the image."""
+    from .mesh import Mesh
+
+    h, w = cloud.kept.shape
+    s = stride
+    index = np.full(h * w, -1, np.int64)
+    index[cloud.pixels] = np.arange(len(cloud.pixels))
+    index = index.reshape(h, w)
+    kept = np.concatenate([cloud.kept, cloud.kept[:, :1]], axis=1)  # column W is column 0 again
+    bad = np.zeros((h + 1, w + 2), np.int64)  # summed-area table of the pixels not kept
+    bad[1:, 1:] = np.cumsum(np.cumsum(~kept, 0), 1)
+    rows = np.arange(0, h - s, s)
+    gcols = np.arange(0, w, s)
+    c0 = gcols
+    c1 = np.append(gcols[1:], w)  # the last grid column's block closes onto column 0 (= W)
+
+    def clean(r0, r1, a, b):  # every pixel of rows r0..r1, columns a..b (inclusive) kept
+        return bad[r1 + 1][:, b + 1] - bad[r0][:, b + 1] - bad[r1 + 1][:, a] + bad[r0][:, a] == 0
+
+    ok = clean(rows, rows + s, c0, c1)  # [rows, cols]
+    bi, bj = np.nonzero(ok)
+    r, a, b = rows[bi], c0[bj], c1[bj]
+    wrap = b == w
+    n = len(cloud.points)
+    right = np.where(wrap, n + index[r, 0], index[r, b % w])  # column 0 in a wrap block: its duplicate
+    right_down = np.where(wrap, n + index[r + s, 0], index[r + s, b % w])
+    tl, bl = index[r, a], index[r + s, a]
+    tri = [np.stack([tl, bl, right], -1), np.stack([bl, right_down, right], -1)]
+    blocks = 2 * len(r)
+    for row in [0, rows[-1] + s] if len(rows) else []:  # the poles' rings: the first and last grid rows
+        ring = index[row, gcols]
+        if cloud.kept[row].all() and (ring >= 0).all() and len(ring) >= 3:
+            tri.append(np.stack([np.full(len(ring) - 2, ring[0]), ring[1:-1], ring[2:]], -1))
+    tri = np.concatenate(tri) if tri else np.zeros((0, 3), np.int64)
+    if len(tri) and tri.min() < 0:
+        raise ValueError("the cloud lacks points of its kept grid: build it with max_points=0 and the same stride")
+    points = np.concatenate([cloud.points, cloud.points])  # a duplicate of each, used for column 0 at the wrap
+    p = points[tri].astype(np.float64)
+    normal = np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
+    away = (normal * p.mean(1)).sum(-1) > 0  # the caps' fans wind either way: every face is seen from inside
+    tri[away] = tri[away][:, ::-1]
+    used = np.unique(tri)
+    remap = np.full(2 * n, -1, np.int64)
+    remap[used] = np.arange(len(used))
+    source = used % n  # the cloud point each vertex is
+    rows_, cols_ = np.divmod(cloud.pixels[source], w)
+    u = (cols_ + 0.5) / w + (used >= n)  # duplicates: one texture width on
+    uvs = np.stack([u, 1 - (rows_ + 0.5) / h], -1).astype(np.float32)
+    record = {
+        "vertices": len(used),
+        "triangles": len(tri),
+        "wrap_triangles": int(2 * wrap.sum()),
+        "pole_triangles": len(tri) - blocks,
+        "points_in_no_triangle": n - len(np.unique(source)),
+        "stride": s,
+        "rule": "two triangles per 2x2 block of grid points whose pixels all passed the flying-pixel test, "
+        "across the longitude wrap too; a fan over each pole's ring when every pixel of its row passed",
+    }
+    normals = cloud.normals[source] if cloud.normals is not None else None
+    return Mesh(
+        cloud.points[source], remap[tri].astype(np.int32), normals, cloud.colors[source], uvs, source, cloud.up, record
+    )
