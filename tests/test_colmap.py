@@ -291,3 +291,25 @@ def test_cli_with_a_tiny_checkpoint(tmp_path, checkpoints):
             assert not (tmp_path / "o/mono_depth" / f"{rec['key']}_aligned.npy").exists()
     assert r.exit_code == (1 if any(rec["status"] == "failed" for rec in records) else 0)
     assert (tmp_path / "o/lotus-colmap/scene.json").is_file()
+
+
+def test_resized_images_and_a_rerun_fuse_alike(binary_scene, tmp_path):
+    """Images at half the model's size (nerfstudio's images_2): the camera is rescaled with them, also for views
+    a --skip-existing rerun keeps, so fusion finds the same agreement."""
+    from PIL import Image
+
+    half = tmp_path / "images_2"
+    half.mkdir()
+    for name in binary_scene.names:
+        im = Image.open(binary_scene.root / "images" / name)
+        im.resize((im.width // 2, im.height // 2), Image.BILINEAR).save(half / name)
+    out = tmp_path / "o"
+    summary, _ = run(binary_scene, out, images=half)
+    assert summary.done == len(binary_scene.names)
+    first = json.loads((out / "lotus-colmap/scene.json").read_text())["fusion"]["kept"]
+    dist = surface_distance(read_ply_points(out / "fused.ply")["points"].astype(np.float64))
+    assert first > 500 and np.percentile(dist, 99) < 2 * FUSED_P99
+    assert np.load(out / "mono_depth/view_00_aligned.npy").shape == (36, 48)
+    summary, _ = run(binary_scene, out, images=half, skip_existing=True)
+    assert summary.skipped == len(binary_scene.names)
+    assert json.loads((out / "lotus-colmap/scene.json").read_text())["fusion"]["kept"] == first

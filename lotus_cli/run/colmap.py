@@ -564,12 +564,21 @@ class SceneRun:
             self.reporter.note(f"note: no fusion: {len(ok)} aligned views, --min-views {r.min_views} needs more")
             return None
         sizes = [np.load(self.files(g.key)["depth_npy"], mmap_mode="r").shape for g in ok]
+        for g, (h, w) in zip(ok, sizes):  # a view kept by --skip-existing still has the model's camera
+            g.camera = camera_for(g.camera, w, h, str(g.path))
         views = [colmap_view(g, s[1], s[0]) for g, s in zip(ok, sizes)]
         index = {g.image_id: i for i, g in enumerate(ok)}
         tracks = []
         for p in self.rec.points3D.values():
             tracks.append([index[e.image_id] for e in p.track.elements if e.image_id in index])
         neighbours = covisible_neighbours(tracks, len(ok), r.neighbours)
+        centres = np.array([v.centre for v in views])
+        for i, nb in enumerate(neighbours):  # too few shared points: the nearest cameras make up the number
+            for j in np.argsort(np.linalg.norm(centres - centres[i], axis=-1)):
+                if len(nb) >= r.neighbours:
+                    break
+                if j != i and j not in nb:
+                    nb.append(int(j))
         depth = DepthCache(lambda i: np.load(self.files(ok[i].key)["depth_npy"], mmap_mode="r"), size=2 * r.neighbours)
 
         def extras(i):
