@@ -142,3 +142,51 @@ def test_a_360_clip_works_the_same(tmp_path, depth_d):
     frames = sorted(out.rglob("*.npy"))
     assert frames and all(np.load(f).shape == (64, 128) for f in frames)
     assert json.loads((out / "clip.json").read_text())["options"]["projection"] == "equirect"
+
+
+# -------------------------------------------------------------------------------------------- pointcloud
+
+
+def read_ply(path):
+    import open3d as o3d
+
+    pc = o3d.t.io.read_point_cloud(str(path))
+    return pc.point.positions.numpy(), pc.point.colors.numpy(), pc.point.normals.numpy()
+
+
+def test_pointcloud_of_a_panorama_lies_on_the_sphere_and_its_mesh_closes(pano, tmp_path, depth_d):
+    out = tmp_path / "pc"
+    args = ("-m", depth_d, "--normals", "depth", "--near", "1", "--far", "5", "--mesh-format", "ply,glb")
+    r = lotus("pointcloud", pano, "-o", out, "--projection", "equirect", "--edge-threshold", "0", *args, *FAST)
+    assert r.exit_code == 0, r.output
+    side = json.loads((out / "room.json").read_text())
+    assert side["camera"]["projection"] == "equirect" and side["options"]["projection"] == "equirect"
+    assert len(side["panorama"]["views"]) == 6 and side["cloud"]["points"] == 64 * 128
+    pts, _, nrm = read_ply(out / "room.ply")
+    d = np.linalg.norm(pts, axis=-1)
+    assert d.min() == pytest.approx(1.0, rel=1e-4) and d.max() == pytest.approx(5.0, rel=1e-4)
+    assert ((nrm * pts).sum(-1) <= 1e-6).all()  # every normal faces the centre
+    mesh = side["mesh"]
+    assert mesh["wrap_triangles"] > 0 and mesh["pole_triangles"] > 0 and (out / "room.glb").is_file()
+    # every pixel kept: blocks on 63 rows x 128 columns (the last closing onto column 0), two fans of 126
+    assert mesh["triangles"] == 2 * 63 * 128 + 2 * 126
+
+
+def test_pointcloud_of_a_true_distance_map_is_the_room(pano, tmp_path):
+    """--depth with a metric map: every point at its pixel's true distance along its ray."""
+    from lotus_cli.geometry.panorama import pixel_directions
+
+    scene = render_panorama(64, 128, furnished_room())
+    np.save(tmp_path / "room.npy", scene["distance"].astype(np.float32))
+    out = tmp_path / "pc"
+    args = ("--depth-kind", "depth", "--depth-units", "m", "--normals", "depth", "--mesh", "--edge-threshold", "0")
+    r = lotus("pointcloud", pano, "--depth", tmp_path / "room.npy", "-o", out, "--projection", "equirect", *args)
+    assert r.exit_code == 0, r.output
+    pts, _, _ = read_ply(out / "room.ply")
+    want = pixel_directions(64, 128, dtype=np.float64) * scene["distance"][..., None]
+    np.testing.assert_allclose(pts, want.reshape(-1, 3), atol=1e-5)
+
+
+def test_pointcloud_refuses_pinhole_options_with_a_panorama(pano, tmp_path, depth_d):
+    r = lotus("pointcloud", pano, "-o", tmp_path / "o", "-m", depth_d, "--projection", "equirect", "--fov", "90")
+    assert r.exit_code == 2 and "--fov need a pinhole camera" in r.stderr, r.output

@@ -177,6 +177,18 @@ Preview = Annotated[
 ]
 
 
+Projection = Annotated[
+    str,
+    _opt(
+        "--projection",
+        help="perspective, equirect (a 360-degree equirectangular panorama: predicted as overlapping views, "
+        "back-projected on the sphere, the mesh closed at the seam and the poles; docs/panoramas.md), or auto "
+        "(equirect for a 2:1 image whose XMP says GPano:ProjectionType equirectangular).",
+        show_default=True,
+    ),
+]
+
+
 @app.command()
 def pointcloud(
     inputs: Inputs = None,
@@ -206,6 +218,7 @@ def pointcloud(
     mesh: MeshOpt = False,
     mesh_format: MeshFormat = None,
     preview: Preview = False,
+    projection: Projection = "perspective",
     max_pixels: MaxPixels = 100_000_000,
     processing_res: ProcRes = 768,
     seed: Seed = 0,

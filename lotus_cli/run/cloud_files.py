@@ -4,6 +4,7 @@ the cloud done). What a cloud is made with (models, options) travels in ``CloudS
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 from ..errors import InputError
 from ..geometry import mesh, preview
 from ..geometry.cloud import CameraOptions, CloudOptions, ScaleOptions, header_comments, make_cloud
+from ..geometry.panorama import make_sphere_cloud, sphere_header_comments, sphere_mesh
 from ..geometry.ply import write_ply
 from ..io.atomic import write_bytes, write_json
 from ..io.outputs import encode_png, remove_unlisted
@@ -27,7 +29,8 @@ KIND = "pointcloud"  # the sidecars' kind
 class CloudSpec:
     """How every cloud of a run is made and where it goes. ``model``: the sidecars' record of the models
     ({"model", "normal_model", "device", "dtype"}); ``normals``: "predict", "depth" or "none" as resolved;
-    ``align``: the metric map of --align-to, read once."""
+    ``align``: the metric map of --align-to, read once. ``projection``: "equirect" for a panorama's map (on the
+    sphere: geometry/panorama.py), and ``projection_rule`` what decided it, for the sidecar."""
 
     out: Path
     camera: CameraOptions
@@ -38,6 +41,8 @@ class CloudSpec:
     preview: bool
     model: dict
     align: np.ndarray | None = None
+    projection: str = "perspective"
+    projection_rule: str = ""
 
     def files(self, key: str) -> list[Path]:
         """The files one cloud is made of, besides its sidecar."""
@@ -79,8 +84,10 @@ def write_cloud(
     """Back-project ``values`` (a map of ``kind`` [H, W]) coloured by ``rgb`` and write ``key``'s files;
     returns ({name: path} of the files written, the frame record a clip's sidecar lists). ``reuse``: an
     earlier frame's depth fit (a clip's later frames)."""
+    sphere = spec.projection == "equirect"
+    build = functools.partial(make_sphere_cloud, projection_rule=spec.projection_rule) if sphere else make_cloud
     try:
-        cloud = make_cloud(
+        cloud = build(
             rgb,
             values,
             kind,
@@ -117,7 +124,7 @@ def write_cloud(
             **more,
         )
 
-    comments = header_comments(record({}))
+    comments = (sphere_header_comments if sphere else header_comments)(record({}))
     write_ply(ply, cloud.points, cloud.colors, cloud.normals, comments)
     outputs = {"ply": {"file": ply.name}}
     more = _mesh_and_preview(
@@ -139,7 +146,7 @@ def _mesh_and_preview(spec: CloudSpec, key, subject, cloud, outputs, texture, co
     sections, shown = {}, cloud
     base = spec.out / key
     if spec.mesh_formats:
-        shown = mesh.from_cloud(cloud, spec.cloud.stride)
+        shown = (sphere_mesh if spec.projection == "equirect" else mesh.from_cloud)(cloud, spec.cloud.stride)
         files = mesh.write(shown, spec.mesh_formats, base.parent, base.name, texture, comments)
         sections["mesh"] = {
             **shown.record,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,9 @@ from ..io.atomic import check_out_dir, write_json
 from ..io.sidecar import sidecar
 from ..io.sources import Item, is_video
 from ..io.video import FrameSelect, open_video
+from ..io.xmp import auto_projection
 from ..model import registry
+from ..model.panorama import PanoramaOptions, predict_panorama
 from ..model.predictor import PredictOptions
 from .clip import frame_name
 from .cloud_files import KIND, CloudSpec, write_cloud
@@ -78,6 +80,7 @@ class PointcloudRequest:
     end: float | None = None
     max_frames: int | None = None
     skip_existing: bool = False
+    projection: str = "perspective"  # perspective | equirect | auto (docs/panoramas.md)
 
     @property
     def out_dir(self) -> Path:
@@ -113,6 +116,25 @@ def _check(r: PointcloudRequest) -> None:
         raise UsageError("--depth back-projects one map: give at most one image (for the colours)")
     if r.depth is None and not r.inputs:
         raise UsageError("no inputs given", "pass images, videos, folders, or --depth MAP")
+    if r.projection not in ("perspective", "equirect", "auto"):
+        raise UsageError(f"--projection must be perspective, equirect or auto, not {r.projection!r}")
+    if r.projection != "perspective":  # a panorama has no pinhole camera, and the preview is a camera's view
+        pinhole = [
+            n
+            for n, on in (
+                ("--fov", r.fov is not None),
+                ("--focal-px", r.focal_px is not None),
+                ("--intrinsics", r.intrinsics is not None),
+                ("--shape-from-normals", r.shape_from_normals),
+                ("--preview", r.preview),
+            )
+            if on
+        ]
+        if pinhole:
+            raise UsageError(
+                f"{', '.join(pinhole)} need a pinhole camera, and --projection {r.projection} may have none",
+                f"drop {', '.join(pinhole)}",
+            )
 
 
 class CloudRun:
@@ -255,12 +277,37 @@ class CloudRun:
             "mesh_formats": list(self.mesh_formats),
             "preview": r.preview,
         }
+        if r.projection != "perspective":  # only then: earlier sidecars stay reusable
+            options["projection"] = r.projection
         if clip:
             options.update(fps=r.fps, start=r.start, end=r.end, max_frames=r.max_frames)
         # JSON has no infinity (--far inf): such a number is recorded as its text
         return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in options.items()}
 
     # -- one input --------------------------------------------------------------------------------------
+
+    def _projection(self, path: Path | None) -> tuple[str, str]:
+        """(projection, the rule that decided) for an input: --projection, or with auto the image file's own
+        (2:1 and XMP GPano:ProjectionType equirectangular, io/xmp.py); a video's metadata is not read."""
+        p = self.r.projection
+        if p != "auto":
+            return p, f"--projection {p}"
+        if path is None or is_video(path):
+            return "perspective", "auto: no image file's metadata to read (--projection equirect for a 360 clip or map)"
+        return auto_projection(path)
+
+    def _predict(self, model, rgb: np.ndarray, projection: tuple[str, str]):
+        """``model``'s Prediction for ``rgb``: through the panorama's views for an equirect ``projection``."""
+        if projection[0] == "equirect":
+            return predict_panorama(model, [rgb], self.opts, PanoramaOptions(rule=projection[1]))[0]
+        return model.predict(rgb, self.opts)
+
+    def _spec(self, projection: tuple[str, str]) -> CloudSpec:
+        return (
+            self.spec
+            if projection[0] == "perspective"
+            else replace(self.spec, projection=projection[0], projection_rule=projection[1])
+        )
 
     def _report(self, r: ItemResult) -> None:
         r.kind = KIND
@@ -322,13 +369,14 @@ class CloudRun:
             fill = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
             rgb = visualize.colorize_depth(np.nan_to_num(values, nan=fill), info["kind"], "Spectral")
             input_size, exif, rgb_full = None, None, None
+        projection = self._projection(image)  # with auto: the image's metadata (a map file has none)
         normals = None
         if self.normal_model is not None:
-            normals = resize_to(self.normal_model.predict(rgb_full, self.opts).map, values.shape)
+            normals = resize_to(self._predict(self.normal_model, rgb_full, projection).map, values.shape)
         units = info["units"] if info["units"].startswith("assumed") else None
         subject = str(image if image is not None else r.depth)
         outputs, _ = write_cloud(
-            self.spec,
+            self._spec(projection),
             key,
             subject,
             rgb,
@@ -354,8 +402,9 @@ class CloudRun:
         rgb = sources.read_image(item.path, self.r.max_pixels)
         check_size(rgb.shape[1], rgb.shape[0], str(item.path))
         outputs, _ = self._predict_and_write(
-            item.key, str(item.path), rgb, sources.exif_focal_35mm(item.path), {}, t0, self.options()
-        )
+            item.key, str(item.path), rgb, sources.exif_focal_35mm(item.path), {}, t0, self.options(),
+            projection=self._projection(item.path),
+        )  # fmt: skip
         self._done(item.key, str(item.path), outputs, t0, redone)
 
     def _done(self, key: str, subject: str, outputs: dict, t0: float, redone, frames: int = 1) -> None:
@@ -404,6 +453,7 @@ class CloudRun:
                     self.options(clip=True),
                     stabilizer,
                     first,
+                    projection=self._projection(item.path),
                 )
                 first = first or frame["depth"]
                 written.append(frame)
@@ -419,19 +469,33 @@ class CloudRun:
         outputs = {"ply": str(self.out / item.key), "json": str(side)}
         self._done(item.key, subject, outputs, t0, redone, frames=len(written))
 
-    def _predict_and_write(self, key, subject, rgb, exif, sections, t0, options, stabilizer=None, reuse=None):
+    def _predict_and_write(
+        self,
+        key,
+        subject,
+        rgb,
+        exif,
+        sections,
+        t0,
+        options,
+        stabilizer=None,
+        reuse=None,
+        projection=("perspective", ""),
+    ):
         t_model = time.perf_counter()
-        pred = self.depth_model.predict(rgb, self.opts)
+        pred = self._predict(self.depth_model, rgb, projection)
         values = stabilizer(pred.map)[0] if stabilizer is not None else pred.map
-        normals = self.normal_model.predict(rgb, self.opts).map if self.normal_model else None
+        normals = self._predict(self.normal_model, rgb, projection).map if self.normal_model else None
         sections = {
             **sections,
             "processing_size": [pred.processing_size[1], pred.processing_size[0]],
             "model_seconds": round(time.perf_counter() - t_model, 4),
         }
         kind = self.depth_model.kind
+        if "panorama" in pred.extra:
+            sections["panorama"] = pred.extra["panorama"]
         return write_cloud(
-            self.spec, key, subject, rgb, values, kind, options, sections, self.reporter, t0,
+            self._spec(projection), key, subject, rgb, values, kind, options, sections, self.reporter, t0,
             normals=normals, exif=exif, reuse=reuse,
         )  # fmt: skip
 
