@@ -4,6 +4,7 @@ stand in for s3:// / gs://; memory:// itself is an input only (--out there would
 import io
 import json
 import uuid
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -195,3 +196,27 @@ def test_a_rerun_at_a_url_redoes_what_skip_existing_would(bucket, depth_d):
     assert recs["x"]["status"] == "skipped"
     assert recs["y"]["status"] == "done" and recs["y"]["redone"] == "its run was interrupted"
     assert not fs.exists(f"/{name}/in/a/out/out")
+
+
+def test_point_clouds_take_urls_as_the_other_commands_do(bucket, tmp_path, depth_d):
+    """bucket:// in and out (the mesh's OBJ material and texture uploaded too, every file the sidecar lists), a
+    resume judged at the URL, and file:// naming local paths (no folder literally named 'file:')."""
+    fs, name = bucket["fs"], bucket["name"]
+    args = ["pointcloud", f"bucket://{name}/in/a", "--out", f"bucket://{name}/pc", "-m", depth_d, "--processing-res",
+            32, "--normals", "depth", "--mesh-format", "obj", "--json"]  # fmt: skip
+    r = lotus(*args)
+    assert r.exit_code == 0, r.output
+    recs = {rec["key"]: rec for rec in records(r.stdout)}
+    assert set(recs) == {"x", "y"} and recs["x"]["input"] == f"bucket:///{name}/in/a/x.png"
+    assert recs["x"]["outputs"]["ply"] == f"bucket://{name}/pc/x.ply"
+    side = json.loads(fs.cat_file(f"/{name}/pc/x.json"))
+    for f in [o["file"] for o in side["outputs"].values()] + side["outputs"]["obj"]["companions"]:
+        assert fs.isfile(f"/{name}/pc/{f}"), f
+    r = lotus(*args, "--skip-existing")
+    assert r.exit_code == 0 and {rec["status"] for rec in records(r.stdout)} == {"skipped"}, r.output
+    local = bucket["local"] / "a" / "x.png"
+    out = tmp_path / "pc"
+    r = lotus("pointcloud", f"file://{local}", "--out", f"file://{out}", "-m", depth_d, "--processing-res", 32,
+              "--normals", "depth")  # fmt: skip
+    assert r.exit_code == 0 and (out / "x.ply").is_file(), r.output
+    assert f"-> {out}" in r.stderr and not list(tmp_path.glob("file:*")) and not list(Path().glob("file:*"))

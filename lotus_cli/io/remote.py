@@ -18,7 +18,6 @@ The backend comes from fsspec's registry: s3:// needs ``s3fs``, gs:// ``gcsfs``;
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import InputError, OutputError, UsageError
 from .cache import cache_dir
-from .sidecar import reuse_verdict
+from .sidecar import listed_files, read_record, reuse_verdict
 from .sources import Item, assign_keys, is_hidden
 
 # "s3://b/k", or "s3:/b/k" as pathlib leaves a URL given to a Path option; not "C:/x" (one letter)
@@ -218,12 +217,14 @@ class Outputs:
     def publish(self, result):
         """Upload a finished ``ItemResult``'s files (a video's frame folder first, the sidecar
         last), remove the staged copies, and return the result with URLs for outputs. Layers written
-        beside the map (x.mean.png of `lotus uncertainty`) go too. A failed upload fails the item."""
+        beside the map (x.mean.png of `lotus uncertainty`) and the companions of a file (an OBJ's material and
+        texture) go too: every file the sidecar lists. A failed upload fails the item."""
         if result.status != "done" or not result.outputs:
             return result
         fs, _ = filesystem(self.url)
         sidecar = Path(result.outputs["json"])
-        files = sorted({*(Path(v) for v in result.outputs.values()), *_layer_files(sidecar)})
+        listed = (sidecar.with_name(name) for name in listed_files(read_record(sidecar)))  # layers, companions
+        files = sorted({*(Path(v) for v in result.outputs.values()), *listed})
         files.sort(key=lambda p: (p == sidecar, not p.is_dir()))
         try:
             for local in files:
@@ -240,17 +241,3 @@ class Outputs:
         for local in files:
             shutil.rmtree(local, ignore_errors=True) if local.is_dir() else local.unlink(missing_ok=True)
         return replace(result, outputs={k: self.remote(v) for k, v in result.outputs.items()})
-
-
-def _layer_files(sidecar: Path) -> list[Path]:
-    """The files of the layers a sidecar lists (``layers.<name>.outputs.<format>.file``, beside it)."""
-    try:
-        record = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
-        return []
-    return [
-        sidecar.with_name(o["file"])
-        for layer in (record.get("layers") or {}).values()
-        for o in layer.get("outputs", {}).values()
-        if isinstance(o, dict) and "file" in o
-    ]

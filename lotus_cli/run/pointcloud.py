@@ -22,7 +22,7 @@ from ..errors import InputError, LotusError, UsageError, brief
 from ..geometry import mesh
 from ..geometry.align import Stabilizer
 from ..geometry.cloud import CameraOptions, CloudOptions, ScaleOptions, check_size, parse_intrinsics, resize_to
-from ..io import sources, visualize
+from ..io import remote, sources, visualize
 from ..io.atomic import check_out_dir, write_json
 from ..io.sidecar import sidecar
 from ..io.sources import Item, is_video
@@ -161,21 +161,47 @@ class CloudRun:
         self.select = FrameSelect(r.fps, r.start, r.end, r.max_frames)
         # an unknown or wrong-task model (or one nothing describes) fails before any input is read
         self.depth_ref = None if r.depth is not None else registry.resolve(r.model, "depth", r.output_kind)
-        self.out = r.out_dir
+        self.out, self.outputs = self._out_dir(r)
         self.problems: list[InputError] = []
+        self.staged = remote.Inputs({})
         if r.depth is not None:
             self.map_key = Path(r.depth).name.split(".")[0]  # x.16bit.png -> x: the outputs' name
-            self.items = [Item(Path(r.inputs[0]), self.map_key)] if r.inputs else []
+            self.items = [Item(Path(remote.normalise(r.inputs[0])), self.map_key)] if r.inputs else []
         else:
-            self.items, self.problems = sources.expand(
-                r.inputs, exts=sources.MEDIA_EXTS, exclude=(self.out,), on_warning=reporter.warning
-            )
+            self.items, self.problems = self._list(r.inputs)
         if r.align_to is not None and (
             len(self.items) + len(self.problems) > 1 or any(is_video(i.path) for i in self.items)
         ):
             raise UsageError("--align-to fits one metric map to one view", "give a single image or --depth map")
-        check_out_dir(self.out)
-        self.summary = Summary(out=str(self.out))
+        self.summary = Summary(out=self.outputs.url if self.outputs else str(self.out))
+
+    @staticmethod
+    def _out_dir(r: PointcloudRequest):
+        """(the local folder the files are written in, the remote --out they are published to, or None): a URL
+        (s3://...) stages its files locally and uploads each cloud as it is done, as `lotus depth` does."""
+        out = remote.normalise(r.out_dir)  # file:///x is the local /x
+        if remote.is_url(out):
+            outputs = remote.Outputs(out)
+            outputs.check()
+            return outputs.staging, outputs
+        check_out_dir(Path(out))
+        return Path(out), None
+
+    def _list(self, inputs):
+        """(items, problems) of local paths and URLs; the output folder is never listed."""
+        local = [remote.normalise(i) for i in inputs if not remote.is_url(i)]
+        items, problems = ([], [])
+        if local:
+            exclude = () if self.outputs else (self.out,)
+            items, problems = sources.expand(
+                local, exts=sources.MEDIA_EXTS, exclude=exclude, on_warning=self.reporter.warning
+            )
+        urls = [i for i in inputs if remote.is_url(i)]
+        if urls:
+            excluded = (self.outputs.url,) if self.outputs else ()
+            more, more_problems, self.staged = remote.expand(urls, sources.MEDIA_EXTS, exclude=excluded)
+            items, problems = items + more, problems + more_problems
+        return items, problems
 
     # -- running ---------------------------------------------------------------------------------------
 
@@ -310,7 +336,9 @@ class CloudRun:
         )
 
     def _report(self, r: ItemResult) -> None:
-        r.kind = KIND
+        r.kind, r.input = KIND, self.staged.url(r.item)
+        if self.outputs is not None:
+            r = self.outputs.publish(r)
         self.summary.add(r)
         self.reporter.result(r)
 
@@ -321,6 +349,9 @@ class CloudRun:
         try:
             redone = self._redo(key, subject, is_video(Path(subject)) and self.r.depth is None)
             if redone is not False:
+                url = self.staged.url(Item(Path(subject), key))
+                if url:
+                    remote.fetch(url, Path(subject))
                 work(*args, redone=redone)
         except UsageError:
             raise
@@ -335,7 +366,12 @@ class CloudRun:
         (None: nothing to reuse, or --skip-existing is off)."""
         if not self.r.skip_existing:
             return None
-        keep, why = self.spec.reuse(key, self.options(clip), clip)
+        if self.outputs is not None:  # judged at the URL: the sidecar there, and the files it names
+            made = {"kind": KIND, "model": self.spec.model["model"], "options": self.options(clip), "settings": {}}
+            files = [] if clip else [f.relative_to(self.out).as_posix() for f in self.spec.files(key)]
+            keep, why = self.outputs.reusable(f"{key}.json", files, lambda: made)
+        else:
+            keep, why = self.spec.reuse(key, self.options(clip), clip)
         if keep:
             self._report(ItemResult(Item(Path(subject), key), "skipped", {"json": str(self.out / f"{key}.json")}))
             return False
