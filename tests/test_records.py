@@ -163,3 +163,39 @@ def test_the_ray_engine_without_ray_says_how_to_install_it(monkeypatch, tmp_path
     (tmp_path / "x.png").write_bytes(b"")
     r = lotus("depth", tmp_path / "x.png", "-o", tmp_path / "o", "-m", depth_d, "--engine", "ray")
     assert r.exit_code == 2 and "pip install 'lotus-cli[ray]'" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_a_batch_out_of_memory_fails_no_input_and_one_too_big_fails_alone(tmp_path, depth_d):
+    """The runners take out of memory item by item (model.fallbacks): a batch that does not fit is redone image
+    by image and each sidecar says so; an image that fits neither alone nor in tiles fails alone, and the run
+    goes on: never the whole batch."""
+    import torch
+
+    from lotus_cli.io.sources import Item
+    from lotus_cli.model.predictor import LotusPredictor, PredictOptions
+    from lotus_cli.run.images import run_images
+    from lotus_cli.run.made import OutputSpec
+
+    class Tight(LotusPredictor):
+        def predict_batch(self, images, opts):
+            if len(images) > 1 or images[0].shape[1] > 40:  # a batch, or the wide image even alone
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().predict_batch(images, opts)
+
+    predictor = Tight.from_pretrained(str(depth_d), device="cpu")
+    items = []
+    for i, w in enumerate((32, 32, 64)):
+        Image.fromarray(make_image(24, w, seed=i)).save(tmp_path / f"im{i}.png")
+        items.append(Item(tmp_path / f"im{i}.png", f"im{i}"))
+    got = []
+    s = run_images(predictor, items, OutputSpec(tmp_path / "o", ("npy",)), PredictOptions(processing_res=32,
+                   batch_size=2), on_result=got.append)  # fmt: skip
+    status = {r.item.key: r.status for r in got}
+    assert status["im0"] == status["im1"] == "done" and s.done >= 2
+    side = json.loads((tmp_path / "o" / "im0.json").read_text())
+    assert side["memory_fallback"].startswith("alone: the batch of 2 ran out of memory")
+    wide = next(r for r in got if r.item.key == "im2")
+    if wide.status == "failed":  # in tiles it still asks for more than it is given: that image alone fails
+        assert "out of memory" in wide.error and "--processing-res" in wide.error
+    else:  # its tiles fitted: a plain map of the whole image, said so
+        assert "tiles" in json.loads((tmp_path / "o" / "im2.json").read_text())["memory_fallback"]

@@ -6,6 +6,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lotus_cli.cli import app
@@ -55,6 +56,7 @@ class FakePredictor:
     """Stands in for LotusPredictor: a fixed scene under a known per-frame affine perturbation."""
 
     task, kind, family = "depth", "disparity", "d"
+    device = torch.device("cpu")  # where an out-of-memory retry frees the cache
 
     def __init__(self, perturb=True, interrupt_at=None):
         self.perturb, self.interrupt_at, self.calls = perturb, interrupt_at, 0

@@ -6,6 +6,7 @@ frame and coloured with one range for the clip.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -23,6 +24,7 @@ from ..io.outputs import spread_unit, write_map
 from ..io.sidecar import reusable, sidecar
 from ..io.sources import Item
 from ..io.video import ClipRange, Frame, FrameSelect, VideoInfo, VideoWriter, open_video
+from ..model.fallbacks import predict_items
 from ..model.predictor import LotusPredictor, Prediction, PredictOptions
 from .made import OutputSpec, VideoSpec, axes_record, made_with, stabilizes
 from .results import ItemResult
@@ -148,7 +150,8 @@ class VideoJob:
         predict_options: dict | None = None,
     ):
         self.predictor, self.item, self.output, self.opts, self.spec = predictor, item, output, opts, spec
-        self.predict = predict or predictor.predict_batch
+        # out of memory: the batch again frame by frame, never in tiles (the frames of a clip stay alike)
+        self.predict = predict or functools.partial(predict_items, predictor, predict=predictor.predict_batch)
         self.kind = kind or predictor.kind
         self.on_frame = on_frame
         self.model = predictor.describe()
@@ -258,6 +261,9 @@ class VideoJob:
             if not batch:
                 return
             preds = self.predict([f.rgb for f in batch], self.opts)
+            failed = next((p for p in preds if isinstance(p, LotusError)), None)
+            if failed is not None:  # a frame no try could predict (out of memory alone and in tiles): the clip stops
+                raise failed
             if preds and not self.tiling and "tiling" in preds[0].extra:
                 self.tiling["tiling"] = preds[0].extra["tiling"]
             if preds and "uncertainty" in preds[0].extra and "statistic" not in self.about:

@@ -11,6 +11,7 @@ its sidecar says its run completed with the same model and options, otherwise it
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict, deque
@@ -24,6 +25,7 @@ from ..io.formats import Style
 from ..io.outputs import output_paths, write_outputs
 from ..io.sidecar import reusable, sidecar
 from ..io.sources import DEFAULT_MAX_PIXELS, Item, read_image
+from ..model.fallbacks import predict_items
 from ..model.predictor import LotusPredictor, Prediction, PredictOptions, Prepared, processing_size
 from .made import OutputSpec, axes_record, made_with
 from .results import ItemResult, Summary
@@ -43,15 +45,17 @@ def run_images(
     predict_options: dict | None = None,
     read: Callable[[Item], np.ndarray | Prepared] | None = None,
 ) -> Summary:
-    """Predict every item and write its outputs; returns the counts. ``predict`` replaces
-    ``predictor.predict_batch`` (e.g. ensembles, tiling), ``kind`` the kind of map it returns and
+    """Predict every item and write its outputs; returns the counts. ``predict(images, opts)`` gives one
+    result per image, a Prediction or the LotusError that fails it alone (default: the plain prediction with
+    its out-of-memory fallbacks, ``model.fallbacks.predict_items``; ``run.predict.make_predict`` builds the
+    tiled and ensemble ones), ``kind`` the kind of map it returns and
     ``predict_options`` its output-changing options (e.g. {"tile": ..., "samples": ...}: recorded in the
     sidecar and compared by ``skip_existing``); a Prediction's ``extra`` goes into the sidecar and its
     ``layers`` are written beside the map. ``read`` replaces reading an item's file (``read_image``), e.g.
     with an image a pipeline's CPU stage decoded (and, as ``Prepared``, resized) already."""
     read = read or (lambda item: read_image(item.path, max_pixels))
     summary = Summary()
-    predict = predict or predictor.predict_batch
+    predict = predict or functools.partial(predict_items, predictor)
     kind = kind or predictor.kind
     t_start = time.perf_counter()
     model = predictor.describe()
@@ -119,6 +123,9 @@ def run_images(
                 return
             model_s = (time.perf_counter() - t0) / len(batch)
             for (item, paths, rgb), pred in zip(batch, preds):
+                if isinstance(pred, LotusError):  # this image alone (out of memory in every try, a bad map)
+                    report(ItemResult(item, "failed", error=f"{item.path}: {pred}", seconds=model_s))
+                    continue
                 record = sidecar(
                     kind,
                     model=model,

@@ -26,6 +26,7 @@ from ..io.visualize import colormap_lut
 from ..io.xmp import auto_projection
 from ..model import registry, weights
 from ..model.compile import compile_status
+from ..model.fallbacks import predict_items, tiled_smaller
 from ..model.panorama import PanoramaOptions, predict_panorama
 from ..model.predictor import EnsembleOptions, PredictOptions, processing_size
 from ..model.tiling import TileOptions, predict_tiled, predict_tiled_ensemble
@@ -231,7 +232,10 @@ def make_predict(
     """The batch function the runners call in place of predictor.predict_batch: panorama, tiled, ensemble or
     plain, refusing inputs too small for the model with one clear line each. ``projection`` "equirect": the
     images are equirectangular panoramas (model/panorama.py); ``rule``: what decided the projection, recorded
-    in each sidecar (default: the flag). Module-level, so that a partial of it travels to scaled-out workers."""
+    in each sidecar (default: the flag). Out of memory is taken item by item (``model.fallbacks.predict_items``:
+    the batch again image by image, then, for a plain prediction, in tiles), so the function gives one result
+    per image: a ``Prediction``, or the ``LotusError`` that fails that image alone. Module-level, so that a
+    partial of it travels to scaled-out workers."""
     if projection == "equirect":
         popts = PanoramaOptions(rule=rule or "--projection equirect")
         run = lambda images, o: predict_panorama(predictor, images, o, popts)
@@ -253,6 +257,8 @@ def make_predict(
             return preds
 
     need = predictor.latent_factor
+    plain = projection == "perspective" and not (tiles or ensemble)
+    smaller = (lambda rgb, o: tiled_smaller(predictor, rgb, o)) if plain else None
 
     def predict(images, o):
         h, w = processing_size(*images[0].shape[:2], o.processing_res)  # one processing size per batch
@@ -262,7 +268,7 @@ def make_predict(
                 f"the model's minimum of {need} px a side",
                 "raise --processing-res, or pad the image",
             )
-        return run(images, o)
+        return predict_items(predictor, images, o, run, tiled=smaller)
 
     return predict
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, LotusError, UsageError
 from ..geometry.align import Stabilizer
 from ..io.formats import FORMATS, Style
 from ..io.video import ClipRange
+from ..model.fallbacks import predict_items
 from ..model.predictor import LotusPredictor, Prediction, PredictOptions
 
 RAW_OUTPUTS = ("f32", "u16", "rgb")
@@ -68,7 +70,9 @@ def run_raw(
             batch.append(np.frombuffer(buf, np.uint8).reshape(h, w, 3).copy())
         if not batch:
             return count
-        for pred in (predict or predictor.predict_batch)(batch, opts):
+        for pred in (predict or functools.partial(predict_items, predictor))(batch, opts):
+            if isinstance(pred, LotusError):  # a frame no try could predict: the pipe stops with its reason
+                raise pred
             value = stabilizer(pred.map)[0] if stabilizer is not None else pred.map
             if out == "f32":  # the npy format's values
                 data = FORMATS["npy"].pixels(value, kind, style)[0].astype("<f4")
