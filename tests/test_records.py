@@ -199,3 +199,9 @@ def test_a_batch_out_of_memory_fails_no_input_and_one_too_big_fails_alone(tmp_pa
         assert "out of memory" in wide.error and "--processing-res" in wide.error
     else:  # its tiles fitted: a plain map of the whole image, said so
         assert "tiles" in json.loads((tmp_path / "o" / "im2.json").read_text())["memory_fallback"]
+
+
+def test_the_ray_engine_refuses_a_gpu_index_its_actors_cannot_see(tmp_path, depth_d):
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
+    r = lotus("depth", tmp_path / "x.png", "-o", tmp_path / "o", "-m", depth_d, "--engine", "ray", "--device", "cuda:1")
+    assert r.exit_code == 2 and "each actor sees only its own GPU" in r.stderr and len(r.stderr.splitlines()) == 1

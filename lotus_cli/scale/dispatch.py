@@ -92,6 +92,11 @@ def dispatch(
         job = replace(job, model=registry.resolve(job.model, job.task))
     shard = resolve_shard(scale.shard, environ)
     job = replace(job, device=worker_device(job.device, environ))
+    if scale.engine == "ray" and job.device.startswith("cuda:") and job.device != "cuda:0":
+        raise UsageError(
+            f"--device {job.device} with --engine ray: each actor sees only its own GPU, as cuda:0",
+            "use --device auto (or cuda) and --gpus-per-worker",
+        )
     outputs = remote.Outputs(remote.normalise(out)) if remote.is_url(out) else None
     if outputs:
         outputs.check()
