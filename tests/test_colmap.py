@@ -313,3 +313,15 @@ def test_resized_images_and_a_rerun_fuse_alike(binary_scene, tmp_path):
     summary, _ = run(binary_scene, out, images=half, skip_existing=True)
     assert summary.skipped == len(binary_scene.names)
     assert json.loads((out / "lotus-colmap/scene.json").read_text())["fusion"]["kept"] == first
+
+
+def test_exr_depth_in_the_stated_units(binary_scene, tmp_path):
+    with pytest.raises(UsageError, match="--exr"):
+        run(binary_scene, tmp_path / "o", exr=True, fuse=False)
+    summary, _ = run(binary_scene, tmp_path / "o", exr=True, scene_units="m", fuse=False)
+    assert summary.done == len(binary_scene.names)
+    values, info = read_depth_map(tmp_path / "o/depth_exr/view_02.exr")  # its header says metric, in m
+    npy = np.load(tmp_path / "o/mono_depth/view_02_aligned.npy")
+    assert info["per_metre"] == 1.0 and "from its EXR header" in info["units"]
+    np.testing.assert_array_equal(values[npy > 0], npy[npy > 0])
+    assert "m (--scene-units)" in sidecar(tmp_path / "o", "view_02")["alignment"]["units"]

@@ -89,6 +89,7 @@ Neighbours = Annotated[
     int,
     _opt("--neighbours", help="Fusion: views checked per view (those sharing the most SfM points).", show_default=True),
 ]
+Exr = Annotated[bool, flag("--exr", help="Also depth_exr/<stem>.exr: float32 depth in --scene-units (which it needs).")]
 Transforms = Annotated[
     bool,
     option("--transforms/--no-transforms", help="Write (or add depth_file_path to) nerfstudio's transforms.json."),
@@ -117,6 +118,7 @@ def colmap(
     fusion_stride: FusionStride = 2,
     neighbours: Neighbours = 8,
     transforms: Transforms = True,
+    exr: Exr = False,
     tile: Tile = None,
     processing_res: ProcRes = 768,
     seed: Seed = 0,

@@ -14,6 +14,7 @@ Outputs under ``out`` (default: the scene folder, where nerfstudio and dn-splatt
 
 - ``depths/<key>.png``: uint16 depth in thousandths of the reconstruction's unit (mm for metres), 0 = none
 - ``mono_depth/<key>_aligned.npy``: float32 depth (z) in the reconstruction's unit, 0 = none
+- ``depth_exr/<key>.exr``: float32 depth in ``scene_units`` (``exr``, which needs them), 0 = none
 - ``normals/<key>.npy``: float32 unit normals, OpenCV camera frame (x right, y down, z forward), 0 = none
 - ``normals_from_pretrain/<key>.png``: uint8 (n + 1) / 2 * 255, OpenGL camera frame (x right, y up, z back)
 - ``normals_world/<key>.npy``: float32 unit normals in the reconstruction's world frame (``world_normals``)
@@ -81,6 +82,7 @@ class ColmapRequest:
     fusion_stride: int = 2
     neighbours: int = 8
     transforms: bool = True
+    exr: bool = False  # also depth_exr/<key>.exr (float32 Z in --scene-units, which must be given)
     tile: str | None = None
     processing_res: int = 768
     seed: int = 0
@@ -140,6 +142,11 @@ def _check(r: ColmapRequest) -> None:
         raise UsageError(f"--max-pixels must be >= 0, not {r.max_pixels}", "0 means no limit")
     if r.scene_units is not None:
         sources.parse_units(r.scene_units, "--scene-units")
+    if r.exr and r.scene_units in (None, "relative"):
+        raise UsageError(
+            "--exr states the depth's unit in its header, and the reconstruction's unit is not given",
+            "add --scene-units m (or mm) when the reconstruction is scaled; else use the npy or png maps",
+        )
     registry.check_output_kind(r.output_kind, "depth")
 
 
@@ -362,6 +369,7 @@ class SceneRun:
             "normal_model": self.model_record()["normal_model"],
             "normals_from": None if r.normals_from is None else str(r.normals_from),
             "world_normals": r.world_normals,
+            "exr": r.exr,
             "min_points": r.min_points,
             "sparse": str(self.sparse),
         }
@@ -370,6 +378,8 @@ class SceneRun:
         """{name: path} of what an image's run writes."""
         o = self.out
         files = {"depth_png": o / "depths" / f"{key}.png", "depth_npy": o / "mono_depth" / f"{key}_aligned.npy"}
+        if self.r.exr:
+            files["depth_exr"] = o / "depth_exr" / f"{key}.exr"
         if self.want_normals:
             files.update(normals=o / "normals" / f"{key}.npy", normals_png=o / "normals_from_pretrain" / f"{key}.png")
             if self.r.world_normals:
@@ -516,6 +526,15 @@ class SceneRun:
                 "beyond_range": over,
             },
         }
+        if "depth_exr" in files:
+            data, info = formats.get_format("exr").encode(z, KIND, formats.Style(), {"unit": self.r.scene_units})
+            with atomic_open(files["depth_exr"]) as f:
+                f.write(data)
+            notes["depth_exr"] = {
+                "file": files["depth_exr"].name,
+                **info,
+                "meaning": f"z in {self.r.scene_units}; 0 = none",
+            }
         if normals is not None:
             ok = np.isfinite(normals).all(-1, keepdims=True)
             n = np.where(ok, normals, 0.0).astype(np.float32)
