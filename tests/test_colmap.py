@@ -325,3 +325,57 @@ def test_exr_depth_in_the_stated_units(binary_scene, tmp_path):
     assert info["per_metre"] == 1.0 and "from its EXR header" in info["units"]
     np.testing.assert_array_equal(values[npy > 0], npy[npy > 0])
     assert "m (--scene-units)" in sidecar(tmp_path / "o", "view_02")["alignment"]["units"]
+
+
+def test_an_existing_transforms_json_gains_depth_paths(binary_scene, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    frames = [
+        {"file_path": f"images/{n}", "transform_matrix": np.eye(4).tolist(), "mine": i}
+        for i, n in enumerate(binary_scene.names)
+    ]
+    (out / "transforms.json").write_text(
+        json.dumps({"camera_model": "OPENCV", "frames": frames, "ply_file_path": "x.ply"})
+    )
+    summary, _ = run(binary_scene, out, fuse=False)
+    meta = json.loads((out / "transforms.json").read_text())
+    assert meta["camera_model"] == "OPENCV" and meta["ply_file_path"] == "x.ply"
+    for i, f in enumerate(meta["frames"]):
+        assert f["mine"] == i and f["transform_matrix"] == np.eye(4).tolist()
+        assert f["depth_file_path"] == f"depths/{Path(binary_scene.names[i]).stem}.png"
+
+
+class StandIn:
+    """The network's stand-in: the true map of the view whose image it is given (disparity under an unknown
+    scale and shift, or normals in Lotus's frame), found by the image's bytes."""
+
+    def __init__(self, task, maps, images):
+        self.task, self.kind = task, "disparity" if task == "depth" else "normal"
+        self.source, self.device, self.dtype, self.family = f"stand-in-{task}", "cpu", "float32", "d"
+        self.maps = {images[k].tobytes(): m for k, m in maps.items()}
+
+    def predict(self, rgb, opts):
+        from lotus_cli.model.predictor import Prediction
+
+        return Prediction(self.maps[rgb.tobytes()], rgb.shape[:2])
+
+
+def test_the_model_path_with_stand_in_predictors(binary_scene, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import lotus_cli.run.colmap as colmap_run
+
+    keys = [Path(n).stem for n in binary_scene.names]
+    images = {k: np.asarray(Image.open(binary_scene.root / "images" / f"{k}.png").convert("RGB")) for k in keys}
+    depth = {k: np.load(binary_scene.root / "maps" / f"{k}.npy") for k in keys}
+    normal = {k: np.load(binary_scene.root / "nmaps" / f"{k}.npy") for k in keys}
+    models = {"depth": StandIn("depth", depth, images), "normal": StandIn("normal", normal, images)}
+    monkeypatch.setattr(colmap_run, "load_predictor", lambda ref, task, *a, **k: models[task])
+    summary = colmap_scene(ColmapRequest(binary_scene.root, out=tmp_path / "o", world_normals=True, fuse=False))
+    assert summary.done == len(keys)
+    for k, truth, n_truth in zip(keys, binary_scene.depth, binary_scene.normals_world):
+        got = np.load(tmp_path / "o/mono_depth" / f"{k}_aligned.npy")
+        assert np.median(np.abs(got - truth) / truth) < 0.01
+        assert np.median(angular_error(np.load(tmp_path / "o/normals_world" / f"{k}.npy"), n_truth)) < 1.0
+    side = sidecar(tmp_path / "o", keys[0])
+    assert side["model"] == "stand-in-depth" and side["normal_model"] == "stand-in-normal"
