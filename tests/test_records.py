@@ -205,3 +205,16 @@ def test_the_ray_engine_refuses_a_gpu_index_its_actors_cannot_see(tmp_path, dept
     Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
     r = lotus("depth", tmp_path / "x.png", "-o", tmp_path / "o", "-m", depth_d, "--engine", "ray", "--device", "cuda:1")
     assert r.exit_code == 2 and "each actor sees only its own GPU" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_a_tiled_image_says_its_plan_up_front_and_how_long_it_will_take(tmp_path, depth_d):
+    """A large image at small tiles runs for minutes: the plan (tiles, model calls) is said before the first
+    tile, and an estimate once the first calls are timed, also when stderr is no terminal."""
+    Image.fromarray(make_image(192, 256)).save(tmp_path / "big.png")
+    r = lotus("depth", tmp_path / "big.png", "-o", tmp_path / "o", "-m", depth_d, "--processing-res", 32,
+              "--tile", 48, "--tile-res", 32)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    tiling = json.loads((tmp_path / "o" / "big.json").read_text())["tiling"]
+    n = tiling["tiles"]
+    assert n > 4 and f"tiling 256x192: {n} tiles of " in r.stderr and "model calls" in r.stderr
+    assert "tiling: about " in r.stderr and r.stderr.index("model calls") < r.stderr.index("tiling: about ")

@@ -29,6 +29,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -352,17 +353,22 @@ def _gb(n: int | None) -> str:
 
 
 def predict_tiled(
-    predictor, images: list[np.ndarray], opts: PredictOptions = PredictOptions(), topts: TileOptions = TileOptions()
+    predictor,
+    images: list[np.ndarray],
+    opts: PredictOptions = PredictOptions(),
+    topts: TileOptions = TileOptions(),
+    progress: Callable[[TilePlan, int, int], None] | None = None,
 ) -> list[Prediction]:
     """Tiled prediction of uint8 RGB images [H, W, 3], one image at a time; the contract of
     ``LotusPredictor.predict_batch`` (maps at each input's full size, in the predictor's kind and
     ``opts.frame``), with the plan and the per-tile depth fits in ``extra["tiling"]``.
     Tiles go through the predictor ``plan.batch`` at a time (``opts.batch_size``, lowered to fit
-    ``topts.max_memory``)."""
+    ``topts.max_memory``). ``progress(plan, done, total)``: told the plan before any tile runs (done 0), then
+    after each tile (a large image takes minutes)."""
     import torch
 
     with torch.inference_mode():
-        return [_predict_one(predictor, im, opts, topts)[0] for im in images]
+        return [_predict_one(predictor, im, opts, topts, progress=progress)[0] for im in images]
 
 
 def predict_tiled_ensemble(
@@ -371,8 +377,10 @@ def predict_tiled_ensemble(
     opts: PredictOptions = PredictOptions(),
     topts: TileOptions = TileOptions(),
     eopts: EnsembleOptions = EnsembleOptions(),
+    progress: Callable[[TilePlan, int, int], None] | None = None,
 ) -> list[Prediction]:
-    """Uncertainty with tiling: the contract of ``LotusPredictor.predict_ensemble`` (map = spread, layers["mean"]),
+    """Uncertainty with tiling (``progress`` as for ``predict_tiled``, over every sample's tiles): the contract
+    of ``LotusPredictor.predict_ensemble`` (map = spread, layers["mean"]),
     each sample a whole tiled prediction with seed ``opts.seed + k`` (and, with ``tta="flip"``, of the mirrored
     image too). As in the untiled ensemble, the latents (the global pass's and every tile's) are encoded
     once per view and shared by the samples."""
@@ -384,7 +392,7 @@ def predict_tiled_ensemble(
         for rgb in images:
             t0, maps, plan, extra = time.perf_counter(), [], None, {}
             for flipped, view in enumerate([rgb, rgb[:, ::-1]] if eopts.tta == "flip" else [rgb]):
-                for p in _predict_one(predictor, np.ascontiguousarray(view), opts, topts, seeds):
+                for p in _predict_one(predictor, np.ascontiguousarray(view), opts, topts, seeds, progress):
                     maps.append(unflip(p.map, predictor.task) if flipped else p.map)
                     plan = plan or p.extra["tiling"]
                     extra.update({k: v for k, v in p.extra.items() if k == "vae_fallback"})
@@ -397,7 +405,12 @@ def predict_tiled_ensemble(
 
 
 def _predict_one(
-    predictor, rgb: np.ndarray, opts: PredictOptions, topts: TileOptions, seeds: list[int] | None = None
+    predictor,
+    rgb: np.ndarray,
+    opts: PredictOptions,
+    topts: TileOptions,
+    seeds: list[int] | None = None,
+    progress: Callable[[TilePlan, int, int], None] | None = None,
 ) -> list[Prediction]:
     """One image, one tiled prediction per seed in ``seeds`` (default: ``[opts.seed]``); the global pass's and
     the tiles' latents are encoded once and shared by the seeds (G noise differs per seed)."""
@@ -410,6 +423,9 @@ def _predict_one(
     plan = plan_tiles(
         h, w, topts, processing_res=opts.processing_res, batch_size=opts.batch_size, cost=cost, budget=budget
     )
+    total = len(plan.tiles) * len(seeds)
+    tick = (lambda done: progress(plan, done, total)) if progress and total else (lambda done: None)
+    tick(0)
     x = model_input(predictor, rgb, plan.global_size)  # [1, 3, h, w]
     release_memory()  # the full-width float strips model_input made and freed (tens of MB each)
     z_global = predictor.encode(x, opts.latent, [opts.seed])  # [1, 4, ., .]
@@ -418,10 +434,10 @@ def _predict_one(
     if len(seeds) > 1:
         z_tiles = list(z_tiles)  # kept for every seed; one seed streams them, holding one batch at a time
     out = []
-    for seed in seeds:
+    for k, seed in enumerate(seeds):
         noise = predictor.noise([seed], tuple(z_global.shape[-2:])) if predictor.family == "g" else None
         decoded = predictor.decode(predictor.denoise(z_global, noise))  # [1, 3, h', w'] in [0, 1]
-        m, record = _blend(predictor, decoded, z_tiles, plan, opts, seed)
+        m, record = _blend(predictor, decoded, z_tiles, plan, opts, seed, lambda i, k=k: tick(k * len(plan.tiles) + i))
         out.append(Prediction(m, plan.global_size, 0.0, {"tiling": record}))
     for p in out:
         p.seconds = (time.perf_counter() - t0) / len(out)
@@ -430,7 +446,7 @@ def _predict_one(
     return out
 
 
-def _blend(predictor, decoded, z_tiles, plan: TilePlan, opts: PredictOptions, seed: int):
+def _blend(predictor, decoded, z_tiles, plan: TilePlan, opts: PredictOptions, seed: int, tick=lambda done: None):
     """The global pass ``decoded`` [1, 3, h', w'] and the tiles (denoised with ``seed``'s noise field) ->
     (map at the input's full size, the sidecar's tiling record)."""
     from ..geometry.camera import convert_normals
@@ -443,7 +459,8 @@ def _blend(predictor, decoded, z_tiles, plan: TilePlan, opts: PredictOptions, se
     depth = predictor.task != "normal"
     out = np.zeros((h, w) if depth else (h, w, 3), np.float32)
     fits = []
-    for m, (y0, y1, x0, x1) in _tile_maps(predictor, z_tiles, plan, opts, seed):
+    for i, (m, (y0, y1, x0, x1)) in enumerate(_tile_maps(predictor, z_tiles, plan, opts, seed), 1):
+        tick(i)
         if depth:
             s, b = _fit(m, layout, (y0, y1, x0, x1), (h, w))
             m = s * m + b  # in place of the tile's own scale and shift: the global pass's
