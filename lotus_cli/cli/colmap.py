@@ -133,8 +133,9 @@ def colmap(
 
     Each registered image's depth (Lotus's, or --depth maps) is fitted to the SfM points it sees (scale and
     shift, outliers rejected; an image with too few points is refused, nothing written), then written where
-    nerfstudio (transforms.json depth_file_path), gsplat's COLMAP trainer and dn-splatter read depth and
-    normal priors, and the views are fused into fused.ply where they agree (docs/colmap.md)."""
+    nerfstudio (transforms.json depth_file_path) and dn-splatter read depth and normal priors, leaving the
+    workspace as gsplat's COLMAP trainer reads it, and the views are fused into fused.ply where they agree
+    (docs/colmap.md)."""
     options = dict(locals())  # the parsed options, before anything else is bound here
     from ..run.colmap import ColmapRequest, colmap_scene
     from ..scale.shard import resolve_shard, select
