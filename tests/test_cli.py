@@ -352,3 +352,28 @@ def test_no_command_shows_a_boolean_flag_as_taking_a_value(command):
         env={**os.environ, "COLUMNS": "200"},
     ).stdout
     assert "Usage:" in text and "<bool>" not in text
+
+
+def test_the_predict_commands_take_their_shared_options_from_one_table():
+    """depth, normal and uncertainty declare their shared options once (cli/predict_options.PREDICT_OPTIONS):
+    each command's parameters are its own plus that table's, so a new entry reaches all three."""
+    import inspect
+
+    from lotus_cli.cli import predict
+    from lotus_cli.cli.options import ProcRes, with_options
+    from lotus_cli.cli.predict_options import PREDICT_OPTIONS
+
+    own = {"depth": {"inputs"}, "normal": {"inputs"}, "uncertainty": {"inputs", "task", "samples", "tta"}}
+    left_out = {"depth": {"frame"}, "normal": {"cmap", "stabilize"}, "uncertainty": {"stabilize"}}
+    for name in own:
+        params = set(inspect.signature(getattr(predict, name)).parameters)
+        assert params == own[name] | (set(PREDICT_OPTIONS) - left_out[name]), name
+    table = {**PREDICT_OPTIONS, "new_option": (ProcRes, 5)}
+
+    @with_options(table, omit=("frame",))
+    def command(inputs=None, **options):
+        return options
+
+    assert command(**{k: v for k, (_, v) in table.items() if k != "frame"})["new_option"] == 5
+    assert inspect.signature(command).parameters["new_option"].default == 5
+    assert len(lotus("depth", "--help").stdout) > 0 and "--processing-res" in lotus("normal", "--help").stdout
