@@ -197,9 +197,12 @@ def sample_bilinear(img: np.ndarray, x: np.ndarray, y: np.ndarray, wrap_x: bool 
     ya, yb = np.clip(y0, 0, h - 1), np.clip(y0 + 1, 0, h - 1)
     if img.ndim == 3:
         fx, fy = fx[..., None], fy[..., None]
-    src = img if img.dtype == np.float32 else img.astype(np.float32)
-    top = src[ya, xa] * (1 - fx) + src[ya, xb] * fx
-    bottom = src[yb, xa] * (1 - fx) + src[yb, xb] * fx
+
+    def at(yy, xx):  # gathered first, then made float: never a float copy of a whole (uint8) panorama
+        return img[yy, xx].astype(np.float32, copy=False)
+
+    top = at(ya, xa) * (1 - fx) + at(ya, xb) * fx
+    bottom = at(yb, xa) * (1 - fx) + at(yb, xb) * fx
     return top * (1 - fy) + bottom * fy
 
 

@@ -96,8 +96,11 @@ def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, popts: Panora
     views = plan_views(h, w, opts, popts)
     vopts = replace(opts, frame="lotus")
     preds: list[Prediction] = []
+    t_resample = 0.0
     for k in range(0, len(views), opts.batch_size):
+        t = time.perf_counter()
         batch = [equirect_to_view(rgb, v) for v in views[k : k + opts.batch_size]]
+        t_resample += time.perf_counter() - t
         preds += predictor.predict_batch(batch, vopts)
     t_views = time.perf_counter() - t0
     maps = [p.map for p in preds]
@@ -117,7 +120,11 @@ def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, popts: Panora
     else:
         out, record["depth_fit"] = merge_depth(predictor.kind, views, maps, h, w)
     seconds = time.perf_counter() - t0
-    record["seconds"] = {"views": round(t_views, 3), "merge": round(seconds - t_views, 3)}
+    record["seconds"] = {
+        "resample": round(t_resample, 3),  # the views from the panorama
+        "predict": round(t_views - t_resample, 3),
+        "merge": round(seconds - t_views, 3),  # fit and blend at full size
+    }
     extra = {"panorama": record}
     for p in preds:
         extra.update({k: v for k, v in p.extra.items() if k == "vae_fallback"})
