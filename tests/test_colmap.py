@@ -354,10 +354,12 @@ class StandIn:
         self.source, self.device, self.dtype, self.family = f"stand-in-{task}", "cpu", "float32", "d"
         self.maps = {images[k].tobytes(): m for k, m in maps.items()}
 
-    def predict(self, rgb, opts):
+    latent_factor = 8
+
+    def predict_batch(self, images, opts):
         from lotus_cli.model.predictor import Prediction
 
-        return Prediction(self.maps[rgb.tobytes()], rgb.shape[:2])
+        return [Prediction(self.maps[rgb.tobytes()], rgb.shape[:2]) for rgb in images]
 
 
 def test_the_model_path_with_stand_in_predictors(binary_scene, tmp_path, monkeypatch):
@@ -379,3 +381,14 @@ def test_the_model_path_with_stand_in_predictors(binary_scene, tmp_path, monkeyp
         assert np.median(angular_error(np.load(tmp_path / "o/normals_world" / f"{k}.npy"), n_truth)) < 1.0
     side = sidecar(tmp_path / "o", keys[0])
     assert side["model"] == "stand-in-depth" and side["normal_model"] == "stand-in-normal"
+
+
+def test_an_image_below_the_model_minimum_fails_named(binary_scene, tmp_path, monkeypatch):
+    import lotus_cli.run.colmap as colmap_run
+
+    monkeypatch.setattr(colmap_run, "load_predictor", lambda *a, **k: StandIn("depth", {}, {}))
+    req = ColmapRequest(binary_scene.root, out=tmp_path / "o", normals="none", processing_res=4, fuse=False)
+    summary = colmap_scene(req)
+    assert summary.failed == len(binary_scene.names)
+    error = summary.failures[0].error
+    assert error.startswith(str(binary_scene.root / "images" / binary_scene.names[0])) and "minimum of 8 px" in error

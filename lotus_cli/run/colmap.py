@@ -46,9 +46,10 @@ from ..io.sidecar import read_record, reusable, sidecar, vouched
 from ..io.sources import Item
 from ..model import registry
 from ..model.predictor import PredictOptions
-from ..model.tiling import TileOptions, predict_tiled
+from ..model.tiling import TileOptions
 from .events import Reporter
 from .loading import load_predictor
+from .predict import make_predict, tile_progress
 from .results import ItemResult, Summary
 
 KIND = "depth"  # what the maps hold: depth (z) in the reconstruction's unit
@@ -330,6 +331,13 @@ class SceneRun:
             self.depth_model = load_predictor(self.depth_ref, "depth", r.device, r.dtype, self.reporter)
         if self.normal_ref is not None and self.todo:
             self.normal_model = load_predictor(self.normal_ref, "normal", r.device, r.dtype, self.reporter)
+        # the batch functions `lotus depth` runs: tiling, the model's minimum size, out of memory per image
+        progress = tile_progress(self.reporter)
+        self.batch = {
+            task: make_predict(m, self.tiles, None, progress=progress)
+            for task, m in (("depth", self.depth_model), ("normal", self.normal_model))
+            if m is not None
+        }
         bar = self.reporter.progress("colmap images", len(self.todo))
         self.done: list[Registered] = []
         for g in self.todo:
@@ -436,10 +444,7 @@ class SceneRun:
             values, info = sources.read_depth_map(path, self.r.depth_kind, "relative", "--depth")
             return resize_map(values, w, h), info["kind"], {"depth_input": str(path), "depth_input_info": info}
         t = time.perf_counter()
-        if self.tiles is not None:
-            pred = predict_tiled(self.depth_model, [rgb], self.opts, self.tiles)[0]
-        else:
-            pred = self.depth_model.predict(rgb, self.opts)
+        pred = self._predicted("depth", rgb, g)
         extra = {"processing_size": [pred.processing_size[1], pred.processing_size[0]]}
         extra["model_seconds"] = round(time.perf_counter() - t, 4)
         return pred.map, self.depth_model.kind, extra
@@ -462,7 +467,20 @@ class SceneRun:
             return convert_normals(n, "opencv", frame)
         if self.normal_model is None:
             return None
-        return convert_normals(self.normal_model.predict(rgb, self.opts).map, "opencv")
+        return convert_normals(self._predicted("normal", rgb, g).map, "opencv")
+
+    def _predicted(self, task: str, rgb: np.ndarray, g: Registered):
+        """The ``task`` model's Prediction for the image; its own failure (too small, out of memory even in
+        tiles) fails this image alone, named."""
+        try:
+            got = self.batch[task]([rgb], self.opts)[0]
+        except UsageError:
+            raise
+        except LotusError as e:  # refused before the model ran (below the model's minimum size)
+            got = e
+        if isinstance(got, LotusError):
+            raise type(got)(f"{g.path}: {got.message}", got.hint)
+        return got
 
     def _one(self, g: Registered, side: Path, t0: float) -> dict:
         rgb = sources.read_image(g.path, self.r.max_pixels) if g.path.is_file() else None
