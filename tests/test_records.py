@@ -218,3 +218,25 @@ def test_a_tiled_image_says_its_plan_up_front_and_how_long_it_will_take(tmp_path
     n = tiling["tiles"]
     assert n > 4 and f"tiling 256x192: {n} tiles of " in r.stderr and "model calls" in r.stderr
     assert "tiling: about " in r.stderr and r.stderr.index("model calls") < r.stderr.index("tiling: about ")
+
+
+def test_a_stopped_scaled_out_run_reports_what_its_workers_finished(tmp_path, depth_d, monkeypatch):
+    """Under Ray the driver reads the actors' rows as they come: on Ctrl-C, inputs whose outputs are complete
+    but whose rows were not read yet still get their records (judged as a rerun judges them)."""
+    from lotus_cli.scale import dispatch as D
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(make_image(24, 32, seed=i)).save(src / f"im{i}.png")
+    real = D.run_items
+
+    def finished_unread(predictor, batch, items, job, staged, outputs, report):
+        real(predictor, batch, items[:2], job, staged, outputs, lambda r: None)  # written, rows never read
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "run_items", finished_unread)
+    r = lotus("depth", src, "-o", tmp_path / "o", "-m", depth_d, "--processing-res", 32, "--shard", "0/1", "--json")
+    assert r.exit_code == 130, r.output
+    assert {rec["key"]: rec["status"] for rec in records(r.stdout)} == {"im0": "done", "im1": "done"}
+    assert "2 done, 0 skipped, 0 failed" in r.stderr

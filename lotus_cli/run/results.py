@@ -62,9 +62,11 @@ class Summary:
     seconds: float = 0.0
     failures: list[ItemResult] = field(default_factory=list)
     out: str | None = None
+    keys: set = field(default_factory=set)  # the output keys reported, whatever their status
 
     def add(self, r: ItemResult) -> None:
         setattr(self, r.status, getattr(self, r.status) + 1)
+        self.keys.add(r.item.key)
         self.redone += r.redone is not None
         if r.status == "failed":
             self.failures.append(r)

@@ -137,16 +137,28 @@ def dispatch(
     if not todo:
         return summary
     bar = reporter.progress(job.task, len(todo))
-    if scale.engine == "ray":
-        from . import ray_engine  # Ray is an extra, imported only when asked for
+    try:
+        if scale.engine == "ray":
+            from . import ray_engine  # Ray is an extra, imported only when asked for
 
-        ray_engine.run(job, todo, scale, staged, outputs, report)
-    else:
-        predictor = load_predictor(job.model, job.task, job.device, job.dtype, reporter)
-        run_items(
-            predictor, job.make_predict(predictor) if job.make_predict else None, todo, job, staged, outputs, report
-        )
+            ray_engine.run(job, todo, scale, staged, outputs, report)
+        else:
+            predictor = load_predictor(job.model, job.task, job.device, job.dtype, reporter)
+            batch = job.make_predict(predictor) if job.make_predict else None
+            run_items(predictor, batch, todo, job, staged, outputs, report)
+    except KeyboardInterrupt:
+        _report_finished(todo, summary, reuse, report)
+        raise
     return summary
+
+
+def _report_finished(todo: list[Item], summary: Summary, reuse: Reuse, report: Callable) -> None:
+    """On Ctrl-C or SIGTERM: a record for every input of ``todo`` whose outputs are complete but whose result
+    had not come back (a Ray actor's finished rows the driver had not read yet), judged as a rerun judges."""
+    reported = summary.keys
+    for item in todo:
+        if item.key not in reported and reuse(item)[0]:
+            report(ItemResult(item, "done"))
 
 
 def _list(inputs: list[str], exts, out_dir: Path, outputs, reporter: Reporter):
