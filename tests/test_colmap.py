@@ -380,7 +380,15 @@ def test_the_model_path_with_stand_in_predictors(binary_scene, tmp_path, monkeyp
         assert np.median(np.abs(got - truth) / truth) < 0.01
         assert np.median(angular_error(np.load(tmp_path / "o/normals_world" / f"{k}.npy"), n_truth)) < 1.0
     side = sidecar(tmp_path / "o", keys[0])
-    assert side["model"] == "stand-in-depth" and side["normal_model"] == "stand-in-normal"
+    assert side["model"] == "jingheya/lotus-depth-d-v2-0-disparity" and side["normal_model"].endswith("normal-d-v1-1")
+    # a rerun that keeps every image loads no model
+    loaded = []
+    monkeypatch.setattr(colmap_run, "load_predictor", lambda ref, task, *a, **k: loaded.append(task) or models[task])
+    request = ColmapRequest(binary_scene.root, out=tmp_path / "o", world_normals=True, skip_existing=True)
+    assert colmap_scene(request).skipped == len(keys) and loaded == []
+    (tmp_path / "o/mono_depth/view_03_aligned.npy").unlink()
+    summary = colmap_scene(request)
+    assert (summary.skipped, summary.done, loaded) == (len(keys) - 1, 1, ["depth", "normal"])
 
 
 def test_an_image_below_the_model_minimum_fails_named(binary_scene, tmp_path, monkeypatch):

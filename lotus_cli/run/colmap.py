@@ -327,9 +327,10 @@ class SceneRun:
         t0 = time.perf_counter()
         r = self.r
         self.depth_model = self.normal_model = None
-        if self.depth_ref is not None and self.todo:
+        work = self.todo if not r.skip_existing else [g for g in self.todo if not self._reusable(g)[0]]
+        if self.depth_ref is not None and work:
             self.depth_model = load_predictor(self.depth_ref, "depth", r.device, r.dtype, self.reporter)
-        if self.normal_ref is not None and self.todo:
+        if self.normal_ref is not None and work:
             self.normal_model = load_predictor(self.normal_ref, "normal", r.device, r.dtype, self.reporter)
         # the batch functions `lotus depth` runs: tiling, the model's minimum size, out of memory per image
         progress = tile_progress(self.reporter)
@@ -358,15 +359,17 @@ class SceneRun:
         return self.summary
 
     def model_record(self) -> dict:
+        """What makes the maps, as the loaded predictors name themselves (``LotusPredictor.source`` is its
+        reference's label), known before they load, so a rerun that keeps everything loads none."""
         return {
-            "model": getattr(self.depth_model, "source", None),
-            "normal_model": getattr(self.normal_model, "source", None),
+            "model": None if self.depth_ref is None else self.depth_ref.label,
+            "normal_model": None if self.normal_ref is None else self.normal_ref.label,
         }
 
     def options(self) -> dict:
         """Every option that changes an image's files, as its sidecar records them and --skip-existing compares."""
         r = self.r
-        running = self.depth_model is not None or self.normal_model is not None
+        running = self.depth_ref is not None or self.normal_ref is not None
         return {
             "processing_res": r.processing_res if running else None,
             "seed": r.seed if running else None,
@@ -407,14 +410,7 @@ class SceneRun:
         redone = None
         try:
             if self.r.skip_existing:
-                keep, redone = reusable(
-                    side,
-                    self.files(g.key).values(),
-                    kind=KIND,
-                    model=self.model_record()["model"],
-                    options=self.options(),
-                    settings={},
-                )
+                keep, redone = self._reusable(g)
                 if keep:
                     self.alignments[g.key] = (read_record(side) or {}).get("alignment") or {}
                     self.done.append(g)
@@ -430,6 +426,12 @@ class SceneRun:
         except Exception as e:  # a library's own failure on this image
             error = f"{g.path}: {brief(e)}"
             self._report(ItemResult(item, "failed", error=error, seconds=time.perf_counter() - t0, redone=redone))
+
+    def _reusable(self, g: Registered) -> tuple[bool, str | None]:
+        """--skip-existing: (True, None) when the image's files stay; else (False, why it is redone)."""
+        side = self.out / SIDECARS / f"{g.key}.json"
+        model = self.model_record()["model"]
+        return reusable(side, self.files(g.key).values(), kind=KIND, model=model, options=self.options(), settings={})
 
     def _map(self, g: Registered, rgb: np.ndarray) -> tuple[np.ndarray, str, dict]:
         """The image's affine-invariant map [H, W] at the image's size, its kind, and where it came from."""
