@@ -240,3 +240,30 @@ def test_a_stopped_scaled_out_run_reports_what_its_workers_finished(tmp_path, de
     assert r.exit_code == 130, r.output
     assert {rec["key"]: rec["status"] for rec in records(r.stdout)} == {"im0": "done", "im1": "done"}
     assert "2 done, 0 skipped, 0 failed" in r.stderr
+
+
+def test_on_a_gpu_the_reader_threads_resize_for_the_model(tmp_path):
+    """Issue 27 (Low): the model's thread does not scale and resize images between two calls on a GPU; the
+    readers hand it the prepared input (bit for bit the predictor's own), while a CPU's cores stay the model's."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lotus_cli.io.sources import Item
+    from lotus_cli.model.predictor import Prepared, prepare
+    from lotus_cli.run.predict import PredictRequest, image_reader
+
+    Image.fromarray(make_image(24, 32)).save(tmp_path / "x.png")
+    item = Item(tmp_path / "x.png", "x")
+
+    class OnDevice:
+        def __init__(self, kind):
+            self.device = torch.device(kind)
+
+    request = PredictRequest("depth", (str(tmp_path),), processing_res=16)
+    p = SimpleNamespace(tiles=None, ensemble=None, request=request, opts=SimpleNamespace(processing_res=16))
+    assert image_reader(p, OnDevice("cpu")) is None
+    got = image_reader(p, OnDevice("cuda"))(item)
+    assert isinstance(got, Prepared) and got.size == (24, 32)
+    assert np.array_equal(got.x, prepare(make_image(24, 32), 16).x)
+    assert image_reader(SimpleNamespace(**{**vars(p), "tiles": object()}), OnDevice("cuda")) is None

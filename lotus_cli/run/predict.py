@@ -20,7 +20,7 @@ from ..errors import InputError, UsageError
 from ..io import sources
 from ..io.atomic import check_out_dir
 from ..io.formats import Style, parse_formats
-from ..io.sources import Item, is_video
+from ..io.sources import Item, is_video, read_image
 from ..io.video import FrameSelect
 from ..io.visualize import colormap_lut
 from ..io.xmp import auto_projection
@@ -28,7 +28,7 @@ from ..model import registry, weights
 from ..model.compile import compile_status
 from ..model.fallbacks import predict_items, tiled_smaller
 from ..model.panorama import PanoramaOptions, predict_panorama
-from ..model.predictor import EnsembleOptions, PredictOptions, processing_size
+from ..model.predictor import EnsembleOptions, PredictOptions, prepare, processing_size
 from ..model.tiling import TileOptions, predict_tiled, predict_tiled_ensemble
 from .clip import run_video
 from .events import Reporter
@@ -388,7 +388,8 @@ def run_files(p: Plan, predictor, batch: Callable, items: list[Item], reporter: 
             bar.advance()
             report(r)
 
-        run_images(predictor, images, p.output, p.opts, max_pixels=p.request.max_pixels, on_result=on_image, **common)
+        limit, read = p.request.max_pixels, image_reader(p, predictor)
+        run_images(predictor, images, p.output, p.opts, max_pixels=limit, on_result=on_image, read=read, **common)
     for item in videos:
         bar = reporter.progress(item.path.name, None)
         r = run_video(predictor, item, p.output, p.opts, p.video, on_frame=bar.update, **common)
@@ -399,6 +400,18 @@ def run_files(p: Plan, predictor, batch: Callable, items: list[Item], reporter: 
         reporter.warning(status)
     summary.seconds += time.perf_counter() - t0
     return summary
+
+
+def image_reader(p: Plan, predictor) -> Callable | None:
+    """On a GPU, the reader threads make each image of a plain prediction into the model's input (scaled and
+    resized: ``model.predictor.prepare``), beside the model instead of in its thread between two calls. None
+    (the runner's own reader) on a CPU, whose cores are the model's, and for tiles, ensembles and panoramas,
+    which take the image whole."""
+    plain = p.tiles is None and p.ensemble is None and p.request.projection == "perspective"
+    if not plain or predictor.device.type == "cpu":
+        return None
+    res, limit = p.opts.processing_res, p.request.max_pixels
+    return lambda item: prepare(read_image(item.path, limit), res)
 
 
 def run_pipe(p: Plan, reporter: Reporter, stdin, stdout) -> Summary:
