@@ -157,5 +157,7 @@ def test_command_modules_stay_thin(path):
 if __name__ == "__main__":  # python tests/test_architecture.py: the package's imports, by layer
     for name in sorted(MODULES, key=lambda m: (-(layer(m) if layer(m) is not None else 9), m)):
         targets = sorted(t.removeprefix("lotus_cli.") for t in GRAPH[name])
-        print(f"{layer(name) if layer(name) is not None else '-'}  {name.removeprefix('lotus_cli.') or 'lotus_cli'}"
-              f"  ->  {', '.join(targets) or '(nothing of the package)'}")
+        print(
+            f"{layer(name) if layer(name) is not None else '-'}  {name.removeprefix('lotus_cli.') or 'lotus_cli'}"
+            f"  ->  {', '.join(targets) or '(nothing of the package)'}"
+        )
