@@ -250,10 +250,10 @@ def make_predict(
     else:
         run = predictor.predict_batch
     if projection == "perspective" and rule:  # --projection auto decided against a panorama: say why
-        plain = run
+        unnoted = run
 
         def run(images, o):
-            preds = plain(images, o)
+            preds = unnoted(images, o)
             for pr in preds:
                 pr.extra["projection"] = {"projection": "perspective", "rule": rule}
             return preds
