@@ -212,3 +212,11 @@ def test_view_resolution_follows_the_processing_resolution():
     assert {v.size for v in plan_views(H, W, PredictOptions(processing_res=96), PanoramaOptions())} == {96}
     native = plan_views(2048, 4096, PredictOptions(processing_res=0), PanoramaOptions(fov=110.0))[0].size
     assert native == round(4096 / math.pi * math.tan(math.radians(55)))
+
+
+def test_an_image_that_is_not_2_to_1_is_refused():
+    from lotus_cli.errors import InputError
+
+    scene = render_panorama(64, 100, box_room())
+    with pytest.raises(InputError, match="100x64 image is not an equirectangular panorama"):
+        predict_panorama(None, [scene["rgb"]], OPTS)

@@ -190,3 +190,14 @@ def test_pointcloud_of_a_true_distance_map_is_the_room(pano, tmp_path):
 def test_pointcloud_refuses_pinhole_options_with_a_panorama(pano, tmp_path, depth_d):
     r = lotus("pointcloud", pano, "-o", tmp_path / "o", "-m", depth_d, "--projection", "equirect", "--fov", "90")
     assert r.exit_code == 2 and "--fov need a pinhole camera" in r.stderr, r.output
+
+
+def test_an_image_that_is_not_2_to_1_fails_alone(pano, tmp_path, depth_d):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.open(pano).save(src / "room.png")
+    Image.open(pano).crop((0, 0, 100, 64)).save(src / "cropped.png")
+    r = lotus("depth", src, "-o", tmp_path / "o", "-m", depth_d, "-f", "npy", "--projection", "equirect", *FAST)
+    assert r.exit_code == 1 and "1 done, 0 skipped, 1 failed" in r.stderr, r.output
+    assert "100x64 image is not an equirectangular panorama" in r.stderr
+    assert (tmp_path / "o" / "room.npy").is_file() and not (tmp_path / "o" / "cropped.npy").exists()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from ..geometry.camera import convert_normals
 from ..geometry.panorama import (
     View,
@@ -43,6 +43,7 @@ from ..geometry.panorama import (
     rotate_normals,
     sample_bilinear,
 )
+from ..io.xmp import is_two_to_one
 from .predictor import Prediction, PredictOptions
 from .tiling import smoothstep
 
@@ -93,6 +94,11 @@ def predict_panorama(
 def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, popts: PanoramaOptions) -> Prediction:
     t0 = time.perf_counter()
     h, w = rgb.shape[:2]
+    if not is_two_to_one(w, h):  # the pixel grid would not be the sphere's: every ray would be wrong
+        raise InputError(
+            f"a {w}x{h} image is not an equirectangular panorama of the whole sphere, which is twice as wide as high",
+            "give the full 2:1 panorama, or --projection perspective for an ordinary image",
+        )
     views = plan_views(h, w, opts, popts)
     vopts = replace(opts, frame="lotus")
     preds: list[Prediction] = []
