@@ -13,6 +13,7 @@ from lotus_cli.geometry.panorama import (
     equirect_to_view,
     joint_scale_shift,
     pixel_directions,
+    ray_cos,
     rotate_normals,
     sample_bilinear,
     to_equirect,
@@ -220,3 +221,11 @@ def test_an_image_that_is_not_2_to_1_is_refused():
     scene = render_panorama(64, 100, box_room())
     with pytest.raises(InputError, match="100x64 image is not an equirectangular panorama"):
         predict_panorama(None, [scene["rgb"]], OPTS)
+
+
+def test_ray_cos_is_the_angle_to_the_views_axis():
+    v = cube_views(100.0, 64)[0]
+    c = (v.size - 1) / 2
+    assert ray_cos(v, np.array(c), np.array(c)) == pytest.approx(1.0)
+    assert ray_cos(v, np.array(-0.5), np.array(c)) == pytest.approx(math.cos(math.radians(50)))  # the left edge
+    assert ray_cos(v).shape == (64, 64) and ray_cos(v).min() == pytest.approx(ray_cos(v, np.array(0.0), np.array(0.0)))

@@ -150,10 +150,13 @@ def native_view_size(width: int, fov: float) -> int:
     return max(8, round(width / math.pi * math.tan(math.radians(fov) / 2)))
 
 
-def ray_cos(view: View) -> np.ndarray:
-    """cos(theta) [S, S] of each view pixel's ray against the view's optical axis."""
-    r = view.rays()
-    return 1.0 / np.linalg.norm(r, axis=-1)
+def ray_cos(view: View, u: np.ndarray | None = None, v: np.ndarray | None = None) -> np.ndarray:
+    """cos(theta) of the rays through view pixel coordinates (u, v) [...] against the view's optical axis
+    (default: every pixel centre, [S, S])."""
+    if u is None or v is None:
+        v, u = np.mgrid[0 : view.size, 0 : view.size].astype(np.float64)
+    K = view.intrinsics
+    return 1.0 / np.sqrt(1.0 + ((u - K.cx) / K.fx) ** 2 + ((v - K.cy) / K.fy) ** 2)
 
 
 def ray_factor(kind: str, cos: np.ndarray) -> np.ndarray:

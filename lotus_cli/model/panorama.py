@@ -39,6 +39,7 @@ from ..geometry.panorama import (
     joint_scale_shift,
     native_view_size,
     pixel_directions,
+    ray_cos,
     ray_factor,
     rotate_normals,
     sample_bilinear,
@@ -140,7 +141,7 @@ def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, popts: Panora
 def merge_depth(kind: str, views: list[View], maps: list[np.ndarray], height: int, width: int):
     """Views' affine-invariant maps [S, S] of ``kind`` -> (the panorama's map [H, W] in [0, 1] along the ray,
     the fit's record): jointly fitted scales and shifts (view 0 fixed), blended, divided by the maximum."""
-    factors = [ray_factor(kind, _cos(v, *np.meshgrid(np.arange(v.size), np.arange(v.size)))) for v in views]
+    factors = [ray_factor(kind, ray_cos(v)) for v in views]
     s, b, fit = joint_scale_shift(overlap_pairs(views, maps, kind), len(views))
     shared = [(f * (si * m + bi)).astype(np.float32) for f, m, si, bi in zip(factors, maps, s, b)]
     out = blend(views, shared, height, width)
@@ -165,12 +166,6 @@ def merge_depth(kind: str, views: list[View], maps: list[np.ndarray], height: in
     return out, fit
 
 
-def _cos(view: View, u, v) -> np.ndarray:
-    """cos(theta) of the rays through view pixel coordinates (u, v) against the view's axis."""
-    K = view.intrinsics
-    return 1.0 / np.sqrt(1.0 + ((u - K.cx) / K.fx) ** 2 + ((v - K.cy) / K.fy) ** 2)
-
-
 def overlap_pairs(views: list[View], maps: list[np.ndarray], kind: str, rows: int = FIT_ROWS):
     """Pairs (i, j, mi, mj, fi, fj) of views seeing one ray, sampled on an equirectangular grid of ``rows``
     x 2 ``rows`` rays (every pair of views at each ray), at most FIT_SAMPLES of them (evenly thinned)."""
@@ -181,7 +176,7 @@ def overlap_pairs(views: list[View], maps: list[np.ndarray], kind: str, rows: in
         lo, hi = MARGIN, v.size - 1 - MARGIN
         ok = ahead & (u >= lo) & (u <= hi) & (y >= lo) & (y <= hi)
         val = np.where(ok, sample_bilinear(m, u, y), np.nan)
-        seen.append((ok, val, ray_factor(kind, _cos(v, u, y))))
+        seen.append((ok, val, ray_factor(kind, ray_cos(v, u, y))))
     parts = []
     for i in range(len(views)):
         for j in range(i + 1, len(views)):
