@@ -201,3 +201,17 @@ def test_an_image_that_is_not_2_to_1_fails_alone(pano, tmp_path, depth_d):
     assert r.exit_code == 1 and "1 done, 0 skipped, 1 failed" in r.stderr, r.output
     assert "100x64 image is not an equirectangular panorama" in r.stderr
     assert (tmp_path / "o" / "room.npy").is_file() and not (tmp_path / "o" / "cropped.npy").exists()
+
+
+def test_pointcloud_auto_says_which_rule_decided(pano, tmp_path, depth_d):
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = np.asarray(Image.open(pano))
+    Image.fromarray(rgb).save(src / "tagged.jpg", quality=95, xmp=XMP)
+    Image.fromarray(rgb).save(src / "plain.jpg", quality=95)
+    out = tmp_path / "pc"
+    r = lotus("pointcloud", src, "-o", out, "-m", depth_d, "--normals", "depth", "--projection", "auto", *FAST)
+    assert r.exit_code == 0, r.output
+    tagged, plain = (json.loads((out / f"{k}.json").read_text()) for k in ("tagged", "plain"))
+    assert tagged["camera"]["projection"] == "equirect" and tagged["panorama"]["rule"].startswith("auto: 2:1 and XMP")
+    assert "fx" in plain["camera"] and plain["projection"]["rule"] == "auto: 2:1 but no XMP GPano:ProjectionType"

@@ -530,6 +530,8 @@ class CloudRun:
         kind = self.depth_model.kind
         if "panorama" in pred.extra:
             sections["panorama"] = pred.extra["panorama"]
+        elif self.r.projection == "auto":  # decided against a panorama: say why, as lotus depth does
+            sections["projection"] = {"projection": projection[0], "rule": projection[1]}
         return write_cloud(
             self._spec(projection), key, subject, rgb, values, kind, options, sections, self.reporter, t0,
             normals=normals, exif=exif, reuse=reuse,
