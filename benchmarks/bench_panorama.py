@@ -2,7 +2,7 @@
 choice of the views' field of view.
 
     python benchmarks/bench_panorama.py                 # 4096 x 2048 on the CPU, tiny random model, 768 px views
-    python benchmarks/bench_panorama.py --part fov      # fov sweep with the ray-cast stand-in (tests/panorama_rooms.py)
+    python benchmarks/bench_panorama.py --part fov      # layouts and fovs, ray-cast stand-in (tests/panorama_rooms.py)
 
 ``time``: one plain prediction of a 768 x 768 view (median of --repeats) and the whole panorama; the overhead is
 the panorama's time less (views x one prediction): resampling the views, the joint fit and the blend at full
@@ -124,16 +124,17 @@ def part_fov(args) -> None:
 
     opts = PredictOptions(processing_res=args.res, batch_size=6)
     print(f"fov sweep: {w}x{h} furnished room, {args.res} px views, stand-in: (a D + b)^gamma_k + a 2 % tilt per view")
-    print("fov | median rel. error | seam ratio | degrees per model pixel")
-    for fov in (100.0, 110.0, 120.0, 135.0):
-        popts = PanoramaOptions(fov=fov)
+    print("layout | views | fov | median rel. error | seam ratio | degrees per model pixel")
+    runs = [("cube", f) for f in (100.0, 110.0, 120.0, 135.0)] + [("ring8", f) for f in (100.0, 110.0, 120.0)]
+    for layout, fov in runs:
+        popts = PanoramaOptions(fov=fov, layout=layout)
         views = plan_views(h, w, opts, popts)
         standin = Distorted(scene["rgb"], views, room)
         pred = predict_panorama(standin, [scene["rgb"]], opts, popts)[0]
         s, b = fit_scale_shift(pred.map, truth)
         rel = float(np.median(np.abs(s * pred.map + b - truth) / truth))
         seam = seam_ratio(s * pred.map + b, truth, blend_bands(views, h, w))
-        print(f"{fov:g} | {rel:.4f} | {seam:.3f} | {fov / args.res:.4f}")
+        print(f"{layout} | {len(views)} | {fov:g} | {rel:.4f} | {seam:.3f} | {fov / args.res:.4f}")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from lotus_cli.geometry.panorama import (
     joint_scale_shift,
     pixel_directions,
     ray_cos,
+    ring_views,
     rotate_normals,
     sample_bilinear,
     to_equirect,
@@ -108,8 +109,9 @@ def test_normals_rotate_from_a_view_into_the_panorama_frame():
     np.testing.assert_allclose(rotate_normals(facing, views["down"]), [0, 1, 0], atol=1e-6)  # a floor
 
 
-def test_blend_weights_sum_to_one_and_fall_to_zero_at_view_borders():
-    views = cube_views(110.0, 64)
+@pytest.mark.parametrize("layout", ["cube", "ring8"])
+def test_blend_weights_sum_to_one_and_fall_to_zero_at_view_borders(layout):
+    views = cube_views(110.0, 64) if layout == "cube" else ring_views(8, 110.0, 64)
     d = pixel_directions(H, W)
     raw = []
     for v in views:
@@ -229,3 +231,13 @@ def test_ray_cos_is_the_angle_to_the_views_axis():
     assert ray_cos(v, np.array(c), np.array(c)) == pytest.approx(1.0)
     assert ray_cos(v, np.array(-0.5), np.array(c)) == pytest.approx(math.cos(math.radians(50)))  # the left edge
     assert ray_cos(v).shape == (64, 64) and ray_cos(v).min() == pytest.approx(ray_cos(v, np.array(0.0), np.array(0.0)))
+
+
+def test_the_ring_layout_recovers_the_room_too():
+    popts = PanoramaOptions(layout="ring8")
+    scene, standin, pred = run(furnished_room(), popts=popts)
+    truth = 1 / scene["distance"]
+    s, b = fit_scale_shift(pred.map, truth)
+    assert np.median(np.abs(s * pred.map + b - truth) / truth) < 0.01
+    assert seam_ratio(s * pred.map + b, truth, blend_bands(plan_views(H, W, OPTS, popts))) <= 1.1
+    assert len(pred.extra["panorama"]["views"]) == 10 and sum(standin.calls) == 10

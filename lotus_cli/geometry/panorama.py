@@ -86,8 +86,8 @@ def rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
 class View:
     """A square perspective view of the sphere: ``fov`` degrees edge to edge on both axes, ``size`` pixels a
     side, looking ``yaw`` degrees right and ``pitch`` degrees up of the panorama's forward axis. ``core``
-    (degrees, <= fov) is the square around its centre where it alone decides the panorama (weight 1); from
-    there its weight falls to 0 at its border (``border_ramp``)."""
+    (degrees wide, <= fov) and ``core_v`` (degrees high; None: as wide) frame the rectangle around its centre
+    where its weight is 1; from there its weight falls to 0 at its border (``border_ramp``)."""
 
     name: str
     yaw: float
@@ -95,6 +95,7 @@ class View:
     fov: float
     core: float
     size: int
+    core_v: float | None = None
 
     @property
     def rotation(self) -> np.ndarray:
@@ -131,7 +132,7 @@ class View:
             "yaw_deg": self.yaw,
             "pitch_deg": self.pitch,
             "fov_deg": self.fov,
-            "core_deg": self.core,
+            "core_deg": [self.core, self.core if self.core_v is None else self.core_v],
             "size": self.size,
         }
 
@@ -142,6 +143,17 @@ def cube_views(fov: float, size: int) -> list[View]:
     if not 90 < fov < 180:
         raise ValueError(f"a cube face must be widened to between 90 and 180 degrees, not {fov}")
     return [View(n, y, p, fov, 90.0, size) for n, y, p in CUBE + POLES]
+
+
+def ring_views(count: int, fov: float, size: int) -> list[View]:
+    """``count`` views around the horizon, each with a core 360 / count degrees wide and 90 high, plus the
+    cube's up and down faces (core 90 degrees): every ray lies in some view's core, and most in the blend
+    bands of two or three views. More views than the cube's six, each sharing more with its neighbours."""
+    core = 360.0 / count
+    if not 90 < fov < 180 or count < 4:
+        raise ValueError(f"a ring needs 4 or more views of 90 to 180 degrees, not {count} of {fov}")
+    ring = [View(f"h{i}", (i * core + 180.0) % 360.0 - 180.0, 0.0, fov, core, size, 90.0) for i in range(count)]
+    return ring + [View(n, y, p, fov, 90.0, size) for n, y, p in POLES]
 
 
 def native_view_size(width: int, fov: float) -> int:
@@ -171,12 +183,19 @@ def ray_factor(kind: str, cos: np.ndarray) -> np.ndarray:
 
 def border_ramp(view: View, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Where (u, v) lies between the view's core (1) and its border (0), linearly in the tangent plane, by
-    the nearer of the two axes; callers shape it (a smoothstep) and normalise over the views."""
+    the axis nearer its border; callers shape it (a smoothstep) and normalise over the views."""
     K = view.intrinsics
     half = view.size / 2  # pixel edges at +-half from the centre
-    a = np.maximum(np.abs(u - K.cx), np.abs(v - K.cy)) / half  # 1 at the border
-    a_core = math.tan(math.radians(view.core) / 2) / math.tan(math.radians(view.fov) / 2)
-    return np.clip((1 - a) / max(1 - a_core, 1e-9), 0.0, 1.0)
+    edge = math.tan(math.radians(view.fov) / 2)
+    t = None
+    for d, core in (
+        (np.abs(u - K.cx), view.core),
+        (np.abs(v - K.cy), view.core if view.core_v is None else view.core_v),
+    ):
+        a_core = math.tan(math.radians(core) / 2) / edge  # where the core ends, as a fraction of the half side
+        ti = (1 - d / half) / max(1 - a_core, 1e-9)  # 1 at the core's edge, 0 at the view's border
+        t = ti if t is None else np.minimum(t, ti)
+    return np.clip(t, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------- sampling

@@ -41,6 +41,7 @@ from ..geometry.panorama import (
     pixel_directions,
     ray_cos,
     ray_factor,
+    ring_views,
     rotate_normals,
     sample_bilinear,
 )
@@ -52,20 +53,26 @@ DEFAULT_FOV = 110.0  # degrees per widened cube face: 10 degrees of overlap beyo
 FIT_ROWS = 128  # rows of the equirectangular grid the fit samples (2x as many columns); the views are coarser
 FIT_SAMPLES = 60_000  # pairs of views on one ray kept for the fit; more only costs time
 BAND_ROWS = 128  # output rows blended at a time: bounds the temporary arrays whatever the panorama's size
+LAYOUTS = ("cube", "ring8")
 MARGIN = 1.0  # view pixels: the fit samples no closer to a view's border, where bilinear samples clamp
 
 
 @dataclass(frozen=True)
 class PanoramaOptions:
-    """How to split a panorama. ``fov``: degrees per widened cube face (90 < fov < 180); ``view_res``:
+    """How to split a panorama. ``layout``: "cube" (six faces) or "ring8" (eight views around the horizon
+    and the cube's up and down faces: 10 views; docs/panoramas.md compares them); ``fov``: degrees per view
+    (90 < fov < 180); ``view_res``:
     pixels a side of each view (None: the processing resolution, or the panorama's own density when that is
     0); ``rule``: what decided that the input is equirectangular, for the sidecar."""
 
     fov: float = DEFAULT_FOV
     view_res: int | None = None
     rule: str = "--projection equirect"
+    layout: str = "cube"
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"a panorama's layout must be {' or '.join(LAYOUTS)}, not {self.layout!r}")
         if not 90 < self.fov < 180:
             raise UsageError(f"a panorama's view fov must be between 90 and 180 degrees, not {self.fov}")
         if self.view_res is not None and self.view_res < 8:
@@ -76,7 +83,7 @@ def plan_views(height: int, width: int, opts: PredictOptions, popts: PanoramaOpt
     """The views of an H x W panorama: a widened cube, each view square at ``view_res`` or the processing
     resolution (so the model sees each at exactly that size, resampled once from the panorama)."""
     size = popts.view_res or opts.processing_res or native_view_size(width, popts.fov)
-    return cube_views(popts.fov, size)
+    return cube_views(popts.fov, size) if popts.layout == "cube" else ring_views(8, popts.fov, size)
 
 
 def predict_panorama(
@@ -115,9 +122,11 @@ def _predict_one(predictor, rgb: np.ndarray, opts: PredictOptions, popts: Panora
         "projection": "equirect",
         "rule": popts.rule,
         "frame": "panorama: the forward view's camera (longitude 0, latitude 0); longitude grows to the right",
-        "layout": f"cube faces widened to {popts.fov:g} degrees",
+        "layout": f"cube faces widened to {popts.fov:g} degrees"
+        if popts.layout == "cube"
+        else f"8 views around the horizon and 2 at the poles, {popts.fov:g} degrees each",
         "views": [v.to_json() for v in views],
-        "blend": "smoothstep from each view's 90-degree core to its border, normalised over the views",
+        "blend": "smoothstep from each view's core to its border, normalised over the views",
     }
     if predictor.task == "normal":
         out = blend(views, [rotate_normals(m, v) for m, v in zip(maps, views)], h, w)
