@@ -128,8 +128,15 @@ def test_bad_projection_options_are_usage_errors(pano, tmp_path, depth_d, args, 
 
 
 def test_uncertainty_refuses_a_panorama(pano, tmp_path, depth_g):
+    """`lotus uncertainty` does not offer --projection (its --help does not list it); the library refuses it."""
+    from lotus_cli.errors import UsageError
+    from lotus_cli.run.predict import PredictRequest, plan
+
     r = lotus("uncertainty", pano, "-o", tmp_path / "o", "-m", depth_g, "--projection", "equirect")
-    assert r.exit_code == 2 and "lotus uncertainty does not take --projection equirect" in r.stderr, r.output
+    assert r.exit_code == 2 and "--projection" in r.stderr and "--projection" not in lotus("uncertainty", "-h").stdout
+    request = PredictRequest("depth", (str(pano),), model=str(depth_g), uncertainty=True, projection="equirect")
+    with pytest.raises(UsageError, match="lotus uncertainty does not take --projection equirect"):
+        plan(request)
 
 
 def test_a_360_clip_works_the_same(tmp_path, depth_d):
@@ -141,7 +148,8 @@ def test_a_360_clip_works_the_same(tmp_path, depth_d):
     assert r.exit_code == 0, r.output
     frames = sorted(out.rglob("*.npy"))
     assert frames and all(np.load(f).shape == (64, 128) for f in frames)
-    assert json.loads((out / "clip.json").read_text())["options"]["projection"] == "equirect"
+    side = json.loads((out / "clip.json").read_text())
+    assert side["options"]["projection"] == "equirect" and len(side["panorama"]["views"]) == 6  # the clip's plan
 
 
 # -------------------------------------------------------------------------------------------- pointcloud

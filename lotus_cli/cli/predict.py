@@ -52,7 +52,7 @@ def normal(inputs: Inputs = None, **options):
 @app.command()
 @with_options(
     PREDICT_OPTIONS,
-    omit=("stabilize",),
+    omit=("stabilize", "projection"),  # an ensemble of panoramas is not built: refused, so not offered
     batch_size=(Batch, 4),
     cmap=(SpreadCmap, "inferno"),
     raw_out=(SpreadRawOut, "f32"),

@@ -168,7 +168,7 @@ class VideoJob:
         self.q_out: queue.Queue = queue.Queue(spec.queue)
         self.stop = threading.Event()
         self.errors: list[str] = []
-        self.tiling: dict = {}  # the first prediction's tiling plan (the same for every frame)
+        self.plans: dict = {}  # the first prediction's tiling or panorama plan (the same for every frame)
         self.seen = 0
 
     def reusable(self) -> tuple[bool, str | None]:
@@ -264,8 +264,9 @@ class VideoJob:
             failed = next((p for p in preds if isinstance(p, LotusError)), None)
             if failed is not None:  # a frame no try could predict (out of memory alone and in tiles): the clip stops
                 raise failed
-            if preds and not self.tiling and "tiling" in preds[0].extra:
-                self.tiling["tiling"] = preds[0].extra["tiling"]
+            for plan in ("tiling", "panorama"):  # the first prediction's plan: the same for every frame
+                if preds and plan not in self.plans and plan in preds[0].extra:
+                    self.plans[plan] = preds[0].extra[plan]
             if preds and "uncertainty" in preds[0].extra and "statistic" not in self.about:
                 spread = {
                     "statistic": preds[0].extra["uncertainty"]["statistic"],
@@ -314,7 +315,7 @@ class VideoJob:
             "codec_in": info.codec,
             "file": self.paths["mp4"].name,
         }
-        sections = {**axes_record(self.predictor, self.opts), **self.tiling, "video": video, **encoder.sections()}
+        sections = {**axes_record(self.predictor, self.opts), **self.plans, "video": video, **encoder.sections()}
         if encoder.formats:
             sections["frames_folder"] = self.item.key
         return sidecar(
