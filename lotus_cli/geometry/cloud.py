@@ -387,28 +387,47 @@ def build_cloud(
     Raises InputError when no point is left."""
     finite = np.isfinite(depth) & (depth > 0)
     smooth = g.edge_mask(depth, opts.edge_threshold)
+    points = g.backproject(np.where(finite, depth, 0), K)  # [H, W, 3]
+    return gather(rgb, points, normals, finite, smooth, opts)
+
+
+def gather(
+    rgb: np.ndarray,
+    points: np.ndarray,
+    normals: np.ndarray | None,
+    finite: np.ndarray,
+    smooth: np.ndarray,
+    opts: CloudOptions,
+    frame: str | None = None,
+    fallback: str = NORMAL_FALLBACK,
+) -> Cloud:
+    """The cloud of a map's kept pixels, whatever made its points: rgb uint8 [H, W, 3], points [H, W, 3] with
+    the viewer at the origin (a camera, a panorama's centre), normals [H, W, 3] (NaN = none) or None, the pixels
+    with a depth (``finite``) and those passing the flying-pixel test (``smooth``), all [H, W]. Normals that
+    face away from the viewer are flipped, one missing gets ``fallback`` (counted) unless
+    ``opts.drop_without_normal``; ``frame``: the record's words for the points' frame (default: the camera's)."""
     has_normal = np.isfinite(normals).all(-1) if normals is not None else np.ones_like(finite)
     keep = smooth & has_normal if opts.drop_without_normal else smooth
     chosen = g.subsample(keep, opts.stride, opts.max_points, opts.seed)
     if not chosen.any():
         raise InputError(
-            f"no points left ({int(finite.sum())} of {depth.size} pixels have a depth, "
+            f"no points left ({int(finite.sum())} of {finite.size} pixels have a depth, "
             f"{int((finite & smooth).sum())} pass --edge-threshold {opts.edge_threshold:g})",
             "check --depth-units/--depth-kind, or raise --edge-threshold (0 keeps every pixel with a depth)",
         )
-    pts = g.backproject(np.where(finite, depth, 0), K)[chosen]
+    pts = points[chosen]
     nrm = None
     if normals is not None:
         nrm = normals[chosen].astype(np.float32)
         missing = ~np.isfinite(nrm).all(-1)
         nrm[missing] = -pts[missing] / np.linalg.norm(pts[missing], axis=-1, keepdims=True)
-        away = (nrm * pts).sum(-1) > 0  # the camera is at the origin: n . (0 - p) < 0
+        away = (nrm * pts).sum(-1) > 0  # the viewer is at the origin: n . (0 - p) < 0
         nrm[away] *= -1
     if opts.up == "y":
         pts, nrm = pts * g.TO_OPENGL, (nrm * g.TO_OPENGL if nrm is not None else None)
     no_normal = finite & smooth & ~has_normal
     record = {
-        "pixels": int(depth.size),
+        "pixels": int(finite.size),
         "with_depth": int(finite.sum()),
         "removed_at_edges": int((finite & ~smooth).sum()),
         "removed_without_normal": int(no_normal.sum()) if opts.drop_without_normal else 0,
@@ -417,12 +436,12 @@ def build_cloud(
         "edge_threshold": opts.edge_threshold,
         "stride": opts.stride,
         "max_points": opts.max_points,
-        "frame": FRAMES[opts.up],
+        "frame": frame or FRAMES[opts.up],
     }
     if nrm is not None:
         record["normals_flipped"] = int(away.sum())
     if record["without_normal"]:
-        record["normal_fallback"] = NORMAL_FALLBACK
+        record["normal_fallback"] = fallback
     return Cloud(pts, rgb[chosen], nrm, record, np.flatnonzero(chosen), keep, opts.up)
 
 

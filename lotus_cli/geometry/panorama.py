@@ -389,9 +389,9 @@ def make_sphere_cloud(
     no camera applies (``camera_opts``, ``exif_f35`` and ``input_size`` are taken for the same call and
     unused). ``normals``: "predict" (``normals_lotus``, the panorama's normals in Lotus axes), "depth" or
     "none"."""
-    from ..errors import InputError, UsageError
+    from ..errors import UsageError
     from . import camera as g
-    from .cloud import FRAMES, NORMAL_FALLBACK, NORMAL_SOURCES, Cloud, CloudOptions, check_size, metric_depth
+    from .cloud import FRAMES, NORMAL_FALLBACK, NORMAL_SOURCES, CloudOptions, check_size, gather, metric_depth
 
     cloud_opts = cloud_opts or CloudOptions()
     h, w = values.shape
@@ -419,43 +419,9 @@ def make_sphere_cloud(
         nrm_all = sphere_normals(pts_all)
     else:
         nrm_all = None
-    has_normal = np.isfinite(nrm_all).all(-1) if nrm_all is not None else np.ones_like(finite)
-    keep = smooth & has_normal if cloud_opts.drop_without_normal else smooth
-    chosen = g.subsample(keep, cloud_opts.stride, cloud_opts.max_points, cloud_opts.seed)
-    if not chosen.any():
-        raise InputError(
-            f"no points left ({int(finite.sum())} of {distance.size} pixels have a distance)",
-            "check the map, or raise --edge-threshold (0 keeps every pixel with a distance)",
-        )
-    pts = pts_all[chosen]
-    nrm = None
-    if nrm_all is not None:
-        nrm = nrm_all[chosen]
-        missing = ~np.isfinite(nrm).all(-1)
-        nrm[missing] = -pts[missing] / np.linalg.norm(pts[missing], axis=-1, keepdims=True)
-        away = (nrm * pts).sum(-1) > 0
-        nrm[away] *= -1
-    if cloud_opts.up == "y":
-        pts, nrm = pts * g.TO_OPENGL, (nrm * g.TO_OPENGL if nrm is not None else None)
-    no_normal = finite & smooth & ~has_normal
     frame = SPHERE_FRAME if cloud_opts.up == "opencv" else FRAMES["y"].replace("camera frame", "panorama frame")
-    record = {
-        "pixels": int(distance.size),
-        "with_depth": int(finite.sum()),
-        "removed_at_edges": int((finite & ~smooth).sum()),
-        "removed_without_normal": int(no_normal.sum()) if cloud_opts.drop_without_normal else 0,
-        "without_normal": 0 if cloud_opts.drop_without_normal else int((no_normal & chosen).sum()),
-        "points": int(chosen.sum()),
-        "edge_threshold": cloud_opts.edge_threshold,
-        "stride": cloud_opts.stride,
-        "max_points": cloud_opts.max_points,
-        "frame": frame,
-    }
-    if nrm is not None:
-        record["normals_flipped"] = int(away.sum())
-    if record["without_normal"]:
-        record["normal_fallback"] = NORMAL_FALLBACK.replace("camera", "panorama's centre")
-    cloud = Cloud(pts, rgb[chosen], nrm, record, np.flatnonzero(chosen), keep, cloud_opts.up)
+    fallback = NORMAL_FALLBACK.replace("camera", "panorama's centre")
+    cloud = gather(rgb, pts_all, nrm_all, finite, smooth, cloud_opts, frame, fallback)
     normals_text = (
         "from the distances (differences of the points on the sphere, wrapping at the longitude seam)"
         if normals == "depth"
@@ -466,7 +432,7 @@ def make_sphere_cloud(
         "camera_source": projection_rule,
         "depth": depth_record,
         "normals": normals_text,
-        "cloud": record,
+        "cloud": cloud.record,
         "units": "metres",
         "assumed": list(depth_record["assumed"]),
     }
