@@ -5,6 +5,7 @@ The environment is made hermetic before anything imports huggingface_hub: no net
 """
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -90,3 +91,10 @@ def pytest_collection_modifyitems(config, items):
         for mark, reason in reasons.items():
             if reason and item.get_closest_marker(mark):  # not `in item.keywords`: that holds folder names
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def default_signals() -> None:
+    """In the child before exec: Ctrl-C and SIGTERM as a terminal delivers them, whatever the test runner
+    inherited (a shell's background job starts with SIGINT ignored, and Python then keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

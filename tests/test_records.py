@@ -16,7 +16,7 @@ from lotus_cli.cli import app
 from lotus_cli.run.events import Reporter
 from lotus_cli.run.results import RECORD_FIELDS, STATUSES
 
-from .conftest import make_image
+from .conftest import default_signals, make_image
 
 runner = CliRunner()
 
@@ -143,6 +143,7 @@ def test_a_stopped_run_writes_the_record_of_every_finished_input(sig, code, tmp_
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=default_signals,  # a test run started in the background inherits SIGINT ignored
     )
     first = proc.stdout.readline()  # one input is finished: the run is under way
     time.sleep(0.2)

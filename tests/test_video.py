@@ -17,6 +17,8 @@ from lotus_cli.model.predictor import Prediction, PredictOptions
 from lotus_cli.run.clip import run_video
 from lotus_cli.run.made import OutputSpec, VideoSpec
 
+from .conftest import default_signals
+
 runner = CliRunner()
 
 
@@ -300,6 +302,7 @@ def test_ctrl_c_on_the_command_line_leaves_a_playable_video(tmp_path, depth_d):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=default_signals,  # a test run started in the background inherits SIGINT ignored
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list((out / "long").glob("*.npy"))) < 5:
