@@ -1,6 +1,7 @@
 """`lotus export onnx`: the three graphs, checked, run by ONNX Runtime and compared with the torch predictor."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -127,3 +128,12 @@ def test_cli_exports_and_reports(exported, depth_d, tmp_path):
     bad = CliRunner().invoke(app, ["export", "onnx", "-m", str(depth_d), "--out", str(tmp_path), "--res", "20"])
     assert bad.exit_code == 2
     assert "multiple of 8" in bad.output
+
+
+def test_missing_onnxruntime_names_the_extra(depth_d, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if it were not installed
+    with pytest.raises(UsageError, match=r"onnxruntime is missing.*lotus-cli\[onnx\]"):
+        onnx_export.require_onnx()
+    result = CliRunner().invoke(app, ["export", "onnx", "-m", str(depth_d), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "lotus-cli[onnx]" in result.output and not list(tmp_path.iterdir())
