@@ -27,7 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .camera import Intrinsics, intrinsics_from_fov
+from ..errors import UsageError
+from . import camera as g
+from .camera import Intrinsics, edge_mask, intrinsics_from_fov
+from .cloud import FRAMES, NORMAL_FALLBACK, NORMAL_SOURCES, CloudOptions, check_size, gather, metric_depth
+from .mesh import Mesh
 
 CUBE = (("front", 0.0, 0.0), ("right", 90.0, 0.0), ("back", 180.0, 0.0), ("left", -90.0, 0.0))
 POLES = (("up", 0.0, 90.0), ("down", 0.0, -90.0))
@@ -295,18 +299,18 @@ def joint_scale_shift(
     for _ in range(LTS_STEPS):
         r = np.abs(a @ x - rhs)
         best = np.zeros(n, bool)
-        for g in groups:
-            best[g] = r[g] <= max(np.quantile(r[g], LTS_KEEP), floor)
+        for group in groups:
+            best[group] = r[group] <= max(np.quantile(r[group], LTS_KEEP), floor)
         if np.array_equal(best, keep):
             break
         keep = best
         x = solve(keep)
     for _ in range(iters):
         r = a @ x - rhs
-        for g in groups:
-            rg = r[g][keep[g]] if keep[g].any() else r[g]
+        for group in groups:
+            rg = r[group][keep[group]] if keep[group].any() else r[group]
             med = np.median(rg)
-            keep[g] = np.abs(r[g] - med) <= k * 1.4826 * np.median(np.abs(rg - med)) + floor
+            keep[group] = np.abs(r[group] - med) <= k * 1.4826 * np.median(np.abs(rg - med)) + floor
         x = solve(keep)
     r = a @ x - rhs
     full = np.insert(x, fixed, 1.0)
@@ -340,7 +344,6 @@ def sphere_points(distance: np.ndarray) -> np.ndarray:
 def wrapped_edge_mask(distance: np.ndarray, threshold: float) -> np.ndarray:
     """``camera.edge_mask`` of an equirectangular map, column W - 1 compared with column 0 too (the longitude
     wrap): [H, W] True where a pixel has a distance and no relative jump above ``threshold`` to a neighbour."""
-    from .camera import edge_mask
 
     ext = edge_mask(np.concatenate([distance, distance[:, :1]], axis=1), threshold)  # column W = column 0
     keep = ext[:, :-1]
@@ -389,9 +392,6 @@ def make_sphere_cloud(
     no camera applies (``camera_opts``, ``exif_f35`` and ``input_size`` are taken for the same call and
     unused). ``normals``: "predict" (``normals_lotus``, the panorama's normals in Lotus axes), "depth" or
     "none"."""
-    from ..errors import UsageError
-    from . import camera as g
-    from .cloud import FRAMES, NORMAL_FALLBACK, NORMAL_SOURCES, CloudOptions, check_size, gather, metric_depth
 
     cloud_opts = cloud_opts or CloudOptions()
     h, w = values.shape
@@ -461,7 +461,6 @@ def sphere_mesh(cloud, stride: int = 1):
     (the last grid column joined to column 0), and at each pole a fan over the first (last) grid row when
     every pixel of that row passed (so no cap bridges a depth edge). Vertices of column 0 in the wrap blocks
     are duplicated with u + 1, so the texture runs on across the seam instead of back over the image."""
-    from .mesh import Mesh
 
     h, w = cloud.kept.shape
     s = stride
