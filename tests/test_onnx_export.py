@@ -109,6 +109,7 @@ def test_weights_over_the_limit_go_to_external_data(depth_d, tmp_path, monkeypat
     graph, data = (tmp_path / "unet.onnx").stat().st_size, (tmp_path / "unet.onnx.data").stat().st_size
     assert graph < data / 4  # the weights moved (onnx keeps tensors under 1 kB inline)
     assert graph + data == manifest["graphs"]["unet"]["bytes"]
+    assert (tmp_path / "unet.onnx.data").stat().st_mode & 0o777 == (tmp_path / "unet.onnx").stat().st_mode & 0o777
     assert manifest["validation"]["max_abs_diff_map"] < 1e-4  # ONNX Runtime found the weights beside the graph
 
 

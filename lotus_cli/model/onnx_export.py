@@ -115,6 +115,7 @@ def _export(onnx, module, args, path: Path, names_in, names_out, dynamic: bool) 
         if weight_bytes >= TWO_GB:
             model = onnx.load(str(raw))
             onnx.save_model(model, str(path), save_as_external_data=True, location=data.name)
+            data.chmod(path.stat().st_mode & 0o777)  # onnx writes it owner-only: readable as the graph is
         else:
             shutil.move(str(raw), str(path))
     onnx.checker.check_model(str(path))  # by path: a graph with external data is checked with its weights
