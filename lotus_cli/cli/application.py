@@ -5,10 +5,23 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 
+
+class _Group(TyperGroup):
+    """The top-level group, whose own -h/--help is shown as the plain flag it is (no <bool>)."""
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+
 app = typer.Typer(
+    cls=_Group,
     name="lotus",
     help="Depth, surface normals, uncertainty and point clouds from images and videos with Lotus (one-step "
     "diffusion, arXiv 2409.18124), and the paper's training and evaluation protocols.",

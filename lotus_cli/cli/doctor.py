@@ -9,6 +9,7 @@ import typer
 
 from ..errors import LotusError, UsageError
 from .application import app
+from .options import flag
 from .report import fail, say
 
 
@@ -74,8 +75,8 @@ def doctor(
     processing_res: Annotated[
         int, typer.Option("--processing-res", help="The size (long side, pixels) the choice is made for.")
     ] = 768,
-    recalibrate: Annotated[bool, typer.Option("--recalibrate", help="Forget the recorded choices first.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    recalibrate: Annotated[bool, flag("--recalibrate", help="Forget the recorded choices first.")] = False,
+    as_json: Annotated[bool, flag("--json", help="One JSON object on stdout.")] = False,
 ):
     """Show the CPU (model, avx2 / avx512f / avx512_bf16 / amx flags, cores), torch and its threads, and the
     fast paths chosen for this machine (channels-last, packed weights, VAE strips) with the measured times."""
