@@ -1,5 +1,5 @@
-"""Would Winograd convolutions pay here? A measurement behind a decision not to adopt them (README, "Speed and
-memory"), in one run.
+"""Would Winograd convolutions pay here? A measurement behind a decision not to adopt them (docs/performance.md),
+in one run.
 
     python benchmarks/bench_winograd.py               # this CPU's kernels (about a minute)
     python benchmarks/bench_winograd.py --isa avx2    # torch, oneDNN and MKL capped to AVX2 kernels

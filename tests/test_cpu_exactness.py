@@ -1,8 +1,8 @@
-"""How far the default CPU path is from the reference sequence where all its fast paths run (README,
+"""How far the default CPU path is from the reference sequence where all its fast paths run (docs/exactness.md,
 "Exactness"): native resolution above 256 x 256 px, so the VAE's high-resolution stages run in strips,
 channels-last with packed weights; both tasks, both families, tiny random checkpoints.
 
-The bounds asserted are the README's: depth 1e-5, normals 3e-5 (in the model's raw units: a random tiny
+The bounds asserted are docs/exactness.md's: depth 1e-5, normals 3e-5 (in the model's raw units: a random tiny
 model emits near-zero normal vectors whose normalisation would amplify any rounding; real models emit
 |n| ~ 1, where the two are the same measure). NCHW with diffusers' modules throughout
 (``channels_last=False``, ``strip_rows = 0``) gives the reference's numbers (< 1e-6)."""

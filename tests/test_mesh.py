@@ -240,7 +240,7 @@ def kinect_sigma(z):
 def test_real_ground_truth_mesh_is_flat_and_unstretched(name):
     """The mesh of measured depth: its largest plane (Open3D RANSAC) is flat within the sensor's noise, and
     the discontinuity test removes the stretched triangles that bridge depth edges: what stays is bounded by
-    the threshold (numbers in the README, from benchmarks/bench_pointcloud.py)."""
+    the threshold (numbers in docs/pointclouds.md, from benchmarks/bench_pointcloud.py)."""
     z, K = load_rgbd(name)
     z = np.where(z > 0, z, np.nan)
     rgb = make_image(*z.shape)

@@ -12,7 +12,7 @@ The design is staging, so sources.py and outputs.py stay local-file code:
   the staged copies removed (``Outputs.publish``).
 
 The backend comes from fsspec's registry: s3:// needs ``s3fs``, gs:// ``gcsfs``; credentials are theirs
-(README "Many GPUs and machines"). A local path is not a URL and never goes through fsspec.
+(docs/scale-out.md). A local path is not a URL and never goes through fsspec.
 """
 
 from __future__ import annotations

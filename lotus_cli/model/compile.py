@@ -4,7 +4,7 @@ Inductor traces the UNet for one input shape, fuses its pointwise work into gene
 Triton (CUDA) kernels and, with ``freezing`` on a CPU, folds the weights into the graph and packs the
 convolution weights for oneDNN itself. The first call for a shape pays for that compilation; its
 artifacts (inductor's FX graph cache and the compiled kernels) go to ``inductor_cache_dir()``, so a later
-process running the same model at the same size loads them instead of compiling. The README ("Compiled path")
+process running the same model at the same size loads them instead of compiling. The docs/performance.md ("Compiled path")
 gives the measured costs and what it buys; ``should_compile`` encodes when it pays.
 
 Weights packed by the predictor for eager oneDNN convolutions cannot be traced (oneDNN's opaque tensor
@@ -31,7 +31,7 @@ from .gpu import is_out_of_memory
 MODES = ("auto", "on", "off")
 # --compile auto compiles runs of at least this many same-size items: where the first call's compilation
 # (cold: nothing cached; warm: artifacts cached by an earlier run) is paid back by the faster calls after
-# it, as measured by benchmarks/bench_compile.py (README, "Compiled path").
+# it, as measured by benchmarks/bench_compile.py (docs/performance.md, "Compiled path").
 MIN_ITEMS_COLD = 40
 MIN_ITEMS_WARM = 12
 # ... and only models up to this size: the full-size architecture (3.8 GB of fp32 weights) ran 0.74x as
@@ -160,7 +160,7 @@ def compile_predictor(
     weight_bytes = predictor.weight_bytes()
     if mode == "auto" and not should_compile(n_items, is_video, device_type, weight_bytes=weight_bytes):
         if device_type == "cpu" and weight_bytes > MAX_AUTO_BYTES:
-            return False, "--compile auto: not compiled (a model this size ran slower compiled; README)"
+            return False, "--compile auto: not compiled (a model this size ran slower compiled: docs/performance.md)"
         return False, f"--compile auto: not compiled for {n_items} item(s) on {device_type}"
     if backend == "inductor":
         missing = compiler_missing(device_type)

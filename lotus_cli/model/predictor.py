@@ -15,7 +15,7 @@ The predictor takes and returns arrays; it never sees a path. Noise is drawn per
 ``torch.Generator("cpu").manual_seed(seed)`` in the latent size, so an image's result never depends on
 the batch it shares or the images before it, and for a batch of one it is the reference's first draw.
 How the UNet and VAE run on this device (memory format, packed weights, strips, memory trims) is the
-``cpu`` package's business (README, "Speed and memory"); what they compute is the same.
+``cpu`` package's business (docs/performance.md); what they compute is the same.
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ class LotusPredictor:
         (download with a progress bar on first use) and load it. ``kind`` states the output kind of a
         checkpoint whose metadata does not (see registry.resolve); one that nothing describes is refused.
         ``channels_last``/``pack_weights``: None = what this machine was measured to run fastest at
-        ``processing_res`` (README, "Speed and memory"); ``pack_weights=False`` gives plain diffusers modules."""
+        ``processing_res`` (docs/performance.md); ``pack_weights=False`` gives plain diffusers modules."""
         ref = registry.fetch(spec if isinstance(spec, registry.ModelRef) else registry.resolve(spec, task, kind))
         registry.check_known(ref, task)
         dev = resolve_device(device)

@@ -1,6 +1,6 @@
 """``--engine ray``: the work list as a Ray Data pipeline over a fixed pool of predictor actors.
 
-Shape (README "Many GPUs and machines"):
+Shape (docs/scale-out.md):
 
 1. the driver lists the work (``dispatch.dispatch`` leaves out the items whose outputs the runner
    would keep; the others are redone, with the reason) and cuts it into units (``work_units``): each

@@ -1,6 +1,6 @@
 """Training data: Hypersim, Virtual KITTI 2 and a generic folder format, mixed per batch.
 
-Every dataset yields samples of numpy arrays, as the authors' loaders see their data (README "Training"):
+Every dataset yields samples of numpy arrays, as the authors' loaders see their data (docs/training.md):
 
     rgb     uint8 [H, W, 3]
     depth   float32 [H, W] metres as stored, also where it is not ``valid`` (0 = no measurement), or None (a

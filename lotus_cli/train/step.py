@@ -1,5 +1,5 @@
 """One Lotus training step and its loss, as the paper (arXiv 2409.18124, Sec. 4) and the authors' train
-scripts do it (README "Training").
+scripts do it (docs/training.md).
 
 For a batch of B images (rgb [B, 3, H, W] in [-1, 1], annotation [B, 3, H, W] in [-1, 1], loss mask
 [B, 1, H, W]):

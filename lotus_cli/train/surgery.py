@@ -1,4 +1,4 @@
-"""Model surgery: Stable Diffusion 2's UNet -> a Lotus UNet (paper Sec. 4; README "Training").
+"""Model surgery: Stable Diffusion 2's UNet -> a Lotus UNet (paper Sec. 4; docs/training.md).
 
 Two changes, both exact functions of the SD2 weights apart from the new embedding:
 

@@ -7,7 +7,7 @@ thread count; and,
 always, in-place SiLU in the VAE. The returned Engine then runs the VAE (``encode``/``decode``: in strips
 or as diffusers' modules), puts tensors in the chosen memory format (``fmt``), counts the weights' bytes
 and hands freed memory back between the big stages (heap.py). The numbers are the modules' own up to
-float rounding (README, "Exactness").
+float rounding (docs/exactness.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Which CPU fast paths pay on this machine, decided by measuring them there, once, and remembered.
 
 CPUs differ in what pays: packed oneDNN weights (prepack.py) made a prediction faster on an AVX-512
-machine and slower on an AVX2-only one (README, "Speed and memory"). So the choices are timed on first
+machine and slower on an AVX2-only one (docs/performance.md). So the choices are timed on first
 use, for this model's architecture at the processing size, and cached:
 
 * layout, per module (UNet, VAE): every distinct convolution of the UNet and VAE (found by a shape-only
@@ -12,7 +12,7 @@ use, for this model's architecture at the processing size, and cached:
   big stages really make), scaled up by the rows. The heap is trimmed after each, so the timings do not
   raise the first prediction's peak memory. (Windows of 0.15 GFLOP, a few output pixels of a wide layer, were
   tried first: their kernels were not the full layers' ones, and on AVX2 kernels they rated packed
-  weights 13 % faster for the VAE where whole predictions ran 15 % slower; README, "Speed and memory".)
+  weights 13 % faster for the VAE where whole predictions ran 15 % slower; docs/performance.md.)
   A module's estimate per layout is the sum over its layers times their uses; each module runs in its
   fastest, so the choice is not slower than diffusers' plain modules (NCHW, unpacked) by the estimate.
 * strips (strips.py): the decoder's last full-resolution residual block and the upsampler before it, on
@@ -245,7 +245,7 @@ def busy() -> tuple[float | None, int]:
 
 def _rule(layouts: list[str], why: str) -> Choices:
     """The choice without timings: channels-last, weights packed only on AVX-512 CPUs (packing paid on one
-    and cost on an AVX2-only one; README), strips of ``strips.ROWS`` rows (memory)."""
+    and cost on an AVX2-only one; docs/performance.md), strips of ``strips.ROWS`` rows (memory)."""
     wanted = "channels_last+packed" if "avx512f" in machine().flags else "channels_last"
     lay = wanted if wanted in layouts else max(layouts, key=LAYOUTS.index)
     return _choices({p: lay for p in PARTS}, strips.ROWS, f"rule: {why}")

@@ -12,7 +12,7 @@ def release_freed_memory() -> None:
 
     Activations freed by one stage (encode, UNet, a VAE block) stay in the process's heap and count in its
     RSS while the next stage allocates its own: trimming between the model's stages, and before each VAE
-    block of ``TRIM_PIXELS`` or more (strips.py), takes milliseconds and lowers the peak (README, "Speed
+    block of ``TRIM_PIXELS`` or more (strips.py), takes milliseconds and lowers the peak (docs/performance.md
     and memory"). A fixed mmap threshold, tried instead, cost far more time."""
     global _LIBC
     if _LIBC is None:

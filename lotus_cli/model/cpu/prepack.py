@@ -3,7 +3,7 @@
 ``F.conv2d`` on a CPU hands oneDNN the weight in PyTorch's layout, and oneDNN reorders it into its own
 blocked layout on every call. For the UNet's 1280-channel convolutions at 8 x 8 and 16 x 16 latent cells
 (large weights, little arithmetic) that reorder is most of the time; at large sizes it makes no
-difference (README, "Speed and memory"). Packing is what inductor's ``freezing`` does, without the
+difference (docs/performance.md). Packing is what inductor's ``freezing`` does, without the
 compile time. The packed weight replaces the dense one (same memory). The numbers are the same up to
 float rounding: for most shapes oneDNN runs the very same kernel, for a few small ones it picks another
 (tests/test_prepack.py). Whether it pays depends on the CPU: calibrate.py decides.

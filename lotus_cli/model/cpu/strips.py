@@ -13,8 +13,8 @@ The decoder's upsampling layers run as sub-pixel convolutions of their small inp
 upsampled input is never built, and with 16 instead of 36 multiply-adds.
 
 Differences from diffusers' modules are float rounding only (the GroupNorm is applied as x * a + b, its
-statistics summed per strip in float32 and combined in float64; the sub-pixel taps summed; README,
-"Exactness"). Any VAE whose structure is not the SD VAE's (other block types, norms,
+statistics summed per strip in float32 and combined in float64; the sub-pixel taps summed;
+docs/exactness.md). Any VAE whose structure is not the SD VAE's (other block types, norms,
 activations or kernel sizes) runs through diffusers unchanged.
 """
 
@@ -306,7 +306,7 @@ def group_stats(x: torch.Tensor, norm: torch.nn.GroupNorm, rows: int) -> tuple[t
 
 class ChannelsLastGroupNorm(torch.nn.GroupNorm):
     """``nn.GroupNorm`` whose channels-last 4-D inputs get float64 statistics (two passes), applied as
-    x * a + b as in the strips. torch's own channels-last GroupNorm kernel rounds more (README,
+    x * a + b as in the strips. torch's own channels-last GroupNorm kernel rounds more (docs/exactness.md,
     "Exactness"), and float32 sums split across threads would make the result depend on the thread count.
     Other inputs (NCHW, the attention's [B, C, N]) go to nn.GroupNorm unchanged. Same parameters and
     state_dict; swapped in by class (``precise_group_norms``)."""
