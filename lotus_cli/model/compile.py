@@ -4,8 +4,8 @@ Inductor traces the UNet for one input shape, fuses its pointwise work into gene
 Triton (CUDA) kernels and, with ``freezing`` on a CPU, folds the weights into the graph and packs the
 convolution weights for oneDNN itself. The first call for a shape pays for that compilation; its
 artifacts (inductor's FX graph cache and the compiled kernels) go to ``inductor_cache_dir()``, so a later
-process running the same model at the same size loads them instead of compiling. The docs/performance.md ("Compiled path")
-gives the measured costs and what it buys; ``should_compile`` encodes when it pays.
+process running the same model at the same size loads them instead of compiling. docs/performance.md
+("Compiled path") gives the measured costs and what it buys; ``should_compile`` encodes when it pays.
 
 Weights packed by the predictor for eager oneDNN convolutions cannot be traced (oneDNN's opaque tensor
 layout), so they are unpacked into plain ``nn.Conv2d`` first: freezing then packs them again. With

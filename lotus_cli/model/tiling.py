@@ -45,7 +45,7 @@ MIN_TILE = 32  # input pixels; below this a tile holds too few latent cells to m
 MIN_AUTO_TILE_RES = 256  # auto never shrinks tiles below this to meet a budget
 # Peak activation bytes per model pixel, as a multiple of the VAE's first-block width x element size:
 # the decoder's last up-block holds about three full-resolution activations of 2-3x that width at once.
-# Calibrated on the full-size SD2 VAE: 1.13 GB above the weights at 512 x 512 px, fp32 (measured when the budget was set).
+# Calibrated on the full-size SD2 VAE: 1.13 GB above the weights at 512 x 512 px, fp32.
 ACTIVATION_FACTOR = 9.0
 FIT_SAMPLES = 16384  # enough pixels to fix two numbers; more only costs time
 # A tile's map spans [0, 1] over its own content, which in global units spans at most the whole range: a fitted
