@@ -126,6 +126,9 @@ def test_cli_exports_and_reports(exported, depth_d, tmp_path):
     assert result.exit_code == 0, result.output
     assert "max |diff|" in result.output
     assert onnx_export.read_manifest(tmp_path)["graphs"]["unet"]["inputs"][0]["shape"] == [1, 4, 16 // f, 16 // f]
+    args = ["export", "onnx", "-m", str(depth_d), "--out", str(tmp_path / "dyn"), "--res", "16", "--dynamic"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert onnx_export.read_manifest(tmp_path / "dyn")["dynamic"] is True
     bad = CliRunner().invoke(app, ["export", "onnx", "-m", str(depth_d), "--out", str(tmp_path), "--res", "20"])
     assert bad.exit_code == 2
     assert "multiple of 8" in bad.output

@@ -9,6 +9,7 @@ import typer
 
 from ..errors import LotusError
 from .application import app
+from .options import flag
 from .report import fail, say
 
 export_app = typer.Typer(help="Export a model for other runtimes (ONNX).", no_args_is_help=True)
@@ -26,8 +27,7 @@ def export_onnx(
         int, typer.Option("--res", help="Side of the square image the graphs take, and are validated at (px).")
     ] = 512,
     dynamic: Annotated[
-        bool,
-        typer.Option("--dynamic", help="Free batch, height and width (multiples of the manifest's size_multiple)."),
+        bool, flag("--dynamic", help="Free batch, height and width (multiples of the manifest's size_multiple).")
     ] = False,
 ) -> None:
     """VAE encoder, UNet (t = 999, task switch and empty prompt folded in) and VAE decoder in fp32, checked
