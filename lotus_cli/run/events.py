@@ -47,6 +47,3 @@ class Reporter:
     def progress(self, label: str, total: int | None) -> Progress:
         """Progress over ``total`` steps (None: not known in advance)."""
         return Progress()
-
-    def status(self, text: str) -> None:
-        """A running count to show in place of a bar (scaled-out runs)."""
