@@ -15,14 +15,22 @@ install: system-deps
 	$(PIP) install --disable-pip-version-check "torch==$(TORCH_VERSION)" || $(PIP) install --disable-pip-version-check "torch>=2.4"
 	$(PIP) install --disable-pip-version-check -e ".[all,dev]"
 
-# Open3D (point clouds) loads libusb at import; install it when apt is there and we may use it.
+# System libraries, from apt when it is there and we are root (CI is): libusb, which Open3D (point clouds)
+# loads at import, and Chromium, the browser the tests of `lotus app` drive through Playwright (Debian's package:
+# Playwright's own browser download is not needed). Elsewhere it says what to install and the tests that need
+# them skip with that reason.
 system-deps:
-	@if $(PYTHON) -c "import ctypes.util,sys; sys.exit(0 if ctypes.util.find_library('usb-1.0') else 1)"; then \
-		echo "libusb-1.0 present"; \
+	@missing=""; \
+	$(PYTHON) -c "import ctypes.util,sys; sys.exit(0 if ctypes.util.find_library('usb-1.0') else 1)" || missing=" libusb-1.0-0"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -z "$$missing" ]; then \
+		echo "system libraries present: libusb-1.0, chromium"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		(apt-get install -y -qq libusb-1.0-0 || (apt-get update -qq && apt-get install -y -qq libusb-1.0-0)); \
+		echo "apt-get install$$missing"; \
+		(apt-get install -y -qq $$missing || (apt-get update -qq && apt-get install -y -qq $$missing)) >/dev/null; \
 	else \
-		echo "note: install libusb-1.0 (Debian/Ubuntu: apt-get install libusb-1.0-0) for lotus pointcloud"; \
+		echo "note: install$$missing (Debian/Ubuntu: apt-get install$$missing): libusb for lotus pointcloud," \
+			"chromium for the browser tests of lotus app"; \
 	fi
 
 # ruff's lint and format check (the pinned version of the dev extra); `make format` rewrites the files
