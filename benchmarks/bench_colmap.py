@@ -46,7 +46,8 @@ def part1(args, tmp: Path) -> dict:
     from lotus_cli.geometry.colmap import COLMAP_PIXEL_OFFSET, align_to_points, sample_bilinear
     from lotus_cli.model.predictor import LotusPredictor, PredictOptions
     from lotus_cli.model.synthetic import build_checkpoint
-    from lotus_cli.run.colmap import ColmapRequest, colmap_scene, pose_of
+    from lotus_cli.run.colmap import ColmapRequest, colmap_scene
+    from lotus_cli.run.colmap_workspace import pose_of
 
     t = time.perf_counter()
     scene = build_scene(tmp / "room", views=8, size=(args.width, args.height), points_per_view=400)
