@@ -123,11 +123,15 @@ def _export(onnx, module, args, path: Path, names_in, names_out, dynamic: bool) 
     return {"files": files, "bytes": sum((path.parent / f).stat().st_size for f in files)}
 
 
-def export(pred: LotusPredictor, out_dir: Path, res: int = 512, dynamic: bool = False) -> dict:
+def export(pred: LotusPredictor, out_dir: Path, res: int = 512, dynamic: bool = False, any_size: bool = False) -> dict:
     """Write the three graphs and ``lotus-onnx.json`` of a predictor loaded in fp32 on the CPU with plain
     modules (``load``) into ``out_dir``; validate them; return the manifest. ``res``: the side of the
     square image the graphs take (and are validated at); with ``dynamic`` batch, height and width are free
-    (multiples of ``size_multiple``). Raises OutputError when ONNX Runtime disagrees beyond 1e-4."""
+    (multiples of ``size_multiple``). ``any_size`` (with ``dynamic``): the UNet is traced at a latent size that
+    is not a multiple of its levels' halvings, so its upsamplers take their sizes from the skip connections as
+    diffusers does for such sizes; a size-2n target is what the default doubling gives, so the graphs take
+    every height and width (the encoder floors as torch's VAE does) and match torch at each (size_multiple 1).
+    Raises OutputError when ONNX Runtime disagrees beyond 1e-4."""
     onnx, ort = require_onnx()
     if pred.dtype != torch.float32 or pred.device.type != "cpu" or pred.packed or pred.channels_last:
         raise UsageError("ONNX export needs the fp32 CPU predictor with plain modules", "load it with onnx_export.load")
@@ -148,17 +152,21 @@ def export(pred: LotusPredictor, out_dir: Path, res: int = 512, dynamic: bool = 
     f, c = pred.latent_factor, pred.latent_channels
     image = torch.zeros(1, 3, res, res)
     latent = torch.zeros(1, c, res // f, res // f)
+    odd = any_size and dynamic and res // f > 1  # the UNet traced where diffusers forwards the skips' sizes
+    unet_latent = torch.zeros(1, c, res // f - 1, res // f - 1) if odd else latent
     t0 = time.perf_counter()
     graphs = {
         "vae_encoder": _export(onnx, _Encoder(pred.vae, pred.scaling_factor), (image,), out_dir / "vae_encoder.onnx",
                                ["image"], ["latent"], dynamic),
         "unet": _export(onnx, _UNet(pred.unet, pred.prompt_embedding, pred.family),
-                        (latent, latent) if pred.family == "g" else (latent,), out_dir / "unet.onnx",
+                        (unet_latent, unet_latent) if pred.family == "g" else (unet_latent,), out_dir / "unet.onnx",
                         ["latent", "noise"] if pred.family == "g" else ["latent"], ["prediction"], dynamic),
         "vae_decoder": _export(onnx, _Decoder(pred.vae, pred.scaling_factor), (latent,), out_dir / "vae_decoder.onnx",
                                ["latent"], ["decoded"], dynamic),
     }  # fmt: skip
-    manifest = _manifest(pred, graphs, res, dynamic, multiple, ort)
+    manifest = _manifest(pred, graphs, res, dynamic, 1 if odd else multiple, ort)
+    if odd:
+        manifest["input"]["resize"] = manifest["input"]["resize"].replace(" that are multiples of 1 px", "")
     manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
     manifest["validation"] = validate(pred, out_dir, manifest, res, res)
     write_json(out_dir / MANIFEST, manifest)
