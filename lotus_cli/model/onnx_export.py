@@ -96,9 +96,10 @@ def test_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(base + np.random.default_rng(seed).normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def _export(onnx, module, args, path: Path, names_in, names_out, dynamic: bool) -> dict:
-    """One graph to ``path`` (weights over 2 GB into ``path``.data), checked; returns its manifest entry."""
-    axes = {n: {0: "batch", 2: "height", 3: "width"} for n in (*names_in, *names_out)} if dynamic else None
+def _export(onnx, module, args, path: Path, names_in, names_out, dynamic: bool, axes: dict | None = None) -> dict:
+    """One graph to ``path`` (weights over 2 GB into ``path``.data), checked; returns its manifest entry.
+    ``axes``: the dynamic axes' names per input and output (default: batch, height, width for all)."""
+    axes = (axes or {n: {0: "batch", 2: "height", 3: "width"} for n in (*names_in, *names_out)}) if dynamic else None
     weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / path.name  # the exporter may spread a large model over many files: gathered below
@@ -123,7 +124,17 @@ def _export(onnx, module, args, path: Path, names_in, names_out, dynamic: bool) 
     return {"files": files, "bytes": sum((path.parent / f).stat().st_size for f in files)}
 
 
-def export(pred: LotusPredictor, out_dir: Path, res: int = 512, dynamic: bool = False, any_size: bool = False) -> dict:
+def export(
+    pred: LotusPredictor,
+    out_dir: Path,
+    res: int = 512,
+    dynamic: bool = False,
+    any_size: bool = False,
+    *,
+    fp16: bool = False,
+    fp16_vae: bool = False,
+    single: bool = False,
+) -> dict:
     """Write the three graphs and ``lotus-onnx.json`` of a predictor loaded in fp32 on the CPU with plain
     modules (``load``) into ``out_dir``; validate them; return the manifest. ``res``: the side of the
     square image the graphs take (and are validated at); with ``dynamic`` batch, height and width are free
@@ -131,7 +142,11 @@ def export(pred: LotusPredictor, out_dir: Path, res: int = 512, dynamic: bool = 
     is not a multiple of its levels' halvings, so its upsamplers take their sizes from the skip connections as
     diffusers does for such sizes; a size-2n target is what the default doubling gives, so the graphs take
     every height and width (the encoder floors as torch's VAE does) and match torch at each (size_multiple 1).
-    Raises OutputError when ONNX Runtime disagrees beyond 1e-4."""
+    Raises OutputError when ONNX Runtime disagrees beyond 1e-4 (fp32).
+
+    ``single``: one graph ``lotus.onnx`` from RGB in [0, 1] to the map instead (``onnx_single``; not with
+    ``any_size``). ``fp16``: the UNet (with ``fp16_vae`` the VAE too) converted to fp16 with float32 inputs
+    and outputs (``onnx_fp16``); its difference from torch's fp32 map is reported, only a non-finite map fails."""
     onnx, ort = require_onnx()
     if pred.dtype != torch.float32 or pred.device.type != "cpu" or pred.packed or pred.channels_last:
         raise UsageError("ONNX export needs the fp32 CPU predictor with plain modules", "load it with onnx_export.load")
@@ -152,10 +167,16 @@ def export(pred: LotusPredictor, out_dir: Path, res: int = 512, dynamic: bool = 
     f, c = pred.latent_factor, pred.latent_channels
     image = torch.zeros(1, 3, res, res)
     latent = torch.zeros(1, c, res // f, res // f)
-    odd = any_size and dynamic and res // f > 1  # the UNet traced where diffusers forwards the skips' sizes
+    # the UNet traced where diffusers forwards the skips' sizes
+    odd = any_size and dynamic and res // f > 1 and not single
     unet_latent = torch.zeros(1, c, res // f - 1, res // f - 1) if odd else latent
     t0 = time.perf_counter()
-    graphs = {
+    if single:
+        from . import onnx_single
+
+        graphs = {onnx_single.NAME: onnx_single.export_graph(onnx, pred, out_dir, res, dynamic)}
+    else:
+        graphs = {
         "vae_encoder": _export(onnx, _Encoder(pred.vae, pred.scaling_factor), (image,), out_dir / "vae_encoder.onnx",
                                ["image"], ["latent"], dynamic),
         "unet": _export(onnx, _UNet(pred.unet, pred.prompt_embedding, pred.family),
@@ -163,15 +184,35 @@ def export(pred: LotusPredictor, out_dir: Path, res: int = 512, dynamic: bool = 
                         ["latent", "noise"] if pred.family == "g" else ["latent"], ["prediction"], dynamic),
         "vae_decoder": _export(onnx, _Decoder(pred.vae, pred.scaling_factor), (latent,), out_dir / "vae_decoder.onnx",
                                ["latent"], ["decoded"], dynamic),
-    }  # fmt: skip
-    manifest = _manifest(pred, graphs, res, dynamic, 1 if odd else multiple, ort)
+        }  # fmt: skip
+    precision = {name: "fp32" for name in graphs}
+    if fp16:
+        from . import onnx_fp16
+
+        precision = onnx_fp16.convert(onnx, out_dir, graphs, vae=fp16_vae)
+    three = dict.fromkeys(("vae_encoder", "unet", "vae_decoder"), {}) if single else graphs
+    manifest = _manifest(pred, three, res, dynamic, 1 if odd else multiple, ort)
     if odd:
         manifest["input"]["resize"] = manifest["input"]["resize"].replace(" that are multiples of 1 px", "")
+    if single:
+        onnx_single.describe(manifest, pred, res, dynamic, graphs[onnx_single.NAME])
+    if fp16:
+        onnx_fp16.describe(manifest, precision, fp16_vae)
+    else:
+        manifest["precision"] = "fp32"
+        for g in manifest["graphs"].values():
+            g["weights"] = "fp32"
     manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
     manifest["validation"] = validate(pred, out_dir, manifest, res, res)
     write_json(out_dir / MANIFEST, manifest)
     v = manifest["validation"]
-    if v["max_abs_diff_map"] > TOLERANCE:
+    if fp16:
+        if v["ran"] and not v["finite"]:
+            raise OutputError(
+                f"{out_dir}: the fp16 graphs give a map with inf or NaN under ONNX Runtime",
+                "export without --fp16-vae, or without --fp16: lotus-onnx.json has the validation",
+            )
+    elif v["max_abs_diff_map"] > TOLERANCE:
         raise OutputError(
             f"{out_dir}: ONNX Runtime's map differs from torch's by {v['max_abs_diff_map']:.2e} (> {TOLERANCE})",
             "report it with lotus-onnx.json: the graphs were written but are not trusted",
@@ -281,21 +322,34 @@ def run_graphs(out_dir: Path, image: np.ndarray, noise: np.ndarray | None = None
 
 
 def validate(pred: LotusPredictor, out_dir: Path, manifest: dict, h: int, w: int) -> dict:
-    """Run the graphs on ``test_image(h, w)`` and compare with the torch predictor's map (seed 0)."""
+    """Run the graphs (or ``lotus.onnx``) on ``test_image(h, w)`` and compare with the torch predictor's
+    fp32 map (seed 0). fp16 graphs: no tolerance; whether the map is finite, and whether ONNX Runtime's CPU
+    provider could run them at all (``ran``, ``error``), reported instead of failing the export."""
+    from . import onnx_fp16, onnx_single
+
+    fp16 = manifest.get("precision") == "fp16"
     image = test_image(h, w)
     noise = pred.noise([0], (h // pred.latent_factor, w // pred.latent_factor)).numpy() if pred.family == "g" else None
+    out = {"image": f"onnx_export.test_image({h}, {w}), seed 0", "provider": "CPUExecutionProvider"}
     t0 = time.perf_counter()
-    decoded = run_graphs(out_dir, image, noise)
+    try:
+        if manifest["pipeline"] == [onnx_single.NAME]:
+            got = onnx_single.as_map(onnx_single.run_single(out_dir, image, noise))
+        else:
+            got = pred.finish(torch.from_numpy(run_graphs(out_dir, image, noise)), (h, w))
+    except Exception as e:  # noqa: BLE001 - fp16 graphs ONNX Runtime's CPU provider cannot run: reported
+        if not fp16:
+            raise
+        error = " ".join(str(e).split())[:500]
+        return {**out, "ran": False, "error": f"{type(e).__name__}: {error}", "max_abs_diff_map": None}
     seconds = time.perf_counter() - t0
-    got = pred.finish(torch.from_numpy(decoded), (h, w))
     want = pred.predict(image, PredictOptions(processing_res=max(h, w), seed=0)).map
-    return {
-        "image": f"onnx_export.test_image({h}, {w}), seed 0",
-        "provider": "CPUExecutionProvider",
-        "max_abs_diff_map": float(np.abs(got - want).max()),
-        "tolerance": TOLERANCE,
-        "onnxruntime_seconds": round(seconds, 3),
-    }
+    diff = float(np.abs(got - want).max())  # NaN where got has NaN
+    out |= {"max_abs_diff_map": diff if np.isfinite(diff) else None, "tolerance": None if fp16 else TOLERANCE}
+    if fp16:
+        out |= {"ran": True, "finite": bool(np.isfinite(got).all()), "reference": "torch fp32"}
+        out["note"] = onnx_fp16.CPU_NOTE
+    return out | {"onnxruntime_seconds": round(seconds, 3)}
 
 
 def load(model: str | Path, res: int = 512) -> LotusPredictor:
