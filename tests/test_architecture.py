@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lotus_cli"
 # a module's layer: its first subpackage; a higher layer may import a lower one, never the reverse
 LAYERS = {"errors": 0, "io": 1, "geometry": 2, "model": 3, "run": 4, "evaluate": 4, "train": 4, "scale": 5, "cli": 6}
+LAYERS["app"] = 5  # `lotus app`'s library (app/): beside scale/, under cli/
 
 
 def module_name(path: Path) -> str:

@@ -13,7 +13,7 @@ import sys
 import typer
 
 # Commands live in submodules, imported for registration (each keeps heavy imports inside functions).
-from . import colmap, doctor, evaluate, export, models, pointcloud, predict, train  # noqa: F401
+from . import colmap, doctor, evaluate, export, models, pointcloud, predict, train, web  # noqa: F401
 from .application import app
 from .report import stdout_closed
 

@@ -1,0 +1,236 @@
+"""The app's predictor: loaded once, shared by every request, one prediction at a time.
+
+A request (one uploaded image or video) runs through the same library path as `lotus depth` / `lotus
+normal` / `lotus uncertainty`: a ``run.predict.PredictRequest`` planned by ``run.predict.plan`` and run by
+``run.predict.run_files`` with the batch function of ``run.predict.make_predict``, into a temporary folder
+of its own. So the files a page offers for download (png, png16, npy, exr and the sidecar) are the files
+the command line writes for the same image and options. For a depth map, the mesh is built as `lotus
+pointcloud --depth MAP IMAGE --mesh` builds it (``run.pointcloud``, from the npy just written: no second
+model). Only the newest ``keep`` request folders stay on disk, so a long-running app does not fill it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError, UsageError
+from ..io import sources
+from ..io.sidecar import read_record
+from ..io.sources import is_video
+from ..model import registry
+from ..run.events import Progress, Reporter
+from ..run.loading import load_predictor
+from ..run.pointcloud import PointcloudRequest, pointclouds
+from ..run.predict import PredictRequest, make_predict, plan, run_files
+from ..run.results import Summary
+from .security import Limits, check_upload
+
+IMAGE_FORMATS = "png,png16,npy,exr"  # every map format of `lotus depth` (the sidecar always comes too)
+VIDEO_FORMATS = "png"  # a clip: the colour-mapped mp4, and a png per frame
+DEPTH_KINDS = ("disparity", "depth")
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """How the app's predictor is loaded and what its page starts with: ``model`` (name, hub id or folder;
+    default depth-d), ``device`` / ``dtype`` / ``processing_res`` as `lotus depth` takes them; ``limits`` on
+    uploads; ``keep``: request folders kept on disk."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    processing_res: int = 768
+    limits: Limits = Limits()
+    keep: int = 8
+
+    def __post_init__(self):
+        if self.processing_res < 0:
+            raise UsageError(f"--processing-res must be >= 0, not {self.processing_res}", "0 = native size")
+
+
+@dataclass(frozen=True)
+class TryOptions:
+    """One request's options, as the Try tab offers them. ``task``: the model's own task ("depth" or
+    "normal") or "uncertainty" (a G model's spread over ``samples`` noise draws); ``tile``: None or a
+    --tile value ("auto", a size); ``cmap``: depth's colour map; ``frame``: the normals' axes; ``mesh``:
+    also build the 3-D mesh of a depth map (GLB)."""
+
+    task: str = "depth"
+    processing_res: int = 768
+    tile: str | None = None
+    cmap: str = "Spectral"
+    frame: str = "lotus"
+    samples: int = 8
+    mesh: bool = True
+
+
+@dataclass
+class TryResult:
+    """What one request made, all under ``folder``: ``image`` the colour-mapped map (png; None for a clip),
+    ``video`` the colour-mapped clip, ``mesh`` the GLB, ``files`` every file to download (maps, sidecars,
+    the mesh's PLY and GLB), ``record`` the map's sidecar, ``seconds`` the prediction alone."""
+
+    folder: Path
+    kind: str
+    image: Path | None = None
+    video: Path | None = None
+    mesh: Path | None = None
+    files: list[Path] = field(default_factory=list)
+    record: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class ProgressReporter(Reporter):
+    """A run's events turned into ``tell(fraction or None, text)`` calls (the page's progress bar)."""
+
+    def __init__(self, tell: Callable[[float | None, str], None]):
+        self.tell = tell
+
+    def progress(self, label: str, total: int | None) -> Progress:
+        tell = self.tell
+
+        class Bar(Progress):
+            done = 0
+
+            def advance(self, n: int = 1) -> None:
+                self.done += n
+                self.update(self.done, total)
+
+            def update(self, completed: int, total_now: int | None = None) -> None:
+                n = total_now or total
+                tell(completed / n if n else None, f"{label}: {completed}" + (f" of {n}" if n else ""))
+
+        return Bar()
+
+    def note(self, text: str) -> None:
+        self.tell(None, text)
+
+
+class Service:
+    """The one predictor of an app, loaded on construction. ``predict`` takes one upload at a time (a lock:
+    requests that come together wait their turn, which the page's queue also bounds)."""
+
+    def __init__(self, options: AppOptions = AppOptions(), reporter: Reporter = Reporter(), root: Path | None = None):
+        self.options = options
+        spec = options.model or registry.DEFAULT_MODEL["depth"]
+        self.ref = registry.resolve(spec, None if options.model else "depth")
+        self.spec = str(spec)
+        self.predictor = load_predictor(
+            self.ref, None, options.device, options.dtype, reporter, processing_res=options.processing_res
+        )
+        self.lock = threading.Lock()
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="lotus-app-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.folders: deque[Path] = deque()
+
+    @property
+    def tasks(self) -> list[str]:
+        """What the Try tab offers: the model's task, and uncertainty for a G model (D models take no noise)."""
+        return [self.predictor.task] + (["uncertainty"] if self.predictor.family == "g" else [])
+
+    def describe(self) -> dict:
+        return self.predictor.describe()
+
+    def request(self, upload: Path, o: TryOptions, out: Path) -> PredictRequest:
+        """The `lotus depth|normal|uncertainty` request this page request is (also how the docs explain it)."""
+        if o.task not in self.tasks:
+            raise UsageError(
+                f"task {o.task!r} is not offered by {self.predictor.source}",
+                f"choose {' or '.join(self.tasks)}",
+            )
+        uncertainty = o.task == "uncertainty"
+        return PredictRequest(
+            self.predictor.task,
+            (str(upload),),
+            out=out,
+            model=self.spec,
+            fmt=VIDEO_FORMATS if is_video(Path(upload)) else IMAGE_FORMATS,
+            processing_res=o.processing_res,
+            device=self.options.device,
+            dtype=self.options.dtype,
+            cmap=o.cmap if not uncertainty else "inferno",
+            max_pixels=self.options.limits.max_pixels,
+            frame=o.frame,
+            tile=o.tile,
+            uncertainty=uncertainty,
+            samples=o.samples,
+            stabilize=self.predictor.task == "depth" and not uncertainty,
+        )
+
+    def predict(self, upload: Path, o: TryOptions = TryOptions(), tell: Callable | None = None) -> TryResult:
+        """Predict the uploaded file ``upload`` with ``o``; raises InputError (or UsageError) with a message for
+        the page when the upload or the options cannot be used. The upload is checked before it is decoded."""
+        upload = Path(upload)
+        check_upload(upload, self.options.limits)
+        tell = tell or (lambda fraction, text: None)
+        folder = self._new_folder()
+        p = plan(self.request(upload, o, folder / "maps"))
+        items, problems = sources.expand([str(upload)], exts=sources.MEDIA_EXTS)
+        if problems or not items:
+            raise problems[0] if problems else InputError(f"{upload.name}: not an image or video file")
+        reporter = ProgressReporter(tell)
+        with self.lock:
+            if p.ensemble:
+                self.predictor.ensemble_seeds(p.opts, p.ensemble)  # a D model without --tta is refused here
+            batch = make_predict(self.predictor, p.tiles, p.ensemble)
+            t0 = time.perf_counter()
+            summary = run_files(p, self.predictor, batch, items, reporter, Summary())
+            seconds = time.perf_counter() - t0
+        if summary.failures:
+            raise InputError(_page_text(summary.failures[0].error, upload))
+        return self._result(folder, items[0], p, o, upload, seconds, tell)
+
+    def _result(self, folder: Path, item, p, o: TryOptions, upload: Path, seconds: float, tell) -> TryResult:
+        maps = folder / "maps"
+        base = maps / item.key
+        record = read_record(base.with_name(base.name + ".json")) or {}
+        kind = record.get("kind") or self.predictor.kind
+        files = sorted(f for f in maps.iterdir() if f.is_file())
+        if is_video(upload):
+            return TryResult(folder, kind, video=base.with_name(base.name + ".mp4"), files=files, record=record,
+                             seconds=seconds)  # fmt: skip
+        result = TryResult(folder, kind, image=base.with_name(base.name + ".png"), files=files, record=record)
+        result.seconds = seconds
+        if o.mesh and kind in DEPTH_KINDS:
+            tell(None, "building the mesh")
+            mesh_dir = folder / "mesh"
+            req = PointcloudRequest(
+                inputs=(str(upload),),
+                out=mesh_dir,
+                depth=base.with_name(base.name + ".npy"),
+                normals="depth",
+                mesh=True,
+                mesh_format="glb",
+                max_pixels=self.options.limits.max_pixels,
+            )
+            cloud = pointclouds(req)
+            if cloud.failures:
+                raise InputError(_page_text(cloud.failures[0].error, upload))
+            glb = sorted(mesh_dir.rglob("*.glb"))
+            result.mesh = glb[0] if glb else None
+            result.files += sorted(f for f in mesh_dir.iterdir() if f.is_file() and f.suffix != ".json")
+        return result
+
+    def _new_folder(self) -> Path:
+        """A fresh folder for one request; the oldest beyond ``keep`` are removed."""
+        folder = Path(tempfile.mkdtemp(prefix="request-", dir=self.root))
+        self.folders.append(folder)
+        while len(self.folders) > max(1, self.options.keep):
+            shutil.rmtree(self.folders.popleft(), ignore_errors=True)
+        return folder
+
+    def close(self) -> None:
+        """Remove every request folder (the app is stopping)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _page_text(error: str | None, upload: Path) -> str:
+    """A failed item's message for the page: the upload's temporary path shortened to its name."""
+    return (error or "prediction failed").replace(str(upload), upload.name)
