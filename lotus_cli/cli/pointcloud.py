@@ -29,6 +29,7 @@ from .options import (
     flag,
     option,
 )
+from .predict_options import Backend
 from .report import Report
 
 
@@ -224,6 +225,7 @@ def pointcloud(
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    backend: Backend = "torch",
     fps: Fps = None,
     start: Start = None,
     end: End = None,

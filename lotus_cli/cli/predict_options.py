@@ -172,6 +172,16 @@ Projection = Annotated[
         "whose XMP says GPano:ProjectionType equirectangular; the sidecar says which rule decided).",
     ),
 ]
+Backend = Annotated[
+    str,
+    option(
+        "--backend",
+        help="What runs the model: torch, onnxruntime (the ONNX graphs: a --model export folder, or one exported "
+        "once into lotus-cli's cache; fp32, CPU or CUDA provider), or auto (the one measured faster on this "
+        "machine for this model and --processing-res, measured once and cached; torch without onnxruntime). "
+        "docs/onnx.md.",
+    ),
+]
 Task = Annotated[str, option("--task", "-t", help="depth or normal.")]
 ShardOpt = Annotated[
     str | None,
@@ -237,6 +247,7 @@ PREDICT_OPTIONS = {
     "max_memory": (MaxMemory, "auto"),
     "compile_mode": (Compile, "off"),
     "projection": (Projection, "perspective"),
+    "backend": (Backend, "torch"),
     "shard": (ShardOpt, None),
     "engine": (EngineOpt, "local"),
     "ray_address": (RayAddress, None),

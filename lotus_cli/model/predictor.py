@@ -620,5 +620,6 @@ class LotusPredictor:
             "family": self.family,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "backend": "torch",  # what ran the model's steps (onnx_runtime.OnnxPredictor: onnxruntime)
             **({"vae_dtype": str(self.vae_dtype).replace("torch.", "")} if self.vae_dtype != self.dtype else {}),
         }

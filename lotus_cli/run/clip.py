@@ -184,7 +184,9 @@ class VideoJob:
         try:
             info, frames = open_video(self.item.path, self.spec.select or FrameSelect())
         except LotusError as e:
-            return ItemResult(self.item, "failed", error=str(e), redone=redone, kind=self.kind)
+            return ItemResult(
+                self.item, "failed", error=str(e), redone=redone, kind=self.kind, backend=self.model.get("backend")
+            )
         self.paths["json"].unlink(missing_ok=True)  # an earlier run's sidecar must not vouch for what this one replaces
         top = 90.0 if (self.kind == "uncertainty" and self.predictor.task == "normal") else 1.0
         # what every frame file says of itself; an ensemble's statistic joins it with the first prediction
@@ -224,7 +226,10 @@ class VideoJob:
             raise interrupted
         error = self.errors[0] if self.errors else None
         status = "failed" if error else "done"
-        return ItemResult(self.item, status, outputs, error, seconds, encoder.frames, redone, self.kind)
+        backend = self.model.get("backend")
+        return ItemResult(
+            self.item, status, outputs, error, seconds, encoder.frames, redone, self.kind, backend=backend
+        )
 
     # -- the parts ------------------------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ def run_images(
 
     def report(r: ItemResult) -> None:  # from this thread and the writer's
         with lock:
-            r.redone, r.kind = redone.get(r.item.key), kind
+            r.redone, r.kind, r.backend = redone.get(r.item.key), kind, model.get("backend")
             summary.add(r)
             on_result(r)
 

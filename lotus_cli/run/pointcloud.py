@@ -28,7 +28,7 @@ from ..io.sidecar import sidecar
 from ..io.sources import Item, is_video
 from ..io.video import FrameSelect, open_video
 from ..io.xmp import auto_projection
-from ..model import registry
+from ..model import backends, registry
 from ..model.panorama import PanoramaOptions, predict_panorama
 from ..model.predictor import PredictOptions
 from .clip import frame_name
@@ -75,6 +75,7 @@ class PointcloudRequest:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    backend: str = "torch"  # torch | onnxruntime | auto, for both models (model/backends.py)
     fps: float | None = None
     start: float | None = None
     end: float | None = None
@@ -97,6 +98,7 @@ def _check(r: PointcloudRequest) -> None:
     """Checks of the options that no library object makes (UsageError naming the flag)."""
     if r.max_pixels < 0:
         raise UsageError(f"--max-pixels must be >= 0, not {r.max_pixels}", "0 means no limit")
+    backends.check(r.backend, r.model, dtype=r.dtype)
     if r.normals not in ("auto", "predict", "depth", "none"):
         raise UsageError(f"--normals {r.normals!r}: expected auto, predict, depth or none")
     if r.shape_from_normals and r.normals in ("depth", "none"):
@@ -160,7 +162,7 @@ class CloudRun:
         self.opts = PredictOptions(processing_res=r.processing_res, seed=r.seed)
         self.select = FrameSelect(r.fps, r.start, r.end, r.max_frames)
         # an unknown or wrong-task model (or one nothing describes) fails before any input is read
-        self.depth_ref = None if r.depth is not None else registry.resolve(r.model, "depth", r.output_kind)
+        self.depth_ref = None if r.depth is not None else backends.resolve_model(r.model, "depth", r.output_kind)
         self.out, self.outputs = self._out_dir(r)
         self.problems: list[InputError] = []
         self.staged = remote.Inputs({})
@@ -212,7 +214,10 @@ class CloudRun:
             self._report(ItemResult.unusable(problem))
         self.depth_model = None
         if self.depth_ref is not None:
-            self.depth_model = load_predictor(self.depth_ref, "depth", r.device, r.dtype, self.reporter)
+            res, backend = r.processing_res, r.backend
+            self.depth_model = load_predictor(
+                self.depth_ref, "depth", r.device, r.dtype, self.reporter, processing_res=res, backend=backend
+            )
             self.scale.check_kind(self.depth_model.kind)
         self.normal_model = self._normal_model()
         normals = "predict" if self.normal_model is not None else ("none" if r.normals == "none" else "depth")
@@ -249,14 +254,16 @@ class CloudRun:
                 raise UsageError("predicted normals need the image", "give the image with --depth, or --normals depth")
             return None
         try:
-            ref = registry.fetch(registry.resolve(r.normal_model, "normal"))
+            ref = registry.fetch(backends.resolve_model(r.normal_model, "normal"))
             registry.check_known(ref, "normal")
         except LotusError as e:
             if not wanted:
                 self.reporter.note(f"note: normals from the depth ({e.message})")
                 return None
             raise _for_normal_model(e) from e
-        return load_predictor(ref, "normal", r.device, r.dtype, self.reporter)
+        return load_predictor(
+            ref, "normal", r.device, r.dtype, self.reporter, processing_res=r.processing_res, backend=r.backend
+        )
 
     def _model_record(self) -> dict:
         """What makes the clouds, for the sidecars: the depth model (None for a --depth map) and the normal model
@@ -267,7 +274,8 @@ class CloudRun:
             "normal_model": getattr(self.normal_model, "source", None),
         }
         if running is not None:
-            record.update(device=str(running.device), dtype=str(running.dtype).replace("torch.", ""))
+            described = running.describe()
+            record.update(device=described["device"], dtype=described["dtype"], backend=described["backend"])
         return record
 
     def options(self, clip: bool = False) -> dict:
@@ -337,6 +345,7 @@ class CloudRun:
 
     def _report(self, r: ItemResult) -> None:
         r.kind, r.input = KIND, self.staged.url(r.item)
+        r.backend = self.spec.model.get("backend") if getattr(self, "spec", None) and r.status != "skipped" else None
         if self.outputs is not None:
             r = self.outputs.publish(r)
         self.summary.add(r)

@@ -24,7 +24,7 @@ from ..io.sources import Item, is_video, read_image
 from ..io.video import FrameSelect
 from ..io.visualize import colormap_lut
 from ..io.xmp import auto_projection
-from ..model import registry, weights
+from ..model import backends, registry, weights
 from ..model.compile import compile_status
 from ..model.fallbacks import predict_items, tiled_smaller
 from ..model.panorama import PanoramaOptions, predict_panorama
@@ -83,6 +83,7 @@ class PredictRequest:
     tta: str = "none"
     compile_mode: str = "off"  # --compile: off | on | auto (model/compile.py)
     projection: str = "perspective"  # --projection: perspective | equirect | auto (docs/panoramas.md)
+    backend: str = "torch"  # --backend: torch | onnxruntime | auto (model/backends.py, docs/onnx.md)
 
     @property
     def command(self) -> str:
@@ -129,7 +130,7 @@ def plan(r: PredictRequest) -> Plan:
     style = Style(r.cmap, exr_half=r.exr_half, exr_compression=r.exr_compression)
     output = OutputSpec(r.out_dir, parse_formats(r.fmt), style, r.skip_existing)
     spec = r.model or (registry.DEFAULT_G_MODEL[r.task] if ensemble else None)
-    ref = registry.resolve(spec, r.task, r.output_kind)  # an unknown or wrong-task model fails before inputs are read
+    ref = backends.resolve_model(spec, r.task, r.output_kind)  # an unknown or wrong-task model fails before inputs
     changing = {}
     if tiles:
         changing.update(tile=r.tile, overlap=r.overlap, tile_res=r.tile_res, max_memory=r.max_memory)
@@ -153,6 +154,7 @@ def _check(r: PredictRequest) -> None:
     registry.check_output_kind(r.output_kind, r.task)
     if r.compile_mode not in ("auto", "on", "off"):
         raise UsageError(f"--compile must be auto, on or off, not {r.compile_mode!r}")
+    backends.check(r.backend, r.model, dtype=r.dtype, latent=r.latent, compile_mode=r.compile_mode)
     _check_projection(r)
     if r.raw is not None:
         given = [f for f, on in (("--out", r.out is not None), ("--skip-existing", r.skip_existing)) if on]
@@ -210,7 +212,7 @@ def check_model(p: Plan) -> registry.ModelRef:
     whose short side falls below it at a valid --processing-res fail one by one (``make_predict``)."""
     ref = registry.fetch(p.ref)
     registry.check_known(ref, p.request.task)
-    need = weights.pixels_per_latent(ref.folder)
+    need = weights.pixels_per_latent(ref.folder) if (ref.folder / "vae").is_dir() else 1  # ONNX: checked per image
     for flag, res in (("--processing-res", p.request.processing_res), ("--tile-res", p.request.tile_res or 0)):
         if 0 < res < need:
             raise UsageError(
@@ -290,7 +292,9 @@ def load(p: Plan, ref: registry.ModelRef, reporter: Reporter, items: list[Item] 
     """The plan's predictor, compiled where it pays for ``items`` (None: a pipe), and its batch function. A D
     model asked for an ensemble without --tta is refused here, before any input is read."""
     r = p.request
-    predictor = load_predictor(ref, r.task, r.device, r.dtype, reporter, processing_res=r.processing_res)
+    predictor = load_predictor(
+        ref, r.task, r.device, r.dtype, reporter, processing_res=r.processing_res, backend=r.backend
+    )
     compile_for_run(predictor, r.compile_mode, items, reporter)
     if p.ensemble:
         predictor.ensemble_seeds(p.opts, p.ensemble)
@@ -395,7 +399,7 @@ def run_files(p: Plan, predictor, batch: Callable, items: list[Item], reporter: 
         r = run_video(predictor, item, p.output, p.opts, p.video, on_frame=bar.update, **common)
         bar.close()
         report(r)
-    status = compile_status(predictor)
+    status = compile_status(predictor) if predictor.unet is not None else None  # ONNX Runtime: no modules
     if status:  # compiling failed at the first call: the run went on eagerly
         reporter.warning(status)
     summary.seconds += time.perf_counter() - t0

@@ -10,7 +10,7 @@ from ..errors import InputError
 from ..io.sources import Item
 
 STATUSES = ("done", "skipped", "failed")
-RECORD_FIELDS = ("input", "key", "status", "kind", "outputs", "frames", "seconds", "error", "redone")
+RECORD_FIELDS = ("input", "key", "status", "kind", "outputs", "frames", "seconds", "error", "redone", "backend")
 
 
 @dataclass
@@ -18,7 +18,9 @@ class ItemResult:
     """One input's fate. ``outputs``: {name: path} of what it wrote; ``frames``: maps written (1 for an image);
     ``redone``: why existing outputs were not kept under --skip-existing (None: they were, or there were none);
     ``kind``: what its maps hold ("disparity", "depth", "normal", "uncertainty", "pointcloud"; None when the
-    input could not be used at all); ``input``: the input as given where that is not ``item.path`` (a URL)."""
+    input could not be used at all); ``input``: the input as given where that is not ``item.path`` (a URL);
+    ``backend``: what ran the model on it ("torch" or "onnxruntime"; None when no model ran: skipped, unusable,
+    a given depth map, or a scaled-out worker's choice under --backend auto)."""
 
     item: Item
     status: str  # one of STATUSES
@@ -29,6 +31,7 @@ class ItemResult:
     redone: str | None = None
     kind: str | None = None
     input: str | None = None
+    backend: str | None = None
 
     @classmethod
     def unusable(cls, problem: InputError) -> ItemResult:
@@ -47,6 +50,7 @@ class ItemResult:
             "seconds": round(self.seconds, 4),
             "error": self.error,
             "redone": self.redone,
+            "backend": self.backend if self.status != "skipped" else None,
         }
 
 

@@ -19,7 +19,7 @@ from ..errors import LotusError, UsageError
 from ..io import remote, sources
 from ..io.atomic import check_out_dir
 from ..io.sources import Item
-from ..model import registry
+from ..model import onnx_runtime, registry
 from ..run import predict as local
 from ..run.events import Reporter
 from ..run.loading import load_predictor
@@ -43,6 +43,12 @@ def predict(
         return local.predict(request, reporter, stdin, stdout)
     p = local.plan(request)
     r = request
+    if onnx_runtime.is_export(r.model):  # workers read the checkpoint's own files (family, task) to resume
+        raise UsageError(
+            f"--model {r.model} is an ONNX export folder, which a scaled-out run (--shard, --engine ray, torchrun or "
+            "URLs) does not take",
+            f"pass the checkpoint it was made from with --backend {r.backend}",
+        )
     job = Job(
         p.ref,
         r.task,
@@ -55,6 +61,7 @@ def predict(
         p.kind,
         local.predict_factory(p),
         p.predict_options,
+        r.backend,
     )
     return dispatch(job, list(r.inputs), r.out or p.output.out_dir, scale, reporter, environ=environ)
 
@@ -143,7 +150,7 @@ def dispatch(
 
             ray_engine.run(job, todo, scale, staged, outputs, report)
         else:
-            predictor = load_predictor(job.model, job.task, job.device, job.dtype, reporter)
+            predictor = load_predictor(job.model, job.task, job.device, job.dtype, reporter, backend=job.backend)
             batch = job.make_predict(predictor) if job.make_predict else None
             run_items(predictor, batch, todo, job, staged, outputs, report)
     except KeyboardInterrupt:

@@ -17,8 +17,7 @@ from ..errors import ModelError
 from ..io.outputs import output_paths
 from ..io.sidecar import reusable_at
 from ..io.sources import Item, is_video
-from ..model import registry
-from ..model.predictor import LotusPredictor
+from ..model import backends, registry
 from ..run.clip import run_video
 from ..run.images import run_images
 from ..run.made import made_with
@@ -44,15 +43,14 @@ class Job:
     kind: str | None = None
     make_predict: Callable | None = None
     predict_options: dict | None = None  # the replacement predict's output-changing options (tiling, ensembles)
+    backend: str = "torch"  # torch | onnxruntime | auto (model/backends.py): each worker resolves auto itself
 
 
 def load(job: Job):
     """(predictor, predict function) for ``job``, on ``job.device``, calibrated (and its fp16 VAE probed) at the
     run's processing resolution."""
     ref = job.model if isinstance(job.model, registry.ModelRef) else registry.resolve(job.model, job.task)
-    predictor = LotusPredictor.from_pretrained(
-        registry.fetch(ref), device=job.device, dtype=job.dtype, processing_res=job.opts.processing_res
-    )
+    predictor = backends.load(registry.fetch(ref), job.backend, job.device, job.dtype, job.opts.processing_res)
     return predictor, (job.make_predict(predictor) if job.make_predict else None)
 
 
