@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 
 from lotus_cli.cli import app  # noqa: E402
 from lotus_cli.errors import OutputError, UsageError  # noqa: E402
-from lotus_cli.model import onnx_export  # noqa: E402
+from lotus_cli.model import onnx_export, onnx_single  # noqa: E402
 from lotus_cli.model.predictor import PredictOptions  # noqa: E402
 
 RES = 32  # a multiple of the tiny models' 8 px
@@ -203,10 +203,8 @@ def test_fp16_runs_under_onnxruntime_and_its_difference_is_reported(exported16, 
     assert 1e-5 < v["max_abs_diff_map"] < 0.05  # fp16 rounding shows, and the map is still the map
     image = make_image(RES, RES, seed=3)
     if variant == "single":
-        from lotus_cli.model import onnx_single
-
         f = pred.latent_factor
-        got = onnx_single.as_map(onnx_single.run_single(folder, image, pred.noise([0], (RES // f,) * 2).numpy()))
+        got = onnx_single.as_map(onnx_export.run_single(folder, image, pred.noise([0], (RES // f,) * 2).numpy()))
     else:
         got = onnx_map(pred, folder, image)
     assert got.dtype == np.float32 and np.isfinite(got).all()
@@ -273,18 +271,14 @@ def single(exported, checkpoints, tmp_path_factory):
 
 
 def single_map(pred, folder, image, seed=0):
-    from lotus_cli.model import onnx_single
-
     h, w = image.shape[:2]
     f = pred.latent_factor
     noise = pred.noise([seed], (h // f, w // f)).numpy() if pred.family == "g" else None
-    return onnx_single.run_single(folder, image, noise)
+    return onnx_export.run_single(folder, image, noise)
 
 
 @pytest.mark.parametrize("hw", [(RES, RES), (16, 40), (48, 24)])
 def test_single_graph_equals_the_three_graphs_and_torch(single, exported, hw):
-    from lotus_cli.model import onnx_single
-
     pred, folder, manifest = single["g"]
     assert sorted(p.name for p in folder.iterdir()) == ["lotus-onnx.json", "lotus.onnx"]
     onnx.checker.check_model(str(folder / "lotus.onnx"))
@@ -315,8 +309,6 @@ def test_single_graph_takes_the_noise_and_a_batch(single):
 
 
 def test_single_graph_gives_unit_normals(single):
-    from lotus_cli.model import onnx_single
-
     pred, folder, manifest = single["normal"]
     image = make_image(RES, RES, seed=8)
     out = single_map(pred, folder, image)

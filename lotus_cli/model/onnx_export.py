@@ -174,7 +174,14 @@ def export(
     if single:
         from . import onnx_single
 
-        graphs = {onnx_single.NAME: onnx_single.export_graph(onnx, pred, out_dir, res, dynamic)}
+        module = onnx_single.Single(
+            _Encoder(pred.vae, pred.scaling_factor), _UNet(pred.unet, pred.prompt_embedding, pred.family),
+            _Decoder(pred.vae, pred.scaling_factor), pred.task,
+        )  # fmt: skip
+        graphs = {
+            onnx_single.NAME: _export(onnx, module, onnx_single.example(pred, res), out_dir / "lotus.onnx",
+                                      onnx_single.inputs(pred), ["map"], dynamic, onnx_single.axes(pred)),
+        }  # fmt: skip
     else:
         graphs = {
         "vae_encoder": _export(onnx, _Encoder(pred.vae, pred.scaling_factor), (image,), out_dir / "vae_encoder.onnx",
@@ -189,7 +196,7 @@ def export(
     if fp16:
         from . import onnx_fp16
 
-        precision = onnx_fp16.convert(onnx, out_dir, graphs, vae=fp16_vae)
+        precision = onnx_fp16.convert(onnx, out_dir, graphs, vae=fp16_vae, limit=TWO_GB)
     three = dict.fromkeys(("vae_encoder", "unet", "vae_decoder"), {}) if single else graphs
     manifest = _manifest(pred, three, res, dynamic, 1 if odd else multiple, ort)
     if odd:
@@ -321,6 +328,19 @@ def run_graphs(out_dir: Path, image: np.ndarray, noise: np.ndarray | None = None
     return decoded
 
 
+def run_single(out_dir: Path, image: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    """uint8 RGB [H, W, 3] at a size the graph takes -> the map of ``lotus.onnx`` (``single``), [1, 1, H, W]
+    depth or [1, 3, H, W] normals, with ONNX Runtime's CPU provider. ``noise`` [1, 4, H/f, W/f] for G."""
+    _, ort = require_onnx()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(Path(out_dir) / "lotus.onnx"), opts, providers=["CPUExecutionProvider"])
+    feeds = {"rgb": (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]}
+    if noise is not None:
+        feeds["noise"] = noise.astype(np.float32)
+    return session.run(None, feeds)[0]
+
+
 def validate(pred: LotusPredictor, out_dir: Path, manifest: dict, h: int, w: int) -> dict:
     """Run the graphs (or ``lotus.onnx``) on ``test_image(h, w)`` and compare with the torch predictor's
     fp32 map (seed 0). fp16 graphs: no tolerance; whether the map is finite, and whether ONNX Runtime's CPU
@@ -334,7 +354,7 @@ def validate(pred: LotusPredictor, out_dir: Path, manifest: dict, h: int, w: int
     t0 = time.perf_counter()
     try:
         if manifest["pipeline"] == [onnx_single.NAME]:
-            got = onnx_single.as_map(onnx_single.run_single(out_dir, image, noise))
+            got = onnx_single.as_map(run_single(out_dir, image, noise))
         else:
             got = pred.finish(torch.from_numpy(run_graphs(out_dir, image, noise)), (h, w))
     except Exception as e:  # noqa: BLE001 - fp16 graphs ONNX Runtime's CPU provider cannot run: reported

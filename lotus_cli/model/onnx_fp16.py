@@ -38,13 +38,14 @@ CPU_NOTE = (
 
 
 def _unet_scope(name: str) -> bool:
-    """Inside the single graph's UNet (its module is ``denoiser`` in ``onnx_single._Single``)."""
+    """Inside the single graph's UNet (its module is ``denoiser`` in ``onnx_single.Single``)."""
     return name.startswith("/denoiser/")
 
 
-def convert(onnx, out_dir: Path, graphs: dict, vae: bool = False) -> dict:
+def convert(onnx, out_dir: Path, graphs: dict, vae: bool = False, limit: int = 2**31) -> dict:
     """Rewrite the written graphs of ``graphs`` (name -> manifest entry, updated) in fp16 in place; the VAE
-    graphs (or the single graph's VAE nodes) only with ``vae``. Returns name -> precision."""
+    graphs (or the single graph's VAE nodes) only with ``vae``; weights of ``limit`` bytes or more go to
+    external data. Returns name -> precision."""
     precision = {}
     for name, entry in graphs.items():
         if name in ("vae_encoder", "vae_decoder") and not vae:
@@ -55,23 +56,21 @@ def convert(onnx, out_dir: Path, graphs: dict, vae: bool = False) -> dict:
         if name == "lotus" and not vae:
             nodes = onnx.load(str(path), load_external_data=False).graph.node
             block = [n.name for n in nodes if not _unet_scope(n.name)]
-        entry.update(_convert(onnx, path, block))
+        entry.update(_convert(onnx, path, block, limit))
         precision[name] = "fp16" if block is None else "fp16 UNet, fp32 VAE and the map's last step"
     return precision
 
 
-def _convert(onnx, path: Path, block: list[str] | None) -> dict:
+def _convert(onnx, path: Path, block: list[str] | None, limit: int) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
-
-    from . import onnx_export
 
     # by path: shape inference then runs on the file, which works over protobuf's 2 GB as the model would not
     model = convert_float_to_float16(str(path), keep_io_types=True, node_block_list=block)
     OnnxModel.graph_topological_sort(model.graph)  # the converter appends the edge casts after their users
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
-    large = sum(t.ByteSize() for t in model.graph.initializer) >= onnx_export.TWO_GB
+    large = sum(t.ByteSize() for t in model.graph.initializer) >= limit
     if large:
         onnx.save_model(model, str(path), save_as_external_data=True, location=data.name)
         data.chmod(path.stat().st_mode & 0o777)

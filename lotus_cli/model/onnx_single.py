@@ -10,12 +10,12 @@ the map's last step, so that a runtime feeds one tensor and reads the map:
   x left, y up, z toward the camera), as ``LotusPredictor.finish`` makes them at the graph's size.
 
 Resizing to the image's own size stays outside the graph (the manifest says how). ``onnx_export.export``
-writes it with ``single=True``; the manifest (``lotus-onnx.json``) describes it as it does the three graphs.
+writes it with ``single=True`` and ``onnx_export.run_single`` runs it; the manifest (``lotus-onnx.json``)
+describes it as it does the three graphs. This module imports nothing of ``onnx_export``, which builds
+``Single`` of its own graph modules.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,15 +25,14 @@ from .predictor import LotusPredictor
 NAME = "lotus"  # lotus.onnx
 
 
-class _Single(torch.nn.Module):
-    def __init__(self, pred: LotusPredictor):
-        from .onnx_export import _Decoder, _Encoder, _UNet
+class Single(torch.nn.Module):
+    """``onnx_export``'s three graph modules chained, and the map's last step for ``task``. The UNet is
+    ``denoiser``: its nodes' names start with ``/denoiser/`` (``onnx_fp16`` keeps the rest fp32)."""
 
+    def __init__(self, encoder: torch.nn.Module, denoiser: torch.nn.Module, decoder: torch.nn.Module, task: str):
         super().__init__()
-        self.task, self.family = pred.task, pred.family
-        self.encoder = _Encoder(pred.vae, pred.scaling_factor)
-        self.denoiser = _UNet(pred.unet, pred.prompt_embedding, pred.family)
-        self.decoder = _Decoder(pred.vae, pred.scaling_factor)
+        self.task = task
+        self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
 
     def forward(self, rgb, noise=None):
         latent = self.encoder(rgb * 2 - 1)  # [0, 1] -> [-1, 1]: x / 255 * 2 - 1 = x / 127.5 - 1
@@ -48,18 +47,18 @@ def inputs(pred: LotusPredictor) -> list[str]:
     return ["rgb", "noise"] if pred.family == "g" else ["rgb"]
 
 
-def export_graph(onnx, pred: LotusPredictor, out_dir: Path, res: int, dynamic: bool) -> dict:
-    """``lotus.onnx`` (and ``lotus.onnx.data`` over 2 GB) in ``out_dir``, checked; its manifest entry."""
-    from .onnx_export import _export
-
+def example(pred: LotusPredictor, res: int) -> tuple:
+    """The inputs the graph is traced with: a ``res`` x ``res`` image (and noise for a G model)."""
     f, c = pred.latent_factor, pred.latent_channels
-    rgb, noise = torch.zeros(1, 3, res, res), torch.zeros(1, c, res // f, res // f)
-    image_axes = {0: "batch", 2: "height", 3: "width"}
-    axes = {"rgb": image_axes, "map": image_axes, "noise": {0: "batch", 2: "latent_height", 3: "latent_width"}}
-    return _export(
-        onnx, _Single(pred), (rgb, noise) if pred.family == "g" else (rgb,), Path(out_dir) / f"{NAME}.onnx",
-        inputs(pred), ["map"], dynamic, axes={k: v for k, v in axes.items() if k in (*inputs(pred), "map")},
-    )  # fmt: skip
+    rgb = torch.zeros(1, 3, res, res)
+    return (rgb, torch.zeros(1, c, res // f, res // f)) if pred.family == "g" else (rgb,)
+
+
+def axes(pred: LotusPredictor) -> dict:
+    """Dynamic axes: the noise's height and width are the latent's, not the image's."""
+    image = {0: "batch", 2: "height", 3: "width"}
+    out = {"rgb": image, "map": image}
+    return out | ({"noise": {0: "batch", 2: "latent_height", 3: "latent_width"}} if pred.family == "g" else {})
 
 
 def describe(manifest: dict, pred: LotusPredictor, res: int, dynamic: bool, entry: dict) -> dict:
@@ -103,22 +102,6 @@ def describe(manifest: dict, pred: LotusPredictor, res: int, dynamic: bool, entr
     manifest["output"] += "to the image's size (bilinear" + (")" if depth else ", then normalise again)")
     manifest["output"] += f"; kind {pred.kind}"
     return manifest
-
-
-def run_single(out_dir: Path, image: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-    """uint8 RGB [H, W, 3] at a size the graph takes -> ``lotus.onnx``'s map [1, 1 or 3, H, W] with ONNX
-    Runtime's CPU provider. ``noise`` [1, 4, H/f, W/f] for a G model."""
-    from .onnx_export import require_onnx
-
-    _, ort = require_onnx()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(Path(out_dir) / f"{NAME}.onnx"), opts, providers=["CPUExecutionProvider"])
-    feeds = {"rgb": (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]}
-    if noise is not None:
-        feeds["noise"] = noise.astype(np.float32)
-    (out,) = session.run(None, feeds)
-    return out
 
 
 def as_map(out: np.ndarray) -> np.ndarray:
