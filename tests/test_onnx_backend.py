@@ -173,3 +173,32 @@ def test_pointcloud_says_its_backend(depth_d, photo, tmp_path):
     assert records(r)[0]["backend"] == "onnxruntime"
     side = json.loads((tmp_path / "photo.json").read_text())
     assert side["backend"] == "onnxruntime" and side["model"] == str(depth_d)
+
+
+def test_doctor_lists_the_recorded_choices(depth_d):
+    write_choice(depth_d, "onnxruntime", 96)
+    r = lotus("doctor", "--json")
+    assert r.exit_code == 0, r.output
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("{")]
+    chosen = [e for e in json.loads(line)["backends"] if e["size"] == 96]
+    assert chosen and chosen[0]["backend"] == "onnxruntime" and chosen[0]["model"] == str(depth_d)
+
+
+@pytest.mark.slow
+def test_the_benchmark_smoke_mode_runs_the_three_sides():
+    """benchmarks/bench_onnx.py --size tiny: every side in its own process, the ratios and the map check printed."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_onnx.py"), "--size", "tiny", "--res", "64", "--rounds", "1"],
+        capture_output=True, text=True, timeout=900, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    for said in ("time ratio (o)/(b):", "time ratio (a)/(b):", "peak RSS ratio (o)/(b):", "CPU: ", "flags: "):
+        assert said in out.stdout
+    diff = float(out.stdout.split("max |map (o) - map (a)|: ")[1].split()[0])
+    assert diff <= 1e-4

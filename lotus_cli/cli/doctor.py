@@ -105,6 +105,9 @@ def doctor(
             fail(e)
         loaded = {"model": pred.source, **pred.engine.choices.__dict__, "weights_gb": pred.weight_bytes() / 1e9}
     recorded = calibrate.cached()
+    from ..model import backends
+
+    engines = list(backends.recorded().values())  # --backend auto's choices (docs/onnx.md)
     if as_json:
         typer.echo(
             json.dumps(
@@ -114,6 +117,7 @@ def doctor(
                     "busy_load": load,
                     "cache": str(path),
                     "calibrations": recorded,
+                    "backends": engines,
                     "model": loaded,
                 },
                 default=list,
@@ -160,3 +164,11 @@ def doctor(
             "\nnothing recorded yet: the first prediction of a model calibrates it (a few seconds), or run "
             "`lotus doctor -m MODEL`"
         )
+    if engines:
+        typer.echo(f"\n--backend auto's choices ({backends.cache_file()}):")
+        for r in engines:
+            s = r.get("seconds", {})
+            typer.echo(
+                f"  {r.get('model')} at {r.get('size')} px: {r.get('backend')} "
+                f"(torch {s.get('torch')} s, onnxruntime {s.get('onnxruntime')} s; {r.get('when')})"
+            )
