@@ -119,6 +119,10 @@ def test_auto_takes_the_recorded_winner(depth_d, photo, tmp_path, winner):
     assert r.exit_code == 0, r.output
     assert records(r)[0]["backend"] == winner
     assert f"--backend auto: {winner} (torch 2.00 s, onnxruntime 1.00 s" in r.stderr
+    sampled = lotus("depth", photo, "-m", depth_d, "-o", tmp_path / "s", "--processing-res", RES, "--json",
+                    "--backend", "auto", "--latent", "sample")  # fmt: skip
+    assert sampled.exit_code == 0, sampled.output
+    assert records(sampled)[0]["backend"] == "torch"  # only torch draws a posterior sample
 
 
 def test_an_export_folder_as_the_model(depth_d, tmp_path):

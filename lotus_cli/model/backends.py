@@ -31,8 +31,9 @@ CALIBRATION_RES = 512  # the side timed for --processing-res 0 (native size), wh
 TIMED_CALLS = 2  # each engine's time: the best of these after a warm-up (the other engineers' load is noise)
 
 
-def check(backend: str, model, *, dtype: str = "auto", latent: str = "mean", compile_mode: str = "off") -> None:
-    """UsageError naming the flag for a --backend the other options cannot run with (before any work)."""
+def check(backend: str, model, *, dtype: str = "auto", latent: str = "mean", compile_mode: str = "off") -> str:
+    """The backend to load: ``backend``, or torch for ``auto`` where the other options need torch (another dtype,
+    --latent sample, --compile on). UsageError naming the flag for a --backend they cannot run with."""
     if backend not in BACKENDS:
         raise UsageError(f"--backend must be {', '.join(BACKENDS)}, not {backend!r}")
     export = onnx_runtime.is_export(model)
@@ -46,6 +47,11 @@ def check(backend: str, model, *, dtype: str = "auto", latent: str = "mean", com
             raise UsageError(f"{flag} takes --latent mean only (the encoder gives the mean)", "use --backend torch")
         if compile_mode == "on":
             raise UsageError(f"--compile on compiles torch modules; {flag} runs none", "drop --compile")
+    elif backend == "auto" and (
+        dtype.lower() not in ("auto", "fp32", "float32") or latent != "mean" or compile_mode == "on"
+    ):
+        return "torch"
+    return backend
 
 
 def resolve_model(spec, task: str | None, kind: str | None = None) -> registry.ModelRef:

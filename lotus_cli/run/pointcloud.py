@@ -214,7 +214,7 @@ class CloudRun:
             self._report(ItemResult.unusable(problem))
         self.depth_model = None
         if self.depth_ref is not None:
-            res, backend = r.processing_res, r.backend
+            res, backend = r.processing_res, backends.check(r.backend, r.model, dtype=r.dtype)
             self.depth_model = load_predictor(
                 self.depth_ref, "depth", r.device, r.dtype, self.reporter, processing_res=res, backend=backend
             )
@@ -262,7 +262,13 @@ class CloudRun:
                 return None
             raise _for_normal_model(e) from e
         return load_predictor(
-            ref, "normal", r.device, r.dtype, self.reporter, processing_res=r.processing_res, backend=r.backend
+            ref,
+            "normal",
+            r.device,
+            r.dtype,
+            self.reporter,
+            processing_res=r.processing_res,
+            backend=backends.check(r.backend, None, dtype=r.dtype),
         )
 
     def _model_record(self) -> dict:

@@ -292,8 +292,9 @@ def load(p: Plan, ref: registry.ModelRef, reporter: Reporter, items: list[Item] 
     """The plan's predictor, compiled where it pays for ``items`` (None: a pipe), and its batch function. A D
     model asked for an ensemble without --tta is refused here, before any input is read."""
     r = p.request
+    backend = backends.check(r.backend, r.model, dtype=r.dtype, latent=r.latent, compile_mode=r.compile_mode)
     predictor = load_predictor(
-        ref, r.task, r.device, r.dtype, reporter, processing_res=r.processing_res, backend=r.backend
+        ref, r.task, r.device, r.dtype, reporter, processing_res=r.processing_res, backend=backend
     )
     compile_for_run(predictor, r.compile_mode, items, reporter)
     if p.ensemble:
