@@ -293,6 +293,12 @@ def test_single_graph_equals_the_three_graphs_and_torch(single, exported, hw):
     assert manifest["validation"]["max_abs_diff_map"] < 1e-4 and manifest["precision"] == "fp32"
 
 
+def test_the_three_graph_runner_names_the_single_graph(single):
+    pred, folder, _ = single["normal"]
+    with pytest.raises(UsageError, match="lotus.onnx.*--single"):
+        onnx_export.run_graphs(folder, make_image(RES, RES), None)
+
+
 def test_single_graph_takes_the_noise_and_a_batch(single):
     pred, folder, _ = single["g"]
     image = make_image(RES, RES, seed=7)

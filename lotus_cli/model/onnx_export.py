@@ -312,6 +312,8 @@ def run_graphs(out_dir: Path, image: np.ndarray, noise: np.ndarray | None = None
     ONNX Runtime's CPU provider. ``noise`` [1, 4, H/f, W/f] for a G model."""
     _, ort = require_onnx()
     out_dir = Path(out_dir)
+    if not (out_dir / "vae_encoder.onnx").exists() and (out_dir / "lotus.onnx").exists():
+        raise UsageError(f"{out_dir} holds one graph (lotus.onnx, --single), not three", "run it with run_single")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # its constant-folding notices are not ours to show
 
