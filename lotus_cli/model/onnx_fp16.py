@@ -31,6 +31,7 @@ METHOD = (
 IO = "float32 at every input and output (Cast to and from fp16 inside the graph): fed as the fp32 export is"
 VAE_FP32 = "fp32: SD2's VAE can overflow fp16 at large sizes; build its TensorRT engine with --fp16 if wanted"
 VAE_FP16 = "fp16 (asked for): SD2's VAE can overflow fp16 at large sizes; check the map for inf/NaN"
+HEADROOM = 2**26  # 64 MB: graphs' nodes and names beside their weights, for the 2 GB decision
 CPU_NOTE = (
     "ONNX Runtime's CPU provider computes the ops it has no fp16 kernel for in fp32 between casts it inserts, "
     "so a GPU's fp16 kernels round differently"
@@ -70,7 +71,8 @@ def _convert(onnx, path: Path, block: list[str] | None, limit: int) -> dict:
     OnnxModel.graph_topological_sort(model.graph)  # the converter appends the edge casts after their users
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
-    large = sum(t.ByteSize() for t in model.graph.initializer) >= limit
+    # the 2 GB limit is protobuf's, on the whole file: keep room for the graph itself (a few MB)
+    large = sum(t.ByteSize() for t in model.graph.initializer) + HEADROOM >= limit
     if large:
         onnx.save_model(model, str(path), save_as_external_data=True, location=data.name)
         data.chmod(path.stat().st_mode & 0o777)
