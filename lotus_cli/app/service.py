@@ -6,11 +6,13 @@ normal` / `lotus uncertainty`: a ``run.predict.PredictRequest`` planned by ``run
 of its own. So the files a page offers for download (png, png16, npy, exr and the sidecar) are the files
 the command line writes for the same image and options. For a depth map, the mesh is built as `lotus
 pointcloud --depth MAP IMAGE --mesh` builds it (``run.pointcloud``, from the npy just written: no second
-model). Only the newest ``keep`` request folders stay on disk, so a long-running app does not fill it.
+model; without the pointcloud extra's Open3D, no mesh). Only the newest ``keep`` request folders stay on
+disk, so a long-running app does not fill it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 import threading
@@ -198,7 +200,7 @@ class Service:
                              seconds=seconds)  # fmt: skip
         result = TryResult(folder, kind, image=base.with_name(base.name + ".png"), files=files, record=record)
         result.seconds = seconds
-        if o.mesh and kind in DEPTH_KINDS:
+        if o.mesh and kind in DEPTH_KINDS and importlib.util.find_spec("open3d") is not None:  # pointcloud extra
             tell(None, "building the mesh")
             mesh_dir = folder / "mesh"
             req = PointcloudRequest(

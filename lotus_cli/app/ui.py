@@ -142,7 +142,7 @@ def browse_tab(folder: Folder | None, limits: Limits) -> None:
         refresh = gr.Button("Rescan", elem_id="rescan")
     summary = gr.JSON(label="Run summary", elem_id="summary")
     table = gr.Dataframe(headers=["key", "status", "kind", "seconds", "note"], interactive=False, elem_id="items")
-    gallery = gr.Gallery(label="Maps", columns=6, height=360, elem_id="gallery", format="png")
+    gallery = gr.Gallery(label="Maps", columns=6, height=360, elem_id="gallery", format="png", object_fit="contain")
     item = gr.Dropdown([], label="Item", elem_id="item", allow_custom_value=False)
     with gr.Row():
         shown_input = gr.Image(label="Input", interactive=False)
@@ -163,7 +163,8 @@ def browse_tab(folder: Folder | None, limits: Limits) -> None:
                  e.error or e.redone or ""] for e in entries]  # fmt: skip
         tiles = [(str(folder.resolve_inside(e.shown)), f"{e.key} · {e.status}") for e in entries if e.shown]
         keys = [e.key for e in entries]
-        choice = gr.update(choices=keys, value=keys[0] if keys else None)
+        first = next((e.key for e in entries if e.shown), keys[0] if keys else None)  # one with a picture
+        choice = gr.update(choices=keys, value=first)
         return folder.summary(), rows or [["", "", "", "", "no items"]], tiles, choice
 
     @guarded
@@ -220,7 +221,7 @@ def api_tab(browse: bool) -> None:
 
 def build(service: Service, folder: Folder | None = None, limits: Limits = Limits()) -> gr.Blocks:
     """The app's page (not yet launched)."""
-    with gr.Blocks(title="lotus app", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+    with gr.Blocks(title="lotus app", analytics_enabled=False, delete_cache=(900, 900)) as demo:
         gr.Markdown("# lotus app\nDepth and surface normals with Lotus (arXiv 2409.18124), one step of diffusion.")
         with gr.Tabs():
             with gr.Tab("Try", id="try"):
