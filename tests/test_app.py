@@ -112,6 +112,20 @@ def test_a_broken_upload_is_a_message_and_the_service_keeps_serving(service, pho
     assert service.predict(photo, TryOptions(processing_res=RES, mesh=False)).image.is_file()
 
 
+def test_a_video_upload_gives_the_colour_mapped_clip(service, tmp_path):
+    from lotus_cli.io.video import open_video
+
+    from .test_video import make_clip
+
+    clip = make_clip(tmp_path / "walk.mp4", 5, 10.0, size=(64, 48))
+    r = service.predict(clip, TryOptions(processing_res=RES))
+    assert r.video is not None and r.video.name == "walk.mp4" and r.image is None and r.mesh is None
+    info, frames = open_video(r.video)
+    shown = [f.rgb for f in frames]
+    assert len(shown) == 5 and shown[0].shape == (48, 64, 3) and shown[0].std() > 0
+    assert r.record["complete"] is True
+
+
 def test_old_request_folders_are_removed(depth_d, photo, tmp_path):
     s = Service(AppOptions(model=str(depth_d), processing_res=RES, keep=2), root=tmp_path / "root")
     folders = [s.predict(photo, TryOptions(processing_res=RES, mesh=False)).folder for _ in range(3)]
