@@ -37,6 +37,10 @@ ARGS = [
 PHOTO = Path(__file__).resolve().parents[1] / "samples" / "chelsea.png"  # 451 x 300
 RES = 64
 WAIT_MS = 60_000
+UPLOADED = (  # the file has reached the server: the page links to it (Predict before that is refused)
+    "(name) => Array.from(document.querySelectorAll('#upload a[href]'))"
+    ".some(a => a.getAttribute('download') === name && a.href.includes('file='))"
+)
 LOADED = "(sel) => { const i = document.querySelector(sel); return !!i && i.complete && i.naturalWidth > 0; }"
 
 
@@ -102,10 +106,7 @@ def upload_and_run(page, path: Path) -> None:
     if clear.count():  # an earlier upload is shown in place of the file picker
         clear.first.click()
     page.locator("#upload input[type=file]").set_input_files(str(path))
-    page.wait_for_function(
-        "(name) => (document.querySelector('#upload').innerText || '').replace(/\\s/g, '').includes(name)",
-        arg=path.name,
-    )
+    page.wait_for_function(UPLOADED, arg=path.name)
     page.locator("#run").click()
 
 
