@@ -83,9 +83,8 @@ class OnnxPredictor(LotusPredictor):
         self.unet = self.vae = None  # no torch modules: compile and CPU layouts do not apply
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # its graph-optimisation notices are not ours to show
-        # without its arena ONNX Runtime hands each step's buffers back: a full-size prediction at 512 px peaked at
-        # 5.4 GB instead of 6.5 GB on its first call (docs/performance.md), at no measurable cost in time
-        opts.enable_cpu_mem_arena = False
+        # ONNX Runtime's memory arena stays on: without it a full-size 512 px prediction peaked at 5.7 GB instead of
+        # 9.0 GB but took 1.49x torch's time instead of 0.87x (docs/performance.md, 2026-12-07)
         self.providers = providers(device, ort.get_available_providers())
         self.sessions = {
             name: ort.InferenceSession(str(self.folder / f"{name}.onnx"), opts, providers=self.providers)
