@@ -112,7 +112,7 @@ def write_choice(ckpt, winner: str, res: int) -> None:
 
 
 @pytest.mark.parametrize("winner", ["onnxruntime", "torch"])
-def test_auto_takes_the_recorded_winner(depth_d, photo, tmp_path, winner):
+def test_auto_takes_the_recorded_winner(depth_d, photo, tmp_path, winner, forget_choices):
     write_choice(depth_d, winner, int(RES))
     r = lotus("depth", photo, "-m", depth_d, "-o", tmp_path, "-f", "npy", "--processing-res", RES, "--json",
               "--backend", "auto")  # fmt: skip
@@ -123,6 +123,41 @@ def test_auto_takes_the_recorded_winner(depth_d, photo, tmp_path, winner):
                     "--backend", "auto", "--latent", "sample")  # fmt: skip
     assert sampled.exit_code == 0, sampled.output
     assert records(sampled)[0]["backend"] == "torch"  # only torch draws a posterior sample
+
+
+@pytest.fixture
+def forget_choices():
+    """Leaves backends.json as the test found it: a recorded choice changes every later run without --backend."""
+    path = backends.cache_file()
+    before = path.read_bytes() if path.is_file() else None
+    yield
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(before)
+
+
+def test_without_backend_a_run_takes_what_auto_recorded_and_never_measures(depth_d, photo, tmp_path, forget_choices):
+    """ONNX Runtime becomes the default only where auto measured it faster for this machine, model and size;
+    with nothing recorded the default is torch, and nothing is timed or exported."""
+    args = ("depth", photo, "-m", depth_d, "-f", "npy", "--json")
+    fresh = lotus(*args, "-o", tmp_path / "a", "--processing-res", "40")  # no choice recorded at 40 px
+    assert fresh.exit_code == 0, fresh.output
+    assert records(fresh)[0]["backend"] == "torch" and "--backend auto" not in fresh.stderr
+    assert all(e["size"] != 40 for e in backends.recorded().values())  # it measured nothing
+    write_choice(depth_d, "onnxruntime", int(RES))
+    faster = lotus(*args, "-o", tmp_path / "b", "--processing-res", RES)
+    assert faster.exit_code == 0, faster.output
+    assert records(faster)[0]["backend"] == "onnxruntime"
+    assert "backend: onnxruntime, which --backend auto measured faster here (torch 2.00 s" in faster.stderr
+    forced = lotus(*args, "-o", tmp_path / "c", "--processing-res", RES, "--backend", "torch")
+    assert records(forced)[0]["backend"] == "torch"
+    bf16 = lotus(*args, "-o", tmp_path / "d", "--processing-res", RES, "--dtype", "bf16")  # graphs are fp32
+    assert bf16.exit_code == 0, bf16.output
+    assert records(bf16)[0]["backend"] == "torch"
+    write_choice(depth_d, "torch", int(RES))
+    slower = lotus(*args, "-o", tmp_path / "e", "--processing-res", RES)
+    assert records(slower)[0]["backend"] == "torch"
 
 
 def test_an_export_folder_as_the_model(depth_d, tmp_path):
@@ -141,7 +176,9 @@ def test_an_export_folder_as_the_model(depth_d, tmp_path):
     assert "--backend torch" in by["other"]["error"]
     side = json.loads((tmp_path / "o" / "fits.json").read_text())
     assert side["model"] == str(depth_d) and side["onnx_graphs"] == str(folder.resolve())
-    refused = lotus("depth", tmp_path / "fits.png", *args)
+    plain = lotus("depth", tmp_path / "fits.png", *args[:3], tmp_path / "p", *args[4:])  # no --backend: its graphs
+    assert plain.exit_code == 0 and records(plain)[0]["backend"] == "onnxruntime", plain.output
+    refused = lotus("depth", tmp_path / "fits.png", *args, "--backend", "torch")
     assert (
         refused.exit_code == 2 and "is an ONNX export" in refused.output and "--backend onnxruntime" in refused.output
     )

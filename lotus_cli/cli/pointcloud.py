@@ -225,7 +225,7 @@ def pointcloud(
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    backend: Backend = "torch",
+    backend: Backend = None,
     fps: Fps = None,
     start: Start = None,
     end: End = None,

@@ -173,13 +173,14 @@ Projection = Annotated[
     ),
 ]
 Backend = Annotated[
-    str,
+    str | None,
     option(
         "--backend",
         help="What runs the model: torch, onnxruntime (the ONNX graphs: a --model export folder, or one exported "
         "once into lotus-cli's cache; fp32, CPU or CUDA provider), or auto (the one measured faster on this "
         "machine for this model and --processing-res, measured once and cached; torch without onnxruntime). "
-        "docs/onnx.md.",
+        "Default: what auto recorded for this machine, model and size, else torch. docs/onnx.md.",
+        show_default=False,
     ),
 ]
 Task = Annotated[str, option("--task", "-t", help="depth or normal.")]
@@ -247,7 +248,7 @@ PREDICT_OPTIONS = {
     "max_memory": (MaxMemory, "auto"),
     "compile_mode": (Compile, "off"),
     "projection": (Projection, "perspective"),
-    "backend": (Backend, "torch"),
+    "backend": (Backend, None),
     "shard": (ShardOpt, None),
     "engine": (EngineOpt, "local"),
     "ray_address": (RayAddress, None),

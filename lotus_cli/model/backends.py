@@ -1,12 +1,14 @@
 """Which engine runs a prediction's model steps: torch (``LotusPredictor``) or ONNX Runtime (``OnnxPredictor``).
 
-``--backend torch`` is the default; ``onnxruntime`` runs the exported graphs (an export folder given as
+``torch`` runs ``LotusPredictor``; ``onnxruntime`` runs the exported graphs (an export folder given as
 --model, or a dynamic export made once into lotus-cli's cache); ``auto`` takes the one measured faster on this
 machine for this model at this processing size. That measurement is a calibration like the CPU layouts'
 (cpu/calibrate.py): made once, on first use, and remembered in ``backends.json`` beside ``calibration.json``
 in lotus-cli's cache folder (``lotus doctor`` shows both). It is not cheap: it needs the cached export (for a
-full-size model, minutes and a few GB once) and one timed prediction with each engine, which is why ``auto``
-is asked for, not the default (docs/onnx.md). Without onnxruntime ``auto`` is torch, with a note.
+full-size model, minutes and a few GB once) and one timed prediction with each engine, so a run measures only
+where ``auto`` is asked for. Without a --backend (``None``) a run takes what ``auto`` recorded for this
+machine, model and size, and torch where nothing is recorded: ONNX Runtime becomes a machine's default only
+where it was measured faster there (docs/onnx.md). Without onnxruntime both are torch, ``auto`` with a note.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ CALIBRATION_RES = 512  # the side timed for --processing-res 0 (native size), wh
 TIMED_CALLS = 2  # each engine's time: the best of these after a warm-up (the other engineers' load is noise)
 
 
-def check(backend: str, model, *, dtype: str = "auto", latent: str = "mean", compile_mode: str = "off") -> str:
-    """The backend to load: ``backend``, or torch for ``auto`` where the other options need torch (another dtype,
-    --latent sample, --compile on). UsageError naming the flag for a --backend they cannot run with."""
-    if backend not in BACKENDS:
+def check(
+    backend: str | None, model, *, dtype: str = "auto", latent: str = "mean", compile_mode: str = "off"
+) -> str | None:
+    """The backend to load: ``backend``, or torch for ``auto`` and the default (``None``: what ``auto``
+    recorded) where the other options need torch (another dtype, --latent sample, --compile on). UsageError
+    naming the flag for a --backend they cannot run with."""
+    if backend is not None and backend not in BACKENDS:
         raise UsageError(f"--backend must be {', '.join(BACKENDS)}, not {backend!r}")
     export = onnx_runtime.is_export(model)
     if export and backend == "torch":
@@ -47,7 +52,7 @@ def check(backend: str, model, *, dtype: str = "auto", latent: str = "mean", com
             raise UsageError(f"{flag} takes --latent mean only (the encoder gives the mean)", "use --backend torch")
         if compile_mode == "on":
             raise UsageError(f"--compile on compiles torch modules; {flag} runs none", "drop --compile")
-    elif backend == "auto" and (
+    elif backend in ("auto", None) and (
         dtype.lower() not in ("auto", "fp32", "float32") or latent != "mean" or compile_mode == "on"
     ):
         return "torch"
@@ -66,17 +71,19 @@ def resolve_model(spec, task: str | None, kind: str | None = None) -> registry.M
 
 def load(
     ref: registry.ModelRef,
-    backend: str,
+    backend: str | None,
     device: str,
     dtype: str,
     processing_res: int = 768,
     note: Callable[[str], None] = lambda s: None,
 ):
-    """The predictor of ``ref`` on the engine ``backend`` asks for (``auto``: ``choose``); an export folder
-    always on ONNX Runtime."""
+    """The predictor of ``ref`` on the engine ``backend`` asks for (``auto``: ``choose``; ``None``:
+    ``recorded_choice``); an export folder always on ONNX Runtime."""
     if onnx_runtime.is_export(ref.folder) or backend == "onnxruntime":
         return onnx_runtime.load(ref, device, note)
     if backend == "auto" and choose(ref, device, processing_res, note) == "onnxruntime":
+        return onnx_runtime.load(ref, device, note)
+    if backend is None and recorded_choice(ref, device, processing_res, note) == "onnxruntime":
         return onnx_runtime.load(ref, device, note)
     return LotusPredictor.from_pretrained(ref, device=device, dtype=dtype, processing_res=processing_res)
 
@@ -143,6 +150,24 @@ def choose(ref: registry.ModelRef, device: str, processing_res: int, note: Calla
     note(f"--backend auto: {entry['backend']} (torch {s['torch']:.2f} s, onnxruntime {s['onnxruntime']:.2f} s "
          f"at {entry['size']} px, measured {entry['when']})")  # fmt: skip
     return entry["backend"]
+
+
+def recorded_choice(ref: registry.ModelRef, device: str, processing_res: int, note: Callable[[str], None]) -> str:
+    """No --backend: what ``choose`` recorded for this model, machine, device and size, else torch; it never
+    measures (a run pays no calibration it did not ask for)."""
+    entry = None
+    if (device or "auto").lower() in ("cpu", "auto") and not torch.cuda.is_available():
+        try:
+            onnx_export.require_onnx()
+            entry = recorded().get(calibration_key(registry.fetch(ref), device, processing_res))
+        except UsageError:
+            pass
+    if entry is None or entry.get("backend") != "onnxruntime":
+        return "torch"
+    s = entry["seconds"]
+    note(f"backend: onnxruntime, which --backend auto measured faster here (torch {s['torch']:.2f} s, onnxruntime "
+         f"{s['onnxruntime']:.2f} s at {entry['size']} px, {entry['when']}); --backend torch runs torch")  # fmt: skip
+    return "onnxruntime"
 
 
 def measure(ref: registry.ModelRef, processing_res: int, note: Callable[[str], None]) -> dict:

@@ -17,13 +17,14 @@ def load_predictor(
     reporter: Reporter = Reporter(),
     kind: str | None = None,
     processing_res: int = 768,
-    backend: str = "torch",
+    backend: str | None = "torch",
 ) -> LotusPredictor:
     """Resolve ``model`` (name, hub id, folder or a resolved ModelRef), fetch it (a first download shows the hub's
     own progress bars), load it while ``reporter`` shows it is busy, and note what was loaded and where it runs.
     ``kind``: the stated output kind (--output-kind) of a checkpoint whose metadata says nothing;
-    ``processing_res``: what the CPU fast paths are calibrated for; ``backend``: torch, onnxruntime or auto
-    (model/backends.py; an ONNX export folder as ``model`` runs on onnxruntime). Raises ModelError."""
+    ``processing_res``: what the CPU fast paths are calibrated for; ``backend``: torch, onnxruntime, auto or
+    None, what auto recorded (model/backends.py; an ONNX export folder as ``model`` runs on onnxruntime).
+    Raises ModelError."""
     ref = model if isinstance(model, registry.ModelRef) else backends.resolve_model(model, task, kind)
     ref = registry.fetch(ref)
     registry.check_known(ref, task)

@@ -75,7 +75,7 @@ class PointcloudRequest:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    backend: str = "torch"  # torch | onnxruntime | auto, for both models (model/backends.py)
+    backend: str | None = None  # torch | onnxruntime | auto; None: what auto recorded, else torch (model/backends.py)
     fps: float | None = None
     start: float | None = None
     end: float | None = None

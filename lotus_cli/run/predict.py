@@ -83,7 +83,7 @@ class PredictRequest:
     tta: str = "none"
     compile_mode: str = "off"  # --compile: off | on | auto (model/compile.py)
     projection: str = "perspective"  # --projection: perspective | equirect | auto (docs/panoramas.md)
-    backend: str = "torch"  # --backend: torch | onnxruntime | auto (model/backends.py, docs/onnx.md)
+    backend: str | None = None  # --backend: torch | onnxruntime | auto; None: what auto recorded, else torch
 
     @property
     def command(self) -> str:

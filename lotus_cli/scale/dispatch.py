@@ -47,7 +47,7 @@ def predict(
         raise UsageError(
             f"--model {r.model} is an ONNX export folder, which a scaled-out run (--shard, --engine ray, torchrun or "
             "URLs) does not take",
-            f"pass the checkpoint it was made from with --backend {r.backend}",
+            "pass the checkpoint it was made from, with --backend onnxruntime",
         )
     job = Job(
         p.ref,

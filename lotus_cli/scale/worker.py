@@ -43,7 +43,7 @@ class Job:
     kind: str | None = None
     make_predict: Callable | None = None
     predict_options: dict | None = None  # the replacement predict's output-changing options (tiling, ensembles)
-    backend: str = "torch"  # torch | onnxruntime | auto (model/backends.py): each worker resolves auto itself
+    backend: str | None = None  # torch | onnxruntime | auto | None (model/backends.py): each worker resolves its own
 
 
 def load(job: Job):
