@@ -358,3 +358,21 @@ def test_cli_exports_fp16_and_single(depth_d, tmp_path):
     bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x"), "--fp16-vae"])
     assert bad.exit_code == 2 and "--fp16-vae needs --fp16" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_any_size_graphs_take_sizes_off_the_grid_and_match_torch(depth_d, tmp_path):
+    """--any-size (with --dynamic implied): the sizes lotus's own runs make, such as 432 px at 768, which plain
+    --dynamic graphs refuse, run and give torch's map; refused with --single."""
+    args = ["export", "onnx", "-m", str(depth_d), "--res", "16"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a"), "--any-size"])
+    assert result.exit_code == 0, result.output
+    manifest = onnx_export.read_manifest(tmp_path / "a")
+    assert manifest["dynamic"] is True and manifest["size_multiple"] == 1
+    pred = onnx_export.load(depth_d, 16)
+    f = pred.latent_factor
+    hw = (onnx_export.size_multiple(pred) * 2 + f, onnx_export.size_multiple(pred) + 3 * f)  # off the 2^k grid
+    image = make_image(*hw, seed=9)
+    got, want = onnx_map(pred, tmp_path / "a", image), torch_map(pred, image)
+    assert got.shape == want.shape == hw and np.abs(got - want).max() < 1e-4
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x"), "--any-size", "--single"])
+    assert bad.exit_code == 2 and "drop --single" in bad.output and not (tmp_path / "x").exists()

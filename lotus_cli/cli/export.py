@@ -29,6 +29,14 @@ def export_onnx(
     dynamic: Annotated[
         bool, flag("--dynamic", help="Free batch, height and width (multiples of the manifest's size_multiple).")
     ] = False,
+    any_size: Annotated[
+        bool,
+        flag(
+            "--any-size",
+            help="With --dynamic (implied): graphs that take every height and width, as lotus's own runs make them "
+            "(e.g. 432 px at --processing-res 768), and match torch at each; not with --single.",
+        ),
+    ] = False,
     fp16: Annotated[
         bool,
         flag("--fp16", help="UNet weights and activations in fp16 (inputs and outputs stay float32), for TensorRT."),
@@ -49,9 +57,13 @@ def export_onnx(
         onnx_export.require_onnx()
         if fp16_vae and not fp16:
             raise UsageError("--fp16-vae needs --fp16", "add --fp16")
+        if any_size and single:
+            raise UsageError("--any-size makes the three graphs; lotus.onnx takes multiples of 64 px", "drop --single")
         say(f"loading {model}", "dim")
         pred = onnx_export.load(model, res)
-        manifest = onnx_export.export(pred, out, res=res, dynamic=dynamic, fp16=fp16, fp16_vae=fp16_vae, single=single)
+        manifest = onnx_export.export(
+            pred, out, res, dynamic or any_size, any_size, fp16=fp16, fp16_vae=fp16_vae, single=single
+        )
     except LotusError as e:
         fail(e)
     sizes = ", ".join(f"{name} {g['bytes'] / 1e6:.1f} MB ({g['weights']})" for name, g in manifest["graphs"].items())
