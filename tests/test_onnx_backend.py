@@ -243,3 +243,12 @@ def test_the_benchmark_smoke_mode_runs_the_three_sides():
         assert said in out.stdout
     diff = float(out.stdout.split("max |map (o) - map (a)|: ")[1].split()[0])
     assert diff <= 1e-4
+
+
+def test_a_single_graph_export_is_refused_with_the_fix(depth_d, photo, tmp_path):
+    """lotus.onnx has no steps to run in tiles or ensembles: the backend names the export to make instead."""
+    folder = tmp_path / "one"
+    onnx_export.export(onnx_export.load(depth_d, 32), folder, res=32, single=True)
+    r = lotus("depth", photo, "-m", folder, "-o", tmp_path / "o", "--processing-res", "32")
+    assert r.exit_code == 2 and "single-graph export" in r.output and "--any-size" in r.output
+    assert not list(tmp_path.glob("o/*"))  # refused before anything was written

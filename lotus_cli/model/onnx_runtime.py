@@ -26,6 +26,8 @@ from ..io.cache import cache_dir
 from . import cpu, onnx_export, registry
 from .predictor import ANNOTATION, LotusPredictor
 
+STEPS = ("vae_encoder", "unet", "vae_decoder")  # the three graphs the backend runs, as the manifest's pipeline
+
 CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")  # preferred first where installed
 
@@ -215,4 +217,10 @@ def load(ref: registry.ModelRef, device: str = "cpu", note: Callable[[str], None
     require_onnxruntime()
     ref = registry.fetch(ref)
     folder = ref.folder if is_export(ref.folder) else cached_export(ref, note)
-    return OnnxPredictor(folder, onnx_export.read_manifest(folder), ref.entry, ref.label, device)
+    manifest = onnx_export.read_manifest(folder)
+    if manifest.get("pipeline") != list(STEPS):  # a --single export: one graph, no steps to run in tiles
+        raise UsageError(
+            f"--model {folder}: a single-graph export (lotus.onnx), not the three graphs the backend runs",
+            "export without --single (lotus export onnx --any-size), or run lotus.onnx with onnx_export.run_single",
+        )
+    return OnnxPredictor(folder, manifest, ref.entry, ref.label, device)
