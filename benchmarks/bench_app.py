@@ -67,7 +67,7 @@ def start(folder: str, res: int, tmp: Path):
     from lotus_cli.app.service import AppOptions, Service
     from lotus_cli.app.ui import launch
 
-    service = Service(AppOptions(model=folder, device="cpu", processing_res=res), root=tmp / "requests")
+    service = Service(AppOptions(models=(folder,), device="cpu", processing_res=res), root=tmp / "requests")
     demo, url = launch(service, port=free_port(), block=False)
     return service, demo, url
 

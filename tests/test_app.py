@@ -31,7 +31,7 @@ def lotus(*args):
 
 @pytest.fixture(scope="module")
 def service(depth_g, tmp_path_factory):
-    s = Service(AppOptions(model=str(depth_g), processing_res=RES), root=tmp_path_factory.mktemp("app"))
+    s = Service(AppOptions(models=(str(depth_g),), processing_res=RES), root=tmp_path_factory.mktemp("app"))
     yield s
     s.close()
 
@@ -92,13 +92,37 @@ def test_service_builds_the_mesh_as_lotus_pointcloud_mesh_does(service, photo, t
     assert len(theirs.vertices) == len(geometry.vertices) and len(theirs.faces) == len(geometry.faces)
 
 
+def test_a_request_for_another_model_loads_it_in_place_of_the_first(checkpoints, photo, tmp_path):
+    """The page's model choice: depth and normal models in one app, one resident at a time; the normals are
+    `lotus normal`'s for the same image and options."""
+    depth, normal = str(checkpoints[("depth", "d")]), str(checkpoints[("normal", "d")])
+    s = Service(AppOptions(models=(depth, normal), processing_res=RES), root=tmp_path / "root")
+    try:
+        assert s.models == [depth, normal] and s.tasks_of(normal) == ["normal"] and s.spec == depth
+        first = s.predictor
+        r = s.predict(photo, TryOptions(task="normal", processing_res=RES, mesh=False, model=normal))
+        assert s.spec == normal and s.predictor is not first and r.kind == "normal"
+        out = tmp_path / "cli"
+        result = lotus("normal", photo, "-m", normal, "--processing-res", RES, "-f", "npy", "-o", out)
+        assert result.exit_code == 0, result.output
+        np.testing.assert_array_equal(np.load(r.folder / "maps" / "photo.npy"), np.load(out / "photo.npy"))
+        back = s.predict(photo, TryOptions(processing_res=RES, mesh=False, model=depth))
+        assert s.spec == depth and back.kind == "disparity" and s.tasks == ["depth"]
+        with pytest.raises(UsageError, match="not one this app serves"):
+            s.predict(photo, TryOptions(processing_res=RES, model=str(tmp_path / "elsewhere")))
+        with pytest.raises(UsageError, match="not offered"):  # the depth model is loaded: no normals from it
+            s.predict(photo, TryOptions(task="normal", processing_res=RES))
+    finally:
+        s.close()
+
+
 def test_uncertainty_is_offered_for_a_g_model_and_refused_for_a_d_model(service, depth_d, photo, tmp_path):
     assert service.tasks == ["depth", "uncertainty"]
     r = service.predict(photo, TryOptions(task="uncertainty", processing_res=RES, samples=2))
     assert r.kind == "uncertainty" and r.mesh is None
     spread = np.load(r.folder / "maps" / "photo.npy")
     assert spread.shape == (36, 60) and spread.max() > 0
-    d = Service(AppOptions(model=str(depth_d), processing_res=RES), root=tmp_path / "d")
+    d = Service(AppOptions(models=(str(depth_d),), processing_res=RES), root=tmp_path / "d")
     assert d.tasks == ["depth"]
     with pytest.raises(UsageError, match="uncertainty"):
         d.predict(photo, TryOptions(task="uncertainty", processing_res=RES))
@@ -127,7 +151,7 @@ def test_a_video_upload_gives_the_colour_mapped_clip(service, tmp_path):
 
 
 def test_old_request_folders_are_removed(depth_d, photo, tmp_path):
-    s = Service(AppOptions(model=str(depth_d), processing_res=RES, keep=2), root=tmp_path / "root")
+    s = Service(AppOptions(models=(str(depth_d),), processing_res=RES, keep=2), root=tmp_path / "root")
     folders = [s.predict(photo, TryOptions(processing_res=RES, mesh=False)).folder for _ in range(3)]
     assert [f.exists() for f in folders] == [False, True, True]
 

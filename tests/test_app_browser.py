@@ -74,7 +74,7 @@ def browsed(depth_d, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served(depth_g, browsed):
     """The app on a free local port: (url, the browsed folder)."""
-    options = AppOptions(model=str(depth_g), processing_res=RES, limits=Limits(max_upload_mb=5))
+    options = AppOptions(models=(str(depth_g),), processing_res=RES, limits=Limits(max_upload_mb=5))
     demo, url = serve(options, ServeOptions(browse=browsed, port=free_port()), block=False)
     yield url.rstrip("/"), browsed
     demo.close()
@@ -187,15 +187,16 @@ def test_a_path_escape_is_refused(page, served):
     assert direct.status != 200 and b"outside the folder" not in direct.body()
 
 
-def test_the_api_answers_gradio_client(served, tmp_path):
+def test_the_api_answers_gradio_client(served, depth_g, tmp_path):
     client_mod = pytest.importorskip("gradio_client")
     url, _ = served
     photo = tmp_path / "api.png"
     Image.fromarray(make_image(48, 80, 5)).save(photo)
     client = client_mod.Client(url + "/", verbose=False)
     image, pair, clip, mesh, files, sidecar = client.predict(
-        client_mod.handle_file(str(photo)), "depth", RES, "off", "Spectral", "lotus", 4, False, api_name="/predict"
-    )
+        client_mod.handle_file(str(photo)), "depth", RES, "off", "Spectral", "lotus", 4, False, str(depth_g),
+        api_name="/predict",
+    )  # fmt: skip
     assert np.asarray(Image.open(image)).shape == (48, 80, 3)
     assert mesh is None and clip is None and sidecar["complete"] is True and sidecar["key"] == "api"
     names = sorted(Path(f).name for f in files)

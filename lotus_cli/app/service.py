@@ -27,7 +27,7 @@ from ..errors import InputError, UsageError
 from ..io import sources
 from ..io.sidecar import read_record
 from ..io.sources import is_video
-from ..model import registry
+from ..model import cpu, registry
 from ..run.events import Progress, Reporter
 from ..run.loading import load_predictor
 from ..run.pointcloud import PointcloudRequest, pointclouds
@@ -54,11 +54,12 @@ def limit_malloc_arenas(n: int = 2) -> bool:
 
 @dataclass(frozen=True)
 class AppOptions:
-    """How the app's predictor is loaded and what its page starts with: ``model`` (name, hub id or folder;
-    default depth-d), ``device`` / ``dtype`` / ``processing_res`` as `lotus depth` takes them; ``limits`` on
-    uploads; ``keep``: request folders kept on disk."""
+    """How the app's predictors are loaded and what its page starts with: ``models`` (names, hub ids or
+    folders; default depth-d and normal-d), the page's choice, the first loaded at the start and the others
+    when a request asks for them, one resident at a time; ``device`` / ``dtype`` / ``processing_res`` as
+    `lotus depth` takes them; ``limits`` on uploads; ``keep``: request folders kept on disk."""
 
-    model: str | None = None
+    models: tuple[str, ...] = ()
     device: str = "auto"
     dtype: str = "auto"
     processing_res: int = 768
@@ -84,6 +85,7 @@ class TryOptions:
     frame: str = "lotus"
     samples: int = 8
     mesh: bool = True
+    model: str | None = None  # one of the app's models (``Service.models``); None: the one loaded now
 
 
 @dataclass
@@ -129,27 +131,59 @@ class ProgressReporter(Reporter):
 
 
 class Service:
-    """The one predictor of an app, loaded on construction. ``predict`` takes one upload at a time (a lock:
-    requests that come together wait their turn, which the page's queue also bounds)."""
+    """The app's predictor: the first of its models, loaded on construction; a request for another model
+    loads that one in its place (one resident at a time, so memory stays that of one model). ``predict`` takes
+    one upload at a time (a lock: requests that come together wait their turn, which the page's queue also
+    bounds)."""
 
     def __init__(self, options: AppOptions = AppOptions(), reporter: Reporter = Reporter(), root: Path | None = None):
         self.options = options
         limit_malloc_arenas()  # before the page's threads allocate: flat memory over many requests
-        spec = options.model or registry.DEFAULT_MODEL["depth"]
-        self.ref = registry.resolve(spec, None if options.model else "depth")
-        self.spec = str(spec)
-        self.predictor = load_predictor(
-            self.ref, None, options.device, options.dtype, reporter, processing_res=options.processing_res
-        )
+        given = [str(m) for m in options.models]
+        specs = given or [registry.DEFAULT_MODEL["depth"], registry.DEFAULT_MODEL["normal"]]
+        tasks = [None] * len(given) or ["depth", "normal"]
+        self.refs = {spec: registry.resolve(spec, task) for spec, task in zip(specs, tasks)}  # unknown: fails now
         self.lock = threading.Lock()
+        self.spec = specs[0]
+        self.predictor = self._load(self.spec, reporter)
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="lotus-app-"))
         self.root.mkdir(parents=True, exist_ok=True)
         self.folders: deque[Path] = deque()
 
     @property
+    def models(self) -> list[str]:
+        """The models the page offers, as given (names, hub ids or folders)."""
+        return list(self.refs)
+
+    @property
     def tasks(self) -> list[str]:
-        """What the Try tab offers: the model's task, and uncertainty for a G model (D models take no noise)."""
-        return [self.predictor.task] + (["uncertainty"] if self.predictor.family == "g" else [])
+        """What the Try tab offers for the model loaded now."""
+        return self.tasks_of(self.spec)
+
+    def tasks_of(self, spec: str) -> list[str]:
+        """A model's task, and uncertainty for a G model (D models take no noise): from the loaded predictor, or
+        from what the model's entry says before it is loaded (a model whose metadata says nothing: depth)."""
+        if spec == self.spec and self.predictor is not None:
+            task, family = self.predictor.task, self.predictor.family
+        else:
+            entry = self.refs[spec].entry
+            task, family = entry.task or "depth", entry.family
+        return [task] + (["uncertainty"] if family == "g" else [])
+
+    def _load(self, spec: str, reporter: Reporter):
+        o = self.options
+        return load_predictor(self.refs[spec], None, o.device, o.dtype, reporter, processing_res=o.processing_res)
+
+    def use(self, spec: str | None, reporter: Reporter = Reporter()) -> None:
+        """Make ``spec`` (one of ``models``; None: the one loaded now) the loaded model, the previous one freed
+        first. Call with ``lock`` held."""
+        if spec is None or spec == self.spec:
+            return
+        if spec not in self.refs:
+            raise UsageError(f"model {spec!r} is not one this app serves", f"choose {' or '.join(self.refs)}")
+        self.predictor = None
+        cpu.release_memory()  # the old weights go back to the system before the new ones load
+        self.spec, self.predictor = spec, self._load(spec, reporter)
 
     def describe(self) -> dict:
         return self.predictor.describe()
@@ -186,13 +220,18 @@ class Service:
         upload = Path(upload)
         check_upload(upload, self.options.limits)
         tell = tell or (lambda fraction, text: None)
-        folder = self._new_folder()
-        p = plan(self.request(upload, o, folder / "maps"))
         items, problems = sources.expand([str(upload)], exts=sources.MEDIA_EXTS)
         if problems or not items:
             raise problems[0] if problems else InputError(f"{upload.name}: not an image or video file")
+        if o.model is not None and o.model not in self.refs:
+            raise UsageError(f"model {o.model!r} is not one this app serves", f"choose {' or '.join(self.refs)}")
         reporter = ProgressReporter(tell)
         with self.lock:
+            if o.model not in (None, self.spec):
+                tell(None, f"loading {o.model}")
+                self.use(o.model, reporter)
+            folder = self._new_folder()
+            p = plan(self.request(upload, o, folder / "maps"))
             if p.ensemble:
                 self.predictor.ensemble_seeds(p.opts, p.ensemble)  # a D model without --tta is refused here
             batch = make_predict(self.predictor, p.tiles, p.ensemble)

@@ -61,14 +61,17 @@ def guarded(fn):
 def try_tab(service: Service) -> None:
     model = service.describe()
     gr.Markdown(
-        f"Model **{model['model_name']}** ({model['task']}, {model['kind']}, Lotus-{model['family'].upper()}) on "
-        f"{model['device']} in {model['dtype']}. Upload an image or a video; the maps are the files "
-        "`lotus depth` writes for the same options."
+        f"Loaded: **{model['model_name']}** ({model['task']}, {model['kind']}, Lotus-{model['family'].upper()}) on "
+        f"{model['device']} in {model['dtype']}; another model loads in its place when a request asks for it. "
+        "Upload an image or a video; the maps are the files `lotus depth` / `lotus normal` write for the same "
+        "options."
     )
     exts = list(IMAGE_EXTS + VIDEO_EXTS)
     with gr.Row():
         with gr.Column(scale=1):
             upload = gr.File(label="Image or video", file_types=exts, type="filepath", elem_id="upload")
+            choices = [(Path(m).name if Path(m).is_dir() else m, m) for m in service.models]
+            model_pick = gr.Dropdown(choices, value=service.spec, label="Model", elem_id="model")
             task = gr.Radio(service.tasks, value=service.tasks[0], label="Task", elem_id="task")
             res = gr.Slider(64, 2048, value=service.options.processing_res or 768, step=8,
                             label="Processing resolution (long side, px)")  # fmt: skip
@@ -93,10 +96,11 @@ def try_tab(service: Service) -> None:
             facts = gr.JSON(label="Sidecar")
 
     @guarded
-    def predict(path, task, res, tile, cmap, frame, samples, mesh, progress=gr.Progress()):
+    def predict(path, task, res, tile, cmap, frame, samples, mesh, model=None, progress=gr.Progress()):
         if not path:
             raise LotusError("no file uploaded", "choose an image or a video first")
-        o = TryOptions(task, int(res), None if tile == "off" else str(tile), cmap, frame, int(samples), bool(mesh))
+        tiles = None if tile == "off" else str(tile)
+        o = TryOptions(task, int(res), tiles, cmap, frame, int(samples), bool(mesh), model or None)
         progress(0, desc="waiting for the model")
         r = service.predict(Path(path), o, lambda f, text: progress(f, desc=text))
         image = str(r.image) if r.image else None
@@ -104,9 +108,14 @@ def try_tab(service: Service) -> None:
         return (image, pair, str(r.video) if r.video else None, str(r.mesh) if r.mesh else None,
                 [str(f) for f in r.files], r.record)  # fmt: skip
 
+    def tasks_for(spec):
+        offered = service.tasks_of(spec)
+        return gr.Radio(choices=offered, value=offered[0])
+
+    model_pick.change(tasks_for, [model_pick], [task], api_name=False, queue=False)
     run.click(
         predict,
-        [upload, task, res, tile, cmap, frame, samples, mesh],
+        [upload, task, res, tile, cmap, frame, samples, mesh, model_pick],
         [result, slider, video, view3d, files, facts],
         api_name="predict",
         concurrency_limit=1,

@@ -10,9 +10,20 @@ from typing import Annotated
 
 from ..errors import LotusError
 from .application import app
-from .options import Device, Dtype, MaxPixels, Model, ProcRes, option
+from .options import Device, Dtype, MaxPixels, ProcRes, option
 from .report import Report, fail
 
+Models = Annotated[
+    list[str] | None,
+    option(
+        "--model",
+        "-m",
+        help="A model the page offers (registry name, hub id or folder); repeat for more. The first loads at the "
+        "start, another in its place when a request picks it. Default: depth-d and normal-d.",
+        show_default=False,
+        metavar="MODEL",
+    ),
+]
 Browse = Annotated[
     Path | None,
     option(
@@ -40,7 +51,7 @@ QueueSize = Annotated[
 
 @app.command(name="app")
 def app_command(
-    model: Model = None,
+    model: Models = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     processing_res: ProcRes = 768,
@@ -57,7 +68,7 @@ def app_command(
     Try: upload an image or a video and see, then download, the maps `lotus depth` would write, with a 3-D
     mesh of a depth map. Browse (--browse OUT): a finished output folder, with its sidecars' facts, failed
     items and the run's summary. API: the same functions from a script (docs/app.md). One prediction runs
-    at a time, others wait in a bounded queue. Default model: depth-d. Needs the app extra: pip install
+    at a time, others wait in a bounded queue. Needs the app extra: pip install
     'lotus-cli\[app]'."""
     from ..app.security import Limits
     from ..app.serve import ServeOptions, serve
@@ -65,7 +76,7 @@ def app_command(
 
     report = Report()
     try:
-        options = AppOptions(model, device, dtype, processing_res, Limits(max_pixels, max_upload_mb))
+        options = AppOptions(tuple(model or ()), device, dtype, processing_res, Limits(max_pixels, max_upload_mb))
         serve(options, ServeOptions(browse, host, port, auth, queue_size), report)
     except LotusError as e:
         fail(e)
