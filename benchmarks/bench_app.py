@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_predictor import current_rss_bytes  # noqa: E402
+from bench_predictor import cpu_line, current_rss_bytes, random_checkpoint  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -176,24 +176,12 @@ def main() -> None:
 
     import torch
 
-    from lotus_cli.model.cpu.calibrate import FLAGS, machine
-
-    m = machine()
     print(
-        f"CPU: {m.cpu}; flags: {' '.join(f for f in FLAGS if f in m.flags) or 'none of ' + ', '.join(FLAGS)}; "
-        f"kernels: {m.isa}; {m.cores} cores; load average {os.getloadavg()[0]:.1f}; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); photo {PHOTO.name} at {args.res} px"
+        f"{cpu_line()}; torch {torch.__version__} ({torch.get_num_threads()} threads); photo {PHOTO.name} "
+        f"at {args.res} px"
     )
     if args.part in ("all", "speed"):
-        tmp = None
-        if args.folder is None:
-            from lotus_cli.model.synthetic import build_checkpoint
-
-            tmp = tempfile.TemporaryDirectory(prefix="lotus-bench-app-full-")
-            t0 = time.perf_counter()
-            args.folder = str(build_checkpoint(Path(tmp.name) / "lotus-depth-d-v2-0-disparity", family="d",
-                                               size="full"))  # fmt: skip
-            print(f"built a random full-size Lotus-D checkpoint in {time.perf_counter() - t0:.0f} s")
+        args.folder, tmp = random_checkpoint(args.folder, "full", family="d", prefix="lotus-bench-app-full-")
         r = child("speed", args)
         alone, page = min(r["alone_s"]), min(r["page_s"])
         print(f"speed, full-size Lotus-D, {args.res} px, best of {args.rounds} alternating rounds "

@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_predictor import current_rss_bytes, image, peak_rss_bytes  # noqa: E402
+from bench_predictor import cpu_line, current_rss_bytes, image, peak_rss_bytes, random_checkpoint  # noqa: E402
 
 SIDES = ("reference", "ours", "onnxruntime")
 NAMES = {"ours": "(a) ours, torch", "onnxruntime": "(o) ONNX Runtime", "reference": "(b) reference fp32"}
@@ -113,26 +112,11 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
 
-    from lotus_cli.model.synthetic import build_checkpoint
-
-    tmp = None
-    folder = args.folder
-    if folder is None:
-        tmp = tempfile.TemporaryDirectory(prefix="lotus-bench-onnx-")
-        folder = str(Path(tmp.name) / "lotus-depth-g-v2-1-disparity")
-        t0 = time.perf_counter()
-        build_checkpoint(folder, family="g", task="depth", size=args.size)
-        print(f"built random {args.size} Lotus-G checkpoint in {time.perf_counter() - t0:.0f} s")
+    folder, tmp = random_checkpoint(args.folder, args.size, prefix="lotus-bench-onnx-")
     import onnxruntime
     import torch
 
-    from lotus_cli.model.cpu.calibrate import FLAGS, machine
-
-    m = machine()
-    print(
-        f"CPU: {m.cpu}; flags: {' '.join(f for f in FLAGS if f in m.flags) or 'none of ' + ', '.join(FLAGS)}; "
-        f"kernels: {m.isa}; {m.cores} cores; load average {os.getloadavg()[0]:.1f}"
-    )
+    print(cpu_line())
     print(
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}, "
         f"{args.res} px, best of {args.rounds} alternating rounds x {args.repeats} run(s), each after a warm-up"

@@ -173,6 +173,33 @@ def run_child(side: str, folder: str, res: int, repeats: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def random_checkpoint(folder: str | None, size: str, family: str = "g", prefix: str = "lotus-bench-"):
+    """(folder, temporary directory or None): ``folder`` when given (a checkpoint an earlier run built), else a
+    random ``size`` Lotus depth checkpoint of ``family`` in the hub layout, built now in a temporary folder."""
+    if folder is not None:
+        return folder, None
+    from lotus_cli.model.synthetic import build_checkpoint
+
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    name = "lotus-depth-g-v2-1-disparity" if family == "g" else "lotus-depth-d-v2-0-disparity"
+    folder = str(Path(tmp.name) / name)
+    t0 = time.perf_counter()
+    build_checkpoint(folder, family=family, task="depth", size=size)
+    print(f"built random {size} Lotus-{family.upper()} checkpoint in {time.perf_counter() - t0:.0f} s")
+    return folder, tmp
+
+
+def cpu_line() -> str:
+    """The CPU's model name, the flags that pick the kernels, the kernels, cores and the load at the start."""
+    from lotus_cli.model.cpu.calibrate import FLAGS, machine
+
+    m = machine()
+    return (
+        f"CPU: {m.cpu}; flags: {' '.join(f for f in FLAGS if f in m.flags) or 'none of ' + ', '.join(FLAGS)}; "
+        f"kernels: {m.isa}; {m.cores} cores; load average {os.getloadavg()[0]:.1f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=("full", "tiny"), default="full")
@@ -197,25 +224,10 @@ def main() -> None:
         # the caps are read when torch loads: start again with them (the children inherit them)
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_CAPS})
 
-    from lotus_cli.model.synthetic import build_checkpoint
-
-    tmp = None
-    folder = args.folder
-    if folder is None:
-        tmp = tempfile.TemporaryDirectory(prefix="lotus-bench-")
-        folder = str(Path(tmp.name) / "lotus-depth-g-v2-1-disparity")
-        t0 = time.perf_counter()
-        build_checkpoint(folder, family="g", task="depth", size=args.size)
-        print(f"built random {args.size} Lotus-G checkpoint in {time.perf_counter() - t0:.0f} s")
+    folder, tmp = random_checkpoint(args.folder, args.size)
     import torch
 
-    from lotus_cli.model.cpu.calibrate import FLAGS, machine
-
-    m = machine()
-    print(
-        f"CPU: {m.cpu}; flags: {' '.join(f for f in FLAGS if f in m.flags) or 'none of ' + ', '.join(FLAGS)}; "
-        f"kernels: {m.isa}; {m.cores} cores; load average {os.getloadavg()[0]:.1f}"
-    )
+    print(cpu_line())
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.res} px, best of "
         f"{args.rounds} alternating rounds x {args.repeats} run(s), each after a warm-up"
