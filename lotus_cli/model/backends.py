@@ -14,6 +14,8 @@ where it was measured faster there (docs/onnx.md). Without onnxruntime both are 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -100,10 +102,8 @@ def calibration_key(ref: registry.ModelRef, device: str, processing_res: int) ->
     (label and files, as its cached export's key) and the device and processing size."""
     m = cpu.machine()
     try:
-        import onnxruntime
-
-        ort = onnxruntime.__version__
-    except ImportError:
+        ort = importlib.metadata.version("onnxruntime")  # not an import: that takes a second and more
+    except importlib.metadata.PackageNotFoundError:
         ort = None
     ident = [m.cpu, m.flags, m.isa, m.threads, m.torch, ort, onnx_runtime.export_key(ref), device, processing_res]
     return hashlib.sha256(repr(ident).encode()).hexdigest()[:24]
@@ -155,13 +155,12 @@ def choose(ref: registry.ModelRef, device: str, processing_res: int, note: Calla
 def recorded_choice(ref: registry.ModelRef, device: str, processing_res: int, note: Callable[[str], None]) -> str:
     """No --backend: what ``choose`` recorded for this model, machine, device and size, else torch; it never
     measures (a run pays no calibration it did not ask for)."""
-    entry = None
-    if (device or "auto").lower() in ("cpu", "auto") and not torch.cuda.is_available():
-        try:
-            onnx_export.require_onnx()
-            entry = recorded().get(calibration_key(registry.fetch(ref), device, processing_res))
-        except UsageError:
-            pass
+    wins = [e for e in recorded().values() if e.get("backend") == "onnxruntime"]  # a JSON read: most runs end here
+    if not wins or (device or "auto").lower() not in ("cpu", "auto") or torch.cuda.is_available():
+        return "torch"
+    if any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")):
+        return "torch"
+    entry = recorded().get(calibration_key(registry.fetch(ref), device, processing_res))
     if entry is None or entry.get("backend") != "onnxruntime":
         return "torch"
     s = entry["seconds"]
