@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_predictor  # noqa: E402
 from bench_predictor import cpu_line, current_rss_bytes, image, peak_rss_bytes, random_checkpoint  # noqa: E402
 
 SIDES = ("reference", "ours", "onnxruntime")
@@ -91,12 +90,7 @@ def child(args) -> dict:
 
 
 def run_child(side: str, folder: str, res: int, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--folder", folder, "--res", str(res), "--repeats", str(repeats)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LOTUS_CACHE": str(Path(folder) / ".lotus-cache")}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(f"{side} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return bench_predictor.run_child(side, folder, res, repeats, script=__file__)
 
 
 def main() -> None:

@@ -164,8 +164,10 @@ def flops_per_image(folder: str, res: int) -> dict:
     return out
 
 
-def run_child(side: str, folder: str, res: int, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--folder", folder, "--res", str(res), "--repeats", str(repeats)]
+def run_child(side: str, folder: str, res: int, repeats: int, script: str = __file__) -> dict:
+    """``script --child side`` in a fresh process (its own peak RSS), offline, with a lotus-cli cache of its own
+    beside the checkpoint; the JSON of its last line."""
+    cmd = [sys.executable, script, "--child", side, "--folder", folder, "--res", str(res), "--repeats", str(repeats)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LOTUS_CACHE": str(Path(folder) / ".lotus-cache")}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
